@@ -1,0 +1,47 @@
+# wabridge — developer and operator entry points. See README.md.
+VENV ?= /opt/wabridge-venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: venv lint test test-fast bench chaos deb run lock clean
+
+$(VENV)/.stamp: requirements.lock requirements-dev.lock
+	# Debian's python3, in a world-readable place: DynamicUser workers must read the venv.
+	/usr/bin/python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock -r requirements-dev.lock
+	chmod -R a+rX $(VENV)
+	touch $@
+
+venv: $(VENV)/.stamp
+
+lint: venv
+	$(VENV)/bin/ruff check wabridge agent controller sim tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	systemd-analyze verify --man=no systemd/wabridge-worker@.service systemd/wabridge-controller.service 2>&1 | { grep -v 'is not executable' || true; }
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not systemd and not slow" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m bench.run
+
+chaos: venv
+	$(PY) -m bench.chaos
+
+deb: venv
+	packaging/build-deb
+
+run: venv
+	packaging/run-local
+
+lock:
+	rm -rf /tmp/wabridge-lock && /usr/bin/python3 -m venv /tmp/wabridge-lock
+	/tmp/wabridge-lock/bin/pip install -q . && /tmp/wabridge-lock/bin/pip freeze --exclude wabridge > requirements.lock
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The wabridge worker: one WhatsApp account, one Claude Code process per chat."""

@@ -1,0 +1,686 @@
+"""One persistent Claude Code process per WhatsApp chat.
+
+Driver
+======
+The bundled Claude Code CLI (``claude_agent_sdk/_bundled/claude``, 2.1.331) is driven
+directly, no SDK in between::
+
+    claude -p --input-format stream-json --output-format stream-json --verbose --bare
+           --setting-sources "" --strict-mcp-config --disable-slash-commands
+           --system-prompt-snapshot off --permission-prompts none --tools ""
+           [--model M] [--system-prompt P] [--resume <uuid>]
+
+``open`` spawns it (own process group, clean env, ``cwd=workdir``,
+``CLAUDE_CONFIG_DIR=config_dir``, ``TMPDIR=config_dir/tmp``, ``HOME=config_dir.parent``) and
+does the stream-json control handshake (``control_request``/``initialize`` ->
+``control_response``), so a dead binary or a failed ``--resume`` surfaces in ``open``. Each
+``turn`` writes one ``{"type":"user","message":{"role":"user","content":[...]}}`` line and
+reads JSON lines until ``{"type":"result"}``.
+
+Measurements (this machine: 2 vCPU, Debian python3.11, CLI 2.1.331, fake API on 127.0.0.1;
+PSS = sum of ``/proc/PID/smaps_rollup`` Pss over the CLI's process tree, after 2 turns;
+median of 5 runs; script kept out of the repo, method below):
+
+==============================  ==================  ======================================
+                                (b) direct CLI      (a) ``ClaudeSDKClient`` (SDK 0.2.188)
+==============================  ==================  ======================================
+PSS per chat, CLI tree          {PSS_B}             {PSS_A}
++ Python side per chat          ~0 (one asyncio     {PY_A}
+                                subprocess)
+cold start to ready (open)      {OPEN_B}            {OPEN_A}
+cold start to first result      {FIRST_B}           {FIRST_A}
+warm turn latency (fake API)    {WARM_B}            {WARM_A}
+resume (open+first result)      {RESUME_B}
+==============================  ==================  ======================================
+
+{BARE_NOTE}
+
+Method: N sessions opened one after another in one Python process, each answering two turns
+from the fake API; PSS read for the CLI pid and all its descendants (``/proc/*/stat`` ppid
+walk); for (a), Python's own PSS delta per client is reported separately (the SDK runs a
+reader task group + anyio streams per client). (b) is implemented: same CLI cost, no SDK
+event-loop/anyio overhead, one less layer hiding the stream (we need ``is_error`` vs
+``subtype``, ``--resume`` failures and timeouts precisely), and no SDK defaults to undo (the
+SDK passes ``--setting-sources user,project`` and its own ``--system-prompt ""``).
+
+CLI 2.1.331 facts this module relies on (verified against tests/fakes/anthropic_api.py)
+======================================================================================
+* Tools: ``--tools ""`` disables every built-in tool: the request carries ``"tools": []``
+  and the ``system/init`` line says ``"tools": []``. Default set otherwise (Agent, Bash,
+  Edit, Read, Write, Skill, ToolSearch, Workflow, ...).
+* ``--system-prompt`` REPLACES Claude Code's ~7 kB coding-agent prompt (chosen: a WhatsApp
+  bot needs none of it). ``system`` then is ``[billing header, "You are a Claude agent, built
+  on Anthropic's Claude Agent SDK.", <our prompt>]``. ``None`` = the CLI's default prompt.
+  ``--system-prompt-snapshot off`` (default under ``--bare`` anyway, passed explicitly): a
+  resumed chat gets the *current* prompt, not the one recorded at its first turn.
+* ``--bare``: no hooks, LSP, plugin sync, auto-memory, CLAUDE.md discovery, keychain/OAuth;
+  auth is strictly ``ANTHROPIC_API_KEY``. Without ``--bare`` the CLI adds a ``role: "system"``
+  environment message (cwd, OS, date) inside ``messages``; with it that entry is empty.
+* Slash commands: user text whose LAST text block starts with ``/`` is run as a CLI command
+  (``/clear`` even starts a new session id, ``/cost`` answers locally, skills expand).
+  ``--disable-slash-commands`` turns them into "isn't available in this environment" replies
+  that never reach the model, so ``turn`` also prefixes such blocks with one space, which
+  the CLI does not treat as a command: the model sees `` /clear``.
+* API errors (401/429/500/529...) come back as ``result`` with ``subtype: "success"``,
+  ``is_error: true``, ``api_error_status`` and ``result: "API Error: 529 ..."``; the process
+  stays usable. Retries: ``CLAUDE_CODE_MAX_RETRIES`` (we default it to 0, extra_env can
+  override); a 400 is retried 3 times regardless. The failed user text is kept and merged
+  into the next user message.
+* ``--resume <unknown uuid>``: at start-up, before reading stdin, the CLI prints a
+  ``result`` line ``subtype: "error_during_execution"``, ``errors: ["No conversation found
+  with session ID: ..."]`` and exits 1 -> ``ClaudeError("resume_failed")``. A non-UUID value
+  would be looked up as a session *title*; ``open`` refuses it before spawning.
+* Images: base64 image blocks reach the API as image blocks; the CLI stores a copy under
+  ``$TMPDIR/claude-<uid>/...`` and appends a text block ``[Image: source: <path>]``.
+  Undecodable images are replaced by a text block ``[Image could not be processed: ...]``.
+* ``total_cost_usd`` (and ``modelUsage``) in ``result`` are cumulative for the CLI process;
+  ``usage`` is per turn. After ``--resume`` in a new process the cost counts from zero.
+* Without a key the CLI answers every turn with ``is_error`` "Not logged in · Please run
+  /login"; ``open`` refuses earlier with ``not_configured``.
+* Extra HTTP: with ``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`` only ``POST
+  /v1/messages?beta=true`` (one per turn); without it also ``HEAD /api/hello`` at start.
+* Stdout noise: ``system/ui_invalidate`` at start, ``system/init`` before every turn,
+  ``assistant`` messages, then ``result``. Closing stdin makes the CLI exit 0 within ~30 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "resume_failed"]
+
+#: stdout line limit for the asyncio reader (init/control lines are a few kB, but assistant
+#: messages can be large).
+STREAM_LIMIT: Final = 64 * 1024 * 1024
+
+#: Always set in the child's env; ``settings.extra_env`` may override any of them.
+OFFLINE_ENV: Final[Mapping[str, str]] = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "CLAUDE_CODE_MAX_RETRIES": "0",
+}
+
+#: Inherited from our own environment when set (and not given in extra_env). Nothing else is:
+#: in particular no other auth variable (OAuth tokens, Bedrock/Vertex switches).
+PASSTHROUGH_ENV: Final = (
+    "ANTHROPIC_API_KEY",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "TZ",
+)
+
+_STDERR_TAIL = 40
+
+
+@dataclass(frozen=True)
+class ClaudeSettings:
+    cli_path: Path  # the claude binary
+    model: str | None  # --model
+    system_prompt: str | None  # --system-prompt (replaces the CLI prompt); None: CLI default
+    tools_enabled: bool = False  # False: --tools "" (request carries "tools": [])
+    turn_timeout: float = 120.0  # seconds; also bounds the start-up handshake in open()
+    extra_env: Mapping[str, str] = field(default_factory=dict)  # ANTHROPIC_BASE_URL, ..._KEY
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    text: str
+    is_error: bool  # result.is_error (API errors arrive with subtype "success")
+    error: str | None  # human text when is_error
+    session_id: str
+    total_cost_usd: float  # cumulative for this CLI process (resets when reopened)
+    usage: Mapping[str, int]  # this turn: input_tokens, output_tokens, cache_*
+    duration_ms: int
+
+
+class ClaudeError(Exception):
+    """A turn or a session could not be run. ``code`` says why."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.args[0]}"
+
+
+@dataclass(frozen=True)
+class _ProtocolIssue:
+    detail: str
+
+
+@dataclass(frozen=True)
+class _Eof:
+    pass
+
+
+_Item = dict[str, Any] | _ProtocolIssue | _Eof
+
+
+def build_command(
+    settings: ClaudeSettings, resume_session_id: str | None, new_session_id: str | None = None
+) -> list[str]:
+    """The argv ``open`` runs (exposed for tests and diagnostics).
+
+    ``new_session_id`` (a UUID, only without ``resume_session_id``) becomes ``--session-id``.
+    """
+    cmd = [
+        str(settings.cli_path),
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--bare",
+        "--setting-sources",
+        "",
+        "--strict-mcp-config",
+        "--disable-slash-commands",
+        "--system-prompt-snapshot",
+        "off",
+        "--permission-prompts",
+        "none",
+        "--tools",
+        "default" if settings.tools_enabled else "",
+    ]
+    if settings.model:
+        cmd += ["--model", settings.model]
+    if settings.system_prompt is not None:
+        cmd += ["--system-prompt", settings.system_prompt]
+    if resume_session_id is not None:
+        cmd.append(f"--resume={resume_session_id}")
+    elif new_session_id is not None:
+        cmd.append(f"--session-id={new_session_id}")
+    return cmd
+
+
+def build_env(settings: ClaudeSettings, workdir: Path, config_dir: Path) -> dict[str, str]:
+    """The child's whole environment: clean, never our own beyond ``PASSTHROUGH_ENV``."""
+    env: dict[str, str] = {
+        "PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(config_dir.parent if config_dir.parent != config_dir else workdir),
+        "LANG": os.environ.get("LANG") or "C.UTF-8",
+    }
+    for name in PASSTHROUGH_ENV:
+        value = os.environ.get(name)
+        if value:
+            env[name] = value
+    env.update(OFFLINE_ENV)
+    env.update(settings.extra_env)
+    env["CLAUDE_CONFIG_DIR"] = str(config_dir)
+    env["TMPDIR"] = str(config_dir / "tmp")
+    return env
+
+
+def _neutralize_slash(block: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(block)
+    text = out.get("text")
+    if out.get("type") == "text" and isinstance(text, str) and text.startswith("/"):
+        out["text"] = " " + text
+    return out
+
+
+def _normalize_content(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": content}]
+    else:
+        blocks = [dict(b) for b in content]
+    if not blocks or all(
+        b.get("type") == "text" and not str(b.get("text", "")).strip() for b in blocks
+    ):
+        raise ValueError("a turn needs non-empty content")
+    return [_neutralize_slash(b) for b in blocks]
+
+
+def _int_usage(raw: Any) -> dict[str, int]:
+    if not isinstance(raw, Mapping):
+        return {}
+    return {k: int(v) for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _check_and_prepare(
+    settings: ClaudeSettings, workdir: Path, config_dir: Path, resume_session_id: str | None
+) -> None:
+    cli = Path(settings.cli_path)
+    if not cli.is_file() or not os.access(cli, os.X_OK):
+        raise ClaudeError("not_configured", f"Claude Code CLI not found or not executable: {cli}")
+    if resume_session_id is not None:
+        try:
+            uuid.UUID(resume_session_id)
+        except ValueError:
+            raise ClaudeError(
+                "resume_failed", f"not a session id (UUID): {resume_session_id!r}"
+            ) from None
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (config_dir / "tmp").mkdir(exist_ok=True, mode=0o700)
+
+
+class ClaudeSession:
+    """A running ``claude -p`` process for one chat. Create with :meth:`open`."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        settings: ClaudeSettings,
+        session_id: str | None,
+    ) -> None:
+        self._proc = proc
+        self._settings = settings
+        self._session_id: str | None = session_id
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
+        self._lock = asyncio.Lock()
+        self._dead = False  # killed by us or seen exiting
+        self._closing = False
+        self._reader = asyncio.create_task(self._read_stdout(), name=f"claude-out-{proc.pid}")
+        self._err_reader = asyncio.create_task(self._read_stderr(), name=f"claude-err-{proc.pid}")
+
+    # ---- public -----------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session_id
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and not self._closing and self._proc.returncode is None
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        settings: ClaudeSettings,
+        workdir: Path,
+        config_dir: Path,
+        resume_session_id: str | None,
+    ) -> ClaudeSession:
+        key = settings.extra_env.get("ANTHROPIC_API_KEY")
+        if key is None:
+            key = os.environ.get("ANTHROPIC_API_KEY")
+        if not key or not key.strip():
+            raise ClaudeError(
+                "not_configured",
+                "no Anthropic API key configured: set ANTHROPIC_API_KEY (in the worker's "
+                "Claude settings extra_env or its environment)",
+            )
+        _check_and_prepare(settings, workdir, config_dir, resume_session_id)
+        new_session_id = None if resume_session_id is not None else str(uuid.uuid4())
+        cmd = build_command(settings, resume_session_id, new_session_id)
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=workdir,
+                env=build_env(settings, workdir, config_dir),
+                limit=STREAM_LIMIT,
+                start_new_session=True,  # own process group: close() kills the whole tree
+            )
+        except OSError as e:
+            raise ClaudeError("not_configured", f"cannot start {settings.cli_path}: {e}") from e
+        session = cls(proc, settings, resume_session_id or new_session_id)
+        try:
+            await session._handshake(resume_session_id)
+        except BaseException:
+            await session.close(timeout=1.0)  # a failed --resume exits by itself at once
+            raise
+        log.debug(
+            "claude.opened",
+            pid=proc.pid,
+            resume=resume_session_id,
+            ms=round((time.monotonic() - started) * 1000),
+        )
+        return session
+
+    async def turn(self, content: str | list[dict[str, Any]]) -> TurnResult:
+        """Send one user message; return the CLI's ``result`` for it.
+
+        Raises ``ClaudeError``: ``timeout`` (process killed), ``process_exited``,
+        ``protocol`` (unparseable output during the turn; the process stays usable).
+        """
+        blocks = _normalize_content(content)
+        async with self._lock:
+            if not self.alive:
+                raise ClaudeError(
+                    "process_exited", self._exit_text("Claude process is not running")
+                )
+            self._drain_stale()
+            line = {
+                "type": "user",
+                "message": {"role": "user", "content": blocks},
+                "parent_tool_use_id": None,
+            }
+            try:
+                return await asyncio.wait_for(
+                    self._run_turn(json.dumps(line, ensure_ascii=False) + "\n"),
+                    timeout=self._settings.turn_timeout,
+                )
+            except TimeoutError:
+                await self._terminate(grace=0.5)
+                raise ClaudeError(
+                    "timeout", f"no result within {self._settings.turn_timeout:g}s; process killed"
+                ) from None
+            except asyncio.CancelledError:
+                # the stream would be out of step with the next turn: never reuse it
+                self._kill_nowait()
+                raise
+
+    async def close(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - the agreed API
+        """Close stdin, wait up to ``timeout``, then SIGTERM/SIGKILL the process group."""
+        self._closing = True
+        proc = self._proc
+        if proc.returncode is None and proc.stdin is not None and not self._dead:
+            with contextlib.suppress(OSError, RuntimeError):
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=timeout)
+            except TimeoutError:
+                await self._terminate(grace=1.0)
+        await self._kill()
+        for task in (self._reader, self._err_reader):
+            if not task.done():
+                try:
+                    await asyncio.wait_for(task, timeout=1.0)
+                except (TimeoutError, asyncio.CancelledError):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                proc.stdin.close()
+            with contextlib.suppress(OSError, RuntimeError, ConnectionError):
+                await proc.stdin.wait_closed()
+        log.debug("claude.closed", pid=proc.pid, returncode=proc.returncode)
+
+    # ---- internals ----------------------------------------------------------------------
+
+    async def _write(self, data: str) -> None:
+        stdin = self._proc.stdin
+        if stdin is None or stdin.is_closing():
+            raise ClaudeError(
+                "process_exited", self._exit_text("stdin of Claude process is closed")
+            )
+        try:
+            stdin.write(data.encode())
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self._dead = True
+            raise ClaudeError("process_exited", self._exit_text(f"write failed: {e}")) from e
+
+    async def _handshake(self, resume_session_id: str | None) -> None:
+        request_id = f"init_{uuid.uuid4().hex[:12]}"
+        req = {
+            "type": "control_request",
+            "request_id": request_id,
+            "request": {"subtype": "initialize", "hooks": None},
+        }
+
+        async def wait_ready() -> None:
+            await self._write(json.dumps(req) + "\n")
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, _Eof):
+                    await self._reap(1.0)
+                    text = self._exit_text("Claude process exited during start-up")
+                    if resume_session_id is not None and "No conversation found" in text:
+                        raise ClaudeError("resume_failed", text)
+                    raise ClaudeError("process_exited", text)
+                if isinstance(item, _ProtocolIssue):
+                    log.warning("claude.protocol_issue", phase="start", detail=item.detail)
+                    continue
+                kind = item.get("type")
+                if kind == "control_response":
+                    resp = item.get("response") or {}
+                    if resp.get("request_id") != request_id:
+                        continue
+                    if resp.get("subtype") != "success":
+                        raise ClaudeError(
+                            "protocol", f"initialize refused: {resp.get('error') or resp}"
+                        )
+                    return
+                if kind == "result":
+                    errors = item.get("errors") or []
+                    text = "; ".join(str(e) for e in errors) or str(item.get("result") or "")
+                    if resume_session_id is not None:
+                        raise ClaudeError(
+                            "resume_failed", text or f"cannot resume {resume_session_id}"
+                        )
+                    raise ClaudeError("process_exited", text or "Claude ended during start-up")
+                self._note(item)
+
+        try:
+            await asyncio.wait_for(wait_ready(), timeout=self._settings.turn_timeout)
+        except TimeoutError:
+            raise ClaudeError(
+                "timeout", f"Claude CLI not ready within {self._settings.turn_timeout:g}s"
+            ) from None
+
+    async def _run_turn(self, line: str) -> TurnResult:
+        started = time.monotonic()
+        await self._write(line)
+        texts: list[str] = []
+        issues: list[str] = []
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Eof):
+                await self._reap(1.0)
+                self._dead = True
+                raise ClaudeError(
+                    "process_exited", self._exit_text("Claude process exited mid-turn")
+                )
+            if isinstance(item, _ProtocolIssue):
+                log.warning("claude.protocol_issue", phase="turn", detail=item.detail)
+                issues.append(item.detail)
+                continue
+            kind = item.get("type")
+            if kind == "assistant":
+                msg = item.get("message") or {}
+                for block in msg.get("content") or []:
+                    if isinstance(block, dict) and block.get("type") == "text":
+                        texts.append(str(block.get("text") or ""))
+                sid = item.get("session_id")
+                if isinstance(sid, str):
+                    self._session_id = sid
+                continue
+            if kind != "result":
+                self._note(item)
+                continue
+            if issues:
+                raise ClaudeError("protocol", f"unparseable output during the turn: {issues[0]}")
+            return self._to_result(item, texts, started)
+
+    def _to_result(self, item: Mapping[str, Any], texts: list[str], started: float) -> TurnResult:
+        sid = item.get("session_id")
+        if isinstance(sid, str) and sid:
+            self._session_id = sid
+        is_error = bool(item.get("is_error"))
+        raw = item.get("result")
+        text = raw if isinstance(raw, str) else "\n".join(t for t in texts if t)
+        error: str | None = None
+        if is_error:
+            errors = item.get("errors")
+            error = text or (
+                "; ".join(str(e) for e in errors) if isinstance(errors, list) and errors else ""
+            )
+            error = error or f"Claude turn failed ({item.get('subtype')})"
+        cost = item.get("total_cost_usd")
+        duration = item.get("duration_ms")
+        return TurnResult(
+            text=text,
+            is_error=is_error,
+            error=error,
+            session_id=self._session_id or "",
+            total_cost_usd=float(cost) if isinstance(cost, int | float) else 0.0,
+            usage=_int_usage(item.get("usage")),
+            duration_ms=(
+                int(duration)
+                if isinstance(duration, int | float)
+                else round((time.monotonic() - started) * 1000)
+            ),
+        )
+
+    def _note(self, item: Mapping[str, Any]) -> None:
+        """Lines that are not part of a turn's answer."""
+        kind = item.get("type")
+        if kind == "system" and item.get("subtype") == "init":
+            sid = item.get("session_id")
+            if isinstance(sid, str) and sid:
+                self._session_id = sid
+            return
+        log.debug("claude.line_ignored", type=kind, subtype=item.get("subtype"))
+
+    def _drain_stale(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if isinstance(item, _Eof):
+                self._dead = True
+                self._queue.put_nowait(item)  # _run_turn reports it
+                return
+            if isinstance(item, dict):
+                if item.get("type") == "result":
+                    log.warning("claude.stale_result", session_id=item.get("session_id"))
+                else:
+                    self._note(item)
+
+    async def _read_stdout(self) -> None:
+        stdout = self._proc.stdout
+        assert stdout is not None  # noqa: S101 - PIPE was requested
+        try:
+            while True:
+                try:
+                    raw = await stdout.readline()
+                except ValueError as e:  # longer than STREAM_LIMIT: the line was dropped
+                    self._queue.put_nowait(_ProtocolIssue(f"line too long: {e}"))
+                    continue
+                if not raw:
+                    break
+                text = raw.decode("utf-8", "replace").strip()
+                if not text:
+                    continue
+                try:
+                    item = json.loads(text)
+                except ValueError:
+                    self._queue.put_nowait(_ProtocolIssue(f"not JSON: {text[:200]!r}"))
+                    continue
+                if not isinstance(item, dict):
+                    self._queue.put_nowait(_ProtocolIssue(f"not an object: {text[:200]!r}"))
+                    continue
+                if item.get("type") == "control_request":
+                    await self._refuse_control_request(item)
+                    continue
+                self._queue.put_nowait(item)
+        except (OSError, asyncio.IncompleteReadError) as e:
+            log.debug("claude.stdout_error", error=str(e))
+        finally:
+            self._queue.put_nowait(_Eof())
+
+    async def _refuse_control_request(self, item: Mapping[str, Any]) -> None:
+        # Nothing should ask (tools off, --permission-prompts none); never leave the CLI waiting.
+        request = item.get("request") or {}
+        log.debug("claude.control_request_refused", subtype=request.get("subtype"))
+        resp = {
+            "type": "control_response",
+            "response": {
+                "subtype": "error",
+                "request_id": item.get("request_id"),
+                "error": "not supported by wabridge",
+            },
+        }
+        with contextlib.suppress(ClaudeError):
+            await self._write(json.dumps(resp) + "\n")
+
+    async def _read_stderr(self) -> None:
+        stderr = self._proc.stderr
+        assert stderr is not None  # noqa: S101 - PIPE was requested
+        try:
+            while True:
+                try:
+                    raw = await stderr.readline()
+                except ValueError:
+                    continue
+                if not raw:
+                    return
+                text = raw.decode("utf-8", "replace").rstrip()
+                if text:
+                    self._stderr_tail.append(text)
+                    log.debug("claude.stderr", pid=self._proc.pid, line=text[:500])
+        except OSError:
+            return
+
+    def _exit_text(self, prefix: str) -> str:
+        rc = self._proc.returncode
+        tail = " | ".join(self._stderr_tail)
+        parts = [prefix]
+        if rc is not None:
+            parts.append(f"exit code {rc}")
+        if tail:
+            parts.append(f"stderr: {tail[-1000:]}")
+        return "; ".join(parts)
+
+    async def _reap(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._proc.wait(), timeout=seconds)
+        # let the stderr reader catch the last lines
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._err_reader), timeout=0.5)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)  # pgid == pid (start_new_session)
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    def _kill_nowait(self) -> None:
+        self._dead = True
+        self._signal_group(signal.SIGKILL)
+
+    async def _terminate(self, grace: float) -> None:
+        """SIGTERM the process group (the CLI then removes its sessions/<pid>.json), SIGKILL
+        after ``grace`` seconds."""
+        self._dead = True
+        self._signal_group(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._proc.wait(), timeout=grace)
+        await self._kill()
+
+    async def _kill(self) -> None:
+        """SIGKILL the whole process group and reap the CLI."""
+        self._kill_nowait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._proc.wait(), timeout=5.0)

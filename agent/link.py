@@ -1,0 +1,159 @@
+"""The worker's side of the controller link.
+
+Reports are queued in the store first (``Store.queue_frame``) and sent in order; the controller
+acks each ``seq`` once it has written it, and only then is it deleted. While the controller is
+down the worker keeps answering WhatsApp and the queue grows; on reconnect the queue is sent
+again. Latest-wins reports (``state``, ``qr``, ``metrics``) are compacted before sending: only
+the newest unacked one of each kind goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from agent.store import Store
+from wabridge import logs, protocol
+from wabridge.errors import ProtocolError
+
+log = logs.get("agent.link")
+
+LATEST_WINS = frozenset({"state", "qr", "metrics", "pairing_code"})
+
+
+class ControllerLink:
+    def __init__(
+        self,
+        socket_path: str,
+        user_id: str,
+        store: Store,
+        version: str,
+        on_settings: Callable[[dict[str, Any]], None],
+        on_command: Callable[[protocol.Command], None],
+    ) -> None:
+        self._path = socket_path
+        self._user_id = user_id
+        self._store = store
+        self._version = version
+        self._on_settings = on_settings
+        self._on_command = on_command
+        self._wake = asyncio.Event()
+        self.connected = False
+        self.last_error = ""
+
+    def report(self, build: Callable[[int], protocol.Frame]) -> None:
+        """Queue a sequenced frame durably and wake the sender. Safe from the loop thread."""
+        self._store.queue_frame(lambda seq: protocol.encode(build(seq)))
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                delay = 0.1
+            except (OSError, EOFError, ProtocolError, asyncio.IncompleteReadError) as exc:
+                if self.connected or self.last_error != str(exc):
+                    log.warning("controller.link_down", error=str(exc))
+                self.last_error = str(exc)
+            finally:
+                self.connected = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 3.0)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        reader, writer = await asyncio.open_unix_connection(self._path, limit=protocol.MAX_FRAME)
+        try:
+            writer.write(protocol.encode(
+                protocol.Hello(user_id=self._user_id, pid=os.getpid(), version=self._version)))
+            await writer.drain()
+            first = protocol.decode(await reader.readuntil(b"\n"))
+            if isinstance(first, protocol.Error):
+                raise ProtocolError(f"controller refused us: {first.code}: {first.message}")
+            if not isinstance(first, protocol.Welcome):
+                raise ProtocolError(f"expected welcome, got {first.TYPE}")
+            self.connected = True
+            self.last_error = ""
+            log.info("controller.link_up")
+            self._on_settings(first.settings)
+            receiver = asyncio.create_task(self._receive(reader))
+            try:
+                while not stop.is_set() and not receiver.done():
+                    await self._flush(writer)
+                    self._wake.clear()
+                    waiter = asyncio.create_task(self._wake.wait())
+                    stopper = asyncio.create_task(stop.wait())
+                    await asyncio.wait(
+                        {waiter, stopper, receiver}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    waiter.cancel()
+                    stopper.cancel()
+                if receiver.done() and receiver.exception():
+                    raise receiver.exception()  # type: ignore[misc]
+            finally:
+                receiver.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await receiver
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _flush(self, writer: asyncio.StreamWriter) -> None:
+        frames = self._store.unacked_frames()
+        newest: dict[str, int] = {}
+        kinds: dict[int, str] = {}
+        for seq, data in frames:
+            kind = str(json.loads(data).get("type", ""))
+            kinds[seq] = kind
+            if kind in LATEST_WINS:
+                newest[kind] = seq
+        stale = [s for s, k in kinds.items() if k in LATEST_WINS and newest[k] != s]
+        if stale:
+            self._store.drop_frames(stale)
+        sent = 0
+        for seq, data in frames:
+            if seq in stale:
+                continue
+            writer.write(data)
+            sent += 1
+        if sent:
+            await writer.drain()
+            # Wait for acks before resending: the receiver deletes acked frames. Frames are
+            # re-sent only after a reconnect, so the controller never sees a flood.
+            await self._acks_settled(frames[-1][0])
+
+    async def _acks_settled(self, last_seq: int, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            pending = self._store.unacked_frames()
+            if not pending or pending[0][0] > last_seq:
+                return
+            await asyncio.sleep(0.02)
+        raise ProtocolError("controller did not ack within 10 s")
+
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            line = await reader.readuntil(b"\n")
+            try:
+                frame = protocol.decode(line)
+            except ProtocolError as exc:
+                log.warning("controller.bad_frame", error=str(exc))
+                continue
+            if isinstance(frame, protocol.Ack):
+                self._store.ack_frame(frame.seq)
+            elif isinstance(frame, protocol.Error):
+                log.error("controller.rejected", code=frame.code, message=frame.message,
+                          seq=frame.seq)
+                if frame.seq is not None:  # rejected for good: do not resend forever
+                    self._store.ack_frame(frame.seq)
+            elif isinstance(frame, protocol.Settings):
+                self._on_settings(frame.settings)
+            elif isinstance(frame, protocol.Command):
+                self._on_command(frame)

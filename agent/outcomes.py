@@ -1,0 +1,86 @@
+"""What the worker does about each WhatsApp link event: a pure table.
+
+``decide(event)`` returns the state to report and, for outcomes that end the process, the exit
+code systemd sees. Exit codes >= 10 are in ``RestartPreventExitStatus=``: systemd leaves the
+unit stopped (a logout is a normal end, not a crash). ``ExitCode.RECONNECT`` is a failure on
+purpose: systemd restarts the worker, because neonize must never ``connect()`` twice in one
+process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from agent.whatsapp import events as ev
+from wabridge.errors import ExitCode
+from wabridge.status import WorkerState
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: WorkerState | None  # None: nothing to report
+    detail: str = ""
+    exit_code: ExitCode | None = None  # set: stop the worker with this code
+    wipe_session: bool = False  # the WhatsApp store is void (logged out)
+    start_reconnect_clock: bool = False
+    stop_reconnect_clock: bool = False
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "unknown"
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+def decide(event: ev.Event) -> Decision:
+    match event:
+        case ev.QrCode():
+            return Decision(WorkerState.WAITING_QR, "waiting for QR scan")
+        case ev.PairingCode(code=code):
+            return Decision(WorkerState.PAIRING, f"enter pairing code {code} on the phone")
+        case ev.Connected(phone=phone):
+            return Decision(WorkerState.CONNECTED, f"connected as +{phone}",
+                            stop_reconnect_clock=True)
+        case ev.Disconnected(reason=reason):
+            return Decision(WorkerState.DISCONNECTED, f"reconnecting: {reason}",
+                            start_reconnect_clock=True)
+        case ev.LoggedOut(reason=reason):
+            return Decision(
+                WorkerState.LOGGED_OUT,
+                "logged out from the phone" + (f": {reason}" if reason else "")
+                + "; link again with a new QR scan",
+                ExitCode.LOGGED_OUT,
+                wipe_session=True,
+            )
+        case ev.StreamReplaced():
+            return Decision(
+                WorkerState.REPLACED,
+                "another client took over this WhatsApp session; not reconnecting",
+                ExitCode.REPLACED,
+            )
+        case ev.TemporaryBan(reason=reason, expires_at=expires):
+            return Decision(
+                WorkerState.BANNED,
+                f"temporarily banned by WhatsApp ({reason}) until {_when(expires)}",
+                ExitCode.BANNED,
+            )
+        case ev.ClientOutdated():
+            return Decision(
+                WorkerState.OUTDATED,
+                "WhatsApp rejected this client version (405): upgrade wabridge",
+                ExitCode.OUTDATED,
+            )
+        case ev.ConnectFailure(reason=reason, permanent=True):
+            return Decision(WorkerState.LOGGED_OUT, f"connection refused for good: {reason}",
+                            ExitCode.LOGGED_OUT, wipe_session=True)
+        case ev.ConnectFailure(reason=reason):
+            return Decision(WorkerState.DISCONNECTED, f"connect failed: {reason}",
+                            start_reconnect_clock=True)
+        case ev.QrExpired():
+            return Decision(WorkerState.QR_EXPIRED,
+                            "no QR code was scanned in time; request the link again",
+                            ExitCode.QR_EXPIRED)
+        case ev.IncomingMessage():
+            return Decision(None)
+    return Decision(None)

@@ -1,0 +1,1 @@
+"""WhatsApp backends behind one interface (:mod:`agent.whatsapp.base`)."""

@@ -1,0 +1,74 @@
+"""The boundary between the agent and a WhatsApp implementation.
+
+Two implementations: ``neonize`` (real WhatsApp as a linked device) and ``sim`` (a client of
+``wabridge-sim``). One contract test suite (``tests/test_whatsapp_contract.py``) runs against
+both.
+
+Rules every backend keeps:
+- ``start`` never raises for network or login trouble: it reports it as events through the
+  sink. It raises only for programming or configuration errors.
+- The sink may be called from any thread (neonize calls back on its Go thread). For
+  ``IncomingMessage`` the sink persists the message before returning, because the library has
+  already acknowledged it to WhatsApp; a backend must call the sink before anything else with a
+  message, and must not call it for messages it filters out (reactions, protocol messages).
+- A backend never reconnects by calling connect again in the same process (neonize leaks when
+  it does). When the link cannot be kept, it reports ``Disconnected``/``ConnectFailure`` and the
+  agent decides to exit so systemd starts a fresh process.
+- ``stop`` returns within ``timeout`` seconds even when the library is stuck.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.whatsapp.events import Event, IncomingMessage
+
+Sink = Callable[[Event], None]
+
+
+class SendError(Exception):
+    """A message could not be handed to WhatsApp; the outbox keeps it for a retry."""
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    user_id: str
+    state_dir: Path  # private to this user (mode 0700); backends keep their store here
+
+
+class WhatsAppBackend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def start(self, sink: Sink) -> None:
+        """Begin connecting in the background; events arrive through ``sink``."""
+
+    @abc.abstractmethod
+    async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None) -> str:
+        """Send ``text`` to ``chat_id``, quoting ``quote`` when given; returns the message id.
+
+        Raises ``SendError`` when not connected or WhatsApp refuses it.
+        """
+
+    @abc.abstractmethod
+    async def set_typing(self, chat_id: str, typing: bool) -> None:
+        """Show or clear the "typing…" presence; best effort, never raises."""
+
+    @abc.abstractmethod
+    async def mark_read(self, message: IncomingMessage) -> None:
+        """Send a read receipt; best effort, never raises."""
+
+    @abc.abstractmethod
+    async def pair_phone(self, phone: str) -> None:
+        """Ask for a pairing code for ``phone`` (digits with country code); reported as an event."""
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Disconnect and release the library within ``timeout`` seconds."""
+
+    def is_connected(self) -> bool:
+        """Whether the link is up right now (used by the watchdog and status line)."""
+        return False

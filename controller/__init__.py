@@ -1,0 +1,1 @@
+"""The wabridge controller: control plane -> systemd units, and worker reports -> control plane."""

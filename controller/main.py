@@ -1,0 +1,265 @@
+"""``wabridge-controller``: control plane -> systemd units; worker reports -> control plane.
+
+Workers are not children of the controller: they are units of their own, so a controller
+restart leaves them running; at start-up the controller rebuilds its view from systemd and the
+control plane and reconciles (``controller.reconcile``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import sdnotify
+
+from controller import reconcile as rc
+from controller.plane import ControlPlane, Removed, SessionDoc, error_field
+from controller.server import WorkerServer
+from controller.systemd import Systemd, SystemdError, UnitState
+from wabridge import config, logs, protocol
+from wabridge.errors import ConfigError, ExitCode, WabridgeError
+from wabridge.status import DocStatus
+from wabridge.units import worker_unit
+
+log = logs.get("controller")
+
+
+def choose_plane(cfg: config.Config) -> ControlPlane:
+    choice = cfg.controller.control_plane
+    if choice == "auto":
+        creds_dir = os.environ.get("CREDENTIALS_DIRECTORY", "")
+        has_firebase = bool(
+            cfg.firebase.emulator_host or cfg.firebase.credentials
+            or os.environ.get("FIRESTORE_EMULATOR_HOST")
+            or (creds_dir and (Path(creds_dir) / "firebase").exists())
+        )
+        choice = "firestore" if has_firebase else "local"
+    if choice == "firestore":
+        from controller.firestore import FirestorePlane  # noqa: PLC0415
+
+        return FirestorePlane(cfg.firebase)
+    from controller.local import LocalPlane  # noqa: PLC0415
+
+    return LocalPlane(Path(cfg.controller.local_db))
+
+
+def view_of(state: UnitState) -> rc.UnitView:
+    return rc.UnitView(
+        active_state=state.active_state, sub_state=state.sub_state, result=state.result,
+        n_restarts=state.n_restarts, exec_main_code=state.exec_main_code,
+        exec_main_status=state.exec_main_status,
+    )
+
+
+class Controller:
+    def __init__(self, cfg: config.Config, plane: ControlPlane, systemd: Systemd) -> None:
+        self.cfg = cfg
+        self.plane = plane
+        self.systemd = systemd
+        self.host = cfg.controller.host_id or socket.gethostname()
+        self.docs: dict[str, SessionDoc] = {}
+        self.units: dict[str, UnitState] = {}
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
+                                   self.settings_for)
+        self.notifier = sdnotify.SystemdNotifier()
+        self.stop = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.last_process_write: dict[str, float] = {}
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("controller.task_failed", error=repr(task.exception()))
+
+    # --- events ------------------------------------------------------------------------
+    def on_change(self, change: SessionDoc | Removed) -> None:
+        if isinstance(change, Removed):
+            self.docs.pop(change.user_id, None)
+            unit = self.units.get(change.user_id)
+            if unit is not None:
+                self.spawn(self.execute(change.user_id,
+                                        rc.for_unit(None, change.user_id, view_of(unit))))
+            return
+        self.docs[change.user_id] = change
+        self.spawn(self.handle_doc(change.user_id))
+
+    async def handle_doc(self, user_id: str) -> None:
+        doc = self.docs.get(user_id)
+        if doc is None:
+            return
+        unit = self.units.get(user_id)
+        await self.execute(user_id, rc.for_doc(doc, view_of(unit) if unit else None))
+
+    def on_unit(self, state: UnitState) -> None:
+        self.units[state.user_id] = state
+        self.spawn(self.execute(state.user_id, rc.for_unit(
+            self.docs.get(state.user_id), state.user_id, view_of(state))))
+        self.spawn(self.write_process(state))
+
+    async def execute(self, user_id: str, actions: list[rc.Action]) -> None:
+        async with self.locks[user_id]:
+            for action in actions:
+                if not await self._do(action):
+                    return
+
+    async def _do(self, action: rc.Action) -> bool:
+        match action:
+            case rc.Claim(user_id=uid, expect=expect, new=new):
+                ok = await self.plane.claim(uid, expect, new, self.host)
+                if ok:
+                    log.info("session.claimed", user_id=uid, status=new.value)
+                return ok
+            case rc.Start(user_id=uid, reset_failed=reset, restart=restart):
+                unit = worker_unit(uid)
+                try:
+                    if reset:
+                        with contextlib.suppress(SystemdError):
+                            await self.systemd.reset_failed(unit)
+                    await (self.systemd.restart(unit) if restart else self.systemd.start(unit))
+                except SystemdError as exc:
+                    await self.plane.update(uid, {"status": DocStatus.ERROR.value,
+                                                  "error": error_field("start_failed", str(exc))})
+                    return False
+                log.info("unit.start", user_id=uid, unit=unit)
+                await self.plane.update(uid, {"error": None})
+            case rc.Stop(user_id=uid):
+                log.info("unit.stop", user_id=uid)
+                with contextlib.suppress(SystemdError):
+                    await self.systemd.stop(worker_unit(uid))
+            case rc.Update(user_id=uid, fields=fields):
+                await self.plane.update(uid, fields)
+            case rc.SetError(user_id=uid, code=code, message=message):
+                log.warning("session.error", user_id=uid, code=code, message=message)
+                await self.plane.update(uid, {"error": error_field(code, message)})
+        return True
+
+    async def write_process(self, state: UnitState, *, force: bool = False) -> None:
+        now = time.monotonic()
+        last = self.last_process_write.get(state.user_id, 0.0)
+        if not force and now - last < self.cfg.controller.metrics_interval and state.main_pid:
+            return
+        self.last_process_write[state.user_id] = now
+        if state.user_id not in self.docs:
+            return
+        await self.plane.update(state.user_id, {"process": {
+            "pid": state.main_pid, "state": state.active_state, "restarts": state.n_restarts,
+            "memoryBytes": state.memory_bytes, "status": state.status_text,
+            "cpuSeconds": (state.cpu_nsec or 0) / 1e9, "since": state.since_usec / 1e6,
+        }})
+
+    # --- worker frames -----------------------------------------------------------------
+    async def settings_for(self, user_id: str) -> dict[str, Any]:
+        doc = self.docs.get(user_id)
+        return dict(doc.settings) if doc else {}
+
+    async def on_frame(self, user_id: str, frame: protocol.SequencedFrame) -> None:
+        match frame:
+            case protocol.State(state=state, detail=detail, phone=phone):
+                doc = self.docs.get(user_id)
+                new = rc.status_from_worker(doc.status if doc else None, state)
+                fields: dict[str, Any] = {"statusDetail": detail}
+                if phone:
+                    fields["phone"] = phone
+                if new is not None:
+                    fields["status"] = new.value
+                if new is DocStatus.CONNECTED:
+                    fields["qrCode"] = None
+                    fields["qrRaw"] = None
+                    await self.plane.put_session_info(user_id, {
+                        "phone": phone, "connectedAt": time.time()})
+                log.info("worker.state", user_id=user_id, state=state.value, detail=detail)
+                await self.plane.update(user_id, fields)
+            case protocol.Qr(code=code, data_url=data_url):
+                log.info("worker.qr", user_id=user_id)
+                await self.plane.update(user_id, {"qrCode": data_url, "qrRaw": code,
+                                                  "qrAt": time.time()})
+            case protocol.PairingCode(code=code):
+                await self.plane.update(user_id, {"pairingCode": code})
+            case protocol.MessageEvent():
+                await self.plane.add_message(user_id, frame)
+            case protocol.Metrics():
+                await self.plane.update(user_id, {"metrics": {
+                    "chats": frame.chats, "claudeProcesses": frame.claude_processes,
+                    "turns": frame.turns, "messagesIn": frame.messages_in,
+                    "messagesOut": frame.messages_out, "inputTokens": frame.input_tokens,
+                    "outputTokens": frame.output_tokens, "costTodayUsd": frame.cost_today_usd,
+                }})
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        await self.systemd.open()
+        self.systemd.subscribe(self.on_unit)
+        await self.server.start()
+        for state in await self.systemd.list_workers():
+            self.units[state.user_id] = state
+        for doc in await self.plane.list_sessions():
+            self.docs[doc.user_id] = doc
+        actions = rc.reconcile(self.docs, {u: view_of(s) for u, s in self.units.items()})
+        log.info("controller.reconcile", documents=len(self.docs), units=len(self.units),
+                 actions=len(actions))
+        by_user: defaultdict[str, list[rc.Action]] = defaultdict(list)
+        for action in actions:
+            by_user[action.user_id].append(action)
+        await asyncio.gather(*(self.execute(u, a) for u, a in by_user.items()))
+        await self.plane.watch(self.on_change)
+        self.notifier.notify("READY=1")
+        log.info("controller.ready", plane=self.plane.name, host=self.host)
+        while not self.stop.is_set():
+            self.notifier.notify("WATCHDOG=1")
+            running = sum(1 for s in self.units.values() if s.active_state == "active")
+            self.notifier.notify(f"STATUS={len(self.docs)} sessions - {running} workers active "
+                                 f"- {len(self.server.connections)} linked - plane "
+                                 f"{self.plane.name}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 2.0)
+        self.notifier.notify("STOPPING=1")
+        log.info("controller.stopping")
+        await self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.plane.close()
+        await self.systemd.close()
+        return int(ExitCode.OK)
+
+
+async def _amain(cfg: config.Config) -> int:
+    plane = choose_plane(cfg)
+    systemd = Systemd()
+    return await Controller(cfg, plane, systemd).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    del argv
+    try:
+        cfg = config.load()
+    except ConfigError as exc:
+        sys.stderr.write(f"wabridge-controller: {exc}\n")
+        return int(ExitCode.CONFIG)
+    logs.setup("wabridge-controller", cfg.log.level, cfg.log.format)
+    try:
+        return asyncio.run(_amain(cfg))
+    except WabridgeError as exc:
+        log.error("controller.failed", code=exc.code, error=str(exc))
+        return int(exc.exit_code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,686 @@
+"""The controller's systemd adapter: start/stop worker units and watch their state over D-Bus.
+
+This is the only module of the controller that imports pystemd. Everything it hands out is
+plain Python (``UnitState``, ``SystemdError``), so the core never sees sd-bus types.
+
+Threads and buses
+-----------------
+sd-bus connections are not thread-safe, so each connection here belongs to exactly one thread:
+
+* **Method calls** (StartUnit, GetAll, ...) run on one dedicated worker thread
+  (``ThreadPoolExecutor(max_workers=1)``) that owns its own bus connection, opened lazily in
+  that thread and reopened after the connection is lost. One thread keeps calls in order
+  (a stop issued after a start reaches systemd after it) and needs no locking.
+* **Signals** arrive on a second connection owned by the event-loop thread: its fd is
+  registered with ``loop.add_reader`` and every readable event runs ``sd_bus_process`` until
+  the queue is empty. No thread waits for signals.
+
+pystemd does not release the GIL while ``sd_bus_call`` waits for systemd's reply (there is
+no ``nogil`` anywhere in ``dbuslib.pyx``), so while a call is in flight the event loop is
+stalled too, worker thread or not. Calls to systemd normally answer in 0.3-3 ms (a
+daemon-reload: ~50 ms), so this is acceptable; the worker thread still keeps the API
+``async`` and the connection thread-confined, and would give real concurrency if the binding
+ever released the GIL. A hung systemd blocks the loop for sd-bus' method-call timeout (25 s,
+or ``$SYSTEMD_BUS_TIMEOUT``).
+
+Signals and coalescing
+----------------------
+``subscribe()`` calls ``Manager.Subscribe()`` and matches ``PropertiesChanged`` (every unit
+object path, filtered here to worker units and to the ``Unit``/``Service`` interfaces),
+``UnitNew``, ``UnitRemoved`` and ``JobRemoved``. A start or stop emits ~10 such signals within
+a few milliseconds; they are folded per unit until the unit has been quiet for
+``coalesce_quiet_s`` (10 ms) or ``coalesce_window_s`` (50 ms) have passed since the first one,
+then one fresh ``UnitState`` is read (GetUnit + GetAll, ~3 ms) and handed to the callbacks on
+the event-loop thread. Set both to 0.05 for a fixed 50 ms window.
+
+systemd garbage-collects an inactive, non-failed unit right after it stops (``UnitRemoved``);
+its state can then no longer be read without loading it again. Subscribers then get a state
+built from the last ``PropertiesChanged`` values seen for it, with ``load_state="unloaded"``
+(memory/cpu/tasks are None). Failed units stay loaded until ``reset_failed``.
+
+If the signal connection drops (dbus-daemon restarted, systemd gone), it is re-established in
+the background with back-off, and every loaded worker's state is delivered again so that
+nothing missed during the gap stays stale.
+
+PIDs
+----
+systemd answers in PIDs of *its* PID namespace. ``unit_for_pid`` must be given such a PID.
+In production and in the end-to-end tests the controller runs inside the same namespace as
+systemd, so SO_PEERCRED PIDs of worker connections already match; a process outside (like
+the adapter's own test) must translate a host PID first (last field of ``NSpid:`` in
+``/proc/<host-pid>/status``).
+
+Pitfalls of pystemd 0.15.3 that this module works around (keep them in mind when editing):
+
+* ``match_signal`` stores the callback as a borrowed pointer: the Python callable must be
+  kept alive by us for as long as the bus lives, or the process crashes.
+* ``match_signal`` writes ``callback.metadata = {"userdata": ...}`` onto the callable itself,
+  so one callable shared by several matches sees only the last userdata. Use one closure per
+  match.
+* ``DbusMessage.get_interface()`` returns the *path*; test signals with ``is_signal()``.
+* ``DBus.process()`` hides sd_bus_process' return value; a NULL message and an empty one both
+  report ``is_empty()``. sd-bus reads one message per read, so with a level-triggered reader
+  stopping at the first empty result never strands data in the kernel buffer.
+* ``DBus.close()`` frees the connection without clearing the pointer: call it exactly once.
+  A ``DBus`` that is never closed leaks its fd (there is no ``__dealloc__``).
+* On connection loss sd-bus closes the fd itself and delivers a local ``Disconnected``
+  signal; the reader must be removed then.
+* Error classes other than ``DBusBaseError`` blank ``err_name``; ``NoSuchUnit`` arrives as
+  ``DBusNoSuchUnitError``, ``NoUnitForPID`` as a base error with its name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from pystemd import dbusexc
+from pystemd.dbuslib import DBus, DBusAddress, apply_signature, path_decode, path_encode
+
+from wabridge.errors import WabridgeError
+from wabridge.units import WORKER_PREFIX, WORKER_SUFFIX, user_of_unit
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+DEST = b"org.freedesktop.systemd1"
+MANAGER_PATH = b"/org/freedesktop/systemd1"
+MANAGER_IFACE = b"org.freedesktop.systemd1.Manager"
+UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
+PROPS_IFACE = b"org.freedesktop.DBus.Properties"
+UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
+WORKER_PATTERN = f"{WORKER_PREFIX}*{WORKER_SUFFIX}"
+_WORKER_PATH_PREFIX: bytes = path_encode(UNIT_PATH_PREFIX, WORKER_PREFIX.encode())
+_LOCAL_IFACE = b"org.freedesktop.DBus.Local"
+_NO_UNIT_FOR_PID = b"org.freedesktop.systemd1.NoUnitForPID"
+_NO_SUCH_UNIT = b"org.freedesktop.systemd1.NoSuchUnit"
+_UNSET = 2**64 - 1  # systemd's "no value" for uint64 accounting properties
+_MAX_DISPATCH = 512  # messages handled per readable event before yielding to the loop
+KILL_WHO = ("main", "control", "all")
+UNLOADED = "unloaded"  # load_state of a state rebuilt from signals after systemd dropped the unit
+
+NO_SUCH_UNIT = "no_such_unit"
+UNAVAILABLE = "unavailable"
+FAILED = "failed"
+
+_EXPLAIN = {
+    NO_SUCH_UNIT: "is the wabridge-worker@.service template installed? (systemctl daemon-reload)",
+    UNAVAILABLE: "systemd's D-Bus API is not reachable: is the system bus running?",
+    FAILED: "systemd refused the request; see the journal of the unit",
+}
+
+# Errors meaning "the bus or systemd is not there", as pystemd classes and as errnos (pystemd
+# raises a plain DBusBaseError for socket-level failures).
+_UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
+    dbusexc.DBusDisconnectedError,
+    dbusexc.DBusConnectionRefusedError,
+    dbusexc.DBusFileNotFoundError,
+    dbusexc.DBusNoReplyError,
+    dbusexc.DBusTimeoutError,
+    dbusexc.DBusTimedOutError,
+    dbusexc.DBusServiceUnknownError,
+    dbusexc.DBusNameHasNoOwnerError,
+    dbusexc.DBusNoServerError,
+    dbusexc.DBusBadAddressError,
+)
+_UNAVAILABLE_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ENOTCONN,
+        errno.EPIPE,
+        errno.ENOENT,
+        errno.ETIMEDOUT,
+        errno.ESHUTDOWN,
+        errno.EBADF,
+    }
+)
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """A snapshot of one unit, read from systemd."""
+
+    unit: str
+    user_id: str  # "" for a unit that is not a worker unit
+    active_state: str  # active, activating, deactivating, inactive, failed, reloading
+    sub_state: str
+    main_pid: int  # in systemd's PID namespace; 0 if none
+    n_restarts: int
+    result: str  # success, exit-code, signal, timeout, core-dump, watchdog, start-limit-hit, ...
+    exec_main_code: int  # CLD_EXITED=1, CLD_KILLED=2, CLD_DUMPED=3 (0: not exited yet)
+    exec_main_status: int  # exit code or signal number
+    status_text: str  # what the worker last sent with STATUS=
+    memory_bytes: int | None  # MemoryCurrent; None when not accounted
+    cpu_nsec: int | None  # CPUUsageNSec
+    tasks: int | None  # TasksCurrent
+    since_usec: int  # realtime usec: ActiveEnterTimestamp if active, else StateChangeTimestamp
+    load_state: str = "loaded"  # systemd's LoadState, or UNLOADED (see module doc)
+
+
+class SystemdError(WabridgeError):
+    """A systemd request that did not succeed.
+
+    ``code`` is one of ``no_such_unit`` (no such unit file / unit not loaded), ``unavailable``
+    (the bus or systemd cannot be reached; retry later) and ``failed`` (anything else).
+    """
+
+    code = FAILED
+
+    def __init__(
+        self, code: str, message: str, *, unit: str | None = None, dbus_error: str = ""
+    ) -> None:
+        super().__init__(message, explanation=_EXPLAIN.get(code, ""))
+        self.code = code
+        self.unit = unit
+        self.dbus_error = dbus_error
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def map_error(exc: BaseException, action: str, unit: str | None = None) -> SystemdError:
+    """The one place where sd-bus/pystemd errors become ``SystemdError``."""
+    if isinstance(exc, SystemdError):
+        return exc
+    name = _text(getattr(exc, "err_name", b""))
+    if not name:  # pystemd blanks err_name on its subclasses; name it after the class
+        name = type(exc).__name__
+    err = -int(getattr(exc, "errno", 0) or 0)
+    detail = _text(getattr(exc, "err_message", b"")) or str(exc).splitlines()[0]
+    if isinstance(exc, dbusexc.DBusNoSuchUnitError) or name == _NO_SUCH_UNIT.decode():
+        code = NO_SUCH_UNIT
+    elif isinstance(exc, _UNAVAILABLE_TYPES) or (
+        type(exc) is dbusexc.DBusBaseError
+        and not getattr(exc, "err_name", b"")
+        and err in _UNAVAILABLE_ERRNOS
+    ):
+        code = UNAVAILABLE
+    else:
+        code = FAILED
+    target = f" {unit}" if unit else ""
+    return SystemdError(code, f"systemd {action}{target}: {detail}", unit=unit, dbus_error=name)
+
+
+def _int(props: dict[bytes, Any], key: bytes) -> int:
+    value = props.get(key)
+    return int(value) if isinstance(value, int) else 0
+
+
+def _opt(props: dict[bytes, Any], key: bytes) -> int | None:
+    value = props.get(key)
+    if not isinstance(value, int) or value == _UNSET:
+        return None
+    return int(value)
+
+
+def _build_state(
+    unit: str, uprops: dict[bytes, Any], sprops: dict[bytes, Any], load_state: str | None = None
+) -> UnitState:
+    name = _text(uprops.get(b"Id")) or unit
+    active = _text(uprops.get(b"ActiveState")) or "inactive"
+    since = _int(uprops, b"ActiveEnterTimestamp") if active == "active" else 0
+    return UnitState(
+        unit=name,
+        user_id=user_of_unit(name) or "",
+        active_state=active,
+        sub_state=_text(uprops.get(b"SubState")) or "dead",
+        main_pid=_int(sprops, b"MainPID"),
+        n_restarts=_int(sprops, b"NRestarts"),
+        result=_text(sprops.get(b"Result")) or "success",
+        exec_main_code=_int(sprops, b"ExecMainCode"),
+        exec_main_status=_int(sprops, b"ExecMainStatus"),
+        status_text=_text(sprops.get(b"StatusText")),
+        memory_bytes=_opt(sprops, b"MemoryCurrent"),
+        cpu_nsec=_opt(sprops, b"CPUUsageNSec"),
+        tasks=_opt(sprops, b"TasksCurrent"),
+        since_usec=since or _int(uprops, b"StateChangeTimestamp"),
+        load_state=load_state or _text(uprops.get(b"LoadState")) or "loaded",
+    )
+
+
+# ---------------------------------------------------------------- worker-thread functions
+# Each takes the worker thread's bus as its first argument and runs only on that thread.
+
+
+def _open_bus(address: str | None) -> DBus:
+    bus = DBusAddress(address.encode()) if address else DBus()
+    try:
+        bus.open()
+    except BaseException:
+        bus.close()  # a half-opened sd_bus is allocated; free it
+        raise
+    return bus
+
+
+def _manager(bus: DBus, method: bytes, signature: bytes = b"", *args: Any) -> Any:
+    call_args = apply_signature(signature, list(args)) if signature else []
+    return bus.call_method(DEST, MANAGER_PATH, MANAGER_IFACE, method, call_args).body
+
+
+def _get_all(bus: DBus, path: bytes, iface: bytes) -> dict[bytes, Any]:
+    body = bus.call_method(DEST, path, PROPS_IFACE, b"GetAll", apply_signature(b"s", [iface])).body
+    return body if isinstance(body, dict) else {}
+
+
+def _read(bus: DBus, unit: str, path: bytes) -> tuple[dict[bytes, Any], dict[bytes, Any]]:
+    uprops = _get_all(bus, path, UNIT_IFACE)
+    loaded = _text(uprops.get(b"LoadState")) == "loaded"
+    sprops = _get_all(bus, path, SERVICE_IFACE) if loaded and unit.endswith(".service") else {}
+    return uprops, sprops
+
+
+def _w_version(bus: DBus) -> str:
+    body = bus.call_method(
+        DEST, MANAGER_PATH, PROPS_IFACE, b"Get", apply_signature(b"ss", [MANAGER_IFACE, b"Version"])
+    ).body
+    return _text(body)
+
+
+def _w_load_state(bus: DBus, unit: str) -> UnitState:
+    path = _manager(bus, b"LoadUnit", b"s", unit.encode())
+    uprops, sprops = _read(bus, unit, path)
+    return _build_state(unit, uprops, sprops)
+
+
+def _w_loaded_state(bus: DBus, unit: str) -> UnitState | None:
+    """The unit's state if systemd has it loaded, else None (never loads it)."""
+    try:
+        path = _manager(bus, b"GetUnit", b"s", unit.encode())
+    except dbusexc.DBusNoSuchUnitError:
+        return None
+    uprops, sprops = _read(bus, unit, path)
+    return _build_state(unit, uprops, sprops)
+
+
+def _w_list_workers(bus: DBus) -> list[UnitState]:
+    rows = _manager(bus, b"ListUnitsByPatterns", b"asas", [], [WORKER_PATTERN.encode()]) or []
+    states = []
+    for row in rows:
+        unit, path = _text(row[0]), row[6]
+        if user_of_unit(unit) is None:
+            continue
+        try:
+            uprops, sprops = _read(bus, unit, path)
+        except dbusexc.DBusNoSuchUnitError:
+            continue  # went away between the listing and the read
+        states.append(_build_state(unit, uprops, sprops))
+    return states
+
+
+def _w_unit_for_pid(bus: DBus, pid: int) -> str | None:
+    try:
+        path = _manager(bus, b"GetUnitByPID", b"u", pid)
+    except dbusexc.DBusBaseError as exc:
+        if getattr(exc, "err_name", b"") == _NO_UNIT_FOR_PID:
+            return None
+        raise
+    body = bus.call_method(
+        DEST, path, PROPS_IFACE, b"Get", apply_signature(b"ss", [UNIT_IFACE, b"Id"])
+    ).body
+    return _text(body) or None
+
+
+# ------------------------------------------------------------------------------ adapter
+
+
+class Systemd:
+    """Async access to systemd's manager for the worker fleet. See the module doc."""
+
+    def __init__(
+        self,
+        bus_address: str | None = None,
+        *,
+        coalesce_quiet_s: float = 0.01,
+        coalesce_window_s: float = 0.05,
+        reconnect_delay_s: float = 0.5,
+    ) -> None:
+        # None: sd_bus_open_system(), which honours $DBUS_SYSTEM_BUS_ADDRESS
+        self._address = bus_address
+        self._quiet = coalesce_quiet_s
+        self._window = max(coalesce_window_s, coalesce_quiet_s)
+        self._reconnect_delay = reconnect_delay_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._bus: DBus | None = None  # worker thread only
+        self._closed = False
+        self.version = ""
+        # signal side: event-loop thread only
+        self._callbacks: list[Callable[[UnitState], None]] = []
+        self._sbus: DBus | None = None
+        self._sfd = -1
+        self._match_refs: list[Callable[..., None]] = []  # pystemd keeps borrowed pointers
+        self._dispatched = 0
+        self._pending_first: dict[str, float] = {}
+        self._pending_timer: dict[str, asyncio.TimerHandle] = {}
+        self._last_props: dict[str, dict[bytes, dict[bytes, Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self.signals_received = 0  # worker-unit signals seen (diagnostics, tests)
+        self.states_delivered = 0  # subscriber callbacks made (per state, not per callback)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        """Connect (the call connection now; the signal one if someone subscribed)."""
+        if self._executor is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wabridge-systemd")
+        try:
+            self.version = await self._call("connect", None, _w_version)
+            if self._callbacks:
+                self._setup_signals()
+        except BaseException:
+            await self.close()
+            raise
+        log.debug("systemd.connected", version=self.version, address=self._address or "system")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            self._reconnect_task = None
+        for handle in self._pending_timer.values():
+            handle.cancel()
+        self._pending_timer.clear()
+        self._pending_first.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._teardown_signals()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(executor, self._w_close)
+            executor.shutdown(wait=False)
+
+    def _w_close(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            bus.close()
+
+    # --------------------------------------------------------------- calls
+    def _run(self, action: str, unit: str | None, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(bus, *args)`` on the worker thread; map errors; replace a dead connection.
+
+        A connection that worked before but is found dead (dbus-daemon restarted) is replaced
+        and the call tried once more, except for kill, which must not be sent twice.
+        """
+        retry = self._bus is not None and action != "kill"
+        while True:
+            try:
+                if self._bus is None:
+                    self._bus = _open_bus(self._address)
+                return fn(self._bus, *args)
+            except dbusexc.DBusBaseError as exc:
+                err = map_error(exc, action, unit)
+                if err.code != UNAVAILABLE:
+                    raise err from exc
+                self._w_close()  # reopened by the retry or by the next call
+                if not retry:
+                    raise err from exc
+                retry = False
+
+    async def _call(self, action: str, unit: str | None, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise SystemdError(UNAVAILABLE, f"systemd {action}: adapter is not open", unit=unit)
+        loop = asyncio.get_running_loop()
+        job = functools.partial(self._run, action, unit, fn, *args)
+        return await loop.run_in_executor(self._executor, job)
+
+    async def start(self, unit: str) -> None:
+        """StartUnit(unit, "replace"); returns once the job is queued, not when it is done."""
+        await self._call("start", unit, _manager, b"StartUnit", b"ss", unit.encode(), b"replace")
+
+    async def stop(self, unit: str) -> None:
+        """StopUnit(unit, "replace"). Stopping a unit systemd does not know is a no-op."""
+        try:
+            await self._call("stop", unit, _manager, b"StopUnit", b"ss", unit.encode(), b"replace")
+        except SystemdError as exc:
+            if exc.code != NO_SUCH_UNIT:
+                raise
+
+    async def restart(self, unit: str) -> None:
+        await self._call(
+            "restart", unit, _manager, b"RestartUnit", b"ss", unit.encode(), b"replace"
+        )
+
+    async def reset_failed(self, unit: str) -> None:
+        """ResetFailedUnit. A unit that is not loaded is not failed: a no-op."""
+        try:
+            await self._call(
+                "reset-failed", unit, _manager, b"ResetFailedUnit", b"s", unit.encode()
+            )
+        except SystemdError as exc:
+            if exc.code != NO_SUCH_UNIT:
+                raise
+
+    async def kill(self, unit: str, signal: int, who: str = "main") -> None:
+        """KillUnit: send ``signal`` to the unit's main process, control process or all."""
+        if who not in KILL_WHO:
+            raise ValueError(f"who must be one of {KILL_WHO}, got {who!r}")
+        await self._call(
+            "kill", unit, _manager, b"KillUnit", b"ssi", unit.encode(), who.encode(), int(signal)
+        )
+
+    async def state(self, unit: str) -> UnitState:
+        """The unit's state; loads it first, so inactive units answer too.
+
+        Raises ``SystemdError("no_such_unit")`` when no unit file backs the name (LoadState
+        not-found). Other load failures (masked, bad-setting, error) come back as a state
+        with that ``load_state``.
+        """
+        st = await self._call("state", unit, _w_load_state, unit)
+        if st.load_state == "not-found":
+            raise SystemdError(NO_SUCH_UNIT, f"systemd state {unit}: unit not found", unit=unit)
+        return st
+
+    async def list_workers(self) -> list[UnitState]:
+        """Every worker unit systemd has loaded (running, failed, transitioning, ...)."""
+        return await self._call("list-units", None, _w_list_workers)
+
+    async def unit_for_pid(self, pid: int) -> str | None:
+        """The unit a PID (in systemd's PID namespace) belongs to; None if none."""
+        if pid <= 0:  # 0 would ask systemd about the caller itself
+            raise ValueError(f"pid must be positive, got {pid}")
+        return await self._call("unit-for-pid", None, _w_unit_for_pid, pid)
+
+    # --------------------------------------------------------------- signals
+    def subscribe(self, callback: Callable[[UnitState], None]) -> None:
+        """Call ``callback(state)`` on the event loop whenever a worker unit changes.
+
+        Call from the event loop thread. Before ``open()`` this only registers the callback.
+        """
+        self._callbacks.append(callback)
+        if (
+            self._executor is not None
+            and self._sbus is None
+            and self._reconnect_task is None
+            and not self._closed
+        ):
+            self._setup_signals()
+
+    def _setup_signals(self) -> None:
+        """Open the signal connection on this (the loop's) thread, match, Subscribe()."""
+        if self._sbus is not None:
+            return
+        loop = asyncio.get_running_loop()
+        refs: list[Callable[..., None]] = []
+        bus: DBus | None = None
+        try:
+            bus = _open_bus(self._address)
+            matches: list[tuple[bytes | None, bytes, bytes, Callable[[Any], None]]] = [
+                (None, PROPS_IFACE, b"PropertiesChanged", self._on_properties_changed),
+                (MANAGER_PATH, MANAGER_IFACE, b"UnitNew", self._on_unit_signal),
+                (MANAGER_PATH, MANAGER_IFACE, b"UnitRemoved", self._on_unit_signal),
+                (MANAGER_PATH, MANAGER_IFACE, b"JobRemoved", self._on_job_removed),
+            ]
+            for path, iface, member, handler in matches:
+                cb = self._match_callback(handler)
+                refs.append(cb)
+                bus.match_signal(DEST, path, iface, member, cb)
+            bus.call_method(DEST, MANAGER_PATH, MANAGER_IFACE, b"Subscribe", [])
+            fd = int(bus.get_fd())
+        except dbusexc.DBusBaseError as exc:
+            if bus is not None:
+                bus.close()
+            raise map_error(exc, "subscribe") from exc
+        self._sbus, self._sfd, self._match_refs = bus, fd, refs
+        loop.add_reader(fd, self._drain)
+        self._drain()  # signals that came in while the setup calls waited for replies
+
+    def _match_callback(self, handler: Callable[[Any], None]) -> Callable[..., None]:
+        # one fresh function per match: pystemd stores metadata on the callable itself
+        def on_signal(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            self._dispatched += 1
+            try:
+                handler(msg)
+            except Exception:  # an exception must not unwind through sd-bus
+                log.exception("systemd.signal_handler_failed")
+
+        return on_signal
+
+    def _drain(self) -> None:
+        bus = self._sbus
+        if bus is None:
+            return
+        for _ in range(_MAX_DISPATCH):
+            before = self._dispatched
+            try:
+                msg = bus.process()
+            except dbusexc.DBusBaseError as exc:
+                self._signals_lost(map_error(exc, "process signals"))
+                return
+            if msg.is_signal(_LOCAL_IFACE, b"Disconnected"):
+                self._signals_lost(SystemdError(UNAVAILABLE, "systemd signal connection closed"))
+                return
+            if self._dispatched == before and msg.is_empty():
+                return  # nothing left; the level-triggered reader calls us again for more
+
+    def _on_properties_changed(self, msg: Any) -> None:
+        path = msg.get_path()
+        if not path.startswith(_WORKER_PATH_PREFIX):
+            return  # another unit's, or a job's
+        unit = _text(path_decode(path, UNIT_PATH_PREFIX))
+        if user_of_unit(unit) is None:
+            return
+        msg.process_reply(False)
+        iface, changed = msg.body[0], msg.body[1]
+        if iface not in (UNIT_IFACE, SERVICE_IFACE):
+            return
+        if isinstance(changed, dict):
+            self._last_props.setdefault(unit, {}).setdefault(iface, {}).update(changed)
+        self._note(unit)
+
+    def _on_unit_signal(self, msg: Any) -> None:  # UnitNew / UnitRemoved (s id, o path)
+        msg.process_reply(False)
+        unit = _text(msg.body[0])
+        if user_of_unit(unit) is not None:
+            self._note(unit)
+
+    def _on_job_removed(self, msg: Any) -> None:  # (u id, o job, s unit, s result)
+        msg.process_reply(False)
+        unit = _text(msg.body[2])
+        if user_of_unit(unit) is not None:
+            self._note(unit)
+
+    def _note(self, unit: str) -> None:
+        """Fold a signal into the unit's pending refresh (see "coalescing" in the module doc)."""
+        self.signals_received += 1
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        first = self._pending_first.setdefault(unit, now)
+        old = self._pending_timer.get(unit)
+        if old is not None:
+            old.cancel()
+        due = min(now + self._quiet, first + self._window)
+        self._pending_timer[unit] = loop.call_at(due, self._flush, unit)
+
+    def _flush(self, unit: str) -> None:
+        self._pending_first.pop(unit, None)
+        self._pending_timer.pop(unit, None)
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(unit))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, unit: str) -> None:
+        try:
+            st = await self._call("read", unit, _w_loaded_state, unit)
+        except SystemdError as exc:
+            log.warning("systemd.refresh_failed", unit=unit, code=exc.code, error=str(exc))
+            return
+        if st is None:  # garbage-collected: rebuild from the last signalled values
+            last = self._last_props.pop(unit, {})
+            st = _build_state(
+                unit, last.get(UNIT_IFACE, {}), last.get(SERVICE_IFACE, {}), load_state=UNLOADED
+            )
+        self._deliver(st)
+
+    def _deliver(self, st: UnitState) -> None:
+        self.states_delivered += 1
+        for callback in list(self._callbacks):
+            try:
+                callback(st)
+            except Exception:  # one bad subscriber must not stop the others
+                log.exception("systemd.subscriber_failed", unit=st.unit)
+
+    def _teardown_signals(self) -> None:
+        bus, self._sbus = self._sbus, None
+        if bus is None:
+            return
+        if self._loop is not None and self._sfd >= 0:
+            self._loop.remove_reader(self._sfd)
+        self._sfd = -1
+        bus.close()
+        self._match_refs = []  # only after close: sd-bus may call them until then
+
+    def _signals_lost(self, err: SystemdError) -> None:
+        self._teardown_signals()
+        if self._closed:
+            return
+        log.warning("systemd.signals_lost", error=str(err))
+        if self._reconnect_task is None:
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = self._reconnect_delay
+        while True:
+            await asyncio.sleep(delay)
+            if self._closed:
+                return
+            try:
+                self._setup_signals()
+            except SystemdError as exc:
+                log.debug("systemd.resubscribe_failed", error=str(exc))
+                delay = min(delay * 2, 10.0)
+                continue
+            break
+        if self._reconnect_task is asyncio.current_task():
+            self._reconnect_task = None  # a new loss from here on starts a new task
+        log.info("systemd.signals_restored")
+        try:
+            states = await self.list_workers()
+        except SystemdError as exc:
+            log.warning("systemd.resync_failed", error=str(exc))
+            return
+        for st in states:  # whatever changed while we were not listening
+            self._deliver(st)

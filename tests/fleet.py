@@ -1,0 +1,336 @@
+"""A whole wabridge fleet for end-to-end tests: real systemd, real units, real CLI.
+
+``Fleet`` boots a :class:`SystemdNamespace` with the project's own unit files, the repo bound
+read-only at ``/usr/lib/wabridge/src`` and the venv at its own path (world-readable, built from
+Debian's python3, so DynamicUser workers can run it). Around it, on the host's 127.0.0.1: the
+simulator (``wabridge-sim`` as a subprocess), the fake Anthropic API (a thread), and, for the
+Firestore control plane, the emulator (shared per test session). The controller runs as a
+unit inside, as in production, so SO_PEERCRED PIDs and GetUnitByPID agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fakes.anthropic_api import FakeAnthropicAPI
+from harness.systemd_ns import Bind, SystemdNamespace
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = "/usr/lib/wabridge/src"
+VENV = Path(sys.prefix)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    diagnostics: Callable[[], str] | None = None,
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    extra = f"\n{diagnostics()}" if diagnostics else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{method} {url} -> {exc.code}: {exc.read()!r}") from None
+
+
+class Sim:
+    """``wabridge-sim`` as a subprocess on 127.0.0.1."""
+
+    def __init__(self, qr_rotate: float = 20.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "WABRIDGE_CONFIG": "/dev/null",
+            "WABRIDGE__SIM__QR_ROTATE": str(qr_rotate),
+            "WABRIDGE__LOG__FORMAT": "json",
+        }
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sim.main", "--listen", f"127.0.0.1:{self.port}"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_until(self._healthy, 20, "wabridge-sim to answer")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"wabridge-sim exited: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+        try:
+            http("GET", f"{self.url}/api/health")
+        except (OSError, AssertionError):
+            return False
+        return True
+
+    def scan(self, phone: str, code: str) -> Any:
+        return http("POST", f"{self.url}/api/phones/{phone}/scan", {"code": code})
+
+    def send(self, sender: str, to: str, text: str, **extra: Any) -> str:
+        return str(
+            http(
+                "POST",
+                f"{self.url}/api/messages",
+                {"from": sender, "to": to, "text": text, **extra},
+            )["id"]
+        )
+
+    def inbox(self, phone: str) -> list[dict[str, Any]]:
+        return list(http("GET", f"{self.url}/api/contacts/{phone}/inbox"))
+
+    def account(self, phone: str) -> dict[str, Any]:
+        return dict(http("GET", f"{self.url}/api/accounts/{phone}"))
+
+    def trigger(self, phone: str, outcome: str, **body: Any) -> Any:
+        return http("POST", f"{self.url}/api/accounts/{phone}/{outcome}", body)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wrapper(module: str) -> str:
+    return f'#!/bin/sh\nexport PYTHONPATH={SRC}\nexec {VENV}/bin/python -m {module} "$@"\n'
+
+
+def unit_files() -> dict[str, str]:
+    return {
+        f"/etc/systemd/system/{p.name}": p.read_text()
+        for p in (REPO / "systemd").iterdir()
+        if p.suffix in (".service", ".slice")
+    }
+
+
+class Fleet:
+    """Everything a scenario needs; use as a context manager."""
+
+    def __init__(
+        self,
+        *,
+        plane: str,
+        emulator_host: str = "",
+        api_key: bool = True,
+        config_extra: str = "",
+        qr_rotate: float = 20.0,
+    ) -> None:
+        self.plane_kind = plane
+        self.project = f"demo-{secrets.token_hex(4)}"
+        self.emulator_host = emulator_host
+        self.api = FakeAnthropicAPI()
+        self.sim = Sim(qr_rotate=qr_rotate)
+        firebase = (
+            (f'[firebase]\nemulator_host = "{emulator_host}"\nproject_id = "{self.project}"\n')
+            if plane == "firestore"
+            else ""
+        )
+        config = (
+            f'[controller]\ncontrol_plane = "{plane}"\nmetrics_listen = ""\n'
+            f"metrics_interval = 1.0\n{firebase}"
+            f'[worker]\nbackend = "sim"\nsim_url = "{self.sim.url}"\n'
+            f"[conversation]\ndebounce = 0.2\n[claude]\nturn_timeout = 60.0\n"
+            f"{config_extra}"
+        )
+        worker_env = f"ANTHROPIC_BASE_URL={self.api.base_url}\n"
+        if api_key:
+            worker_env += "ANTHROPIC_API_KEY=test-key\n"
+        files = {
+            **unit_files(),
+            "/etc/wabridge/wabridge.toml": config,
+            "/etc/wabridge/worker.env": worker_env,
+            "/usr/bin/wabridge-worker": wrapper("agent.main"),
+            "/usr/bin/wabridge-controller": wrapper("controller.main"),
+            "/usr/bin/wabridgectl": wrapper("controller.ctl"),
+        }
+        modes = {p: 0o755 for p in files if p.startswith("/usr/bin/")}
+        self.ns = SystemdNamespace(
+            binds=[Bind(REPO, SRC), Bind(VENV, str(VENV))],
+            files=files,
+            file_modes=modes,
+            enable=["wabridge-controller.service"],
+        )
+        self._db: Any = None
+
+    def __enter__(self) -> Fleet:
+        try:
+            self.ns.start()
+            self.wait_unit("wabridge-controller.service", "active", 30)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.ns.pid:
+                self.ns.stop()
+        finally:
+            self.sim.stop()
+            self.api.stop()
+
+    # --- systemd ---------------------------------------------------------------------
+    def unit(self, user: str) -> str:
+        from wabridge.units import worker_unit  # noqa: PLC0415
+
+        return worker_unit(user)
+
+    def prop(self, unit: str, name: str) -> str:
+        return self.ns.unit_property(unit, name)
+
+    def wait_unit(self, unit: str, state: str, timeout: float = 30) -> None:
+        wait_until(
+            lambda: self.prop(unit, "ActiveState") == state,
+            timeout,
+            f"{unit} to be {state}",
+            lambda: self.journal(unit),
+        )
+
+    def journal(self, unit: str | None = None, *args: str) -> str:
+        extra = ["-u", unit] if unit else []
+        return self.ns.journalctl("--no-pager", "-o", "cat", *extra, *args)
+
+    def unit_pids(self, unit: str) -> list[int]:
+        out = self.ns.run(["systemctl", "show", "-p", "ControlGroup", "--value", unit]).stdout
+        cg = out.strip()
+        if not cg:
+            return []
+        path = self.ns.root / "sys/fs/cgroup/systemd" / cg.lstrip("/") / "cgroup.procs"
+        if not path.exists():
+            path = self.ns.root / "sys/fs/cgroup" / cg.lstrip("/") / "cgroup.procs"
+        try:
+            return [int(x) for x in path.read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    # --- control plane -----------------------------------------------------------------
+    @property
+    def db(self) -> Any:
+        if self._db is None:
+            os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
+            os.environ["NO_GCE_CHECK"] = "true"
+            from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
+            from google.cloud import firestore  # noqa: PLC0415
+
+            self._db = firestore.Client(project=self.project, credentials=AnonymousCredentials())
+        return self._db
+
+    def doc(self, user: str) -> dict[str, Any]:
+        snap = self.db.collection("user_sessions").document(user).get()
+        return dict(snap.to_dict() or {})
+
+    def request(self, user: str, status: str, **fields: Any) -> None:
+        self.db.collection("user_sessions").document(user).set(
+            {"status": status, **fields}, merge=True
+        )
+
+    def wait_doc(
+        self, user: str, predicate: Callable[[dict[str, Any]], Any], timeout: float, what: str
+    ) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
+        def check() -> Any:
+            nonlocal last
+            last = self.doc(user)
+            return predicate(last)
+
+        wait_until(
+            check,
+            timeout,
+            f"{user}: {what}",
+            lambda: (
+                f"document: {_short(last)}\n--- controller journal:\n"
+                + self.journal("wabridge-controller.service")[-3000:]
+                + f"\n--- worker journal:\n{self.journal(self.unit(user))[-3000:]}"
+            ),
+        )
+        return last
+
+    def messages(self, user: str) -> list[dict[str, Any]]:
+        docs = self.db.collection("messages").where("userId", "==", user).stream()
+        return sorted((d.to_dict() for d in docs), key=lambda m: m.get("ts", 0))
+
+    # --- a linked account ----------------------------------------------------------------
+    def link(self, user: str, phone: str, timeout: float = 60) -> dict[str, Any]:
+        """create_requested -> QR on the document -> the sim phone scans -> connected."""
+        self.request(user, "create_requested")
+        doc = self.wait_doc(user, lambda d: d.get("qrRaw"), timeout, "a QR code")
+        assert str(doc["qrCode"]).startswith("data:image/png;base64,")
+        self.sim.scan(phone, doc["qrRaw"])
+        return self.wait_doc(
+            user, lambda d: d.get("status") == "connected", timeout, "status connected"
+        )
+
+    def ask(self, contact: str, account: str, text: str, timeout: float = 60) -> dict[str, Any]:
+        """A contact sends ``text``; returns the reply that quotes it."""
+        before = len(self.sim.inbox(contact))
+        wa_id = self.sim.send(contact, account, text)
+
+        def reply() -> Any:
+            got = [m for m in self.sim.inbox(contact)[before:] if m.get("quoted_id") == wa_id]
+            return got[0] if got else None
+
+        return dict(
+            wait_until(
+                reply, timeout, f"a reply to {text!r}", lambda: self.journal(None, "-n", "80")
+            )
+        )
+
+
+def _short(doc: dict[str, Any]) -> str:
+    return json.dumps(
+        {k: (v[:60] + "..." if isinstance(v, str) and len(v) > 60 else v) for k, v in doc.items()},
+        default=str,
+    )
+
+
+@contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -1,0 +1,496 @@
+"""The pure model behind wabridge-sim (``sim.world``): no sockets, a fake clock."""
+
+from __future__ import annotations
+
+import base64
+import random
+from typing import Any
+
+import pytest
+
+from sim.world import Action, Close, Send, World, WorldError
+
+ACCOUNT = "5511999990001"
+CONTACT = "5511999990002"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def world(clock: Clock) -> World:
+    return World(qr_rotate=20.0, qr_max=3, clock=clock, rng=random.Random(7))
+
+
+def frames(actions: list[Action], conn: int | None = None) -> list[dict[str, Any]]:
+    return [a.frame for a in actions if isinstance(a, Send) and (conn is None or a.conn == conn)]
+
+
+def types(actions: list[Action], conn: int | None = None) -> list[str]:
+    return [f["type"] for f in frames(actions, conn)]
+
+
+def closes(actions: list[Action]) -> list[Close]:
+    return [a for a in actions if isinstance(a, Close)]
+
+
+def hello(world: World, token: str | None = None) -> tuple[int, list[Action]]:
+    conn = world.open_conn()
+    return conn, world.device_frame(conn, {"type": "hello", "token": token})
+
+
+def link(world: World, phone: str = ACCOUNT) -> tuple[int, str]:
+    """A device linked by QR: (connection id, token)."""
+    conn, actions = hello(world)
+    code = frames(actions)[0]["code"]
+    linked = world.scan(phone, {"code": code})
+    token = frames(linked)[0]["token"]
+    return conn, token
+
+
+def post(world: World, **body: Any) -> tuple[str, list[Action]]:
+    return world.post_message({"from": CONTACT, "to": ACCOUNT, "text": "hi", **body})
+
+
+# --------------------------------------------------------------------------- QR and pairing
+
+
+def test_hello_without_token_shows_a_qr(world: World) -> None:
+    conn, actions = hello(world)
+    assert types(actions) == ["qr"]
+    assert frames(actions)[0]["code"].startswith("sim-qr:")
+    assert world.pending_qr()[0]["conn"] == conn
+
+
+def test_scan_links_the_device_and_connects(world: World) -> None:
+    conn, actions = hello(world)
+    code = frames(actions)[0]["code"]
+    linked = world.scan(ACCOUNT, {"code": code, "push_name": "Alice"})
+    assert types(linked, conn) == ["paired", "connected"]
+    paired, connected = frames(linked)
+    assert paired["jid"] == f"{ACCOUNT}@s.whatsapp.net"
+    assert paired["phone"] == ACCOUNT and paired["push_name"] == "Alice"
+    assert len(paired["token"]) >= 32
+    assert connected == {
+        "type": "connected",
+        "jid": f"{ACCOUNT}@s.whatsapp.net",
+        "phone": ACCOUNT,
+        "push_name": "Alice",
+    }
+    state = world.account_state(ACCOUNT)
+    assert state["linked"] and state["connected"] and len(state["devices"]) == 1
+    assert world.pending_qr() == []
+
+
+@pytest.mark.parametrize(
+    ("scenario", "status", "error"),
+    [
+        ("unknown", 404, "unknown_code"),
+        ("rotated", 410, "code_expired"),
+        ("used", 410, "code_already_used"),
+        ("closed", 410, "code_expired"),
+    ],
+)
+def test_scan_bad_codes(world: World, clock: Clock, scenario: str, status: int, error: str) -> None:
+    conn, actions = hello(world)
+    code = frames(actions)[0]["code"]
+    if scenario == "unknown":
+        code = "sim-qr:nope"
+    elif scenario == "rotated":
+        clock.now += 21
+        assert types(world.tick()) == ["qr"]
+    elif scenario == "used":
+        world.scan(ACCOUNT, {"code": code})
+    elif scenario == "closed":
+        world.close_conn(conn)
+    with pytest.raises(WorldError) as info:
+        world.scan("5511999990005", {"code": code})
+    assert (info.value.status, info.value.code, info.value.field) == (status, error, "code")
+
+
+def test_qr_rotates_then_expires_after_qr_max(world: World, clock: Clock) -> None:
+    conn, actions = hello(world)
+    codes = [frames(actions)[0]["code"]]
+    assert world.tick() == []  # not due yet
+    for _ in range(2):
+        clock.now += 20
+        rotated = world.tick()
+        assert types(rotated) == ["qr"]
+        codes.append(frames(rotated)[0]["code"])
+    assert len(set(codes)) == 3
+    clock.now += 20
+    last = world.tick()
+    assert types(last) == ["qr_expired"]
+    assert closes(last) == [Close(conn)]
+    assert world.pending_qr() == []
+    with pytest.raises(WorldError):
+        world.scan(ACCOUNT, {"code": codes[-1]})
+
+
+def test_pairing_code_links_like_a_scan(world: World) -> None:
+    conn, _ = hello(world)
+    reply = world.device_frame(conn, {"type": "pair_phone", "phone": ACCOUNT})
+    code = frames(reply)[0]["code"]
+    assert len(code) == 9 and code[4] == "-"
+    with pytest.raises(WorldError) as info:
+        world.pairing_link("5511999990005", {"code": code})  # another phone
+    assert info.value.status == 404
+    linked = world.pairing_link(ACCOUNT, {"code": code.lower().replace("-", "")})
+    assert types(linked, conn) == ["paired", "connected"]
+    with pytest.raises(WorldError) as info:
+        world.pairing_link(ACCOUNT, {"code": code})
+    assert info.value.status == 410
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def test_token_reconnects_without_qr(world: World) -> None:
+    conn, token = link(world)
+    world.close_conn(conn)
+    assert not world.account_state(ACCOUNT)["connected"]
+    conn2, actions = hello(world, token)
+    assert types(actions) == ["connected"]
+    assert world.account_state(ACCOUNT)["connected"]
+    assert conn2 != conn
+
+
+def test_unknown_token_gets_a_qr(world: World) -> None:
+    _conn, actions = hello(world, "not-a-token")
+    assert types(actions) == ["qr"]
+
+
+def test_second_connection_with_same_token_replaces_the_first(world: World) -> None:
+    conn, token = link(world)
+    conn2, actions = hello(world, token)
+    assert types(actions, conn) == ["stream_replaced"]
+    assert closes(actions) == [Close(conn)]
+    assert types(actions, conn2) == ["connected"]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_message_is_delivered_to_a_connected_device(world: World) -> None:
+    conn, _ = link(world)
+    msg_id, actions = post(world, text="hello")
+    (frame,) = frames(actions, conn)
+    assert frame["id"] == msg_id and msg_id.startswith("3EB0")
+    assert frame["chat"] == f"{CONTACT}@s.whatsapp.net"
+    assert frame["sender"] == f"{CONTACT}@s.whatsapp.net"
+    assert frame["text"] == "hello" and not frame["is_group"]
+
+
+def test_messages_queue_while_offline_and_arrive_on_connect(world: World) -> None:
+    conn, token = link(world)
+    world.close_conn(conn)
+    first, offline1 = post(world, text="one")
+    second, offline2 = post(world, text="two")
+    assert offline1 == offline2 == []
+    _conn2, actions = hello(world, token)
+    assert types(actions) == ["connected", "message", "message"]
+    assert [f["id"] for f in frames(actions)[1:]] == [first, second]
+
+
+def test_unacked_messages_are_redelivered_acked_ones_are_not(world: World) -> None:
+    conn, token = link(world)
+    acked, _ = post(world, text="acked")
+    unacked, _ = post(world, text="unacked")
+    assert world.device_frame(conn, {"type": "ack", "id": acked}) == []
+    world.close_conn(conn)
+    conn2, actions = hello(world, token)
+    assert [f["id"] for f in frames(actions) if f["type"] == "message"] == [unacked]
+    world.device_frame(conn2, {"type": "ack", "id": unacked})
+    world.close_conn(conn2)
+    _conn3, actions = hello(world, token)
+    assert types(actions) == ["connected"]
+
+
+def test_same_explicit_id_twice_is_delivered_twice(world: World) -> None:
+    conn, _ = link(world)
+    _, first = post(world, id="3EB0DUP")
+    _, second = post(world, id="3EB0DUP")
+    assert [f["id"] for f in frames(first + second, conn)] == ["3EB0DUP", "3EB0DUP"]
+    world.device_frame(conn, {"type": "ack", "id": "3EB0DUP"})
+    assert world.account_state(ACCOUNT)["devices"][0]["pending"] == 1
+
+
+def test_group_mention_quote_and_image(world: World) -> None:
+    conn, _ = link(world)
+    _, sent = world.post_message({"from": CONTACT, "to": ACCOUNT, "text": "question"})
+    question = frames(sent)[0]["id"]
+    reply = world.device_frame(
+        conn,
+        {
+            "type": "send",
+            "req": 1,
+            "to": f"{CONTACT}@s.whatsapp.net",
+            "text": "answer",
+            "quote_id": question,
+        },
+    )
+    answer_id = frames(reply)[0]["id"]
+    _, actions = post(world, group="team-1", mentions=[ACCOUNT], text="@bot hi")
+    frame = frames(actions)[0]
+    assert frame["chat"] == "team-1@g.us" and frame["is_group"] and frame["mentioned"]
+    _, actions = post(world, group="team-1", quoted_id=answer_id, text="thanks")
+    frame = frames(actions)[0]
+    assert frame["mentioned"]  # replying to the account counts as a mention
+    assert frame["quoted_text"] == "answer"
+    data = base64.b64encode(b"\x89PNG fake").decode()
+    _, actions = post(
+        world, text="", image={"mime_type": "image/png", "data_b64": data, "caption": "see"}
+    )
+    frame = frames(actions)[0]
+    assert frame["text"] == "see" and frame["image"]["data_b64"] == data
+    _, actions = post(world, text="", media="audio")
+    assert frames(actions)[0]["media"] == "audio"
+
+
+# --------------------------------------------------------------------------- device sends
+
+
+def test_send_lands_in_the_contact_inbox(world: World, clock: Clock) -> None:
+    conn, _ = link(world)
+    msg_id, _ = post(world)
+    reply = world.device_frame(
+        conn,
+        {
+            "type": "send",
+            "req": 7,
+            "to": f"{CONTACT}@s.whatsapp.net",
+            "text": "yo",
+            "quote_id": msg_id,
+        },
+    )
+    (sent,) = frames(reply)
+    assert sent["type"] == "sent" and sent["req"] == 7
+    assert world.contact_inbox(CONTACT) == [
+        {
+            "id": sent["id"],
+            "from": ACCOUNT,
+            "chat": f"{CONTACT}@s.whatsapp.net",
+            "text": "yo",
+            "quoted_id": msg_id,
+            "ts": clock.now,
+        }
+    ]
+    assert world.contact_inbox("5511999990099") == []
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        ({"to": "5511000000000@s.whatsapp.net", "text": "x"}, "unknown chat"),
+        ({"to": "nobody@g.us", "text": "x"}, "unknown chat"),
+        ({"to": "garbage", "text": "x"}, "unknown chat"),
+        ({"to": 5, "text": "x"}, "to:"),
+        ({"to": f"{CONTACT}@s.whatsapp.net", "text": ""}, "text:"),
+        ({"to": f"{CONTACT}@s.whatsapp.net", "text": "x", "quote_id": 3}, "quote_id:"),
+    ],
+)
+def test_send_errors(world: World, frame: dict[str, Any], error: str) -> None:
+    conn, _ = link(world)
+    post(world)
+    (reply,) = frames(world.device_frame(conn, {"type": "send", "req": 1, **frame}))
+    assert reply["type"] == "send_error" and reply["req"] == 1
+    assert error in reply["error"]
+
+
+def test_send_before_linking_is_refused(world: World) -> None:
+    conn, _ = hello(world)
+    (reply,) = frames(world.device_frame(conn, {"type": "send", "req": 1, "to": "x", "text": "y"}))
+    assert reply == {"type": "send_error", "req": 1, "error": "not connected"}
+
+
+def test_typing_and_read_are_recorded(world: World) -> None:
+    conn, _ = link(world)
+    msg_id, _ = post(world)
+    chat = f"{CONTACT}@s.whatsapp.net"
+    world.device_frame(conn, {"type": "typing", "to": chat, "on": True})
+    world.device_frame(conn, {"type": "read", "chat": chat, "ids": [msg_id, msg_id]})
+    state = world.account_state(ACCOUNT)
+    assert state["typing"] == {chat: True} and state["read_ids"] == [msg_id]
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        ("not an object", "JSON object"),
+        ({"type": 3}, "JSON object"),
+        ({"type": "dance"}, "unknown frame type"),
+        ({"type": "hello", "token": None}, "already sent"),
+        ({"type": "ack", "id": 5}, "ack: id"),
+        ({"type": "send", "req": "one"}, "req"),
+        ({"type": "typing", "to": "x"}, "typing:"),
+        ({"type": "read", "ids": "x"}, "read:"),
+        ({"type": "pair_phone", "phone": "+55"}, "pair_phone:"),
+    ],
+)
+def test_bad_frames_get_error_frames(world: World, frame: Any, error: str) -> None:
+    conn, _ = link(world)
+    (reply,) = frames(world.device_frame(conn, frame))
+    assert reply["type"] == "error" and error in reply["error"]
+
+
+def test_frames_before_hello_are_refused(world: World) -> None:
+    conn = world.open_conn()
+    (reply,) = frames(world.device_frame(conn, {"type": "ack", "id": "x"}))
+    assert "hello first" in reply["error"]
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@pytest.mark.parametrize(
+    ("outcome", "body", "frame_type", "abrupt", "token_still_valid"),
+    [
+        ("logout", None, "logged_out", False, False),
+        ("replace", None, "stream_replaced", False, True),
+        ("outdated", None, "client_outdated", False, True),
+        ("disconnect", None, None, True, True),
+        ("ban", {"expires_in": 60}, "temporary_ban", False, False),
+    ],
+)
+def test_outcomes(
+    world: World,
+    clock: Clock,
+    outcome: str,
+    body: Any,
+    frame_type: str | None,
+    abrupt: bool,
+    token_still_valid: bool,
+) -> None:
+    conn, token = link(world)
+    actions = world.outcome(ACCOUNT, outcome, body)
+    assert types(actions, conn) == ([frame_type] if frame_type else [])
+    assert closes(actions) == [Close(conn, abrupt=abrupt)]
+    assert not world.account_state(ACCOUNT)["connected"]
+    world.close_conn(conn)
+    _conn2, again = hello(world, token)
+    if token_still_valid:
+        assert types(again) == ["connected"]
+    elif outcome == "logout":
+        assert types(again) == ["logged_out"]
+        assert not world.account_state(ACCOUNT)["linked"]
+    else:  # banned: refused until the ban expires
+        assert types(again) == ["temporary_ban"]
+        assert frames(again)[0]["expires_at"] == clock.now + 60
+        clock.now += 61
+        _conn3, later = hello(world, token)
+        assert types(later) == ["connected"]
+
+
+@pytest.mark.parametrize("outcome", ["replace", "outdated", "disconnect"])
+def test_outcomes_need_a_connected_device(world: World, outcome: str) -> None:
+    conn, _ = link(world)
+    world.close_conn(conn)
+    with pytest.raises(WorldError) as info:
+        world.outcome(ACCOUNT, outcome)
+    assert info.value.status == 409
+
+
+def test_banned_phone_cannot_link(world: World) -> None:
+    link(world)
+    world.outcome(ACCOUNT, "ban", {"expires_in": 60})
+    _conn, actions = hello(world)
+    with pytest.raises(WorldError) as info:
+        world.scan(ACCOUNT, {"code": frames(actions)[0]["code"]})
+    assert info.value.status == 403
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"from": "+5511", "to": ACCOUNT, "text": "x"}, "from"),
+        ({"from": CONTACT, "to": "abc", "text": "x"}, "to"),
+        ({"from": CONTACT, "to": ACCOUNT}, "text"),
+        ({"from": CONTACT, "to": ACCOUNT, "text": 5}, "text"),
+        ({"from": CONTACT, "to": ACCOUNT, "text": "x", "id": "has space"}, "id"),
+        ({"from": CONTACT, "to": ACCOUNT, "text": "x", "group": "bad group!"}, "group"),
+        ({"from": CONTACT, "to": ACCOUNT, "text": "x", "mentions": "all"}, "mentions"),
+        ({"from": CONTACT, "to": ACCOUNT, "text": "x", "mentions": ["x"]}, "mentions"),
+        ({"from": CONTACT, "to": ACCOUNT, "text": "x", "media": "hologram"}, "media"),
+        ({"from": CONTACT, "to": ACCOUNT, "image": "pic"}, "image"),
+        (
+            {
+                "from": CONTACT,
+                "to": ACCOUNT,
+                "image": {"mime_type": "text/plain", "data_b64": "AA=="},
+            },
+            "image.mime_type",
+        ),
+        (
+            {
+                "from": CONTACT,
+                "to": ACCOUNT,
+                "image": {"mime_type": "image/png", "data_b64": "!!!"},
+            },
+            "image.data_b64",
+        ),
+        ({"from": ACCOUNT, "to": ACCOUNT, "text": "x"}, "from"),
+    ],
+)
+def test_post_message_validation(world: World, body: dict[str, Any], field: str) -> None:
+    link(world)
+    with pytest.raises(WorldError) as info:
+        world.post_message(body)
+    assert (info.value.status, info.value.field) == (400, field)
+    assert info.value.message.startswith(field)
+
+
+@pytest.mark.parametrize(
+    ("call", "status"),
+    [
+        (lambda w: w.post_message([1, 2]), 400),
+        (lambda w: w.post_message({"from": CONTACT, "to": "5511999990077", "text": "x"}), 404),
+        (lambda w: w.scan("123", {"code": "x"}), 400),
+        (lambda w: w.scan(ACCOUNT, {}), 400),
+        (lambda w: w.scan(ACCOUNT, {"code": 5}), 400),
+        (lambda w: w.account_state("5511999990077"), 404),
+        (lambda w: w.outcome(ACCOUNT, "explode"), 404),
+        (lambda w: w.outcome(ACCOUNT, "ban", {"expires_in": "soon"}), 400),
+        (lambda w: w.outcome(ACCOUNT, "ban", {"expires_in": -1}), 400),
+        (lambda w: w.group_inbox("bad id!"), 400),
+    ],
+)
+def test_api_errors(world: World, call: Any, status: int) -> None:
+    link(world)
+    with pytest.raises(WorldError) as info:
+        call(world)
+    assert info.value.status == status
+    assert info.value.to_json()["error"]
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def test_state_round_trip_keeps_tokens_and_queue(world: World, clock: Clock) -> None:
+    conn, token = link(world)
+    world.close_conn(conn)
+    msg_id, _ = post(world, text="queued")
+    restored = World(qr_rotate=20.0, clock=clock)
+    restored.load_state(world.to_state())
+    _conn, actions = hello(restored, token)
+    assert types(actions) == ["connected", "message"]
+    assert frames(actions)[1]["id"] == msg_id
+
+
+def test_load_state_rejects_garbage(world: World) -> None:
+    with pytest.raises(ValueError, match="state"):
+        world.load_state({"version": 1, "accounts": [{"phone": "1"}]})
+    with pytest.raises(ValueError, match="version"):
+        world.load_state({"version": 99})

@@ -1,0 +1,354 @@
+"""One typed, validated configuration for the controller, the workers and the simulator.
+
+Sources, later ones winning:
+1. the embedded defaults below (enough to run a fleet on the local control plane);
+2. the TOML file at ``$WABRIDGE_CONFIG`` or ``/etc/wabridge/wabridge.toml`` (a missing file at
+   the default path means "defaults"; a missing file at an explicit path is an error);
+3. environment variables ``WABRIDGE__<SECTION>__<KEY>`` (e.g. ``WABRIDGE__WORKER__BACKEND=sim``).
+
+Every field carries its documentation and its allowed values in ``metadata`` so the README's
+reference is generated from this schema (``python -m wabridge.config --markdown``). A bad value
+raises ``ConfigError`` naming the key and what is allowed; processes exit with
+``ExitCode.CONFIG`` (78), which the units list in ``RestartPreventExitStatus=``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from wabridge.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/wabridge/wabridge.toml")
+ENV_PREFIX = "WABRIDGE__"
+
+Check = Callable[[Any], str | None]  # returns a problem, or None when the value is fine
+
+
+def _opt(default: Any, doc: str, *, allowed: str = "", check: Check | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "allowed": allowed, "check": check})
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"{value!r} is not one of {', '.join(choices)}"
+
+    return check
+
+
+def _at_least(low: float) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value >= low else f"{value!r} is below {low}"
+
+    return check
+
+
+def _between(low: float, high: float) -> Check:
+    def check(value: Any) -> str | None:
+        return None if low <= value <= high else f"{value!r} is not within {low}..{high}"
+
+    return check
+
+
+def _listen_address(value: Any) -> str | None:
+    if value == "":
+        return None
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{value!r} is not HOST:PORT"
+    return None
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    control_plane: str = _opt(
+        "auto",
+        "Where user sessions are requested and reported. `auto` picks Firestore when Firebase "
+        "credentials or an emulator are configured, else the local SQLite store.",
+        allowed="auto, firestore, local",
+        check=_one_of("auto", "firestore", "local"),
+    )
+    socket: str = _opt(
+        "/run/wabridge/controller.sock",
+        "Unix socket that workers and wabridgectl connect to.",
+    )
+    local_db: str = _opt(
+        "/var/lib/wabridge/control/control.db",
+        "SQLite file of the local control plane.",
+    )
+    host_id: str = _opt("", "Name this host writes on claimed documents (default: hostname).")
+    metrics_listen: str = _opt(
+        "127.0.0.1:9464",
+        "Prometheus text endpoint (`/metrics`); empty to disable.",
+        allowed="HOST:PORT or empty",
+        check=_listen_address,
+    )
+    admin_group: str = _opt(
+        "wabridge-admin", "Unix group whose members may use wabridgectl besides root."
+    )
+    metrics_interval: float = _opt(
+        5.0,
+        "Seconds between process metric writes per document (Firestore sustains ~1 write/s).",
+        check=_at_least(1.0),
+    )
+
+
+@dataclass(frozen=True)
+class FirebaseConfig:
+    credentials: str = _opt(
+        "",
+        "Service-account JSON. Empty: `$CREDENTIALS_DIRECTORY/firebase` (LoadCredential=).",
+    )
+    project_id: str = _opt("", "Firebase project id (required with the emulator).")
+    emulator_host: str = _opt(
+        "",
+        "HOST:PORT of a Firestore emulator; uses anonymous credentials.",
+        allowed="HOST:PORT or empty",
+        check=_listen_address,
+    )
+    collection: str = _opt("user_sessions", "Collection of per-user session documents.")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    backend: str = _opt(
+        "neonize",
+        "WhatsApp backend: `neonize` (real WhatsApp, linked device) or `sim` (wabridge-sim).",
+        allowed="neonize, sim",
+        check=_one_of("neonize", "sim"),
+    )
+    sim_url: str = _opt("http://127.0.0.1:8765", "Base URL of wabridge-sim for the sim backend.")
+    qr_timeout: float = _opt(
+        180.0, "Seconds to wait for a QR scan before giving up (status `qr_expired`).",
+        check=_at_least(5.0),
+    )
+    reconnect_timeout: float = _opt(
+        120.0,
+        "Seconds disconnected before the worker exits so systemd restarts it.",
+        check=_at_least(5.0),
+    )
+    watchdog_stall: float = _opt(
+        30.0, "Seconds the event loop may stall before the watchdog stops being fed.",
+        check=_at_least(1.0),
+    )
+
+
+@dataclass(frozen=True)
+class ClaudeConfig:
+    cli_path: str = _opt(
+        "",
+        "Claude Code binary. Empty: the one bundled with claude-agent-sdk.",
+    )
+    model: str = _opt("", "Model name passed with --model (empty: the CLI's default).")
+    system_prompt: str = _opt(
+        "You are a helpful assistant answering WhatsApp messages. Reply concisely.",
+        "System prompt for every chat.",
+    )
+    tools: bool = _opt(False, "Let Claude use its tools (off: answer from the conversation only).")
+    turn_timeout: float = _opt(
+        120.0, "Seconds a turn may take before its process is killed.", check=_at_least(1.0)
+    )
+    max_processes: int = _opt(
+        2, "Live Claude processes per worker (each ~190 MB).", check=_between(1, 64)
+    )
+    idle_timeout: float = _opt(
+        600.0, "Seconds before an idle chat's process is closed.", check=_at_least(1.0)
+    )
+    max_retries: int = _opt(
+        0, "CLAUDE_CODE_MAX_RETRIES for API errors (0: fail fast).", check=_between(0, 10)
+    )
+
+
+@dataclass(frozen=True)
+class ConversationConfig:
+    debounce: float = _opt(
+        1.5,
+        "Seconds to wait for more messages of a burst before one turn answers them all.",
+        check=_between(0.0, 30.0),
+    )
+    max_batch: int = _opt(20, "Most messages answered in one turn.", check=_between(1, 200))
+    reply_limit: int = _opt(
+        4000, "Longer replies are split into several messages.", check=_between(200, 65000)
+    )
+    apology: str = _opt(
+        "Sorry, I could not answer that just now. Please try again in a moment.",
+        "Reply sent when a turn fails for good (timeout, API error).",
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _opt(
+        "info", "Log level.", allowed="debug, info, warning, error",
+        check=_one_of("debug", "info", "warning", "error"),
+    )
+    format: str = _opt(
+        "auto",
+        "`auto`: native journald fields under systemd, console on a TTY, JSON otherwise.",
+        allowed="auto, journal, json, console",
+        check=_one_of("auto", "journal", "json", "console"),
+    )
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    listen: str = _opt(
+        "127.0.0.1:8765", "Where wabridge-sim serves its API and web page.",
+        check=_listen_address,
+    )
+    qr_rotate: float = _opt(20.0, "Seconds between QR rotations.", check=_at_least(0.5))
+
+
+@dataclass(frozen=True)
+class Config:
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    firebase: FirebaseConfig = field(default_factory=FirebaseConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    claude: ClaudeConfig = field(default_factory=ClaudeConfig)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+
+
+SectionT = TypeVar("SectionT")
+
+
+def _coerce(key: str, text: str, kind: type) -> Any:
+    """Environment values are strings; turn them into the field's type."""
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"{text!r} is not a boolean", allowed="true, false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(key, f"{text!r} is not an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(key, f"{text!r} is not a number") from None
+    return text
+
+
+_KINDS: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float}
+
+
+def _build_section(name: str, cls: type[SectionT], raw: Mapping[str, Any]) -> SectionT:
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{name}.{key}", "unknown key", allowed=", ".join(sorted(known))
+            )
+    values: dict[str, Any] = {}
+    for fname, fdef in known.items():
+        if fname not in raw:
+            continue
+        key = f"{name}.{fname}"
+        kind = _KINDS[str(fdef.type)]
+        value = raw[fname]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(
+                key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}",
+                allowed=fdef.metadata.get("allowed", ""),
+            )
+        check: Check | None = fdef.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(key, problem, allowed=fdef.metadata.get("allowed", ""))
+        values[fname] = value
+    return cls(**values)
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the configuration; raises ``ConfigError``."""
+    env = os.environ if environ is None else environ
+    explicit = path is not None or "WABRIDGE_CONFIG" in env
+    file = path or Path(env.get("WABRIDGE_CONFIG", str(DEFAULT_PATH)))
+    data: dict[str, Any] = {}
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("(file)", f"{file} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(file)", f"{file} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("(file)", f"{file} cannot be read: {exc.strerror}") from None
+
+    sections = {f.name: cast("type[Any]", f.default_factory) for f in fields(Config)}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(name, "unknown section", allowed=", ".join(sections))
+        if not isinstance(data[name], dict):  # before env values are merged into it
+            raise ConfigError(name, "must be a table")
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in sections or not key:
+            raise ConfigError(var, "does not name a config key", allowed="WABRIDGE__SECTION__KEY")
+        kinds = {f.name: _KINDS[str(f.type)] for f in fields(sections[section])}
+        if key not in kinds:
+            raise ConfigError(f"{section}.{key}", "unknown key (from environment)",
+                              allowed=", ".join(sorted(kinds)))
+        data.setdefault(section, {})[key] = _coerce(f"{section}.{key}", text, kinds[key])
+
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        built[name] = _build_section(name, cls, data.get(name, {}))
+    return Config(**built)
+
+
+def with_overrides(config: Config, section: str, **values: Any) -> Config:
+    """A copy of ``config`` with some values of one section replaced (tests, per-user settings)."""
+    return replace(config, **{section: replace(getattr(config, section), **values)})
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from this schema (used by README)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for section in fields(Config):
+        for fdef in fields(section.default_factory):  # type: ignore[arg-type]
+            default = fdef.default if fdef.default is not MISSING else ""
+            lines.append(
+                f"| `{section.name}.{fdef.name}` | `{default!r}` | "
+                f"{fdef.metadata.get('allowed', '') or str(fdef.type)} | {fdef.metadata['doc']} |"
+            )
+    return "\n".join(lines)
+
+
+def example_toml() -> str:
+    """A fully commented config file (the Debian package's conffile)."""
+    out = ["# wabridge configuration. Every option is shown with its default, commented out.",
+           "# Environment variables WABRIDGE__SECTION__KEY override this file.", ""]
+    for section in fields(Config):
+        out.append(f"[{section.name}]")
+        for fdef in fields(section.default_factory):  # type: ignore[arg-type]
+            out.append(f"# {fdef.metadata['doc']}")
+            if fdef.metadata.get("allowed"):
+                out.append(f"# allowed: {fdef.metadata['allowed']}")
+            value = fdef.default
+            # a JSON string is a valid TOML basic string, escapes included
+            rendered = ("true" if value else "false") if isinstance(value, bool) else (
+                json.dumps(value) if isinstance(value, str) else repr(value))
+            out.append(f"#{fdef.name} = {rendered}")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write((reference_markdown() if "--markdown" in sys.argv else example_toml()) + "\n")

@@ -1,0 +1,138 @@
+"""One logging setup for every wabridge process.
+
+Events have stable names (``whatsapp.qr_generated``, ``outbox.delivered``) and details in
+fields; ``user_id`` and ``chat_id`` are bound with ``structlog.contextvars`` so every line of a
+worker or a turn carries them.
+
+Under systemd (``$JOURNAL_STREAM`` set, or ``format = "journal"``) lines go to journald through
+its native protocol, so ``journalctl USER_ID=alice`` and ``journalctl CHAT_ID=...`` work; fields
+become upper-case journal fields (``USER_ID``, ``CHAT_ID``, ``EVENT``, ``PRIORITY``,
+``MESSAGE``). Elsewhere: console lines on a TTY, JSON lines otherwise.
+
+Foreign libraries that log through the standard library (neonize calls
+``logging.basicConfig`` at import) are routed into the same output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,
+             "exception": 3}
+
+
+def _journal_field(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in name.upper()).lstrip("_")
+    return cleaned or "FIELD"
+
+
+def encode_journal(fields: Mapping[str, Any]) -> bytes:
+    """Serialize fields in journald's native datagram format (binary-safe for newlines)."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8", "replace")
+        name = key.encode()
+        if b"\n" in data:
+            out += name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalRenderer:
+    """structlog's last processor under systemd: sends the event to journald itself."""
+
+    def __init__(self, identifier: str, path: str = JOURNAL_SOCKET) -> None:
+        self._identifier = identifier
+        self._path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def __call__(self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+        event = str(event_dict.pop("event", ""))
+        level = str(event_dict.pop("level", method))
+        event_dict.pop("timestamp", None)
+        details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k != "exception")
+        fields: dict[str, Any] = {
+            "MESSAGE": f"{event} {details}".strip(),
+            "PRIORITY": _PRIORITY.get(level, 6),
+            "SYSLOG_IDENTIFIER": self._identifier,
+            "EVENT": event,
+        }
+        if "exception" in event_dict:
+            fields["MESSAGE"] += "\n" + str(event_dict["exception"])
+        for key, value in event_dict.items():
+            if key != "exception":
+                fields[_journal_field(key)] = value
+        try:
+            self._sock.sendto(encode_journal(fields), self._path)
+        except OSError:
+            # journald gone (shutdown) or the datagram too large: fall back to stderr,
+            # which systemd also connects to the journal.
+            sys.stderr.write(fields["MESSAGE"] + "\n")
+        raise structlog.DropEvent
+
+
+def _format(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if os.environ.get("JOURNAL_STREAM") and os.path.exists(JOURNAL_SOCKET):  # noqa: PTH110
+        return "journal"
+    return "console" if sys.stderr.isatty() else "json"
+
+
+def setup(identifier: str, level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog and the stdlib root logger once per process."""
+    chosen = _format(fmt)
+    renderer: Any
+    if chosen == "journal":
+        renderer = JournalRenderer(identifier)
+    elif chosen == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=json.dumps, default=str)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # Libraries using stdlib logging (neonize, google, grpc) land in the same stream.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_StdlibBridge())
+    root.setLevel(max(numeric, logging.INFO))
+
+
+class _StdlibBridge(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log = structlog.get_logger(record.name)
+        method = record.levelname.lower()
+        getattr(log, method if method in _PRIORITY else "info")(
+            "library.log", library=record.name, text=record.getMessage()
+        )
+
+
+def get(name: str | None = None) -> Any:
+    return structlog.get_logger(name)
+
+
+bind = structlog.contextvars.bind_contextvars
+unbind = structlog.contextvars.unbind_contextvars
