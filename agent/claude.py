@@ -8,7 +8,7 @@ directly, no SDK in between::
     claude -p --input-format stream-json --output-format stream-json --verbose --bare
            --setting-sources "" --strict-mcp-config --disable-slash-commands
            --system-prompt-snapshot off --permission-prompts none --tools ""
-           [--model M] [--system-prompt P] [--resume <uuid>]
+           [--model M] [--system-prompt P] (--session-id <new uuid4> | --resume=<uuid>)
 
 ``open`` spawns it (own process group, clean env, ``cwd=workdir``,
 ``CLAUDE_CONFIG_DIR=config_dir``, ``TMPDIR=config_dir/tmp``, ``HOME=config_dir.parent``) and
@@ -17,45 +17,52 @@ does the stream-json control handshake (``control_request``/``initialize`` ->
 ``turn`` writes one ``{"type":"user","message":{"role":"user","content":[...]}}`` line and
 reads JSON lines until ``{"type":"result"}``.
 
-Measurements (this machine: 2 vCPU, Debian python3.11, CLI 2.1.331, fake API on 127.0.0.1;
-PSS = sum of ``/proc/PID/smaps_rollup`` Pss over the CLI's process tree, after 2 turns;
-median of 5 runs; script kept out of the repo, method below):
+Measurements (2 vCPU VM, Debian python3.11, CLI 2.1.331, fake API on 127.0.0.1; 4 chats open
+at once in one Python process, each after 6 turns; 3 runs; PSS = Pss of
+``/proc/PID/smaps_rollup`` summed over the CLI's process tree, which is a single process):
 
-==============================  ==================  ======================================
-                                (b) direct CLI      (a) ``ClaudeSDKClient`` (SDK 0.2.188)
-==============================  ==================  ======================================
-PSS per chat, CLI tree          {PSS_B}             {PSS_A}
-+ Python side per chat          ~0 (one asyncio     {PY_A}
-                                subprocess)
-cold start to ready (open)      {OPEN_B}            {OPEN_A}
-cold start to first result      {FIRST_B}           {FIRST_A}
-warm turn latency (fake API)    {WARM_B}            {WARM_A}
-resume (open+first result)      {RESUME_B}
-==============================  ==================  ======================================
+====================================  ===========================  ===========================
+                                      (b) direct CLI (this file)   (a) ``ClaudeSDKClient``
+====================================  ===========================  ===========================
+PSS per chat, CLI tree (4 open)       132-147 MB, mean 140 MB      132-147 MB, mean 143 MB
+  same, 1 chat alone / 8 open         214 MB / mean 128 MB         213 MB / mean 123 MB
+  of which private (USS, marginal)    ~106 MB per extra chat       same CLI, same
+Python side                           ~0.1 MB per chat             +36 MB once (SDK import)
+                                                                   + ~0.3 MB per client
+open -> ready (handshake done)        0.25-0.29 s                  0.25-0.26 s (connect)
+open -> first result (cold start)     0.32-0.38 s                  0.31-0.33 s
+warm turn latency (fake API)          18-21 ms                     16-19 ms
+resume: open(--resume) -> 1st result  0.30-0.35 s                  (not measured)
+====================================  ===========================  ===========================
 
-{BARE_NOTE}
-
-Method: N sessions opened one after another in one Python process, each answering two turns
-from the fake API; PSS read for the CLI pid and all its descendants (``/proc/*/stat`` ppid
-walk); for (a), Python's own PSS delta per client is reported separately (the SDK runs a
-reader task group + anyio streams per client). (b) is implemented: same CLI cost, no SDK
-event-loop/anyio overhead, one less layer hiding the stream (we need ``is_error`` vs
-``subtype``, ``--resume`` failures and timeouts precisely), and no SDK defaults to undo (the
-SDK passes ``--setting-sources user,project`` and its own ``--system-prompt ""``).
+The CLI dominates: ~84 MB of shared, clean binary text once per machine plus ~106 MB of
+private heap per chat; start-up is the CLI's own ~0.25 s. (b) is implemented: same CLI cost
+and latency within noise, but no 36 MB SDK/anyio import in every worker, no per-client task
+group, one less layer between us and the stream (we need ``is_error`` vs ``subtype``,
+``--resume`` failures and timeouts precisely), and no SDK defaults to undo (the SDK passes
+``--setting-sources user,project`` and ``--system-prompt ""`` unless told otherwise; with those
+defaults and without ``--bare`` a chat costs ~5 MB more and starts ~0.05 s slower).
 
 CLI 2.1.331 facts this module relies on (verified against tests/fakes/anthropic_api.py)
 ======================================================================================
 * Tools: ``--tools ""`` disables every built-in tool: the request carries ``"tools": []``
   and the ``system/init`` line says ``"tools": []``. Default set otherwise (Agent, Bash,
-  Edit, Read, Write, Skill, ToolSearch, Workflow, ...).
+  Edit, Read, Write, Skill, ToolSearch, Workflow, ...). ``tools_enabled=True`` gives
+  ``--tools default``; with ``--permission-prompts none`` anything that would ask for
+  permission is denied automatically (nothing ever waits for a human; ``--permission-mode``
+  is left at its default). ``--setting-sources ""`` + ``--strict-mcp-config``: no user,
+  project or local settings and no MCP servers from the chat's directory.
 * ``--system-prompt`` REPLACES Claude Code's ~7 kB coding-agent prompt (chosen: a WhatsApp
   bot needs none of it). ``system`` then is ``[billing header, "You are a Claude agent, built
   on Anthropic's Claude Agent SDK.", <our prompt>]``. ``None`` = the CLI's default prompt.
   ``--system-prompt-snapshot off`` (default under ``--bare`` anyway, passed explicitly): a
   resumed chat gets the *current* prompt, not the one recorded at its first turn.
-* ``--bare``: no hooks, LSP, plugin sync, auto-memory, CLAUDE.md discovery, keychain/OAuth;
-  auth is strictly ``ANTHROPIC_API_KEY``. Without ``--bare`` the CLI adds a ``role: "system"``
-  environment message (cwd, OS, date) inside ``messages``; with it that entry is empty.
+* ``--bare``: no hooks, LSP, plugin sync, auto-memory, CLAUDE.md discovery, keychain/OAuth
+  (``--help``: auth "strictly ANTHROPIC_API_KEY"; observed: an ``ANTHROPIC_AUTH_TOKEN`` is
+  still sent as ``Authorization: Bearer`` -- we never inherit it, only extra_env can set
+  it, and ``open`` demands ``ANTHROPIC_API_KEY`` regardless). Without ``--bare`` the CLI
+  adds a ``role: "system"`` environment message (cwd, OS, date) inside ``messages``; with it
+  that entry is empty.
 * Slash commands: user text whose LAST text block starts with ``/`` is run as a CLI command
   (``/clear`` even starts a new session id, ``/cost`` answers locally, skills expand).
   ``--disable-slash-commands`` turns them into "isn't available in this environment" replies
@@ -73,14 +80,25 @@ CLI 2.1.331 facts this module relies on (verified against tests/fakes/anthropic_
 * Images: base64 image blocks reach the API as image blocks; the CLI stores a copy under
   ``$TMPDIR/claude-<uid>/...`` and appends a text block ``[Image: source: <path>]``.
   Undecodable images are replaced by a text block ``[Image could not be processed: ...]``.
-* ``total_cost_usd`` (and ``modelUsage``) in ``result`` are cumulative for the CLI process;
-  ``usage`` is per turn. After ``--resume`` in a new process the cost counts from zero.
+  Those copies accumulate under ``config_dir/tmp`` (our ``TMPDIR``).
+* ``total_cost_usd`` (and ``modelUsage``) in ``result`` are cumulative for the conversation:
+  a process started with ``--resume`` continues from the total recorded in the transcript,
+  it does NOT restart at 0. ``usage`` is per turn; the per-turn cost is
+  ``model_usage_since_last_result[*].costUSD`` -> ``TurnResult.turn_cost_usd``.
+* ``--session-id <uuid4>`` is passed on a fresh open, so ``session_id`` is known at once;
+  the transcript only exists after the first turn, so resuming an id that never had a turn
+  gives ``resume_failed`` (start a fresh session then).
+* Auto-compaction: when usage nears the context window the CLI sends a summarisation request
+  before the turn (``system/compact_boundary`` and a replayed ``user`` line on stdout); the
+  turn still ends in one ``result``, whose cost includes the summary.
 * Without a key the CLI answers every turn with ``is_error`` "Not logged in · Please run
   /login"; ``open`` refuses earlier with ``not_configured``.
 * Extra HTTP: with ``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`` only ``POST
   /v1/messages?beta=true`` (one per turn); without it also ``HEAD /api/hello`` at start.
-* Stdout noise: ``system/ui_invalidate`` at start, ``system/init`` before every turn,
-  ``assistant`` messages, then ``result``. Closing stdin makes the CLI exit 0 within ~30 ms.
+* Stdout: ``system/ui_invalidate`` at start, ``system/init`` before every turn (with
+  ``session_id``), ``assistant`` messages, sometimes ``system/status``, then ``result``;
+  unknown lines are logged at debug. A ``control_request`` from the CLI (none expected) is
+  answered with an error so it never blocks. Closing stdin makes the CLI exit 0 within ~30 ms.
 """
 
 from __future__ import annotations
@@ -152,9 +170,10 @@ class TurnResult:
     is_error: bool  # result.is_error (API errors arrive with subtype "success")
     error: str | None  # human text when is_error
     session_id: str
-    total_cost_usd: float  # cumulative for this CLI process (resets when reopened)
+    total_cost_usd: float  # as reported: cumulative for the CONVERSATION, restored on --resume
     usage: Mapping[str, int]  # this turn: input_tokens, output_tokens, cache_*
     duration_ms: int
+    turn_cost_usd: float = 0.0  # this turn only (compaction included); use this for accounting
 
 
 class ClaudeError(Exception):
@@ -263,6 +282,18 @@ def _int_usage(raw: Any) -> dict[str, int]:
     return {k: int(v) for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
+def _turn_cost(raw: Any) -> float | None:
+    """Sum of ``costUSD`` in the result's ``model_usage_since_last_result``."""
+    if not isinstance(raw, Mapping):
+        return None
+    total = 0.0
+    for usage in raw.values():
+        cost = usage.get("costUSD") if isinstance(usage, Mapping) else None
+        if isinstance(cost, int | float):
+            total += float(cost)
+    return total
+
+
 def _check_and_prepare(
     settings: ClaudeSettings, workdir: Path, config_dir: Path, resume_session_id: str | None
 ) -> None:
@@ -296,6 +327,8 @@ class ClaudeSession:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
         self._lock = asyncio.Lock()
+        self._last_total_cost = 0.0
+        self._group_gone = False
         self._dead = False  # killed by us or seen exiting
         self._closing = False
         self._reader = asyncio.create_task(self._read_stdout(), name=f"claude-out-{proc.pid}")
@@ -384,7 +417,7 @@ class ClaudeSession:
             }
             try:
                 return await asyncio.wait_for(
-                    self._run_turn(json.dumps(line, ensure_ascii=False) + "\n"),
+                    self._run_turn(json.dumps(line) + "\n"),
                     timeout=self._settings.turn_timeout,
                 )
             except TimeoutError:
@@ -422,6 +455,8 @@ class ClaudeSession:
                 proc.stdin.close()
             with contextlib.suppress(OSError, RuntimeError, ConnectionError):
                 await proc.stdin.wait_closed()
+        if proc.returncode is not None:
+            self._group_gone = True  # swept with SIGKILL above; never signal this number again
         log.debug("claude.closed", pid=proc.pid, returncode=proc.returncode)
 
     # ---- internals ----------------------------------------------------------------------
@@ -536,19 +571,25 @@ class ClaudeSession:
             )
             error = error or f"Claude turn failed ({item.get('subtype')})"
         cost = item.get("total_cost_usd")
+        total = float(cost) if isinstance(cost, int | float) else 0.0
+        turn_cost = _turn_cost(item.get("model_usage_since_last_result"))
+        if turn_cost is None:  # older CLI: difference to the last total this process reported
+            turn_cost = max(0.0, total - self._last_total_cost)
+        self._last_total_cost = total
         duration = item.get("duration_ms")
         return TurnResult(
             text=text,
             is_error=is_error,
             error=error,
             session_id=self._session_id or "",
-            total_cost_usd=float(cost) if isinstance(cost, int | float) else 0.0,
+            total_cost_usd=total,
             usage=_int_usage(item.get("usage")),
             duration_ms=(
                 int(duration)
                 if isinstance(duration, int | float)
                 else round((time.monotonic() - started) * 1000)
             ),
+            turn_cost_usd=turn_cost,
         )
 
     def _note(self, item: Mapping[str, Any]) -> None:
@@ -660,8 +701,18 @@ class ClaudeSession:
             await asyncio.wait_for(asyncio.shield(self._err_reader), timeout=0.5)
 
     def _signal_group(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)  # pgid == pid (start_new_session)
+        # pgid == pid (start_new_session). Linux does not reuse a pid while it names a live
+        # group, but once our group is empty and the leader reaped, the number is free: stop
+        # signalling it then, so we can never hit another chat's new process group.
+        if self._group_gone:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            if self._proc.returncode is not None:
+                self._group_gone = True
+        except PermissionError:
+            pass
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(sig)

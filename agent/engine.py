@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent import shaping
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, TurnResult
 from agent.store import PendingInbound, PendingReply, Store
@@ -87,7 +89,6 @@ class ClaudePool:
         self._store = store
         self._live: dict[str, tuple[ClaudeSession, float]] = {}
         self._busy: set[str] = set()
-        self._cost_seen: dict[str, float] = {}
         self._cond = asyncio.Condition()
 
     @property
@@ -140,15 +141,8 @@ class ClaudePool:
             self._store.set_session(chat_id, None)
             session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=None)
-        self._cost_seen[chat_id] = 0.0
         log.info("claude.started", chat_id=chat_id, pid=session.pid, resumed=bool(resume))
         return session
-
-    def cost_delta(self, chat_id: str, result: TurnResult) -> float:
-        """``total_cost_usd`` is cumulative per CLI process; a new process starts at 0."""
-        before = self._cost_seen.get(chat_id, 0.0)
-        self._cost_seen[chat_id] = result.total_cost_usd
-        return max(0.0, result.total_cost_usd - before)
 
     async def release(self, chat_id: str) -> None:
         async with self._cond:
@@ -226,7 +220,7 @@ class Engine:
         self._outbox_wake.set()
 
     async def _chat_loop(self, chat_id: str) -> None:
-        with logs.structlog.contextvars.bound_contextvars(chat_id=chat_id):
+        with structlog.contextvars.bound_contextvars(chat_id=chat_id):
             while self.accepting:
                 if self._conv.debounce > 0:
                     await asyncio.sleep(self._conv.debounce)
@@ -252,7 +246,9 @@ class Engine:
             with contextlib.suppress(Exception):
                 await self._backend.set_typing(chat_id, False)
         replies = shaping.split(shaping.to_whatsapp(text), self._conv.reply_limit)
-        cost = self._pool.cost_delta(chat_id, result) if result else 0.0
+        # total_cost_usd is cumulative per conversation (restored on --resume): count the
+        # per-turn figure instead, so restarts and resumes never double-count.
+        cost = result.turn_cost_usd if result else 0.0
         usage = result.usage if result else {}
         queued = self._store.complete_turn(
             chat_id, [i.id for i in batch], replies, payload_of(last),

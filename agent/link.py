@@ -23,10 +23,11 @@ from wabridge.errors import ProtocolError
 log = logs.get("agent.link")
 
 LATEST_WINS = frozenset({"state", "qr", "metrics", "pairing_code"})
+ACK_TIMEOUT = 10.0
 
 
 class ControllerLink:
-    def __init__(
+    def __init__(  # noqa: PLR0917 - collaborators, as for adapters
         self,
         socket_path: str,
         user_id: str,
@@ -56,7 +57,8 @@ class ControllerLink:
             try:
                 await self._session(stop)
                 delay = 0.1
-            except (OSError, EOFError, ProtocolError, asyncio.IncompleteReadError) as exc:
+            except (OSError, EOFError, ProtocolError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError) as exc:
                 if self.connected or self.last_error != str(exc):
                     log.warning("controller.link_down", error=str(exc))
                 self.last_error = str(exc)
@@ -84,8 +86,10 @@ class ControllerLink:
             receiver = asyncio.create_task(self._receive(reader))
             try:
                 while not stop.is_set() and not receiver.done():
-                    await self._flush(writer)
+                    # Clear before flushing: a report queued while the flush awaits sets the
+                    # event again and is sent on the next round, not left until another one.
                     self._wake.clear()
+                    await self._flush(writer, lambda: stop.is_set() or receiver.done())
                     waiter = asyncio.create_task(self._wake.wait())
                     stopper = asyncio.create_task(stop.wait())
                     await asyncio.wait(
@@ -104,7 +108,7 @@ class ControllerLink:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _flush(self, writer: asyncio.StreamWriter) -> None:
+    async def _flush(self, writer: asyncio.StreamWriter, gone: Callable[[], bool]) -> None:
         frames = self._store.unacked_frames()
         newest: dict[str, int] = {}
         kinds: dict[int, str] = {}
@@ -126,17 +130,20 @@ class ControllerLink:
             await writer.drain()
             # Wait for acks before resending: the receiver deletes acked frames. Frames are
             # re-sent only after a reconnect, so the controller never sees a flood.
-            await self._acks_settled(frames[-1][0])
+            await self._acks_settled(frames[-1][0], gone)
 
-    async def _acks_settled(self, last_seq: int, timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            pending = self._store.unacked_frames()
-            if not pending or pending[0][0] > last_seq:
-                return
-            await asyncio.sleep(0.02)
-        raise ProtocolError("controller did not ack within 10 s")
+    async def _acks_settled(self, last_seq: int, gone: Callable[[], bool]) -> None:
+        """Wait until every frame up to ``last_seq`` is acked, the link is gone (the caller
+        then reconnects and re-sends), or ``ACK_TIMEOUT`` passes."""
+        try:
+            async with asyncio.timeout(ACK_TIMEOUT):
+                while True:
+                    pending = self._store.unacked_frames()
+                    if not pending or pending[0][0] > last_seq or gone():
+                        return
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise ProtocolError(f"controller did not ack within {ACK_TIMEOUT:g} s") from None
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         while True:

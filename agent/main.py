@@ -46,7 +46,7 @@ def default_cli_path() -> Path:
 
 def claude_settings(cfg: config.Config) -> ClaudeSettings:
     env: dict[str, str] = {"CLAUDE_CODE_MAX_RETRIES": str(cfg.claude.max_retries)}
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return ClaudeSettings(
@@ -300,6 +300,13 @@ async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:
     worker = Worker(user_id, cfg, state_dir, store)
     code = await worker.run()
     store.close()
+    if getattr(worker.backend, "stopped_cleanly", True) is False:
+        # neonize's Go side is stuck (a hung dial): its thread would keep the interpreter
+        # alive past TimeoutStopSec and systemd's SIGKILL would hide our exit code, which
+        # RestartPreventExitStatus= depends on. Everything durable is committed by now.
+        log.warning("worker.forced_exit", exit_code=int(code))
+        sys.stderr.flush()
+        os._exit(int(code))
     return int(code)
 
 

@@ -11,6 +11,14 @@ Invariants the conversation engine relies on:
 - Frames for the controller are queued here first (``link_outbox``) and deleted only when the
   controller acks them, so a controller outage or a worker restart loses no report.
 
+- Messages the policy does not answer are kept, marked ``skipped`` with a ``reason``.
+- Command replies and notices (budget, slow down) go through the same outbox, committed with
+  marking their message done/skipped, so they are exactly-once like replies. A notice keyed
+  ``(chat, kind, day)`` is queued at most once (``notices``).
+- Each Claude turn's cost is logged per UTC day (``usage_log``) for the daily budget.
+- Conversation summaries are versioned per chat (``summaries``); a rotation stores one and
+  forgets the session id in the same transaction.
+
 Pragmas: WAL, ``synchronous=NORMAL``, ``busy_timeout``; read-then-write uses
 ``BEGIN IMMEDIATE``. Migrations are registered steps, each in its own transaction; a schema
 newer than the code is refused.
@@ -23,11 +31,11 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from wabridge.errors import WabridgeError
 
@@ -40,9 +48,21 @@ def migration(fn: Migration) -> Migration:
     return fn
 
 
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated DDL inside the caller's transaction.
+
+    Not ``executescript``: it COMMITs a pending transaction first, so a migration would not be
+    atomic and ``Store._tx`` would then fail with "cannot commit - no transaction is active".
+    """
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 @migration
 def _v1(db: sqlite3.Connection) -> None:
-    db.executescript(
+    _run_script(
+        db,
         """
         CREATE TABLE inbox (
             id INTEGER PRIMARY KEY,
@@ -84,6 +104,50 @@ def _v1(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def _v2(db: sqlite3.Connection) -> None:
+    """Policy, commands, budgets and context rotation (issue 5)."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE inbox ADD COLUMN reason TEXT;          -- why skipped, or 'command'
+        ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'reply';  -- reply|command|notice
+        ALTER TABLE chats ADD COLUMN session_turns INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE chats ADD COLUMN context_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE chats ADD COLUMN seed TEXT;            -- NULL | 'summary' | 'recovery'
+        ALTER TABLE chats ADD COLUMN reset_at REAL NOT NULL DEFAULT 0;
+        CREATE TABLE summaries (
+            chat_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            archived INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (chat_id, version)
+        );
+        CREATE TABLE usage_log (
+            id INTEGER PRIMARY KEY,
+            chat_id TEXT NOT NULL,
+            day TEXT NOT NULL,                        -- UTC YYYY-MM-DD
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,                       -- turn | summary
+            cost_usd REAL NOT NULL
+        );
+        CREATE INDEX usage_log_day ON usage_log (day);
+        CREATE TABLE notices (
+            chat_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            day TEXT NOT NULL,
+            PRIMARY KEY (chat_id, kind, day)
+        );
+        CREATE INDEX inbox_chat_done ON inbox (chat_id, state, received_at);
+        CREATE INDEX outbox_chat ON outbox (chat_id, created_at)
+        """
+    )
+
+
+Seed = Literal["summary", "recovery"]
+
+
 class SchemaTooNew(WabridgeError):
     code = "schema_too_new"
 
@@ -95,6 +159,7 @@ class PendingInbound:
     sender: str
     wa_id: str
     payload: dict[str, Any]
+    received_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +179,27 @@ class ChatRow:
     cost_usd: float
     input_tokens: int
     output_tokens: int
+    session_turns: int = 0  # turns of the current session (since the last rotation/reset)
+    context_tokens: int = 0  # input + cache tokens of the last turn
+    seed: Seed | None = None  # what a fresh session must be seeded with
+    reset_at: float = 0.0  # last /reset (epoch): recovery never reaches back before it
+
+
+@dataclass(frozen=True)
+class Summary:
+    chat_id: str
+    version: int
+    text: str
+    created_at: float
+    archived: bool
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    role: Literal["user", "assistant"]
+    payload: dict[str, Any] | None  # inbound message payload (user)
+    text: str  # reply text (assistant) or the inbound text
+    at: float
 
 
 class Store:
@@ -149,18 +235,24 @@ class Store:
     def _migrate(self) -> None:
         db = self._conn()
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = db.execute("SELECT version FROM schema_version").fetchone()
-        current = row[0] if row else 0
-        if current > len(MIGRATIONS):
-            raise SchemaTooNew(
-                f"{self.path} has schema version {current}, this wabridge knows {len(MIGRATIONS)}",
-                explanation="a newer wabridge wrote this state; upgrade instead of downgrading",
-            )
-        for version in range(current + 1, len(MIGRATIONS) + 1):
+        while True:
+            # The version is read inside the write transaction, so two processes opening a
+            # fresh file at once cannot both run the same step.
             with self._tx() as tx:
-                MIGRATIONS[version - 1](tx)
+                row = tx.execute("SELECT version FROM schema_version").fetchone()
+                current = row[0] if row else 0
+                if current > len(MIGRATIONS):
+                    raise SchemaTooNew(
+                        f"{self.path} has schema version {current}, "
+                        f"this wabridge knows {len(MIGRATIONS)}",
+                        explanation="a newer wabridge wrote this state; upgrade instead of "
+                        "downgrading",
+                    )
+                if current == len(MIGRATIONS):
+                    return
+                MIGRATIONS[current](tx)
                 tx.execute("DELETE FROM schema_version")
-                tx.execute("INSERT INTO schema_version VALUES (?)", (version,))
+                tx.execute("INSERT INTO schema_version VALUES (?)", (current + 1,))
 
     def close(self) -> None:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -180,63 +272,136 @@ class Store:
 
     def pending_chats(self) -> list[str]:
         rows = self._conn().execute(
-            "SELECT DISTINCT chat_id FROM inbox WHERE state = 'pending' ORDER BY id"
+            "SELECT chat_id FROM inbox WHERE state = 'pending' GROUP BY chat_id ORDER BY MIN(id)"
         ).fetchall()
         return [r[0] for r in rows]
 
     def pending_inbound(self, chat_id: str, limit: int = 20) -> list[PendingInbound]:
         rows = self._conn().execute(
-            "SELECT id, chat_id, sender, wa_id, payload FROM inbox "
+            "SELECT id, chat_id, sender, wa_id, payload, received_at FROM inbox "
             "WHERE state = 'pending' AND chat_id = ? ORDER BY id LIMIT ?",
             (chat_id, limit),
         ).fetchall()
         return [
-            PendingInbound(r["id"], r["chat_id"], r["sender"], r["wa_id"], json.loads(r["payload"]))
+            PendingInbound(r["id"], r["chat_id"], r["sender"], r["wa_id"],
+                           json.loads(r["payload"]), r["received_at"])
             for r in rows
         ]
 
-    def skip_inbound(self, ids: list[int]) -> None:
+    def skip_inbound(self, ids: list[int], reason: str = "") -> None:
+        """Mark messages that are not answered; they stay in the store (never lost)."""
         with self._tx() as tx:
-            tx.executemany("UPDATE inbox SET state = 'skipped' WHERE id = ?", [(i,) for i in ids])
+            tx.executemany("UPDATE inbox SET state = 'skipped', reason = ? WHERE id = ?",
+                           [(reason or None, i) for i in ids])
+
+    def inbound_state(self, chat_id: str, wa_id: str) -> tuple[str, str | None] | None:
+        """``(state, reason)`` of a stored inbound message (diagnostics and tests)."""
+        r = self._conn().execute(
+            "SELECT state, reason FROM inbox WHERE chat_id = ? AND wa_id = ? ORDER BY id LIMIT 1",
+            (chat_id, wa_id),
+        ).fetchone()
+        return None if r is None else (str(r[0]), r[1])
+
+    def is_own_reply(self, wa_id: str) -> bool:
+        """Whether ``wa_id`` is a message this worker sent (an echo of it is not a question)."""
+        return self._conn().execute(
+            "SELECT 1 FROM outbox WHERE wa_id = ?", (wa_id,)
+        ).fetchone() is not None
 
     def complete_turn(
         self,
         chat_id: str,
         inbound_ids: list[int],
-        replies: list[str],
+        replies: Iterable[str],
         quote: dict[str, Any] | None,
         *,
         session_id: str | None = None,
         cost_delta: float = 0.0,
         input_tokens: int = 0,
         output_tokens: int = 0,
+        context_tokens: int | None = None,
+        day: str | None = None,
     ) -> list[PendingReply]:
-        """Atomically: mark the turn's inbound messages done and queue its replies."""
-        out: list[PendingReply] = []
+        """Atomically: mark the turn's inbound messages done and queue its replies.
+
+        With ``session_id`` the chat's session becomes that one: its turn count goes up by one
+        (or starts at 1 for a new session) and a pending seed is cleared (the session now holds
+        it). ``context_tokens`` (when given) is the context the turn used; ``day`` (UTC) logs
+        ``cost_delta`` for the daily budget.
+        """
         now = time.time()
         with self._tx() as tx:
-            tx.executemany("UPDATE inbox SET state = 'done' WHERE id = ?", [(i,) for i in inbound_ids])
-            for idx, text in enumerate(replies):
-                wa_id = "3EB0" + secrets.token_hex(8).upper()
-                q = quote if idx == 0 else None
-                cur = tx.execute(
-                    "INSERT INTO outbox (chat_id, wa_id, text, quote, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (chat_id, wa_id, text, json.dumps(q) if q else None, now),
-                )
-                out.append(PendingReply(int(cur.lastrowid or 0), chat_id, wa_id, text, q))
-            tx.execute(
-                "INSERT INTO chats (chat_id, session_id, turns, cost_usd, input_tokens, "
-                "output_tokens, last_activity) VALUES (?, ?, 1, ?, ?, ?, ?) "
-                "ON CONFLICT (chat_id) DO UPDATE SET "
-                "session_id = COALESCE(excluded.session_id, chats.session_id), "
-                "turns = chats.turns + 1, cost_usd = chats.cost_usd + excluded.cost_usd, "
-                "input_tokens = chats.input_tokens + excluded.input_tokens, "
-                "output_tokens = chats.output_tokens + excluded.output_tokens, "
-                "last_activity = excluded.last_activity",
-                (chat_id, session_id, cost_delta, input_tokens, output_tokens, now),
+            tx.executemany(
+                "UPDATE inbox SET state = 'done' WHERE id = ?", [(i,) for i in inbound_ids]
             )
+            out = self._queue(tx, chat_id, replies, quote, "reply", now)
+            tx.execute("INSERT OR IGNORE INTO chats (chat_id) VALUES (?)", (chat_id,))
+            tx.execute(
+                "UPDATE chats SET "
+                "session_turns = CASE WHEN ?1 IS NULL THEN session_turns "
+                "  WHEN session_id IS ?1 THEN session_turns + 1 ELSE 1 END, "
+                "seed = CASE WHEN ?1 IS NULL THEN seed ELSE NULL END, "
+                "session_id = COALESCE(?1, session_id), "
+                "turns = turns + 1, cost_usd = cost_usd + ?2, "
+                "input_tokens = input_tokens + ?3, output_tokens = output_tokens + ?4, "
+                "context_tokens = COALESCE(?5, context_tokens), last_activity = ?6 "
+                "WHERE chat_id = ?7",
+                (session_id, cost_delta, input_tokens, output_tokens, context_tokens, now,
+                 chat_id),
+            )
+            if day is not None:
+                tx.execute(
+                    "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
+                    "VALUES (?, ?, ?, 'turn', ?)", (chat_id, day, now, cost_delta),
+                )
         return out
+
+    @staticmethod
+    def _queue(tx: sqlite3.Connection, chat_id: str, replies: Iterable[str],
+               quote: dict[str, Any] | None, kind: str, now: float) -> list[PendingReply]:
+        out: list[PendingReply] = []
+        for idx, text in enumerate(replies):
+            wa_id = "3EB0" + secrets.token_hex(8).upper()
+            q = quote if idx == 0 else None
+            cur = tx.execute(
+                "INSERT INTO outbox (chat_id, wa_id, text, quote, created_at, kind) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (chat_id, wa_id, text, json.dumps(q) if q else None, now, kind),
+            )
+            out.append(PendingReply(int(cur.lastrowid or 0), chat_id, wa_id, text, q))
+        return out
+
+    def answer_locally(self, chat_id: str, inbound_ids: list[int], replies: list[str],
+                       quote: dict[str, Any] | None, *, reason: str = "command"
+                       ) -> list[PendingReply]:
+        """Atomically mark messages done (``reason``, e.g. ``command``) and queue the replies
+        the worker itself wrote (no Claude turn, no turn counted)."""
+        now = time.time()
+        with self._tx() as tx:
+            tx.executemany("UPDATE inbox SET state = 'done', reason = ? WHERE id = ?",
+                           [(reason, i) for i in inbound_ids])
+            return self._queue(tx, chat_id, replies, quote, "command", now)
+
+    def skip_with_notice(self, chat_id: str, inbound_ids: list[int], reason: str,
+                         notice: str | None, *, quote: dict[str, Any] | None = None,
+                         once_key: tuple[str, str] | None = None) -> list[PendingReply]:
+        """Atomically mark messages skipped and queue ``notice`` (if any).
+
+        With ``once_key = (kind, day)`` the notice is queued only the first time that key is
+        seen for this chat (e.g. one "daily budget reached" per chat per day).
+        """
+        now = time.time()
+        with self._tx() as tx:
+            tx.executemany("UPDATE inbox SET state = 'skipped', reason = ? WHERE id = ?",
+                           [(reason, i) for i in inbound_ids])
+            if notice is None:
+                return []
+            if once_key is not None:
+                cur = tx.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?)",
+                                 (chat_id, once_key[0], once_key[1]))
+                if cur.rowcount != 1:
+                    return []
+            return self._queue(tx, chat_id, [notice], quote, "notice", now)
 
     # --- outbox ------------------------------------------------------------------------
     def pending_replies(self) -> list[PendingReply]:
@@ -263,15 +428,106 @@ class Store:
             return None
         return ChatRow(
             r["chat_id"], r["session_id"], r["turns"], r["cost_usd"], r["input_tokens"],
-            r["output_tokens"],
+            r["output_tokens"], r["session_turns"], r["context_tokens"], r["seed"],
+            r["reset_at"],
         )
 
-    def set_session(self, chat_id: str, session_id: str | None) -> None:
+    def set_session(self, chat_id: str, session_id: str | None, *,
+                    seed: Seed | None = None) -> None:
+        """Set (or forget, with None) the chat's session; forgetting it with ``seed`` says what
+        the next fresh session must be seeded with."""
         self._conn().execute(
-            "INSERT INTO chats (chat_id, session_id) VALUES (?, ?) "
-            "ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id",
-            (chat_id, session_id),
+            "INSERT INTO chats (chat_id, session_id, seed) VALUES (?, ?, ?) "
+            "ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id, "
+            "seed = COALESCE(excluded.seed, chats.seed)",
+            (chat_id, session_id, seed),
         )
+
+    def reset_chat(self, chat_id: str) -> None:
+        """``/reset``: forget the session, archive the summaries, start counting afresh."""
+        now = time.time()
+        with self._tx() as tx:
+            tx.execute(
+                "INSERT INTO chats (chat_id, reset_at) VALUES (?, ?) ON CONFLICT (chat_id) DO "
+                "UPDATE SET session_id = NULL, seed = NULL, session_turns = 0, "
+                "context_tokens = 0, reset_at = excluded.reset_at",
+                (chat_id, now),
+            )
+            tx.execute("UPDATE summaries SET archived = 1 WHERE chat_id = ?", (chat_id,))
+
+    # --- summaries (context rotation) ---------------------------------------------------
+    def rotate(self, chat_id: str, summary: str | None, *, cost_delta: float = 0.0,
+               day: str | None = None) -> int | None:
+        """Atomically end the chat's session: store ``summary`` as its next version (seed
+        ``summary``), or without one seed ``recovery``; forget the session id; log the
+        summary turn's cost. Returns the new version, or None without a summary."""
+        now = time.time()
+        version: int | None = None
+        with self._tx() as tx:
+            if summary is not None:
+                row = tx.execute("SELECT COALESCE(MAX(version), 0) FROM summaries "
+                                 "WHERE chat_id = ?", (chat_id,)).fetchone()
+                version = int(row[0]) + 1
+                tx.execute("INSERT INTO summaries (chat_id, version, text, created_at) "
+                           "VALUES (?, ?, ?, ?)", (chat_id, version, summary, now))
+            tx.execute(
+                "INSERT INTO chats (chat_id) VALUES (?) ON CONFLICT (chat_id) DO NOTHING",
+                (chat_id,),
+            )
+            tx.execute(
+                "UPDATE chats SET session_id = NULL, session_turns = 0, context_tokens = 0, "
+                "seed = ?, cost_usd = cost_usd + ? WHERE chat_id = ?",
+                ("summary" if summary is not None else "recovery", cost_delta, chat_id),
+            )
+            if day is not None and cost_delta:
+                tx.execute(
+                    "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
+                    "VALUES (?, ?, ?, 'summary', ?)", (chat_id, day, now, cost_delta),
+                )
+        return version
+
+    def summaries(self, chat_id: str) -> list[Summary]:
+        rows = self._conn().execute(
+            "SELECT chat_id, version, text, created_at, archived FROM summaries "
+            "WHERE chat_id = ? ORDER BY version", (chat_id,),
+        ).fetchall()
+        return [Summary(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def latest_summary(self, chat_id: str) -> Summary | None:
+        """The newest summary not archived by ``/reset``."""
+        live = [s for s in self.summaries(chat_id) if not s.archived]
+        return live[-1] if live else None
+
+    def history(self, chat_id: str, limit: int, since: float = 0.0) -> list[HistoryItem]:
+        """The last ``limit`` answered inbound messages and Claude replies of the chat after
+        ``since`` (epoch), oldest first. Skipped messages, commands and notices are left out."""
+        if limit <= 0:
+            return []
+        rows = self._conn().execute(
+            "SELECT role, payload, text, at FROM ("
+            " SELECT 'user' AS role, payload, NULL AS text, received_at AS at, id AS n, 0 AS o"
+            " FROM inbox WHERE chat_id = ?1 AND state = 'done' AND reason IS NULL"
+            " AND received_at > ?2"
+            " UNION ALL"
+            " SELECT 'assistant', NULL, text, created_at, id, 1 FROM outbox"
+            " WHERE chat_id = ?1 AND kind = 'reply' AND created_at > ?2"
+            ") ORDER BY at DESC, o DESC, n DESC LIMIT ?3",
+            (chat_id, since, limit),
+        ).fetchall()
+        out = []
+        for r in reversed(rows):
+            payload = json.loads(r[1]) if r[1] is not None else None
+            text = str(payload.get("text", "")) if payload is not None else str(r[2])
+            out.append(HistoryItem(r[0], payload, text, float(r[3])))
+        return out
+
+    # --- daily budget -------------------------------------------------------------------
+    def cost_on(self, day: str) -> float:
+        """The user's Claude spend on a UTC day (all chats, summaries included)."""
+        r = self._conn().execute(
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM usage_log WHERE day = ?", (day,)
+        ).fetchone()
+        return float(r[0])
 
     def chat_count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM chats").fetchone()[0])

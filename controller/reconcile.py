@@ -106,7 +106,7 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
                 Start(uid, reset_failed=True, restart=running)]
     if status is DocStatus.PAIRING_REQUESTED:
         phone = doc.pairing_phone or ""
-        if not (phone.isdigit() and 8 <= len(phone) <= 15):
+        if not (phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15):
             return [SetError(uid, "bad_pairing_phone",
                              f"pairingPhone {phone!r} must be digits with country code "
                              "(8-15 digits, no '+')"),
@@ -160,7 +160,8 @@ def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Actio
     if unit.active_state == "failed" and status in RUNNING_STATUSES:
         actions.append(Update(user_id, {"status": DocStatus.CRASHED.value}))
         actions.append(SetError(user_id, "crashed", f"worker {crash_reason(unit)}"))
-    elif unit.active_state == "inactive" and not unit.running:
+    elif unit.active_state in ("inactive", "failed"):
+        # "failed" here: a stop that ended badly (TimeoutStopSec=, SIGKILL); still stopped.
         terminal = None
         if unit.exec_main_code == CLD_EXITED and unit.exec_main_status in NO_RESTART_EXIT_CODES:
             terminal = _TERMINAL_FROM_EXIT.get(ExitCode(unit.exec_main_status))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import struct
@@ -36,6 +37,25 @@ def peer_pid(writer: asyncio.StreamWriter) -> int:
     return int(pid)
 
 
+def _clear_socket_path(socket_path: str) -> Path:
+    path = Path(socket_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return path
+
+
+def _seq_of(line: bytes) -> int | None:
+    """The ``seq`` of a frame we could not decode, if it has a plain one, so the worker can
+    drop it instead of re-sending it forever (e.g. a newer worker's frame type)."""
+    try:
+        raw = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    seq = raw.get("seq") if isinstance(raw, dict) else None
+    return seq if type(seq) is int else None
+
+
 class WorkerServer:
     def __init__(self, path: str, unit_for_pid: UnitForPid, on_frame: FrameHandler,
                  settings_for: SettingsFor) -> None:
@@ -47,10 +67,7 @@ class WorkerServer:
         self.connections: dict[str, asyncio.StreamWriter] = {}
 
     async def start(self) -> None:
-        path = Path(self._path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path = _clear_socket_path(self._path)
         self._server = await asyncio.start_unix_server(self._serve, path=str(path),
                                                        limit=protocol.MAX_FRAME)
         # Workers run as per-user dynamic UIDs: anyone may connect, identity comes from
@@ -85,7 +102,7 @@ class WorkerServer:
             owner = await self._identify(writer)
             first = protocol.decode(await reader.readuntil(b"\n"))
             if not isinstance(first, protocol.Hello):
-                raise ProtocolError(f"expected hello, got {first.TYPE}")
+                raise ProtocolError(f"expected hello, got {first.TYPE}")  # noqa: TRY301
             if owner is None or owner != first.user_id:
                 log.warning("link.refused", claimed=first.user_id, unit_user=owner)
                 writer.write(protocol.encode(protocol.Error(
@@ -109,9 +126,9 @@ class WorkerServer:
             with contextlib.suppress(Exception):
                 writer.write(protocol.encode(protocol.Error(code=exc.code, message=str(exc))))
                 await writer.drain()
-        except Exception as exc:  # noqa: BLE001 - a failed write must not kill the server
+        except Exception as exc:  # a failed write must not kill the server
             # No ack was sent for the frame in hand: the worker keeps it and re-sends it.
-            log.error("link.handler_failed", user_id=user_id, error=repr(exc))
+            log.exception("link.handler_failed", user_id=user_id, error=repr(exc))
         finally:
             if user_id is not None and self.connections.get(user_id) is writer:
                 del self.connections[user_id]
@@ -131,7 +148,8 @@ class WorkerServer:
                 frame = protocol.decode(line)
             except ProtocolError as exc:
                 log.warning("link.bad_frame", user_id=user_id, error=str(exc))
-                writer.write(protocol.encode(protocol.Error(code=exc.code, message=str(exc))))
+                writer.write(protocol.encode(
+                    protocol.Error(code=exc.code, message=str(exc), seq=_seq_of(line))))
                 await writer.drain()
                 continue
             if not isinstance(frame, protocol.State | protocol.Qr | protocol.PairingCode

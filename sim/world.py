@@ -226,6 +226,9 @@ class World:
         self._dead_codes: OrderedDict[str, str] = OrderedDict()  # QR/pairing code -> why
         self._next_conn = 1
         self.version = 0  # bumped on every change worth persisting
+        # ids the devices chose for their sends: WhatsApp treats a resend of the same id as
+        # the same message, which is what makes a worker's retry after a crash harmless.
+        self.sent_ids: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -433,6 +436,11 @@ class World:
             return fail(f"text: longer than {MAX_TEXT} characters")
         if quote_id is not None and not isinstance(quote_id, str):
             return fail("quote_id: must be a string or null")
+        chosen = frame.get("id")
+        if chosen is not None and (not isinstance(chosen, str) or not 0 < len(chosen) <= 64):
+            return fail("id: must be a string of 1 to 64 characters or null")
+        if chosen is not None and (device.phone, chosen) in self.sent_ids:
+            return [Send(conn.id, {"type": "sent", "req": req, "id": chosen, "duplicate": True})]
         recipients: list[Contact]
         group: Group | None = None
         if to.endswith(USER_SUFFIX):
@@ -447,7 +455,8 @@ class World:
             recipients = [self.contacts[p] for p in group.members if p in self.contacts]
         else:
             return fail(f"unknown chat {to}")
-        msg_id = self._new_msg_id()
+        msg_id = chosen or self._new_msg_id()
+        self.sent_ids.add((device.phone, msg_id))
         entry = {
             "id": msg_id,
             "from": device.phone,

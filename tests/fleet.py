@@ -125,6 +125,8 @@ class Sim:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def wrapper(module: str) -> str:
@@ -155,6 +157,7 @@ class Fleet:
         self.project = f"demo-{secrets.token_hex(4)}"
         self.emulator_host = emulator_host
         self.api = FakeAnthropicAPI()
+        self.api.start()
         self.sim = Sim(qr_rotate=qr_rotate)
         firebase = (
             (f'[firebase]\nemulator_host = "{emulator_host}"\nproject_id = "{self.project}"\n')
@@ -286,7 +289,10 @@ class Fleet:
         return last
 
     def messages(self, user: str) -> list[dict[str, Any]]:
-        docs = self.db.collection("messages").where("userId", "==", user).stream()
+        from google.cloud.firestore_v1.base_query import FieldFilter  # noqa: PLC0415
+
+        docs = self.db.collection("messages").where(
+            filter=FieldFilter("userId", "==", user)).stream()
         return sorted((d.to_dict() for d in docs), key=lambda m: m.get("ts", 0))
 
     # --- a linked account ----------------------------------------------------------------

@@ -17,23 +17,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from fakes.anthropic_api import (  # tests/ is on sys.path (no tests/__init__.py)
+    FakeAnthropicAPI,
+    RecordedRequest,
+    Reply,
+    default_responder,
+)
 
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, build_command
-
-try:
-    from tests.fakes.anthropic_api import (
-        FakeAnthropicAPI,
-        RecordedRequest,
-        Reply,
-        default_responder,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from fakes.anthropic_api import (  # type: ignore[no-redef]
-        FakeAnthropicAPI,
-        RecordedRequest,
-        Reply,
-        default_responder,
-    )
 
 pytestmark = [pytest.mark.claude, pytest.mark.timeout(60)]
 
@@ -149,8 +140,8 @@ async def opener(
 async def test_turn_returns_echo(api: FakeAnthropicAPI, opener: Callable[..., Any]) -> None:
     session = await opener()
     assert session.alive and session.pid
-    result = await session.turn("hello there")
-    assert result.text == "echo: hello there"
+    result = await session.turn("hello there \U0001f44b ção \u2028 ok")
+    assert result.text == "echo: hello there \U0001f44b ção \u2028 ok"
     assert not result.is_error and result.error is None
     assert result.session_id and result.session_id == session.session_id
     assert result.usage["input_tokens"] > 0 and result.usage["output_tokens"] > 0
@@ -193,7 +184,8 @@ async def test_second_turn_carries_first_exchange(
     second = await session.turn("what is my name?")
     assert second.text == "echo: what is my name?"
     assert second.session_id == first.session_id
-    assert second.total_cost_usd > first.total_cost_usd  # cumulative per process
+    assert second.total_cost_usd == pytest.approx(first.total_cost_usd + second.turn_cost_usd)
+    assert first.turn_cost_usd == pytest.approx(first.total_cost_usd) and first.turn_cost_usd > 0
     last = api.message_requests()[-1]
     roles_texts = [(m["role"], json.dumps(m["content"])) for m in _messages(last)]
     assert [r for r, _ in roles_texts] == ["user", "assistant", "user"]
@@ -224,6 +216,9 @@ async def test_resume_after_close_keeps_context(
     assert "the code word is PELICAN" in texts
     assert "echo: the code word is PELICAN" in texts
     assert resume_s < 10
+    # total_cost_usd continues across the restart; turn_cost_usd is this turn's alone
+    assert result.total_cost_usd == pytest.approx(first.total_cost_usd + result.turn_cost_usd)
+    assert 0 < result.turn_cost_usd < result.total_cost_usd
 
 
 @requires_cli
@@ -240,15 +235,17 @@ async def test_resume_unknown_session_fails_cleanly(opener: Callable[..., Any]) 
 
 
 def _claude_children() -> list[int]:
+    """Live children of this test process that run the bundled CLI."""
     me = os.getpid()
     kids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == me and fields[0] != "Z":
+            if int(fields[1]) == me and fields[0] != "Z" and str(CLI).encode() in cmdline:
                 kids.append(int(entry.name))
     return kids
 
@@ -316,6 +313,28 @@ async def test_hanging_api_times_out_and_kills(
     with pytest.raises(ClaudeError) as info:
         await session.turn("still there?")
     assert info.value.code == "process_exited"
+    api.release()
+
+
+@requires_cli
+@pytest.mark.asyncio
+async def test_cancelled_turn_kills_the_process(
+    api: FakeAnthropicAPI, opener: Callable[..., Any]
+) -> None:
+    session = await opener()
+    api.responder = lambda body: Reply(hang=True)
+    task = asyncio.create_task(session.turn("never answered"))
+    for _ in range(200):  # until the request is in flight
+        if api.message_requests():
+            break
+        await asyncio.sleep(0.05)
+    assert api.message_requests()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not session.alive  # its output would be out of step with the next turn
+    await session.close()
+    _assert_gone(session.pid)
     api.release()
 
 
@@ -594,6 +613,7 @@ async def test_non_json_line_is_a_protocol_error_for_that_turn(tmp_path: Path) -
     try:
         first = await session.turn("fine")
         assert (first.text, first.total_cost_usd, first.duration_ms) == ("ok fine", 0.5, 7)
+        assert first.turn_cost_usd == 0.5  # no model_usage_since_last_result: difference
         assert first.usage == {"input_tokens": 3, "output_tokens": 2}
         with pytest.raises(ClaudeError) as info:
             await session.turn("garbage")

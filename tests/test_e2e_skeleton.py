@@ -44,9 +44,11 @@ def test_request_to_answer(fleet: Fleet) -> None:
     turns = fleet.api.message_requests()
     assert any("hello" in " ".join(fleet.api.all_texts(r)) for r in turns)
 
-    status = fleet.ns.systemctl("status", "--no-pager", unit).stdout
-    assert f"connected as +{ALICE_PHONE}" in status
-    assert "1 chat" in status
+    # the STATUS= line is refreshed once a second
+    status = wait_until(
+        lambda: (out := fleet.ns.systemctl("status", "--no-pager", unit).stdout)
+        and "1 chat " in out and out, 5, "the status line to count the chat")
+    assert f"Status: \"connected as +{ALICE_PHONE} - 1 chat - " in status
     journal = fleet.ns.journalctl("--no-pager", "-o", "cat", "USER_ID=alice")
     for event in (
         "whatsapp.qr_generated",

@@ -13,6 +13,7 @@ to systemd; then it sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -21,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from controller.systemd import SystemdError, Systemd, UnitState
 from harness.systemd_ns import SystemdNamespace, available
+
+from controller.systemd import Systemd, SystemdError, UnitState
 from wabridge.units import worker_unit
 
 _REASON = available()
@@ -131,10 +132,8 @@ class Recorder:
             if left <= 0:
                 got = [(st.unit, st.active_state, st.sub_state) for _, st in self.seen[since:]]
                 raise AssertionError(f"no matching state within {timeout}s; got {got}")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event.wait(), left)
-            except TimeoutError:
-                pass
 
 
 def is_(unit: str, active: str) -> Callable[[UnitState], bool]:
@@ -150,7 +149,8 @@ async def test_start_state_subscribe_list_stop(sd, ns):
 
     # before the start: loading makes an unloaded unit answer
     st = await sd.state(unit)
-    assert (st.active_state, st.sub_state, st.main_pid, st.user_id) == ("inactive", "dead", 0, "alice")
+    assert (st.active_state, st.sub_state, st.main_pid) == ("inactive", "dead", 0)
+    assert st.user_id == "alice"
 
     mark = rec.mark()
     await sd.start(unit)
@@ -180,13 +180,19 @@ async def test_start_state_subscribe_list_stop(sd, ns):
     await asyncio.sleep(0.1)
     last = rec.states(unit, mark)[-1]
     assert last.active_state == "inactive"
-    print(f"after stop: {[(s.active_state, s.sub_state, s.load_state) for s in rec.states(unit, mark)]}")
+    after = [(s.active_state, s.sub_state, s.load_state) for s in rec.states(unit, mark)]
+    print(f"after stop: {after}")
     configure(ns, "alice", None)
 
 
 async def test_signals_are_coalesced(sd):
     unit = worker_unit("coalesce")
     rec = Recorder()
+
+    def broken(st: UnitState) -> None:
+        raise RuntimeError("a subscriber bug")
+
+    sd.subscribe(broken)  # logged; must not keep the next subscriber from its states
     sd.subscribe(rec)
     signals0 = sd.signals_received
     mark = rec.mark()
@@ -197,7 +203,8 @@ async def test_signals_are_coalesced(sd):
     start_states = rec.states(unit, mark)
     print(f"start: {start_signals} signals -> {len(start_states)} callbacks")
     assert start_signals >= 4
-    assert len(start_states) == 1, [(s.active_state, s.sub_state) for s in start_states]
+    # one callback normally; two if a slow machine spreads the burst past the quiet time
+    assert len(start_states) <= 2, [(s.active_state, s.sub_state) for s in start_states]
 
     signals0, mark = sd.signals_received, rec.mark()
     await sd.stop(unit)
@@ -230,7 +237,8 @@ async def test_unit_for_pid_uses_namespace_pids(sd, ns):
         await asyncio.sleep(0.02)
     assert host_pid is not None
     nspid_line = next(
-        line for line in Path(f"/proc/{host_pid}/status").read_text().splitlines()
+        line
+        for line in Path(f"/proc/{host_pid}/status").read_text().splitlines()
         if line.startswith("NSpid:")
     )
     inner_pid = int(nspid_line.split()[-1])
@@ -296,10 +304,14 @@ async def test_failing_unit_hits_start_limit_then_reset_failed(sd, ns):
     # failed units stay loaded and listed
     assert {w.unit: w.active_state for w in await sd.list_workers()}[unit] == "failed"
 
-    # while failed and over the limit, a start is refused
-    with pytest.raises(SystemdError) as refused:
-        await sd.start(unit)
-    print(f"start while over the limit: code={refused.value.code} {refused.value}")
+    # over the limit, StartUnit still queues a job (start() does not wait for it); the job
+    # fails at once and the unit stays failed
+    mark = rec.mark()
+    await sd.start(unit)
+    await asyncio.sleep(0.3)
+    st = await sd.state(unit)
+    print(f"start while over the limit: {st.active_state}/{st.sub_state} result={st.result}")
+    assert st.active_state == "failed"
 
     await sd.reset_failed(unit)
     st = await sd.state(unit)
@@ -389,19 +401,33 @@ async def test_start_to_active_callback_latency(sd):
 async def test_reconnects_after_dbus_restart_and_survives_systemd_exit():
     n = SystemdNamespace(files=FILES, file_modes=MODES)
     n.start()
-    s = Systemd(n.bus_address, reconnect_delay_s=0.1)
+    s = Systemd(n.bus_address, reconnect_delay_s=1.0)
     try:
         await s.open()
         rec = Recorder()
         s.subscribe(rec)
-        unit = worker_unit("erin")
+        assert s.subscribed
+        unit, kept = worker_unit("erin"), worker_unit("gina")
         await s.start(unit)
+        await s.start(kept)
         await rec.wait(is_(unit, "active"))
+        await rec.wait(is_(kept, "active"))
 
         mark = rec.mark()
         n.systemctl("restart", "dbus.service", check=True)
-        # the signal connection comes back and re-reports every loaded worker
-        await rec.wait(is_(unit, "active"), mark, timeout=15)
+        await asyncio.sleep(0.05)  # the loop notices the hang-up
+        assert not s.subscribed
+        # systemctl talks to systemd's private socket, not the bus: we miss these signals
+        n.systemctl("stop", unit, check=True)
+        deadline = time.monotonic() + 15
+        while not s.subscribed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert s.subscribed
+        # the resync reports what changed during the gap, and only that
+        _, gone = await rec.wait(is_(unit, "inactive"), mark, timeout=5)
+        assert gone.load_state == "unloaded" and gone.main_pid == 0
+        await asyncio.sleep(0.1)
+        assert rec.states(kept, mark) == []
         # the call connection was replaced transparently, and new signals flow again
         other = worker_unit("frank")
         mark = rec.mark()

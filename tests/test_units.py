@@ -6,6 +6,7 @@ import re
 import shutil
 import string
 import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -218,8 +219,6 @@ def test_system_user_name_is_a_short_valid_unix_name(user_id: str) -> None:
 
 
 def test_system_user_name_is_stable_across_processes() -> None:
-    import sys
-
     code = "from wabridge.units import system_user_name as s; print(s('alice@example.com'))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -76,7 +76,12 @@ class ControllerConfig:
     )
     socket: str = _opt(
         "/run/wabridge/controller.sock",
-        "Unix socket that workers and wabridgectl connect to.",
+        "Unix socket that workers connect to.",
+    )
+    admin_socket: str = _opt(
+        "/run/wabridge/admin.sock",
+        "Unix socket of the admin API that wabridgectl uses (mode 0660, group "
+        "`controller.admin_group`; callers must be root or members of that group).",
     )
     local_db: str = _opt(
         "/var/lib/wabridge/control/control.db",
@@ -90,7 +95,9 @@ class ControllerConfig:
         check=_listen_address,
     )
     admin_group: str = _opt(
-        "wabridge-admin", "Unix group whose members may use wabridgectl besides root."
+        "wabridge-admin",
+        "Unix group whose members may use wabridgectl besides root (owns the admin socket; "
+        "ignored if no such group exists).",
     )
     metrics_interval: float = _opt(
         5.0,

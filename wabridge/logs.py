@@ -32,8 +32,14 @@ _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critic
 
 
 def _journal_field(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() else "_" for c in name.upper()).lstrip("_")
-    return cleaned or "FIELD"
+    # journald ignores fields whose names are not [A-Z0-9_]+, start with '_' or a digit, or
+    # are longer than 64 characters.
+    cleaned = "".join(
+        c if c.isascii() and c.isalnum() else "_" for c in name.upper()
+    ).lstrip("_")
+    if cleaned[:1].isdigit():
+        cleaned = "F_" + cleaned
+    return cleaned[:64] or "FIELD"
 
 
 def encode_journal(fields: Mapping[str, Any]) -> bytes:
@@ -71,8 +77,10 @@ class JournalRenderer:
         if "exception" in event_dict:
             fields["MESSAGE"] += "\n" + str(event_dict["exception"])
         for key, value in event_dict.items():
-            if key != "exception":
-                fields[_journal_field(key)] = value
+            name = _journal_field(key)
+            # a detail called ``message`` must not replace MESSAGE (it is in MESSAGE already)
+            if key != "exception" and name not in fields:
+                fields[name] = value
         try:
             self._sock.sendto(encode_journal(fields), self._path)
         except OSError:

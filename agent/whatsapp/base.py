@@ -47,9 +47,13 @@ class WhatsAppBackend(abc.ABC):
         """Begin connecting in the background; events arrive through ``sink``."""
 
     @abc.abstractmethod
-    async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None) -> str:
+    async def send_text(
+        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None
+    ) -> str:
         """Send ``text`` to ``chat_id``, quoting ``quote`` when given; returns the message id.
 
+        ``msg_id`` is the id chosen by the outbox before the first attempt: sending again with
+        the same id after a crash is the same message to WhatsApp, not a second one.
         Raises ``SendError`` when not connected or WhatsApp refuses it.
         """
 

@@ -40,16 +40,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import logging
+import os
+import subprocess
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
+from unittest import mock
 
 from agent.whatsapp.base import BackendContext, SendError, Sink, WhatsAppBackend
 from agent.whatsapp.events import (
@@ -177,10 +180,7 @@ def import_neonize(go_log_level: int = logging.INFO) -> NeonizeAPI:
     with _import_lock:
         if _api is not None:
             return _api
-        # neonize's platform probe runs ``os.popen("uname -a").read()`` without closing it:
-        # the ResourceWarnings that drops are neonize's, not ours.
-        with preserved_root_logging(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
+        with preserved_root_logging(), _closed_popen():
             import neonize.client as client_module  # noqa: PLC0415 - lazy on purpose
             from neonize.proto import Neonize_pb2  # noqa: PLC0415
             from neonize.proto.waE2E import WAWebProtobufsE2E_pb2  # noqa: PLC0415
@@ -208,6 +208,28 @@ def preserved_root_logging() -> Iterator[None]:
             if handler not in root.handlers:
                 root.addHandler(handler)
         root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _closed_popen() -> Iterator[None]:
+    """Serve neonize's import-time ``os.popen("uname -a").read()`` without a dangling pipe.
+
+    neonize never closes that pipe nor waits for the child, which leaves a zombie and an
+    unclosed file behind (ResourceWarnings that surface at some later, random point). While
+    neonize is imported, read-mode ``os.popen`` runs the command to completion instead.
+    """
+    original = os.popen
+
+    def popen(cmd: str, mode: str = "r", buffering: int = -1) -> Any:
+        if mode != "r":
+            return original(cmd, mode, buffering)
+        done = subprocess.run(  # noqa: S602 - the very command neonize asked a shell for
+            cmd, shell=True, capture_output=True, text=True, check=False
+        )
+        return io.StringIO(done.stdout)
+
+    with mock.patch.object(os, "popen", popen):
+        yield
 
 
 def ensure_store(db_path: Path) -> int:
@@ -608,6 +630,7 @@ class NeonizeBackend(WhatsAppBackend):
         client.event.qr(self._on_qr)
         _install_login_status_hook(client, self._on_login_status)
         self._client = client
+        log.info("whatsapp.neonize_connecting", store=str(self.db_path))
         thread = threading.Thread(target=self._run_connect, name="neonize-connect", daemon=True)
         self._connect_thread = thread
         thread.start()
@@ -674,7 +697,11 @@ class NeonizeBackend(WhatsAppBackend):
             return
         sink = self._sink
         if sink is not None:
-            sink(message)  # first: the library already acknowledged it to WhatsApp
+            try:
+                sink(message)  # first: the library already acknowledged it to WhatsApp
+            except Exception:
+                # Nothing can bring it back: WhatsApp will not deliver it again.
+                log.exception("whatsapp.message_lost", wa_id=message.wa_id)
         with self._lock:
             self._raw[(message.chat_id, message.wa_id)] = event
             while len(self._raw) > QUOTE_CACHE_SIZE:
@@ -778,7 +805,15 @@ class NeonizeBackend(WhatsAppBackend):
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None) -> str:
+    async def send_text(
+        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None
+    ) -> str:
+        """Send through ``send_message`` (plain) or ``reply_message`` (quoting).
+
+        ``msg_id`` cannot be honoured: neonize 0.5.2's Go ``SendMessage`` builds its own
+        ``SendRequestExtra`` without an ``ID``, so whatsmeow always picks a fresh ``3EB0…`` id
+        and a resend after a crash is a second message. The id WhatsApp got is returned.
+        """
         client = self._client
         if client is None or not self._connected:
             raise SendError("WhatsApp is not connected")

@@ -101,7 +101,9 @@ class SimBackend(WhatsAppBackend):
         self._sink = sink
         self._task = loop.create_task(self._run(), name=f"sim-backend-{self._ctx.user_id}")
 
-    async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None) -> str:
+    async def send_text(
+        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None
+    ) -> str:
         ws = self._ws
         if ws is None or ws.closed or not self._connected:
             raise SendError("not connected to wabridge-sim")
@@ -114,6 +116,7 @@ class SimBackend(WhatsAppBackend):
             "to": chat_id,
             "text": text,
             "quote_id": quote.wa_id if quote is not None else None,
+            "id": msg_id,
         }
         try:
             await ws.send_json(frame)

@@ -43,7 +43,7 @@ P = API.proto  # neonize.proto.Neonize_pb2
 E2E = API.e2e  # neonize.proto.waE2E.WAWebProtobufsE2E_pb2
 ENUM = API.enum  # neonize.utils.enum
 
-from neonize.exc import PairPhoneError, SendMessageError  # noqa: E402 - after the contained import
+from neonize import exc as neonize_exc  # noqa: E402 - after the contained import
 from neonize.proto.waCommon.WACommon_pb2 import MessageKey  # noqa: E402
 
 PN = "s.whatsapp.net"
@@ -587,7 +587,7 @@ class FakeNewClient:
         target = parse_jid(to) if isinstance(to, str) else to
         self.log.append(via)
         if self.world.fail_sends:
-            raise SendMessageError(self.world.fail_sends)
+            raise neonize_exc.SendMessageError(self.world.fail_sends)
         if isinstance(message, str):
             message = E2E.Message(conversation=message)
         body = message.conversation or message.extendedTextMessage.text
@@ -632,15 +632,13 @@ class FakeNewClient:
         self.downloads.append(direct)
         data = self.world.media.get(direct)
         if data is None:
-            from neonize.exc import DownloadError  # noqa: PLC0415
-
-            raise DownloadError("download failed with status code 404")
+            raise neonize_exc.DownloadError("download failed with status code 404")
         if path:
             Path(path).write_bytes(data)
             return None
         return data
 
-    def PairPhone(  # noqa: N802 - neonize's name
+    def PairPhone(
         self,
         phone: str,
         show_push_notification: bool,
@@ -650,13 +648,13 @@ class FakeNewClient:
         self.log.append("PairPhone")
         self.pair_requests.append(phone)
         if self.store.paired:
-            raise PairPhoneError("already logged in")
+            raise neonize_exc.PairPhoneError("already logged in")
         alphabet = "123456789ABCDEFGHJKLMNPQRSTVWXYZ"
         code = "".join(secrets.choice(alphabet) for _ in range(8))
         return f"{code[:4]}-{code[4:]}"
 
     # neonize's private login-status callback; the backend may replace it on the instance.
-    def _NewClient__onLoginStatus(self, uuid: Any, status: Any) -> None:  # noqa: N802
+    def _NewClient__onLoginStatus(self, uuid: Any, status: Any) -> None:
         self.log.append(f"login-status {status!r}")
 
     # -- test controls ---------------------------------------------------------------------------
@@ -701,7 +699,7 @@ class FakeNewClient:
         return code
 
     def emit_login_status(self, status: str, **kw: Any) -> None:
-        callback = getattr(self, "_NewClient__onLoginStatus")
+        callback = self._NewClient__onLoginStatus
         self.run_on_connect_thread(lambda: callback(0, status.encode()), **kw)
 
     def scan(self, **kw: Any) -> None:
@@ -710,7 +708,7 @@ class FakeNewClient:
         def work() -> None:
             self.store.paired = True
             self.store.me = self.world.me()
-            getattr(self, "_NewClient__onLoginStatus")(0, b"success")
+            self._NewClient__onLoginStatus(0, b"success")
             self._dispatch(pair_success(self.world.account_phone, self.world.account_lid))
             self.me = self.store.me
             self._dispatch(connected())

@@ -1,0 +1,74 @@
+"""Chat commands (``/reset``, ``/status``, ``/help``): parsing and reply texts, all pure.
+
+A message is a command when its text, stripped, is ``/word`` optionally followed by
+whitespace and arguments (``/usr/bin is a path`` is not: the token must end at whitespace).
+An unknown ``/word`` is still a command: it gets the help text, never a Claude turn.
+Whether a sender may run commands is decided in :mod:`agent.policy`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_COMMAND = re.compile(r"^/([A-Za-z][A-Za-z0-9_-]{0,31})(?:\s+(.*))?$", re.DOTALL)
+
+KNOWN = ("reset", "status", "help")
+
+HELP_TEXT = (
+    "Commands:\n"
+    "/reset - start a new conversation (I forget what we talked about)\n"
+    "/status - context used, turns, cost today and model\n"
+    "/help - this text"
+)
+
+RESET_TEXT = "New conversation started. I have forgotten our earlier messages."
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # lower case, without the slash
+    args: str = ""
+
+    @property
+    def known(self) -> bool:
+        return self.name in KNOWN
+
+
+def parse(text: str) -> Command | None:
+    """The command in ``text``, or None when it is an ordinary message."""
+    m = _COMMAND.match(text.strip())
+    if m is None:
+        return None
+    return Command(m.group(1).lower(), (m.group(2) or "").strip())
+
+
+@dataclass(frozen=True)
+class StatusInfo:
+    context_tokens: int  # of the last turn: input + cache tokens
+    context_window: int
+    session_turns: int  # turns in the current conversation (since the last rotation/reset)
+    total_turns: int  # all turns of this chat
+    cost_today_usd: float  # the user's spend today (UTC), all chats
+    daily_budget_usd: float  # <= 0: no cap
+    model: str  # empty: the CLI's default
+    summaries: int  # conversation summaries kept for this chat (rotations)
+
+
+def status_text(info: StatusInfo) -> str:
+    window = max(1, info.context_window)
+    pct = round(100 * info.context_tokens / window)
+    budget = (f" of ${info.daily_budget_usd:.2f} daily budget" if info.daily_budget_usd > 0
+              else " (no daily budget)")
+    return "\n".join([
+        "Status",
+        f"Context used: {info.context_tokens:,} of {info.context_window:,} tokens ({pct}%)",
+        f"Turns: {info.session_turns} in this conversation, {info.total_turns} in this chat",
+        f"Cost today: ${info.cost_today_usd:.4f}{budget}",
+        f"Model: {info.model or 'default'}",
+        f"Summaries of earlier conversation: {info.summaries}",
+    ])
+
+
+def unknown_text(command: Command) -> str:
+    return f"Unknown command /{command.name}.\n\n{HELP_TEXT}"

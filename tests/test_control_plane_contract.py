@@ -1,0 +1,697 @@
+"""One contract for every ControlPlane: Firestore (on the emulator) and the local SQLite store.
+
+Each contract test runs once per backend (ids ``firestore`` and ``local``) in a fresh
+namespace: a new Firestore project per test, a new database file per test. Tests that need the
+emulator skip with the reason when it cannot run here (``-ra`` prints it). Backend-specific
+tests (listener recovery, outages, schema versions, configuration errors) follow the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import firestore_emulator  # tests/ is on sys.path (no tests/__init__.py)
+import pytest
+import pytest_asyncio
+
+from controller.firestore import (
+    FirestorePlane,
+    PlaneDenied,
+    PlaneError,
+    PlaneUnavailable,
+    map_error,
+)
+from controller.local import SCHEMA_VERSION, LocalPlane, message_doc_id
+from controller.plane import Change, ControlPlane, Removed, SessionDoc
+from wabridge.config import FirebaseConfig
+from wabridge.errors import ConfigError, UserIdError
+from wabridge.protocol import MessageEvent
+from wabridge.status import DocStatus
+
+CHANGE_TIMEOUT = 2.0  # a write must reach a watcher within this
+FIRST_TIMEOUT = 10.0  # the first snapshot also opens the channel
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[firestore_emulator.Emulator]:
+    reason = firestore_emulator.available()
+    if reason:
+        pytest.skip(f"Firestore emulator unavailable: {reason}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NO_GCE_CHECK", "true")  # never probe the GCE metadata server
+        with firestore_emulator.running() as emu:
+            print(f"\nFirestore emulator on {emu.address}: up in {emu.startup_seconds:.2f} s")
+            yield emu
+
+
+def emulator_config(address: str, project: str | None = None) -> FirebaseConfig:
+    return FirebaseConfig(
+        emulator_host=address, project_id=project or f"demo-{uuid.uuid4().hex[:12]}"
+    )
+
+
+class Store:
+    """One fresh namespace of one backend; ``open()`` makes more planes on the same data."""
+
+    def __init__(self, kind: str, factory: Callable[[], ControlPlane]) -> None:
+        self.kind = kind
+        self._factory = factory
+        self._planes: list[ControlPlane] = []
+
+    def open(self) -> ControlPlane:
+        plane = self._factory()
+        self._planes.append(plane)
+        return plane
+
+    async def close(self) -> None:
+        for plane in reversed(self._planes):
+            await plane.close()
+
+
+@pytest_asyncio.fixture(
+    params=[pytest.param("firestore", marks=pytest.mark.firestore), "local"],
+)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "firestore":
+        emu: firestore_emulator.Emulator = request.getfixturevalue("emulator")
+        config = emulator_config(emu.address)
+        result = Store("firestore", lambda: FirestorePlane(config, deadline=10.0))
+    else:
+        db = tmp_path / "control" / "control.db"
+        result = Store("local", lambda: LocalPlane(db))
+    try:
+        yield result
+    finally:
+        await result.close()
+
+
+class Collector:
+    """A watch callback that records deliveries and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Change] = asyncio.Queue()
+        self.all: list[Change] = []
+
+    def __call__(self, change: Change) -> None:
+        assert asyncio.get_running_loop() is self.loop, "delivered off the loop thread"
+        self.all.append(change)
+        self.queue.put_nowait(change)
+
+    async def next(self, timeout: float = CHANGE_TIMEOUT) -> Change:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def until(
+        self, match: Callable[[Change], bool], timeout: float = CHANGE_TIMEOUT
+    ) -> Change:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching change within {timeout} s; got {self.all}")
+            try:
+                change = await asyncio.wait_for(self.queue.get(), left)
+            except TimeoutError:
+                continue
+            if match(change):
+                return change
+
+
+def doc_of(user_id: str, status: DocStatus | None = None) -> Callable[[Change], bool]:
+    def match(change: Change) -> bool:
+        return (
+            isinstance(change, SessionDoc)
+            and change.user_id == user_id
+            and (status is None or change.status == status)
+        )
+
+    return match
+
+
+def removed(user_id: str) -> Callable[[Change], bool]:
+    return lambda change: change == Removed(user_id)
+
+
+def event(event_id: str, ts: float, text: str = "hi", chat: str = "c1") -> MessageEvent:
+    return MessageEvent(
+        seq=1, event_id=event_id, chat_id=chat, direction="in", sender="s", text=text, ts=ts
+    )
+
+
+# -- the contract ---------------------------------------------------------------------------
+
+
+async def test_watch_delivers_existing_documents_then_changes(store: Store) -> None:
+    plane, other = store.open(), store.open()
+    await other.request("alice", DocStatus.CREATE_REQUESTED)
+    await other.update("bob", {"status": "connected", "host": "h1"})
+    seen = Collector()
+    await plane.watch(seen)
+
+    first = [await seen.next(FIRST_TIMEOUT), await seen.next(FIRST_TIMEOUT)]
+    assert all(isinstance(c, SessionDoc) for c in first)
+    assert {c.user_id for c in first} == {"alice", "bob"}
+    assert {c.user_id: c.status for c in first if isinstance(c, SessionDoc)} == {
+        "alice": DocStatus.CREATE_REQUESTED,
+        "bob": DocStatus.CONNECTED,
+    }
+
+    await other.request("carol", DocStatus.CREATE_REQUESTED)
+    await seen.until(doc_of("carol", DocStatus.CREATE_REQUESTED))
+    await other.update("alice", {"status": DocStatus.STARTING.value})
+    changed = await seen.until(doc_of("alice", DocStatus.STARTING))
+    assert isinstance(changed, SessionDoc)
+    await other.delete("bob")
+    await seen.until(removed("bob"))
+    assert Removed("alice") not in seen.all and Removed("carol") not in seen.all
+
+
+async def test_watch_on_empty_store_then_create(store: Store) -> None:
+    plane = store.open()
+    seen = Collector()
+    await plane.watch(seen)
+    await plane.request("dave", DocStatus.CREATE_REQUESTED)
+    await seen.until(doc_of("dave"), FIRST_TIMEOUT)
+    await plane.delete("dave")
+    await seen.until(removed("dave"))
+
+
+async def test_odd_documents_parse_without_raising(store: Store) -> None:
+    plane = store.open()
+    huge = "x" * 500_000
+    await plane.update("n42", {"status": 42})
+    await plane.update("unknown", {"status": "zombie", "qrCode": huge})
+    await plane.update(
+        "weird",
+        {
+            "status": ["connected"],
+            "settings": ["not", "a", "map"],
+            "pairingPhone": 4912345,
+            "host": {"nested": True},
+            "error": {"message": "no code"},
+            "unit": "active",
+        },
+    )
+    await plane.update("nostatus", {"phone": "+1"})
+
+    docs = {d.user_id: d for d in await plane.list_sessions()}
+    assert set(docs) == {"n42", "unknown", "weird", "nostatus"}
+    assert docs["n42"].status is None and docs["n42"].raw_status == 42
+    assert docs["unknown"].status is None and docs["unknown"].raw_status == "zombie"
+    weird = docs["weird"]
+    assert weird.status is None and weird.raw_status == ["connected"]
+    assert weird.settings == {} and weird.pairing_phone is None and weird.host is None
+    assert weird.error_code is None and weird.unit_state == {}
+    assert docs["nostatus"].status is None and docs["nostatus"].raw_status is None
+
+    got = await plane.get("unknown")
+    assert got is not None and got.raw_status == "zombie"
+    seen = Collector()
+    await plane.watch(seen)
+    first = [await seen.next(FIRST_TIMEOUT) for _ in range(4)]
+    assert {c.user_id for c in first} == set(docs)
+
+
+async def test_claim_succeeds_once(store: Store) -> None:
+    plane = store.open()
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    expect = frozenset({DocStatus.CREATE_REQUESTED})
+
+    assert await plane.claim("alice", expect, DocStatus.STARTING, "host-a") is True
+    doc = await plane.get("alice")
+    assert doc is not None
+    assert doc.status == DocStatus.STARTING and doc.host == "host-a"
+
+    assert await plane.claim("alice", expect, DocStatus.STARTING, "host-b") is False
+    doc = await plane.get("alice")
+    assert doc is not None and doc.host == "host-a"
+
+    assert await plane.claim("ghost", expect, DocStatus.STARTING, "host-a") is False
+    assert await plane.get("ghost") is None
+
+    await plane.update("odd", {"status": 7})
+    assert await plane.claim("odd", expect, DocStatus.STARTING, "host-a") is False
+
+
+async def test_concurrent_claims_exactly_one_wins(store: Store) -> None:
+    first, second = store.open(), store.open()
+    users = [f"u{i}" for i in range(5)]
+    for user in users:
+        await first.request(user, DocStatus.CREATE_REQUESTED)
+    expect = frozenset({DocStatus.CREATE_REQUESTED, DocStatus.RESTART_REQUESTED})
+    for user in users:
+        won = await asyncio.gather(
+            first.claim(user, expect, DocStatus.STARTING, "host-1"),
+            second.claim(user, expect, DocStatus.STARTING, "host-2"),
+        )
+        assert sorted(won) == [False, True], (user, won)
+        doc = await second.get(user)
+        assert doc is not None and doc.status == DocStatus.STARTING
+        assert doc.host == ("host-1" if won[0] else "host-2")
+
+
+async def test_update_merges_and_none_deletes(store: Store) -> None:
+    plane = store.open()
+    await plane.update(
+        "alice",
+        {
+            "status": "connected",
+            "settings": {"model": "a", "tools": True},
+            "pairingPhone": "+100",
+            "unit": {"activeState": "active", "subState": "running"},
+            "error": {"code": "x", "message": "m", "at": 1.0},
+        },
+    )
+    await plane.update(
+        "alice", {"settings": {"model": "b"}, "pairingPhone": None, "unit": {}, "host": "h"}
+    )
+    doc = await plane.get("alice")
+    assert doc is not None
+    assert doc.status == DocStatus.CONNECTED  # untouched
+    assert doc.settings == {"model": "b", "tools": True}  # nested maps merge
+    assert doc.pairing_phone is None  # None deleted it
+    assert doc.unit_state == {}  # an empty map replaces
+    assert doc.host == "h" and doc.error_code == "x"
+
+    await plane.update("alice", {"error": None, "host": None, "settings": {"tools": None}})
+    doc = await plane.get("alice")
+    assert doc is not None
+    assert doc.error_code is None and doc.host is None
+    assert doc.settings == {"model": "b", "tools": None}  # nested None is stored as null
+
+    await plane.update("fresh", {"gone": None})  # update creates the document
+    fresh = await plane.get("fresh")
+    assert fresh is not None and fresh.status is None
+
+
+async def test_request_creates_the_document(store: Store) -> None:
+    plane = store.open()
+    assert await plane.get("alice") is None
+    await plane.request("alice", DocStatus.PAIRING_REQUESTED, pairingPhone="+4912345")
+    doc = await plane.get("alice")
+    assert doc is not None
+    assert doc.status == DocStatus.PAIRING_REQUESTED and doc.pairing_phone == "+4912345"
+    await plane.request("alice", DocStatus.DESTROY_REQUESTED)
+    doc = await plane.get("alice")
+    assert doc is not None
+    assert doc.status == DocStatus.DESTROY_REQUESTED and doc.pairing_phone == "+4912345"
+    assert [d.user_id for d in await plane.list_sessions()] == ["alice"]
+
+
+async def test_delete_is_idempotent(store: Store) -> None:
+    plane = store.open()
+    await plane.delete("nobody")
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    await plane.delete("alice")
+    await plane.delete("alice")
+    assert await plane.get("alice") is None
+    assert await plane.list_sessions() == []
+
+
+async def test_add_message_is_idempotent_and_ordered(store: Store) -> None:
+    plane = store.open()
+    await plane.add_message("alice", event("in:e1", ts=30.0, text="third"))
+    await plane.add_message("alice", event("in:e2", ts=10.0, text="first"))
+    await plane.add_message("alice", event("in:e3", ts=20.0, text="second"))
+    await plane.add_message("alice", event("in:e2", ts=10.0, text="first, again"))
+    await plane.add_message("alice", event("in:e2", ts=10.0, text="first, again"))
+    await plane.add_message("bob", event("in:e1", ts=15.0, text="bob's"))
+
+    got = await plane.messages("alice")
+    assert [m["text"] for m in got] == ["first, again", "second", "third"]
+    assert got[0] == {
+        "userId": "alice",
+        "eventId": "in:e2",
+        "chatId": "c1",
+        "direction": "in",
+        "sender": "s",
+        "text": "first, again",
+        "ts": 10.0,
+    }
+    assert [m["text"] for m in await plane.messages("alice", limit=2)] == ["second", "third"]
+    assert [m["text"] for m in await plane.messages("bob")] == ["bob's"]
+    assert await plane.messages("carol") == []
+
+    # event ids are free text: '/' and '%' must neither fail nor collide
+    await plane.add_message("alice", event("out:a/b", ts=40.0, text="slash"))
+    await plane.add_message("alice", event("out:a%2Fb", ts=41.0, text="percent"))
+    assert [m["eventId"] for m in await plane.messages("alice", limit=2)] == [
+        "out:a/b",
+        "out:a%2Fb",
+    ]
+
+
+async def test_put_session_info_merges(store: Store) -> None:
+    plane = store.open()
+    info_of = plane.session_info  # type: ignore[attr-defined]
+    assert await info_of("alice") is None
+    await plane.put_session_info("alice", {"jid": "1@s.whatsapp.net", "phone": "+1"})
+    await plane.put_session_info("alice", {"pushName": "Alice", "phone": "+2"})
+    assert await info_of("alice") == {
+        "jid": "1@s.whatsapp.net",
+        "phone": "+2",
+        "pushName": "Alice",
+    }
+    await plane.put_session_info("alice", {"pushName": None})
+    assert await info_of("alice") == {"jid": "1@s.whatsapp.net", "phone": "+2"}
+    assert await plane.get("alice") is None  # a different collection
+
+
+async def test_user_ids_that_cannot_name_a_document_are_refused(store: Store) -> None:
+    plane = store.open()
+    for bad in ("", "a/b", "__x__", ".."):
+        with pytest.raises(UserIdError):
+            await plane.update(bad, {"status": "x"})
+    odd = "a b:c@d.e%f"
+    await plane.request(odd, DocStatus.CREATE_REQUESTED)
+    assert [d.user_id for d in await plane.list_sessions()] == [odd]
+
+
+# -- Firestore specifics --------------------------------------------------------------------
+
+
+@pytest.mark.firestore
+async def test_firestore_watch_resubscribes_after_losing_its_listener(
+    emulator: firestore_emulator.Emulator,
+) -> None:
+    config = emulator_config(emulator.address)
+    plane, writer = FirestorePlane(config), FirestorePlane(config)
+    try:
+        await writer.request("alice", DocStatus.CREATE_REQUESTED)
+        await writer.request("bob", DocStatus.CREATE_REQUESTED)
+        seen = Collector()
+        await plane.watch(seen)
+        await seen.until(doc_of("alice"), FIRST_TIMEOUT)
+        await seen.until(doc_of("bob"), FIRST_TIMEOUT)
+
+        listener = plane._listener  # simulate a stream that died for good
+        assert listener is not None
+        await asyncio.to_thread(listener.close)
+        await writer.delete("alice")
+        await writer.request("carol", DocStatus.CREATE_REQUESTED)
+        # the supervisor notices (0.5 s), backs off (~0.5 s), re-subscribes and re-syncs:
+        # the deletion it missed arrives as Removed
+        await seen.until(removed("alice"), 10.0)
+        await seen.until(doc_of("carol"), 10.0)
+        assert plane._listener is not None and plane._listener is not listener
+    finally:
+        await plane.close()
+        await writer.close()
+
+
+@pytest.mark.firestore
+async def test_firestore_watch_survives_an_outage_without_spinning(
+    emulator: firestore_emulator.Emulator,
+) -> None:
+    del emulator  # only for the availability check and NO_GCE_CHECK
+    with firestore_emulator.running() as private:
+        config = emulator_config(private.address)
+        plane = FirestorePlane(config, deadline=2.0)
+        try:
+            seen = Collector()
+            await plane.watch(seen)
+            await plane.request("alice", DocStatus.CREATE_REQUESTED)
+            await seen.until(doc_of("alice"), FIRST_TIMEOUT)
+
+            await asyncio.to_thread(private.stop)
+            started = time.monotonic()
+            with pytest.raises(PlaneUnavailable):
+                await plane.get("alice")
+            assert time.monotonic() - started < 10.0
+            cpu = time.process_time()
+            await asyncio.sleep(3.0)
+            spent = time.process_time() - cpu
+            assert spent < 1.0, f"{spent:.2f} s CPU in 3 s while the backend was down"
+
+            await asyncio.to_thread(private.start)
+            # the restarted emulator is empty: the listener re-syncs and reports the loss
+            await seen.until(removed("alice"), 20.0)
+            await plane.request("bob", DocStatus.CREATE_REQUESTED)
+            await seen.until(doc_of("bob"), 5.0)
+        finally:
+            await plane.close()
+
+
+async def test_firestore_unreachable_backend_raises_plane_unavailable() -> None:
+    config = FirebaseConfig(
+        emulator_host=f"127.0.0.1:{firestore_emulator.free_port()}", project_id="demo-down"
+    )
+    plane = FirestorePlane(config, deadline=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PlaneUnavailable) as info:
+            await plane.update("alice", {"status": "x"})
+        assert time.monotonic() - started < 10.0
+        assert info.value.code == "plane_unavailable"
+    finally:
+        await plane.close()
+
+
+def test_map_error_maps_google_errors_in_one_place() -> None:
+    from google.api_core import exceptions as gx  # noqa: PLC0415
+    from google.auth import exceptions as ax  # noqa: PLC0415
+
+    assert isinstance(map_error(gx.ServiceUnavailable("down")), PlaneUnavailable)
+    assert isinstance(map_error(gx.DeadlineExceeded("slow")), PlaneUnavailable)
+    assert isinstance(map_error(gx.RetryError("gave up", None)), PlaneUnavailable)
+    assert isinstance(map_error(ax.TransportError("no route")), PlaneUnavailable)
+    assert isinstance(map_error(gx.PermissionDenied("rules")), PlaneDenied)
+    assert isinstance(map_error(ax.RefreshError("bad key")), PlaneDenied)
+    other = map_error(gx.FailedPrecondition("needs an index"))
+    assert type(other) is PlaneError and "needs an index" in str(other)
+    # the SDK hides the real error behind its rollback's ValueError
+    try:
+        try:
+            raise gx.ServiceUnavailable("down")
+        except gx.ServiceUnavailable:
+            raise ValueError("Cannot rollback") from None
+    except ValueError as wrapped:
+        wrapped.__context__ = gx.ServiceUnavailable("down")
+        assert isinstance(map_error(wrapped), PlaneUnavailable)
+    assert map_error(ValueError("a bug")) is None
+    assert map_error(KeyError("a bug")) is None
+
+
+def test_firestore_config_errors_name_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+
+    def problem(config: FirebaseConfig) -> ConfigError:
+        with pytest.raises(ConfigError) as info:
+            FirestorePlane(config)
+        return info.value
+
+    err = problem(FirebaseConfig())
+    assert err.key == "firebase.credentials" and "CREDENTIALS_DIRECTORY" in err.problem
+
+    err = problem(FirebaseConfig(credentials=str(tmp_path / "missing.json")))
+    assert err.key == "firebase.credentials" and "does not exist" in err.problem
+
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json", encoding="utf-8")
+    err = problem(FirebaseConfig(credentials=str(garbage)))
+    assert err.key == "firebase.credentials" and "not JSON" in err.problem
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"type": "authorized_user"}), encoding="utf-8")
+    err = problem(FirebaseConfig(credentials=str(wrong)))
+    assert err.key == "firebase.credentials" and "service-account" in err.problem
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"type": "service_account", "project_id": "p"}), "utf-8")
+    err = problem(FirebaseConfig(credentials=str(broken)))
+    assert err.key == "firebase.credentials" and "not a usable" in err.problem
+
+    unreadable = tmp_path / "dir.json"
+    unreadable.mkdir()
+    err = problem(FirebaseConfig(credentials=str(unreadable)))
+    assert err.key == "firebase.credentials" and "cannot be read" in err.problem
+
+    creds_dir = tmp_path / "creds"
+    creds_dir.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds_dir))
+    err = problem(FirebaseConfig())
+    assert err.key == "firebase.credentials" and str(creds_dir / "firebase") in err.problem
+
+    err = problem(FirebaseConfig(emulator_host="127.0.0.1:8080"))
+    assert err.key == "firebase.project_id"
+
+
+def test_firestore_plane_from_a_service_account_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A well-formed key builds a plane without touching the network (project from the key,
+    $CREDENTIALS_DIRECTORY/firebase as the path, $FIRESTORE_EMULATOR_HOST ignored)."""
+    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
+    serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
+    pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    key = {
+        "type": "service_account",
+        "project_id": "wabridge-prod",
+        "private_key_id": "0" * 40,
+        "private_key": pem,
+        "client_email": "bridge@wabridge-prod.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    (tmp_path / "firebase").write_text(json.dumps(key), encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", "127.0.0.1:1")
+    plane = FirestorePlane(FirebaseConfig())
+    assert plane.project == "wabridge-prod"
+    assert plane._client._emulator_host is None
+    asyncio.run(plane.close())
+
+
+# -- local specifics ------------------------------------------------------------------------
+
+
+async def test_local_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "control.db"
+    await LocalPlane(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    db.close()
+    with pytest.raises(ConfigError) as info:
+        LocalPlane(path)
+    assert info.value.key == "controller.local_db"
+    assert f"schema version {SCHEMA_VERSION + 1}" in info.value.problem
+    assert f"({SCHEMA_VERSION})" in info.value.problem
+    with sqlite3.connect(path) as db:  # refused, not modified
+        assert db.execute("SELECT version FROM schema_version").fetchone()[0] == (
+            SCHEMA_VERSION + 1
+        )
+    db.close()
+
+
+async def test_local_reopen_keeps_data_and_settings(tmp_path: Path) -> None:
+    path = tmp_path / "control.db"
+    plane = LocalPlane(path)
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    await plane.close()
+    again = LocalPlane(path)
+    try:
+        assert (await again.get("alice")) is not None
+        mode = again._db.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        await again.close()
+
+
+async def test_local_bad_database_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "control.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ConfigError) as info:
+        LocalPlane(path)
+    assert info.value.key == "controller.local_db"
+
+
+async def test_local_watch_sees_writes_of_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "control.db"
+    plane = LocalPlane(path)
+    try:
+        seen = Collector()
+        await plane.watch(seen)
+        script = (
+            "import asyncio, sys\n"
+            "from controller.local import LocalPlane\n"
+            "from wabridge.status import DocStatus\n"
+            "async def main():\n"
+            "    p = LocalPlane(sys.argv[1])\n"
+            "    await p.request('zed', DocStatus.CREATE_REQUESTED)\n"
+            "    await p.close()\n"
+            "asyncio.run(main())\n"
+        )
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", script, str(path)],
+            cwd=REPO,
+            check=True,
+            timeout=60,
+        )
+        await seen.until(doc_of("zed", DocStatus.CREATE_REQUESTED))
+    finally:
+        await plane.close()
+
+
+async def test_local_watch_resyncs_when_the_change_feed_was_pruned(tmp_path: Path) -> None:
+    path = tmp_path / "control.db"
+    plane, writer = LocalPlane(path), LocalPlane(path)
+    try:
+        await writer.request("alice", DocStatus.CREATE_REQUESTED)
+        await writer.request("bob", DocStatus.CREATE_REQUESTED)
+        seen = Collector()
+        await plane.watch(seen)
+        await seen.until(doc_of("alice"))
+        await seen.until(doc_of("bob"))
+        db = sqlite3.connect(path, isolation_level=None)
+        try:  # one transaction: alice goes, carol comes, and the feed loses those rows
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM user_sessions WHERE user_id = 'alice'")
+            db.execute(
+                "INSERT INTO user_sessions (user_id, fields) VALUES ('carol', ?)",
+                (json.dumps({"status": "create_requested"}),),
+            )
+            db.execute("DELETE FROM changes WHERE id < (SELECT MAX(id) FROM changes)")
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        await seen.until(removed("alice"))
+        await seen.until(doc_of("carol"))
+    finally:
+        await plane.close()
+        await writer.close()
+
+
+async def test_local_change_feed_prunes_itself(tmp_path: Path) -> None:
+    path = tmp_path / "control.db"
+    plane = LocalPlane(path)
+    try:
+        await plane.request("alice", DocStatus.CREATE_REQUESTED)
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for i in range(5000):
+                db.execute(
+                    "UPDATE user_sessions SET fields = ? WHERE user_id = 'alice'",
+                    (json.dumps({"n": i}),),
+                )
+            db.execute("COMMIT")
+            count, low, high = db.execute(
+                "SELECT COUNT(*), MIN(id), MAX(id) FROM changes"
+            ).fetchone()
+        finally:
+            db.close()
+        assert high == 5001
+        assert count == high - low + 1  # the newest rows, contiguous
+        assert 4096 <= count < 4096 + 256
+    finally:
+        await plane.close()
+
+
+def test_message_doc_ids_are_valid_and_distinct() -> None:
+    assert message_doc_id("alice", "in:ABC") == "alice__in:ABC"
+    assert message_doc_id("a/b", "in:x%y") == "a%2Fb__in:x%25y"
+    assert message_doc_id("u", "a/b") != message_doc_id("u", "a%2Fb")

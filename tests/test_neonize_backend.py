@@ -1,0 +1,956 @@
+"""The neonize backend: the event table, the backend against the fake, and the real library.
+
+- ``translate`` is checked row by row with neonize's real protobuf events
+  (built by :mod:`fakes.fake_neonize`);
+- :class:`NeonizeBackend` runs against the fake ``NewClient`` (same Python API, callbacks on
+  the connect thread, no Go, no network);
+- the real neonize is exercised in fresh interpreters only: its import must not touch the root
+  logger, and building a client must create the store schema without any network traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from fakes import fake_neonize as fn
+
+from agent.whatsapp.base import BackendContext, SendError
+from agent.whatsapp.events import (
+    ClientOutdated,
+    Connected,
+    ConnectFailure,
+    Disconnected,
+    Event,
+    Image,
+    IncomingMessage,
+    LoggedOut,
+    PairingCode,
+    QrCode,
+    QrExpired,
+    StreamReplaced,
+    TemporaryBan,
+)
+from agent.whatsapp.neonize_backend import (
+    STORE_FILE,
+    LoginStatus,
+    Me,
+    NeonizeBackend,
+    me_from_device,
+    translate,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+E = TypeVar("E")
+
+ME = Me(
+    jid=f"{fn.ACCOUNT_PHONE}@s.whatsapp.net",
+    phone=fn.ACCOUNT_PHONE,
+    lid=f"{fn.ACCOUNT_LID}@lid",
+    push_name=fn.ACCOUNT_NAME,
+)
+CONTACT = "5511999990002"
+CONTACT_LID = "187654321098765"
+GROUP = "120363025246125486@g.us"
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR-not-really"
+TS_MS = 1_732_530_000_123
+
+
+# --------------------------------------------------------------------------------------------
+# translate: connection events
+
+
+def test_me_from_device_drops_the_device_part() -> None:
+    assert me_from_device(fn.device()) == ME
+    assert me_from_device(fn.P.Device()) is None
+    assert me_from_device(None) is None
+
+
+CONNECTION_ROWS: list[tuple[str, Callable[[], Any], Event | None]] = [
+    ("qr-callback-bytes", lambda: b"2@abc,def,ghi,jkl", QrCode("2@abc,def,ghi,jkl")),
+    ("qr-callback-empty", lambda: b"", None),
+    (
+        "qr-event",
+        lambda: fn.P.QR(Codes=["2@first,x,y,z", "2@second,x,y,z"]),
+        QrCode("2@first,x,y,z"),
+    ),
+    ("login-timeout", lambda: LoginStatus("timeout"), QrExpired()),
+    ("login-success", lambda: LoginStatus("success"), None),
+    ("login-outdated", lambda: LoginStatus("err-client-outdated"), ClientOutdated()),
+    (
+        "login-error",
+        lambda: LoginStatus("err-scanned-without-multidevice"),
+        ConnectFailure("login failed: err-scanned-without-multidevice", permanent=False),
+    ),
+    ("pair-success", fn.pair_success, None),
+    (
+        "pair-error",
+        lambda: fn.pair_error("bad signature"),
+        ConnectFailure("pairing failed: bad signature", permanent=False),
+    ),
+    (
+        "connected",
+        fn.connected,
+        Connected(jid=ME.jid, phone=fn.ACCOUNT_PHONE, push_name=fn.ACCOUNT_NAME),
+    ),
+    (
+        "keepalive-timeout",
+        lambda: fn.keepalive_timeout(3),
+        Disconnected("keepalive timeout (3 errors)"),
+    ),
+    (
+        "keepalive-restored",
+        fn.keepalive_restored,
+        Connected(jid=ME.jid, phone=fn.ACCOUNT_PHONE, push_name=fn.ACCOUNT_NAME),
+    ),
+    ("disconnected", fn.disconnected, Disconnected("disconnected")),
+    ("logged-out", fn.logged_out, LoggedOut("logged_out")),
+    (
+        "logged-out-main-device-gone-on-connect",
+        lambda: fn.logged_out("MAIN_DEVICE_GONE", on_connect=True),
+        LoggedOut("main_device_gone (on connect)"),
+    ),
+    ("stream-replaced", fn.stream_replaced, StreamReplaced()),
+    (
+        "temporary-ban",
+        lambda: fn.temporary_ban("SENT_TOO_MANY_SAME_MESSAGE", 3600),
+        TemporaryBan("sent_too_many_same_message", expires_at=1_000_000.0 + 3600),
+    ),
+    (
+        "temporary-ban-no-expiry",
+        lambda: fn.temporary_ban("BLOCKED_BY_USERS", 0),
+        TemporaryBan("blocked_by_users", expires_at=None),
+    ),
+    (
+        "connect-failure-transient",
+        lambda: fn.connect_failure("SERVICE_UNAVAILABLE", "503 from edge"),
+        ConnectFailure("service_unavailable: 503 from edge", permanent=False),
+    ),
+    (
+        "connect-failure-internal",
+        lambda: fn.connect_failure("INTERNAL_SERVER_ERROR"),
+        ConnectFailure("internal_server_error", permanent=False),
+    ),
+    (
+        "connect-failure-outdated",
+        lambda: fn.connect_failure("CLIENT_OUTDATED"),
+        ConnectFailure("client_outdated", permanent=True),
+    ),
+    (
+        "connect-failure-bad-user-agent",
+        lambda: fn.connect_failure("BAD_USER_AGENT"),
+        ConnectFailure("bad_user_agent", permanent=True),
+    ),
+    ("client-outdated", fn.client_outdated, ClientOutdated()),
+    ("unrelated-receipt", fn.P.Receipt, None),
+    ("unrelated-history-sync", fn.P.HistorySync, None),
+    ("not-an-event", lambda: 42, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [pytest.param(make, expected, id=name) for name, make, expected in CONNECTION_ROWS],
+)
+def test_translate_connection_events(make: Callable[[], Any], expected: Event | None) -> None:
+    assert translate(make(), me=ME, now=1_000_000.0) == expected
+
+
+def test_translate_connected_without_me_still_reports_the_link() -> None:
+    assert translate(fn.connected()) == Connected(jid="", phone="")
+
+
+# --------------------------------------------------------------------------------------------
+# translate: messages
+
+
+def contact_pn() -> Any:
+    return fn.jid(CONTACT)
+
+
+def contact_lid(device: int = 0) -> Any:
+    return fn.jid(CONTACT_LID, fn.LID, device)
+
+
+def inbound(content: Any, **kw: Any) -> Any:
+    """A 1:1 message from the contact, PN addressing, unless overridden."""
+    kw.setdefault("chat", contact_pn())
+    kw.setdefault("sender", fn.jid(CONTACT, fn.PN, device=0))
+    kw.setdefault("msg_id", "A1B2C3D4E5F60718293A4B5C6D7E8F90")
+    kw.setdefault("timestamp_ms", TS_MS)
+    return fn.message_event(content, **kw)
+
+
+def in_group(content: Any, **kw: Any) -> Any:
+    """A group message, LID addressing, the sender's phone JID in SenderAlt."""
+    kw.setdefault("chat", fn.parse_jid(GROUP))
+    kw.setdefault("sender", contact_lid(device=3))
+    kw.setdefault("sender_alt", fn.jid(CONTACT))
+    kw.setdefault("group", True)
+    kw.setdefault("addressing", "LID")
+    kw.setdefault("timestamp_ms", TS_MS)
+    return fn.message_event(content, **kw)
+
+
+def wrapped(field: str, content: Any) -> Any:
+    message = fn.E2E.Message()
+    getattr(message, field).message.CopyFrom(content)
+    return message
+
+
+def download_ok(content: Any) -> bytes:
+    assert content.HasField("imageMessage")
+    return PNG
+
+
+def download_fails(content: Any) -> bytes:
+    raise RuntimeError("download failed with status code 403")
+
+
+MESSAGE_ROWS: list[tuple[str, Callable[[], Any], dict[str, Any] | None]] = [
+    (
+        "conversation-pn",
+        lambda: inbound(fn.text("hello there"), push_name="Maria"),
+        {
+            "wa_id": "A1B2C3D4E5F60718293A4B5C6D7E8F90",
+            "chat_id": f"{CONTACT}@s.whatsapp.net",
+            "sender": f"{CONTACT}@s.whatsapp.net",
+            "text": "hello there",
+            "timestamp": TS_MS / 1000,
+            "sender_name": "Maria",
+            "is_group": False,
+            "from_me": False,
+            "mentioned": False,
+            "quoted_text": "",
+            "images": (),
+            "unsupported_media": "",
+        },
+    ),
+    (
+        "conversation-lid-prefers-pn",
+        lambda: inbound(
+            fn.text("hi"),
+            chat=contact_lid(),
+            sender=contact_lid(device=2),
+            sender_alt=fn.jid(CONTACT),
+            addressing="LID",
+        ),
+        {"chat_id": f"{CONTACT}@s.whatsapp.net", "sender": f"{CONTACT}@s.whatsapp.net"},
+    ),
+    (
+        "conversation-lid-only",
+        lambda: inbound(fn.text("hi"), chat=contact_lid(), sender=contact_lid(), addressing="LID"),
+        {"chat_id": f"{CONTACT_LID}@lid", "sender": f"{CONTACT_LID}@lid"},
+    ),
+    (
+        "from-me-in-lid-chat",
+        lambda: inbound(
+            fn.text("sent from my phone"),
+            chat=contact_lid(),
+            sender=fn.jid(fn.ACCOUNT_LID, fn.LID, device=0),
+            sender_alt=fn.jid(fn.ACCOUNT_PHONE),
+            recipient_alt=fn.jid(CONTACT),
+            from_me=True,
+            addressing="LID",
+        ),
+        {
+            "chat_id": f"{CONTACT}@s.whatsapp.net",
+            "sender": f"{fn.ACCOUNT_PHONE}@s.whatsapp.net",
+            "from_me": True,
+        },
+    ),
+    (
+        "self-chat",
+        lambda: inbound(
+            fn.text("note to self"),
+            chat=fn.jid(fn.ACCOUNT_PHONE),
+            sender=fn.jid(fn.ACCOUNT_PHONE, fn.PN, device=0),
+            from_me=True,
+        ),
+        {"chat_id": ME.jid, "sender": ME.jid, "from_me": True, "text": "note to self"},
+    ),
+    (
+        "extended-text-quote-and-mention-of-me",
+        lambda: inbound(
+            fn.extended_text(
+                f"@{fn.ACCOUNT_LID} what about this?",
+                quoted_text="the original question",
+                quoted_id="3A0F2C4E6B8D0A1C3E5F",
+                quoted_participant=f"{CONTACT}@s.whatsapp.net",
+                mentions=[f"{fn.ACCOUNT_LID}@lid"],
+            )
+        ),
+        {
+            "text": f"@{fn.ACCOUNT_LID} what about this?",
+            "quoted_text": "the original question",
+            "mentioned": True,
+        },
+    ),
+    (
+        "extended-text-reply-to-my-message",
+        lambda: in_group(
+            fn.extended_text(
+                "thanks!",
+                quoted_text="the answer",
+                quoted_id="3EB0AAAABBBBCCCCDDDDEE",
+                quoted_participant=f"{fn.ACCOUNT_PHONE}@s.whatsapp.net",
+            )
+        ),
+        {"mentioned": True, "quoted_text": "the answer", "is_group": True},
+    ),
+    (
+        "extended-text-mentions-someone-else",
+        lambda: in_group(
+            fn.extended_text("@5511999990003 look", mentions=["5511999990003@s.whatsapp.net"])
+        ),
+        {"mentioned": False, "text": "@5511999990003 look"},
+    ),
+    (
+        "group-lid-sender-with-pn-alt",
+        lambda: in_group(fn.text("hi all"), push_name="Maria"),
+        {
+            "chat_id": GROUP,
+            "sender": f"{CONTACT}@s.whatsapp.net",
+            "is_group": True,
+            "sender_name": "Maria",
+        },
+    ),
+    (
+        "group-lid-sender-without-alt",
+        lambda: in_group(fn.text("hi all"), sender_alt=None),
+        {"chat_id": GROUP, "sender": f"{CONTACT_LID}@lid"},
+    ),
+    (
+        "image-with-caption",
+        lambda: inbound(fn.image("look at this", data=PNG, mimetype="image/png")),
+        {
+            "text": "look at this",
+            "images": (Image("image/png", PNG, "look at this"),),
+            "unsupported_media": "",
+        },
+    ),
+    (
+        "image-without-downloader",
+        lambda: ("no-download", inbound(fn.image("caption only"))),
+        {"text": "caption only", "images": (), "unsupported_media": "image"},
+    ),
+    (
+        "image-download-fails",
+        lambda: ("failing-download", inbound(fn.image(""))),
+        {"images": (), "unsupported_media": "image"},
+    ),
+    (
+        "video-caption",
+        lambda: inbound(fn.video("watch this")),
+        {"text": "watch this", "unsupported_media": "video"},
+    ),
+    (
+        "document-caption",
+        lambda: inbound(fn.document("the invoice")),
+        {"text": "the invoice", "unsupported_media": "document"},
+    ),
+    ("voice-note", lambda: inbound(fn.audio(ptt=True)), {"text": "", "unsupported_media": "voice"}),
+    ("audio-file", lambda: inbound(fn.audio(ptt=False)), {"unsupported_media": "audio"}),
+    ("sticker", lambda: inbound(fn.sticker()), {"unsupported_media": "sticker"}),
+    (
+        "location",
+        lambda: inbound(
+            fn.E2E.Message(
+                locationMessage=fn.E2E.LocationMessage(
+                    degreesLatitude=-23.5, degreesLongitude=-46.6
+                )
+            )
+        ),
+        {"unsupported_media": "location"},
+    ),
+    (
+        "ephemeral-wrapper",
+        lambda: inbound(wrapped("ephemeralMessage", fn.text("disappearing"))),
+        {"text": "disappearing"},
+    ),
+    (
+        "document-with-caption-wrapper",
+        lambda: inbound(wrapped("documentWithCaptionMessage", fn.document("wrapped pdf"))),
+        {"text": "wrapped pdf", "unsupported_media": "document"},
+    ),
+    (
+        "timestamp-in-seconds",
+        lambda: inbound(fn.text("old encoder"), timestamp_ms=1_732_530_000),
+        {"timestamp": 1_732_530_000.0},
+    ),
+    (
+        "reaction",
+        lambda: inbound(fn.reaction("3EB0AAAABBBBCCCCDDDDEE", f"{CONTACT}@s.whatsapp.net")),
+        None,
+    ),
+    (
+        "protocol-revoke",
+        lambda: inbound(fn.protocol_revoke("A1B2C3", f"{CONTACT}@s.whatsapp.net")),
+        None,
+    ),
+    (
+        "status-broadcast",
+        lambda: inbound(fn.text("my status"), chat=fn.jid("status", "broadcast")),
+        None,
+    ),
+    (
+        "newsletter",
+        lambda: inbound(fn.text("news"), chat=fn.jid("120363200000000000", "newsletter")),
+        None,
+    ),
+    ("edit", lambda: _edited(inbound(fn.text("edited text"))), None),
+    (
+        "sender-key-distribution-only",
+        lambda: in_group(
+            fn.E2E.Message(
+                senderKeyDistributionMessage=fn.E2E.SenderKeyDistributionMessage(
+                    groupID=GROUP, axolotlSenderKeyDistributionMessage=b"\x33\x0a"
+                )
+            )
+        ),
+        None,
+    ),
+    ("empty", lambda: inbound(fn.E2E.Message()), None),
+]
+
+
+def _edited(event: Any) -> Any:
+    event.IsEdit = True
+    event.Info.Edit = "1"
+    return event
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [pytest.param(make, expected, id=name) for name, make, expected in MESSAGE_ROWS],
+)
+def test_translate_messages(make: Callable[[], Any], expected: dict[str, Any] | None) -> None:
+    made = make()
+    download: Callable[[Any], bytes] | None = download_ok
+    if isinstance(made, tuple):
+        mode, made = made
+        download = None if mode == "no-download" else download_fails
+    result = translate(made, me=ME, download=download)
+    if expected is None:
+        assert result is None
+        return
+    assert isinstance(result, IncomingMessage)
+    for name, value in expected.items():
+        assert getattr(result, name) == value, name
+
+
+def test_translate_message_without_me_mentions_nobody() -> None:
+    event = in_group(fn.extended_text("@bot", mentions=[f"{fn.ACCOUNT_LID}@lid"]))
+    result = translate(event)
+    assert isinstance(result, IncomingMessage)
+    assert not result.mentioned
+
+
+def test_translate_skips_huge_images_without_downloading() -> None:
+    content = fn.image("big")
+    content.imageMessage.fileLength = 200 * 1024 * 1024
+    calls: list[Any] = []
+    result = translate(inbound(content), me=ME, download=lambda c: calls.append(c) or PNG)
+    assert isinstance(result, IncomingMessage)
+    assert result.unsupported_media == "image"
+    assert calls == []
+
+
+# --------------------------------------------------------------------------------------------
+# The backend against the fake client
+
+
+class Recorder:
+    """A sink recording (event, thread) from any thread; tests wait on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.items: list[tuple[Event, threading.Thread]] = []
+        self.hook: Callable[[Event], None] | None = None
+        self._changed = asyncio.Event()
+
+    def sink(self, event: Event) -> None:
+        if self.hook is not None:
+            self.hook(event)
+        self.items.append((event, threading.current_thread()))
+        self.loop.call_soon_threadsafe(self._changed.set)
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e, _ in self.items if isinstance(e, kind)]
+
+    async def wait(self, kind: type[E], timeout: float = 5.0, count: int = 1) -> E:
+        deadline = time.monotonic() + timeout
+        while len(self.of(kind)) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind.__name__}; saw {[e for e, _ in self.items]}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return self.of(kind)[count - 1]
+
+
+@pytest.fixture
+def world() -> Iterator[fn.FakeWorld]:
+    made = fn.FakeWorld()
+    yield made
+    made.close()
+    assert made.violations == []
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> BackendContext:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    return BackendContext(user_id="alice", state_dir=state)
+
+
+class Linked:
+    def __init__(self, backend: NeonizeBackend, rec: Recorder, client: fn.FakeNewClient) -> None:
+        self.backend = backend
+        self.rec = rec
+        self.client = client
+
+    async def receive(self, event: Any) -> IncomingMessage:
+        before = len(self.rec.of(IncomingMessage))
+        await asyncio.to_thread(self.client.emit_message, event)
+        return await self.rec.wait(IncomingMessage, count=before + 1)
+
+
+@pytest.fixture
+async def linked(world: fn.FakeWorld, ctx: BackendContext) -> AsyncIterator[Linked]:
+    backend = NeonizeBackend(ctx, client_factory=world.factory)
+    rec = Recorder()
+    backend.start(rec.sink)
+    await rec.wait(QrCode)
+    await asyncio.to_thread(world.latest.scan)
+    await rec.wait(Connected)
+    yield Linked(backend, rec, world.latest)
+    await backend.stop(timeout=2.0)
+
+
+async def test_start_builds_the_client_on_the_state_dir_store(
+    world: fn.FakeWorld, ctx: BackendContext
+) -> None:
+    paths: list[Path] = []
+
+    def factory(path: Path) -> fn.FakeNewClient:
+        paths.append(path)
+        return world.factory(path)
+
+    backend = NeonizeBackend(ctx, client_factory=factory)
+    rec = Recorder()
+    backend.start(rec.sink)
+    try:
+        qr = await rec.wait(QrCode)
+        assert paths == [ctx.state_dir / STORE_FILE]
+        assert qr.code == world.latest.qr_codes[0]
+        assert qr.code.startswith("2@") and qr.code.count(",") == 3
+        with pytest.raises(RuntimeError):
+            backend.start(rec.sink)
+    finally:
+        await backend.stop(timeout=2.0)
+
+
+async def test_handlers_call_the_sink_on_the_connect_thread(linked: Linked) -> None:
+    msg = await linked.receive(inbound(fn.text("hi")))
+    threads = {thread for _event, thread in linked.rec.items}
+    assert threads == {linked.client.connect_thread}
+    assert linked.client.connect_thread is not threading.current_thread()
+    assert linked.client.connect_thread.name == "neonize-connect"
+    assert linked.client.connect_thread.daemon
+    assert msg.text == "hi"
+
+
+async def test_the_sink_gets_a_message_before_anything_else_happens(linked: Linked) -> None:
+    seen: list[list[str]] = []
+
+    def hook(event: Event) -> None:
+        if isinstance(event, IncomingMessage):
+            seen.append(list(linked.client.log))
+
+    linked.rec.hook = hook
+    await linked.receive(inbound(fn.text("persist me first")))
+    assert seen[0][-1] == "dispatch Message"
+    await linked.receive(inbound(fn.image("pic", data=PNG, world=linked.client.world)))
+    assert seen[1][-2:] == ["dispatch Message", "download_any"]
+    msg = linked.rec.of(IncomingMessage)[-1]
+    assert msg.images == (Image("image/jpeg", PNG, "pic"),)
+
+
+async def test_ignored_messages_never_reach_the_sink(linked: Linked) -> None:
+    for event in (
+        inbound(fn.reaction("3EB0AAAABBBBCCCCDDDDEE", f"{CONTACT}@s.whatsapp.net")),
+        inbound(fn.protocol_revoke("A1B2", f"{CONTACT}@s.whatsapp.net")),
+        inbound(fn.text("status"), chat=fn.jid("status", "broadcast")),
+    ):
+        await asyncio.to_thread(linked.client.emit_message, event)
+    await linked.receive(inbound(fn.text("real one")))
+    assert [m.text for m in linked.rec.of(IncomingMessage)] == ["real one"]
+
+
+async def test_send_text_quoting_uses_reply_message(linked: Linked) -> None:
+    world = linked.client.world
+    event = inbound(
+        fn.text("what time is it?"),
+        chat=contact_lid(),
+        sender=contact_lid(device=2),
+        sender_alt=fn.jid(CONTACT),
+        addressing="LID",
+    )
+    msg = await linked.receive(event)
+    sent_id = await linked.backend.send_text(msg.chat_id, "noon", quote=msg)
+    sent = world.sent[-1]
+    assert sent.id == sent_id and sent_id.startswith("3EB0")
+    assert sent.via == "reply_message"
+    assert sent.to == f"{CONTACT}@s.whatsapp.net"
+    assert sent.quoted_id == msg.wa_id
+    context = sent.message.extendedTextMessage.contextInfo
+    assert sent.message.extendedTextMessage.text == "noon"
+    assert context.stanzaID == msg.wa_id
+    assert context.participant == f"{CONTACT}@s.whatsapp.net"
+    assert context.quotedMessage.conversation == "what time is it?"
+
+
+async def test_send_text_quoting_a_message_from_before_a_restart(linked: Linked) -> None:
+    old = IncomingMessage(
+        wa_id="3A0F2C4E6B8D0A1C3E5F",
+        chat_id=f"{CONTACT}@s.whatsapp.net",
+        sender=f"{CONTACT}@s.whatsapp.net",
+        text="asked yesterday",
+        timestamp=1.0,
+    )
+    await linked.backend.send_text(old.chat_id, "answer", quote=old)
+    sent = linked.client.world.sent[-1]
+    assert sent.via == "reply_message"
+    assert sent.quoted_id == old.wa_id
+    assert sent.message.extendedTextMessage.contextInfo.quotedMessage.conversation == old.text
+
+
+async def test_send_text_without_quote_sends_a_plain_message(linked: Linked) -> None:
+    sent_id = await linked.backend.send_text(f"{CONTACT}@s.whatsapp.net", "hi *there*", quote=None)
+    sent = linked.client.world.sent[-1]
+    assert (sent.id, sent.via, sent.to) == (sent_id, "send_message", f"{CONTACT}@s.whatsapp.net")
+    assert sent.message.conversation == "hi *there*"
+
+
+async def test_send_text_cannot_choose_the_message_id(linked: Linked) -> None:
+    """neonize 0.5.2 has no way to pass an id to whatsmeow: the outbox id is not used."""
+    chat = f"{CONTACT}@s.whatsapp.net"
+    sent_id = await linked.backend.send_text(chat, "hi", quote=None, msg_id="3EB0OUTBOX000001")
+    assert sent_id == linked.client.world.sent[-1].id
+    assert sent_id != "3EB0OUTBOX000001"
+
+
+async def test_send_failures_raise_send_error(linked: Linked) -> None:
+    linked.client.world.fail_sends = "server returned error 479"
+    with pytest.raises(SendError, match="479"):
+        await linked.backend.send_text(f"{CONTACT}@s.whatsapp.net", "x", quote=None)
+
+
+async def test_send_when_not_connected_raises_send_error(
+    world: fn.FakeWorld, ctx: BackendContext
+) -> None:
+    backend = NeonizeBackend(ctx, client_factory=world.factory)
+    with pytest.raises(SendError):
+        await backend.send_text(f"{CONTACT}@s.whatsapp.net", "x", quote=None)
+    rec = Recorder()
+    backend.start(rec.sink)
+    try:
+        await rec.wait(QrCode)
+        with pytest.raises(SendError, match="not connected"):
+            await backend.send_text(f"{CONTACT}@s.whatsapp.net", "x", quote=None)
+        await backend.set_typing(f"{CONTACT}@s.whatsapp.net", True)  # best effort: no raise
+        assert world.latest.presences == []
+        assert "send_message" not in world.latest.log
+    finally:
+        await backend.stop(timeout=2.0)
+
+
+async def test_typing_presence(linked: Linked) -> None:
+    chat = f"{CONTACT}@s.whatsapp.net"
+    await linked.backend.set_typing(chat, True)
+    await linked.backend.set_typing(chat, False)
+    presence = fn.ENUM.ChatPresence
+    media = fn.ENUM.ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT
+    assert linked.client.presences == [
+        (chat, presence.CHAT_PRESENCE_COMPOSING, media),
+        (chat, presence.CHAT_PRESENCE_PAUSED, media),
+    ]
+
+
+async def test_mark_read_uses_the_jids_whatsapp_used(linked: Linked) -> None:
+    msg = await linked.receive(
+        inbound(
+            fn.text("read me"),
+            chat=contact_lid(),
+            sender=contact_lid(device=2),
+            sender_alt=fn.jid(CONTACT),
+            addressing="LID",
+        )
+    )
+    await linked.backend.mark_read(msg)
+    assert linked.client.reads == [
+        {
+            "ids": [msg.wa_id],
+            "chat": f"{CONTACT_LID}@lid",
+            "sender": f"{CONTACT_LID}@lid",
+            "receipt": fn.ENUM.ReceiptType.READ,
+        }
+    ]
+
+
+async def test_pair_phone_reports_a_pairing_code(world: fn.FakeWorld, ctx: BackendContext) -> None:
+    backend = NeonizeBackend(ctx, client_factory=world.factory)
+    rec = Recorder()
+    backend.start(rec.sink)
+    try:
+        await rec.wait(QrCode)
+        await backend.pair_phone(fn.ACCOUNT_PHONE)
+        code = await rec.wait(PairingCode)
+        assert len(code.code) == 9 and code.code[4] == "-"
+        assert world.latest.pair_requests == [fn.ACCOUNT_PHONE]
+        with pytest.raises(ValueError):
+            await backend.pair_phone("+55 11 99999")
+    finally:
+        await backend.stop(timeout=2.0)
+
+
+async def test_pair_phone_failure_is_an_event(linked: Linked) -> None:
+    await linked.backend.pair_phone(fn.ACCOUNT_PHONE)  # already paired: the fake refuses
+    failure = await linked.rec.wait(ConnectFailure)
+    assert "already logged in" in failure.reason
+    assert not failure.permanent
+
+
+async def test_link_state_follows_the_events(linked: Linked) -> None:
+    assert linked.backend.is_connected()
+    await asyncio.to_thread(linked.client.emit_keepalive_timeout)
+    await linked.rec.wait(Disconnected)
+    assert not linked.backend.is_connected()
+    await asyncio.to_thread(linked.client.emit_keepalive_restored)
+    await linked.rec.wait(Connected, count=2)
+    assert linked.backend.is_connected()
+    await asyncio.to_thread(linked.client.emit_connect_failure, "SERVICE_UNAVAILABLE")
+    failure = await linked.rec.wait(ConnectFailure)
+    assert failure == ConnectFailure("service_unavailable", permanent=False)
+    assert not linked.backend.is_connected()
+    assert linked.backend.me == ME
+
+
+async def test_stop_returns_within_timeout_when_neonize_hangs(linked: Linked) -> None:
+    linked.client.world.stop_hangs = 30.0
+    started = time.monotonic()
+    await linked.backend.stop(timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0
+    assert linked.backend.stopped_cleanly is False
+    assert not linked.backend.is_connected()
+
+
+async def test_clean_stop_ends_the_connect_call(linked: Linked) -> None:
+    await linked.backend.stop(timeout=2.0)
+    assert linked.backend.stopped_cleanly is True
+    thread = linked.client.connect_thread
+    assert thread is not None
+    thread.join(2.0)
+    assert not thread.is_alive()
+    assert linked.client.connect_calls == 1
+
+
+async def test_after_stop_only_messages_reach_the_sink(linked: Linked) -> None:
+    linked.client.world.stop_hangs = 30.0  # Go still delivers while stop() hangs
+    await linked.backend.stop(timeout=0.2)
+    await asyncio.to_thread(linked.client.emit_disconnected)
+    await asyncio.to_thread(linked.client.emit_message, inbound(fn.text("late but acked")))
+    await linked.rec.wait(IncomingMessage)
+    assert linked.rec.of(Disconnected) == []
+
+
+async def test_qr_expiry_from_the_login_status(world: fn.FakeWorld, ctx: BackendContext) -> None:
+    backend = NeonizeBackend(ctx, client_factory=world.factory)
+    rec = Recorder()
+    backend.start(rec.sink)
+    try:
+        await rec.wait(QrCode)
+        await asyncio.to_thread(world.latest.emit_qr)
+        await rec.wait(QrCode, count=2)
+        await asyncio.to_thread(world.latest.emit_login_status, "timeout")
+        await rec.wait(QrExpired)
+        await asyncio.sleep(0.1)
+        assert len(rec.of(QrExpired)) == 1
+    finally:
+        await backend.stop(timeout=2.0)
+
+
+async def test_qr_expiry_by_timer_when_neonize_goes_quiet(
+    world: fn.FakeWorld, ctx: BackendContext
+) -> None:
+    backend = NeonizeBackend(ctx, client_factory=world.factory, qr_timeout=0.3)
+    rec = Recorder()
+    backend.start(rec.sink)
+    try:
+        await rec.wait(QrCode)
+        await rec.wait(QrExpired, timeout=3.0)
+        await asyncio.sleep(0.4)
+        assert len(rec.of(QrExpired)) == 1
+    finally:
+        await backend.stop(timeout=2.0)
+
+
+async def test_no_qr_expiry_once_scanned(world: fn.FakeWorld, ctx: BackendContext) -> None:
+    backend = NeonizeBackend(ctx, client_factory=world.factory, qr_timeout=0.3)
+    rec = Recorder()
+    backend.start(rec.sink)
+    try:
+        await rec.wait(QrCode)
+        await asyncio.to_thread(world.latest.scan)
+        await rec.wait(Connected)
+        await asyncio.sleep(0.6)
+        assert rec.of(QrExpired) == []
+    finally:
+        await backend.stop(timeout=2.0)
+
+
+async def test_connect_error_is_reported_not_raised(ctx: BackendContext) -> None:
+    class Broken(fn.FakeNewClient):
+        def connect(self, proxy_settings: Any = None) -> None:
+            raise fn.neonize_exc.NeonizeError("database is locked")
+
+    world = fn.FakeWorld()
+    backend = NeonizeBackend(ctx, client_factory=lambda path: Broken(str(path), world=world))
+    rec = Recorder()
+    backend.start(rec.sink)
+    try:
+        failure = await rec.wait(ConnectFailure)
+        assert failure == ConnectFailure("connect failed: database is locked", permanent=False)
+    finally:
+        await backend.stop(timeout=2.0)
+
+
+async def test_restart_shares_the_store_and_connects_without_qr(
+    world: fn.FakeWorld, ctx: BackendContext, linked: Linked
+) -> None:
+    await linked.backend.stop(timeout=2.0)
+    second = NeonizeBackend(ctx, client_factory=linked.client.world.factory)
+    rec = Recorder()
+    second.start(rec.sink)
+    try:
+        connected = await rec.wait(Connected)
+        assert connected.phone == fn.ACCOUNT_PHONE
+        assert rec.of(QrCode) == []
+    finally:
+        await second.stop(timeout=2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The real neonize, in fresh interpreters
+
+
+def _run_python(code: str, *, isolate_network: bool) -> dict[str, Any]:
+    argv = [sys.executable, "-c", code]
+    if isolate_network and _can_unshare_network():
+        argv = ["unshare", "--net", *argv]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _can_unshare_network() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--net", "true"], capture_output=True, timeout=10, check=False
+    )
+    return probe.returncode == 0
+
+
+IMPORT_CONTAINMENT = r"""
+import json, logging, sys, tempfile
+from pathlib import Path
+
+root = logging.getLogger()
+mine = logging.StreamHandler(sys.stderr)
+root.addHandler(mine)
+root.setLevel(logging.WARNING)
+before = (list(root.handlers), root.level)
+
+import agent.whatsapp.neonize_backend as nb
+after_module = (list(root.handlers), root.level)
+lazy = "neonize" not in sys.modules and "neonize.client" not in sys.modules
+
+tmp = Path(tempfile.mkdtemp())
+client = nb.default_client_factory(tmp / "whatsapp.db")
+after_client = (list(root.handlers), root.level)
+print(json.dumps({
+    "module_kept_root": after_module == before,
+    "lazy": lazy,
+    "client_kept_root": after_client == before,
+    "neonize_loaded": "neonize.client" in sys.modules,
+    "client_type": type(client).__module__ + "." + type(client).__name__,
+}))
+"""
+
+
+def test_importing_neonize_leaves_root_logging_alone() -> None:
+    result = _run_python(IMPORT_CONTAINMENT, isolate_network=True)
+    assert result == {
+        "module_kept_root": True,
+        "lazy": True,
+        "client_kept_root": True,
+        "neonize_loaded": True,
+        "client_type": "neonize.client.NewClient",
+    }
+
+
+REAL_CLIENT_SMOKE = r"""
+import json, sqlite3, sys
+from pathlib import Path
+
+from agent.whatsapp.neonize_backend import default_client_factory, ensure_store
+
+db = Path(sys.argv[1]) / "state" / "whatsapp.db"
+client = default_client_factory(db)
+with sqlite3.connect(db) as conn:
+    tables = sorted(r[0] for r in conn.execute("select name from sqlite_master where type='table'"))
+    version = conn.execute("select version from whatsmeow_version").fetchone()[0]
+    devices = conn.execute("select count(*) from whatsmeow_device").fetchone()[0]
+print(json.dumps({
+    "exists": db.is_file(),
+    "tables": tables,
+    "version": version,
+    "devices": devices,
+    "sessions_again": ensure_store(db),
+    "uuid": client.uuid.decode(),
+    "connected": client.connected,
+    "has_api": all(hasattr(client, n) for n in (
+        "connect", "stop", "disconnect", "send_message", "reply_message",
+        "send_chat_presence", "mark_read", "download_any", "PairPhone", "logout", "get_me",
+        "_NewClient__onLoginStatus")),
+}))
+"""
+
+
+def test_real_client_creates_the_store_schema_without_network(tmp_path: Path) -> None:
+    """Builds a real NewClient (never connects) in a fresh interpreter; with root it runs in
+    an empty network namespace, which proves no network is touched."""
+    code = REAL_CLIENT_SMOKE.replace("sys.argv[1]", repr(str(tmp_path)))
+    result = _run_python(code, isolate_network=True)
+    assert result["exists"]
+    assert {"whatsmeow_device", "whatsmeow_sessions", "whatsmeow_lid_map"} <= set(result["tables"])
+    assert result["version"] >= 1
+    assert result["devices"] == 0
+    assert result["sessions_again"] == 0
+    assert result["uuid"] == str(tmp_path / "state" / "whatsapp.db")
+    assert result["connected"] is False
+    assert result["has_api"] is True

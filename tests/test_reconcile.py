@@ -1,0 +1,361 @@
+"""The controller's pure decisions, row by row."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import pytest
+
+from controller.plane import SessionDoc, parse_session
+from controller.reconcile import (
+    CLD_DUMPED,
+    CLD_EXITED,
+    CLD_KILLED,
+    Action,
+    Claim,
+    SetError,
+    Start,
+    Stop,
+    UnitView,
+    Update,
+    crash_reason,
+    for_doc,
+    for_unit,
+    reconcile,
+    status_from_worker,
+)
+from wabridge.errors import ExitCode
+from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState
+
+S = DocStatus
+U = "alice"
+
+NONE = None
+ACTIVE = UnitView("active", "running")
+ACTIVATING = UnitView("activating", "auto-restart")
+DEACTIVATING = UnitView("deactivating", "stop-sigterm")
+FAILED = UnitView("failed", "failed", result="exit-code", n_restarts=5, exec_main_code=CLD_EXITED,
+                  exec_main_status=1)
+INACTIVE = UnitView("inactive", "dead")
+UNITS = {"none": NONE, "active": ACTIVE, "failed": FAILED, "inactive": INACTIVE}
+
+
+def doc(status: DocStatus | str | None, **fields: object) -> SessionDoc:
+    data: dict[str, object] = dict(fields)
+    if status is not None:
+        data["status"] = str(status)
+    return parse_session(U, data)
+
+
+def claim(frm: DocStatus, to: DocStatus) -> Claim:
+    return Claim(U, frozenset({frm}), to)
+
+
+def status_update(status: DocStatus) -> Update:
+    return Update(U, {"status": status.value})
+
+
+# Every DocStatus x unit (none/active/failed/inactive). Requests first.
+FOR_DOC: list[tuple[DocStatus, str, list[Any]]] = [
+    (S.CREATE_REQUESTED, "none", [claim(S.CREATE_REQUESTED, S.STARTING), Start(U)]),
+    (S.CREATE_REQUESTED, "active", [claim(S.CREATE_REQUESTED, S.STARTING), Start(U)]),
+    (S.CREATE_REQUESTED, "failed",
+     [claim(S.CREATE_REQUESTED, S.STARTING), Start(U, reset_failed=True)]),
+    (S.CREATE_REQUESTED, "inactive", [claim(S.CREATE_REQUESTED, S.STARTING), Start(U)]),
+    (S.RESTART_REQUESTED, "none",
+     [claim(S.RESTART_REQUESTED, S.STARTING), Start(U, reset_failed=True)]),
+    (S.RESTART_REQUESTED, "active",
+     [claim(S.RESTART_REQUESTED, S.STARTING), Start(U, reset_failed=True, restart=True)]),
+    (S.RESTART_REQUESTED, "failed",
+     [claim(S.RESTART_REQUESTED, S.STARTING), Start(U, reset_failed=True)]),
+    (S.RESTART_REQUESTED, "inactive",
+     [claim(S.RESTART_REQUESTED, S.STARTING), Start(U, reset_failed=True)]),
+    (S.DESTROY_REQUESTED, "none", [claim(S.DESTROY_REQUESTED, S.STOPPING), Stop(U)]),
+    (S.DESTROY_REQUESTED, "active", [claim(S.DESTROY_REQUESTED, S.STOPPING), Stop(U)]),
+    (S.DESTROY_REQUESTED, "failed", [claim(S.DESTROY_REQUESTED, S.STOPPING), Stop(U)]),
+    (S.DESTROY_REQUESTED, "inactive", [claim(S.DESTROY_REQUESTED, S.STOPPING), Stop(U)]),
+    # (PAIRING_REQUESTED has its own table below: it depends on the phone)
+    # statuses that expect a running worker
+    *[
+        row
+        for st in (S.STARTING, S.WAITING_QR, S.PAIRING, S.CONNECTED, S.DISCONNECTED)
+        for row in [
+            (st, "none", [Start(U)]),
+            (st, "active", []),
+            (st, "failed", []),  # crashed for good: for_unit reports it, no restart loop
+            (st, "inactive", [Start(U)]),
+        ]
+    ],
+    # a stop in progress
+    (S.STOPPING, "none", [status_update(S.STOPPED)]),
+    (S.STOPPING, "active", []),
+    (S.STOPPING, "failed", [status_update(S.STOPPED)]),
+    (S.STOPPING, "inactive", [status_update(S.STOPPED)]),
+    # outcomes: a worker still running is stopped
+    *[
+        row
+        for st in (S.LOGGED_OUT, S.BANNED, S.REPLACED, S.OUTDATED, S.QR_EXPIRED, S.CRASHED,
+                   S.STOPPED, S.ERROR)
+        for row in [
+            (st, "none", []),
+            (st, "active", [Stop(U)]),
+            (st, "failed", []),
+            (st, "inactive", []),
+        ]
+    ],
+]
+
+
+@pytest.mark.parametrize(("status", "unit", "actions"), FOR_DOC,
+                         ids=[f"{r[0].value}-{r[1]}" for r in FOR_DOC])
+def test_for_doc(status: DocStatus, unit: str, actions: list[Action]) -> None:
+    assert for_doc(doc(status), UNITS[unit]) == actions
+
+
+def test_for_doc_covers_every_status_and_unit() -> None:
+    covered = {(r[0], r[1]) for r in FOR_DOC} | {
+        (S.PAIRING_REQUESTED, u) for u in UNITS
+    }
+    assert covered == {(s, u) for s in DocStatus for u in UNITS}
+
+
+@pytest.mark.parametrize("unit", [ACTIVATING, DEACTIVATING])
+def test_for_doc_leaves_transitions_alone(unit: UnitView) -> None:
+    assert for_doc(doc(S.CONNECTED), unit) == []
+
+
+def test_activating_counts_as_running() -> None:
+    assert for_doc(doc(S.RESTART_REQUESTED), ACTIVATING)[1] == Start(
+        U, reset_failed=True, restart=True
+    )
+    assert for_doc(doc(S.STOPPED), ACTIVATING) == [Stop(U)]
+
+
+# --- pairing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phone", ["4915123456789", "12345678", "123456789012345"])
+@pytest.mark.parametrize("unit", ["none", "failed"])
+def test_pairing_with_a_valid_phone(phone: str, unit: str) -> None:
+    assert for_doc(doc(S.PAIRING_REQUESTED, pairingPhone=phone), UNITS[unit]) == [
+        claim(S.PAIRING_REQUESTED, S.PAIRING),
+        Start(U, reset_failed=unit == "failed"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "phone",
+    [None, "", "+4915123456789", "1234567", "1234567890123456", "49 151 234567",
+     "4915-123456", "49151234567a", "\u0664\u0669\u0661\u0665\u0661\u0662\u0663\u0664",
+     "\u00b2\u00b3\u00b2\u00b3\u00b2\u00b3\u00b2\u00b3", 4915123456789],
+)
+@pytest.mark.parametrize(("unit", "back_to"), [("none", S.STOPPED), ("inactive", S.STOPPED),
+                                               ("active", S.STARTING)])
+def test_pairing_with_a_bad_phone(phone: object, unit: str, back_to: DocStatus) -> None:
+    fields = {} if phone is None else {"pairingPhone": phone}
+    actions = for_doc(doc(S.PAIRING_REQUESTED, **fields), UNITS[unit])
+    assert len(actions) == 2
+    error, update = actions
+    assert isinstance(error, SetError)
+    assert error.code == "bad_pairing_phone"
+    assert "8-15 digits" in error.message
+    assert update == status_update(back_to)
+
+
+# --- odd documents ------------------------------------------------------------------------
+
+
+def test_unknown_status_is_reported_once() -> None:
+    first = for_doc(doc("hibernate"), None)
+    assert len(first) == 1
+    assert isinstance(first[0], SetError)
+    assert first[0].code == "unknown_status"
+    assert "'hibernate'" in first[0].message
+    assert "create_requested" in first[0].message
+    # the controller wrote error.code; the next change of the document does not repeat it
+    again = doc("hibernate", error={"code": "unknown_status", "message": "..."})
+    assert for_doc(again, ACTIVE) == []
+
+
+def test_status_of_the_wrong_type_is_unknown() -> None:
+    actions = for_doc(parse_session(U, {"status": 42}), None)
+    assert [type(a) for a in actions] == [SetError]
+
+
+def test_absent_status_is_ignored() -> None:
+    assert for_doc(doc(None), None) == []
+    assert for_doc(doc(None), ACTIVE) == []
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "caf\u00e9", "x" * 129, "a/b"])
+def test_invalid_user_id_is_reported_once(bad: str) -> None:
+    d = parse_session(bad, {"status": "create_requested"})
+    actions = for_doc(d, None)
+    assert len(actions) == 1
+    assert isinstance(actions[0], SetError)
+    assert actions[0].user_id == bad
+    assert actions[0].code == "bad_user_id"
+    assert "cannot name a worker unit" in actions[0].message
+    reported = parse_session(bad, {"status": "create_requested",
+                                   "error": {"code": "bad_user_id"}})
+    assert for_doc(reported, None) == []
+
+
+# --- for_unit -------------------------------------------------------------------------------
+
+
+def _mirror(unit: UnitView) -> Update:
+    return Update(U, {"unit": {
+        "activeState": unit.active_state, "subState": unit.sub_state, "result": unit.result,
+        "nRestarts": unit.n_restarts, "exitCode": unit.exec_main_status,
+    }})
+
+
+def test_for_unit_mirrors_the_unit() -> None:
+    assert for_unit(doc(S.CONNECTED), U, ACTIVE) == [_mirror(ACTIVE)]
+
+
+@pytest.mark.parametrize("status", sorted(RUNNING_STATUSES))
+def test_failed_while_running_is_a_crash(status: DocStatus) -> None:
+    actions = for_unit(doc(status), U, FAILED)
+    assert actions[0] == _mirror(FAILED)
+    assert actions[1] == status_update(S.CRASHED)
+    assert actions[2] == SetError(U, "crashed",
+                                  "worker exited with code 1 after 5 automatic restarts")
+    assert len(actions) == 3
+
+
+@pytest.mark.parametrize(
+    ("unit", "words"),
+    [
+        (UnitView("failed", result="signal", exec_main_code=CLD_KILLED,
+                  exec_main_status=signal.SIGKILL), "killed by SIGKILL"),
+        (UnitView("failed", result="core-dump", exec_main_code=CLD_DUMPED,
+                  exec_main_status=signal.SIGSEGV), "killed by SIGSEGV"),
+        (UnitView("failed", result="signal", exec_main_code=CLD_KILLED, exec_main_status=99),
+         "killed by signal 99"),
+        (UnitView("failed", result="oom-kill", exec_main_code=CLD_KILLED,
+                  exec_main_status=signal.SIGKILL), "ran out of memory"),
+        (UnitView("failed", result="signal", exec_main_code=CLD_KILLED,
+                  exec_main_status=signal.SIGKILL, oom=True), "ran out of memory"),
+        (UnitView("failed", result="watchdog", exec_main_code=CLD_KILLED,
+                  exec_main_status=signal.SIGABRT), "watchdog"),
+        (UnitView("failed", result="timeout"), "did not stop in time"),
+        (UnitView("failed", result="exit-code", n_restarts=2, exec_main_code=CLD_EXITED,
+                  exec_main_status=ExitCode.CONFIG), "exited with code 78 after 2 automatic"),
+    ],
+)
+def test_crash_reason(unit: UnitView, words: str) -> None:
+    assert words in crash_reason(unit)
+    actions = for_unit(doc(S.CONNECTED), U, unit)
+    assert isinstance(actions[-1], SetError)
+    assert words in actions[-1].message
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (ExitCode.LOGGED_OUT, S.LOGGED_OUT),
+        (ExitCode.BANNED, S.BANNED),
+        (ExitCode.REPLACED, S.REPLACED),
+        (ExitCode.OUTDATED, S.OUTDATED),
+        (ExitCode.QR_EXPIRED, S.QR_EXPIRED),
+    ],
+)
+def test_inactive_after_an_outcome_exit(code: ExitCode, status: DocStatus) -> None:
+    unit = UnitView("inactive", "dead", exec_main_code=CLD_EXITED, exec_main_status=code)
+    assert for_unit(doc(S.CONNECTED), U, unit)[1:] == [status_update(status)]
+
+
+def test_inactive_after_exit_10_while_stopping_is_just_stopped() -> None:
+    unit = UnitView("inactive", exec_main_code=CLD_EXITED, exec_main_status=ExitCode.LOGGED_OUT)
+    assert for_unit(doc(S.STOPPING), U, unit)[1:] == [status_update(S.STOPPED)]
+
+
+def test_exit_status_10_from_a_signal_is_not_an_outcome() -> None:
+    unit = UnitView("inactive", exec_main_code=CLD_KILLED, exec_main_status=10)  # SIGUSR1
+    assert for_unit(doc(S.CONNECTED), U, unit)[1:] == [status_update(S.STOPPED)]
+
+
+@pytest.mark.parametrize(
+    ("status", "unit", "then"),
+    [
+        (S.CONNECTED, INACTIVE, [status_update(S.STOPPED)]),
+        (S.STOPPING, INACTIVE, [status_update(S.STOPPED)]),
+        # a stop that ended in SIGKILL after TimeoutStopSec= leaves the unit failed
+        (S.STOPPING, UnitView("failed", result="timeout"), [status_update(S.STOPPED)]),
+        (S.STOPPED, INACTIVE, []),
+        (S.LOGGED_OUT, INACTIVE, []),
+        (S.LOGGED_OUT, FAILED, []),
+        (S.CRASHED, FAILED, []),
+        (S.CREATE_REQUESTED, INACTIVE, []),
+        (S.DESTROY_REQUESTED, FAILED, []),
+        (S.CONNECTED, ACTIVATING, []),
+        (S.STOPPING, DEACTIVATING, []),
+        (None, INACTIVE, []),
+    ],
+)
+def test_for_unit_rows(status: DocStatus | None, unit: UnitView, then: list[Action]) -> None:
+    assert for_unit(doc(status), U, unit) == [_mirror(unit), *then]
+
+
+def test_for_unit_without_a_document() -> None:
+    assert for_unit(None, U, ACTIVE) == [Stop(U)]
+    assert for_unit(None, U, ACTIVATING) == [Stop(U)]
+    assert for_unit(None, U, INACTIVE) == []
+    assert for_unit(None, U, FAILED) == []
+
+
+# --- status_from_worker ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("current", [S.DESTROY_REQUESTED, S.STOPPING, S.STOPPED,
+                                     S.CREATE_REQUESTED, S.RESTART_REQUESTED, S.CRASHED,
+                                     S.LOGGED_OUT, S.ERROR])
+@pytest.mark.parametrize("state", list(WorkerState))
+def test_worker_never_overrides_requests_or_stops(current: DocStatus, state: WorkerState) -> None:
+    assert status_from_worker(current, state) is None
+
+
+@pytest.mark.parametrize("current", [None, *sorted(RUNNING_STATUSES), S.PAIRING_REQUESTED])
+@pytest.mark.parametrize("state", [s for s in WorkerState if s is not WorkerState.STOPPING])
+def test_worker_moves_running_documents(current: DocStatus | None, state: WorkerState) -> None:
+    expected = None if current is not None and current.value == state.value else S(state.value)
+    assert status_from_worker(current, state) == expected
+
+
+def test_worker_stopping_is_never_written() -> None:
+    for current in [None, *DocStatus]:
+        assert status_from_worker(current, WorkerState.STOPPING) is None
+
+
+def test_requests_are_never_worker_outputs() -> None:
+    for state in WorkerState:
+        assert S(state.value) not in REQUESTS
+
+
+# --- reconcile -------------------------------------------------------------------------------
+
+
+def test_reconcile_starts_missing_workers_and_stops_orphans() -> None:
+    docs = {
+        "a": parse_session("a", {"status": "connected"}),  # no unit: start
+        "b": parse_session("b", {"status": "connected"}),  # running: fine
+        "c": parse_session("c", {"status": "stopped"}),  # stopped, unit running: stop
+        "d": parse_session("d", {"status": "waiting_qr"}),  # unit inactive: start
+        "e": parse_session("e", {"status": "logged_out"}),  # nothing
+    }
+    units = {
+        "b": ACTIVE,
+        "c": ACTIVE,
+        "d": INACTIVE,
+        "orphan": ACTIVE,  # no document: stop
+        "gone": INACTIVE,  # no document, not running: leave
+        "dying": FAILED,
+    }
+    assert reconcile(docs, units) == [Start("a"), Stop("c"), Start("d"), Stop("orphan")]
+
+
+def test_reconcile_of_nothing() -> None:
+    assert reconcile({}, {}) == []

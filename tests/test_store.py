@@ -1,0 +1,392 @@
+"""The worker's durable state."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from agent import store as store_mod
+from agent.store import MIGRATIONS, SchemaTooNew, Store
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    s = Store(db_path)
+    yield s
+    s.close()
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def _count(path: Path, sql: str) -> int:
+    with closing(_raw(path)) as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+# --- migrations ----------------------------------------------------------------------------
+
+
+def test_migrates_an_empty_file(db_path: Path) -> None:
+    assert not db_path.exists()
+    s = Store(db_path)
+    s.close()
+    conn = _raw(db_path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"inbox", "outbox", "chats", "link_outbox", "kv", "schema_version"} <= tables
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS),)]
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_reopening_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
+    s = Store(db_path)
+    assert s.add_inbound("c", "s", "w1", {"text": "hi"})
+    s.close()
+    s2 = Store(db_path)
+    assert [p.wa_id for p in s2.pending_inbound("c")] == ["w1"]
+    s2.close()
+    assert _count(db_path, "SELECT COUNT(*) FROM schema_version") == 1
+
+
+def test_refuses_a_newer_schema(db_path: Path) -> None:
+    Store(db_path).close()
+    with closing(_raw(db_path)) as conn:
+        conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
+    with pytest.raises(SchemaTooNew) as info:
+        Store(db_path)
+    assert f"schema version {len(MIGRATIONS) + 1}" in str(info.value)
+    assert f"knows {len(MIGRATIONS)}" in str(info.value)
+    assert "upgrade" in str(info.value)
+    assert info.value.code == "schema_too_new"
+    # and it left the file alone
+    assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
+
+
+def test_a_new_migration_step_is_applied_once(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Store(db_path).close()
+    calls: list[int] = []
+
+    def v2(db: sqlite3.Connection) -> None:
+        calls.append(1)
+        db.execute("CREATE TABLE extra (x INTEGER)")
+
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*MIGRATIONS, v2])
+    Store(db_path).close()
+    Store(db_path).close()
+    assert calls == [1]
+    assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
+
+
+def test_a_failing_migration_step_leaves_nothing_behind(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Store(db_path).close()
+
+    def v2(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE half (x INTEGER)")
+        raise RuntimeError("step failed halfway")
+
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*MIGRATIONS, v2])
+    with pytest.raises(RuntimeError, match="halfway"):
+        Store(db_path)
+    assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS)
+    assert _count(db_path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'half'") == 0
+
+
+def test_two_stores_opening_a_fresh_file_at_once(db_path: Path) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            Store(db_path).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _count(db_path, "SELECT COUNT(*) FROM schema_version") == 1
+
+
+# --- inbox ---------------------------------------------------------------------------------
+
+
+def test_add_inbound_dedups(store: Store) -> None:
+    assert store.add_inbound("c1", "s1", "w1", {"text": "a"}) is True
+    assert store.add_inbound("c1", "s1", "w1", {"text": "changed"}) is False
+    # the same WhatsApp id from another sender or chat is another message
+    assert store.add_inbound("c1", "s2", "w1", {"text": "b"}) is True
+    assert store.add_inbound("c2", "s1", "w1", {"text": "c"}) is True
+    pending = store.pending_inbound("c1")
+    assert [(p.sender, p.wa_id, p.payload) for p in pending] == [
+        ("s1", "w1", {"text": "a"}),  # the first delivery wins
+        ("s2", "w1", {"text": "b"}),
+    ]
+
+
+def test_pending_inbound_order_and_limit(store: Store) -> None:
+    for i in range(5):
+        store.add_inbound("c", "s", f"w{i}", {"i": i})
+    assert [p.payload["i"] for p in store.pending_inbound("c", limit=3)] == [0, 1, 2]
+    assert store.pending_inbound("other") == []
+
+
+def test_pending_chats_oldest_waiting_first(store: Store) -> None:
+    ids = {}
+    for chat, wa in [("a", "1"), ("b", "2"), ("a", "3"), ("c", "4"), ("b", "5")]:
+        store.add_inbound(chat, "s", wa, {})
+    for p in store.pending_inbound("a"):
+        ids[p.wa_id] = p.id
+    assert store.pending_chats() == ["a", "b", "c"]
+    store.complete_turn("a", [ids["1"]], [], None)
+    # a's oldest pending message is now 3, after b's 2
+    assert store.pending_chats() == ["b", "a", "c"]
+
+
+def test_skip_inbound(store: Store) -> None:
+    store.add_inbound("c", "s", "w1", {})
+    store.add_inbound("c", "s", "w2", {})
+    first = store.pending_inbound("c")[0]
+    store.skip_inbound([first.id])
+    assert [p.wa_id for p in store.pending_inbound("c")] == ["w2"]
+    assert store.add_inbound("c", "s", "w1", {}) is False  # skipped still dedups
+
+
+# --- turns ---------------------------------------------------------------------------------
+
+
+def test_complete_turn_marks_done_and_queues_replies_in_one_commit(
+    store: Store, db_path: Path
+) -> None:
+    store.add_inbound("c", "s", "w1", {"text": "q1"})
+    store.add_inbound("c", "s", "w2", {"text": "q2"})
+    store.add_inbound("c", "s", "w3", {"text": "later"})
+    p1, p2, _ = store.pending_inbound("c")
+    quote = {"wa_id": "w2", "text": "q2"}
+    replies = store.complete_turn(
+        "c", [p1.id, p2.id], ["part one", "part two"], quote,
+        session_id="sess-1", cost_delta=0.5, input_tokens=10, output_tokens=20,
+    )
+    assert [r.text for r in replies] == ["part one", "part two"]
+    assert replies[0].quote == quote
+    assert replies[1].quote is None  # only the first part quotes
+    assert len({r.wa_id for r in replies}) == 2
+    assert all(r.wa_id.startswith("3EB0") and len(r.wa_id) == 20 for r in replies)
+    assert [p.wa_id for p in store.pending_inbound("c")] == ["w3"]
+
+    # a brand-new Store on the same file (another process after a restart) sees the same
+    other = Store(db_path)
+    assert [p.wa_id for p in other.pending_inbound("c")] == ["w3"]
+    assert other.pending_replies() == replies
+    row = other.chat("c")
+    assert row is not None
+    assert (row.session_id, row.turns, row.cost_usd, row.input_tokens, row.output_tokens) == (
+        "sess-1", 1, 0.5, 10, 20,
+    )
+    other.close()
+
+
+def test_complete_turn_accumulates_per_chat(store: Store) -> None:
+    store.complete_turn("c", [], ["a"], None, session_id="s1", cost_delta=0.25,
+                        input_tokens=1, output_tokens=2)
+    store.complete_turn("c", [], ["b"], None, cost_delta=0.25, input_tokens=3, output_tokens=4)
+    row = store.chat("c")
+    assert row is not None
+    # a turn without a session id keeps the known one
+    assert (row.session_id, row.turns, row.cost_usd, row.input_tokens, row.output_tokens) == (
+        "s1", 2, 0.5, 4, 6,
+    )
+    assert store.chat("nope") is None
+
+
+def test_complete_turn_failing_midway_changes_nothing(store: Store) -> None:
+    store.add_inbound("c", "s", "w1", {})
+    (p,) = store.pending_inbound("c")
+    unserialisable_quote = {"obj": object()}
+    with pytest.raises(TypeError):
+        store.complete_turn("c", [p.id], ["reply"], unserialisable_quote)
+    assert [x.id for x in store.pending_inbound("c")] == [p.id]
+    assert store.pending_replies() == []
+    assert store.chat("c") is None
+    # and the store is still usable (the transaction was rolled back, not left open)
+    store.complete_turn("c", [p.id], ["reply"], None)
+    assert store.pending_inbound("c") == []
+
+
+def test_complete_turn_survives_a_process_crash_midway(db_path: Path) -> None:
+    s = Store(db_path)
+    s.add_inbound("c", "s", "w1", {})
+    (p,) = s.pending_inbound("c")
+    s.close()
+    # The child dies (os._exit: no cleanup, no rollback) after the inbound row was updated
+    # and one reply inserted, inside complete_turn's transaction.
+    code = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from agent.store import Store
+        s = Store(Path({str(db_path)!r}))
+        def replies():
+            yield "first part"
+            os._exit(3)
+        s.complete_turn("c", [{p.id}], replies(), None)
+        sys.exit(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                          check=False, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    after = Store(db_path)
+    assert [x.id for x in after.pending_inbound("c")] == [p.id]  # answered again
+    assert after.pending_replies() == []  # and no half-queued reply
+    after.close()
+
+
+# --- outbox --------------------------------------------------------------------------------
+
+
+def test_pending_replies_in_order_and_mark_sent(store: Store) -> None:
+    a = store.complete_turn("c1", [], ["a1", "a2"], None)
+    b = store.complete_turn("c2", [], ["b1"], {"q": 1})
+    pending = store.pending_replies()
+    assert [r.text for r in pending] == ["a1", "a2", "b1"]
+    assert pending[2].quote == {"q": 1}
+    store.mark_sent(a[1].id)
+    assert [r.text for r in store.pending_replies()] == ["a1", "b1"]
+    store.mark_sent(a[0].id)
+    store.mark_sent(b[0].id)
+    assert store.pending_replies() == []
+    assert store.totals()["messages_out"] == 3
+
+
+def test_reply_ids_survive_a_restart(store: Store, db_path: Path) -> None:
+    (r,) = store.complete_turn("c", [], ["x"], None)
+    other = Store(db_path)
+    assert [x.wa_id for x in other.pending_replies()] == [r.wa_id]  # resend reuses the id
+    other.close()
+
+
+# --- controller link outbox ----------------------------------------------------------------
+
+
+def _frame(kind: str) -> object:
+    return lambda seq: json.dumps({"type": kind, "seq": seq}).encode() + b"\n"
+
+
+def test_link_outbox(store: Store, db_path: Path) -> None:
+    s1 = store.queue_frame(_frame("state"))  # type: ignore[arg-type]
+    s2 = store.queue_frame(_frame("message"))  # type: ignore[arg-type]
+    s3 = store.queue_frame(_frame("state"))  # type: ignore[arg-type]
+    assert s1 < s2 < s3
+    frames = store.unacked_frames()
+    assert [seq for seq, _ in frames] == [s1, s2, s3]
+    # the frame was built with its own sequence number
+    assert all(json.loads(data)["seq"] == seq for seq, data in frames)
+    assert all(isinstance(data, bytes) for _, data in frames)
+    store.ack_frame(s2)
+    assert [seq for seq, _ in store.unacked_frames()] == [s1, s3]
+    store.ack_frame(s2)  # acking twice is harmless
+    store.drop_frames([s1])
+    other = Store(db_path)
+    assert [seq for seq, _ in other.unacked_frames()] == [s3]
+    other.close()
+    store.drop_frames([s3])
+    assert store.unacked_frames() == []
+    # sequence numbers are never reused, even after the table emptied
+    assert store.queue_frame(_frame("x")) > s3  # type: ignore[arg-type]
+
+
+def test_queue_frame_whose_build_fails_queues_nothing(store: Store) -> None:
+    def build(seq: int) -> bytes:
+        raise ValueError("too big")
+
+    with pytest.raises(ValueError, match="too big"):
+        store.queue_frame(build)
+    assert store.unacked_frames() == []
+
+
+# --- concurrency and totals ----------------------------------------------------------------
+
+
+def test_concurrent_add_inbound_loses_and_duplicates_nothing(store: Store) -> None:
+    threads_n, per_thread = 8, 150
+    results: list[list[bool]] = [[] for _ in range(threads_n)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads_n)
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(per_thread):
+                # every id is delivered by two threads
+                wa = f"w{(n // 2) * per_thread + i}"
+                results[n].append(store.add_inbound(f"chat{i % 5}", "s", wa, {"n": n}))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()  # this thread's connection
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    unique = threads_n // 2 * per_thread
+    assert sum(sum(r) for r in results) == unique
+    rows = [p for c in range(5) for p in store.pending_inbound(f"chat{c}", limit=10_000)]
+    assert len(rows) == unique
+    assert len({(p.chat_id, p.sender, p.wa_id) for p in rows}) == unique
+
+
+def test_totals(store: Store) -> None:
+    assert store.totals() == {"turns": 0, "cost_usd": 0, "input_tokens": 0,
+                              "output_tokens": 0, "messages_in": 0, "messages_out": 0}
+    store.add_inbound("a", "s", "1", {})
+    store.add_inbound("b", "s", "2", {})
+    store.add_inbound("b", "s", "2", {})  # duplicate: not counted
+    (r,) = store.complete_turn("a", [], ["x"], None, cost_delta=0.1, input_tokens=5,
+                               output_tokens=7)
+    store.complete_turn("b", [], ["y"], None, cost_delta=0.2, input_tokens=1, output_tokens=1)
+    store.mark_sent(r.id)
+    totals = store.totals()
+    assert totals["turns"] == 2
+    assert totals["cost_usd"] == pytest.approx(0.3)
+    assert totals["input_tokens"] == 6
+    assert totals["output_tokens"] == 8
+    assert totals["messages_in"] == 2
+    assert totals["messages_out"] == 1
+    assert store.chat_count() == 2
+
+
+def test_sessions_and_kv(store: Store) -> None:
+    store.set_session("c", "s1")
+    assert store.chat("c") is not None
+    assert store.chat("c").session_id == "s1"  # type: ignore[union-attr]
+    store.set_session("c", None)  # reset_chat
+    assert store.chat("c").session_id is None  # type: ignore[union-attr]
+    assert store.get_kv("k") is None
+    store.set_kv("k", "v1")
+    store.set_kv("k", "v2")
+    assert store.get_kv("k") == "v2"
