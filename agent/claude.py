@@ -430,7 +430,7 @@ class ClaudeSession:
                 self._kill_nowait()
                 raise
 
-    async def close(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - the agreed API
+    async def close(self, timeout: float = 3.0) -> None:
         """Close stdin, wait up to ``timeout``, then SIGTERM/SIGKILL the process group."""
         self._closing = True
         proc = self._proc

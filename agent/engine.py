@@ -1,34 +1,67 @@
-"""The conversation engine: durable inbox -> Claude turn -> durable outbox -> WhatsApp.
+"""The conversation engine: durable inbox -> policy -> Claude turn -> durable outbox -> WhatsApp.
 
 One turn at a time per chat, chats concurrently. Messages of a burst (within ``debounce``)
-are answered in one turn. A turn's reply is committed together with marking its messages done
-(:meth:`Store.complete_turn`), then delivered by a single sender task in commit order with
-ids chosen before the first attempt, so a crash anywhere yields exactly one reply per turn.
+are answered in one turn; messages arriving during a turn wait for the next one. A turn's
+reply is committed together with marking its messages done (:meth:`Store.complete_turn`),
+then delivered by a single, paced sender task in commit order with ids chosen before the
+first attempt, so a crash anywhere yields exactly one reply per turn.
+
+Per step of a chat (all decisions are pure functions in :mod:`agent.policy`,
+:mod:`agent.commands`, :mod:`agent.budget` and :mod:`agent.rotation`):
+
+1. every pending message is decided by the user's :class:`~agent.policy.Policy`; messages
+   not answered are marked skipped with a reason (never lost);
+2. a command (from the owner, or anyone with ``commands_from = everyone``) is run on its own,
+   in order with the surrounding messages, and answered through the outbox;
+3. non-owner messages take a token from their sender's bucket; excess ones are skipped and
+   the sender gets one "slow down" notice per episode;
+4. over the daily budget the turn is skipped with one notice per chat per UTC day;
+5. otherwise one Claude turn answers the run of messages. A fresh session (first ever, after
+   a rotation, or after a failed resume) gets its seed in front of the first turn;
+6. after a turn, a conversation near the context window (or at the turn cap) is rotated: a
+   summary turn (not sent), a stored versioned summary, the process closed, the session
+   forgotten; the next turn starts a fresh session seeded with the summary.
+
+Turn failures: a timeout kills the process (ClaudeSession) and answers with the apology; a
+process exit mid-turn is retried once on a resumed session, then the apology.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent import shaping
+from agent import budget, commands, policy, rotation, shaping
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, TurnResult
-from agent.store import PendingInbound, PendingReply, Store
+from agent.commands import Command
+from agent.policy import Decision, InvalidSetting, Policy
+from agent.store import ChatRow, PendingInbound, PendingReply, Store
 from agent.whatsapp.base import SendError, WhatsAppBackend
 from agent.whatsapp.events import IncomingMessage
 from wabridge import logs
-from wabridge.config import ConversationConfig
+from wabridge.config import ConversationConfig, LimitsConfig
 
 log = logs.get("agent.engine")
 
 MessageReporter = Callable[[str, str, str, str, str], None]  # direction, chat, sender, text, id
+SummaryReporter = Callable[[str, int, str], None]  # chat, version, text
+
+BUDGET_NOTICE = ("I have reached my daily budget and cannot answer more messages today. "
+                 "Please try again tomorrow.")
+SLOW_DOWN_NOTICE = ("You are sending messages faster than I can answer them. Please slow "
+                    "down a little; messages sent too quickly are not answered.")
+
+
+def _no_summary(chat_id: str, version: int, text: str) -> None:
+    del chat_id, version, text
 
 
 def payload_of(message: IncomingMessage) -> dict[str, Any]:
@@ -41,7 +74,7 @@ def payload_of(message: IncomingMessage) -> dict[str, Any]:
     return data
 
 
-def message_of(payload: dict[str, Any]) -> IncomingMessage:
+def message_of(payload: Mapping[str, Any]) -> IncomingMessage:
     from agent.whatsapp.events import Image  # noqa: PLC0415
 
     data = dict(payload)
@@ -52,48 +85,86 @@ def message_of(payload: dict[str, Any]) -> IncomingMessage:
     return IncomingMessage(**data)
 
 
+def message_line(msg: IncomingMessage) -> str:
+    """A message as Claude reads it: quote, sender in groups, a note for unsupported media."""
+    text = msg.text
+    if msg.unsupported_media:
+        note = f"[sent a {msg.unsupported_media} message, which cannot be shown to you]"
+        text = f"{text}\n{note}" if text else note
+    if msg.quoted_text:
+        text = f"(replying to: \"{msg.quoted_text}\")\n{text}"
+    if msg.is_group:
+        text = f"[{msg.sender_name or msg.sender}] {text}"
+    return text
+
+
 def turn_content(batch: list[PendingInbound]) -> str | list[dict[str, Any]]:
-    """The user turn Claude sees for a batch of messages (pure)."""
+    """The user turn Claude sees for a batch of messages (pure; never empty)."""
     import base64  # noqa: PLC0415
 
     texts: list[str] = []
     images: list[dict[str, Any]] = []
     for item in batch:
         msg = message_of(item.payload)
-        text = msg.text
-        if msg.quoted_text:
-            text = f"(replying to: \"{msg.quoted_text}\")\n{text}"
-        if msg.is_group:
-            text = f"[{msg.sender_name or msg.sender}] {text}"
-        texts.append(text)
+        texts.append(message_line(msg))
         images.extend(
             {"type": "image", "source": {"type": "base64", "media_type": img.mime_type,
                                          "data": base64.b64encode(img.data).decode()}}
             for img in msg.images
         )
-    joined = "\n".join(t for t in texts if t)
+    joined = "\n".join(t for t in texts if t.strip())
     if not images:
-        return joined
+        return joined or "(empty message)"
     return [*images, {"type": "text", "text": joined or "(image)"}]
 
 
+def transcript_path(config_dir: Path, session_id: str) -> Path | None:
+    """Where the CLI keeps a session's transcript: ``$CLAUDE_CONFIG_DIR/projects/<slug of the
+    cwd>/<session id>.jsonl`` (the slug is the cwd with every non-alphanumeric character
+    replaced by ``-``; found by globbing, so a changed slug rule does not matter). None when
+    absent (never had a turn, or deleted)."""
+    if not session_id or "/" in session_id or session_id.startswith("."):
+        return None
+    for path in (config_dir / "projects").glob(f"*/{session_id}.jsonl"):
+        return path
+    return None
+
+
 class ClaudePool:
-    """At most ``size`` live Claude processes; least recently used ones close first."""
+    """At most ``size`` live Claude processes; least recently used idle ones close first.
+
+    Processes being started count against ``size`` too. Opening a chat resumes its stored
+    session unless its transcript is larger than ``resume_max_bytes``; when the transcript is
+    too large or ``--resume`` fails (transcript missing), the chat's session is forgotten with
+    seed ``recovery`` and a fresh session is started (the engine seeds its first turn).
+    """
 
     def __init__(self, size: int, idle_timeout: float, settings: ClaudeSettings, root: Path,
-                 store: Store) -> None:
+                 store: Store, *, resume_max_bytes: int = 10_000_000) -> None:
         self._size = size
         self._idle = idle_timeout
         self._settings = settings
         self._root = root
         self._store = store
+        self._resume_max_bytes = resume_max_bytes
         self._live: dict[str, tuple[ClaudeSession, float]] = {}
         self._busy: set[str] = set()
+        self._opening: set[str] = set()
         self._cond = asyncio.Condition()
+        self.peak = 0  # most processes live at once (diagnostics, tests)
 
     @property
     def live(self) -> int:
         return len(self._live)
+
+    @property
+    def config_dir(self) -> Path:
+        return self._root / "claude"
+
+    def pid(self, chat_id: str) -> int | None:
+        """The chat's live Claude process id, if any."""
+        entry = self._live.get(chat_id)
+        return entry[0].pid if entry else None
 
     async def acquire(self, chat_id: str) -> ClaudeSession:
         async with self._cond:
@@ -104,7 +175,7 @@ class ClaudePool:
                     return entry[0]
                 if entry:
                     await self._drop(chat_id)
-                if len(self._live) < self._size:
+                if len(self._live) + len(self._opening) < self._size:
                     break
                 idle = [c for c in self._live if c not in self._busy]
                 if idle:
@@ -113,32 +184,45 @@ class ClaudePool:
                     break
                 await self._cond.wait()
             self._busy.add(chat_id)
+            self._opening.add(chat_id)
         try:
             session = await self._open(chat_id)
         except BaseException:
             async with self._cond:
                 self._busy.discard(chat_id)
+                self._opening.discard(chat_id)
                 self._cond.notify_all()
             raise
+        self._opening.discard(chat_id)
         self._live[chat_id] = (session, time.monotonic())
+        self.peak = max(self.peak, len(self._live))
         return session
 
     async def _open(self, chat_id: str) -> ClaudeSession:
         safe = "".join(c if c.isalnum() else "_" for c in chat_id)[:80]
         workdir = self._root / "chats" / safe
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        config_dir = self._root / "claude"
+        config_dir = self.config_dir
         config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         row = self._store.chat(chat_id)
         resume = row.session_id if row else None
+        if resume:
+            transcript = transcript_path(config_dir, resume)
+            size = transcript.stat().st_size if transcript else 0
+            if size > self._resume_max_bytes:
+                log.warning("claude.transcript_too_large", chat_id=chat_id, session_id=resume,
+                            bytes=size, limit=self._resume_max_bytes)
+                self._store.set_session(chat_id, None, seed="recovery")
+                resume = None
         try:
             session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=resume)
         except ClaudeError as exc:
             if exc.code != "resume_failed":
                 raise
-            log.warning("claude.resume_failed", chat_id=chat_id, session_id=resume)
-            self._store.set_session(chat_id, None)
+            log.warning("claude.resume_failed", chat_id=chat_id, session_id=resume,
+                        error=str(exc))
+            self._store.set_session(chat_id, None, seed="recovery")
             session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=None)
         log.info("claude.started", chat_id=chat_id, pid=session.pid, resumed=bool(resume))
@@ -152,6 +236,7 @@ class ClaudePool:
             self._cond.notify_all()
 
     async def discard(self, chat_id: str) -> None:
+        """Close the chat's process (if any) and let others use its slot."""
         async with self._cond:
             await self._drop(chat_id)
             self._busy.discard(chat_id)
@@ -168,6 +253,7 @@ class ClaudePool:
         async with self._cond:
             for chat_id in [c for c, (_, used) in self._live.items()
                             if c not in self._busy and now - used > self._idle]:
+                log.info("claude.idle", chat_id=chat_id)
                 await self._drop(chat_id)
             self._cond.notify_all()
 
@@ -185,16 +271,62 @@ class Engine:
         pool: ClaudePool,
         conversation: ConversationConfig,
         report_message: MessageReporter,
+        *,
+        limits: LimitsConfig | None = None,
+        context_window: int = 200_000,
+        model: str = "",
+        on_summary: SummaryReporter = _no_summary,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self._store = store
         self._backend = backend
         self._pool = pool
         self._conv = conversation
+        self._limits = limits or LimitsConfig()
+        self._window = context_window
+        self._model = model
         self._report = report_message
+        self._on_summary = on_summary
+        self._clock = clock  # wall clock: budget days
+        self._rng = rng  # pacing jitter
+        self._policy: Policy = policy.DEFAULT
+        self._owner = ""
+        self._owner_known = asyncio.Event()
+        self._buckets: dict[str, budget.Bucket] = {}
+        self._slowed: set[str] = set()  # senders told to slow down (until they may again)
         self._chat_tasks: dict[str, asyncio.Task[None]] = {}
         self._outbox_wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._last_sent: float | None = None  # monotonic
         self.accepting = True
         self.turns_in_flight: dict[str, float] = {}  # chat -> monotonic start (watchdog)
+
+    # --- settings and identity ----------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def update_settings(self, settings: Mapping[str, Any]) -> InvalidSetting | None:
+        """Apply the user's settings map. A bad value keeps the previous policy, logs
+        ``policy.invalid`` and is returned (to be reported on the user's document)."""
+        try:
+            new = policy.parse(settings)
+        except InvalidSetting as exc:
+            log.warning("policy.invalid", key=exc.key, error=str(exc))
+            return exc
+        if new != self._policy:
+            log.info("policy.updated", reply_to=new.reply_to, groups=new.groups,
+                     commands_from=new.commands_from, allowlist=len(new.allowlist),
+                     daily_budget_usd=new.daily_budget_usd)
+        self._policy = new
+        return None
+
+    def set_owner(self, phone_or_jid: str) -> None:
+        """The linked account's number (from ``Connected``). Turns wait until it is known,
+        so a restart never decides "is this the owner?" without knowing the owner."""
+        self._owner = policy.phone_of(phone_or_jid) if phone_or_jid else ""
+        self._owner_known.set()
 
     # --- inbound -----------------------------------------------------------------------
     def persist(self, message: IncomingMessage) -> bool:
@@ -221,19 +353,130 @@ class Engine:
 
     async def _chat_loop(self, chat_id: str) -> None:
         with structlog.contextvars.bound_contextvars(chat_id=chat_id):
+            await self._owner_known.wait()
+            failures = 0
             while self.accepting:
                 if self._conv.debounce > 0:
                     await asyncio.sleep(self._conv.debounce)
                 batch = self._store.pending_inbound(chat_id, self._conv.max_batch)
                 if not batch:
                     return
-                await self._turn(chat_id, batch)
+                try:
+                    await self._step(chat_id, batch)
+                    failures = 0
+                except Exception:
+                    # a bug, not a Claude failure (those are answered with the apology)
+                    failures += 1
+                    log.exception("chat.step_failed", attempt=failures)
+                    if failures >= 3:
+                        self._store.skip_with_notice(chat_id, [i.id for i in batch], "error",
+                                                     self._conv.apology,
+                                                     quote=batch[-1].payload)
+                        self._outbox_wake.set()
+                        failures = 0
+                    await asyncio.sleep(1.0)
 
-    async def _turn(self, chat_id: str, batch: list[PendingInbound]) -> None:
+    async def _step(self, chat_id: str, batch: list[PendingInbound]) -> None:
+        """Decide the pending messages; then run one command or one turn."""
+        segment: list[tuple[PendingInbound, IncomingMessage, Decision]] = []
+        for item in batch:
+            msg = message_of(item.payload)
+            if self._store.is_own_reply(item.wa_id):
+                decision = Decision("skip", "own_reply")
+            else:
+                decision = policy.decide(msg, self._policy, self._owner)
+            if decision.action == "skip":
+                self._store.skip_inbound([item.id], decision.reason)
+                log.info("message.skipped", wa_id=item.wa_id, sender=item.sender,
+                         reason=decision.reason)
+                continue
+            if decision.action == "command" and segment:
+                break  # the command runs after the messages before it
+            segment.append((item, msg, decision))
+            if decision.action == "command":
+                break
+        admitted = [(item, decision) for item, msg, decision in segment
+                    if policy.is_owner(msg, self._owner) or self._admit(chat_id, item)]
+        if not admitted:
+            return
+        first, decision = admitted[0]
+        if decision.command is not None:
+            await self._command(chat_id, first, decision.command)
+        else:
+            await self._answer(chat_id, [item for item, _ in admitted])
+
+    def _admit(self, chat_id: str, item: PendingInbound) -> bool:
+        """The sender's token bucket; an excess message is skipped, with one notice."""
+        ok, bucket = budget.take(self._buckets.get(item.sender), item.received_at,
+                                 self._limits.inbound_per_minute, self._limits.inbound_burst)
+        self._buckets[item.sender] = bucket
+        if ok:
+            self._slowed.discard(item.sender)
+            return True
+        notice = None if item.sender in self._slowed else SLOW_DOWN_NOTICE
+        self._slowed.add(item.sender)
+        self._store.skip_with_notice(chat_id, [item.id], "rate_limited", notice)
+        log.warning("message.rate_limited", wa_id=item.wa_id, sender=item.sender,
+                    notice=notice is not None)
+        self._outbox_wake.set()
+        return False
+
+    def _report_in(self, chat_id: str, batch: list[PendingInbound]) -> None:
         for item in batch:
             log.info("message.received", wa_id=item.wa_id, sender=item.sender)
             self._report("in", chat_id, item.sender, str(item.payload.get("text", "")),
                          item.wa_id)
+
+    # --- commands ----------------------------------------------------------------------
+    async def _command(self, chat_id: str, item: PendingInbound, command: Command) -> None:
+        self._report_in(chat_id, [item])
+        if command.name == "reset":
+            await self._pool.discard(chat_id)
+            self._store.reset_chat(chat_id)
+            text = commands.RESET_TEXT
+        elif command.name == "status":
+            text = commands.status_text(self._status(chat_id))
+        elif command.name == "help":
+            text = commands.HELP_TEXT
+        else:
+            text = commands.unknown_text(command)
+        self._store.answer_locally(chat_id, [item.id],
+                                   shaping.split(text, self._conv.reply_limit), item.payload)
+        log.info("command.done", command=command.name, known=command.known)
+        self._outbox_wake.set()
+
+    def _daily_budget(self) -> float:
+        return budget.effective_budget(self._policy.daily_budget_usd,
+                                       self._limits.daily_budget_usd)
+
+    def _status(self, chat_id: str) -> commands.StatusInfo:
+        row = self._store.chat(chat_id)
+        return commands.StatusInfo(
+            context_tokens=row.context_tokens if row else 0,
+            context_window=self._window,
+            session_turns=row.session_turns if row else 0,
+            total_turns=row.turns if row else 0,
+            cost_today_usd=self._store.cost_on(budget.utc_day(self._clock())),
+            daily_budget_usd=self._daily_budget(),
+            model=self._model,
+            summaries=len([s for s in self._store.summaries(chat_id) if not s.archived]),
+        )
+
+    # --- turns -------------------------------------------------------------------------
+    async def _answer(self, chat_id: str, batch: list[PendingInbound]) -> None:
+        self._report_in(chat_id, batch)
+        ids = [i.id for i in batch]
+        day = budget.utc_day(self._clock())
+        cap = self._daily_budget()
+        spent = self._store.cost_on(day)
+        if budget.over_budget(spent, cap):
+            queued = self._store.skip_with_notice(chat_id, ids, "budget", BUDGET_NOTICE,
+                                                  quote=batch[-1].payload,
+                                                  once_key=("budget", day))
+            log.warning("budget.exceeded", spent_usd=round(spent, 6), budget_usd=cap,
+                        notice=bool(queued))
+            self._outbox_wake.set()
+            return
         content = turn_content(batch)
         last = message_of(batch[-1].payload)
         with contextlib.suppress(Exception):
@@ -246,19 +489,25 @@ class Engine:
             with contextlib.suppress(Exception):
                 await self._backend.set_typing(chat_id, False)
         replies = shaping.split(shaping.to_whatsapp(text), self._conv.reply_limit)
+        ok = result is not None and not result.is_error
         # total_cost_usd is cumulative per conversation (restored on --resume): count the
         # per-turn figure instead, so restarts and resumes never double-count.
         cost = result.turn_cost_usd if result else 0.0
         usage = result.usage if result else {}
         queued = self._store.complete_turn(
-            chat_id, [i.id for i in batch], replies, payload_of(last),
-            session_id=result.session_id if result else None, cost_delta=cost,
+            chat_id, ids, replies, payload_of(last),
+            session_id=result.session_id if result and result.session_id else None,
+            cost_delta=cost,
             input_tokens=int(usage.get("input_tokens", 0)),
             output_tokens=int(usage.get("output_tokens", 0)),
+            context_tokens=rotation.context_tokens(usage) if ok else None,
+            day=budget.utc_day(self._clock()),
         )
-        log.info("turn.done", messages=len(batch), replies=len(queued),
-                 is_error=bool(result is None or result.is_error), cost_usd=round(cost, 6))
+        log.info("turn.done", messages=len(batch), replies=len(queued), is_error=not ok,
+                 cost_usd=round(cost, 6))
         self._outbox_wake.set()
+        if ok and self.accepting:
+            await self._maybe_rotate(chat_id)
 
     async def _ask(self, chat_id: str, content: str | list[dict[str, Any]]
                    ) -> tuple[str, TurnResult | None]:
@@ -268,18 +517,87 @@ class Engine:
             except ClaudeError as exc:
                 log.error("claude.unavailable", code=exc.code, error=str(exc))
                 return self._conv.apology, None
+            first = content
+            row = self._store.chat(chat_id)
+            if row is None or row.session_id != session.session_id:  # a fresh session
+                seed = self._seed(chat_id, row)
+                if seed:
+                    first = rotation.with_seed(content, seed)
+                    log.info("claude.seeded", seed=row.seed if row else None, chars=len(seed))
             try:
-                result = await session.turn(content)
+                result = await session.turn(first)
             except ClaudeError as exc:
-                log.warning("claude.turn_failed", code=exc.code, error=str(exc), attempt=attempt)
                 await self._pool.discard(chat_id)
-                continue
+                if exc.code == "process_exited" and attempt == 1:
+                    log.warning("claude.turn_failed", code=exc.code, error=str(exc),
+                                attempt=attempt, retry=True)
+                    continue
+                log.error("claude.turn_failed", code=exc.code, error=str(exc), attempt=attempt,
+                          retry=False)
+                return self._conv.apology, None
             await self._pool.release(chat_id)
             if result.is_error:
                 log.error("claude.api_error", error=result.error)
                 return self._conv.apology, result
             return result.text or "(no answer)", result
         return self._conv.apology, None
+
+    def _seed(self, chat_id: str, row: ChatRow | None) -> str:
+        """What a fresh session of this chat must be told first ("" for a new conversation)."""
+        if row is None or row.seed is None:
+            return ""
+        summary = self._store.latest_summary(chat_id)
+        recent: list[rotation.HistoryLine] = []
+        if row.seed == "recovery":
+            for h in self._store.history(chat_id, self._conv.recovery_messages, row.reset_at):
+                text = message_line(message_of(h.payload)) if h.payload is not None else h.text
+                recent.append(rotation.HistoryLine(h.role, text))
+        return rotation.seed_text(summary.text if summary else None, recent)
+
+    # --- context rotation --------------------------------------------------------------
+    async def _maybe_rotate(self, chat_id: str) -> None:
+        row = self._store.chat(chat_id)
+        if row is None or row.session_id is None:
+            return
+        reason = rotation.should_rotate(
+            row.context_tokens, row.session_turns, window=self._window,
+            threshold=self._conv.rotate_at, max_turns=self._conv.rotate_after_turns)
+        if reason is not None:
+            await self._rotate(chat_id, row, reason)
+
+    async def _rotate(self, chat_id: str, row: ChatRow, reason: str) -> None:
+        log.info("context.rotating", reason=reason, context_tokens=row.context_tokens,
+                 session_turns=row.session_turns, window=self._window)
+        summary: str | None = None
+        cost = 0.0
+        try:
+            session = await self._pool.acquire(chat_id)
+        except ClaudeError as exc:
+            log.warning("context.summary_failed", code=exc.code, error=str(exc))
+        else:
+            try:
+                if session.session_id != row.session_id:
+                    log.warning("context.summary_failed", error="session could not be resumed")
+                else:
+                    result = await session.turn(rotation.SUMMARY_PROMPT)
+                    cost = result.turn_cost_usd
+                    if result.is_error or not result.text.strip():
+                        log.warning("context.summary_failed", error=result.error or "empty")
+                    else:
+                        summary = result.text.strip()
+            except ClaudeError as exc:
+                log.warning("context.summary_failed", code=exc.code, error=str(exc))
+            finally:
+                await self._pool.discard(chat_id)
+        version = self._store.rotate(chat_id, summary, cost_delta=cost,
+                                     day=budget.utc_day(self._clock()))
+        log.info("context.rotated", version=version, chars=len(summary or ""),
+                 seed="summary" if summary else "recovery")
+        if version is not None and summary is not None:
+            try:
+                self._on_summary(chat_id, version, summary)
+            except Exception:
+                log.exception("context.summary_report_failed")
 
     # --- outbound ----------------------------------------------------------------------
     async def deliver_forever(self, stop: asyncio.Event) -> None:
@@ -290,11 +608,20 @@ class Engine:
                 await asyncio.wait_for(self._outbox_wake.wait(), 1.0)
 
     async def deliver_pending(self) -> None:
-        if not self._backend.is_connected():
-            return
-        for reply in self._store.pending_replies():
-            if not await self._send(reply):
+        """Send the outbox in order, paced (one sender at a time: never the same reply twice
+        concurrently)."""
+        async with self._send_lock:
+            if not self._backend.is_connected():
                 return
+            for reply in self._store.pending_replies():
+                delay = budget.send_delay(self._last_sent, time.monotonic(),
+                                          self._limits.send_gap,
+                                          self._limits.send_jitter * self._rng())
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if not await self._send(reply):
+                    return
+                self._last_sent = time.monotonic()
 
     async def _send(self, reply: PendingReply) -> bool:
         quote = message_of(reply.quote) if reply.quote else None

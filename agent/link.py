@@ -27,7 +27,7 @@ ACK_TIMEOUT = 10.0
 
 
 class ControllerLink:
-    def __init__(  # noqa: PLR0917 - collaborators, as for adapters
+    def __init__(
         self,
         socket_path: str,
         user_id: str,

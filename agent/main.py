@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -59,7 +60,9 @@ def claude_settings(cfg: config.Config) -> ClaudeSettings:
     )
 
 
-def make_backend(cfg: config.Config, ctx: BackendContext, settings: dict[str, Any]) -> WhatsAppBackend:
+def make_backend(
+    cfg: config.Config, ctx: BackendContext, settings: dict[str, Any]
+) -> WhatsAppBackend:
     backend = str(settings.get("backend") or cfg.worker.backend)
     if backend == "sim":
         from agent.whatsapp.sim import SimBackend  # noqa: PLC0415
@@ -70,6 +73,14 @@ def make_backend(cfg: config.Config, ctx: BackendContext, settings: dict[str, An
 
         return NeonizeBackend(ctx)
     raise ConfigError("worker.backend", f"{backend!r} is not a backend", allowed="neonize, sim")
+
+
+def _qr_frame(seq: int, *, code: str, data_url: str) -> protocol.Frame:
+    return protocol.Qr(seq=seq, code=code, data_url=data_url)
+
+
+def _pairing_frame(seq: int, *, code: str) -> protocol.Frame:
+    return protocol.PairingCode(seq=seq, code=code)
 
 
 class Worker:
@@ -90,14 +101,19 @@ class Worker:
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
                                    self._on_settings, self._on_command)
         self.settings: dict[str, Any] = {}
+        self.pairing_requested = ""
+        self.background: set[asyncio.Task[Any]] = set()
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir)
         self.backend = make_backend(cfg, ctx, self._cached_settings())
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
-                               claude_settings(cfg), state_dir, store)
+                               claude_settings(cfg), state_dir, store,
+                               resume_max_bytes=cfg.conversation.resume_max_bytes)
         self.engine = Engine(store, self.backend, self.pool, cfg.conversation,
-                             self._report_message)
+                             self._report_message, limits=cfg.limits,
+                             context_window=cfg.claude.context_window, model=cfg.claude.model)
+        self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
         import json  # noqa: PLC0415
@@ -111,10 +127,21 @@ class Worker:
 
         self.settings = settings
         self.store.set_kv("settings", json.dumps(settings))
+        self.engine.update_settings(settings)  # bad value: keeps the policy, logs policy.invalid
+        phone = settings.get("pairingPhone")
+        if (isinstance(phone, str) and phone and phone != self.pairing_requested
+                and self.state != WorkerState.CONNECTED):
+            self.pairing_requested = phone
+            self._spawn(self.backend.pair_phone(phone))
 
     def _on_command(self, command: protocol.Command) -> None:
         if command.name == "pair_phone":
-            asyncio.create_task(self.backend.pair_phone(command.args.get("phone", "")))
+            self._spawn(self.backend.pair_phone(command.args.get("phone", "")))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     # --- reports -----------------------------------------------------------------------
     def _report_state(self) -> None:
@@ -131,9 +158,8 @@ class Worker:
 
     # --- the WhatsApp sink: any thread --------------------------------------------------
     def sink(self, event: ev.Event) -> None:
-        if isinstance(event, ev.IncomingMessage):
-            if not self.engine.persist(event):
-                return
+        if isinstance(event, ev.IncomingMessage) and not self.engine.persist(event):
+            return
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def pump(self) -> None:
@@ -149,14 +175,15 @@ class Worker:
                 log.info("whatsapp.qr_generated")
                 code = event.code
                 data_url = qr.to_data_url(code)
-                self.link.report(lambda seq: protocol.Qr(seq=seq, code=code, data_url=data_url))
+                self.link.report(functools.partial(_qr_frame, code=code, data_url=data_url))
                 if self.qr_deadline is None:
                     self.qr_deadline = time.monotonic() + self.cfg.worker.qr_timeout
             if isinstance(event, ev.PairingCode):
                 pcode = event.code
-                self.link.report(lambda seq: protocol.PairingCode(seq=seq, code=pcode))
+                self.link.report(functools.partial(_pairing_frame, code=pcode))
             if isinstance(event, ev.Connected):
                 self.phone = event.phone
+                self.engine.set_owner(event.phone or event.jid)
                 self.qr_deadline = None
                 log.info("whatsapp.ready", phone=event.phone)
                 self.engine.resume_pending()
@@ -279,7 +306,7 @@ class Worker:
         await self.backend.stop(timeout=max(0.3, STOP_BUDGET - 1.0 - (time.monotonic() - start)))
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
         deadline = time.monotonic() + 0.5
-        while self.store.unacked_frames() and self.link.connected and time.monotonic() < deadline:
+        while self.store.unacked_frames() and self.link.connected and time.monotonic() < deadline:  # noqa: ASYNC110 - acks land in SQLite
             await asyncio.sleep(0.02)
         for task in tasks:
             task.cancel()

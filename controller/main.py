@@ -20,6 +20,7 @@ from typing import Any
 
 import sdnotify
 
+from controller import admin  # wabridgectl's admin socket
 from controller import reconcile as rc
 from controller.plane import ControlPlane, Removed, SessionDoc, error_field
 from controller.server import WorkerServer
@@ -122,6 +123,9 @@ class Controller:
                 ok = await self.plane.claim(uid, expect, new, self.host)
                 if ok:
                     log.info("session.claimed", user_id=uid, status=new.value)
+                    if new is DocStatus.PAIRING:  # a running worker learns the phone now
+                        await self.server.send(uid, protocol.Settings(
+                            settings=await self.settings_for(uid)))
                 return ok
             case rc.Start(user_id=uid, reset_failed=reset, restart=restart):
                 unit = worker_unit(uid)
@@ -164,7 +168,12 @@ class Controller:
     # --- worker frames -----------------------------------------------------------------
     async def settings_for(self, user_id: str) -> dict[str, Any]:
         doc = self.docs.get(user_id)
-        return dict(doc.settings) if doc else {}
+        if doc is None:
+            return {}
+        settings = dict(doc.settings)
+        if doc.pairing_phone and doc.status in (DocStatus.PAIRING_REQUESTED, DocStatus.PAIRING):
+            settings["pairingPhone"] = doc.pairing_phone
+        return settings
 
     async def on_frame(self, user_id: str, frame: protocol.SequencedFrame) -> None:
         match frame:
@@ -206,6 +215,16 @@ class Controller:
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
         await self.systemd.open()
         self.systemd.subscribe(self.on_unit)
+        # --- admin socket for wabridgectl (controller/admin.py) ---------------------------
+        # The mirror records what the controller writes (qrRaw, phone, metrics, errors), which
+        # SessionDoc does not carry; wrap the plane before anything awaits so no write is missed.
+        mirror = admin.DocMirror()
+        self.plane = admin.MirrorPlane(self.plane, mirror)
+        self.admin = admin.AdminServer(self.cfg.controller.admin_socket,
+                                       admin.ControllerFacade(self, mirror),
+                                       group=self.cfg.controller.admin_group)
+        await self.admin.start()
+        # --- end admin socket -------------------------------------------------------------
         await self.server.start()
         for state in await self.systemd.list_workers():
             self.units[state.user_id] = state
@@ -232,6 +251,7 @@ class Controller:
         self.notifier.notify("STOPPING=1")
         log.info("controller.stopping")
         await self.server.close()
+        await self.admin.close()  # admin socket (controller/admin.py)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

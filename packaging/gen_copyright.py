@@ -108,8 +108,12 @@ GENERIC_TEXTS = {
  furnished to do so.
  .
  THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
- IMPLIED. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY
- CLAIM, DAMAGES OR OTHER LIABILITY ARISING FROM THE SOFTWARE OR ITS USE.""",
+ IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+ FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+ AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+ LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+ OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+ SOFTWARE.""",
     "BSD-2-Clause": """\
  Redistribution and use in source and binary forms, with or without
  modification, are permitted provided that the following conditions are met:
@@ -121,10 +125,16 @@ GENERIC_TEXTS = {
     and/or other materials provided with the distribution.
  .
  THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS"
- AND ANY EXPRESS OR IMPLIED WARRANTIES ARE DISCLAIMED. IN NO EVENT SHALL THE
- COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE FOR ANY DAMAGES ARISING IN ANY WAY
- OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH
- DAMAGE.""",
+ AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE
+ IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE
+ ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR CONTRIBUTORS BE
+ LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR
+ CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF
+ SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS
+ INTERRUPTION) HOWEVER CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN
+ CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE)
+ ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE
+ POSSIBILITY OF SUCH DAMAGE.""",
     "BSD-3-Clause": """\
  Redistribution and use in source and binary forms, with or without
  modification, are permitted provided that the following conditions are met:
@@ -139,10 +149,16 @@ GENERIC_TEXTS = {
     software without specific prior written permission.
  .
  THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS"
- AND ANY EXPRESS OR IMPLIED WARRANTIES ARE DISCLAIMED. IN NO EVENT SHALL THE
- COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE FOR ANY DAMAGES ARISING IN ANY WAY
- OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH
- DAMAGE.""",
+ AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE
+ IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE
+ ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR CONTRIBUTORS BE
+ LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR
+ CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF
+ SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS
+ INTERRUPTION) HOWEVER CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN
+ CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE)
+ ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE
+ POSSIBILITY OF SUCH DAMAGE.""",
 }
 COMMON_LICENSES = {
     "Apache-2.0": "Apache-2.0",
@@ -204,7 +220,8 @@ def license_files(dist: metadata.Distribution) -> list[Path]:
         p = Path(str(f))
         if ".dist-info" in str(p.parent) and re.match(r"(?i)(licen[cs]e|copying|notice)", p.name):
             found.append(Path(str(dist.locate_file(f))))
-    return found
+    # the distribution's own license first (dist-info/LICENSE, licenses/LICENSE), then vendored
+    return sorted(found, key=lambda p: (len(p.parts), p.name))
 
 
 def copyrights(dist: metadata.Distribution) -> list[str]:
@@ -232,20 +249,40 @@ def copyrights(dist: metadata.Distribution) -> list[str]:
     return [f"the {meta['Name']} authors"]
 
 
-def files_of(dist: metadata.Distribution, site: Path) -> list[str]:
-    """Installed paths of a distribution, as DEP-5 patterns (top-level dirs, single files)."""
+def dir_prefixes(dist: metadata.Distribution) -> set[tuple[str, ...]]:
+    out: set[tuple[str, ...]] = set()
+    for f in dist.files or []:
+        parts = Path(str(f)).parts
+        for depth in range(1, len(parts)):
+            out.add(parts[:depth])
+    return out
+
+
+def files_of(
+    dist: metadata.Distribution, site: Path, shared: set[tuple[str, ...]]
+) -> list[str]:
+    """Installed paths of a distribution, as DEP-5 patterns (directories, single files).
+
+    A directory that several distributions install into (a namespace package such as
+    ``google/`` or ``google/cloud/``) is split deeper, so each pattern names the files of one
+    distribution only.
+    """
     prefix = f"{INSTALL_PREFIX}/{site.relative_to(site.parents[2])}"
     tops: list[str] = []
     for f in dist.files or []:
         parts = Path(str(f)).parts
         if parts[0] == ".." or "__pycache__" in parts:
             continue
-        if not (site / parts[0]).exists():
+        depth = 1
+        while depth < len(parts) and parts[:depth] in shared:
+            depth += 1
+        if not (site / Path(*parts[:depth])).exists():
             continue  # removed after install (pip's own, a .gitignore)
-        top = f"{prefix}/{parts[0]}/*" if len(parts) > 1 else f"{prefix}/{parts[0]}"
+        name = "/".join(parts[:depth])
+        top = f"{prefix}/{name}/*" if len(parts) > depth else f"{prefix}/{name}"
         if top not in tops:
             tops.append(top)
-    return tops
+    return sorted(tops)
 
 
 def paragraph(fields: list[tuple[str, str | list[str]]]) -> str:
@@ -264,6 +301,11 @@ def main(site_dir: str) -> str:
         metadata.distributions(path=[str(site)]), key=lambda d: canonical(d.metadata["Name"])
     )
     used: set[str] = {"Expat", PROPRIETARY}
+    seen: dict[tuple[str, ...], int] = {}
+    for dist in dists:
+        for top in dir_prefixes(dist):
+            seen[top] = seen.get(top, 0) + 1
+    shared = {top for top, count in seen.items() if count > 1}
     paras = [
         paragraph(
             [
@@ -295,7 +337,7 @@ def main(site_dir: str) -> str:
         name = canonical(dist.metadata["Name"])
         if name == "wabridge":
             continue
-        files = files_of(dist, site)
+        files = files_of(dist, site, shared)
         if not files:
             continue
         lic = license_of(dist)

@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(args))
     except OSError as exc:
-        log.error("sim.failed", error=str(exc))  # noqa: TRY400 - no traceback wanted
+        log.error("sim.failed", error=str(exc))
         return int(ExitCode.FAILURE)
     except ValueError as exc:  # an unreadable state file
-        log.error("sim.failed", error=str(exc))  # noqa: TRY400 - no traceback wanted
+        log.error("sim.failed", error=str(exc))
         return int(ExitCode.CONFIG)
     return int(ExitCode.OK)
 

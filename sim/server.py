@@ -5,6 +5,7 @@ HTTP API (JSON in and out; errors are ``{"error": code, "message": ..., "field":
 ==========================================  ==============================================
 ``GET  /api/health``                        ``{"ok": true, ...}``
 ``GET  /api/qr``                            devices waiting for a scan and their current code
+``GET  /api/qr.png?code=...``               that code as a PNG (for the web page)
 ``POST /api/phones/{phone}/scan``           ``{"code", "push_name"?}``: the phone scans a QR
 ``POST /api/phones/{phone}/pairing-code``   ``{"code", "push_name"?}``: the phone types a code
 ``POST /api/messages``                      a contact writes to an account -> ``{"id"}``
@@ -15,6 +16,9 @@ HTTP API (JSON in and out; errors are ``{"error": code, "message": ..., "field":
 ``POST /api/accounts/{phone}/{outcome}``    logout, replace, ban ``{"expires_in"}``,
                                             outdated, disconnect; ``unban`` lifts a ban
 ==========================================  ==============================================
+
+``GET /`` is the web page for people (:mod:`sim.page`): a phone that scans the QR codes, and
+contacts who write to the linked accounts.
 
 The device WebSocket is ``GET /ws/device`` (protocol in :mod:`sim`). Each connection has one
 writer task fed by a queue, so frames leave in exactly the order the world produced them.
@@ -33,20 +37,17 @@ from typing import Any, Self
 
 from aiohttp import WSMsgType, web
 
-from sim.world import Action, Close, Send, World, WorldError, check_phone
-from wabridge import logs
+from sim.page import INDEX_HTML
+from sim.world import Action, Close, Send, World, WorldError, bad, check_phone
+from wabridge import logs, qr
 
 log = logs.get("wabridge.sim")
 
 MAX_BODY = 8 * 1024 * 1024  # a 5 MB image in base64 plus the rest
 SAVE_EVERY = 1.0  # seconds between state-file writes while things change
 
-INDEX_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>wabridge-sim</title></head>
-<body><h1>wabridge-sim</h1>
-<p>A local stand-in for WhatsApp's network. See <code>/api/health</code>,
-<code>/api/qr</code> and <code>/api/accounts</code>.</p></body></html>
-"""
+QR_PNG_SIZE = 384
+MAX_QR_CODE = 512  # characters of a code /api/qr.png renders
 
 
 @dataclass
@@ -211,6 +212,7 @@ class SimServer:
         app.router.add_get("/ws/device", self._ws_device)
         app.router.add_get("/api/health", self._health)
         app.router.add_get("/api/qr", self._qr)
+        app.router.add_get("/api/qr.png", self._qr_png)
         app.router.add_post("/api/phones/{phone}/scan", self._scan)
         app.router.add_post("/api/phones/{phone}/pairing-code", self._pairing_code)
         app.router.add_post("/api/messages", self._messages)
@@ -231,6 +233,16 @@ class SimServer:
 
     async def _qr(self, _request: web.Request) -> web.Response:
         return web.json_response(self.world.pending_qr())
+
+    async def _qr_png(self, request: web.Request) -> web.Response:
+        code = request.query.get("code", "")
+        if not code:
+            raise bad("code", "is required (?code=...)")
+        if len(code) > MAX_QR_CODE:
+            raise bad("code", f"is longer than {MAX_QR_CODE} characters")
+        png = qr.to_png(code, QR_PNG_SIZE)
+        return web.Response(body=png, content_type="image/png",
+                            headers={"Cache-Control": "max-age=300"})
 
     async def _scan(self, request: web.Request) -> web.Response:
         phone = request.match_info["phone"]

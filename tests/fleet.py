@@ -60,7 +60,7 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         url, data=data, method=method, headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         raise AssertionError(f"{method} {url} -> {exc.code}: {exc.read()!r}") from None

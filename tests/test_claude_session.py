@@ -477,11 +477,11 @@ async def test_auto_compaction_request_is_not_a_turn(
 
 
 def _http(api: FakeAnthropicAPI, path: str, body: bytes, method: str = "POST") -> tuple[int, bytes]:
-    req = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
+    req = urllib.request.Request(
         api.base_url + path, data=body, method=method, headers={"content-type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - 127.0.0.1 only
+        with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from fleet import Fleet, wait_until
 from harness.systemd_ns import available
 

@@ -170,6 +170,12 @@ class ClaudeConfig:
     max_retries: int = _opt(
         0, "CLAUDE_CODE_MAX_RETRIES for API errors (0: fail fast).", check=_between(0, 10)
     )
+    # --- conversation engine (issue 5) ---
+    context_window: int = _opt(
+        200_000,
+        "Context window of the model in tokens; context rotation is measured against it.",
+        check=_between(1000, 10_000_000),
+    )
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,58 @@ class ConversationConfig:
     apology: str = _opt(
         "Sorry, I could not answer that just now. Please try again in a moment.",
         "Reply sent when a turn fails for good (timeout, API error).",
+    )
+    # --- conversation engine (issue 5) ---
+    rotate_at: float = _opt(
+        0.7,
+        "Fraction of `claude.context_window` a chat's last turn may use before its "
+        "conversation is summarised and continued in a fresh session.",
+        check=_between(0.1, 0.95),
+    )
+    rotate_after_turns: int = _opt(
+        50, "Turns after which a conversation is summarised and continued afresh (0: never).",
+        check=_between(0, 100_000),
+    )
+    recovery_messages: int = _opt(
+        10,
+        "Stored messages a fresh session is seeded with (besides the latest summary) when "
+        "a chat's session cannot be resumed.",
+        check=_between(0, 200),
+    )
+    resume_max_bytes: int = _opt(
+        10_000_000,
+        "A chat's Claude transcript larger than this is not resumed; a fresh session seeded "
+        "with the summary and recent messages starts instead.",
+        check=_at_least(1000),
+    )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Budgets and rate limits (issue 5)."""
+
+    daily_budget_usd: float = _opt(
+        5.0,
+        "Claude spend per user per UTC day; once reached, chats get one notice a day and no "
+        "turns. Per user: `daily_budget_usd` in the document's settings. 0: no cap.",
+        check=_at_least(0.0),
+    )
+    inbound_per_minute: float = _opt(
+        10.0,
+        "Messages per minute one sender may have answered (token bucket refill); excess "
+        "messages are kept, not answered, and the sender is asked once to slow down. 0: off.",
+        check=_at_least(0.0),
+    )
+    inbound_burst: int = _opt(
+        5, "Messages one sender may send at once before the per-minute rate applies.",
+        check=_between(1, 1000),
+    )
+    send_gap: float = _opt(
+        1.0, "Minimum seconds between two messages this account sends (reduces ban risk).",
+        check=_between(0.0, 60.0),
+    )
+    send_jitter: float = _opt(
+        0.5, "Up to this many random seconds added to `send_gap`.", check=_between(0.0, 60.0)
     )
 
 
@@ -219,6 +277,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     claude: ClaudeConfig = field(default_factory=ClaudeConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sim: SimConfig = field(default_factory=SimConfig)
 

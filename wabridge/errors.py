@@ -3,8 +3,8 @@
     WabridgeError                 code, explanation, exit_code
     ├── ConfigError               a bad configuration value           exit 78 (EX_CONFIG)
     ├── UserIdError               a user id that cannot name a unit   (reported on the document)
-    ├── ProtocolError             a malformed worker<->controller frame (answered with an error frame)
-    └── PolicyError               a bad per-user setting on a document (reported on the document)
+    ├── ProtocolError             a malformed worker<->controller frame (error frame back)
+    └── PolicyError               a bad per-user setting (shown on the document)
 
 Every error carries a stable ``code`` (what scripts and documents match on) and an
 ``explanation`` telling the operator what to do. Foreign exceptions are mapped into this tree

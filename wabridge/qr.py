@@ -57,11 +57,3 @@ def to_terminal(code: str) -> str:
         lines.append("".join(row))
     return "\n".join(lines)
 
-
-def from_terminal(text: str) -> list[list[bool]]:
-    """The module matrix back from :func:`to_terminal` output (True: dark); for tests."""
-    matrix: list[list[bool]] = []
-    for line in text.splitlines():
-        matrix.append([ch in (FULL, UPPER) for ch in line])
-        matrix.append([ch in (FULL, LOWER) for ch in line])
-    return matrix

@@ -646,7 +646,7 @@ class NeonizeBackend(WhatsAppBackend):
         if not self._stopping:
             self._emit(ConnectFailure(reason="the WhatsApp client stopped", permanent=False))
 
-    async def stop(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - the interface
+    async def stop(self, timeout: float = 3.0) -> None:
         self._stopping = True
         self._connected = False
         self._cancel_qr_timer()

@@ -143,7 +143,7 @@ class SimBackend(WhatsAppBackend):
         if ws is not None and not ws.closed and not self._connected:
             self._pair_sent = await self._send_quietly({"type": "pair_phone", "phone": phone})
 
-    async def stop(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - the interface
+    async def stop(self, timeout: float = 3.0) -> None:
         self._stopping = True
         task, self._task = self._task, None
         loop = asyncio.get_running_loop()
@@ -398,7 +398,7 @@ class SimBackend(WhatsAppBackend):
             tmp.replace(self._token_path)
         except OSError as exc:
             # The link works for this process; the next start will need a new QR.
-            log.error("whatsapp.sim_token_write_failed", path=str(self._token_path),  # noqa: TRY400
+            log.error("whatsapp.sim_token_write_failed", path=str(self._token_path),
                       error=str(exc))
 
     def _delete_token(self) -> None:

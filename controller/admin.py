@@ -1,0 +1,717 @@
+"""The controller's admin socket: what ``wabridgectl`` (``controller/ctl.py``) talks to.
+
+Socket and access
+-----------------
+A Unix stream socket at ``controller.admin_socket`` (``/run/wabridge/admin.sock``), mode
+0660, group ``controller.admin_group`` (``wabridge-admin``) when that group exists. Every
+connection is checked by its peer credentials (``SO_PEERCRED``): uid 0, or the group as
+primary gid or among the supplementary groups (``Groups:`` of ``/proc/<pid>/status``);
+anyone else gets one ``forbidden`` error frame and the connection is closed. File
+permissions already keep others out; the check is what holds if the mode is loosened.
+
+Wire format
+-----------
+JSON lines (UTF-8, ``\\n``-terminated, at most ``MAX_REQUEST`` bytes per request). A request
+is ``{"op": "...", ...}``; the answer is ``{"ok": true, ...}`` or
+``{"ok": false, "code": "...", "message": "..."}``. A connection may carry several requests
+one after the other; a bad line is answered with an error frame and the connection stays up.
+
+======================================  ==================================================
+``{"op": "ping"}``                      ``{"ok", "host", "plane", "sessions", "linked"}``
+``{"op": "link", "user", "phone"?,      request a worker: ``create_requested``, or
+``"follow"?}``                          ``pairing_requested`` with ``pairingPhone`` (digits,
+                                        8-15). Clears a stale ``qrRaw``/``pairingCode``/
+                                        ``error`` first. ``"already_connected": true`` when
+                                        the account is connected and its unit active.
+                                        With ``follow``, the answer is followed by ``watch``
+                                        events (subscribed before the request: none missed).
+``{"op": "unlink", "user"}``            ``destroy_requested``
+``{"op": "restart", "user"}``           ``restart_requested``
+``{"op": "status", "user"?}``           ``{"ok", "users": [row, ...]}`` (see ``status_row``)
+``{"op": "watch", "user"}``             a ``snapshot`` event, then one ``update`` event per
+                                        change of status/detail/qr/pairing_code/phone/error
+                                        (``removed`` when the document is deleted), until
+                                        the client closes the connection
+``{"op": "chats", "user", "limit"?}``   ``{"ok", "chats": [...], "source": "message_log"}``
+``{"op": "reset", "user", "chat"}``     sends ``Command(reset_chat, {"chat_id"})`` to the
+                                        user's worker; ``not_connected`` if it is not linked
+======================================  ==================================================
+
+Error codes: ``bad_request``, ``bad_user_id``, ``unknown_op``, ``unknown_user``,
+``not_connected``, ``forbidden``, ``internal``.
+
+Where the answers come from
+---------------------------
+:class:`AdminServer` only sees an :class:`AdminFacade` (tests use a fake one).
+:class:`ControllerFacade` is the real one: the controller's in-memory documents and units,
+its worker link, and a :class:`DocMirror` of the document fields the controller itself writes
+(``qrRaw``, ``pairingCode``, ``phone``, ``metrics``, ``error`` with its message...), which
+``SessionDoc`` does not carry. :class:`MirrorPlane` wraps the controller's control plane to
+feed that mirror: every write the controller makes and every change its watch delivers.
+
+``chats`` is answered from the control plane's message log (``ControlPlane.messages``): chats
+that had messages mirrored there, with counts and the last message. It cannot tell which chats
+have a live Claude process; that needs a request/response on the worker link (see the
+agent-side notes in the lead's report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from controller.plane import ChangeCallback, ControlPlane, Removed, SessionDoc
+from controller.server import WorkerServer
+from wabridge import logs, protocol
+from wabridge.errors import UserIdError
+from wabridge.status import DocStatus
+from wabridge.units import validate_user_id
+
+log = logs.get("controller.admin")
+
+MAX_REQUEST = 64 * 1024
+MAX_CHAT_MESSAGES = 1000  # messages read from the log to build the chat list
+#: Document fields a ``watch`` reports, and the names it reports them under.
+WATCHED = {
+    "status": "status",
+    "statusDetail": "detail",
+    "qrRaw": "qr",
+    "pairingCode": "pairing_code",
+    "phone": "phone",
+    "error": "error",
+}
+_RUNNING_UNIT = ("active", "activating", "reloading")
+_CHAT_SUFFIXES = ("@s.whatsapp.net", "@g.us", "@lid")
+
+Fields = Mapping[str, Any]
+Watcher = Callable[[Fields | None], None]  # None: the document was deleted
+
+
+class AdminError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error_frame(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "code": code, "message": message}
+
+
+def encode(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
+
+
+# --------------------------------------------------------------------------- the mirror
+
+
+class DocMirror:
+    """The latest known fields of each session document, and who watches them.
+
+    Values are merged like ``ControlPlane.update``: a ``None`` value deletes the field, maps
+    replace the old value wholesale (the controller always writes whole maps).
+    """
+
+    def __init__(self) -> None:
+        self._fields: dict[str, dict[str, Any]] = {}
+        self._watchers: dict[str, list[Watcher]] = {}
+
+    def users(self) -> list[str]:
+        return list(self._fields)
+
+    def get(self, user_id: str) -> Fields:
+        return dict(self._fields.get(user_id, {}))
+
+    def merge(self, user_id: str, fields: Fields) -> None:
+        current = self._fields.setdefault(user_id, {})
+        before = _watched(current)
+        for key, value in fields.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+        if _watched(current) != before:
+            self._notify(user_id, dict(current))
+
+    def drop(self, user_id: str) -> None:
+        if self._fields.pop(user_id, None) is not None:
+            self._notify(user_id, None)
+
+    def observe(self, change: SessionDoc | Removed) -> None:
+        """A change the control plane's watch delivered (clients' writes, our own echoed)."""
+        if isinstance(change, Removed):
+            self.drop(change.user_id)
+            return
+        current = self._fields.get(change.user_id, {})
+        fields: dict[str, Any] = {"status": change.raw_status}
+        if change.pairing_phone is not None:
+            fields["pairingPhone"] = change.pairing_phone
+        old_error = current.get("error")
+        old_code = old_error.get("code") if isinstance(old_error, Mapping) else None
+        if change.error_code is None:
+            fields["error"] = None
+        elif change.error_code != old_code:  # keep the message we wrote for the same code
+            fields["error"] = {"code": change.error_code, "message": ""}
+        self.merge(change.user_id, fields)
+
+    def watch(self, user_id: str, callback: Watcher) -> Callable[[], None]:
+        """Call ``callback`` after every change of a watched field; returns an unsubscriber."""
+        self._watchers.setdefault(user_id, []).append(callback)
+
+        def unsubscribe() -> None:
+            callbacks = self._watchers.get(user_id, [])
+            with contextlib.suppress(ValueError):
+                callbacks.remove(callback)
+            if not callbacks:
+                self._watchers.pop(user_id, None)
+
+        return unsubscribe
+
+    def _notify(self, user_id: str, fields: Fields | None) -> None:
+        for callback in list(self._watchers.get(user_id, [])):
+            try:
+                callback(fields)
+            except Exception as exc:  # noqa: BLE001 - one watcher must not break a write
+                log.error("admin.watcher_failed", user_id=user_id, error=repr(exc))
+
+
+def _watched(fields: Fields) -> tuple[Any, ...]:
+    return tuple(json.dumps(fields.get(k), sort_keys=True, default=str) for k in WATCHED)
+
+
+class MirrorPlane(ControlPlane):
+    """A control plane that forwards everything to ``inner`` and records it in a mirror.
+
+    If ``ControlPlane`` gains an abstract method, this class must forward it too
+    (``tests/test_admin.py`` fails until it does).
+    """
+
+    def __init__(self, inner: ControlPlane, mirror: DocMirror) -> None:
+        self.inner = inner
+        self.mirror = mirror
+        self.name = inner.name
+
+    async def watch(self, on_change: ChangeCallback) -> None:
+        def tap(change: SessionDoc | Removed) -> None:
+            self.mirror.observe(change)
+            on_change(change)
+
+        await self.inner.watch(tap)
+
+    async def list_sessions(self) -> list[SessionDoc]:
+        docs = await self.inner.list_sessions()
+        for doc in docs:
+            self.mirror.observe(doc)
+        return docs
+
+    async def get(self, user_id: str) -> SessionDoc | None:
+        return await self.inner.get(user_id)
+
+    async def claim(
+        self, user_id: str, expect: frozenset[DocStatus], new: DocStatus, host: str
+    ) -> bool:
+        ok = await self.inner.claim(user_id, expect, new, host)
+        if ok:
+            self.mirror.merge(user_id, {"status": new.value, "host": host})
+        return ok
+
+    async def update(self, user_id: str, fields: Mapping[str, Any]) -> None:
+        await self.inner.update(user_id, fields)
+        self.mirror.merge(user_id, fields)
+
+    async def request(self, user_id: str, status: DocStatus, **fields: Any) -> None:
+        await self.inner.request(user_id, status, **fields)
+        self.mirror.merge(user_id, {**fields, "status": status.value})
+
+    async def delete(self, user_id: str) -> None:
+        await self.inner.delete(user_id)
+        self.mirror.drop(user_id)
+
+    async def add_message(self, user_id: str, event: protocol.MessageEvent) -> None:
+        await self.inner.add_message(user_id, event)
+
+    async def messages(self, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        return await self.inner.messages(user_id, limit)
+
+    async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
+        await self.inner.put_session_info(user_id, fields)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+# --------------------------------------------------------------------------- the facade
+
+
+class UnitInfo(Protocol):
+    """What the admin API reads of a unit (``controller.systemd.UnitState`` has it)."""
+
+    @property
+    def active_state(self) -> str: ...
+    @property
+    def sub_state(self) -> str: ...
+    @property
+    def main_pid(self) -> int: ...
+    @property
+    def n_restarts(self) -> int: ...
+    @property
+    def memory_bytes(self) -> int | None: ...
+
+
+class AdminFacade(Protocol):
+    """What the admin server needs of the controller."""
+
+    def user_ids(self) -> Iterable[str]:
+        """Every user with a document or a loaded worker unit."""
+
+    def doc(self, user_id: str) -> SessionDoc | None: ...
+
+    def unit(self, user_id: str) -> UnitInfo | None: ...
+
+    def fields(self, user_id: str) -> Fields:
+        """Mirrored document fields (see :class:`DocMirror`)."""
+
+    def linked(self, user_id: str) -> bool:
+        """Whether the user's worker is connected to the controller's worker socket."""
+
+    def watch(self, user_id: str, callback: Watcher) -> Callable[[], None]: ...
+
+    async def request(self, user_id: str, status: DocStatus, **fields: Any) -> None: ...
+
+    async def command(self, user_id: str, command: protocol.Command) -> bool:
+        """Send a command to the user's worker; False if it is not linked."""
+
+    async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]: ...
+
+    def info(self) -> dict[str, Any]:
+        """Host-wide facts for ``ping``: host, plane, sessions, linked."""
+
+
+class ControllerView(Protocol):
+    """The parts of ``controller.main.Controller`` that :class:`ControllerFacade` reads."""
+
+    @property
+    def docs(self) -> Mapping[str, SessionDoc]: ...
+    @property
+    def units(self) -> Mapping[str, UnitInfo]: ...
+    @property
+    def server(self) -> WorkerServer: ...
+    @property
+    def plane(self) -> ControlPlane: ...
+    @property
+    def host(self) -> str: ...
+
+
+class ControllerFacade:
+    def __init__(self, controller: ControllerView, mirror: DocMirror) -> None:
+        self._c = controller
+        self._mirror = mirror
+
+    def user_ids(self) -> Iterable[str]:
+        return set(self._c.docs) | set(self._c.units)
+
+    def doc(self, user_id: str) -> SessionDoc | None:
+        return self._c.docs.get(user_id)
+
+    def unit(self, user_id: str) -> UnitInfo | None:
+        return self._c.units.get(user_id)
+
+    def fields(self, user_id: str) -> Fields:
+        return self._mirror.get(user_id)
+
+    def linked(self, user_id: str) -> bool:
+        return user_id in self._c.server.connections
+
+    def watch(self, user_id: str, callback: Watcher) -> Callable[[], None]:
+        return self._mirror.watch(user_id, callback)
+
+    async def request(self, user_id: str, status: DocStatus, **fields: Any) -> None:
+        await self._c.plane.request(user_id, status, **fields)
+
+    async def command(self, user_id: str, command: protocol.Command) -> bool:
+        return await self._c.server.send(user_id, command)
+
+    async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]:
+        return await self._c.plane.messages(user_id, limit)
+
+    def info(self) -> dict[str, Any]:
+        return {"host": self._c.host, "plane": self._c.plane.name,
+                "sessions": len(self._c.docs), "linked": len(self._c.server.connections)}
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def status_row(
+    user_id: str, doc: SessionDoc | None, unit: UnitInfo | None, fields: Fields, linked: bool
+) -> dict[str, Any]:
+    """One user's line of ``status`` (keys are stable: wabridgectl --json prints them)."""
+    metrics = fields.get("metrics")
+    metrics = metrics if isinstance(metrics, Mapping) else {}
+    raw_error = fields.get("error")
+    error: dict[str, str] | None = None
+    if isinstance(raw_error, Mapping) and raw_error.get("code"):
+        error = {"code": str(raw_error["code"]), "message": str(raw_error.get("message") or "")}
+    elif doc is not None and doc.error_code:
+        error = {"code": doc.error_code, "message": ""}
+    status = fields.get("status", doc.raw_status if doc is not None else None)
+    running = unit is not None and unit.active_state in _RUNNING_UNIT
+    live = metrics.get("claudeProcesses")
+    return {
+        "user": user_id,
+        "status": status if isinstance(status, str) else None,
+        "detail": str(fields.get("statusDetail") or ""),
+        "phone": fields.get("phone") or None,
+        "unit": unit.active_state if unit is not None else None,
+        "sub_state": unit.sub_state if unit is not None else None,
+        "pid": (unit.main_pid or None) if unit is not None else None,
+        "restarts": unit.n_restarts if unit is not None else None,
+        "memory_bytes": unit.memory_bytes if unit is not None else None,
+        "linked": linked,
+        "chats": metrics.get("chats"),
+        "claude_processes": (live if running else 0) if live is not None else None,
+        "cost_today_usd": metrics.get("costTodayUsd"),
+        "error": error,
+    }
+
+
+def chat_rows(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Group a message log (oldest first) into chats, most recently active first."""
+    chats: dict[str, dict[str, Any]] = {}
+    for msg in messages:
+        chat = msg.get("chatId") or msg.get("chat_id")
+        if not isinstance(chat, str):
+            continue
+        row = chats.setdefault(chat, {"chat": chat, "messages": 0, "in": 0, "out": 0,
+                                      "last_ts": None, "last_direction": None, "last_text": ""})
+        row["messages"] += 1
+        direction = msg.get("direction")
+        if direction in ("in", "out"):
+            row[direction] += 1
+        ts = msg.get("ts")
+        if isinstance(ts, int | float) and (row["last_ts"] is None or ts >= row["last_ts"]):
+            row["last_ts"] = float(ts)
+            row["last_direction"] = direction
+            row["last_text"] = str(msg.get("text") or "")[:200]
+    return sorted(chats.values(), key=lambda r: r["last_ts"] or 0.0, reverse=True)
+
+
+def watch_event(kind: str, user_id: str, fields: Fields | None) -> dict[str, Any]:
+    if fields is None:
+        return {"ok": True, "event": "removed", "user": user_id}
+    event: dict[str, Any] = {"ok": True, "event": kind, "user": user_id}
+    for key, name in WATCHED.items():
+        event[name] = fields.get(key)
+    return event
+
+
+def normalize_chat(chat: str) -> str:
+    """A chat as wabridgectl users type it: a phone number becomes its JID."""
+    chat = chat.strip().removeprefix("+")
+    if chat.isascii() and chat.isdigit():
+        return chat + "@s.whatsapp.net"
+    if not chat or not chat.endswith(_CHAT_SUFFIXES) or any(c.isspace() for c in chat):
+        raise AdminError("bad_request", f"chat {chat!r} is not a phone number or a chat JID "
+                         f"(…{', …'.join(_CHAT_SUFFIXES)})")
+    return chat
+
+
+def pairing_phone(value: object) -> str:
+    if not (isinstance(value, str) and value.isascii() and value.isdigit()
+            and 8 <= len(value) <= 15):
+        raise AdminError("bad_request", f"phone {value!r} must be 8-15 digits with country "
+                         "code, no '+'")
+    return value
+
+
+# --------------------------------------------------------------------------- the server
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return Peer(pid, uid, gid)
+
+
+def supplementary_groups(pid: int, proc: Path = Path("/proc")) -> set[int]:
+    """The ``Groups:`` of a process, or an empty set if it cannot be read."""
+    try:
+        text = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("Groups:"):
+            return {int(g) for g in line.split()[1:] if g.isdigit()}
+    return set()
+
+
+def resolve_group(name: str) -> int | None:
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+class AdminServer:
+    """Serves the admin API on ``path`` for callers allowed by ``admin_gid``.
+
+    ``group`` names the admin group (looked up at ``start``); ``admin_gid`` gives it by number
+    instead (tests). ``mode`` is the socket's file mode.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        facade: AdminFacade,
+        *,
+        group: str = "wabridge-admin",
+        admin_gid: int | None = None,
+        mode: int = 0o660,
+        proc: Path = Path("/proc"),
+    ) -> None:
+        self._path = Path(path)
+        self._facade = facade
+        self._group = group
+        self.admin_gid = admin_gid
+        self._mode = mode
+        self._proc = proc
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        if self.admin_gid is None:
+            self.admin_gid = resolve_group(self._group)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self._path), limit=MAX_REQUEST)
+        if self.admin_gid is not None:
+            os.chown(self._path, -1, self.admin_gid)
+        self._path.chmod(self._mode)
+        log.info("admin.listening", socket=str(self._path), gid=self.admin_gid,
+                 mode=oct(self._mode))
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+    def allowed(self, peer: Peer) -> bool:
+        if peer.uid == 0:
+            return True
+        if self.admin_gid is None:
+            return False
+        return peer.gid == self.admin_gid or self.admin_gid in supplementary_groups(
+            peer.pid, self._proc)
+
+    # --- connections --------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            peer = peer_credentials(writer.get_extra_info("socket"))
+            if not self.allowed(peer):
+                log.warning("admin.forbidden", uid=peer.uid, gid=peer.gid, pid=peer.pid)
+                await self._send(writer, error_frame(
+                    "forbidden", f"uid {peer.uid} may not use the admin socket: run as root "
+                    f"or as a member of group {self._group!r}"))
+                return
+            await self._requests(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - one connection must not kill the server
+            log.error("admin.connection_failed", error=repr(exc))
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial.strip():
+                    return
+                line = exc.partial  # a last request without its newline
+            except asyncio.LimitOverrunError:
+                await self._send(writer, error_frame(
+                    "bad_request", f"request exceeds {MAX_REQUEST} bytes"))
+                return
+            if not line.strip():
+                continue
+            try:
+                request = parse_request(line)
+                op = request["op"]
+                if op == "watch" or (op == "link" and request.get("follow")):
+                    await self._stream(op, request, reader, writer)
+                    return
+                response = await self.handle(request)
+            except AdminError as exc:
+                response = error_frame(exc.code, exc.message)
+            except Exception as exc:  # noqa: BLE001 - answer, never crash the connection
+                log.error("admin.op_failed", error=repr(exc))
+                response = error_frame("internal", f"{type(exc).__name__}: {exc}")
+            await self._send(writer, response)
+            if not line.endswith(b"\n"):
+                return  # that was the last request
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, obj: Mapping[str, Any]) -> None:
+        writer.write(encode(obj))
+        await writer.drain()
+
+    # --- ops ------------------------------------------------------------------------------
+    async def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer one non-streaming request; raises ``AdminError``."""
+        op = request["op"]
+        f = self._facade
+        if op == "ping":
+            return {"ok": True, **f.info()}
+        if op == "status":
+            if request.get("user") is None:
+                users = sorted(set(f.user_ids()))
+            else:
+                users = [self._known(request)]
+            return {"ok": True, "users": [
+                status_row(u, f.doc(u), f.unit(u), f.fields(u), f.linked(u)) for u in users]}
+        if op == "link":
+            return await self._link(request)
+        if op == "unlink":
+            user = self._known(request)
+            await f.request(user, DocStatus.DESTROY_REQUESTED)
+            log.info("admin.unlink", user_id=user)
+            return {"ok": True, "user": user, "status": DocStatus.DESTROY_REQUESTED.value}
+        if op == "restart":
+            user = self._known(request)
+            await f.request(user, DocStatus.RESTART_REQUESTED)
+            log.info("admin.restart", user_id=user)
+            return {"ok": True, "user": user, "status": DocStatus.RESTART_REQUESTED.value}
+        if op == "chats":
+            user = self._known(request)
+            limit = request.get("limit", MAX_CHAT_MESSAGES)
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise AdminError("bad_request", "limit must be a positive integer")
+            messages = await f.messages(user, min(limit, 10 * MAX_CHAT_MESSAGES))
+            return {"ok": True, "user": user, "source": "message_log",
+                    "chats": chat_rows(messages)}
+        if op == "reset":
+            user = self._known(request)
+            chat = request.get("chat")
+            if not isinstance(chat, str):
+                raise AdminError("bad_request", "reset needs 'chat' (a phone number or JID)")
+            chat_id = normalize_chat(chat)
+            command = protocol.Command(name="reset_chat", args={"chat_id": chat_id})
+            if not f.linked(user) or not await f.command(user, command):
+                raise AdminError("not_connected", f"the worker of {user!r} is not connected "
+                                 "to the controller (is it running? see wabridgectl status)")
+            log.info("admin.reset_chat", user_id=user, chat_id=chat_id)
+            return {"ok": True, "user": user, "chat": chat_id, "sent": True}
+        raise AdminError("unknown_op", f"unknown op {op!r}; known: {', '.join(OPS)}")
+
+    async def _link(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        f = self._facade
+        user = _user(request)
+        phone = request.get("phone")
+        if phone is not None:
+            phone = pairing_phone(phone)
+        doc, unit, fields = f.doc(user), f.unit(user), f.fields(user)
+        status = fields.get("status", doc.raw_status if doc is not None else None)
+        if (status == DocStatus.CONNECTED.value and unit is not None
+                and unit.active_state in _RUNNING_UNIT):
+            return {"ok": True, "user": user, "status": status, "already_connected": True,
+                    "phone": fields.get("phone")}
+        new = DocStatus.PAIRING_REQUESTED if phone else DocStatus.CREATE_REQUESTED
+        extra: dict[str, Any] = {"qrRaw": None, "qrCode": None, "pairingCode": None,
+                                 "error": None}
+        if phone:
+            extra["pairingPhone"] = phone
+        await f.request(user, new, **extra)
+        log.info("admin.link", user_id=user, pairing=bool(phone))
+        return {"ok": True, "user": user, "status": new.value, "already_connected": False}
+
+    async def _stream(self, op: str, request: Mapping[str, Any], reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        user = _user(request)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        unsubscribe = self._facade.watch(
+            user, lambda fields: queue.put_nowait(watch_event("update", user, fields)))
+        eof = asyncio.ensure_future(reader.read(1))
+        try:
+            if op == "link":
+                first = await self._link(request)
+                await self._send(writer, first)
+                if first.get("already_connected"):
+                    return
+            else:
+                await self._send(writer, watch_event("snapshot", user, self._facade.fields(user)))
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, eof}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    return  # the client closed (or wrote, which a stream does not expect)
+                await self._send(writer, get.result())
+        finally:
+            unsubscribe()
+            eof.cancel()
+
+    def _known(self, request: Mapping[str, Any]) -> str:
+        user = _user(request)
+        f = self._facade
+        if f.doc(user) is None and f.unit(user) is None and not f.fields(user):
+            raise AdminError("unknown_user", f"no session for user {user!r} "
+                             "(wabridgectl status lists them)")
+        return user
+
+
+OPS = ("ping", "status", "link", "unlink", "restart", "watch", "chats", "reset")
+
+
+def _user(request: Mapping[str, Any]) -> str:
+    user = request.get("user")
+    if user is None:
+        raise AdminError("bad_request", f"{request.get('op')} needs 'user'")
+    try:
+        return validate_user_id(user)
+    except UserIdError as exc:
+        raise AdminError("bad_user_id", str(exc)) from None
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise AdminError("bad_request", f"request is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(request, dict):
+        raise AdminError("bad_request", "a request must be a JSON object")
+    op = request.get("op")
+    if not isinstance(op, str):
+        raise AdminError("bad_request", "a request needs 'op' (a string)")
+    if op not in OPS:
+        raise AdminError("unknown_op", f"unknown op {op!r}; known: {', '.join(OPS)}")
+    return request

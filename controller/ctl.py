@@ -1,0 +1,743 @@
+"""``wabridgectl``: link, inspect and manage the WhatsApp accounts of a wabridge host.
+
+Talks to the controller's admin socket (``controller.admin_socket``, see
+:mod:`controller.admin`; root or members of ``controller.admin_group`` only), to journald for
+``logs``, and checks the host itself for ``doctor``.
+
+Commands::
+
+    wabridgectl link <user> [--pairing-code PHONE] [--timeout S]
+    wabridgectl unlink <user>
+    wabridgectl restart <user>
+    wabridgectl status [<user>] [--json]
+    wabridgectl logs <user> [-f] [-n LINES]
+    wabridgectl chats <user> [--json]
+    wabridgectl reset <user> <chat>
+    wabridgectl doctor [--json]
+
+``--json`` is accepted by every command, before or after its name; with it, results are one
+JSON document on stdout and errors are ``{"error": {"code": ..., "message": ...}}`` on stdout.
+``--socket PATH`` overrides the admin socket's path.
+
+Exit status (stable; scripts may rely on it):
+
+== ======================================================================================
+0  success (``link``: the account is connected)
+1  the operation failed: an error answer, the account ended in a failed status (logged out,
+   QR expired, crashed, error...), ``doctor`` found a failing check
+2  usage: unknown command, bad arguments, an invalid user id or phone number
+3  the controller is unreachable: no admin socket, nobody listening, no answer, or the
+   connection dropped
+4  forbidden: not root and not in the admin group (socket permissions or the controller's
+   peer-credential check)
+5  timed out (``link --timeout``)
+== ======================================================================================
+
+Environment: ``WABRIDGE_CONFIG`` (the configuration file), ``WABRIDGE_WORKER_ENV`` (the
+workers' environment file ``doctor`` reads; default ``/etc/wabridge/worker.env``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from wabridge import config, qr
+from wabridge.errors import ConfigError, UserIdError
+from wabridge.units import validate_user_id, worker_unit
+
+OK, FAILED, USAGE, UNREACHABLE, FORBIDDEN, TIMEOUT = 0, 1, 2, 3, 4, 5
+
+DEFAULT_WORKER_ENV = "/etc/wabridge/worker.env"
+STATE_DIR = "/var/lib/wabridge"
+MIN_FREE_BYTES = 1 << 30
+CALL_TIMEOUT = 30.0
+#: Statuses after which ``link`` has nothing more to wait for.
+LINK_FAILED = frozenset({"logged_out", "banned", "replaced", "outdated", "qr_expired",
+                         "crashed", "stopping", "stopped", "error", "destroy_requested"})
+#: Keep in step with ``agent/claude.py`` OFFLINE_ENV (controller may not import agent).
+CLAUDE_OFFLINE_ENV = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "CLAUDE_CODE_MAX_RETRIES": "0",
+}
+
+
+class CtlError(Exception):
+    def __init__(self, exit_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class AdminClient:
+    """A blocking JSON-lines client of the admin socket."""
+
+    def __init__(self, path: str, timeout: float = CALL_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[tuple[socket.socket, Any]]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(self.path)
+            except FileNotFoundError:
+                raise CtlError(UNREACHABLE, "unreachable", f"no admin socket at {self.path}: "
+                               "is wabridge-controller running?") from None
+            except PermissionError:
+                raise CtlError(FORBIDDEN, "forbidden", f"permission denied on {self.path}: "
+                               "run as root or as a member of the admin group "
+                               "(controller.admin_group, default wabridge-admin)") from None
+            except ConnectionRefusedError:
+                raise CtlError(UNREACHABLE, "unreachable", f"nobody listens on {self.path}: "
+                               "is wabridge-controller running?") from None
+            except OSError as exc:
+                raise CtlError(UNREACHABLE, "unreachable",
+                               f"cannot connect to {self.path}: {exc.strerror or exc}") from None
+            with sock.makefile("rb") as reader:
+                yield sock, reader
+        finally:
+            sock.close()
+
+    @staticmethod
+    def _read(sock: socket.socket, reader: Any, deadline: float | None = None
+              ) -> dict[str, Any]:
+        """One answer line; raises TimeoutError when ``deadline`` (monotonic) passes."""
+        if deadline is not None:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            line = reader.readline()
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise CtlError(UNREACHABLE, "unreachable",
+                           f"connection to the controller failed: {exc}") from None
+        if not line:
+            raise CtlError(UNREACHABLE, "unreachable",
+                           "the controller closed the connection (restarting?)")
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise CtlError(FAILED, "bad_answer", f"unparsable answer: {line[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise CtlError(FAILED, "bad_answer", f"unexpected answer: {line[:200]!r}")
+        if not answer.get("ok"):
+            code = str(answer.get("code", "error"))
+            exit_code = FORBIDDEN if code == "forbidden" else (
+                USAGE if code in ("bad_user_id", "bad_request") else FAILED)
+            raise CtlError(exit_code, code, str(answer.get("message", "")))
+        return answer
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        with self._connect() as (sock, reader):
+            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            try:
+                return self._read(sock, reader)
+            except TimeoutError:
+                raise CtlError(UNREACHABLE, "unreachable", f"the controller did not answer "
+                               f"{op} within {self.timeout:g} s") from None
+
+    def stream(self, op: str, deadline: float, **args: Any) -> Iterator[dict[str, Any]]:
+        """The answer and then every event of a streaming op; TimeoutError at ``deadline``."""
+        with self._connect() as (sock, reader):
+            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while True:
+                yield self._read(sock, reader, deadline)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _out() -> TextIO:
+    return sys.stdout
+
+
+def print_json(obj: Any) -> None:
+    _out().write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def print_json_line(obj: Any) -> None:
+    _out().write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in rows]
+    return "\n".join(lines)
+
+
+def human_bytes(value: object) -> str:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "-"
+    size = float(value)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return "-"  # pragma: no cover
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _error_text(error: object) -> str:
+    if not isinstance(error, Mapping):
+        return ""
+    code, message = str(error.get("code", "")), str(error.get("message", ""))
+    return f"{code}: {message}" if message else code
+
+
+def status_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    headers = ("USER", "STATUS", "PHONE", "UNIT", "PID", "RESTARTS", "MEMORY", "CHATS",
+               "CLAUDE", "COST TODAY", "ERROR")
+    cells = []
+    for r in rows:
+        cost = r.get("cost_today_usd")
+        error = _error_text(r.get("error"))
+        cells.append((
+            str(r.get("user")), _cell(r.get("status")),
+            f"+{r['phone']}" if r.get("phone") else "-",
+            _cell(r.get("unit")), _cell(r.get("pid")), _cell(r.get("restarts")),
+            human_bytes(r.get("memory_bytes")), _cell(r.get("chats")),
+            _cell(r.get("claude_processes")),
+            f"${cost:.4f}" if isinstance(cost, int | float) else "-",
+            (error[:57] + "...") if len(error) > 60 else (error or "-"),
+        ))
+    return table(headers, cells)
+
+
+def chats_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    headers = ("CHAT", "MESSAGES", "IN", "OUT", "LAST", "LAST MESSAGE")
+    cells = []
+    for r in rows:
+        ts = r.get("last_ts")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if isinstance(
+            ts, int | float) else "-"
+        text = " ".join(str(r.get("last_text") or "").split())
+        arrow = "<" if r.get("last_direction") == "in" else ">"
+        cells.append((str(r.get("chat")), str(r.get("messages", 0)), str(r.get("in", 0)),
+                      str(r.get("out", 0)), when,
+                      f"{arrow} {text[:47] + '...' if len(text) > 50 else text}"))
+    return table(headers, cells)
+
+
+def qr_block(code: str, *, color: bool) -> str:
+    """The QR for a terminal; dark modules are blocks, so force black on white on a TTY."""
+    text = qr.to_terminal(code)
+    if not color:
+        return text
+    return "\n".join(f"\x1b[30;107m{line}\x1b[0m" for line in text.splitlines())
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    client: AdminClient
+    json: bool
+
+
+def cmd_link(ctx: Ctx) -> int:
+    args = ctx.args
+    user = _user(args.user)
+    phone = args.pairing_code
+    if phone is not None:
+        phone = phone.removeprefix("+").replace(" ", "").replace("-", "")
+        if not (phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15):
+            raise CtlError(USAGE, "bad_request", f"--pairing-code {args.pairing_code!r}: a "
+                           "phone number with country code, 8-15 digits")
+    deadline = time.monotonic() + args.timeout
+    tty = _out().isatty() and not ctx.json
+    request: dict[str, Any] = {"user": user, "follow": True}
+    if phone:
+        request["phone"] = phone
+    shown_qr, shown_code = None, None
+    try:
+        events = ctx.client.stream("link", deadline, **request)
+        first = next(events)
+        if first.get("already_connected"):
+            phone_now = first.get("phone")
+            if ctx.json:
+                print_json_line({"user": user, "connected": True, "already": True,
+                                 "phone": phone_now})
+            else:
+                _out().write(f"already connected as +{phone_now}\n" if phone_now
+                             else "already connected\n")
+            return OK
+        if not ctx.json:
+            _out().write(f"requested {first.get('status')} for {user}; waiting for the "
+                         "worker...\n")
+            _out().flush()
+        for event in events:
+            if event.get("event") == "removed":
+                raise CtlError(FAILED, "removed", f"the session of {user} was deleted")
+            status, code, pairing = event.get("status"), event.get("qr"), event.get(
+                "pairing_code")
+            if ctx.json:
+                print_json_line(event)
+            if pairing and pairing != shown_code:
+                shown_code = pairing
+                if not ctx.json:
+                    _out().write(f"\nOn the phone ({'+' + phone if phone else ''}): WhatsApp > "
+                                 f"Linked devices > Link a device > Link with phone number "
+                                 f"instead, and enter:\n\n    {pairing}\n\n")
+            elif code and code != shown_qr and not phone:
+                shown_qr = code
+                if not ctx.json:
+                    if tty:
+                        _out().write("\x1b[H\x1b[2J")
+                    _out().write(qr_block(code, color=tty) + "\n")
+                    _out().write("Scan with WhatsApp > Linked devices > Link a device "
+                                 "(the code rotates).\n")
+            _out().flush()
+            if status == "connected":
+                phone_now = event.get("phone")
+                if ctx.json:
+                    print_json_line({"user": user, "connected": True, "phone": phone_now})
+                else:
+                    _out().write(f"connected as +{phone_now}\n" if phone_now else "connected\n")
+                return OK
+            if status in LINK_FAILED:
+                error = _error_text(event.get("error"))
+                detail = event.get("detail")
+                why = "; ".join(x for x in (error, detail) if x)
+                raise CtlError(FAILED, str(status), f"link failed: status {status}"
+                               + (f" ({why})" if why else ""))
+    except TimeoutError:
+        raise CtlError(TIMEOUT, "timeout", f"not connected after {args.timeout:g} s "
+                       f"(see wabridgectl status {user})") from None
+    raise CtlError(UNREACHABLE, "unreachable", "the controller closed the connection")
+
+
+def cmd_simple(op: str, done: str) -> Callable[[Ctx], int]:
+    def run(ctx: Ctx) -> int:
+        user = _user(ctx.args.user)
+        answer = ctx.client.call(op, user=user)
+        if ctx.json:
+            print_json(answer)
+        else:
+            _out().write(f"{done} {user} ({answer.get('status')})\n")
+        return OK
+
+    return run
+
+
+def cmd_status(ctx: Ctx) -> int:
+    user = ctx.args.user
+    answer = ctx.client.call("status", **({"user": _user(user)} if user else {}))
+    rows = answer.get("users", [])
+    if ctx.json:
+        print_json({"users": rows})
+        return OK
+    if not rows:
+        _out().write("no sessions\n")
+        return OK
+    _out().write(status_table(rows) + "\n")
+    if user:
+        for row in rows:
+            if row.get("detail"):
+                _out().write(f"\ndetail: {row['detail']}\n")
+            if row.get("error"):
+                _out().write(f"\nlast error: {_error_text(row['error'])}\n")
+    return OK
+
+
+def cmd_chats(ctx: Ctx) -> int:
+    user = _user(ctx.args.user)
+    answer = ctx.client.call("chats", user=user)
+    chats = answer.get("chats", [])
+    if ctx.json:
+        print_json({"user": user, "source": answer.get("source"), "chats": chats})
+    elif not chats:
+        _out().write(f"no chats recorded for {user}\n")
+    else:
+        _out().write(chats_table(chats) + "\n")
+    return OK
+
+
+def cmd_reset(ctx: Ctx) -> int:
+    user = _user(ctx.args.user)
+    answer = ctx.client.call("reset", user=user, chat=ctx.args.chat)
+    if ctx.json:
+        print_json(answer)
+    else:
+        _out().write(f"reset sent: {answer.get('chat')} of {user} starts a fresh Claude "
+                     "conversation with its next message\n")
+    return OK
+
+
+def journal_argv(user_id: str, follow: bool = False, lines: int | None = None) -> list[str]:
+    """``journalctl`` for one user: its worker unit's lines OR any line tagged USER_ID.
+
+    Matches of different fields AND, ``+`` ORs the groups around it; ``-u`` cannot be ORed
+    with a match, so the unit is spelled out as ``-u`` would (minus coredumps): the unit's
+    own lines, and PID 1's lines about it.
+    """
+    unit = worker_unit(user_id)
+    argv = ["journalctl", "--no-hostname", f"_SYSTEMD_UNIT={unit}", "+",
+            f"UNIT={unit}", "_PID=1", "+", f"USER_ID={user_id}"]
+    if follow:
+        argv.insert(1, "--follow")
+    if lines is not None:
+        argv.insert(1, f"--lines={lines}")
+    return argv
+
+
+def cmd_logs(ctx: Ctx) -> int:
+    argv = journal_argv(_user(ctx.args.user), ctx.args.follow, ctx.args.lines)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - argv built from a validated user id
+    except FileNotFoundError:
+        raise CtlError(FAILED, "no_journalctl", "journalctl not found") from None
+    except OSError as exc:
+        raise CtlError(FAILED, "exec_failed", f"cannot run journalctl: {exc}") from None
+    return FAILED  # pragma: no cover - exec does not return
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok, warn, fail, skip
+    message: str
+    fix: str = ""
+
+    def as_json(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "message": self.message,
+                "fix": self.fix}
+
+
+def _run(argv: list[str], timeout: float = 10.0, env: Mapping[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                          env=None if env is None else dict(env))
+
+
+def check_systemd() -> Check:
+    fix = ("wabridge needs systemd as PID 1 with its D-Bus API (not a container without "
+           "systemd); check `systemctl status`")
+    try:
+        proc = _run(["systemctl", "show", "--property=Version", "--value"])
+    except FileNotFoundError:
+        return Check("systemd", "fail", "systemctl not found", fix)
+    except subprocess.TimeoutExpired:
+        return Check("systemd", "fail", "systemctl did not answer within 10 s", fix)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        why = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
+        return Check("systemd", "fail", f"systemd unreachable over D-Bus: {why}", fix)
+    return Check("systemd", "ok", f"systemd {proc.stdout.strip()} reachable over D-Bus")
+
+
+def check_controller_unit(systemd_ok: bool) -> Check:
+    unit = "wabridge-controller.service"
+    if not systemd_ok:
+        return Check("controller", "skip", f"cannot tell whether {unit} runs: no systemd")
+    fix = (f"systemctl enable --now {unit}; if it keeps failing: "
+           f"journalctl -u {unit} -n 50")
+    try:
+        proc = _run(["systemctl", "is-active", unit])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("controller", "fail", f"systemctl is-active failed: {exc}", fix)
+    state = proc.stdout.strip() or "unknown"
+    if state != "active":
+        return Check("controller", "fail", f"{unit} is {state}", fix)
+    return Check("controller", "ok", f"{unit} is active")
+
+
+def check_config() -> tuple[Check, config.Config]:
+    where = os.environ.get("WABRIDGE_CONFIG", str(config.DEFAULT_PATH))
+    try:
+        cfg = config.load()
+    except ConfigError as exc:
+        return Check("config", "fail", f"{where}: {exc}",
+                     f"fix {where} (`python3 -m wabridge.config` prints every key with its "
+                     "default); the other checks use the defaults"), config.Config()
+    return Check("config", "ok", f"{where} is valid"), cfg
+
+
+def check_plane(cfg: config.Config, plane: str | None) -> Check:
+    """``plane``: what the controller says it uses (None: unknown, guess from the config)."""
+    choice = plane or cfg.controller.control_plane
+    if choice == "auto":
+        emulator = cfg.firebase.emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST", "")
+        choice = "firestore" if emulator or cfg.firebase.credentials else "local"
+    if choice == "local":
+        db = Path(cfg.controller.local_db)
+        fix = ("the controller creates it when it starts with the local control plane: "
+               "systemctl restart wabridge-controller")
+        if not db.exists():
+            return Check("control_plane", "fail", f"local store {db} does not exist", fix)
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                    timeout=5)) as conn:
+                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.Error as exc:
+            return Check("control_plane", "fail", f"local store {db} unreadable: {exc}",
+                         f"move the broken file aside and restart the controller; {fix}")
+        return Check("control_plane", "ok", f"local store {db} readable ({tables} tables)")
+    emulator = cfg.firebase.emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST", "")
+    target = emulator or "firestore.googleapis.com:443"
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as exc:
+        return Check("control_plane", "fail", f"Firestore at {target} unreachable: {exc}",
+                     "check the network/proxy, or firebase.emulator_host")
+    return Check("control_plane", "ok", f"Firestore at {target} reachable (credentials are "
+                 "checked by the controller: wabridgectl status shows its errors)")
+
+
+def claude_path(cfg: config.Config) -> Path | None:
+    if cfg.claude.cli_path:
+        return Path(cfg.claude.cli_path)
+    spec = importlib.util.find_spec("claude_agent_sdk")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "_bundled" / "claude"
+
+
+def check_claude(cfg: config.Config) -> Check:
+    path = claude_path(cfg)
+    fix = "set claude.cli_path to the Claude Code binary, or empty for the bundled one"
+    if path is None:
+        return Check("claude", "fail", "claude_agent_sdk is not installed and "
+                     "claude.cli_path is empty", f"reinstall wabridge, or {fix}")
+    if not path.is_file():
+        return Check("claude", "fail", f"Claude Code binary {path} does not exist", fix)
+    if not os.access(path, os.X_OK):
+        return Check("claude", "fail", f"Claude Code binary {path} is not executable",
+                     f"chmod a+rx {path}, or {fix}")
+    with tempfile.TemporaryDirectory(prefix="wabridgectl-claude-") as home:
+        env = {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
+               "HOME": home, "LANG": "C.UTF-8", **CLAUDE_OFFLINE_ENV,
+               "CLAUDE_CONFIG_DIR": home, "TMPDIR": home}
+        try:
+            proc = _run([str(path), "--version"], timeout=30, env=env)
+        except subprocess.TimeoutExpired:
+            return Check("claude", "fail", f"{path} --version did not finish in 30 s", fix)
+        except OSError as exc:
+            return Check("claude", "fail", f"{path} cannot run: {exc.strerror or exc}", fix)
+    version = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not version[:1].isdigit():
+        why = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}")[:200]
+        return Check("claude", "fail", f"{path} --version failed: {why}", fix)
+    return Check("claude", "ok", f"{path}: {version}")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes)."""
+    out: dict[str, str] = {}
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def check_api_key() -> Check:
+    path = Path(os.environ.get("WABRIDGE_WORKER_ENV", DEFAULT_WORKER_ENV))
+    fix = (f"add ANTHROPIC_API_KEY=sk-ant-... to {path} (mode 0600), then "
+           "wabridgectl restart <user> for running workers")
+    try:
+        values = read_env_file(path)
+    except FileNotFoundError:
+        values, where = {}, f"{path} does not exist"
+    except OSError as exc:
+        return Check("api_key", "fail", f"{path} unreadable: {exc.strerror}", fix)
+    else:
+        where = f"{path} has none"
+    if values.get("ANTHROPIC_API_KEY", "").strip():
+        return Check("api_key", "ok", f"ANTHROPIC_API_KEY set in {path}")
+    if os.environ.get("ANTHROPIC_API_KEY", "").strip():
+        return Check("api_key", "ok", f"ANTHROPIC_API_KEY set in the environment ({where}; "
+                     "workers only see it if their unit passes it on)")
+    return Check("api_key", "fail", f"no ANTHROPIC_API_KEY: {where} and the environment has "
+                 "none", fix)
+
+
+def check_disk(path: str = STATE_DIR) -> Check:
+    target = Path(path)
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    try:
+        free = shutil.disk_usage(target).free
+    except OSError as exc:
+        return Check("disk", "fail", f"cannot stat {target}: {exc.strerror}", "")
+    text = f"{human_bytes(free)} free for {path}"
+    if free < MIN_FREE_BYTES:
+        return Check("disk", "warn", f"only {text}",
+                     "free space there: every account keeps its WhatsApp keys and "
+                     "conversations under it")
+    return Check("disk", "ok", text)
+
+
+def check_admin(client: AdminClient) -> tuple[Check, dict[str, Any] | None]:
+    try:
+        info = client.call("ping")
+    except CtlError as exc:
+        fix = ("run as root or join the admin group: usermod -aG wabridge-admin $USER, "
+               "then log in again") if exc.exit_code == FORBIDDEN else (
+            "systemctl start wabridge-controller; see journalctl -u wabridge-controller")
+        return Check("admin_socket", "fail", exc.message, fix), None
+    return Check("admin_socket", "ok", f"{client.path}: controller on {info.get('host')}, "
+                 f"{info.get('sessions')} sessions, {info.get('linked')} workers linked, "
+                 f"plane {info.get('plane')}"), info
+
+
+def cmd_doctor(ctx: Ctx) -> int:
+    systemd = check_systemd()
+    controller = check_controller_unit(systemd.status == "ok")
+    conf, cfg = check_config()
+    if ctx.args.socket is None:
+        ctx.client.path = cfg.controller.admin_socket
+    admin, info = check_admin(ctx.client)
+    plane = check_plane(cfg, str(info["plane"]) if info and info.get("plane") else None)
+    checks = [systemd, controller, conf, plane, check_claude(cfg), check_api_key(),
+              check_disk(), admin]
+    failed = any(c.status == "fail" for c in checks)
+    if ctx.json:
+        print_json({"ok": not failed, "checks": [c.as_json() for c in checks]})
+    else:
+        marks = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            _out().write(f"{marks[c.status]} {c.name.ljust(width)}  {c.message}\n")
+            if c.fix and c.status in ("fail", "warn"):
+                _out().write(f"       {' ' * width}  fix: {c.fix}\n")
+    return FAILED if failed else OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _user(value: str) -> str:
+    try:
+        return validate_user_id(value)
+    except UserIdError as exc:
+        raise CtlError(USAGE, "bad_user_id", str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of text")
+    parser = _Parser(prog="wabridgectl", description=__doc__.split("\n\n")[0] if __doc__
+                     else None, parents=[common])
+    parser.add_argument("--socket", default=None,
+                        help="admin socket (default: controller.admin_socket from the config)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    p = sub.add_parser("link", parents=[common], help="link a WhatsApp account (QR code)")
+    p.add_argument("user")
+    p.add_argument("--pairing-code", "--phone", metavar="PHONE", default=None,
+                   help="show a pairing code for this phone number instead of QR codes")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for the link (default 300)")
+    p.set_defaults(run=cmd_link)
+    p = sub.add_parser("unlink", parents=[common], help="stop an account's worker for good")
+    p.add_argument("user")
+    p.set_defaults(run=cmd_simple("unlink", "unlink requested for"))
+    p = sub.add_parser("restart", parents=[common], help="restart an account's worker")
+    p.add_argument("user")
+    p.set_defaults(run=cmd_simple("restart", "restart requested for"))
+    p = sub.add_parser("status", parents=[common], help="accounts, units and metrics")
+    p.add_argument("user", nargs="?")
+    p.set_defaults(run=cmd_status)
+    p = sub.add_parser("logs", parents=[common], help="an account's journal")
+    p.add_argument("user")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=None)
+    p.set_defaults(run=cmd_logs)
+    p = sub.add_parser("chats", parents=[common], help="an account's chats")
+    p.add_argument("user")
+    p.set_defaults(run=cmd_chats)
+    p = sub.add_parser("reset", parents=[common], help="forget one chat's Claude conversation")
+    p.add_argument("user")
+    p.add_argument("chat", help="the contact's phone number or the chat JID")
+    p.set_defaults(run=cmd_reset)
+    p = sub.add_parser("doctor", parents=[common], help="check this host")
+    p.set_defaults(run=cmd_doctor)
+    return parser
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    try:
+        return config.load().controller.admin_socket
+    except ConfigError as exc:
+        if args.command != "doctor":
+            sys.stderr.write(f"wabridgectl: warning: {exc}; using the default admin socket\n")
+        return config.ControllerConfig().admin_socket
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
+    ctx = Ctx(args=args, client=AdminClient(socket_path(args)), json=as_json)
+    try:
+        return int(args.run(ctx))
+    except CtlError as exc:
+        if as_json:
+            print_json({"error": {"code": exc.code, "message": exc.message}})
+        else:
+            sys.stderr.write(f"wabridgectl: {exc.message}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            sys.stdout.close()
+        return OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

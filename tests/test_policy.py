@@ -1,0 +1,220 @@
+"""agent.policy: parsing the per-user settings and deciding who gets answered (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent import policy
+from agent.commands import Command
+from agent.policy import Decision, InvalidSetting, Policy
+from agent.whatsapp.events import Image, IncomingMessage
+from wabridge.errors import PolicyError
+
+OWNER = "4915100000001"
+ALICE = "4915100000002"
+BOB = "4915100000003"
+
+
+def jid(phone: str) -> str:
+    return f"{phone}@s.whatsapp.net"
+
+
+GROUP = "120363000000000001@g.us"
+
+
+def msg(text: str = "hi", *, sender: str = ALICE, chat: str | None = None, group: bool = False,
+        from_me: bool = False, mentioned: bool = False, image: bool = False) -> IncomingMessage:
+    return IncomingMessage(
+        wa_id="W1", chat_id=chat or (GROUP if group else jid(sender)), sender=jid(sender),
+        text=text, timestamp=0.0, is_group=group, from_me=from_me, mentioned=mentioned,
+        images=(Image("image/png", b"x"),) if image else (),
+    )
+
+
+# --- parse ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, Policy()),
+        ({"backend": "sim", "simUrl": "http://x", "pairingPhone": "1"}, Policy()),  # not ours
+        ({"reply_to": None, "groups": None, "allowlist": None}, Policy()),  # null = default
+        ({"reply_to": "self"}, Policy(reply_to="self")),
+        ({"reply_to": "allowlist", "allowlist": ["+49 151 0000-0002", "4915100000003"]},
+         Policy(reply_to="allowlist", allowlist=frozenset({ALICE, BOB}))),
+        ({"allowlist": [ALICE]}, Policy(allowlist=frozenset({ALICE}))),  # kept, not used
+        ({"groups": "off"}, Policy(groups="off")),
+        ({"groups": "all"}, Policy(groups="all")),
+        ({"commands_from": "everyone"}, Policy(commands_from="everyone")),
+        ({"daily_budget_usd": 2}, Policy(daily_budget_usd=2.0)),
+        ({"daily_budget_usd": 0.0}, Policy(daily_budget_usd=0.0)),
+    ],
+)
+def test_parse_valid(settings: dict[str, Any], expected: Policy) -> None:
+    assert policy.parse(settings) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "fragment"),
+    [
+        ({"reply_to": "friends"}, "settings.reply_to", "'friends' is not one of"),
+        ({"reply_to": 1}, "settings.reply_to", "1 is not one of"),
+        ({"groups": "mentions"}, "settings.groups", "not one of off, mention, all"),
+        ({"commands_from": "admins"}, "settings.commands_from", "owner, everyone"),
+        ({"allowlist": "4915100000002"}, "settings.allowlist", "expected a list"),
+        ({"allowlist": [ALICE, "alice"]}, "settings.allowlist[1]", "'alice' is not a phone"),
+        ({"allowlist": [4915100000002]}, "settings.allowlist[0]", "is not a phone number"),
+        ({"allowlist": ["12345"]}, "settings.allowlist[0]", "not a phone number"),
+        ({"reply_to": "allowlist"}, "settings.allowlist", "empty but reply_to is allowlist"),
+        ({"reply_to": "allowlist", "allowlist": []}, "settings.allowlist", "empty"),
+        ({"daily_budget_usd": -1}, "settings.daily_budget_usd", ">= 0"),
+        ({"daily_budget_usd": "5"}, "settings.daily_budget_usd", "'5' is not a number"),
+        ({"daily_budget_usd": True}, "settings.daily_budget_usd", "is not a number"),
+        ({"daily_budget_usd": float("nan")}, "settings.daily_budget_usd", "not a number"),
+    ],
+)
+def test_parse_invalid_names_the_key(settings: dict[str, Any], key: str, fragment: str) -> None:
+    with pytest.raises(InvalidSetting) as info:
+        policy.parse(settings)
+    assert info.value.key == key
+    assert key in str(info.value)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, PolicyError) and info.value.code == "bad_setting"
+
+
+def test_policy_is_frozen() -> None:
+    p = policy.parse({"allowlist": [ALICE]})
+    with pytest.raises(AttributeError):
+        p.reply_to = "self"  # type: ignore[misc]
+    assert isinstance(p.allowlist, frozenset)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("4915112345678", "4915112345678"), ("+49 151 1234-5678", "4915112345678"),
+     ("(030) 1234567", "0301234567"), ("49151abc", None), ("+", None), ("1" * 16, None)],
+)
+def test_normalize_phone(raw: str, expected: str | None) -> None:
+    assert policy.normalize_phone(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(jid(OWNER), OWNER), (f"{OWNER}:12@s.whatsapp.net", OWNER), (f"{OWNER}.0:3@s.whatsapp.net",
+                                                                  OWNER),
+     ("123456@lid", "123456"), (OWNER, OWNER), (GROUP, "120363000000000001")],
+)
+def test_phone_of(value: str, expected: str) -> None:
+    assert policy.phone_of(value) == expected
+
+
+# --- decide --------------------------------------------------------------------------------
+
+EVERYONE = Policy()
+ALLOW = Policy(reply_to="allowlist", allowlist=frozenset({ALICE}))
+SELF = Policy(reply_to="self")
+RESET = Command("reset")
+
+
+@pytest.mark.parametrize(
+    ("pol", "message", "expected"),
+    [
+        # everyone: direct chats answered, own messages ignored
+        (EVERYONE, msg(), Decision("answer", "direct")),
+        (EVERYONE, msg(sender=BOB), Decision("answer", "direct")),
+        (EVERYONE, msg(sender=OWNER, chat=jid(ALICE), from_me=True), Decision("skip", "from_me")),
+        (EVERYONE, msg(sender=OWNER, chat=jid(OWNER), from_me=True), Decision("skip", "from_me")),
+        # groups: mention (default), off, all
+        (EVERYONE, msg(group=True), Decision("skip", "not_mentioned")),
+        (EVERYONE, msg(group=True, mentioned=True), Decision("answer", "group")),
+        (Policy(groups="off"), msg(group=True, mentioned=True), Decision("skip", "groups_off")),
+        (Policy(groups="all"), msg(group=True), Decision("answer", "group")),
+        # allowlist: listed senders only, in groups too
+        (ALLOW, msg(), Decision("answer", "direct")),
+        (ALLOW, msg(sender=BOB), Decision("skip", "not_allowlisted")),
+        (ALLOW, msg(group=True, mentioned=True), Decision("answer", "group")),
+        (ALLOW, msg(sender=BOB, group=True, mentioned=True), Decision("skip", "not_allowlisted")),
+        (ALLOW, msg(group=True), Decision("skip", "not_mentioned")),
+        # self: only the owner's own chat, only the owner's messages
+        (SELF, msg(sender=OWNER, chat=jid(OWNER), from_me=True), Decision("answer", "self_chat")),
+        (SELF, msg(sender=OWNER, chat=f"{OWNER}:7@s.whatsapp.net", from_me=True),
+         Decision("answer", "self_chat")),
+        (SELF, msg(sender=OWNER, chat=jid(ALICE), from_me=True), Decision("skip", "from_me")),
+        (SELF, msg(), Decision("skip", "not_self_chat")),
+        (SELF, msg(sender=OWNER, chat=GROUP, group=True, from_me=True, mentioned=True),
+         Decision("skip", "from_me")),
+        (SELF, msg(group=True, mentioned=True), Decision("skip", "not_self_chat")),
+        # commands: the owner's anywhere; others' are ordinary messages unless everyone
+        (EVERYONE, msg("/reset", sender=OWNER, chat=jid(ALICE), from_me=True),
+         Decision("command", "owner", RESET)),
+        (SELF, msg("/reset", sender=OWNER, chat=jid(OWNER), from_me=True),
+         Decision("command", "owner", RESET)),
+        (EVERYONE, msg("/reset"), Decision("answer", "direct")),
+        (Policy(commands_from="everyone"), msg("  /Reset now "),
+         Decision("command", "everyone", Command("reset", "now"))),
+        (Policy(commands_from="everyone"), msg("/status", group=True),
+         Decision("skip", "not_mentioned")),
+        (Policy(commands_from="everyone", reply_to="allowlist", allowlist=frozenset({ALICE})),
+         msg("/help", sender=BOB), Decision("skip", "not_allowlisted")),
+        (Policy(commands_from="everyone"), msg("/xyz"),
+         Decision("command", "everyone", Command("xyz"))),
+        (EVERYONE, msg("/usr/bin is a path", sender=OWNER, from_me=True, chat=jid(OWNER)),
+         Decision("skip", "from_me")),
+        (EVERYONE, msg("/reset", sender=OWNER, from_me=True, image=True),
+         Decision("skip", "from_me")),
+        # the owner's number writing from another device counts as the owner
+        (EVERYONE, msg("/status", sender=OWNER, chat=jid(OWNER)),
+         Decision("command", "owner", Command("status"))),
+    ],
+)
+def test_decide(pol: Policy, message: IncomingMessage, expected: Decision) -> None:
+    assert policy.decide(message, pol, OWNER) == expected
+
+
+def test_unknown_owner_never_matches_self_chat() -> None:
+    m = msg(sender=OWNER, chat=jid(OWNER), from_me=True)
+    assert policy.decide(m, SELF, "") == Decision("skip", "from_me")
+    assert policy.decide(msg("/status", sender=OWNER, chat=jid(OWNER)), EVERYONE, "") == \
+        Decision("answer", "direct")
+
+
+messages = st.builds(
+    msg,
+    text=st.sampled_from(["hi", "/reset", "/status x", "/usr/bin", "", "/x"]),
+    sender=st.sampled_from([OWNER, ALICE, BOB]),
+    chat=st.sampled_from([None, jid(OWNER), jid(ALICE), GROUP]),
+    group=st.booleans(),
+    from_me=st.booleans(),
+    mentioned=st.booleans(),
+)
+policies = st.builds(
+    Policy,
+    reply_to=st.sampled_from(["everyone", "allowlist", "self"]),
+    allowlist=st.sampled_from([frozenset(), frozenset({ALICE}), frozenset({ALICE, BOB})]),
+    groups=st.sampled_from(["off", "mention", "all"]),
+    commands_from=st.sampled_from(["owner", "everyone"]),
+)
+
+
+@given(messages, policies)
+def test_decide_invariants(m: IncomingMessage, pol: Policy) -> None:
+    d = policy.decide(m, pol, OWNER)
+    if d.action == "answer":
+        # own messages are answered only in self mode, in the self chat
+        assert not m.from_me or (pol.reply_to == "self" and policy.is_self_chat(m, OWNER))
+        if pol.reply_to == "self":
+            assert m.from_me
+        if m.is_group:
+            assert pol.groups == "all" or (pol.groups == "mention" and m.mentioned)
+        if pol.reply_to == "allowlist":
+            assert policy.phone_of(m.sender) in pol.allowlist
+    if d.action == "command":
+        assert d.command is not None
+        assert policy.is_owner(m, OWNER) or pol.commands_from == "everyone"
+    if d.action == "skip":
+        assert d.reason
