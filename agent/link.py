@@ -46,6 +46,16 @@ class ControllerLink:
         self.connected = False
         self.last_error = ""
 
+    def forget_stale(self) -> int:
+        """Drop queued latest-wins reports of a previous process: they describe a past state
+        (an old QR, "stopping") and must not reach the document after this start. Message
+        reports stay: they are facts, delivered whatever happened since."""
+        stale = [seq for seq, data in self._store.unacked_frames()
+                 if json.loads(data).get("type") in LATEST_WINS]
+        if stale:
+            self._store.drop_frames(stale)
+        return len(stale)
+
     def report(self, build: Callable[[int], protocol.Frame]) -> None:
         """Queue a sequenced frame durably and wake the sender. Safe from the loop thread."""
         self._store.queue_frame(lambda seq: protocol.encode(build(seq)))

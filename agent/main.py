@@ -91,6 +91,7 @@ class Worker:
         self.store = store
         self.notifier = sdnotify.SystemdNotifier()
         self.stop = asyncio.Event()
+        self.link_stop = asyncio.Event()  # set last: reports flow until the very end
         self.exit_code = ExitCode.OK
         self.state = WorkerState.STARTING
         self.phone = ""
@@ -274,9 +275,10 @@ class Worker:
     async def run(self) -> ExitCode:
         self.loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         self.loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        self.link.forget_stale()
         self._report_state()
         tasks = [
-            asyncio.create_task(self.link.run(self.stop), name="link"),
+            asyncio.create_task(self.link.run(self.link_stop), name="link"),
             asyncio.create_task(self.pump(), name="pump"),
             asyncio.create_task(self.engine.deliver_forever(self.stop), name="outbox"),
             asyncio.create_task(self.supervise(), name="supervise"),
@@ -305,9 +307,10 @@ class Worker:
         self._report_state()
         await self.backend.stop(timeout=max(0.3, STOP_BUDGET - 1.0 - (time.monotonic() - start)))
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
-        deadline = time.monotonic() + 0.5
+        deadline = time.monotonic() + 0.8
         while self.store.unacked_frames() and self.link.connected and time.monotonic() < deadline:  # noqa: ASYNC110 - acks land in SQLite
             await asyncio.sleep(0.02)
+        self.link_stop.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

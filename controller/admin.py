@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import grp
 import json
 import os
@@ -117,8 +118,7 @@ def encode(obj: Mapping[str, Any]) -> bytes:
 class DocMirror:
     """The latest known fields of each session document, and who watches them.
 
-    Values are merged like ``ControlPlane.update``: a ``None`` value deletes the field, maps
-    replace the old value wholesale (the controller always writes whole maps).
+    Values are merged like ``ControlPlane.update`` (see ``_merge``).
     """
 
     def __init__(self) -> None:
@@ -129,18 +129,14 @@ class DocMirror:
         return list(self._fields)
 
     def get(self, user_id: str) -> Fields:
-        return dict(self._fields.get(user_id, {}))
+        return copy.deepcopy(self._fields.get(user_id, {}))
 
     def merge(self, user_id: str, fields: Fields) -> None:
         current = self._fields.setdefault(user_id, {})
         before = _watched(current)
-        for key, value in fields.items():
-            if value is None:
-                current.pop(key, None)
-            else:
-                current[key] = value
+        _merge(current, fields)
         if _watched(current) != before:
-            self._notify(user_id, dict(current))
+            self._notify(user_id, copy.deepcopy(current))
 
     def drop(self, user_id: str) -> None:
         if self._fields.pop(user_id, None) is not None:
@@ -182,6 +178,21 @@ class DocMirror:
                 callback(fields)
             except Exception as exc:  # noqa: BLE001 - one watcher must not break a write
                 log.error("admin.watcher_failed", user_id=user_id, error=repr(exc))
+
+
+def _merge(target: dict[str, Any], fields: Fields, *, top: bool = True) -> None:
+    """Firestore's ``set(merge=True)``, as both planes implement it: non-empty maps merge
+    key by key, anything else replaces; at the top level ``None`` deletes the field."""
+    for key, value in fields.items():
+        if value is None and top:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and value:
+            current = target.get(key)
+            if not isinstance(current, dict):
+                current = target[key] = {}
+            _merge(current, value, top=False)
+        else:
+            target[key] = value
 
 
 def _watched(fields: Fields) -> tuple[Any, ...]:

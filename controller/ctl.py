@@ -123,6 +123,13 @@ class AdminClient:
             sock.close()
 
     @staticmethod
+    def _send(sock: socket.socket, request: Mapping[str, Any]) -> None:
+        # The controller may have answered (``forbidden``) and closed before we wrote: what it
+        # said is still readable; ``_read`` reports it, or the closed connection.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps(request).encode() + b"\n")
+
+    @staticmethod
     def _read(sock: socket.socket, reader: Any, deadline: float | None = None
               ) -> dict[str, Any]:
         """One answer line; raises TimeoutError when ``deadline`` (monotonic) passes."""
@@ -153,7 +160,7 @@ class AdminClient:
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         with self._connect() as (sock, reader):
-            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            self._send(sock, {"op": op, **args})
             try:
                 return self._read(sock, reader)
             except TimeoutError:
@@ -163,7 +170,7 @@ class AdminClient:
     def stream(self, op: str, deadline: float, **args: Any) -> Iterator[dict[str, Any]]:
         """The answer and then every event of a streaming op; TimeoutError at ``deadline``."""
         with self._connect() as (sock, reader):
-            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            self._send(sock, {"op": op, **args})
             while True:
                 yield self._read(sock, reader, deadline)
 

@@ -36,10 +36,11 @@ Unary calls retry transient errors with backoff for at most ``deadline`` seconds
 
 Watching: a query snapshot listener on the collection. Its callback runs on the SDK's consumer
 thread; it parses the documents there and hands them to the event loop with
-``loop.call_soon_threadsafe``. Two adjustments to the SDK's ``Watch`` (``_Listener``):
-re-opens of the stream are throttled (``throttle_reopen=True``: at most 5 per 10 s; without it
-the SDK re-opens in a busy loop and burns a whole core while the backend is unreachable), and a
-terminal stream error is recorded instead of being raised in a throw-away thread. A supervisor
+``loop.call_soon_threadsafe``. Two adjustments to the SDK's ``Watch`` (``_Listener``): a
+stream may re-open itself in place only a few times in 10 s (the SDK alone re-opens in a busy
+loop, burning a whole core, while the backend is unreachable), and a terminal stream error is
+recorded instead of being raised in a throw-away thread (the stock SDK also treats a server's
+RST_STREAM/CANCELLED as terminal: its listener silently stops for good). A supervisor
 task checks the listener twice a second; a dead listener is logged and replaced with
 exponential backoff (0.5 s .. 30 s, jittered). The first snapshot of a new listener is
 compared with the documents known so far, so documents deleted while it was down arrive as
@@ -58,6 +59,7 @@ import json
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,8 @@ DEFAULT_DEADLINE = 30.0
 WATCH_CHECK_INTERVAL = 0.5
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
+RECOVER_BUDGET = 6
+RECOVER_WINDOW = 10.0
 
 T = TypeVar("T")
 
@@ -250,32 +254,64 @@ def _delete_none(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _Listener(watch_module.Watch):
-    """The SDK's ``Watch`` with throttled re-opens and a recorded (not raised) terminal error.
+    """The SDK's ``Watch``, with a budget for in-place stream recoveries and quiet endings.
 
-    Overrides two private methods of google-cloud-firestore 2.x's ``Watch``; the rest of the
-    class (snapshot assembly, resume tokens, resets) is used as is.
+    The SDK re-opens a failed listen stream at once and forever when the error is retryable
+    (UNAVAILABLE, ...): with the backend unreachable that is a busy loop burning a core. Its
+    own remedy (``throttle_reopen``) sleeps inside gRPC's callback thread, which stalls every
+    other call on the channel for seconds. Here a stream may recover in place (keeping its
+    resume token) ``RECOVER_BUDGET`` times per ``RECOVER_WINDOW`` seconds (each failure may
+    count twice: gRPC's thread and the consumer both see it); beyond that the failure counts
+    as terminal, the stream ends, and the plane's supervisor re-subscribes with exponential
+    backoff. Endings are quiet: the SDK raises a terminal error in a throw-away thread (an
+    unhandled-exception traceback) and closes from inside its consumer thread; here the error
+    is recorded in ``terminal_error`` for the supervisor's log line and closing happens in a
+    helper thread.
+
+    Overrides private methods of google-cloud-firestore 2.x's ``Watch`` (``_init_stream``,
+    ``_on_rpc_done``, ``on_snapshot`` for the end-of-stream ``None``); the rest of the class
+    (snapshot assembly, resume tokens, resets) is used as is.
     """
 
     terminal_error: BaseException | None = None
 
     def _init_stream(self) -> None:
+        self._recoveries: list[float] = []
         self._rpc = ResumableBidiRpc(  # type: ignore[no-untyped-call]
             start_rpc=self._api._transport.listen,
             should_recover=watch_module._should_recover,
-            should_terminate=watch_module._should_terminate,
+            should_terminate=self._should_terminate,
             initial_request=self._get_rpc_request,
             metadata=self._firestore._rpc_metadata,
-            throttle_reopen=True,
         )
         self._rpc.add_done_callback(self._on_rpc_done)  # type: ignore[no-untyped-call]
         self._consumer = BackgroundConsumer(self._rpc, self.on_snapshot)  # type: ignore[no-untyped-call]
         self._consumer.start()  # type: ignore[no-untyped-call]
 
+    def _should_terminate(self, exc: BaseException) -> bool:
+        # Called under the stream's operational lock, before ``should_recover``.
+        terminate = bool(watch_module._should_terminate(exc))  # type: ignore[no-untyped-call]
+        if not terminate and watch_module._should_recover(exc):  # type: ignore[no-untyped-call]
+            now = time.monotonic()
+            self._recoveries = [t for t in self._recoveries if now - t < RECOVER_WINDOW]
+            self._recoveries.append(now)
+            terminate = len(self._recoveries) > RECOVER_BUDGET
+        if terminate and self.terminal_error is None:
+            self.terminal_error = watch_module._maybe_wrap_exception(exc)  # type: ignore[no-untyped-call]
+        return terminate
+
     def _on_rpc_done(self, future: Any) -> None:
-        # The SDK raises the error in a new thread (an unhandled-exception traceback); we
-        # keep it for the supervisor's log line and close quietly.
-        if future is not None:
+        if future is not None and self.terminal_error is None:
             self.terminal_error = watch_module._maybe_wrap_exception(future)  # type: ignore[no-untyped-call]
+        self._close_soon()
+
+    def on_snapshot(self, proto: Any) -> None:
+        if proto is None:  # the stream ended: the SDK would close from this very thread
+            self._close_soon()
+            return
+        super().on_snapshot(proto)  # type: ignore[no-untyped-call]
+
+    def _close_soon(self) -> None:
         threading.Thread(
             name=watch_module._RPC_ERROR_THREAD_NAME, target=self.close, daemon=True
         ).start()

@@ -73,6 +73,10 @@ class SetError:
 Action = Claim | Start | Stop | Update | SetError
 
 KNOWN = ", ".join(s.value for s in DocStatus)
+# Outcomes a worker reports just before it exits by itself with a do-not-restart code:
+# stopping it as well would race its exit and hide the exit code.
+_WORKER_EXITS_ITSELF = frozenset({DocStatus.LOGGED_OUT, DocStatus.BANNED, DocStatus.REPLACED,
+                                  DocStatus.OUTDATED, DocStatus.QR_EXPIRED})
 _TERMINAL_FROM_EXIT = {
     ExitCode.LOGGED_OUT: DocStatus.LOGGED_OUT,
     ExitCode.BANNED: DocStatus.BANNED,
@@ -124,7 +128,7 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
         return []
     if status in REQUESTS:  # pragma: no cover - every request is handled above
         return []
-    if running and status is not DocStatus.STOPPING:
+    if running and status not in _WORKER_EXITS_ITSELF and status is not DocStatus.STOPPING:
         return [Stop(uid)]
     return []
 

@@ -20,6 +20,7 @@ INDEX_HTML = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>wabridge-sim</title>
+<link rel="icon" href="data:,">
 <style>
   :root { --fg: #1b1f23; --muted: #6a737d; --line: #d8dee4; --bg: #f6f8fa; --accent: #128c7e;
           --mine: #dcf8c6; --theirs: #fff; --err: #b31d28; }

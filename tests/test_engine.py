@@ -469,14 +469,13 @@ async def test_rotation_at_the_context_threshold(make_rig: MakeRig,
     assert all("SUMMARY" not in t for t in rig.wa.to(chat))  # the summary is not sent
 
     rig.incoming("what was the code word?")
-    sent = await rig.wait_sent(3, chat)
+    await rig.wait_sent(3, chat)
     new = turn_requests(api)[-1]
     assert session_of(new) != old_session
     body = texts(new)
     assert SUMMARY in body and rotation.SUMMARY_HEADER in body
     assert "what was the code word?" in body
     assert "the code word is PELICAN" not in body and "BIG question" not in body
-    assert "summary" not in sent[2].lower() or "code word?" in sent[2]
     row = rig.store.chat(chat)
     assert row is not None and row.seed is None and row.session_turns == 1
 
@@ -558,7 +557,7 @@ async def test_resume_failed_starts_fresh_with_summary_and_recent_messages(
     assert session_of(last) != session
     body = texts(last)
     assert "SUMMARY-V1" in body  # the latest summary
-    # and the last 4 stored messages: bravo's reply, charlie and its reply, delta and its reply
+    # and the last 4 stored messages: charlie and its reply, delta and its reply
     assert rotation.RECENT_HEADER in body
     assert "User: charlie-3" in body and "User: delta-4" in body
     assert "User: bravo-2" not in body and "alpha" not in body
@@ -598,7 +597,7 @@ async def test_pool_never_exceeds_its_size_and_resumes_evicted_chats(
     sampler = asyncio.create_task(sample())
     a, b, c = jid(ALICE), jid(BOB), jid("4915100000004")
     # three chats at once: one must wait for a slot
-    for chat, phone in ((a, ALICE), (b, BOB), (c, "4915100000004")):
+    for phone in (ALICE, BOB, "4915100000004"):
         rig.incoming(f"first from {phone}", sender=phone)
     for chat in (a, b, c):
         await rig.wait_sent(1, chat)
@@ -623,16 +622,17 @@ async def test_pool_never_exceeds_its_size_and_resumes_evicted_chats(
 
 
 async def test_idle_timeout_and_close_all(make_rig: MakeRig, tmp_path: Path) -> None:
-    rig = await make_rig(idle_timeout=0.3)
+    rig = await make_rig(idle_timeout=1.0)
     rig.incoming("hello", sender=ALICE)
     rig.incoming("hello", sender=BOB)
     await rig.wait_sent(2)
     assert len(_cli_processes(tmp_path)) == 2
     await rig.pool.reap_idle()
-    assert rig.pool.live == 2  # not idle long enough yet... unless the turn was slow
-    await asyncio.sleep(0.4)
+    assert rig.pool.live == 2  # not idle long enough yet
+    await asyncio.sleep(0.7)
     rig.incoming("again", sender=BOB)
     await rig.wait_sent(3)
+    await asyncio.sleep(0.4)  # alice idle > 1 s, bob < 1 s
     await rig.pool.reap_idle()
     assert rig.pool.pid(jid(ALICE)) is None and rig.pool.pid(jid(BOB)) is not None
     assert len(_cli_processes(tmp_path)) == 1
@@ -645,8 +645,13 @@ async def test_idle_timeout_and_close_all(make_rig: MakeRig, tmp_path: Path) -> 
 
 async def test_turn_timeout_kills_and_apologises(make_rig: MakeRig,
                                                  api: FakeAnthropicAPI) -> None:
-    api.responder = lambda body: (Reply(hang=True) if "HANG" in last_user_text(body)
-                                  else default_responder(body))
+    def responder(body: Any) -> str | Reply:
+        said = last_user_text(body)
+        if "HANG" in said and "are you back" not in said:
+            return Reply(hang=True)
+        return default_responder(body)
+
+    api.responder = responder
     rig = await make_rig(turn_timeout=2.0)
     chat = jid(ALICE)
     rig.incoming("hello")

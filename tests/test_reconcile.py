@@ -92,14 +92,24 @@ FOR_DOC: list[tuple[DocStatus, str, list[Any]]] = [
     (S.STOPPING, "active", []),
     (S.STOPPING, "failed", [status_update(S.STOPPED)]),
     (S.STOPPING, "inactive", [status_update(S.STOPPED)]),
-    # outcomes: a worker still running is stopped
+    # stopped, crashed or in error: a worker still running is stopped
     *[
         row
-        for st in (S.LOGGED_OUT, S.BANNED, S.REPLACED, S.OUTDATED, S.QR_EXPIRED, S.CRASHED,
-                   S.STOPPED, S.ERROR)
+        for st in (S.CRASHED, S.STOPPED, S.ERROR)
         for row in [
             (st, "none", []),
             (st, "active", [Stop(U)]),
+            (st, "failed", []),
+            (st, "inactive", []),
+        ]
+    ],
+    # outcomes the worker reports right before exiting by itself: no Stop racing its exit
+    *[
+        row
+        for st in (S.LOGGED_OUT, S.BANNED, S.REPLACED, S.OUTDATED, S.QR_EXPIRED)
+        for row in [
+            (st, "none", []),
+            (st, "active", []),
             (st, "failed", []),
             (st, "inactive", []),
         ]
