@@ -129,6 +129,16 @@ class Sim:
             self.proc.stderr.close()
 
 
+def render_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """A small TOML writer for flat sections of str, bool, int and float values."""
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        for key, value in values.items():
+            out.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(out) + "\n"
+
+
 def wrapper(module: str) -> str:
     return f'#!/bin/sh\nexport PYTHONPATH={SRC}\nexec {VENV}/bin/python -m {module} "$@"\n'
 
@@ -151,6 +161,8 @@ class Fleet:
         emulator_host: str = "",
         api_key: bool = True,
         config_extra: str = "",
+        config: dict[str, dict[str, Any]] | None = None,
+        extra_files: dict[str, str] | None = None,
         qr_rotate: float = 20.0,
     ) -> None:
         self.plane_kind = plane
@@ -159,28 +171,32 @@ class Fleet:
         self.api = FakeAnthropicAPI()
         self.api.start()
         self.sim = Sim(qr_rotate=qr_rotate)
-        firebase = (
-            (f'[firebase]\nemulator_host = "{emulator_host}"\nproject_id = "{self.project}"\n')
-            if plane == "firestore"
-            else ""
-        )
-        config = (
-            f'[controller]\ncontrol_plane = "{plane}"\nmetrics_listen = ""\n'
-            f"metrics_interval = 1.0\n{firebase}"
-            f'[worker]\nbackend = "sim"\nsim_url = "{self.sim.url}"\n'
-            f"[conversation]\ndebounce = 0.2\n[claude]\nturn_timeout = 60.0\n"
-            f"{config_extra}"
-        )
+        sections: dict[str, dict[str, Any]] = {
+            "controller": {"control_plane": plane, "metrics_listen": "",
+                           "metrics_interval": 1.0},
+            "worker": {"backend": "sim", "sim_url": self.sim.url},
+            "conversation": {"debounce": 0.2},
+            "claude": {"turn_timeout": 60.0},
+            # pacing protects real numbers from bans; the simulator needs none (tests of
+            # pacing set it back)
+            "limits": {"send_gap": 0.0, "send_jitter": 0.0},
+        }
+        if plane == "firestore":
+            sections["firebase"] = {"emulator_host": emulator_host, "project_id": self.project}
+        for name, values in (config or {}).items():
+            sections.setdefault(name, {}).update(values)
+        config_text = render_toml(sections) + config_extra
         worker_env = f"ANTHROPIC_BASE_URL={self.api.base_url}\n"
         if api_key:
             worker_env += "ANTHROPIC_API_KEY=test-key\n"
         files = {
             **unit_files(),
-            "/etc/wabridge/wabridge.toml": config,
+            "/etc/wabridge/wabridge.toml": config_text,
             "/etc/wabridge/worker.env": worker_env,
             "/usr/bin/wabridge-worker": wrapper("agent.main"),
             "/usr/bin/wabridge-controller": wrapper("controller.main"),
             "/usr/bin/wabridgectl": wrapper("controller.ctl"),
+            **(extra_files or {}),
         }
         modes = {p: 0o755 for p in files if p.startswith("/usr/bin/")}
         self.ns = SystemdNamespace(
