@@ -675,8 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON instead of text")
-    parser = _Parser(prog="wabridgectl", description=__doc__.split("\n\n")[0] if __doc__
-                     else None, parents=[common])
+    parser = _Parser(
+        prog="wabridgectl", parents=[common],
+        description="Link, inspect and manage the WhatsApp accounts of a wabridge host.",
+        epilog="exit status: 0 ok, 1 failed, 2 usage, 3 controller unreachable, "
+               "4 forbidden, 5 timeout")
     parser.add_argument("--socket", default=None,
                         help="admin socket (default: controller.admin_socket from the config)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",

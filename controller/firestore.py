@@ -375,8 +375,12 @@ class FirestorePlane(ControlPlane):
         if self._on_change is not None:
             raise RuntimeError("watch() was already called on this plane")
         self._loop = asyncio.get_running_loop()
-        self._on_change = on_change
-        self._listener = await self._call(self._subscribe, self._new_subscription())
+        self._on_change = on_change  # set first: the first snapshot may beat our resumption
+        try:
+            self._listener = await self._call(self._subscribe, self._new_subscription())
+        except BaseException:
+            self._on_change = self._subscription = None
+            raise
         self._supervisor = asyncio.create_task(self._supervise(), name="firestore-watch")
 
     def _new_subscription(self) -> _Subscription:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import dataclasses
 import os
 import signal
 import socket
@@ -22,13 +24,14 @@ import sdnotify
 
 from controller import admin  # wabridgectl's admin socket
 from controller import reconcile as rc
+from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
 from controller.plane import ControlPlane, Removed, SessionDoc, error_field
 from controller.server import WorkerServer
-from controller.systemd import Systemd, SystemdError, UnitState
+from controller.systemd import Systemd, SystemdError, UnitState, worker_dropin
 from wabridge import config, logs, protocol
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.status import DocStatus
-from wabridge.units import worker_unit
+from wabridge.units import system_user_name, worker_unit
 
 log = logs.get("controller")
 
@@ -46,18 +49,33 @@ def choose_plane(cfg: config.Config) -> ControlPlane:
     if choice == "firestore":
         from controller.firestore import FirestorePlane  # noqa: PLC0415
 
-        return FirestorePlane(cfg.firebase)
+        firebase = cfg.firebase
+        env_host = os.environ.get("FIRESTORE_EMULATOR_HOST", "")
+        if env_host and not firebase.emulator_host:  # the SDK's own convention, honoured once
+            firebase = dataclasses.replace(firebase, emulator_host=env_host)
+        return FirestorePlane(firebase)
     from controller.local import LocalPlane  # noqa: PLC0415
 
     return LocalPlane(Path(cfg.controller.local_db))
 
 
 def view_of(state: UnitState) -> rc.UnitView:
+    # cgroup v1: an OOM kill is a SIGKILL (Result=signal) plus the memory cgroup's oom_kill
+    # counter in the invocation's exit report (see controller/systemd.py "Exit reports")
+    oom = (bool(state.oom_kills) and state.exec_main_code == rc.CLD_KILLED
+           and state.exec_main_status == signal.SIGKILL and state.result in ("signal", "oom-kill"))
     return rc.UnitView(
         active_state=state.active_state, sub_state=state.sub_state, result=state.result,
         n_restarts=state.n_restarts, exec_main_code=state.exec_main_code,
-        exec_main_status=state.exec_main_status,
+        exec_main_status=state.exec_main_status, oom=oom,
+        start_limit_burst=state.start_limit_burst,
     )
+
+
+def worker_limits(cfg: config.Config) -> dict[str, str]:
+    """Resource settings of every worker unit, from ``worker.*`` (empty: the unit file's)."""
+    return {"MemoryMax": cfg.worker.memory_max, "MemoryHigh": cfg.worker.memory_high,
+            "TasksMax": cfg.worker.tasks_max, "CPUQuota": cfg.worker.cpu_quota}
 
 
 class Controller:
@@ -75,6 +93,9 @@ class Controller:
         self.stop = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_process_write: dict[str, float] = {}
+        self.last_process_key: dict[str, tuple[int, str, int]] = {}
+        self.reported: dict[str, dict[str, float]] = {}  # latest metrics frame per user
+        self.metrics_server: MetricsServer | None = None
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -109,7 +130,8 @@ class Controller:
         self.units[state.user_id] = state
         self.spawn(self.execute(state.user_id, rc.for_unit(
             self.docs.get(state.user_id), state.user_id, view_of(state))))
-        self.spawn(self.write_process(state))
+        key = (state.main_pid, state.active_state, state.n_restarts)
+        self.spawn(self.write_process(state, force=self.last_process_key.get(state.user_id) != key))
 
     async def execute(self, user_id: str, actions: list[rc.Action]) -> None:
         async with self.locks[user_id]:
@@ -133,6 +155,8 @@ class Controller:
                     if reset:
                         with contextlib.suppress(SystemdError):
                             await self.systemd.reset_failed(unit)
+                    # the user's own dynamic user and the resource limits; fails closed
+                    await self.systemd.install_dropin(unit, self.dropin_for(uid))
                     await (self.systemd.restart(unit) if restart else self.systemd.start(unit))
                 except SystemdError as exc:
                     await self.plane.update(uid, {"status": DocStatus.ERROR.value,
@@ -146,19 +170,30 @@ class Controller:
                     await self.systemd.stop(worker_unit(uid))
             case rc.Update(user_id=uid, fields=fields):
                 await self.plane.update(uid, fields)
-            case rc.SetError(user_id=uid, code=code, message=message):
-                log.warning("session.error", user_id=uid, code=code, message=message)
-                await self.plane.update(uid, {"error": error_field(code, message)})
+            case rc.SetError(user_id=uid, code=code, message=message, reason=reason):
+                log.warning("session.error", user_id=uid, code=code, message=message,
+                            reason=reason)
+                error = error_field(code, message)
+                if reason:
+                    error["reason"] = reason
+                await self.plane.update(uid, {"error": error})
         return True
 
+    def dropin_for(self, user_id: str) -> str:
+        return worker_dropin(system_user_name(user_id), worker_limits(self.cfg))
+
     async def write_process(self, state: UnitState, *, force: bool = False) -> None:
+        """The document's ``process`` field: on every change of PID/state/restarts, else at
+        most once per ``controller.metrics_interval`` (Firestore: ~1 write/s per document)."""
         now = time.monotonic()
         last = self.last_process_write.get(state.user_id, 0.0)
-        if not force and now - last < self.cfg.controller.metrics_interval and state.main_pid:
+        if not force and now - last < self.cfg.controller.metrics_interval:
             return
-        self.last_process_write[state.user_id] = now
         if state.user_id not in self.docs:
             return
+        self.last_process_write[state.user_id] = now
+        self.last_process_key[state.user_id] = (state.main_pid, state.active_state,
+                                                state.n_restarts)
         await self.plane.update(state.user_id, {"process": {
             "pid": state.main_pid, "state": state.active_state, "restarts": state.n_restarts,
             "memoryBytes": state.memory_bytes, "status": state.status_text,
@@ -201,12 +236,76 @@ class Controller:
             case protocol.MessageEvent():
                 await self.plane.add_message(user_id, frame)
             case protocol.Metrics():
+                self.reported[user_id] = {
+                    "chats": frame.chats, "claude_processes": frame.claude_processes,
+                    "turns": frame.turns, "messages_in": frame.messages_in,
+                    "messages_out": frame.messages_out, "input_tokens": frame.input_tokens,
+                    "output_tokens": frame.output_tokens, "cost_today_usd": frame.cost_today_usd,
+                }
                 await self.plane.update(user_id, {"metrics": {
                     "chats": frame.chats, "claudeProcesses": frame.claude_processes,
                     "turns": frame.turns, "messagesIn": frame.messages_in,
                     "messagesOut": frame.messages_out, "inputTokens": frame.input_tokens,
                     "outputTokens": frame.output_tokens, "costTodayUsd": frame.cost_today_usd,
                 }})
+
+    # --- process metrics -----------------------------------------------------------------
+    async def refresh_metrics(self) -> None:
+        """Every ``controller.metrics_interval``: re-read the accounting of active units and
+        write each document's ``process`` (memory and CPU change without unit signals)."""
+        while True:
+            await asyncio.sleep(self.cfg.controller.metrics_interval)
+            for user_id, known in list(self.units.items()):
+                if known.active_state != "active":
+                    continue
+                try:
+                    fresh = await self.systemd.loaded_state(known.unit)
+                except SystemdError as exc:
+                    log.debug("metrics.read_failed", user_id=user_id, error=str(exc))
+                    continue
+                current = self.units.get(user_id)
+                if fresh is None or current is None or (
+                        fresh.invocation_id != current.invocation_id):
+                    continue  # changed meanwhile: the unit signal brings the new state
+                merged = dataclasses.replace(current, memory_bytes=fresh.memory_bytes,
+                                             cpu_nsec=fresh.cpu_nsec, tasks=fresh.tasks)
+                self.units[user_id] = merged
+                self.spawn(self.write_process(merged))
+
+    def snapshot(self) -> FleetSnapshot:
+        """What ``GET /metrics`` shows (controller.metrics.render)."""
+        users = set(self.docs) | set(self.units)
+        workers = []
+        for uid in users:
+            unit = self.units.get(uid)
+            doc = self.docs.get(uid)
+            workers.append(WorkerFigures(
+                user_id=uid,
+                unit_state=unit.active_state if unit else None,
+                restarts=unit.n_restarts if unit else 0,
+                memory_bytes=unit.memory_bytes if unit and unit.active_state != "inactive"
+                else None,
+                cpu_seconds=(unit.cpu_nsec / 1e9 if unit and unit.cpu_nsec is not None
+                             else None),
+                tasks=unit.tasks if unit else None,
+                status=doc.status.value if doc and doc.status else None,
+                linked=uid in self.server.connections,
+                reported=self.reported.get(uid, {}),
+            ))
+        return FleetSnapshot(workers=tuple(workers), controller_memory_bytes=own_rss_bytes(),
+                             plane=self.plane.name)
+
+    async def start_metrics_server(self) -> None:
+        listen = self.cfg.controller.metrics_listen
+        if not listen:
+            return
+        server = MetricsServer(listen, self.snapshot)
+        try:
+            await server.start()
+        except OSError as exc:  # a taken port must not keep the fleet down
+            log.error("metrics.listen_failed", listen=listen, error=str(exc))
+            return
+        self.metrics_server = server
 
     # --- lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -238,6 +337,8 @@ class Controller:
             by_user[action.user_id].append(action)
         await asyncio.gather(*(self.execute(u, a) for u, a in by_user.items()))
         await self.plane.watch(self.on_change)
+        await self.start_metrics_server()
+        self.spawn(self.refresh_metrics())
         self.notifier.notify("READY=1")
         log.info("controller.ready", plane=self.plane.name, host=self.host)
         while not self.stop.is_set():
@@ -252,6 +353,8 @@ class Controller:
         log.info("controller.stopping")
         await self.server.close()
         await self.admin.close()  # admin socket (controller/admin.py)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

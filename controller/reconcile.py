@@ -32,10 +32,16 @@ class UnitView:
     exec_main_code: int = 0
     exec_main_status: int = 0
     oom: bool = False  # the memory cgroup recorded an OOM kill (cgroup v1 says Result=signal)
+    start_limit_burst: int = 0  # the unit's StartLimitBurst= (0: unknown)
 
     @property
     def running(self) -> bool:
         return self.active_state in ("active", "activating", "reloading")
+
+    @property
+    def restarting(self) -> bool:
+        """Between a failure and systemd's automatic restart (``RestartSec=``)."""
+        return self.sub_state == "auto-restart"
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class SetError:
     user_id: str
     code: str
     message: str
+    reason: str = ""  # a machine-readable kind (see ``exit_kind``), written as error.reason
 
 
 Action = Claim | Start | Stop | Update | SetError
@@ -133,37 +140,109 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
     return []
 
 
+def exit_kind(unit: UnitView) -> str:
+    """How the unit's last process ended, as a stable word for documents and metrics.
+
+    ``out_of_memory``: the kernel killed it at ``MemoryMax=`` (on cgroup v1 systemd 252 says
+    ``Result=signal``; the exit report of ``ExecStopPost=`` has the memory cgroup's
+    ``oom_kill`` counter, see ``controller.systemd``); ``watchdog``: it stopped sending
+    ``WATCHDOG=1``; ``timeout``: a start or stop took too long; ``signal``: killed by a signal;
+    ``exit_code``: it exited with a non-zero code.
+    """
+    if unit.oom or unit.result == "oom-kill":
+        return "out_of_memory"
+    if unit.result == "watchdog":
+        return "watchdog"
+    if unit.result == "timeout":
+        return "timeout"
+    if unit.exec_main_code in (CLD_KILLED, CLD_DUMPED):
+        return "signal"
+    if unit.exec_main_code == CLD_EXITED:
+        return "exit_code"
+    return unit.result or "unknown"
+
+
+def hit_start_limit(unit: UnitView) -> bool:
+    """Whether systemd gave up restarting the unit (``StartLimitBurst=`` in the interval).
+
+    systemd 252 keeps the last failure's result (``exit-code``, ``signal``...) instead of
+    ``start-limit-hit`` when an *automatic* restart is refused, so the reliable sign is a
+    failed unit whose restart counter reached the burst. A failure that restarting cannot fix
+    (``RestartPreventExitStatus=``) is not one.
+    """
+    if unit.active_state != "failed":
+        return False
+    if unit.result == "start-limit-hit":
+        return True
+    if unit.exec_main_code == CLD_EXITED and unit.exec_main_status in NO_RESTART_EXIT_CODES:
+        return False
+    return 0 < unit.start_limit_burst <= unit.n_restarts
+
+
 def crash_reason(unit: UnitView) -> str:
     if unit.oom or unit.result == "oom-kill":
-        return "ran out of memory (killed by the kernel at the unit's MemoryMax=)"
-    if unit.result == "watchdog":
-        return "stopped answering the watchdog"
-    if unit.result == "timeout":
-        return "did not stop in time"
-    if unit.exec_main_code in (CLD_KILLED, CLD_DUMPED):
-        try:
-            name = signal.Signals(unit.exec_main_status).name
-        except ValueError:
-            name = f"signal {unit.exec_main_status}"
-        what = f"killed by {name}"
+        what = "ran out of memory (killed by the kernel at the unit's MemoryMax=)"
+    elif unit.result == "watchdog":
+        what = "stopped answering the watchdog"
+    elif unit.result == "timeout":
+        what = "did not stop in time"
+    elif unit.exec_main_code in (CLD_KILLED, CLD_DUMPED):
+        what = f"killed by {signal_name(unit.exec_main_status)}"
     else:
         what = f"exited with code {unit.exec_main_status}"
-    return f"{what} after {unit.n_restarts} automatic restarts"
+    if unit.restarting:
+        return f"{what}; systemd restarts it (automatic restart {unit.n_restarts + 1})"
+    why = f"{what} after {unit.n_restarts} automatic restarts"
+    if hit_start_limit(unit):
+        burst = f" (StartLimitBurst={unit.start_limit_burst})" if unit.start_limit_burst else ""
+        why += f"; systemd gave up: start limit hit{burst}"
+    elif (unit.active_state == "failed" and unit.exec_main_code == CLD_EXITED
+          and unit.exec_main_status in NO_RESTART_EXIT_CODES):
+        why += f"; not restarted: {ExitCode(unit.exec_main_status).name.lower()}"
+    return why
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def exit_facts(unit: UnitView) -> dict[str, Any]:
+    """The document's ``lastExit``: why the worker's last process ended."""
+    killed = unit.exec_main_code in (CLD_KILLED, CLD_DUMPED)
+    return {
+        "reason": exit_kind(unit),
+        "message": f"worker {crash_reason(unit)}",
+        "result": unit.result,
+        "exitCode": unit.exec_main_status if unit.exec_main_code == CLD_EXITED else None,
+        "signal": signal_name(unit.exec_main_status) if killed else None,
+        "restarts": unit.n_restarts,
+        "oom": unit.oom or unit.result == "oom-kill",
+        "startLimitHit": hit_start_limit(unit),
+        "restarting": unit.restarting,
+    }
 
 
 def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Action]:
     """Mirror a unit's state into its document, and name crashes."""
     if doc is None:
         return [Stop(user_id)] if unit.running else []
-    mirror = Update(user_id, {"unit": {
+    fields: dict[str, Any] = {"unit": {
         "activeState": unit.active_state, "subState": unit.sub_state, "result": unit.result,
         "nRestarts": unit.n_restarts, "exitCode": unit.exec_main_status,
-    }})
-    actions: list[Action] = [mirror]
+    }}
+    if unit.restarting or unit.active_state == "failed":
+        # why systemd is restarting it (or gave up): written once per failure
+        fields["lastExit"] = exit_facts(unit)
+    actions: list[Action] = [Update(user_id, fields)]
     status = doc.status
     if unit.active_state == "failed" and status in RUNNING_STATUSES:
         actions.append(Update(user_id, {"status": DocStatus.CRASHED.value}))
-        actions.append(SetError(user_id, "crashed", f"worker {crash_reason(unit)}"))
+        actions.append(SetError(user_id, "crashed", f"worker {crash_reason(unit)}",
+                                reason="start_limit" if hit_start_limit(unit)
+                                else exit_kind(unit)))
     elif unit.active_state in ("inactive", "failed"):
         # "failed" here: a stop that ended badly (TimeoutStopSec=, SIGKILL); still stopped.
         terminal = None

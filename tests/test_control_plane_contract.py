@@ -16,13 +16,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import firestore_emulator  # tests/ is on sys.path (no tests/__init__.py)
+import firestore_emulator as emulator_helper  # tests/ is on sys.path (no __init__.py)
 import pytest
 import pytest_asyncio
 
+from controller import firestore as firestore_plane
 from controller.firestore import (
     FirestorePlane,
     PlaneDenied,
@@ -45,16 +46,15 @@ REPO = Path(__file__).resolve().parent.parent
 # -- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def emulator() -> Iterator[firestore_emulator.Emulator]:
-    reason = firestore_emulator.available()
+@pytest.fixture(autouse=True)
+def _no_gce_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # nothing may probe the GCE metadata server
+
+
+def require_emulator() -> None:
+    reason = emulator_helper.available()
     if reason:
         pytest.skip(f"Firestore emulator unavailable: {reason}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NO_GCE_CHECK", "true")  # never probe the GCE metadata server
-        with firestore_emulator.running() as emu:
-            print(f"\nFirestore emulator on {emu.address}: up in {emu.startup_seconds:.2f} s")
-            yield emu
 
 
 def emulator_config(address: str, project: str | None = None) -> FirebaseConfig:
@@ -86,8 +86,9 @@ class Store:
 )
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "firestore":
-        emu: firestore_emulator.Emulator = request.getfixturevalue("emulator")
-        config = emulator_config(emu.address)
+        # the session's shared emulator (tests/conftest.py); skips with the reason
+        address: str = request.getfixturevalue("firestore_emulator")
+        config = emulator_config(address)
         result = Store("firestore", lambda: FirestorePlane(config, deadline=10.0))
     else:
         db = tmp_path / "control" / "control.db"
@@ -412,9 +413,9 @@ async def test_user_ids_that_cannot_name_a_document_are_refused(store: Store) ->
 
 @pytest.mark.firestore
 async def test_firestore_watch_resubscribes_after_losing_its_listener(
-    emulator: firestore_emulator.Emulator,
+    firestore_emulator: str,
 ) -> None:
-    config = emulator_config(emulator.address)
+    config = emulator_config(firestore_emulator)
     plane, writer = FirestorePlane(config), FirestorePlane(config)
     try:
         await writer.request("alice", DocStatus.CREATE_REQUESTED)
@@ -441,13 +442,15 @@ async def test_firestore_watch_resubscribes_after_losing_its_listener(
 
 
 @pytest.mark.firestore
+@pytest.mark.slow  # ~15 s: a private emulator is stopped and restarted
 async def test_firestore_watch_survives_an_outage_without_spinning(
-    emulator: firestore_emulator.Emulator,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    del emulator  # only for the availability check and NO_GCE_CHECK
-    with firestore_emulator.running() as private:
+    require_emulator()
+    monkeypatch.setattr(firestore_plane, "BACKOFF_MAX", 2.0)  # production: 30 s
+    with emulator_helper.running() as private:
         config = emulator_config(private.address)
-        plane = FirestorePlane(config, deadline=2.0)
+        plane = FirestorePlane(config, deadline=5.0)
         try:
             seen = Collector()
             await plane.watch(seen)
@@ -466,7 +469,7 @@ async def test_firestore_watch_survives_an_outage_without_spinning(
 
             await asyncio.to_thread(private.start)
             # the restarted emulator is empty: the listener re-syncs and reports the loss
-            await seen.until(removed("alice"), 20.0)
+            await seen.until(removed("alice"), 45.0)
             await plane.request("bob", DocStatus.CREATE_REQUESTED)
             await seen.until(doc_of("bob"), 5.0)
         finally:
@@ -475,7 +478,7 @@ async def test_firestore_watch_survives_an_outage_without_spinning(
 
 async def test_firestore_unreachable_backend_raises_plane_unavailable() -> None:
     config = FirebaseConfig(
-        emulator_host=f"127.0.0.1:{firestore_emulator.free_port()}", project_id="demo-down"
+        emulator_host=f"127.0.0.1:{emulator_helper.free_port()}", project_id="demo-down"
     )
     plane = FirestorePlane(config, deadline=1.0)
     try:

@@ -1,0 +1,233 @@
+"""Fleet figures for Prometheus: ``GET /metrics`` on ``controller.metrics_listen``.
+
+``render`` is a pure function from a :class:`FleetSnapshot` (what the controller knows: unit
+states from systemd, the latest ``metrics`` frame of each worker, document statuses) to the
+Prometheus text exposition format 0.0.4; it is table-tested in ``tests/test_metrics.py``.
+:class:`MetricsServer` serves it with aiohttp (bind it to 127.0.0.1: the figures name users).
+
+Per-user series carry a ``user`` label; ``wabridge_fleet_*`` are the sums over the fleet, so
+a dashboard needs no PromQL for the headline figures. Worker counters (messages, turns,
+tokens) are the worker's own totals from its store and only grow; CPU seconds restart from 0
+with each new process, as counters may.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from wabridge import logs
+
+log = logs.get("controller.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+UNIT_STATES = ("active", "activating", "deactivating", "failed", "inactive", "reloading")
+
+# frame field -> (metric name, help, type, extra labels)
+_WORKER_COUNTERS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("messages_in", "wabridge_messages_total", "WhatsApp messages handled", "counter",
+     'direction="in"'),
+    ("messages_out", "wabridge_messages_total", "WhatsApp messages handled", "counter",
+     'direction="out"'),
+    ("turns", "wabridge_claude_turns_total", "Claude turns taken", "counter", ""),
+    ("input_tokens", "wabridge_claude_tokens_total", "Claude tokens", "counter",
+     'kind="input"'),
+    ("output_tokens", "wabridge_claude_tokens_total", "Claude tokens", "counter",
+     'kind="output"'),
+    ("cost_today_usd", "wabridge_claude_cost_today_usd",
+     "Claude spend of the current UTC day in USD", "gauge", ""),
+    ("chats", "wabridge_chats", "Chats the worker knows", "gauge", ""),
+    ("claude_processes", "wabridge_claude_processes", "Live Claude processes", "gauge", ""),
+)
+
+
+@dataclass(frozen=True)
+class WorkerFigures:
+    """One user's figures; ``None``: not known (no unit, no accounting, no frame yet)."""
+
+    user_id: str
+    unit_state: str | None = None  # systemd ActiveState
+    restarts: int = 0  # NRestarts (automatic restarts since the last manual start)
+    memory_bytes: int | None = None
+    cpu_seconds: float | None = None
+    tasks: int | None = None
+    status: str | None = None  # the document's status
+    linked: bool = False  # connected to the controller's worker socket
+    reported: Mapping[str, float] = field(default_factory=dict)  # latest metrics frame
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    workers: tuple[WorkerFigures, ...] = ()
+    controller_memory_bytes: int | None = None
+    plane: str = ""
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.declared: set[str] = set()
+
+    def declare(self, name: str, help_text: str, kind: str) -> None:
+        if name not in self.declared:
+            self.declared.add(name)
+            self.lines.append(f"# HELP {name} {help_text}")
+            self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels: Iterable[str], value: float) -> None:
+        parts = [label for label in labels if label]
+        text = "{" + ",".join(parts) + "}" if parts else ""
+        self.lines.append(f"{name}{text} {_number(value)}")
+
+
+def render(snapshot: FleetSnapshot) -> str:
+    """The Prometheus text format of ``snapshot`` (deterministic: users sorted)."""
+    out = _Out()
+    workers = sorted(snapshot.workers, key=lambda w: w.user_id)
+
+    out.declare("wabridge_units", "Worker units by systemd ActiveState", "gauge")
+    states = Counter(w.unit_state for w in workers if w.unit_state is not None)
+    for state in sorted(set(UNIT_STATES) | set(states)):
+        out.sample("wabridge_units", [f'state="{escape_label(state)}"'], states.get(state, 0))
+
+    out.declare("wabridge_sessions", "Session documents by status", "gauge")
+    statuses = Counter(w.status for w in workers if w.status is not None)
+    for status in sorted(statuses):
+        out.sample("wabridge_sessions", [f'status="{escape_label(status)}"'], statuses[status])
+
+    out.declare("wabridge_workers_linked", "Workers connected to the controller", "gauge")
+    out.sample("wabridge_workers_linked", [], sum(1 for w in workers if w.linked))
+
+    per_unit: tuple[tuple[str, str, str, Callable[[WorkerFigures], float | None]], ...] = (
+        ("wabridge_worker_restarts", "Automatic restarts since the last manual start",
+         "gauge", lambda w: w.restarts if w.unit_state is not None else None),
+        ("wabridge_worker_memory_bytes", "Memory of the worker unit (cgroup)", "gauge",
+         lambda w: w.memory_bytes),
+        ("wabridge_worker_cpu_seconds_total", "CPU time of the worker unit's processes",
+         "counter", lambda w: w.cpu_seconds),
+        ("wabridge_worker_tasks", "Tasks (threads) of the worker unit", "gauge",
+         lambda w: w.tasks),
+    )
+    for name, help_text, kind, get in per_unit:
+        values = [(w, get(w)) for w in workers]
+        known = [(w, v) for w, v in values if v is not None]
+        if not known:
+            continue
+        out.declare(name, help_text, kind)
+        for w, v in known:
+            out.sample(name, [f'user="{escape_label(w.user_id)}"'], v)
+
+    totals: dict[tuple[str, str], float] = {}
+    for key, name, help_text, kind, extra in _WORKER_COUNTERS:
+        rows = [(w, w.reported.get(key)) for w in workers]
+        known_rows = [(w, float(v)) for w, v in rows if isinstance(v, int | float)]
+        if not known_rows:
+            continue
+        out.declare(name, help_text, kind)
+        for w, v in known_rows:
+            out.sample(name, [f'user="{escape_label(w.user_id)}"', extra], v)
+        totals[(name, extra)] = totals.get((name, extra), 0.0) + sum(v for _, v in known_rows)
+
+    fleet: list[tuple[str, str, str, float | None]] = [
+        ("wabridge_fleet_memory_bytes", "Memory of all worker units", "gauge",
+         _sum(w.memory_bytes for w in workers)),
+        ("wabridge_fleet_cpu_seconds_total", "CPU time of all running worker processes",
+         "counter", _sum(w.cpu_seconds for w in workers)),
+        ("wabridge_fleet_restarts", "Automatic restarts over all worker units", "gauge",
+         float(sum(w.restarts for w in workers if w.unit_state is not None))),
+    ]
+    for name, help_text, kind, value in fleet:
+        if value is not None:
+            out.declare(name, help_text, kind)
+            out.sample(name, [], value)
+    for (name, extra), value in sorted(totals.items()):
+        fleet_name = name.replace("wabridge_", "wabridge_fleet_", 1)
+        out.declare(fleet_name, f"Fleet total of {name}", "counter" if
+                    name.endswith("_total") else "gauge")
+        out.sample(fleet_name, [extra], value)
+
+    if snapshot.controller_memory_bytes is not None:
+        out.declare("wabridge_controller_memory_bytes", "Resident memory of the controller",
+                    "gauge")
+        out.sample("wabridge_controller_memory_bytes", [], snapshot.controller_memory_bytes)
+    out.declare("wabridge_controller_info", "The controller's control plane", "gauge")
+    out.sample("wabridge_controller_info", [f'plane="{escape_label(snapshot.plane)}"'], 1)
+    return "\n".join(out.lines) + "\n"
+
+
+def _sum(values: Iterable[float | int | None]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def own_rss_bytes(statm: Path = Path("/proc/self/statm")) -> int | None:
+    """This process's resident set size."""
+    import os  # noqa: PLC0415
+
+    try:
+        resident = int(statm.read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident * os.sysconf("SC_PAGE_SIZE")
+
+
+class MetricsServer:
+    """``GET /metrics`` (and ``/``) answering ``render(snapshot())``."""
+
+    def __init__(self, listen: str, snapshot: Callable[[], FleetSnapshot]) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self._snapshot = snapshot
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        app.router.add_get("/", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if self.port == 0 and site._server is not None:  # tests: the port picked
+            sockets = getattr(site._server, "sockets", None) or []
+            if sockets:
+                self.port = int(sockets[0].getsockname()[1])
+        log.info("metrics.listening", host=self.host, port=self.port)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        del request
+        body = render(self._snapshot())
+        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
