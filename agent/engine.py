@@ -639,6 +639,7 @@ class Engine:
     async def drain(self, timeout: float) -> None:
         """Stop taking turns; let turns in flight finish within ``timeout``; flush the outbox."""
         self.accepting = False
+        self._owner_known.set()  # loops still waiting for the owner end at once
         tasks = [t for t in self._chat_tasks.values() if not t.done()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)

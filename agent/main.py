@@ -7,12 +7,34 @@ Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.
 3. SIGTERM -> ``STOPPING=1`` -> stop taking messages -> let turns in flight finish -> flush the
    outbox and reports -> close Claude processes -> stop WhatsApp -> exit, all within the unit's
    ``TimeoutStopSec`` (5 s); systemd's SIGKILL with ``KillMode=control-group`` covers the rest.
+   A turn that cannot finish in time is cancelled: its messages stay pending in the store and
+   are answered after the restart, so a stop never loses nor doubles a reply.
+
+Watchdog: ``supervise`` sends ``WATCHDOG=1`` once a second, and only while ``health_problem``
+finds nothing wrong: the event loop turned recently (a wedged loop cannot run ``supervise`` at
+all; a long stall that ended is caught by its lag), no turn is stuck past
+``claude.turn_timeout`` + 30 s, the WhatsApp backend says it is ``healthy()`` and its thread is
+not stuck in our sink. Otherwise systemd kills the worker at ``WatchdogSec=`` (SIGABRT:
+``faulthandler`` prints every thread's stack to the journal) and restarts it; the controller
+writes ``lastExit.reason = "watchdog"`` on the document.
+
+Test hooks (never active in production): with ``WABRIDGE_TEST_HOOKS=1`` in the unit's
+environment, ``WABRIDGE_TEST_FAULT`` makes the worker misbehave for the end-to-end tests of
+supervision (``tests/test_supervision.py``), ``WABRIDGE_TEST_FAULT_AFTER`` seconds (default
+0.5) after it is connected:
+
+* ``wedge-loop``: a blocking sleep on the event loop; ``stuck-turn``: a turn that never ends;
+  ``alloc``: allocate memory until the kernel kills the worker. Each happens once per state
+  directory (a marker file), so the restarted worker behaves.
+* ``ignore-sigterm``: ignore SIGTERM from the start (systemd must SIGKILL at TimeoutStopSec=);
+  ``crash``: exit with code 1 at every start (systemd's start limit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import os
 import shutil
@@ -25,6 +47,7 @@ from typing import Any
 import sdnotify
 
 from agent import outcomes, qr
+from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.engine import ClaudePool, Engine
 from agent.link import ControllerLink
@@ -37,6 +60,16 @@ from wabridge.status import WorkerState
 
 log = logs.get("agent")
 STOP_BUDGET = 4.0  # seconds of the unit's TimeoutStopSec=5 we use; systemd kills after 5
+TEST_FAULTS = frozenset({"wedge-loop", "stuck-turn", "alloc", "ignore-sigterm", "crash"})
+
+
+def test_fault(environ: dict[str, str] | None = None) -> str:
+    """The fault a test asked for (``WABRIDGE_TEST_FAULT``), only with ``WABRIDGE_TEST_HOOKS=1``."""
+    env = os.environ if environ is None else environ
+    if env.get("WABRIDGE_TEST_HOOKS") != "1":
+        return ""
+    fault = env.get("WABRIDGE_TEST_FAULT", "")
+    return fault if fault in TEST_FAULTS else ""
 
 
 def default_cli_path() -> Path:
@@ -99,6 +132,9 @@ class Worker:
         self.disconnected_since: float | None = None
         self.qr_deadline: float | None = None
         self.loop_heartbeat = time.monotonic()
+        self.sink_since: float | None = None  # the backend's thread is inside sink() since
+        self.unhealthy = ""  # the last health problem (the watchdog is not fed meanwhile)
+        self.fault = test_fault()
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
                                    self._on_settings, self._on_command)
         self.settings: dict[str, Any] = {}
@@ -113,7 +149,8 @@ class Worker:
                                resume_max_bytes=cfg.conversation.resume_max_bytes)
         self.engine = Engine(store, self.backend, self.pool, cfg.conversation,
                              self._report_message, limits=cfg.limits,
-                             context_window=cfg.claude.context_window, model=cfg.claude.model)
+                             context_window=cfg.claude.context_window, model=cfg.claude.model,
+                             on_summary=self._report_summary)
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -128,7 +165,11 @@ class Worker:
 
         self.settings = settings
         self.store.set_kv("settings", json.dumps(settings))
-        self.engine.update_settings(settings)  # bad value: keeps the policy, logs policy.invalid
+        problem = self.engine.update_settings(settings)  # bad value: keeps the last policy
+        if problem is not None:
+            message = str(problem)
+            self.link.report(lambda seq: protocol.Problem(seq=seq, code="bad_setting",
+                                                          message=message))
         phone = settings.get("pairingPhone")
         if (isinstance(phone, str) and phone and phone != self.pairing_requested
                 and self.state != WorkerState.CONNECTED):
@@ -159,9 +200,13 @@ class Worker:
 
     # --- the WhatsApp sink: any thread --------------------------------------------------
     def sink(self, event: ev.Event) -> None:
-        if isinstance(event, ev.IncomingMessage) and not self.engine.persist(event):
-            return
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.sink_since = time.monotonic()
+        try:
+            if isinstance(event, ev.IncomingMessage) and not self.engine.persist(event):
+                return
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        finally:
+            self.sink_since = None
 
     async def pump(self) -> None:
         while not self.stop.is_set():
@@ -230,9 +275,15 @@ class Worker:
             now = time.monotonic()
             lag = now - self.loop_heartbeat - 1.0
             self.loop_heartbeat = now
-            if self._alive(lag):
+            problem = self.health_problem(lag, now)
+            if problem is None:
                 self.notifier.notify("WATCHDOG=1")
+            elif problem != self.unhealthy:
+                log.error("watchdog.unhealthy", problem=problem)
+            self.unhealthy = problem or ""
             line = self.status_line()
+            if self.unhealthy:
+                line = f"unhealthy: {self.unhealthy} - {line}"
             if line != last_status:
                 self.notifier.notify(f"STATUS={line}")
                 last_status = line
@@ -251,30 +302,80 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 1.0)
 
-    def _alive(self, lag: float) -> bool:
-        if lag > self.cfg.worker.watchdog_stall:
-            log.error("watchdog.loop_stalled", lag=round(lag, 1))
-            return False
+    def health_problem(self, lag: float, now: float) -> str | None:
+        """Why the watchdog must not be fed now, or None when the worker is alive."""
+        stall = self.cfg.worker.watchdog_stall
+        if lag > stall:
+            return f"event loop stalled for {lag:.1f} s"
         limit = self.cfg.claude.turn_timeout + 30
-        stuck = [c for c, t in self.engine.turns_in_flight.items()
-                 if time.monotonic() - t > limit]
+        stuck = sorted(c for c, t in self.engine.turns_in_flight.items() if now - t > limit)
         if stuck:
-            log.error("watchdog.turn_stuck", chats=stuck)
+            return f"turn stuck for more than {limit:.0f} s in {', '.join(stuck)}"
+        since = self.sink_since
+        if since is not None and now - since > stall:
+            return f"WhatsApp thread stuck for {now - since:.0f} s"
+        if not self.backend.healthy():
+            return f"WhatsApp backend {self.backend.name} is not healthy"
+        return None
+
+    # --- test hooks (see the module doc; inert unless WABRIDGE_TEST_HOOKS=1) ----------------
+    def _fault_once(self) -> bool:
+        marker = self.state_dir / f".test-fault-{self.fault}"
+        if marker.exists():
             return False
+        marker.write_text("done\n")
         return True
+
+    async def _inject_fault(self) -> None:
+        after = float(os.environ.get("WABRIDGE_TEST_FAULT_AFTER", "0.5"))
+        while self.state != WorkerState.CONNECTED:  # noqa: ASYNC110 - a test hook
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(after)
+        if not self._fault_once():
+            return
+        log.warning("test.fault", fault=self.fault)
+        if self.fault == "wedge-loop":
+            time.sleep(3600)  # noqa: ASYNC251 - the point: a loop that does not turn
+        elif self.fault == "stuck-turn":
+            self.engine.turns_in_flight["test:stuck"] = (
+                time.monotonic() - self.cfg.claude.turn_timeout - 31)
+        elif self.fault == "alloc":
+            import threading  # noqa: PLC0415
+
+            def grow() -> None:
+                hog = []
+                while True:
+                    hog.append(b"\x01" * (8 << 20))  # touched pages, not lazy zero pages
+                    time.sleep(0.02)
+
+            threading.Thread(target=grow, name="test-alloc", daemon=True).start()
+
+    def _report_summary(self, chat_id: str, number: int, text: str) -> None:
+        self.link.report(lambda seq: protocol.Summary(seq=seq, chat_id=chat_id, number=number,
+                                                      text=text))
 
     def _report_metrics(self) -> None:
         t = self.store.totals()
+        today = self.store.cost_on(utc_day(time.time()))
         chats, procs = self.store.chat_count(), self.pool.live
         self.link.report(lambda seq: protocol.Metrics(
             seq=seq, chats=chats, claude_processes=procs, turns=int(t["turns"]),
             messages_in=int(t["messages_in"]), messages_out=int(t["messages_out"]),
             input_tokens=int(t["input_tokens"]), output_tokens=int(t["output_tokens"]),
-            cost_today_usd=float(t["cost_usd"])))
+            cost_today_usd=today))
 
     async def run(self) -> ExitCode:
-        self.loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        if self.fault == "crash":
+            log.warning("test.fault", fault=self.fault)
+            return ExitCode.FAILURE
+        if self.fault == "ignore-sigterm":
+            log.warning("test.fault", fault=self.fault)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by Claude processes too
+        else:
+            self.loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         self.loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        if self.fault in ("wedge-loop", "stuck-turn", "alloc"):
+            self._spawn(self._inject_fault())
         self.link.forget_stale()
         self._report_state()
         tasks = [
@@ -299,16 +400,24 @@ class Worker:
         self.notifier.notify("STATUS=stopping: finishing turns in flight")
         log.info("worker.stopping")
         start = time.monotonic()
+        deadline = start + STOP_BUDGET
+        # stop taking turns; a turn in flight finishes (or stays pending in the store, to be
+        # answered after the restart); the outbox is flushed
         await self.engine.drain(timeout=2.0)
-        await self.pool.close_all()
+        self.notifier.notify("STATUS=stopping: closing Claude processes")
+        try:
+            await asyncio.wait_for(self.pool.close_all(),
+                                   max(0.2, deadline - 1.0 - time.monotonic()))
+        except TimeoutError:  # systemd's SIGKILL (KillMode=control-group) finishes them
+            log.warning("worker.claude_close_timed_out")
         if self.state not in (WorkerState.LOGGED_OUT, WorkerState.BANNED, WorkerState.REPLACED,
                               WorkerState.OUTDATED, WorkerState.QR_EXPIRED):
             self.state, self.detail = WorkerState.STOPPING, "stopping"
         self._report_state()
-        await self.backend.stop(timeout=max(0.3, STOP_BUDGET - 1.0 - (time.monotonic() - start)))
+        await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
-        deadline = time.monotonic() + 0.8
-        while self.store.unacked_frames() and self.link.connected and time.monotonic() < deadline:  # noqa: ASYNC110 - acks land in SQLite
+        until = min(time.monotonic() + 0.8, deadline + 0.3)
+        while self.store.unacked_frames() and self.link.connected and time.monotonic() < until:  # noqa: ASYNC110 - acks land in SQLite
             await asyncio.sleep(0.02)
         self.link_stop.set()
         for task in tasks:
@@ -358,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.CONFIG)
     logs.setup("wabridge-worker", cfg.log.level, cfg.log.format)
     logs.bind(user_id=user_id)
+    faulthandler.enable()  # a watchdog kill (SIGABRT) shows where every thread was
     state_dir = state_directory(user_id)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if shutil.disk_usage(state_dir).free < 50 * 1024 * 1024:

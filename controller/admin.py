@@ -256,6 +256,12 @@ class MirrorPlane(ControlPlane):
     async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
         await self.inner.put_session_info(user_id, fields)
 
+    async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
+        await self.inner.add_summary(user_id, chat_id, number, text)
+
+    async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
+        return await self.inner.summaries(user_id, chat_id)
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -75,7 +75,13 @@ from google.cloud.firestore_v1 import watch as watch_module
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.oauth2 import service_account
 
-from controller.local import check_doc_id, message_doc_id, message_fields
+from controller.local import (
+    check_doc_id,
+    message_doc_id,
+    message_fields,
+    summary_doc_id,
+    summary_fields,
+)
 from controller.plane import (
     Change,
     ChangeCallback,
@@ -94,6 +100,7 @@ log = logs.get("controller.firestore")
 
 SESSIONS = "sessions"
 MESSAGES = "messages"
+SUMMARIES = "summaries"
 DEFAULT_DEADLINE = 30.0
 WATCH_CHECK_INTERVAL = 0.5
 BACKOFF_MIN = 0.5
@@ -558,6 +565,22 @@ class FirestorePlane(ControlPlane):
     async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
         ref = self._client.collection(SESSIONS).document(check_doc_id(user_id))
         await self._call(ref.set, _delete_none(fields), merge=True, **self._rpc())
+
+    async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
+        check_doc_id(user_id)
+        ref = self._client.collection(SUMMARIES).document(
+            summary_doc_id(user_id, chat_id, number))
+        await self._call(ref.set, summary_fields(user_id, chat_id, number, text), **self._rpc())
+
+    async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            query = self._client.collection(SUMMARIES).where(
+                filter=FieldFilter("userId", "==", user_id))
+            found = [d.to_dict() or {} for d in query.stream(**self._rpc())]
+            return sorted((f for f in found if f.get("chatId") == chat_id),
+                          key=lambda f: int(f.get("number", 0)))
+
+        return await self._call(read)
 
     # -- shutdown ------------------------------------------------------------------------
 

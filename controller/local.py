@@ -110,6 +110,14 @@ def _initial_schema(db: sqlite3.Connection) -> None:
     )
 
 
+@_migration(2)
+def _summaries(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE summaries (doc_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+        "chat_id TEXT NOT NULL, number INTEGER NOT NULL, fields TEXT NOT NULL)"
+    )
+
+
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 
@@ -162,6 +170,17 @@ def message_fields(user_id: str, event: MessageEvent) -> dict[str, Any]:
         "text": event.text,
         "ts": event.ts,
     }
+
+
+def summary_doc_id(user_id: str, chat_id: str, number: int) -> str:
+    """``{userId}__{chatId}__v{number}`` (percent-encoded like message ids)."""
+    return f"{message_doc_id(user_id, chat_id)}__v{number}"
+
+
+def summary_fields(user_id: str, chat_id: str, number: int, text: str) -> dict[str, Any]:
+    """The fields of a summary document (both planes)."""
+    return {"userId": user_id, "chatId": chat_id, "number": number, "text": text,
+            "createdAt": time.time()}
 
 
 def _dumps(data: Mapping[str, Any]) -> str:
@@ -433,6 +452,29 @@ class LocalPlane(ControlPlane):
 
     async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
         await self._run(self._merge_doc, "sessions", check_doc_id(user_id), dict(fields))
+
+    async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
+        fields = summary_fields(check_doc_id(user_id), chat_id, number, text)
+
+        def put() -> None:
+            self._db.execute(
+                "INSERT OR REPLACE INTO summaries (doc_id, user_id, chat_id, number, fields) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (summary_doc_id(user_id, chat_id, number), user_id, chat_id, number,
+                 _dumps(fields)),
+            )
+
+        await self._run(put)
+
+    async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            rows = self._db.execute(
+                "SELECT fields FROM summaries WHERE user_id = ? AND chat_id = ? ORDER BY number",
+                (user_id, chat_id),
+            ).fetchall()
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._run(read)
 
     # -- shutdown --------------------------------------------------------------------------
 

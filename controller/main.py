@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import dataclasses
 import os
 import signal
 import socket
@@ -235,6 +234,11 @@ class Controller:
                 await self.plane.update(user_id, {"pairingCode": code})
             case protocol.MessageEvent():
                 await self.plane.add_message(user_id, frame)
+            case protocol.Summary(chat_id=chat_id, number=number, text=text):
+                await self.plane.add_summary(user_id, chat_id, number, text)
+            case protocol.Problem(code=code, message=message):
+                log.warning("worker.problem", user_id=user_id, code=code, message=message)
+                await self.plane.update(user_id, {"error": error_field(code, message)})
             case protocol.Metrics():
                 self.reported[user_id] = {
                     "chats": frame.chats, "claude_processes": frame.claude_processes,

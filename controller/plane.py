@@ -11,6 +11,8 @@ Layout (same names in both backends, after the seed's collections):
   ``claimedAt``, ``unit`` ({activeState, subState, mainPid, nRestarts, result}), ``process``
   ({pid, state, restarts, memoryBytes, cpuSeconds, since}), ``settings`` (per-user policy),
   ``updatedAt``.
+- ``summaries/{userId}__{chatId}__v{n}``: a chat's conversation summaries, one per context
+  rotation (userId, chatId, number, text, createdAt).
 - ``sessions/{userId}``: WhatsApp session facts (jid, phone, pushName, connectedAt).
 - ``messages/{userId}__{eventId}``: processed messages (userId, chatId, direction, sender,
   text, ts), written idempotently: re-sending a frame rewrites the same document.
@@ -131,6 +133,15 @@ class ControlPlane(abc.ABC):
     @abc.abstractmethod
     async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
         """Merge WhatsApp session facts into ``sessions/{userId}``."""
+
+    @abc.abstractmethod
+    async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
+        """Record a chat's conversation summary ``summaries/{userId}__{chatId}__v{number}``;
+        idempotent by (user, chat, number)."""
+
+    @abc.abstractmethod
+    async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
+        """A chat's summaries, oldest first."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -127,7 +127,9 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
                 Start(uid, reset_failed=unit is not None and unit.active_state == "failed")]
     if status is DocStatus.DESTROY_REQUESTED:
         return [Claim(uid, frozenset({status}), DocStatus.STOPPING), Stop(uid)]
-    if status is DocStatus.STOPPING and not running:
+    if status is DocStatus.STOPPING and (unit is None or unit.active_state in ("inactive",
+                                                                          "failed")):
+        # not while "deactivating": its processes still run (TimeoutStopSec=, SIGKILL)
         return [Update(uid, {"status": DocStatus.STOPPED.value})]
     if status in RUNNING_STATUSES:
         if unit is None or unit.active_state == "inactive":

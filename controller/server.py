@@ -153,7 +153,8 @@ class WorkerServer:
                 await writer.drain()
                 continue
             if not isinstance(frame, protocol.State | protocol.Qr | protocol.PairingCode
-                              | protocol.MessageEvent | protocol.Metrics):
+                              | protocol.MessageEvent | protocol.Metrics | protocol.Summary
+                              | protocol.Problem):
                 writer.write(protocol.encode(protocol.Error(
                     code="bad_frame", message=f"workers may not send {frame.TYPE} frames")))
                 await writer.drain()

@@ -104,6 +104,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -156,6 +157,7 @@ _SERVICE_PROPS = (
     b"MemoryCurrent",
     b"CPUUsageNSec",
     b"TasksCurrent",
+    b"ControlGroup",
 )
 UNLOADED = "unloaded"  # load_state of a state rebuilt from signals after systemd dropped the unit
 EXIT_REPORTS = Path("/run/wabridge/exits")  # written by the worker unit's ExecStopPost=
@@ -225,6 +227,7 @@ class UnitState:
     # From the exit report of the invocation (see "Exit reports" in the module doc); None when
     # there is none for this invocation (running, or the report could not be read).
     oom_kills: int | None = None
+    control_group: str = ""  # e.g. /wabridge.slice/wabridge-worker@alice.service
 
 
 class SystemdError(WabridgeError):
@@ -318,6 +321,7 @@ def _build_state(
         tasks=_opt(sprops, b"TasksCurrent"),
         since_usec=since or _int(uprops, b"StateChangeTimestamp"),
         load_state=load_state or _text(uprops.get(b"LoadState")) or "loaded",
+        control_group=_text(sprops.get(b"ControlGroup")),
     )
 
 
@@ -348,6 +352,42 @@ def with_exit_report(st: UnitState, directory: Path | None) -> UnitState:
     except ValueError:
         return st
     return dataclasses.replace(st, oom_kills=kills)
+
+
+_CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"),
+                 Path("/sys/fs/cgroup"))
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_nsec(control_group: str, proc: Path = Path("/proc"),
+                  roots: tuple[Path, ...] = _CGROUP_ROOTS) -> int | None:
+    """CPU time of a cgroup's processes from ``/proc/PID/stat`` (their own time and that of
+    children they reaped). For hosts where systemd has no cpuacct controller for the unit
+    (CPUUsageNSec "[not set]"), e.g. cgroup v1 with ``cpu`` and ``cpuacct`` mounted apart."""
+    if not control_group:
+        return None
+    for root in roots:
+        procs = root / control_group.lstrip("/") / "cgroup.procs"
+        try:
+            pids = procs.read_text().split()
+        except OSError:
+            continue
+        ticks = 0
+        for pid in pids:
+            try:
+                stat = (proc / pid / "stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            fields = stat[stat.rfind(")") + 2:].split()
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        return ticks * 1_000_000_000 // _CLOCK_TICKS
+    return None
+
+
+def with_cpu_fallback(st: UnitState) -> UnitState:
+    if st.cpu_nsec is not None or st.active_state not in ("active", "reloading", "deactivating"):
+        return st
+    return dataclasses.replace(st, cpu_nsec=proc_cpu_nsec(st.control_group))
 
 
 def worker_dropin(user_name: str, limits: Mapping[str, str]) -> str:
@@ -656,12 +696,12 @@ class Systemd:
     async def loaded_state(self, unit: str) -> UnitState | None:
         """The unit's state if systemd has it loaded, else None (never loads it)."""
         st = await self._call("read", unit, _w_loaded_state, unit)
-        return None if st is None else with_exit_report(st, self._exit_reports)
+        return None if st is None else with_cpu_fallback(with_exit_report(st, self._exit_reports))
 
     async def list_workers(self) -> list[UnitState]:
         """Every worker unit systemd has loaded (running, failed, transitioning, ...)."""
         states = await self._call("list-units", None, _w_list_workers)
-        return [with_exit_report(st, self._exit_reports) for st in states]
+        return [with_cpu_fallback(with_exit_report(st, self._exit_reports)) for st in states]
 
     # --------------------------------------------------------------- drop-ins, reload
     def dropin_path(self, unit: str) -> Path:
@@ -841,7 +881,7 @@ class Systemd:
         if st is None:
             self._deliver(self._unloaded_state(unit))
         else:
-            self._deliver(with_exit_report(st, self._exit_reports))
+            self._deliver(with_cpu_fallback(with_exit_report(st, self._exit_reports)))
 
     def _unloaded_state(self, unit: str) -> UnitState:
         """A unit systemd has garbage-collected, described by the last signalled values.

@@ -338,6 +338,45 @@ class Fleet:
         )
 
 
+    # --- supervision helpers (tests/test_supervision.py, bench/run.py) --------------------
+    def dropin_path(self, user: str, name: str = "90-test.conf") -> str:
+        return f"/etc/systemd/system/{self.unit(user)}.d/{name}"
+
+    def set_dropin(self, user: str, text: str, name: str = "90-test.conf") -> None:
+        """Write a drop-in for one worker instance (it wins over the controller's
+        ``/run/systemd/system/...d/50-wabridge.conf``) and reload systemd."""
+        self.ns.write_file(self.dropin_path(user, name), text)
+        self.ns.daemon_reload()
+
+    def clear_dropin(self, user: str, name: str = "90-test.conf") -> None:
+        path = self.ns.root / self.dropin_path(user, name).lstrip("/")
+        if path.exists():
+            path.unlink()
+            self.ns.daemon_reload()
+
+    def props(self, unit: str, *names: str) -> dict[str, str]:
+        out = self.ns.run(["systemctl", "show", "-p", ",".join(names), unit]).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def pss_bytes(self, unit: str) -> int:
+        """Proportional set size of every process of ``unit`` (smaps_rollup, host PIDs)."""
+        total = 0
+        for pid in self.unit_pids(unit):
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+    def uid_of(self, user: str) -> int:
+        """The UID of the user's worker (the owner of its state directory)."""
+        out = self.ns.run(["stat", "-c", "%u", f"/var/lib/private/wabridge/{user}"], check=True)
+        return int(out.stdout)
+
+
 def _short(doc: dict[str, Any]) -> str:
     return json.dumps(
         {k: (v[:60] + "..." if isinstance(v, str) and len(v) > 60 else v) for k, v in doc.items()},

@@ -360,7 +360,10 @@ try:
 except PermissionError as e:
     print(json.dumps({"connect_error": "EACCES"}))
     sys.exit(0)
-s.sendall(b'{"op": "ping"}\n')
+try:
+    s.sendall(b'{"op": "ping"}\n')
+except BrokenPipeError:
+    pass  # answered (forbidden) and closed before we wrote: the answer is still readable
 print(s.makefile("rb").readline().decode().strip())
 """
 
@@ -546,3 +549,18 @@ async def test_controller_facade_reads_the_controller(tmp_path: Path) -> None:
     assert f.fields("alice") == {"status": "restart_requested"}
     assert f.info() == {"host": "h", "plane": "recording", "sessions": 1, "linked": 0}
     assert await f.messages("alice", 3) == [{"chatId": "c", "limit": 3}]
+
+
+def test_mirror_merges_like_the_planes() -> None:
+    mirror = DocMirror()
+    mirror.merge("u", {"metrics": {"chats": 1, "turns": 2}, "qrRaw": "a"})
+    mirror.merge("u", {"metrics": {"chats": 3}, "qrRaw": None})
+    assert mirror.get("u") == {"metrics": {"chats": 3, "turns": 2}}
+    mirror.merge("u", {"metrics": {}})  # an empty map replaces
+    assert mirror.get("u") == {"metrics": {}}
+    # what watchers and readers get is a copy: later merges do not change it
+    got: list[Any] = []
+    mirror.watch("u", got.append)
+    mirror.merge("u", {"error": {"code": "a", "message": "first"}})
+    mirror.merge("u", {"error": {"code": "b", "message": "second"}})
+    assert [e["error"]["code"] for e in got] == ["a", "b"]

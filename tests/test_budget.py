@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -93,7 +95,7 @@ def test_paced_sends_keep_the_gap() -> None:
         now += budget.send_delay(last, now, 1.0, j)
         sent.append(now)
         last = now
-    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert all(g >= 1.0 - 1e-9 for g in gaps)
     assert gaps == pytest.approx([1.0 + j for j in jitters[1:]])
 

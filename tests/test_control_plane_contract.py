@@ -398,6 +398,21 @@ async def test_put_session_info_merges(store: Store) -> None:
     assert await plane.get("alice") is None  # a different collection
 
 
+async def test_summaries_are_versioned_per_chat_and_idempotent(store: Store) -> None:
+    plane = store.open()
+    chat, other = "5511988887777@s.whatsapp.net", "120363000@g.us"
+    assert await plane.summaries("alice", chat) == []
+    await plane.add_summary("alice", chat, 1, "They like tea.")
+    await plane.add_summary("alice", chat, 2, "They like tea and cake.")
+    await plane.add_summary("alice", chat, 2, "They like tea and cake.")  # a re-sent frame
+    await plane.add_summary("alice", other, 1, "A group about cats.")
+    await plane.add_summary("bob", chat, 1, "Bob's own chat.")
+    got = await plane.summaries("alice", chat)
+    assert [(s["number"], s["text"]) for s in got] == [
+        (1, "They like tea."), (2, "They like tea and cake.")]
+    assert all(s["userId"] == "alice" and s["chatId"] == chat for s in got)
+
+
 async def test_user_ids_that_cannot_name_a_document_are_refused(store: Store) -> None:
     plane = store.open()
     for bad in ("", "a/b", "__x__", ".."):

@@ -503,7 +503,7 @@ async def test_rotation_at_the_turn_cap(make_rig: MakeRig, api: FakeAnthropicAPI
         await rig.wait_sent(i, chat)
     await until(lambda: len(rig.summaries) == 2, 15, "two summaries")
     assert [v for _, v, _ in rig.summaries] == [1, 2]
-    third = [r for r in turn_requests(api) if "turn-three" in last_user_text(r.json)][0]
+    third = next(r for r in turn_requests(api) if "turn-three" in last_user_text(r.json))
     assert "SUMMARY-V1" in texts(third)
     assert "turn-one" not in texts(third) and "turn-two" not in texts(third)
     assert len(api.message_requests()) == 6  # 4 turns + 2 summary turns
@@ -750,7 +750,7 @@ async def test_rate_limit_per_sender_with_one_notice(make_rig: MakeRig,
     await rig.idle()
     sent = rig.wa.to(jid(ALICE))
     assert sent.count(SLOW_DOWN_NOTICE) == 1 and len(sent) == 2
-    asked = last_user_text([r for r in api.message_requests() if "msg-0" in texts(r)][0].json)
+    asked = last_user_text(next(r for r in api.message_requests() if "msg-0" in texts(r)).json)
     assert all(f"msg-{i}" in asked for i in range(3))
     assert all(f"msg-{i}" not in asked for i in range(3, 6))
     assert [rig.store.inbound_state(jid(ALICE), w) for w in ids[3:]] == [
@@ -804,5 +804,5 @@ async def test_chats_never_share_a_session(make_rig: MakeRig, api: FakeAnthropic
     assert len(set(sessions.values())) == 6
     for u in range(2):
         for c in range(3):
-            last = [r for r in reqs if f"U{u}C{c}T{turns - 1}" in texts(r)][0]
+            last = next(r for r in reqs if f"U{u}C{c}T{turns - 1}" in texts(r))
             assert all(f"U{u}C{c}T{t} hello" in texts(last) for t in range(turns))

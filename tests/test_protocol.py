@@ -44,6 +44,8 @@ EVERY_FRAME: list[protocol.Frame] = [
                  text="", ts=1700000000),
     Metrics(seq=7, chats=2, claude_processes=1, turns=3, messages_in=4, messages_out=5,
             input_tokens=6, output_tokens=7, cost_today_usd=0.25),
+    protocol.Summary(seq=10, chat_id="4915@s.whatsapp.net", number=2, text="They like tea."),
+    protocol.Problem(seq=11, code="bad_setting", message="settings.reply_to: 'x' is not ..."),
     Ack(seq=8),
     Error(code="bad_frame", message="nope"),
     Error(code="bad_frame", message="nope", seq=9),

@@ -20,8 +20,11 @@ from controller.reconcile import (
     UnitView,
     Update,
     crash_reason,
+    exit_facts,
+    exit_kind,
     for_doc,
     for_unit,
+    hit_start_limit,
     reconcile,
     status_from_worker,
 )
@@ -135,6 +138,10 @@ def test_for_doc_leaves_transitions_alone(unit: UnitView) -> None:
     assert for_doc(doc(S.CONNECTED), unit) == []
 
 
+def test_a_stop_is_done_only_once_the_unit_has_stopped() -> None:
+    assert for_doc(doc(S.STOPPING), DEACTIVATING) == []
+
+
 def test_activating_counts_as_running() -> None:
     assert for_doc(doc(S.RESTART_REQUESTED), ACTIVATING)[1] == Start(
         U, reset_failed=True, restart=True
@@ -216,10 +223,13 @@ def test_invalid_user_id_is_reported_once(bad: str) -> None:
 
 
 def _mirror(unit: UnitView) -> Update:
-    return Update(U, {"unit": {
+    fields: dict[str, Any] = {"unit": {
         "activeState": unit.active_state, "subState": unit.sub_state, "result": unit.result,
         "nRestarts": unit.n_restarts, "exitCode": unit.exec_main_status,
-    }})
+    }}
+    if unit.sub_state == "auto-restart" or unit.active_state == "failed":
+        fields["lastExit"] = exit_facts(unit)
+    return Update(U, fields)
 
 
 def test_for_unit_mirrors_the_unit() -> None:
@@ -232,7 +242,8 @@ def test_failed_while_running_is_a_crash(status: DocStatus) -> None:
     assert actions[0] == _mirror(FAILED)
     assert actions[1] == status_update(S.CRASHED)
     assert actions[2] == SetError(U, "crashed",
-                                  "worker exited with code 1 after 5 automatic restarts")
+                                  "worker exited with code 1 after 5 automatic restarts",
+                                  reason="exit_code")
     assert len(actions) == 3
 
 
@@ -261,6 +272,83 @@ def test_crash_reason(unit: UnitView, words: str) -> None:
     actions = for_unit(doc(S.CONNECTED), U, unit)
     assert isinstance(actions[-1], SetError)
     assert words in actions[-1].message
+
+
+# --- restart limits, OOM, watchdog (issue 3) ------------------------------------------------
+
+KILLED9 = {"exec_main_code": CLD_KILLED, "exec_main_status": signal.SIGKILL}
+EXIT1 = {"exec_main_code": CLD_EXITED, "exec_main_status": 1}
+
+
+@pytest.mark.parametrize(
+    ("unit", "kind", "gave_up"),
+    [
+        # systemd 252 keeps the last failure's result when it refuses an automatic restart
+        (UnitView("failed", "failed", "exit-code", 5, start_limit_burst=5, **EXIT1),
+         "exit_code", True),
+        (UnitView("failed", "failed", "signal", 3, start_limit_burst=3, **KILLED9), "signal", True),
+        (UnitView("failed", "failed", "start-limit-hit", 0), "start-limit-hit", True),
+        (UnitView("failed", "failed", "exit-code", 2, start_limit_burst=5, **EXIT1),
+         "exit_code", False),
+        (UnitView("failed", "failed", "signal", 5, start_limit_burst=5, oom=True, **KILLED9),
+         "out_of_memory", True),
+        (UnitView("failed", "failed", "watchdog", 5, start_limit_burst=5,
+                  exec_main_code=CLD_KILLED, exec_main_status=signal.SIGABRT), "watchdog", True),
+        # restarting cannot fix it: failed at once, not a start limit
+        (UnitView("failed", "failed", "exit-code", 5, start_limit_burst=5,
+                  exec_main_code=CLD_EXITED, exec_main_status=ExitCode.CONFIG), "exit_code", False),
+        (UnitView("activating", "auto-restart", "signal", 4, start_limit_burst=5, **KILLED9),
+         "signal", False),
+        (UnitView("activating", "auto-restart", "signal", 1, oom=True, **KILLED9),
+         "out_of_memory", False),
+        (UnitView("failed", "failed", "timeout", 0, start_limit_burst=5), "timeout", False),
+    ],
+)
+def test_exit_kind_and_start_limit(unit: UnitView, kind: str, gave_up: bool) -> None:
+    assert exit_kind(unit) == kind
+    assert hit_start_limit(unit) is gave_up
+    assert ("start limit hit" in crash_reason(unit)) is gave_up
+
+
+def test_crash_reason_names_the_start_limit_and_the_last_exit() -> None:
+    unit = UnitView("failed", "failed", "exit-code", 5, start_limit_burst=5, **EXIT1)
+    assert crash_reason(unit) == ("exited with code 1 after 5 automatic restarts; "
+                                  "systemd gave up: start limit hit (StartLimitBurst=5)")
+    config = UnitView("failed", "failed", "exit-code", 0, start_limit_burst=5,
+                      exec_main_code=CLD_EXITED, exec_main_status=ExitCode.CONFIG)
+    assert crash_reason(config).endswith("; not restarted: config")
+
+
+def test_gave_up_is_crashed_with_reason_start_limit() -> None:
+    unit = UnitView("failed", "failed", "signal", 5, start_limit_burst=5, oom=True, **KILLED9)
+    actions = for_unit(doc(S.CONNECTED), U, unit)
+    assert actions[1] == status_update(S.CRASHED)
+    error = actions[2]
+    assert isinstance(error, SetError)
+    assert (error.code, error.reason) == ("crashed", "start_limit")
+    assert "ran out of memory" in error.message and "start limit hit" in error.message
+    assert isinstance(actions[0], Update)
+    last = actions[0].fields["lastExit"]
+    assert last == {
+        "reason": "out_of_memory", "message": f"worker {crash_reason(unit)}",
+        "result": "signal", "exitCode": None, "signal": "SIGKILL", "restarts": 5, "oom": True,
+        "startLimitHit": True, "restarting": False,
+    }
+
+
+def test_an_automatic_restart_says_why_and_keeps_the_status() -> None:
+    unit = UnitView("activating", "auto-restart", "watchdog", 1,
+                    exec_main_code=CLD_KILLED, exec_main_status=signal.SIGABRT)
+    actions = for_unit(doc(S.CONNECTED), U, unit)
+    assert len(actions) == 1
+    assert isinstance(actions[0], Update)
+    last = actions[0].fields["lastExit"]
+    assert last["reason"] == "watchdog" and last["restarting"] is True
+    assert last["signal"] == "SIGABRT" and last["exitCode"] is None
+    assert last["message"] == ("worker stopped answering the watchdog; systemd restarts it "
+                               "(automatic restart 2)")
+    # running again: no lastExit rewrite
+    assert "lastExit" not in for_unit(doc(S.CONNECTED), U, ACTIVE)[0].fields  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -390,3 +390,127 @@ def test_sessions_and_kv(store: Store) -> None:
     store.set_kv("k", "v1")
     store.set_kv("k", "v2")
     assert store.get_kv("k") == "v2"
+
+
+# --- issue 5: policy, commands, budgets, rotation (schema v2) -------------------------------
+
+
+def test_v1_file_is_upgraded_in_place(db_path: Path) -> None:
+    with closing(_raw(db_path)) as conn:
+        conn.execute("BEGIN")
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        MIGRATIONS[0](conn)
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute("INSERT INTO inbox (chat_id, sender, wa_id, payload, received_at) "
+                     "VALUES ('c', 's', 'w1', '{\"text\": \"old\"}', 1.0)")
+        conn.execute("INSERT INTO chats (chat_id, session_id, turns) VALUES ('c', 'sid', 3)")
+        conn.execute("COMMIT")
+    s = Store(db_path)
+    assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) >= 2
+    (p,) = s.pending_inbound("c")
+    assert (p.wa_id, p.payload, p.received_at) == ("w1", {"text": "old"}, 1.0)
+    row = s.chat("c")
+    assert row is not None
+    assert (row.session_id, row.turns, row.session_turns, row.context_tokens, row.seed) == (
+        "sid", 3, 0, 0, None)
+    assert s.summaries("c") == [] and s.cost_on("2024-01-01") == 0.0
+    s.close()
+
+
+def test_skip_with_reason_and_notice_once_per_key(store: Store) -> None:
+    for w in ("w1", "w2", "w3"):
+        store.add_inbound("c", "s", w, {"text": w})
+    p1, p2, p3 = store.pending_inbound("c")
+    store.skip_inbound([p1.id], "not_allowlisted")
+    assert store.inbound_state("c", "w1") == ("skipped", "not_allowlisted")
+    first = store.skip_with_notice("c", [p2.id], "budget", "no money", quote={"q": 1},
+                                   once_key=("budget", "2024-01-01"))
+    again = store.skip_with_notice("c", [p3.id], "budget", "no money",
+                                   once_key=("budget", "2024-01-01"))
+    assert [r.text for r in first] == ["no money"] and first[0].quote == {"q": 1}
+    assert again == []
+    assert store.inbound_state("c", "w3") == ("skipped", "budget")
+    other_chat = store.skip_with_notice("d", [], "budget", "no money",
+                                        once_key=("budget", "2024-01-01"))
+    next_day = store.skip_with_notice("c", [], "budget", "no money",
+                                      once_key=("budget", "2024-01-02"))
+    assert len(other_chat) == len(next_day) == 1
+    assert store.is_own_reply(first[0].wa_id) and not store.is_own_reply("w1")
+    assert store.pending_inbound("c") == []
+
+
+def test_answer_locally_is_not_a_turn_nor_history(store: Store) -> None:
+    store.add_inbound("c", "s", "w1", {"text": "/help"})
+    (p,) = store.pending_inbound("c")
+    (r,) = store.answer_locally("c", [p.id], ["help text"], p.payload)
+    assert r.quote == p.payload
+    assert store.inbound_state("c", "w1") == ("done", "command")
+    assert store.chat("c") is None  # no turn counted
+    assert store.history("c", 10) == []
+
+
+def test_session_turns_context_and_daily_cost(store: Store) -> None:
+    store.complete_turn("c", [], ["a"], None, session_id="s1", cost_delta=0.5,
+                        context_tokens=100, day="2024-01-01")
+    store.complete_turn("c", [], ["b"], None, session_id="s1", cost_delta=0.25,
+                        context_tokens=300, day="2024-01-01")
+    store.complete_turn("c", [], ["apology"], None, cost_delta=0.0, day="2024-01-02")
+    row = store.chat("c")
+    assert row is not None
+    assert (row.session_turns, row.context_tokens, row.turns) == (2, 300, 3)
+    store.complete_turn("d", [], ["x"], None, session_id="s9", cost_delta=1.0, day="2024-01-02")
+    assert store.cost_on("2024-01-01") == pytest.approx(0.75)
+    assert store.cost_on("2024-01-02") == pytest.approx(1.0)
+    # a different session id (a fresh session) starts counting at 1 and clears the seed
+    store.set_session("c", None, seed="recovery")
+    assert store.chat("c").seed == "recovery"  # type: ignore[union-attr]
+    store.complete_turn("c", [], ["y"], None, session_id="s2", context_tokens=5)
+    row = store.chat("c")
+    assert row is not None
+    assert (row.session_id, row.session_turns, row.seed, row.context_tokens) == ("s2", 1, None, 5)
+
+
+def test_rotate_versions_and_reset_archives(store: Store) -> None:
+    store.complete_turn("c", [], ["a"], None, session_id="s1", context_tokens=900)
+    assert store.rotate("c", "first summary", cost_delta=0.1, day="2024-01-01") == 1
+    row = store.chat("c")
+    assert row is not None
+    assert (row.session_id, row.session_turns, row.context_tokens, row.seed) == (
+        None, 0, 0, "summary")
+    assert store.cost_on("2024-01-01") == pytest.approx(0.1)
+    assert store.rotate("c", "second summary") == 2
+    assert store.rotate("c", None) is None  # summary failed: recovery seed, no version
+    assert store.chat("c").seed == "recovery"  # type: ignore[union-attr]
+    assert store.rotate("other", "x") == 1  # versions are per chat
+    latest = store.latest_summary("c")
+    assert latest is not None and (latest.version, latest.text) == (2, "second summary")
+    store.reset_chat("c")
+    assert store.latest_summary("c") is None
+    assert [s.archived for s in store.summaries("c")] == [True, True]
+    row = store.chat("c")
+    assert row is not None and row.seed is None and row.reset_at > 0
+    assert store.rotate("c", "third") == 3  # versions keep counting after a reset
+
+
+def test_history_is_ordered_limited_and_starts_after_reset(store: Store) -> None:
+    def exchange(q: str, a: str) -> None:
+        store.add_inbound("c", "s", q, {"text": q})
+        (p,) = store.pending_inbound("c")
+        store.complete_turn("c", [p.id], [a], None)
+
+    exchange("q1", "a1")
+    store.add_inbound("c", "s", "skipped", {"text": "skipped"})
+    store.skip_inbound([store.pending_inbound("c")[0].id], "from_me")
+    store.skip_with_notice("c", [], "budget", "a notice")
+    exchange("q2", "a2")
+    items = store.history("c", 10)
+    assert [(h.role, h.text) for h in items] == [
+        ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
+    assert [h.text for h in store.history("c", 3)] == ["a1", "q2", "a2"]
+    assert store.history("c", 0) == []
+    store.reset_chat("c")
+    row = store.chat("c")
+    assert row is not None
+    assert store.history("c", 10, since=row.reset_at) == []
+    exchange("q3", "a3")
+    assert [h.text for h in store.history("c", 10, since=row.reset_at)] == ["q3", "a3"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -52,6 +53,17 @@ def _at_least(low: float) -> Check:
 def _between(low: float, high: float) -> Check:
     def check(value: Any) -> str | None:
         return None if low <= value <= high else f"{value!r} is not within {low}..{high}"
+
+    return check
+
+
+def _matches(pattern: str, what: str) -> Check:
+    compiled = re.compile(pattern)
+
+    def check(value: Any) -> str | None:
+        if value == "" or compiled.fullmatch(str(value)):
+            return None
+        return f"{value!r} is not {what}"
 
     return check
 
@@ -143,6 +155,35 @@ class WorkerConfig:
     watchdog_stall: float = _opt(
         30.0, "Seconds the event loop may stall before the watchdog stops being fed.",
         check=_at_least(1.0),
+    )
+    # --- supervision (issue 3): written by the controller into each worker's runtime drop-in
+    memory_max: str = _opt(
+        "1G",
+        "`MemoryMax=` of each worker unit: past it the kernel kills the worker (its document "
+        "then says it ran out of memory) and systemd restarts it. Empty: the unit file's value.",
+        allowed="bytes with K/M/G/T suffix, N%, infinity or empty",
+        check=_matches(r"\d+[KMGT]?|\d+(\.\d+)?%|infinity", "a size, a percentage or infinity"),
+    )
+    memory_high: str = _opt(
+        "900M",
+        "`MemoryHigh=` of each worker unit (throttling before MemoryMax=; cgroup v2 only, "
+        "ignored on cgroup v1). Empty: the unit file's value.",
+        allowed="bytes with K/M/G/T suffix, N%, infinity or empty",
+        check=_matches(r"\d+[KMGT]?|\d+(\.\d+)?%|infinity", "a size, a percentage or infinity"),
+    )
+    tasks_max: str = _opt(
+        "256",
+        "`TasksMax=` of each worker unit (threads and processes, Claude included). Empty: the "
+        "unit file's value.",
+        allowed="a number, N%, infinity or empty",
+        check=_matches(r"\d+|\d+(\.\d+)?%|infinity", "a number, a percentage or infinity"),
+    )
+    cpu_quota: str = _opt(
+        "100%",
+        "`CPUQuota=` of each worker unit (100% = one core). Empty: no quota beyond the "
+        "unit file's.",
+        allowed="N% or empty",
+        check=_matches(r"\d+%", "a percentage like 100%"),
     )
 
 

@@ -89,6 +89,27 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """A chat's conversation summary, written when its context was rotated (versioned)."""
+
+    TYPE: ClassVar[str] = "summary"
+    seq: int
+    chat_id: str
+    number: int  # 1, 2, ... per chat
+    text: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something the owner must fix, shown as the document's ``error`` (e.g. a bad setting)."""
+
+    TYPE: ClassVar[str] = "problem"
+    seq: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Ack:
     TYPE: ClassVar[str] = "ack"
     seq: int
@@ -130,17 +151,20 @@ Frame = (
     | PairingCode
     | MessageEvent
     | Metrics
+    | Summary
+    | Problem
     | Ack
     | Error
     | Welcome
     | Settings
     | Command
 )
-SequencedFrame = State | Qr | PairingCode | MessageEvent | Metrics
+SequencedFrame = State | Qr | PairingCode | MessageEvent | Metrics | Summary | Problem
 
 _TYPES: dict[str, type[Any]] = {
     cls.TYPE: cls
-    for cls in (Hello, State, Qr, PairingCode, MessageEvent, Metrics, Ack, Error, Welcome)
+    for cls in (Hello, State, Qr, PairingCode, MessageEvent, Metrics, Summary, Problem, Ack,
+                Error, Welcome)
 }
 _TYPES[Settings.TYPE] = Settings
 _TYPES[Command.TYPE] = Command
@@ -170,6 +194,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "output_tokens": (int,),
     "cost_today_usd": (int, float),
     "settings": (dict,),
+    "number": (int,),
     "args": (dict,),
 }
 

@@ -161,6 +161,10 @@ class SimBackend(WhatsAppBackend):
     def is_connected(self) -> bool:
         return self._connected
 
+    def healthy(self) -> bool:
+        task = self._task
+        return task is None or not task.done() or task.cancelled() or task.exception() is None
+
     # ------------------------------------------------------------------ connection loop
 
     async def _run(self) -> None:
