@@ -107,6 +107,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -282,15 +283,26 @@ def _int_usage(raw: Any) -> dict[str, int]:
     return {k: int(v) for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float, else None (NaN, infinities, ints beyond float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _turn_cost(raw: Any) -> float | None:
     """Sum of ``costUSD`` in the result's ``model_usage_since_last_result``."""
     if not isinstance(raw, Mapping):
         return None
     total = 0.0
     for usage in raw.values():
-        cost = usage.get("costUSD") if isinstance(usage, Mapping) else None
-        if isinstance(cost, int | float):
-            total += float(cost)
+        cost = _finite(usage.get("costUSD")) if isinstance(usage, Mapping) else None
+        if cost is not None:
+            total += cost
     return total
 
 
@@ -497,7 +509,9 @@ class ClaudeSession:
                     continue
                 kind = item.get("type")
                 if kind == "control_response":
-                    resp = item.get("response") or {}
+                    resp = item.get("response")
+                    if not isinstance(resp, Mapping):
+                        resp = {}
                     if resp.get("request_id") != request_id:
                         continue
                     if resp.get("subtype") != "success":
@@ -506,7 +520,8 @@ class ClaudeSession:
                         )
                     return
                 if kind == "result":
-                    errors = item.get("errors") or []
+                    errors = item.get("errors")
+                    errors = errors if isinstance(errors, list) else []
                     text = "; ".join(str(e) for e in errors) or str(item.get("result") or "")
                     if resume_session_id is not None:
                         raise ClaudeError(
@@ -541,8 +556,9 @@ class ClaudeSession:
                 continue
             kind = item.get("type")
             if kind == "assistant":
-                msg = item.get("message") or {}
-                for block in msg.get("content") or []:
+                msg = item.get("message")
+                content = msg.get("content") if isinstance(msg, Mapping) else None
+                for block in content if isinstance(content, list) else []:
                     if isinstance(block, dict) and block.get("type") == "text":
                         texts.append(str(block.get("text") or ""))
                 sid = item.get("session_id")
@@ -570,13 +586,12 @@ class ClaudeSession:
                 "; ".join(str(e) for e in errors) if isinstance(errors, list) and errors else ""
             )
             error = error or f"Claude turn failed ({item.get('subtype')})"
-        cost = item.get("total_cost_usd")
-        total = float(cost) if isinstance(cost, int | float) else 0.0
+        total = _finite(item.get("total_cost_usd")) or 0.0
         turn_cost = _turn_cost(item.get("model_usage_since_last_result"))
         if turn_cost is None:  # older CLI: difference to the last total this process reported
             turn_cost = max(0.0, total - self._last_total_cost)
         self._last_total_cost = total
-        duration = item.get("duration_ms")
+        duration = _finite(item.get("duration_ms"))
         return TurnResult(
             text=text,
             is_error=is_error,
@@ -586,7 +601,7 @@ class ClaudeSession:
             usage=_int_usage(item.get("usage")),
             duration_ms=(
                 int(duration)
-                if isinstance(duration, int | float)
+                if duration is not None
                 else round((time.monotonic() - started) * 1000)
             ),
             turn_cost_usd=turn_cost,
@@ -635,7 +650,7 @@ class ClaudeSession:
                     continue
                 try:
                     item = json.loads(text)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested too deep
                     self._queue.put_nowait(_ProtocolIssue(f"not JSON: {text[:200]!r}"))
                     continue
                 if not isinstance(item, dict):
@@ -652,8 +667,9 @@ class ClaudeSession:
 
     async def _refuse_control_request(self, item: Mapping[str, Any]) -> None:
         # Nothing should ask (tools off, --permission-prompts none); never leave the CLI waiting.
-        request = item.get("request") or {}
-        log.debug("claude.control_request_refused", subtype=request.get("subtype"))
+        request = item.get("request")
+        log.debug("claude.control_request_refused",
+                  subtype=request.get("subtype") if isinstance(request, Mapping) else None)
         resp = {
             "type": "control_response",
             "response": {

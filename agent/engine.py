@@ -428,6 +428,13 @@ class Engine:
                          item.wa_id)
 
     # --- commands ----------------------------------------------------------------------
+    async def reset_chat(self, chat_id: str) -> None:
+        """What ``/reset`` does, asked by the operator (``wabridgectl reset``): the chat's
+        Claude process is closed and its next message starts a new conversation."""
+        await self._pool.discard(chat_id)
+        self._store.reset_chat(chat_id)
+        log.info("chat.reset", chat_id=chat_id, by="operator")
+
     async def _command(self, chat_id: str, item: PendingInbound, command: Command) -> None:
         self._report_in(chat_id, [item])
         if command.name == "reset":

@@ -179,6 +179,8 @@ class Worker:
     def _on_command(self, command: protocol.Command) -> None:
         if command.name == "pair_phone":
             self._spawn(self.backend.pair_phone(command.args.get("phone", "")))
+        elif command.name == "reset_chat" and command.args.get("chat_id"):
+            self._spawn(self.engine.reset_chat(command.args["chat_id"]))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -233,6 +233,15 @@ class Fleet:
 
         return worker_unit(user)
 
+    def systemctl(self, *args: str) -> str:
+        """``systemctl`` inside the fleet; a failure shows its output and the journal tail."""
+        proc = self.ns.systemctl(*args)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"systemctl {' '.join(args)} -> {proc.returncode}\n{proc.stdout}{proc.stderr}\n"
+                f"--- journal:\n{self.journal(None, '-n', '60')}")
+        return proc.stdout
+
     def prop(self, unit: str, name: str) -> str:
         return self.ns.unit_property(unit, name)
 
@@ -375,6 +384,48 @@ class Fleet:
         """The UID of the user's worker (the owner of its state directory)."""
         out = self.ns.run(["stat", "-c", "%u", f"/var/lib/private/wabridge/{user}"], check=True)
         return int(out.stdout)
+
+    # --- processes (tests/test_security.py, bench/chaos.py) --------------------------------
+    def processes(self) -> list[dict[str, Any]]:
+        """Every process of the namespace as systemd sees it: ``pid``, ``ppid`` (namespace
+        PIDs), ``uid``, ``cgroup`` (the ``name=systemd`` / cgroup2 path inside the namespace,
+        e.g. ``/wabridge.slice/wabridge-worker@alice.service``) and ``cmdline``. Kernel
+        threads and the probe itself (an nsenter'd process, in no cgroup of the namespace)
+        are left out."""
+        out = self.ns.run(["/usr/bin/python3", "-c", _PS_SCRIPT], timeout=30).stdout
+        return [dict(p) for p in json.loads(out or "[]")]
+
+
+# Run inside the namespace by Fleet.processes(): /proc of the namespace, one JSON list.
+_PS_SCRIPT = r"""
+import json, os
+me = os.getpid()
+out = []
+for name in os.listdir("/proc"):
+    if not name.isdigit() or int(name) == me:
+        continue
+    try:
+        with open(f"/proc/{name}/cmdline", "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{name}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{name}/status") as f:
+            uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+        with open(f"/proc/{name}/cgroup") as f:
+            lines = f.read().splitlines()
+    except (OSError, StopIteration, ValueError, IndexError):
+        continue  # gone meanwhile
+    if not argv or (ppid == 0 and name != "1"):
+        continue  # kernel thread, or nsenter'd from outside
+    cgroup = ""
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "name=systemd" or (controllers == "" and not cgroup):
+            cgroup = path
+    out.append({"pid": int(name), "ppid": ppid, "uid": uid, "cgroup": cgroup,
+                "cmdline": " ".join(argv)})
+print(json.dumps(out))
+"""
 
 
 def _short(doc: dict[str, Any]) -> str:

@@ -472,6 +472,12 @@ class RecordingPlane(ControlPlane):
     async def put_session_info(self, user_id: str, fields: Any) -> None:
         self.calls.append(("put_session_info", dict(fields)))
 
+    async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
+        self.calls.append(("add_summary", (chat_id, number, text)))
+
+    async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
+        return [{"chatId": chat_id, "number": 1}]
+
     async def close(self) -> None:
         self.calls.append(("close", None))
 
@@ -515,9 +521,11 @@ async def test_mirror_plane_records_writes_and_watched_changes() -> None:
     await plane.add_message("v", protocol.MessageEvent(
         seq=1, event_id="in:1", chat_id="c", direction="in", sender="s", text="t", ts=1.0))
     assert await plane.messages("v", 7) == [{"chatId": "c", "limit": 7}]
+    await plane.add_summary("v", "c", 1, "summary")
+    assert await plane.summaries("v", "c") == [{"chatId": "c", "number": 1}]
     await plane.close()
-    assert [c[0] for c in inner.calls][-4:] == ["delete", "put_session_info", "add_message",
-                                                "close"]
+    assert [c[0] for c in inner.calls][-5:] == ["delete", "put_session_info", "add_message",
+                                                "add_summary", "close"]
 
 
 async def test_controller_facade_reads_the_controller(tmp_path: Path) -> None:

@@ -89,6 +89,13 @@ def test_chats_and_reset(fleet: Fleet) -> None:
                        "the exchange in the message log")
     assert chats[0]["chat"] == f"{CONTACT}@s.whatsapp.net" and chats[0]["messages"] >= 2
     assert ctl_json(fleet, "reset", "alice", CONTACT)["sent"] is True
+    wait_until(lambda: "chat.reset" in fleet.journal(fleet.unit("alice")), 20,
+               "the worker to reset the chat")
+    fleet.api.clear()
+    reply = fleet.ask(CONTACT, PHONE, "after the reset")
+    assert "after the reset" in reply["text"]
+    texts = " ".join(" ".join(fleet.api.all_texts(r)) for r in fleet.api.message_requests())
+    assert "hello ctl" not in texts, "a reset chat must start a new conversation"
     wait_until(lambda: ctl_json(fleet, "status", "alice")["users"][0]["chats"] is not None, 20,
                "metrics")
 

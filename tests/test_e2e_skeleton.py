@@ -67,12 +67,12 @@ def test_restart_keeps_link_and_context(fleet: Fleet) -> None:
     unit = fleet.unit("alice")
     qr_at = fleet.doc("alice").get("qrAt")
     pid = int(fleet.prop(unit, "MainPID"))
-    fleet.ns.systemctl("restart", unit, check=True)
+    fleet.systemctl("restart", unit)
     wait_until(lambda: int(fleet.prop(unit, "MainPID")) not in (0, pid), 30, "a new MainPID")
     fleet.wait_doc("alice", lambda d: d.get("status") == "connected", 30, "connected again")
     assert fleet.doc("alice").get("qrAt") == qr_at, "a restart must not ask for a new QR"
 
-    fleet.api.requests.clear()
+    fleet.api.clear()
     reply = fleet.ask(CONTACT, ALICE_PHONE, "second message")
     assert "echo: second message" in reply["text"]
     texts = " ".join(" ".join(fleet.api.all_texts(r)) for r in fleet.api.message_requests())
@@ -81,10 +81,10 @@ def test_restart_keeps_link_and_context(fleet: Fleet) -> None:
 
 def test_controller_down_worker_keeps_answering(fleet: Fleet) -> None:
     ctl = "wabridge-controller.service"
-    fleet.ns.systemctl("stop", ctl, check=True)
+    fleet.systemctl("stop", ctl)
     reply = fleet.ask(CONTACT, ALICE_PHONE, "while the controller is away")
     assert "echo: while the controller is away" in reply["text"]
-    fleet.ns.systemctl("start", ctl, check=True)
+    fleet.systemctl("start", ctl)
     wait_until(
         lambda: any(
             "while the controller is away" in str(m.get("text")) for m in fleet.messages("alice")
@@ -97,7 +97,7 @@ def test_controller_down_worker_keeps_answering(fleet: Fleet) -> None:
 def test_controller_sigkill_is_restarted_and_catches_up(fleet: Fleet) -> None:
     ctl = "wabridge-controller.service"
     restarts = int(fleet.prop(ctl, "NRestarts"))
-    fleet.ns.systemctl("kill", "-s", "SIGKILL", ctl, check=True)
+    fleet.systemctl("kill", "-s", "SIGKILL", ctl)
     reply = fleet.ask(CONTACT, ALICE_PHONE, "during the controller crash")
     assert "echo: during the controller crash" in reply["text"]
     wait_until(
@@ -110,7 +110,7 @@ def test_controller_sigkill_is_restarted_and_catches_up(fleet: Fleet) -> None:
     )
     assert fleet.prop(fleet.unit("alice"), "ActiveState") == "active"
     # the restarted controller catches up: a restart of the worker is mirrored again
-    fleet.ns.systemctl("restart", fleet.unit("alice"), check=True)
+    fleet.systemctl("restart", fleet.unit("alice"))
     fleet.wait_doc("alice", lambda d: d.get("status") == "connected", 30, "connected")
     wait_until(
         lambda: any(

@@ -484,6 +484,8 @@ _HOT_E2E = ["text", "caption", "contextInfo", "quotedMessage", "mentionedJID", "
 
 
 def _is_repeated(field: Any) -> bool:
+    if hasattr(field, "is_repeated"):  # protobuf >= 6 (``label`` is gone in 7)
+        return bool(field.is_repeated)
     return bool(field.label == FD.LABEL_REPEATED)
 
 
@@ -518,8 +520,8 @@ def _fill(draw: st.DrawFn, msg: Any, depth: int) -> None:
         hot = [desc.fields_by_name[n] for n in _CONTENT if n in desc.fields_by_name]
     hot += [desc.fields_by_name[n] for n in _HOT_E2E if n in desc.fields_by_name]
     budget = 0 if depth > 5 else (3 if depth > 2 else 5)
-    chosen = draw(st.lists(st.sampled_from(hot) if hot else st.nothing(), max_size=budget,
-                           unique_by=lambda f: f.name))
+    chosen = draw(st.lists(st.sampled_from(hot), max_size=budget,
+                           unique_by=lambda f: f.name)) if hot else []
     chosen += draw(st.lists(st.sampled_from(plain), max_size=2 if depth < 4 else 0,
                             unique_by=lambda f: f.name))
     for field in chosen:
@@ -545,12 +547,51 @@ def _protobuf(draw: st.DrawFn, cls: Any) -> Any:
     return msg
 
 
-_EVENT_CLASSES = [P.Message, P.Message, P.Message, P.QR, P.PairStatus, P.Connected,
+_jid_users = st.sampled_from(["5511999990002", "187654321098765", "120363025246125486",
+                              "status", "5511999990001", ""]) | st.text(max_size=12)
+
+
+def _set_jid(draw: st.DrawFn, target: Any) -> None:
+    target.SetInParent()
+    target.User = draw(_jid_users)
+    target.Server = draw(st.sampled_from(_SERVERS) | st.text(max_size=8))
+    target.Device = draw(st.integers(0, 2**32 - 1) | st.just(0))
+
+
+@st.composite
+def _message_events(draw: st.DrawFn) -> Any:
+    """A neonize ``Message`` event shaped like whatsmeow's, then anything on top."""
+    event = P.Message()
+    info = event.Info
+    info.ID = draw(st.text(max_size=24) | st.just("3EB0AA"))
+    info.Timestamp = draw(st.integers(min_value=-(2**63), max_value=2**63 - 1)
+                          | st.just(1_732_530_000_123))
+    source = info.MessageSource
+    for name in ("Chat", "Sender", "SenderAlt", "RecipientAlt"):
+        if draw(st.booleans()):
+            _set_jid(draw, getattr(source, name))
+    source.IsGroup = draw(st.booleans())
+    source.IsFromMe = draw(st.booleans())
+    content = event.Message
+    kind = draw(st.sampled_from(_CONTENT))
+    field = content.DESCRIPTOR.fields_by_name[kind]
+    if field.type == FD.TYPE_STRING:
+        setattr(content, kind, draw(_proto_texts))
+    else:
+        sub = getattr(content, kind)
+        sub.SetInParent()
+        _fill(draw, sub, 1)
+    _fill(draw, event, 1)  # and random fields anywhere, wrappers and context included
+    return event
+
+
+_EVENT_CLASSES = [P.Message, P.QR, P.PairStatus, P.Connected,
                   P.KeepAliveTimeout, P.KeepAliveRestored, P.Disconnected, P.LoggedOut,
                   P.StreamReplaced, P.TemporaryBan, P.ConnectFailure, P.ClientOutdated,
                   P.StreamError, P.Receipt, P.UndecryptableMessage, P.HistorySync,
                   P.ChatPresence, P.Presence, P.CallOffer, P.JoinedGroup]
-_events = st.sampled_from(_EVENT_CLASSES).flatmap(_protobuf)
+_events = st.one_of(_message_events(), _message_events(),
+                    st.sampled_from(_EVENT_CLASSES).flatmap(_protobuf))
 _me = st.none() | st.builds(
     Me, jid=st.sampled_from(["5511999990001@s.whatsapp.net", "", "x"]) | st.text(max_size=20),
     phone=st.text(max_size=15), lid=st.sampled_from(["", "203981562134678@lid"]),
@@ -607,7 +648,7 @@ from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, TurnResult 
 # Answers the control handshake; for each user turn, prints the lines of the file named by
 # the turn's text, then ends as its ``.end`` file says: a good result line, exit, or hang.
 STAND_IN = r"""#!/usr/bin/python3
-import json, sys, time
+import json, os, sys, time
 for line in sys.stdin:
     try:
         msg = json.loads(line)
@@ -616,6 +657,17 @@ for line in sys.stdin:
     if not isinstance(msg, dict):
         continue
     if msg.get("type") == "control_request":
+        prelude = os.environ.get("FUZZ_PRELUDE")
+        if prelude:  # lines before the handshake's answer, then maybe no answer at all
+            with open(prelude, "rb") as f:
+                sys.stdout.buffer.write(f.read())
+            sys.stdout.flush()
+            with open(prelude + ".end") as f:
+                end = f.read()
+            if end == "exit":
+                sys.exit(3)
+            if end == "hang":
+                time.sleep(3600)
         sys.stdout.write(json.dumps({"type": "control_response", "response": {
             "subtype": "success", "request_id": msg["request_id"], "response": {}}}) + "\n")
         sys.stdout.flush()
@@ -692,6 +744,7 @@ _stream_lines = st.one_of(
     st.text(max_size=40),
     _odd.map(_dumps),  # JSON, but not an object
     st.just(""),
+    st.just("[" * 100_000),  # deeper than json's recursion limit
 ).map(lambda s: s.encode("utf-8", "surrogatepass")) | st.binary(max_size=20)  # not UTF-8
 
 
@@ -762,6 +815,41 @@ def test_claude_stream_lines_give_a_result_or_a_claude_error(
     for task in (session._reader, session._err_reader):  # noqa: SLF001
         if task.done() and not task.cancelled():
             assert task.exception() is None, repr(task.exception())
+    crashes = list(claude_env["crashes"])
+    claude_env["crashes"].clear()
+    assert not crashes, crashes
+
+
+async def _one_open(env: dict[str, Any], lines: list[bytes], end: str) -> None:
+    env["n"] += 1
+    prelude = env["root"] / f"prelude-{env['n']}"
+    prelude.write_bytes(b"".join(line.replace(b"\n", b" ") + b"\n" for line in lines))
+    (env["root"] / f"prelude-{env['n']}.end").write_text(end)
+    settings = dataclasses.replace(env["settings"], extra_env={
+        **env["settings"].extra_env, "FUZZ_PRELUDE": str(prelude)})
+    try:
+        session = await asyncio.wait_for(ClaudeSession.open(
+            settings=settings, workdir=env["root"] / "w", config_dir=env["root"] / "h" / ".claude",
+            resume_session_id=None), TURN_TIMEOUT + 5)
+    except ClaudeError as exc:
+        assert exc.code in _CLAUDE_ERRORS
+        return
+    try:
+        for task in (session._reader, session._err_reader):  # noqa: SLF001
+            if task.done() and not task.cancelled():
+                assert task.exception() is None, repr(task.exception())
+    finally:
+        await session.close(timeout=1.0)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(_stream_lines, max_size=5), st.sampled_from(["answer"] * 12 + ["exit", "hang"]))
+def test_claude_start_up_lines_give_a_session_or_a_claude_error(
+    claude_env: dict[str, Any], lines: list[bytes], end: str
+) -> None:
+    loop: asyncio.AbstractEventLoop = claude_env["loop"]
+    loop.run_until_complete(_one_open(claude_env, lines, end))
     crashes = list(claude_env["crashes"])
     claude_env["crashes"].clear()
     assert not crashes, crashes

@@ -1,6 +1,6 @@
 """The Debian package, installed, upgraded, removed and purged inside a real systemd.
 
-The package is built once per session with ``packaging/build-deb`` into ``build/test-dist``
+The package is built once per session with ``packaging/build-deb --level 0`` into ``build/test-dist``
 (an unchanged tree reuses the last build, see build-deb's "up to date"), and installed with
 ``dpkg -i`` into a private systemd namespace that holds nothing of this repository: only the
 directory of .deb files is bound in. See ``harness/packaged.py``.
@@ -21,7 +21,6 @@ parametrize it indirectly with ``PackagedHost`` keyword arguments::
 from __future__ import annotations
 
 import os
-import shutil
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +45,9 @@ from harness.systemd_ns import available
 pytestmark = [pytest.mark.systemd, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 OUT = REPO / "build" / "test-dist"
+# xz level of the packages built here: only the compression differs from `make deb`'s -6, and
+# -0 takes ~30 s where -6 takes 3-5 min on two cores (a CI run builds both packages afresh).
+LEVEL = int(os.environ.get("WABRIDGE_TEST_DEB_LEVEL", "0"))
 UNITS = (
     "wabridge-controller.service",
     "wabridge-worker@.service",
@@ -64,28 +66,17 @@ def _unavailable() -> str | None:
 
 @pytest.fixture(scope="session")
 def deb() -> Path:
-    """The package ``make deb`` builds (dist/, shared with it), linked into ``OUT``, the one
-    directory bound into the namespaces, next to the upgrade's package."""
     reason = _unavailable()
     if reason is not None:
         print(f"test_package skipped: {reason}")
         pytest.skip(reason)
-    built = build_deb(REPO / "dist")
-    OUT.mkdir(parents=True, exist_ok=True)
-    linked = OUT / built.name
-    linked.unlink(missing_ok=True)
-    try:
-        os.link(built, linked)
-    except OSError:
-        shutil.copyfile(built, linked)
-    return linked
+    return build_deb(OUT, level=LEVEL)
 
 
 @pytest.fixture(scope="session")
 def deb_next(deb: Path) -> Path:
-    """The same tree with a higher version, for the upgrade path. xz level 0: this package
-    only has to differ in version, and it saves minutes per session."""
-    return build_deb(OUT, version=f"{upstream_version()}-1+next1", level=0)
+    """The same tree with a higher version, for the upgrade path."""
+    return build_deb(OUT, version=f"{upstream_version()}-1+next1", level=LEVEL)
 
 
 def _sim_settings() -> dict[str, Any]:

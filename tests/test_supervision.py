@@ -283,6 +283,9 @@ def test_over_its_memory_limit_the_worker_is_killed_restarted_and_named(fleet: F
     last = restarted_for(fleet, "alice", "out_of_memory")
     assert last["oom"] is True and last["signal"] == "SIGKILL" and last["result"] == "signal"
     assert "ran out of memory" in last["message"]
+    # the exit report of ExecStopPost= read the memory cgroup's oom_kill counter
+    report = fleet.ns.run(["cat", f"/run/wabridge/exits/{unit}"]).stdout
+    assert re.search(r"^oom_kill=[1-9]", report, re.M), report
     back_to_connected(fleet)
 
 

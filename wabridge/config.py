@@ -393,6 +393,9 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
             raise ConfigError("(file)", f"{file} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(file)", f"{file} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # a ValueError, not an OSError
+        raise ConfigError("(file)", f"{file} is not UTF-8 text: {exc.reason} at byte "
+                          f"{exc.start}") from None
     except OSError as exc:
         raise ConfigError("(file)", f"{file} cannot be read: {exc.strerror}") from None
 

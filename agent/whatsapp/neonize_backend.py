@@ -345,7 +345,7 @@ def translate(
       anything else            -> None
     """
     if isinstance(event, bytes | str):
-        code = event.decode() if isinstance(event, bytes) else event
+        code = event.decode("utf-8", "replace") if isinstance(event, bytes) else event
         return QrCode(code) if code else None
     if isinstance(event, LoginStatus):
         return _translate_login_status(event.status)

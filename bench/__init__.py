@@ -1,0 +1,1 @@
+"""Benchmarks of the fleet through the real systemd harness (``make bench``)."""

@@ -1,0 +1,239 @@
+"""``python -m bench.run``: what one linked account costs, and how fast the fleet reacts.
+
+Everything runs as in the end-to-end tests (``tests/fleet.py``): systemd 252 as PID 1 of a
+private namespace, the controller and workers as its units, the sim backend, the fake
+Anthropic API and the Firestore emulator, on this machine only (127.0.0.1; the neonize worker
+runs with ``PrivateNetwork=yes`` so its dial fails at once and never leaves the host).
+
+Figures (targets are reported, not asserted):
+
+* PSS per idle linked account (sum of ``Pss`` in ``/proc/PID/smaps_rollup`` over the
+  processes of each worker unit) with 1, 10 and 50 linked accounts; target <= 65 MB.
+* controller reaction: document written -> unit leaves "inactive" (systemd's
+  ``InactiveExitTimestampMonotonic``: the controller's StartUnit took effect), and -> unit
+  "active" (``ActiveEnterTimestampMonotonic``: the worker sent READY=1); p50, target <= 200 ms.
+  CLOCK_MONOTONIC is shared with the namespace, so the bench compares it to its own clock.
+* unit start -> QR on the document (the bench sees it in Firestore); p50, target <= 1 s.
+* N units started from cold: N documents written at once -> all N units active.
+* controller PSS; a neonize worker's PSS in its connecting state.
+
+Results: a table on stdout and JSON in ``bench/results/<UTC time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+import firestore_emulator  # noqa: E402
+from fleet import Fleet, wait_until  # noqa: E402
+
+MB = 1 << 20
+CTL = "wabridge-controller.service"
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def usec(fleet: Fleet, unit: str, prop: str) -> float:
+    return int(fleet.prop(unit, prop) or 0) / 1e6
+
+
+def active_count(fleet: Fleet, pattern: str) -> int:
+    out = fleet.ns.run(["systemctl", "list-units", "--no-legend", "--plain", "--state=active",
+                        pattern]).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+def link_many(fleet: Fleet, users: list[tuple[str, str]], timeout: float) -> None:
+    """Request every user at once; scan each QR as it appears; wait until all connected."""
+    for user, _phone in users:
+        fleet.request(user, "create_requested")
+    scanned: set[str] = set()
+    connected: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(connected) < len(users):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"linked {len(connected)} of {len(users)} in {timeout:.0f}s")
+        for user, phone in users:
+            if user in connected:
+                continue
+            doc = fleet.doc(user)
+            if doc.get("status") == "connected":
+                connected.add(user)
+            elif user not in scanned and doc.get("qrRaw"):
+                fleet.sim.scan(phone, doc["qrRaw"])
+                scanned.add(user)
+        time.sleep(0.1)
+
+
+def measure_latency(fleet: Fleet, samples: int) -> dict[str, Any]:
+    start, active, qr = [], [], []
+    for i in range(samples):
+        user = f"lat{i}"
+        unit = fleet.unit(user)
+        t0 = time.monotonic()  # CLOCK_MONOTONIC: the same inside the namespace
+        fleet.request(user, "create_requested")
+        seen = wait_until(lambda u=user: fleet.doc(u).get("qrRaw") and time.monotonic(), 30,
+                          f"{user}: QR")
+        fleet.wait_unit(unit, "active", 30)
+        left_inactive = usec(fleet, unit, "InactiveExitTimestampMonotonic")
+        became_active = usec(fleet, unit, "ActiveEnterTimestampMonotonic")
+        start.append(left_inactive - t0)
+        active.append(became_active - t0)
+        qr.append(seen - left_inactive)
+        fleet.request(user, "destroy_requested")
+    for i in range(samples):
+        fleet.wait_doc(f"lat{i}", lambda d: d.get("status") == "stopped", 30, "stopped")
+    return {
+        "samples": samples,
+        "reaction_start_ms_p50": round(p50(start) * 1000, 1),
+        "reaction_active_ms_p50": round(p50(active) * 1000, 1),
+        "qr_on_document_ms_p50": round(p50(qr) * 1000, 1),
+        "reaction_start_ms": [round(x * 1000, 1) for x in start],
+        "reaction_active_ms": [round(x * 1000, 1) for x in active],
+        "qr_on_document_ms": [round(x * 1000, 1) for x in qr],
+    }
+
+
+def measure_pss(fleet: Fleet, counts: list[int], settle: float) -> list[dict[str, Any]]:
+    rows = []
+    linked: list[str] = []
+    for n in sorted(counts):
+        new = [(f"acc{i}", f"55119{i:08d}") for i in range(len(linked), n)]
+        link_many(fleet, new, timeout=60 + 3 * len(new))
+        linked += [u for u, _ in new]
+        time.sleep(settle)  # idle: start-up garbage collected, sockets quiet
+        per = [fleet.pss_bytes(fleet.unit(u)) for u in linked]
+        rows.append({
+            "accounts": n,
+            "pss_mb_mean": round(statistics.mean(per) / MB, 1),
+            "pss_mb_max": round(max(per) / MB, 1),
+            "pss_mb_total": round(sum(per) / MB, 1),
+            "controller_pss_mb": round(fleet.pss_bytes(CTL) / MB, 1),
+        })
+        print(f"  {n} idle linked accounts: {rows[-1]}", flush=True)
+    return rows
+
+
+def measure_cold(fleet: Fleet, n: int, timeout: float) -> dict[str, Any]:
+    batch = fleet.db.batch()
+    t0 = time.time()
+    for i in range(n):
+        batch.set(fleet.db.collection("user_sessions").document(f"cold{i}"),
+                  {"status": "create_requested"}, merge=True)
+    batch.commit()
+    first_all = wait_until(lambda: active_count(fleet, "wabridge-worker@cold*") >= n
+                           and time.time(), timeout, f"{n} units active",
+                           lambda: fleet.journal(CTL)[-2000:])
+    failed = fleet.ns.run(["systemctl", "list-units", "--no-legend", "--state=failed",
+                           "wabridge-worker@cold*"]).stdout.strip()
+    qr = wait_until(lambda: sum(1 for i in range(n) if fleet.doc(f"cold{i}").get("qrRaw")) >= n
+                    and time.time(), timeout, "every QR")
+    out = {"units": n, "all_active_s": round(first_all - t0, 2),
+           "all_qr_on_documents_s": round(qr - t0, 2), "failed": failed.splitlines()}
+    for i in range(n):
+        fleet.request(f"cold{i}", "destroy_requested")
+    wait_until(lambda: active_count(fleet, "wabridge-worker@cold*") == 0, timeout, "cold stop")
+    return out
+
+
+def measure_neonize(fleet: Fleet, settle: float) -> dict[str, Any]:
+    user = "neo"
+    fleet.set_dropin(user, "[Service]\nPrivateNetwork=yes\n"
+                     "Environment=WABRIDGE__WORKER__BACKEND=neonize\n")
+    fleet.request(user, "create_requested")
+    fleet.wait_doc(user, lambda d: d.get("status") in ("disconnected", "waiting_qr"), 60,
+                   "neonize connecting")
+    time.sleep(settle)
+    pss = fleet.pss_bytes(fleet.unit(user))
+    detail = str(fleet.doc(user).get("statusDetail", ""))[:120]
+    fleet.request(user, "destroy_requested")
+    fleet.wait_doc(user, lambda d: d.get("status") == "stopped", 30, "stopped")
+    return {"pss_mb": round(pss / MB, 1), "state": detail}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="cap accounts and cold units at 20")
+    ap.add_argument("--accounts", default="1,10,50", help="comma-separated account counts")
+    ap.add_argument("--cold", type=int, default=100, help="units started from cold")
+    ap.add_argument("--samples", type=int, default=10, help="latency samples")
+    ap.add_argument("--settle", type=float, default=5.0, help="idle seconds before PSS")
+    ap.add_argument("--no-neonize", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    counts = sorted({int(c) for c in args.accounts.split(",") if c})
+    cold = args.cold
+    if args.quick:
+        counts = sorted({min(c, 20) for c in counts})
+        cold = min(cold, 20)
+    results: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "args": {"accounts": counts, "cold": cold, "samples": args.samples,
+                 "quick": args.quick},
+    }
+    with firestore_emulator.running() as emu, Fleet(
+            plane="firestore", emulator_host=emu.address,
+            config={"controller": {"metrics_interval": 5.0}}) as fleet:
+        print("latency ...", flush=True)
+        results["latency"] = measure_latency(fleet, args.samples)
+        print(f"  {results['latency']}", flush=True)
+        print("cold start ...", flush=True)
+        results["cold"] = measure_cold(fleet, cold, timeout=120 + 2 * cold)
+        print(f"  {results['cold']}", flush=True)
+        print("idle accounts ...", flush=True)
+        results["pss"] = measure_pss(fleet, counts, args.settle)
+        if not args.no_neonize:
+            print("neonize ...", flush=True)
+            results["neonize_connecting"] = measure_neonize(fleet, args.settle)
+        results["controller_pss_mb"] = round(fleet.pss_bytes(CTL) / MB, 1)
+    print_table(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")
+    path = args.out / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    lat = r["latency"]
+    rows = [("figure", "value", "target")]
+    for row in r["pss"]:
+        rows.append((f"PSS per idle linked account, {row['accounts']} accounts (mean/max)",
+                     f"{row['pss_mb_mean']} / {row['pss_mb_max']} MB", "<= 65 MB"))
+    rows += [
+        ("reaction: document -> unit starting (p50)", f"{lat['reaction_start_ms_p50']} ms",
+         "<= 200 ms"),
+        ("reaction: document -> unit active (p50)", f"{lat['reaction_active_ms_p50']} ms", ""),
+        ("unit start -> QR on the document (p50)", f"{lat['qr_on_document_ms_p50']} ms",
+         "<= 1000 ms"),
+        (f"{r['cold']['units']} units from cold: all active", f"{r['cold']['all_active_s']} s",
+         ""),
+        (f"{r['cold']['units']} units from cold: every QR on its document",
+         f"{r['cold']['all_qr_on_documents_s']} s", ""),
+        ("controller PSS", f"{r['controller_pss_mb']} MB", ""),
+    ]
+    if "neonize_connecting" in r:
+        rows.append(("neonize worker PSS (connecting, no network)",
+                     f"{r['neonize_connecting']['pss_mb']} MB", ""))
+    width = max(len(a) for a, _, _ in rows)
+    print()
+    for a, b, c in rows:
+        print(f"{a:<{width}}  {b:>18}  {c}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

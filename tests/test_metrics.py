@@ -1,0 +1,153 @@
+"""The Prometheus rendering (pure) and the supervision helpers of the systemd adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from agent.main import test_fault as fault_of
+from controller.metrics import FleetSnapshot, WorkerFigures, escape_label, render
+from controller.systemd import (
+    UnitState,
+    proc_cpu_nsec,
+    read_exit_report,
+    with_exit_report,
+    worker_dropin,
+)
+
+ALICE = WorkerFigures(
+    user_id="alice", unit_state="active", restarts=2, memory_bytes=50_000_000,
+    cpu_seconds=1.5, tasks=7, status="connected", linked=True,
+    reported={"messages_in": 3, "messages_out": 2, "turns": 2, "input_tokens": 100,
+              "output_tokens": 20, "cost_today_usd": 0.25, "chats": 1, "claude_processes": 1},
+)
+BOB = WorkerFigures(user_id='b"o\\b', unit_state="failed", restarts=5, status="crashed")
+CAROL = WorkerFigures(user_id="carol", status="stopped")  # a document without a unit
+
+
+def samples(text: str) -> dict[str, str]:
+    return {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1]
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "expected"),
+    [
+        (FleetSnapshot(plane="local"), {
+            'wabridge_units{state="active"}': "0",
+            'wabridge_units{state="failed"}': "0",
+            "wabridge_workers_linked": "0",
+            "wabridge_fleet_restarts": "0",
+            'wabridge_controller_info{plane="local"}': "1",
+        }),
+        (FleetSnapshot(workers=(ALICE, BOB, CAROL), controller_memory_bytes=30_000_000,
+                       plane="firestore"), {
+            'wabridge_units{state="active"}': "1",
+            'wabridge_units{state="failed"}': "1",
+            'wabridge_units{state="inactive"}': "0",
+            'wabridge_sessions{status="connected"}': "1",
+            'wabridge_sessions{status="crashed"}': "1",
+            'wabridge_sessions{status="stopped"}': "1",
+            "wabridge_workers_linked": "1",
+            'wabridge_worker_restarts{user="alice"}': "2",
+            'wabridge_worker_restarts{user="b\\"o\\\\b"}': "5",
+            'wabridge_worker_memory_bytes{user="alice"}': "50000000",
+            'wabridge_worker_cpu_seconds_total{user="alice"}': "1.5",
+            'wabridge_worker_tasks{user="alice"}': "7",
+            'wabridge_messages_total{user="alice",direction="in"}': "3",
+            'wabridge_messages_total{user="alice",direction="out"}': "2",
+            'wabridge_claude_turns_total{user="alice"}': "2",
+            'wabridge_claude_tokens_total{user="alice",kind="input"}': "100",
+            'wabridge_claude_tokens_total{user="alice",kind="output"}': "20",
+            'wabridge_claude_cost_today_usd{user="alice"}': "0.25",
+            'wabridge_claude_processes{user="alice"}': "1",
+            'wabridge_chats{user="alice"}': "1",
+            "wabridge_fleet_memory_bytes": "50000000",
+            "wabridge_fleet_cpu_seconds_total": "1.5",
+            "wabridge_fleet_restarts": "7",
+            'wabridge_fleet_messages_total{direction="in"}': "3",
+            "wabridge_fleet_claude_turns_total": "2",
+            'wabridge_fleet_claude_tokens_total{kind="output"}': "20",
+            "wabridge_fleet_claude_cost_today_usd": "0.25",
+            "wabridge_controller_memory_bytes": "30000000",
+            'wabridge_controller_info{plane="firestore"}': "1",
+        }),
+    ],
+    ids=["empty", "fleet"],
+)
+def test_render(snapshot: FleetSnapshot, expected: dict[str, str]) -> None:
+    text = render(snapshot)
+    got = samples(text)
+    for key, value in expected.items():
+        assert got.get(key) == value, (key, got.get(key))
+    assert 'user="carol"' not in text  # no unit, no frame: no per-user series
+    # every series is declared once, before its samples
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names))
+    for key in got:
+        assert key.split("{")[0] in names
+    assert render(snapshot) == text  # deterministic
+    assert text.endswith("\n")
+
+
+def test_escape_label() -> None:
+    assert escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+# --- systemd adapter helpers ---------------------------------------------------------------
+
+STATE = UnitState(unit="wabridge-worker@alice.service", user_id="alice", active_state="failed",
+                  sub_state="failed", main_pid=0, n_restarts=5, result="signal",
+                  exec_main_code=2, exec_main_status=9, status_text="", memory_bytes=None,
+                  cpu_nsec=None, tasks=None, since_usec=0, invocation_id="ab12")
+
+
+def test_exit_report_is_matched_by_invocation(tmp_path: Path) -> None:
+    report = tmp_path / STATE.unit
+    report.write_text("invocation=ab12\nresult=signal\nexit_code=killed\nexit_status=KILL\n"
+                      "oom_kill=1\n")
+    assert read_exit_report(tmp_path, STATE.unit)["exit_status"] == "KILL"
+    assert with_exit_report(STATE, tmp_path).oom_kills == 1
+    # another invocation's report, a running unit, no directory: nothing
+    assert with_exit_report(dataclasses.replace(STATE, invocation_id="cd34"),
+                            tmp_path).oom_kills is None
+    running = dataclasses.replace(STATE, active_state="active", sub_state="running")
+    assert with_exit_report(running, tmp_path).oom_kills is None
+    restarting = dataclasses.replace(STATE, active_state="activating", sub_state="auto-restart")
+    assert with_exit_report(restarting, tmp_path).oom_kills == 1
+    assert with_exit_report(STATE, None).oom_kills is None
+    assert read_exit_report(tmp_path, "nosuch.service") == {}
+    report.write_text("invocation=ab12\noom_kill=\n")
+    assert with_exit_report(STATE, tmp_path).oom_kills is None
+
+
+def test_worker_dropin() -> None:
+    text = worker_dropin("wab-alice-2bd806c97f", {"MemoryMax": "1G", "MemoryHigh": "",
+                                                  "TasksMax": "256", "CPUQuota": "100%"})
+    assert text.splitlines()[1:] == ["[Service]", "User=wab-alice-2bd806c97f", "MemoryMax=1G",
+                                     "TasksMax=256", "CPUQuota=100%"]
+
+
+def test_proc_cpu_nsec(tmp_path: Path) -> None:
+    cg = tmp_path / "cg" / "wabridge.slice" / "w.service"
+    cg.mkdir(parents=True)
+    (cg / "cgroup.procs").write_text("10\n11\n99\n")
+    for pid, times in (("10", "100 50 7 3"), ("11", "1 1 0 0")):
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "stat").write_text(
+            f"{pid} (py thon) S 1 1 1 0 -1 4194560 1 0 0 0 {times} 20 0 1 0 5 1 1\n")
+    import os  # noqa: PLC0415
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    got = proc_cpu_nsec("/wabridge.slice/w.service", proc=tmp_path, roots=(tmp_path / "cg",))
+    assert got == 162 * 1_000_000_000 // ticks
+    assert proc_cpu_nsec("", proc=tmp_path, roots=(tmp_path / "cg",)) is None
+    assert proc_cpu_nsec("/nosuch", proc=tmp_path, roots=(tmp_path / "cg",)) is None
+
+
+def test_fault_hooks_need_the_switch() -> None:
+    assert fault_of({"WABRIDGE_TEST_FAULT": "crash"}) == ""
+    assert fault_of({"WABRIDGE_TEST_HOOKS": "1", "WABRIDGE_TEST_FAULT": "crash"}) == "crash"
+    assert fault_of({"WABRIDGE_TEST_HOOKS": "1", "WABRIDGE_TEST_FAULT": "rm -rf"}) == ""
