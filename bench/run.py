@@ -86,7 +86,8 @@ def measure_latency(fleet: Fleet, samples: int) -> dict[str, Any]:
         t0 = time.monotonic()  # CLOCK_MONOTONIC: the same inside the namespace
         fleet.request(user, "create_requested")
         seen = wait_until(lambda u=user: fleet.doc(u).get("qrRaw") and time.monotonic(), 30,
-                          f"{user}: QR")
+                          f"{user}: QR", lambda u=user: f"{fleet.doc(u)}\n"  # type: ignore[misc]
+                          + fleet.journal(CTL)[-3000:] + fleet.journal(fleet.unit(u))[-3000:])
         fleet.wait_unit(unit, "active", 30)
         left_inactive = usec(fleet, unit, "InactiveExitTimestampMonotonic")
         became_active = usec(fleet, unit, "ActiveEnterTimestampMonotonic")

@@ -1,9 +1,9 @@
 """The Debian package, installed, upgraded, removed and purged inside a real systemd.
 
-The package is built once per session with ``packaging/build-deb --level 0`` into ``build/test-dist``
-(an unchanged tree reuses the last build, see build-deb's "up to date"), and installed with
-``dpkg -i`` into a private systemd namespace that holds nothing of this repository: only the
-directory of .deb files is bound in. See ``harness/packaged.py``.
+The package is built once per session with ``packaging/build-deb --level 0`` into
+``build/test-dist`` (an unchanged tree reuses the last build: build-deb's "up to date"), and
+installed with ``dpkg -i`` into a private systemd namespace that holds nothing of this
+repository: only the directory of .deb files is bound in. See ``harness/packaged.py``.
 
 ``host`` (module scope) is one installed system that the ordered tests below walk through:
 installed -> verified -> a worker from a request -> ``dpkg -r`` -> ``dpkg -P``. The upgrade path
@@ -21,6 +21,8 @@ parametrize it indirectly with ``PackagedHost`` keyword arguments::
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +228,22 @@ def test_purge_removes_state_and_configuration(host: PackagedHost) -> None:
         assert not (root / path).exists(), f"/{path} survived dpkg -P"
     assert host.ns.run(["getent", "group", "wabridge-admin"]).returncode != 0
     assert host.version() == ""
+
+
+# --- lintian --------------------------------------------------------------------------------
+
+
+def test_lintian_reports_no_errors(deb: Path) -> None:
+    """Every error lintian knows is fixed or overridden with a reason (packaging/README.md)."""
+    if shutil.which("lintian") is None:
+        pytest.skip("lintian is not installed (apt-get install lintian)")
+    r = subprocess.run(
+        ["lintian", "--fail-on", "error", "--display-level", ">=warning", str(deb)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    warnings = [line for line in r.stdout.splitlines() if line.startswith("W:")]
+    assert not warnings, "new lintian warnings: explain or fix them\n" + "\n".join(warnings)
 
 
 # --- upgrade path --------------------------------------------------------------------------

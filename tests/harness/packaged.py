@@ -191,7 +191,8 @@ class PackagedHost:
     def units(self, state: str = "active") -> list[str]:
         """wabridge units (services and the slice) in ``state``."""
         r = self.ns.systemctl(
-            "list-units", "--all", "--plain", "--no-legend", f"--state={state}", "wabridge*"
+            "list-units", "--all", "--plain", "--no-legend", f"--state={state}",
+            "wabridge-*.service", "wabridge.slice",
         )
         return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
