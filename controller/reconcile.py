@@ -93,6 +93,13 @@ _TERMINAL_FROM_EXIT = {
 }
 
 
+def _shown(value: object, limit: int = 120) -> str:
+    """A value as it may appear in an error message: its repr, cut to ``limit`` characters
+    (a huge field must not make the error too large to write onto the document)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
     """What a document asks for, given its unit's state (None: no such unit loaded)."""
     uid = doc.user_id
@@ -108,7 +115,7 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
         if doc.raw_status is None or doc.error_code == "unknown_status":
             return []
         return [SetError(uid, "unknown_status",
-                         f"status {doc.raw_status!r} is not one of: {KNOWN}")]
+                         f"status {_shown(doc.raw_status)} is not one of: {KNOWN}")]
     if status is DocStatus.CREATE_REQUESTED:
         return [Claim(uid, frozenset({status}), DocStatus.STARTING),
                 Start(uid, reset_failed=unit is not None and unit.active_state == "failed")]

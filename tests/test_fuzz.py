@@ -207,10 +207,6 @@ def test_reconcile_of_any_picture_does_not_raise(
         assert action.user_id in parsed or action.user_id in units
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "controller/reconcile.py for_doc: the unknown_status message embeds repr() of the whole "
-    "status value, so a huge status yields an error larger than a Firestore document may be "
-    "(the write fails and the document never shows the error)"))
 @settings(max_examples=20, deadline=None)
 @given(st.integers(min_value=MAX_ERROR_MESSAGE, max_value=1_000_000))
 def test_errors_about_huge_fields_fit_on_the_document(size: int) -> None:
