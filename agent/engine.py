@@ -297,6 +297,7 @@ class Engine:
         self._slowed: set[str] = set()  # senders told to slow down (until they may again)
         self._chat_tasks: dict[str, asyncio.Task[None]] = {}
         self._outbox_wake = asyncio.Event()
+        self._presence_tasks: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
         self._last_sent: float | None = None  # monotonic
         self.accepting = True
@@ -486,15 +487,13 @@ class Engine:
             return
         content = turn_content(batch)
         last = message_of(batch[-1].payload)
-        with contextlib.suppress(Exception):
-            await self._backend.set_typing(chat_id, True)
+        self._typing(chat_id, on=True)
         self.turns_in_flight[chat_id] = time.monotonic()
         try:
             text, result = await self._ask(chat_id, content)
         finally:
             self.turns_in_flight.pop(chat_id, None)
-            with contextlib.suppress(Exception):
-                await self._backend.set_typing(chat_id, False)
+            self._typing(chat_id, on=False)
         replies = shaping.split(shaping.to_whatsapp(text), self._conv.reply_limit)
         ok = result is not None and not result.is_error
         # total_cost_usd is cumulative per conversation (restored on --resume): count the
@@ -606,11 +605,25 @@ class Engine:
             except Exception:
                 log.exception("context.summary_report_failed")
 
+    def _typing(self, chat_id: str, *, on: bool) -> None:
+        """The typing presence is best effort and off the reply path (a neonize presence
+        call may take seconds); tasks are kept so none is collected mid-flight."""
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await self._backend.set_typing(chat_id, on)
+
+        task = asyncio.create_task(send())
+        self._presence_tasks.add(task)
+        task.add_done_callback(self._presence_tasks.discard)
+
     # --- outbound ----------------------------------------------------------------------
     async def deliver_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.deliver_pending()
+            # Clear before delivering: a reply committed while a send is in flight sets the
+            # flag again and is picked up at once instead of after the 1 s timeout.
             self._outbox_wake.clear()
+            await self.deliver_pending()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox_wake.wait(), 1.0)
 
