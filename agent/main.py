@@ -273,6 +273,7 @@ class Worker:
         """Status line, watchdog, timers: once a second."""
         last_status = ""
         last_metrics = 0.0
+        self.loop_heartbeat = time.monotonic()  # start-up (imports, a busy host) is no stall
         while not self.stop.is_set():
             now = time.monotonic()
             lag = now - self.loop_heartbeat - 1.0
@@ -418,7 +419,7 @@ class Worker:
         self._report_state()
         await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
-        until = min(time.monotonic() + 0.8, deadline + 0.3)
+        until = min(time.monotonic() + 2.0, deadline + 0.3)
         while self.store.unacked_frames() and self.link.connected and time.monotonic() < until:  # noqa: ASYNC110 - acks land in SQLite
             await asyncio.sleep(0.02)
         self.link_stop.set()
@@ -442,10 +443,13 @@ async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:
     code = await worker.run()
     store.close()
     if getattr(worker.backend, "stopped_cleanly", True) is False:
-        # neonize's Go side is stuck (a hung dial): its thread would keep the interpreter
-        # alive past TimeoutStopSec and systemd's SIGKILL would hide our exit code, which
-        # RestartPreventExitStatus= depends on. Everything durable is committed by now.
         log.warning("worker.forced_exit", exit_code=int(code))
+    if os.environ.get("INVOCATION_ID"):
+        # Under systemd, leave now: everything durable is committed. Interpreter teardown
+        # (and a neonize Go thread stuck in a dial, which it would wait for) can outlast
+        # TimeoutStopSec on a busy host; systemd's SIGKILL would then replace our exit code,
+        # which RestartPreventExitStatus= depends on, and restart a logged-out worker.
+        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(int(code))
     return int(code)

@@ -26,13 +26,21 @@ from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
 from controller.plane import ControlPlane, Removed, SessionDoc, error_field
 from controller.server import WorkerServer
-from controller.systemd import Systemd, SystemdError, UnitState, worker_dropin
+from controller.systemd import (
+    EXIT_REPORTS,
+    Systemd,
+    SystemdError,
+    UnitState,
+    read_exit_report,
+    worker_dropin,
+)
 from wabridge import config, logs, protocol
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
-from wabridge.status import DocStatus
+from wabridge.status import RUNNING_STATUSES, DocStatus, doc_status_for
 from wabridge.units import system_user_name, worker_unit
 
 log = logs.get("controller")
+START_SLOT_TIMEOUT = 90.0  # a start slot is given back by then even if no state arrives
 
 
 def choose_plane(cfg: config.Config) -> ControlPlane:
@@ -63,12 +71,27 @@ def view_of(state: UnitState) -> rc.UnitView:
     # counter in the invocation's exit report (see controller/systemd.py "Exit reports")
     oom = (bool(state.oom_kills) and state.exec_main_code == rc.CLD_KILLED
            and state.exec_main_status == signal.SIGKILL and state.result in ("signal", "oom-kill"))
+    active = state.active_state
+    if state.job_pending and active in ("inactive", "failed"):
+        # StartUnit loaded the unit and queued its job, which has not run yet (a busy
+        # systemd): it is starting, not stopped
+        active = "activating"
     return rc.UnitView(
-        active_state=state.active_state, sub_state=state.sub_state, result=state.result,
+        active_state=active, sub_state=state.sub_state, result=state.result,
         n_restarts=state.n_restarts, exec_main_code=state.exec_main_code,
         exec_main_status=state.exec_main_status, oom=oom,
         start_limit_burst=state.start_limit_burst,
     )
+
+
+def start_settled(state: UnitState) -> bool:
+    """Whether a start is over for ``controller.max_starting``: running (READY=1 sent),
+    failed, waiting for an automatic restart, or stopped with no job queued."""
+    if state.active_state in ("active", "failed", "deactivating"):
+        return True
+    if state.sub_state == "auto-restart":
+        return True
+    return state.active_state == "inactive" and not state.job_pending
 
 
 def worker_limits(cfg: config.Config) -> dict[str, str]:
@@ -95,6 +118,12 @@ class Controller:
         self.last_process_key: dict[str, tuple[int, str, int]] = {}
         self.reported: dict[str, dict[str, float]] = {}  # latest metrics frame per user
         self.metrics_server: MetricsServer | None = None
+        # at most controller.max_starting units activating at once (see start_slot)
+        self.start_slots = asyncio.Semaphore(cfg.controller.max_starting)
+        self.starting: dict[str, asyncio.Event] = {}
+        self.loaded = False  # documents read and reconciled: unit events may act
+        self.requested_at: dict[str, float] = {}  # user -> monotonic time of a claimed (re)start
+        self.worker_status: dict[str, DocStatus] = {}  # user -> what its worker last reported
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -127,6 +156,13 @@ class Controller:
 
     def on_unit(self, state: UnitState) -> None:
         self.units[state.user_id] = state
+        waiting = self.starting.get(state.user_id)
+        if waiting is not None and start_settled(state):
+            waiting.set()
+        if not self.loaded:
+            # Documents are not read yet: a unit without a known document is not an orphan
+            # until they are. The start-up reconcile sees this state.
+            return
         self.spawn(self.execute(state.user_id, rc.for_unit(
             self.docs.get(state.user_id), state.user_id, view_of(state))))
         key = (state.main_pid, state.active_state, state.n_restarts)
@@ -144,6 +180,17 @@ class Controller:
                 ok = await self.plane.claim(uid, expect, new, self.host)
                 if ok:
                     log.info("session.claimed", user_id=uid, status=new.value)
+                    unit_state = self.units.get(uid)
+                    running = unit_state is not None and unit_state.active_state in (
+                        "active", "activating", "reloading")
+                    if new is DocStatus.STARTING and (
+                            not running or DocStatus.RESTART_REQUESTED in expect):
+                        # a new worker process will answer this request; what the old one
+                        # still says while it stops is stale
+                        self.requested_at[uid] = time.monotonic()
+                    elif new is DocStatus.STARTING and uid in self.worker_status:
+                        # the worker already runs and keeps running: say what it last said
+                        await self.plane.update(uid, {"status": self.worker_status[uid].value})
                     if new is DocStatus.PAIRING:  # a running worker learns the phone now
                         await self.server.send(uid, protocol.Settings(
                             settings=await self.settings_for(uid)))
@@ -156,7 +203,13 @@ class Controller:
                             await self.systemd.reset_failed(unit)
                     # the user's own dynamic user and the resource limits; fails closed
                     await self.systemd.install_dropin(unit, self.dropin_for(uid))
-                    await (self.systemd.restart(unit) if restart else self.systemd.start(unit))
+                    settled = await self.start_slot(uid)
+                    try:
+                        await (self.systemd.restart(unit) if restart
+                               else self.systemd.start(unit))
+                    except SystemdError:
+                        settled.set()
+                        raise
                 except SystemdError as exc:
                     await self.plane.update(uid, {"status": DocStatus.ERROR.value,
                                                   "error": error_field("start_failed", str(exc))})
@@ -168,7 +221,14 @@ class Controller:
                 with contextlib.suppress(SystemdError):
                     await self.systemd.stop(worker_unit(uid))
             case rc.Update(user_id=uid, fields=fields):
-                await self.plane.update(uid, fields)
+                rest = dict(fields)
+                status = rest.pop("status", None)
+                if status is not None:
+                    doc = self.docs.get(uid)
+                    seen = {doc.status} if doc is not None and doc.status else set()
+                    await self.set_status(uid, DocStatus(status), rc.CONTROLLER_OWNED | seen)
+                if rest:
+                    await self.plane.update(uid, rest)
             case rc.SetError(user_id=uid, code=code, message=message, reason=reason):
                 log.warning("session.error", user_id=uid, code=code, message=message,
                             reason=reason)
@@ -177,6 +237,39 @@ class Controller:
                     error["reason"] = reason
                 await self.plane.update(uid, {"error": error})
         return True
+
+    async def start_slot(self, user_id: str) -> asyncio.Event:
+        """Wait for one of ``controller.max_starting`` start slots. The slot is given back
+        when the returned event is set (``on_unit``: the unit is active, failed, restarting or
+        stopped) or after ``START_SLOT_TIMEOUT``; the caller does not wait for that."""
+        await self.start_slots.acquire()
+        settled = asyncio.Event()
+        previous = self.starting.get(user_id)
+        if previous is not None:
+            previous.set()
+        self.starting[user_id] = settled
+
+        async def give_back() -> None:
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), START_SLOT_TIMEOUT)
+            finally:
+                if self.starting.get(user_id) is settled:
+                    del self.starting[user_id]
+                self.start_slots.release()
+
+        self.spawn(give_back())
+        return settled
+
+    async def set_status(self, user_id: str, new: DocStatus,
+                         expect: frozenset[DocStatus]) -> bool:
+        """Write a status the controller decided, atomically, only while the document's status
+        is in ``expect``: a client's request that reached the document after the decision was
+        made (and that the controller has not seen yet) is never overwritten."""
+        ok = await self.plane.claim(user_id, expect, new, self.host)
+        if not ok:
+            log.info("session.status_not_written", user_id=user_id, status=new.value)
+        return ok
 
     def dropin_for(self, user_id: str) -> str:
         return worker_dropin(system_user_name(user_id), worker_limits(self.cfg))
@@ -212,13 +305,21 @@ class Controller:
     async def on_frame(self, user_id: str, frame: protocol.SequencedFrame) -> None:
         match frame:
             case protocol.State(state=state, detail=detail, phone=phone):
+                if (self.server.connected_since.get(user_id, 0.0)
+                        < self.requested_at.get(user_id, 0.0)):
+                    # The old process, still stopping after a new request: its last words
+                    # ("replaced", "logged out") must not undo the request.
+                    log.info("worker.stale_state", user_id=user_id, state=state.value)
+                    return
+                self.worker_status[user_id] = doc_status_for(state)
                 doc = self.docs.get(user_id)
                 new = rc.status_from_worker(doc.status if doc else None, state)
                 fields: dict[str, Any] = {"statusDetail": detail}
                 if phone:
                     fields["phone"] = phone
-                if new is not None:
-                    fields["status"] = new.value
+                if new is not None and not await self.set_status(user_id, new,
+                                                                 rc.WORKER_MAY_SET):
+                    new = None  # a request or a stop got there first: leave it be
                 if new is DocStatus.CONNECTED:
                     fields["qrCode"] = None
                     fields["qrRaw"] = None
@@ -311,6 +412,23 @@ class Controller:
             return
         self.metrics_server = server
 
+    def exits_while_away(self) -> dict[str, int]:
+        """Exit statuses of workers whose documents expect them but whose units are gone."""
+        exits: dict[str, int] = {}
+        for uid, doc in self.docs.items():
+            unit = self.units.get(uid)
+            if doc.status not in RUNNING_STATUSES or (unit is not None and unit.active_state
+                                                      in ("active", "activating")):
+                continue
+            try:
+                report = read_exit_report(EXIT_REPORTS, worker_unit(uid))
+            except WabridgeError:
+                continue
+            status = report.get("exit_status", "")
+            if report.get("exit_code") == "exited" and status.isdigit():
+                exits[uid] = int(status)
+        return exits
+
     # --- lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -333,7 +451,9 @@ class Controller:
             self.units[state.user_id] = state
         for doc in await self.plane.list_sessions():
             self.docs[doc.user_id] = doc
-        actions = rc.reconcile(self.docs, {u: view_of(s) for u, s in self.units.items()})
+        actions = rc.reconcile(self.docs, {u: view_of(s) for u, s in self.units.items()},
+                               self.exits_while_away())
+        self.loaded = True
         log.info("controller.reconcile", documents=len(self.docs), units=len(self.units),
                  actions=len(actions))
         by_user: defaultdict[str, list[rc.Action]] = defaultdict(list)

@@ -265,6 +265,8 @@ def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Actio
 
 
 _WORKER_MAY_SET = RUNNING_STATUSES | {DocStatus.PAIRING_REQUESTED}
+WORKER_MAY_SET = frozenset(_WORKER_MAY_SET)  # statuses a worker's report may move on from
+CONTROLLER_OWNED = frozenset(DocStatus) - REQUESTS  # statuses only the controller writes
 
 
 def status_from_worker(current: DocStatus | None, state: WorkerState) -> DocStatus | None:
@@ -281,11 +283,27 @@ def status_from_worker(current: DocStatus | None, state: WorkerState) -> DocStat
     return None
 
 
-def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView]) -> list[Action]:
-    """Start-up: bring units in line with documents, and stop units without a document."""
+def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],
+              last_exit: Mapping[str, int] | None = None) -> list[Action]:
+    """Start-up: bring units in line with documents, and stop units without a document.
+
+    ``last_exit`` holds the exit status of workers that ended while the controller was away
+    (from their exit reports): a document still saying ``connected`` whose worker exited
+    with a do-not-restart code takes that outcome instead of a new start, which would show
+    an unrequested QR code after a logout."""
     actions: list[Action] = []
     for uid, doc in docs.items():
-        actions.extend(for_doc(doc, units.get(uid)))
+        unit = units.get(uid)
+        code = (last_exit or {}).get(uid)
+        if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)
+                and code is not None and code in _TERMINAL_FROM_EXIT):
+            terminal = _TERMINAL_FROM_EXIT[ExitCode(code)]
+            actions.append(Update(uid, {
+                "status": terminal.value,
+                "statusDetail": f"the worker ended ({terminal.value}, exit code {code}) "
+                                "while the controller was down"}))
+            continue
+        actions.extend(for_doc(doc, unit))
     for uid, unit in units.items():
         if uid not in docs and unit.running:
             actions.append(Stop(uid))

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class WorkerServer:
         self._settings_for = settings_for
         self._server: asyncio.Server | None = None
         self.connections: dict[str, asyncio.StreamWriter] = {}
+        self.connected_since: dict[str, float] = {}  # user -> monotonic time of the hello
 
     async def start(self) -> None:
         path = _clear_socket_path(self._path)
@@ -115,6 +117,7 @@ class WorkerServer:
             if old is not None:
                 old.close()
             self.connections[user_id] = writer
+            self.connected_since[user_id] = time.monotonic()
             settings = await self._settings_for(user_id)
             writer.write(protocol.encode(protocol.Welcome(settings=settings)))
             await writer.drain()

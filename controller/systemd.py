@@ -145,6 +145,7 @@ _UNIT_PROPS = (
     b"StateChangeTimestamp",
     b"InvocationID",
     b"StartLimitBurst",
+    b"Job",
 )
 _STATE_PROPS = (b"ActiveState", b"SubState", b"StateChangeTimestamp")
 _SERVICE_PROPS = (
@@ -228,6 +229,7 @@ class UnitState:
     # there is none for this invocation (running, or the report could not be read).
     oom_kills: int | None = None
     control_group: str = ""  # e.g. /wabridge.slice/wabridge-worker@alice.service
+    job_pending: bool = False  # a job is queued for the unit (e.g. StartUnit not yet run)
 
 
 class SystemdError(WabridgeError):
@@ -289,6 +291,13 @@ def _opt(props: dict[bytes, Any], key: bytes) -> int | None:
     return int(value)
 
 
+def _job_id(value: object) -> int:
+    """The id of the unit's ``Job`` property, ``(uo)``; 0 when no job is queued."""
+    if isinstance(value, list | tuple) and value and isinstance(value[0], int):
+        return int(value[0])
+    return 0
+
+
 def _hex_id(value: object) -> str:
     if isinstance(value, bytes | bytearray):
         return bytes(value).hex()
@@ -322,6 +331,7 @@ def _build_state(
         since_usec=since or _int(uprops, b"StateChangeTimestamp"),
         load_state=load_state or _text(uprops.get(b"LoadState")) or "loaded",
         control_group=_text(sprops.get(b"ControlGroup")),
+        job_pending=_job_id(uprops.get(b"Job")) != 0,
     )
 
 

@@ -79,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         host.wait_state(CONTROLLER, "active", 60)
         host.ns.systemctl("start", "wabridge-sim.service", check=True)
         host.wait_state("wabridge-sim.service", "active", 30)
-        has_ctl = host.ns.run(
-            [f"{VENV}/bin/python3", "-c",
-             "import importlib.util, sys; sys.exit(importlib.util.find_spec('controller.ctl') is None)"]
-        ).returncode == 0
+        probe = "import importlib.util as u, sys; sys.exit(u.find_spec('controller.ctl') is None)"
+        has_ctl = host.ns.run([f"{VENV}/bin/python3", "-c", probe]).returncode == 0
         _print_guide(host.pid, port, time.monotonic() - t0, has_ctl, bool(worker_env))
         while not stop.wait(1.0):
             if not host.ns.pid or not Path(f"/proc/{host.ns.pid}").exists():

@@ -1,8 +1,8 @@
 """The chaos run's short mode, in CI (issue 8): load and faults against a whole fleet; every
 figure that must read zero reads zero (see ``bench/chaos.py``).
 
-Plus targeted reproductions of what the chaos run found (known bugs, ``xfail(strict=True)``:
-they fail loudly once fixed): an outcome (a logout) while the controller is down; a new
+Plus targeted reproductions of what the chaos run found (all fixed since): an outcome (a
+logout) while the controller is down; a new
 request while the worker that reported an outcome is still stopping; an outcome exit that
 overruns the stop timeout on a busy host.
 """
@@ -65,12 +65,6 @@ def fleet(firestore_emulator: str) -> Iterator[Fleet]:
         yield f
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "controller: a worker that exits with a do-not-restart outcome (here: logged out, exit "
-    "10) while the controller is down is started again when the controller comes back: "
-    "start-up reconciliation sees a 'connected' document and no loaded unit (systemd "
-    "unloaded the inactive unit; its exit report in /run/wabridge/exits/ says exit_status=10) "
-    "and starts it; the wiped session shows a new QR code"))
 def test_an_outcome_while_the_controller_is_down_stands(fleet: Fleet) -> None:
     phone = "5511900000401"
     fleet.link("carol", phone)
@@ -92,12 +86,6 @@ def test_an_outcome_while_the_controller_is_down_stands(fleet: Fleet) -> None:
     assert fleet.prop(unit, "ActiveState") == "inactive"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "controller: create_requested written while the worker that reported 'replaced' is still "
-    "stopping (finishing a turn) is undone: the old worker repeats its 'replaced' state as it "
-    "exits, status_from_worker accepts it over 'starting', and the new worker's 'connected' "
-    "is then ignored (a worker may not move a document out of 'replaced'): the document "
-    "stays 'replaced' while its unit runs, connected"))
 def test_a_request_while_the_old_worker_stops_is_not_undone(fleet: Fleet) -> None:
     phone = "5511900000402"
     fleet.link("dave", phone)
@@ -120,12 +108,6 @@ def test_a_request_while_the_old_worker_stops_is_not_undone(fleet: Fleet) -> Non
                                                                     "ActiveState"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/main.py: after 'worker.stopped' the process still needs CPU to exit (store close, "
-    "asyncio.run teardown, interpreter finalisation); on a busy host an outcome exit (logged "
-    "out, replaced, banned...) overruns TimeoutStopSec=5 counted from STOPPING=1, systemd "
-    "SIGKILLs it (Result=timeout) and Restart=on-failure starts it again: a logged-out "
-    "worker shows a QR code nobody asked for, a replaced one takes the session back"))
 def test_an_outcome_exit_on_a_busy_host_is_not_restarted(fleet: Fleet) -> None:
     phone = "5511900000403"
     fleet.link("erin", phone)

@@ -151,3 +151,36 @@ def test_fault_hooks_need_the_switch() -> None:
     assert fault_of({"WABRIDGE_TEST_FAULT": "crash"}) == ""
     assert fault_of({"WABRIDGE_TEST_HOOKS": "1", "WABRIDGE_TEST_FAULT": "crash"}) == "crash"
     assert fault_of({"WABRIDGE_TEST_HOOKS": "1", "WABRIDGE_TEST_FAULT": "rm -rf"}) == ""
+
+
+def test_view_of_a_unit_with_a_queued_start_is_activating() -> None:
+    from controller.main import view_of  # noqa: PLC0415
+
+    queued = dataclasses.replace(STATE, active_state="inactive", sub_state="dead",
+                                 job_pending=True)
+    assert view_of(queued).active_state == "activating"
+    assert view_of(dataclasses.replace(queued, job_pending=False)).active_state == "inactive"
+    # an OOM kill: SIGKILL plus the exit report's oom_kill counter
+    assert view_of(dataclasses.replace(STATE, oom_kills=1)).oom is True
+    assert view_of(dataclasses.replace(STATE, oom_kills=0)).oom is False
+    assert view_of(dataclasses.replace(STATE, oom_kills=1, exec_main_status=6)).oom is False
+
+
+@pytest.mark.parametrize(
+    ("active", "sub", "job", "settled"),
+    [
+        ("inactive", "dead", True, False),  # StartUnit queued the job; it has not run
+        ("activating", "start", False, False),  # waiting for READY=1
+        ("active", "running", False, True),
+        ("failed", "failed", False, True),
+        ("activating", "auto-restart", False, True),  # failed; systemd restarts it later
+        ("inactive", "dead", False, True),  # exited with an outcome before READY
+        ("deactivating", "stop-sigterm", False, True),
+    ],
+)
+def test_start_slot_is_given_back_when_the_start_is_over(
+        active: str, sub: str, job: bool, settled: bool) -> None:
+    from controller.main import start_settled  # noqa: PLC0415
+
+    state = dataclasses.replace(STATE, active_state=active, sub_state=sub, job_pending=job)
+    assert start_settled(state) is settled

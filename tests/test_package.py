@@ -20,6 +20,7 @@ parametrize it indirectly with ``PackagedHost`` keyword arguments::
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from harness.packaged import (
     CONTROLLER,
     REPO,
@@ -127,7 +127,8 @@ def test_installed_files(host: PackagedHost) -> None:
     cfg = (host.ns.root / "usr/lib/wabridge/venv/pyvenv.cfg").read_text()
     assert f"command = /usr/bin/python3 -m venv {VENV}" in cfg
     # bytecode was compiled by postinst at the final path
-    assert run(["test", "-d", f"{VENV}/lib/python3.11/site-packages/wabridge/__pycache__"]).returncode == 0
+    pycache = f"{VENV}/lib/python3.11/site-packages/wabridge/__pycache__"
+    assert run(["test", "-d", pycache]).returncode == 0
     # the packaged conffile (kept beside ours as .dpkg-dist) parses to the defaults
     dist = host.ns.root / "etc/wabridge/wabridge.toml.dpkg-dist"
     assert dist.exists(), "dpkg did not keep the packaged conffile beside the test's one"
@@ -220,8 +221,17 @@ def test_remove_stops_everything(host: PackagedHost) -> None:
     assert (root / "var/lib/wabridge").is_dir()
 
 
+def test_reinstall_after_remove_enables_the_controller_again(host: PackagedHost) -> None:
+    host.install(host.deb)
+    host.wait_state(CONTROLLER, "active", 60)
+    assert host.prop(CONTROLLER, "UnitFileState") == "enabled"
+    assert (host.ns.root / "var/lib/private/wabridge/alice").is_dir(), "state lost by dpkg -r"
+
+
 def test_purge_removes_state_and_configuration(host: PackagedHost) -> None:
-    host.remove(purge=True)
+    host.remove(purge=True)  # from the installed state: prerm and postrm remove run too
+    assert host.units("active") == []
+    assert host.processes() == []
     root = host.ns.root
     for path in ("etc/wabridge", "var/lib/wabridge", "var/lib/private/wabridge",
                  "var/lib/private/wabridge-sim"):
@@ -250,12 +260,15 @@ def test_lintian_reports_no_errors(deb: Path) -> None:
 
 
 def test_upgrade_restarts_controller_and_workers(deb: Path, deb_next: Path) -> None:
+    workers = [WORKER, "wabridge-worker@bob.service"]
     with PackagedHost(deb, **_sim_settings()) as h:
         h.wait_state(CONTROLLER, "active", 60)
         h.ns.systemctl("start", "wabridge-sim.service", check=True)
-        h.request("alice")
-        h.wait_state(WORKER, "active", 90)
-        before = {u: h.prop(u, "InvocationID") for u in (CONTROLLER, WORKER)}
+        for user in ("alice", "bob"):
+            h.request(user)
+        for unit in workers:
+            h.wait_state(unit, "active", 90)
+        before = {u: h.prop(u, "InvocationID") for u in (CONTROLLER, *workers)}
 
         h.install(deb_next)
 
@@ -264,6 +277,15 @@ def test_upgrade_restarts_controller_and_workers(deb: Path, deb_next: Path) -> N
             h.wait_state(unit, "active", 60)
             assert h.prop(unit, "InvocationID") != invocation, f"{unit} was not restarted"
         assert h.prop(CONTROLLER, "UnitFileState") == "enabled"
-        # the worker's private state survived (the link of a real account lives there)
-        assert (h.ns.root / "var/lib/private/wabridge/alice").is_dir()
+        # one at a time: a worker began stopping only once the previous one was up again
+        spans = sorted(
+            (int(h.prop(u, "ActiveExitTimestampMonotonic")),
+             int(h.prop(u, "ActiveEnterTimestampMonotonic")), u)
+            for u in workers
+        )
+        for (_, up, first), (down, _, second) in itertools.pairwise(spans):
+            assert down >= up, f"{second} stopped before {first} was active again"
+        # the workers' private state survived (the link of a real account lives there)
+        for user in ("alice", "bob"):
+            assert (h.ns.root / "var/lib/private/wabridge" / user).is_dir()
         assert h.processes(), "nothing of wabridge runs after the upgrade"

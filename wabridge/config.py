@@ -116,6 +116,13 @@ class ControllerConfig:
         "Seconds between process metric writes per document (Firestore sustains ~1 write/s).",
         check=_at_least(1.0),
     )
+    max_starting: int = _opt(
+        8,
+        "Worker units the controller lets start at once (until they are active, i.e. sent "
+        "READY=1); the others wait their turn. Keeps a mass start (a reboot with many users) "
+        "from starving every worker past TimeoutStartSec= into a restart loop.",
+        check=_between(1, 100_000),
+    )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ CONTROLLER = "wabridge-controller.service"
 STATE_DB = "/var/lib/wabridge/control/control.db"
 
 Config = str | Mapping[str, Mapping[str, Any]]
+_OURS = re.compile(r"(^|/)(wabridge-controller|wabridge-worker|wabridge-sim|wabridgectl)\b")
 
 
 def deb_tools_missing() -> str | None:
@@ -209,7 +210,7 @@ class PackagedHost:
             except OSError:
                 continue
             line = " ".join(a.decode("utf-8", "replace") for a in argv if a)
-            if VENV in line or VENV in exe or re.search(r"\bwabridge[-_]", line):
+            if VENV in line or VENV in exe or _OURS.search(line):
                 found.append(f"{entry.name}: {line}")
         return found
 
