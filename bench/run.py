@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=10, help="latency samples")
     ap.add_argument("--settle", type=float, default=5.0, help="idle seconds before PSS")
     ap.add_argument("--no-neonize", action="store_true")
+    ap.add_argument("--phases", default="latency,pss,neonize,cold",
+                    help="comma-separated subset of latency,pss,neonize,cold")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     counts = sorted({int(c) for c in args.accounts.split(",") if c})
@@ -234,19 +236,23 @@ def main(argv: list[str] | None = None) -> int:
             plane="firestore", emulator_host=emu.address, qr_rotate=600.0,
             config={"controller": {"metrics_interval": 5.0},
                     "worker": {"qr_timeout": 3600.0}}) as fleet:
-        print("latency ...", flush=True)
-        results["latency"] = measure_latency(fleet, args.samples)
-        print(f"  {results['latency']}", flush=True)
-        print("idle accounts ...", flush=True)
-        results["pss"] = measure_pss(fleet, counts, args.settle)
+        phases = set(args.phases.split(","))
+        if "latency" in phases:
+            print("latency ...", flush=True)
+            results["latency"] = measure_latency(fleet, args.samples)
+            print(f"  {results['latency']}", flush=True)
+        if "pss" in phases:
+            print("idle accounts ...", flush=True)
+            results["pss"] = measure_pss(fleet, counts, args.settle)
         results["controller_pss_mb"] = round(fleet.pss_bytes(CTL) / MB, 1)
-        if not args.no_neonize:
+        if not args.no_neonize and "neonize" in phases:
             print("neonize ...", flush=True)
             results["neonize_connecting"] = measure_neonize(fleet, args.settle)
         # last: after a burst of this size the emulator's listener has been seen to stall
-        print("cold start ...", flush=True)
-        results["cold"] = measure_cold(fleet, cold, timeout=120 + 2 * cold)
-        print(f"  {results['cold']}", flush=True)
+        if "cold" in phases:
+            print("cold start ...", flush=True)
+            results["cold"] = measure_cold(fleet, cold, timeout=120 + 2 * cold)
+            print(f"  {results['cold']}", flush=True)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,23 +264,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    lat = r["latency"]
     rows = [("figure", "value", "target")]
-    for row in r["pss"]:
+    for row in r.get("pss", []):
         rows.append((f"PSS per idle linked account, {row['accounts']} accounts (mean/max)",
                      f"{row['pss_mb_mean']} / {row['pss_mb_max']} MB", "<= 65 MB"))
-    rows += [
-        ("reaction: document -> unit starting (p50)", f"{lat['reaction_start_ms_p50']} ms",
-         "<= 200 ms"),
-        ("reaction: document -> unit active (p50)", f"{lat['reaction_active_ms_p50']} ms", ""),
-        ("unit start -> QR on the document (p50)", f"{lat['qr_on_document_ms_p50']} ms",
-         "<= 1000 ms"),
-        (f"{r['cold']['units']} units from cold: all active", f"{r['cold']['all_active_s']} s",
-         ""),
-        (f"{r['cold']['units']} units from cold: every QR on its document",
-         f"{r['cold']['all_qr_on_documents_s']} s", ""),
-        ("controller PSS", f"{r['controller_pss_mb']} MB", ""),
-    ]
+    if "latency" in r:
+        lat = r["latency"]
+        rows += [
+            ("reaction: document -> unit starting (p50)", f"{lat['reaction_start_ms_p50']} ms",
+             "<= 200 ms"),
+            ("reaction: document -> unit active (p50)", f"{lat['reaction_active_ms_p50']} ms",
+             ""),
+            ("unit start -> QR on the document (p50)", f"{lat['qr_on_document_ms_p50']} ms",
+             "<= 1000 ms"),
+        ]
+    if "cold" in r:
+        cold = r["cold"]
+        rows += [
+            (f"{cold['units']} units from cold: all active", f"{cold['all_active_s']} s", ""),
+            (f"{cold['units']} units from cold: every QR on its document",
+             f"{cold['all_qr_on_documents_s']} s", ""),
+        ]
+    rows.append(("controller PSS", f"{r['controller_pss_mb']} MB", ""))
     if "neonize_connecting" in r:
         rows.append(("neonize worker PSS (connecting, no network)",
                      f"{r['neonize_connecting']['pss_mb']} MB", ""))

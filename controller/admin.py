@@ -590,6 +590,10 @@ class AdminServer:
                 response = await self.handle(request)
             except AdminError as exc:
                 response = error_frame(exc.code, exc.message)
+            except ConnectionError:
+                # the client left (wabridgectl link exits once connected): nothing to answer
+                log.debug("admin.client_gone")
+                return
             except Exception as exc:  # noqa: BLE001 - answer, never crash the connection
                 log.error("admin.op_failed", error=repr(exc))
                 response = error_frame("internal", f"{type(exc).__name__}: {exc}")

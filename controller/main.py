@@ -203,12 +203,18 @@ class Controller:
                             await self.systemd.reset_failed(unit)
                     # the user's own dynamic user and the resource limits; fails closed
                     await self.systemd.install_dropin(unit, self.dropin_for(uid))
-                    settled = await self.start_slot(uid)
+                    # a start slot, unless this start is a no-op: one is already under way
+                    # (a second Start from the document's echo) or the unit runs
+                    known = self.units.get(uid)
+                    busy = uid in self.starting or (known is not None
+                                                    and view_of(known).running)
+                    settled = await self.start_slot(uid) if restart or not busy else None
                     try:
                         await (self.systemd.restart(unit) if restart
                                else self.systemd.start(unit))
                     except SystemdError:
-                        settled.set()
+                        if settled is not None:
+                            settled.set()
                         raise
                 except SystemdError as exc:
                     await self.plane.update(uid, {"status": DocStatus.ERROR.value,
@@ -314,19 +320,20 @@ class Controller:
                 self.worker_status[user_id] = doc_status_for(state)
                 doc = self.docs.get(user_id)
                 new = rc.status_from_worker(doc.status if doc else None, state)
+                # The facts first, then the status: whoever watches the document and sees
+                # "connected" also sees the phone and the detail.
                 fields: dict[str, Any] = {"statusDetail": detail}
                 if phone:
                     fields["phone"] = phone
+                await self.plane.update(user_id, fields)
                 if new is not None and not await self.set_status(user_id, new,
                                                                  rc.WORKER_MAY_SET):
                     new = None  # a request or a stop got there first: leave it be
                 if new is DocStatus.CONNECTED:
-                    fields["qrCode"] = None
-                    fields["qrRaw"] = None
+                    await self.plane.update(user_id, {"qrCode": None, "qrRaw": None})
                     await self.plane.put_session_info(user_id, {
                         "phone": phone, "connectedAt": time.time()})
                 log.info("worker.state", user_id=user_id, state=state.value, detail=detail)
-                await self.plane.update(user_id, fields)
             case protocol.Qr(code=code, data_url=data_url):
                 log.info("worker.qr", user_id=user_id)
                 await self.plane.update(user_id, {"qrCode": data_url, "qrRaw": code,
