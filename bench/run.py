@@ -237,22 +237,27 @@ def main(argv: list[str] | None = None) -> int:
             config={"controller": {"metrics_interval": 5.0},
                     "worker": {"qr_timeout": 3600.0}}) as fleet:
         phases = set(args.phases.split(","))
-        if "latency" in phases:
-            print("latency ...", flush=True)
-            results["latency"] = measure_latency(fleet, args.samples)
-            print(f"  {results['latency']}", flush=True)
-        if "pss" in phases:
-            print("idle accounts ...", flush=True)
-            results["pss"] = measure_pss(fleet, counts, args.settle)
-        results["controller_pss_mb"] = round(fleet.pss_bytes(CTL) / MB, 1)
-        if not args.no_neonize and "neonize" in phases:
-            print("neonize ...", flush=True)
-            results["neonize_connecting"] = measure_neonize(fleet, args.settle)
-        # last: after a burst of this size the emulator's listener has been seen to stall
-        if "cold" in phases:
-            print("cold start ...", flush=True)
-            results["cold"] = measure_cold(fleet, cold, timeout=120 + 2 * cold)
-            print(f"  {results['cold']}", flush=True)
+        if args.no_neonize:
+            phases.discard("neonize")
+        steps: list[tuple[str, str, Any]] = [
+            ("latency", "latency", lambda: measure_latency(fleet, args.samples)),
+            ("pss", "pss", lambda: measure_pss(fleet, counts, args.settle)),
+            ("neonize", "neonize_connecting", lambda: measure_neonize(fleet, args.settle)),
+            # last: after a burst of this size the emulator's listener has been seen to stall
+            ("cold", "cold", lambda: measure_cold(fleet, cold, timeout=120 + 2 * cold)),
+        ]
+        for phase, key, run in steps:
+            if phase not in phases:
+                continue
+            print(f"{phase} ...", flush=True)
+            try:
+                results[key] = run()
+            except AssertionError as exc:  # keep what was measured; say what failed
+                results.setdefault("errors", {})[phase] = str(exc).splitlines()[0]
+                print(f"  {phase} failed: {str(exc).splitlines()[0]}", flush=True)
+            else:
+                print(f"  {results[key]}", flush=True)
+            results["controller_pss_mb"] = round(fleet.pss_bytes(CTL) / MB, 1)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -278,6 +283,8 @@ def print_table(r: dict[str, Any]) -> None:
             ("unit start -> QR on the document (p50)", f"{lat['qr_on_document_ms_p50']} ms",
              "<= 1000 ms"),
         ]
+    for phase, error in r.get("errors", {}).items():
+        rows.append((f"{phase}: FAILED", error[:60], ""))
     if "cold" in r:
         cold = r["cold"]
         rows += [
