@@ -16,7 +16,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from typing import Any
 
 from fakes.anthropic_api import FakeAnthropicAPI
 from harness.systemd_ns import Bind, SystemdNamespace
+from harness.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = "/usr/lib/wabridge/src"
@@ -36,22 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    timeout: float,
-    what: str,
-    diagnostics: Callable[[], str] | None = None,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    extra = f"\n{diagnostics()}" if diagnostics else ""
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:

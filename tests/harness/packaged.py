@@ -22,12 +22,12 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .systemd_ns import Bind, SystemdNamespace
+from .wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_DEB = REPO / "packaging" / "build-deb"
@@ -233,14 +233,7 @@ class PackagedHost:
         what: str,
         diagnostics: Callable[[], str] | None = None,
     ) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        extra = f"\n{diagnostics()}" if diagnostics else ""
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+        return wait_until(predicate, timeout, what, diagnostics, interval=0.1)
 
 
 def nsenter_hint(pid: int, argv: Sequence[str]) -> str:
