@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,8 @@ class Controller:
         # at most controller.max_starting units activating at once (see start_slot)
         self.start_slots = asyncio.Semaphore(cfg.controller.max_starting)
         self.starting: dict[str, asyncio.Event] = {}
+        self.unit_events: defaultdict[str, int] = defaultdict(int)  # states delivered per user
+        self.start_mark: dict[str, int] = {}  # unit_events when our last start was queued
         self.loaded = False  # documents read and reconciled: unit events may act
         self.requested_at: dict[str, float] = {}  # user -> monotonic time of a claimed (re)start
         self.worker_status: dict[str, DocStatus] = {}  # user -> what its worker last reported
@@ -139,23 +142,37 @@ class Controller:
     def on_change(self, change: SessionDoc | Removed) -> None:
         if isinstance(change, Removed):
             self.docs.pop(change.user_id, None)
-            unit = self.units.get(change.user_id)
-            if unit is not None:
-                self.spawn(self.execute(change.user_id,
-                                        rc.for_unit(None, change.user_id, view_of(unit))))
+            if change.user_id in self.units:
+                self.spawn(self.execute(change.user_id, self.plan_unit))
             return
         self.docs[change.user_id] = change
         self.spawn(self.handle_doc(change.user_id))
 
     async def handle_doc(self, user_id: str) -> None:
+        await self.execute(user_id, self.plan_doc)
+
+    def plan_doc(self, user_id: str) -> list[rc.Action]:
         doc = self.docs.get(user_id)
         if doc is None:
-            return
+            return []
         unit = self.units.get(user_id)
-        await self.execute(user_id, rc.for_doc(doc, view_of(unit) if unit else None))
+        return rc.for_doc(doc, view_of(unit) if unit else None)
+
+    def plan_unit(self, user_id: str) -> list[rc.Action]:
+        unit = self.units.get(user_id)
+        if unit is None:
+            return []
+        if self.start_mark.get(user_id) == self.unit_events[user_id]:
+            # No state has been read since this controller's last StartUnit/RestartUnit for
+            # the unit returned: what is known predates the start (e.g. the "inactive" of the
+            # ResetFailedUnit just before it) and must not mark the document stopped or
+            # crashed. The start's own state change follows.
+            return []
+        return rc.for_unit(self.docs.get(user_id), user_id, view_of(unit))
 
     def on_unit(self, state: UnitState) -> None:
         self.units[state.user_id] = state
+        self.unit_events[state.user_id] += 1
         waiting = self.starting.get(state.user_id)
         if waiting is not None and start_settled(state):
             waiting.set()
@@ -163,14 +180,17 @@ class Controller:
             # Documents are not read yet: a unit without a known document is not an orphan
             # until they are. The start-up reconcile sees this state.
             return
-        self.spawn(self.execute(state.user_id, rc.for_unit(
-            self.docs.get(state.user_id), state.user_id, view_of(state))))
+        self.spawn(self.execute(state.user_id, self.plan_unit))
         key = (state.main_pid, state.active_state, state.n_restarts)
         self.spawn(self.write_process(state, force=self.last_process_key.get(state.user_id) != key))
 
-    async def execute(self, user_id: str, actions: list[rc.Action]) -> None:
+    async def execute(self, user_id: str, plan: Callable[[str], list[rc.Action]]) -> None:
+        """Run the actions ``plan(user_id)`` decides, one user at a time. The plan is made
+        under the user's lock, from the documents and unit states known *then*: actions
+        decided from an event that a later event (or an action of the previous holder of
+        the lock) has made stale are never carried out."""
         async with self.locks[user_id]:
-            for action in actions:
+            for action in plan(user_id):
                 if not await self._do(action):
                     return
 
@@ -216,6 +236,10 @@ class Controller:
                         if settled is not None:
                             settled.set()
                         raise
+                    if settled is not None:
+                        # a state change is coming (see plan_unit); states delivered from
+                        # now on were read after the job was queued (one FIFO D-Bus thread)
+                        self.start_mark[uid] = self.unit_events[uid]
                 except SystemdError as exc:
                     await self.plane.update(uid, {"status": DocStatus.ERROR.value,
                                                   "error": error_field("start_failed", str(exc))})
@@ -466,7 +490,7 @@ class Controller:
         by_user: defaultdict[str, list[rc.Action]] = defaultdict(list)
         for action in actions:
             by_user[action.user_id].append(action)
-        await asyncio.gather(*(self.execute(u, a) for u, a in by_user.items()))
+        await asyncio.gather(*(self.execute(u, by_user.__getitem__) for u in by_user))
         await self.plane.watch(self.on_change)
         await self.start_metrics_server()
         self.spawn(self.refresh_metrics())

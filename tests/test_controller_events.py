@@ -1,0 +1,157 @@
+"""The controller's decisions under interleaved events, with a scripted systemd.
+
+These drive ``controller.main.Controller`` directly (no D-Bus): a real ``LocalPlane`` on a
+temporary SQLite file holds the document, and ``ScriptedSystemd`` delivers unit states at
+the moments a real systemd's signals can arrive. The end-to-end tests cover the same paths
+with a real systemd, where these interleavings only happen now and then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from controller.local import LocalPlane
+from controller.main import Controller
+from controller.plane import SessionDoc
+from controller.systemd import UnitState
+from wabridge import config
+from wabridge.status import DocStatus
+
+UNIT = "wabridge-worker@alice.service"
+
+
+def state(active: str, sub: str, *, result: str = "success", invocation: str = "a",
+          restarts: int = 0, job: bool = False, code: int = 0, status: int = 0) -> UnitState:
+    return UnitState(unit=UNIT, user_id="alice", active_state=active, sub_state=sub,
+                     main_pid=0, n_restarts=restarts, result=result, exec_main_code=code,
+                     exec_main_status=status, status_text="", memory_bytes=None, cpu_nsec=None,
+                     tasks=None, since_usec=0, invocation_id=invocation, job_pending=job,
+                     start_limit_burst=3)
+
+
+FAILED_AT_LIMIT = state("failed", "failed", result="exit-code", restarts=3, code=1, status=1)
+
+
+class ScriptedSystemd:
+    """The calls the controller makes, and hooks that run inside them."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.on_call: dict[str, Callable[[], Awaitable[None]]] = {}
+
+    async def _call(self, name: str) -> None:
+        self.calls.append(name)
+        await asyncio.sleep(0)  # a D-Bus round trip: other tasks run meanwhile
+        hook = self.on_call.pop(name, None)
+        if hook is not None:
+            await hook()
+        await asyncio.sleep(0)
+
+    async def reset_failed(self, unit: str) -> None:
+        await self._call("reset_failed")
+
+    async def install_dropin(self, unit: str, text: str) -> None:
+        await self._call("install_dropin")
+
+    async def start(self, unit: str) -> None:
+        await self._call("start")
+
+    async def restart(self, unit: str) -> None:
+        await self._call("restart")
+
+    async def stop(self, unit: str) -> None:
+        await self._call("stop")
+
+    async def unit_for_pid(self, pid: int) -> str | None:
+        return None
+
+
+async def settle(controller: Controller) -> None:
+    """Until every task the controller spawned is done, except the start slots' timers."""
+    def busy() -> list[asyncio.Task[None]]:
+        return [t for t in controller.tasks
+                if "give_back" not in getattr(t.get_coro(), "__qualname__", "")]
+    for _ in range(100):
+        pending = busy()
+        if not pending:
+            return
+        await asyncio.wait(pending, timeout=5)
+    raise AssertionError(f"controller tasks still running: {busy()}")
+
+
+@pytest.fixture
+async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                ) -> AsyncIterator[tuple[Controller, LocalPlane, ScriptedSystemd]]:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # where READY=1 would go
+    notify.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    cfg = config.load(None, {"WABRIDGE__CONTROLLER__SOCKET": str(tmp_path / "w.sock"),
+                             "WABRIDGE__CONTROLLER__ADMIN_SOCKET": str(tmp_path / "a.sock")})
+    plane = LocalPlane(tmp_path / "plane.sqlite")
+    systemd = ScriptedSystemd()
+    controller = Controller(cfg, plane, systemd)  # type: ignore[arg-type]
+    controller.loaded = True
+    yield controller, plane, systemd
+    await settle(controller)
+    controller.notifier.socket.close()
+    notify.close()
+    await plane.close()
+
+
+async def doc_of(plane: LocalPlane) -> SessionDoc:
+    doc = await plane.get("alice")
+    assert doc is not None
+    return doc
+
+
+async def test_a_stale_inactive_state_after_reset_failed_does_not_stop_the_restart(
+        world: tuple[Controller, LocalPlane, ScriptedSystemd]) -> None:
+    """restart_requested on a unit that hit its start limit: ResetFailedUnit's "inactive"
+    arrives while the start is under way, after the document already says "starting". The
+    unit must be started, the document must stay "starting", and nothing may stop it."""
+    controller, plane, systemd = world
+    await plane.request("alice", DocStatus.CRASHED)
+    controller.docs["alice"] = await doc_of(plane)
+    controller.on_unit(FAILED_AT_LIMIT)
+    await settle(controller)
+
+    async def echo_then_inactive() -> None:
+        controller.on_change(await doc_of(plane))  # the claim's echo: "starting"
+        controller.on_unit(state("inactive", "dead", result="success"))  # ResetFailedUnit's
+
+    systemd.on_call["install_dropin"] = echo_then_inactive
+    await plane.request("alice", DocStatus.RESTART_REQUESTED)
+    controller.on_change(await doc_of(plane))
+    await settle(controller)
+
+    assert "start" in systemd.calls and "stop" not in systemd.calls
+    assert (await doc_of(plane)).status is DocStatus.STARTING
+
+    controller.on_unit(state("activating", "start", invocation="b"))
+    controller.on_unit(state("active", "running", invocation="b"))
+    controller.on_change(await doc_of(plane))
+    await settle(controller)
+    assert "stop" not in systemd.calls
+    assert (await doc_of(plane)).status is DocStatus.STARTING
+
+
+async def test_a_unit_stopped_from_outside_after_the_start_still_marks_the_document(
+        world: tuple[Controller, LocalPlane, ScriptedSystemd]) -> None:
+    """The guard against stale states ends with the first state read after the start: a
+    unit stopped by an operator (``systemctl stop``) right after it started is "stopped"."""
+    controller, plane, systemd = world
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    controller.on_change(await doc_of(plane))
+    await settle(controller)
+    assert systemd.calls.count("start") == 1
+    controller.on_change(await doc_of(plane))  # the echo of "starting"
+    await settle(controller)
+    controller.on_unit(state("activating", "start", invocation="b"))
+    controller.on_unit(state("inactive", "dead", invocation="b"))
+    await settle(controller)
+    assert (await doc_of(plane)).status is DocStatus.STOPPED
