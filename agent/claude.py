@@ -119,6 +119,8 @@ from typing import Any, Final, Literal
 
 import structlog
 
+from wabridge import claude_cli
+
 log = structlog.get_logger(__name__)
 
 ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "resume_failed"]
@@ -127,14 +129,9 @@ ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "
 #: messages can be large).
 STREAM_LIMIT: Final = 64 * 1024 * 1024
 
-#: Always set in the child's env; ``settings.extra_env`` may override any of them.
-OFFLINE_ENV: Final[Mapping[str, str]] = {
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-    "DISABLE_TELEMETRY": "1",
-    "DISABLE_AUTOUPDATER": "1",
-    "DISABLE_ERROR_REPORTING": "1",
-    "CLAUDE_CODE_MAX_RETRIES": "0",
-}
+#: Always set in the child's env (``wabridge.claude_cli``); ``settings.extra_env`` may
+#: override any of them.
+OFFLINE_ENV: Final[Mapping[str, str]] = claude_cli.OFFLINE_ENV
 
 #: Inherited from our own environment when set (and not given in extra_env). Nothing else is:
 #: in particular no other auth variable (OAuth tokens, Bedrock/Vertex switches).

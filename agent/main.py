@@ -54,7 +54,7 @@ from agent.link import ControllerLink
 from agent.store import Store
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
-from wabridge import __version__, config, logs, protocol, units
+from wabridge import __version__, claude_cli, config, logs, protocol, units
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.status import WorkerState
 
@@ -73,9 +73,12 @@ def test_fault(environ: dict[str, str] | None = None) -> str:
 
 
 def default_cli_path() -> Path:
-    import claude_agent_sdk  # noqa: PLC0415
-
-    return Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+    """The Claude Code binary bundled with claude-agent-sdk (``claude.cli_path`` unset)."""
+    path = claude_cli.bundled_cli()
+    if path is None:
+        raise ConfigError("claude.cli_path", "is empty and claude-agent-sdk (which bundles "
+                          "the Claude Code CLI) is not installed")
+    return path
 
 
 def claude_settings(cfg: config.Config) -> ClaudeSettings:

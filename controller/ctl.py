@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -56,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from wabridge import config, qr
+from wabridge import claude_cli, config, qr
 from wabridge.errors import ConfigError, UserIdError
 from wabridge.units import validate_user_id, worker_unit
 
@@ -69,16 +68,6 @@ CALL_TIMEOUT = 30.0
 #: Statuses after which ``link`` has nothing more to wait for.
 LINK_FAILED = frozenset({"logged_out", "banned", "replaced", "outdated", "qr_expired",
                          "crashed", "stopping", "stopped", "error", "destroy_requested"})
-#: Keep in step with ``agent/claude.py`` OFFLINE_ENV (controller may not import agent).
-CLAUDE_OFFLINE_ENV = {
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-    "DISABLE_TELEMETRY": "1",
-    "DISABLE_AUTOUPDATER": "1",
-    "DISABLE_ERROR_REPORTING": "1",
-    "CLAUDE_CODE_MAX_RETRIES": "0",
-}
-
-
 class CtlError(Exception):
     def __init__(self, exit_code: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -529,12 +518,7 @@ def check_plane(cfg: config.Config, plane: str | None) -> Check:
 
 
 def claude_path(cfg: config.Config) -> Path | None:
-    if cfg.claude.cli_path:
-        return Path(cfg.claude.cli_path)
-    spec = importlib.util.find_spec("claude_agent_sdk")
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "_bundled" / "claude"
+    return claude_cli.cli_path(cfg.claude.cli_path)
 
 
 def check_claude(cfg: config.Config) -> Check:
@@ -550,7 +534,7 @@ def check_claude(cfg: config.Config) -> Check:
                      f"chmod a+rx {path}, or {fix}")
     with tempfile.TemporaryDirectory(prefix="wabridgectl-claude-") as home:
         env = {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
-               "HOME": home, "LANG": "C.UTF-8", **CLAUDE_OFFLINE_ENV,
+               "HOME": home, "LANG": "C.UTF-8", **claude_cli.OFFLINE_ENV,
                "CLAUDE_CONFIG_DIR": home, "TMPDIR": home}
         try:
             proc = _run([str(path), "--version"], timeout=30, env=env)
