@@ -94,7 +94,7 @@ from wabridge import logs
 from wabridge.config import FirebaseConfig
 from wabridge.errors import ConfigError, WabridgeError
 from wabridge.protocol import MessageEvent
-from wabridge.status import DocStatus, parse_doc_status
+from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 log = logs.get("controller.firestore")
 
@@ -258,6 +258,9 @@ def _make_client(conn: _Connection) -> Any:
 
 def _delete_none(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: firestore.DELETE_FIELD if v is None else v for k, v in fields.items()}
+
+
+REQUEST_VALUES = frozenset(status.value for status in REQUESTS)  # at most 30 for "in"
 
 
 class _Listener(watch_module.Watch):
@@ -492,6 +495,19 @@ class FirestorePlane(ControlPlane):
     async def list_sessions(self) -> list[SessionDoc]:
         snaps = await self._call(self._col.get, **self._rpc())
         return [parse_session(s.id, s.to_dict() or {}) for s in snaps]
+
+    async def pending_requests(self) -> list[SessionDoc]:
+        query = self._col.where(filter=FieldFilter("status", "in", sorted(REQUEST_VALUES)))
+        snaps = await self._call(query.get, **self._rpc())
+        return [parse_session(s.id, s.to_dict() or {}) for s in snaps]
+
+    async def rewatch(self) -> None:
+        """Close the listener; the supervisor sees it inactive and subscribes afresh."""
+        listener = self._listener
+        if listener is not None and not self._closed:
+            log.warning("plane.watch_reopened", backend=self.name,
+                        reason="a pending request was not delivered")
+            await asyncio.to_thread(listener.close)
 
     async def get(self, user_id: str) -> SessionDoc | None:
         ref = self._col.document(check_doc_id(user_id))

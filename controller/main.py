@@ -268,6 +268,34 @@ class Controller:
                 await self.plane.update(uid, {"error": error})
         return True
 
+    async def resync(self) -> None:
+        """The safety net under the change feed: every ``controller.resync_interval`` seconds,
+        read the documents that hold a client's request. One that is still pending, with the
+        same status, at the next check was missed (a feed that went quiet without an error,
+        or a claim that failed): handle it now; if the feed never delivered it, re-open the
+        feed. Two checks, so a request written a moment ago is the feed's to deliver."""
+        seen: dict[str, DocStatus | None] = {}
+        while True:
+            await asyncio.sleep(self.cfg.controller.resync_interval)
+            try:
+                pending = await self.plane.pending_requests()
+            except WabridgeError as exc:
+                log.warning("plane.resync_failed", error=str(exc))
+                continue
+            missed = False
+            for doc in pending:
+                if seen.get(doc.user_id, "unseen") != doc.status:
+                    continue
+                known = self.docs.get(doc.user_id)
+                if known is None or known.status is not doc.status:
+                    missed = True
+                    log.warning("plane.request_missed", user_id=doc.user_id,
+                                status=doc.status.value if doc.status else None)
+                self.on_change(doc)
+            seen = {doc.user_id: doc.status for doc in pending}
+            if missed:
+                await self.plane.rewatch()
+
     async def start_slot(self, user_id: str) -> asyncio.Event:
         """Wait for one of ``controller.max_starting`` start slots. The slot is given back
         when the returned event is set (``on_unit``: the unit is active, failed, restarting or
@@ -494,6 +522,7 @@ class Controller:
         await self.plane.watch(self.on_change)
         await self.start_metrics_server()
         self.spawn(self.refresh_metrics())
+        self.spawn(self.resync())
         self.notifier.notify("READY=1")
         log.info("controller.ready", plane=self.plane.name, host=self.host)
         while not self.stop.is_set():

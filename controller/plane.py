@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wabridge.protocol import MessageEvent
-from wabridge.status import DocStatus, parse_doc_status
+from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,16 @@ class ControlPlane(abc.ABC):
     @abc.abstractmethod
     async def list_sessions(self) -> list[SessionDoc]:
         """Every session document, parsed."""
+
+    async def pending_requests(self) -> list[SessionDoc]:
+        """Documents whose status is a client's request (``*_requested``): the controller's
+        check that the change feed missed nothing (``Controller.resync``). This default reads
+        every document; a backend that can query by status should."""
+        return [doc for doc in await self.list_sessions() if doc.status in REQUESTS]
+
+    async def rewatch(self) -> None:  # noqa: B027 - a no-op unless a feed can go quiet
+        """Re-open the change feed after it was found to have missed a change. The fresh feed
+        delivers every document again, as ``watch`` does first."""
 
     @abc.abstractmethod
     async def get(self, user_id: str) -> SessionDoc | None:

@@ -50,31 +50,14 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         raise AssertionError(f"{method} {url} -> {exc.code}: {exc.read()!r}") from None
 
 
-class Sim:
-    """``wabridge-sim`` as a subprocess on 127.0.0.1."""
+class SimClient:
+    """The simulator's HTTP API (``sim/server.py``) at ``url``: a phone scans, a contact
+    writes, an inbox is read."""
 
-    def __init__(self, qr_rotate: float = 20.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "WABRIDGE_CONFIG": "/dev/null",
-            "WABRIDGE__SIM__QR_ROTATE": str(qr_rotate),
-            "WABRIDGE__LOG__FORMAT": "json",
-        }
-        env.pop("NOTIFY_SOCKET", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sim.main", "--listen", f"127.0.0.1:{self.port}"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wait_until(self._healthy, 20, "wabridge-sim to answer")
+    def __init__(self, url: str) -> None:
+        self.url = url
 
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"wabridge-sim exited: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+    def healthy(self) -> bool:
         try:
             http("GET", f"{self.url}/api/health")
         except (OSError, AssertionError):
@@ -102,6 +85,46 @@ class Sim:
     def trigger(self, phone: str, outcome: str, **body: Any) -> Any:
         return http("POST", f"{self.url}/api/accounts/{phone}/{outcome}", body)
 
+    def ask(self, contact: str, account: str, text: str, timeout: float = 60,
+            diagnostics: Callable[[], str] | None = None) -> dict[str, Any]:
+        """A contact sends ``text``; returns the reply that quotes it."""
+        before = len(self.inbox(contact))
+        wa_id = self.send(contact, account, text)
+
+        def reply() -> Any:
+            got = [m for m in self.inbox(contact)[before:] if m.get("quoted_id") == wa_id]
+            return got[0] if got else None
+
+        return dict(wait_until(reply, timeout, f"a reply to {text!r}", diagnostics))
+
+
+class Sim(SimClient):
+    """``wabridge-sim`` as a subprocess on 127.0.0.1."""
+
+    def __init__(self, qr_rotate: float = 20.0) -> None:
+        self.port = free_port()
+        super().__init__(f"http://127.0.0.1:{self.port}")
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "WABRIDGE_CONFIG": "/dev/null",
+            "WABRIDGE__SIM__QR_ROTATE": str(qr_rotate),
+            "WABRIDGE__LOG__FORMAT": "json",
+        }
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sim.main", "--listen", f"127.0.0.1:{self.port}"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_until(self._healthy, 20, "wabridge-sim to answer")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"wabridge-sim exited: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+        return self.healthy()
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -121,6 +144,17 @@ def render_toml(sections: dict[str, dict[str, Any]]) -> str:
         for key, value in values.items():
             out.append(f"{key} = {json.dumps(value)}")
     return "\n".join(out) + "\n"
+
+
+def firestore_client(emulator_host: str, project: str) -> Any:
+    """A Firestore client of the emulator at ``emulator_host``, anonymous (no metadata-server
+    probe). Create it after the subprocesses that must not inherit it are forked."""
+    os.environ["FIRESTORE_EMULATOR_HOST"] = emulator_host
+    os.environ["NO_GCE_CHECK"] = "true"
+    from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
+    from google.cloud import firestore  # noqa: PLC0415
+
+    return firestore.Client(project=project, credentials=AnonymousCredentials())
 
 
 def wrapper(module: str) -> str:
@@ -258,12 +292,7 @@ class Fleet:
     @property
     def db(self) -> Any:
         if self._db is None:
-            os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
-            os.environ["NO_GCE_CHECK"] = "true"
-            from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
-            from google.cloud import firestore  # noqa: PLC0415
-
-            self._db = firestore.Client(project=self.project, credentials=AnonymousCredentials())
+            self._db = firestore_client(self.emulator_host, self.project)
         return self._db
 
     def doc(self, user: str) -> dict[str, Any]:
@@ -317,19 +346,8 @@ class Fleet:
 
     def ask(self, contact: str, account: str, text: str, timeout: float = 60) -> dict[str, Any]:
         """A contact sends ``text``; returns the reply that quotes it."""
-        before = len(self.sim.inbox(contact))
-        wa_id = self.sim.send(contact, account, text)
-
-        def reply() -> Any:
-            got = [m for m in self.sim.inbox(contact)[before:] if m.get("quoted_id") == wa_id]
-            return got[0] if got else None
-
-        return dict(
-            wait_until(
-                reply, timeout, f"a reply to {text!r}", lambda: self.journal(None, "-n", "80")
-            )
-        )
-
+        return self.sim.ask(contact, account, text, timeout,
+                            lambda: self.journal(None, "-n", "80"))
 
     # --- supervision helpers (tests/test_supervision.py, bench/run.py) --------------------
     def dropin_path(self, user: str, name: str = "90-test.conf") -> str:

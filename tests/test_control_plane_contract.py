@@ -339,6 +339,23 @@ async def test_request_creates_the_document(store: Store) -> None:
     assert [d.user_id for d in await plane.list_sessions()] == ["alice"]
 
 
+async def test_pending_requests_are_the_documents_holding_a_request(store: Store) -> None:
+    plane = store.open()
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    await plane.request("bob", DocStatus.DESTROY_REQUESTED)
+    await plane.request("carol", DocStatus.PAIRING_REQUESTED, pairingPhone="4912345678")
+    await plane.request("dave", DocStatus.RESTART_REQUESTED)
+    await plane.request("erin", DocStatus.CREATE_REQUESTED)
+    assert await plane.claim("erin", frozenset({DocStatus.CREATE_REQUESTED}),
+                             DocStatus.STARTING, "host-a")
+    await plane.update("frank", {"status": "banana"})
+    await plane.update("grace", {"status": DocStatus.CONNECTED.value})
+    pending = {d.user_id: d.status for d in await plane.pending_requests()}
+    assert pending == {"alice": DocStatus.CREATE_REQUESTED, "bob": DocStatus.DESTROY_REQUESTED,
+                       "carol": DocStatus.PAIRING_REQUESTED,
+                       "dave": DocStatus.RESTART_REQUESTED}
+
+
 async def test_delete_is_idempotent(store: Store) -> None:
     plane = store.open()
     await plane.delete("nobody")
@@ -451,6 +468,28 @@ async def test_firestore_watch_resubscribes_after_losing_its_listener(
         await seen.saw(removed("alice"), mark, 10.0)
         await seen.saw(doc_of("carol"), mark, 10.0)
         assert plane._listener is not None and plane._listener is not listener
+    finally:
+        await plane.close()
+        await writer.close()
+
+
+async def test_firestore_rewatch_opens_a_new_listener_that_resyncs(
+    firestore_emulator: str,
+) -> None:
+    config = emulator_config(firestore_emulator)
+    plane, writer = FirestorePlane(config), FirestorePlane(config)
+    try:
+        await writer.request("alice", DocStatus.CREATE_REQUESTED)
+        seen = Collector()
+        await plane.watch(seen)
+        await seen.until(doc_of("alice"), FIRST_TIMEOUT)
+        old = plane._listener
+        mark = len(seen.all)
+        await plane.rewatch()
+        await writer.request("bob", DocStatus.CREATE_REQUESTED)
+        await seen.saw(doc_of("bob"), mark, 10.0)
+        await seen.saw(doc_of("alice"), mark, 10.0)  # the fresh feed delivers all again
+        assert plane._listener is not None and plane._listener is not old
     finally:
         await plane.close()
         await writer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -155,3 +156,49 @@ async def test_a_unit_stopped_from_outside_after_the_start_still_marks_the_docum
     controller.on_unit(state("inactive", "dead", invocation="b"))
     await settle(controller)
     assert (await doc_of(plane)).status is DocStatus.STOPPED
+
+
+class QuietPlane(LocalPlane):
+    """A change feed that went quiet without an error: ``watch`` delivers nothing."""
+
+    rewatched = 0
+
+    async def watch(self, on_change: Callable[..., None]) -> None:
+        return None
+
+    async def rewatch(self) -> None:
+        self.rewatched += 1
+
+
+async def test_a_request_the_feed_never_delivered_is_handled_by_the_resync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    cfg = config.load(None, {"WABRIDGE__CONTROLLER__SOCKET": str(tmp_path / "w.sock"),
+                             "WABRIDGE__CONTROLLER__RESYNC_INTERVAL": "1"})
+    plane = QuietPlane(tmp_path / "plane.sqlite")
+    systemd = ScriptedSystemd()
+    controller = Controller(cfg, plane, systemd)  # type: ignore[arg-type]
+    controller.loaded = True
+    await plane.watch(controller.on_change)
+    resync = asyncio.create_task(controller.resync())
+    try:
+        written = time.monotonic()
+        await plane.request("alice", DocStatus.CREATE_REQUESTED)
+        while "start" not in systemd.calls:
+            assert time.monotonic() - written < 15, "the resync never handled the request"
+            await asyncio.sleep(0.05)
+        # seen pending at two checks, one interval apart: never on the first sight
+        assert time.monotonic() - written >= 1.0
+        await settle(controller)
+        assert (await doc_of(plane)).status is DocStatus.STARTING
+        assert plane.rewatched == 1
+        await asyncio.sleep(2.5)  # handled: nothing pending, nothing more to do
+        assert plane.rewatched == 1 and systemd.calls.count("start") == 1
+    finally:
+        resync.cancel()
+        await settle(controller)
+        controller.notifier.socket.close()
+        notify.close()
+        await plane.close()

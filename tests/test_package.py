@@ -6,7 +6,8 @@ installed with ``dpkg -i`` into a private systemd namespace that holds nothing o
 repository: only the directory of .deb files is bound in. See ``harness/packaged.py``.
 
 ``host`` (module scope) is one installed system that the ordered tests below walk through:
-installed -> verified -> a worker from a request -> ``dpkg -r`` -> ``dpkg -P``. The upgrade path
+installed -> verified -> a worker from a request -> ``dpkg -r`` -> ``dpkg -P``. The operator's
+whole flow with the Firestore emulator (link, answer, status and journal, upgrade, remove, purge)
 has a namespace of its own. To add a scenario with other settings, use ``installed`` and
 parametrize it indirectly with ``PackagedHost`` keyword arguments::
 
@@ -22,14 +23,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.anthropic_api import FakeAnthropicAPI
+from fleet import SimClient, firestore_client
 from harness.packaged import (
     CONTROLLER,
     REPO,
@@ -42,6 +46,8 @@ from harness.packaged import (
     upstream_version,
 )
 from harness.systemd_ns import available
+
+from wabridge.units import worker_unit
 
 # the first test also waits for the package build (minutes when the tree changed)
 pytestmark = [pytest.mark.systemd, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -256,36 +262,120 @@ def test_lintian_reports_no_errors(deb: Path) -> None:
     assert not warnings, "new lintian warnings: explain or fix them\n" + "\n".join(warnings)
 
 
-# --- upgrade path --------------------------------------------------------------------------
+# --- the issue's flow: Firestore, link, answer, upgrade, remove, purge ----------------------
+
+ACCOUNTS = {"alice": "5511999990701", "bob": "5511999990702"}
+CONTACT = "5511988880701"
 
 
-def test_upgrade_restarts_controller_and_workers(deb: Path, deb_next: Path) -> None:
-    workers = [WORKER, "wabridge-worker@bob.service"]
-    with PackagedHost(deb, **_sim_settings()) as h:
+@pytest.mark.firestore
+@pytest.mark.claude
+def test_installed_fleet_links_answers_survives_an_upgrade_and_goes_away(
+        deb: Path, deb_next: Path, firestore_emulator: str) -> None:
+    """What an operator lives through, on the installed package with the Firestore emulator:
+    ``create_requested`` -> QR -> scan -> a message answered by the real CLI through the fake
+    API -> ``systemctl status`` and ``journalctl USER_ID=`` -> ``dpkg -i`` of a newer version
+    (controller and workers restarted one at a time, no new QR, context resumed) -> ``dpkg -r``
+    (nothing left running) -> ``dpkg -P`` (state and configuration gone)."""
+    port = free_port()
+    project = f"demo-{secrets.token_hex(4)}"
+    config = sim_config(port)
+    config["controller"] = {**config["controller"], "control_plane": "firestore"}
+    config["firebase"] = {"emulator_host": firestore_emulator, "project_id": project}
+    config["conversation"] = {"debounce": 0.2}
+    config["limits"] = {"send_gap": 0.0, "send_jitter": 0.0}
+    with FakeAnthropicAPI() as api, PackagedHost(
+            deb, config=config,
+            worker_env=f"ANTHROPIC_BASE_URL={api.base_url}\nANTHROPIC_API_KEY=test-key\n") as h:
         h.wait_state(CONTROLLER, "active", 60)
         h.ns.systemctl("start", "wabridge-sim.service", check=True)
-        for user in ("alice", "bob"):
-            h.request(user)
-        for unit in workers:
-            h.wait_state(unit, "active", 90)
-        before = {u: h.prop(u, "InvocationID") for u in (CONTROLLER, *workers)}
+        sim = SimClient(f"http://127.0.0.1:{port}")
+        h.wait(sim.healthy, 60, "wabridge-sim.service to answer")
+        db = firestore_client(firestore_emulator, project)
+        sessions = db.collection("user_sessions")
+        units = {user: worker_unit(user) for user in ACCOUNTS}
+
+        def doc(user: str) -> dict[str, Any]:
+            return dict(sessions.document(user).get().to_dict() or {})
+
+        def wait_doc(user: str, predicate: Callable[[dict[str, Any]], Any], what: str,
+                     timeout: float = 90) -> dict[str, Any]:
+            h.wait(lambda: predicate(doc(user)), timeout, f"{user}: {what}",
+                   lambda: f"document: {doc(user)}\n"
+                           + h.ns.journalctl("--no-pager", "-o", "cat", "-n", "60"))
+            return doc(user)
+
+        def journal(*match: str) -> str:
+            return h.ns.journalctl("--no-pager", "-o", "cat", *match)
+
+        # --- link: a document asks, the worker shows a QR, the phone scans it
+        for user in ACCOUNTS:
+            sessions.document(user).set({"status": "create_requested"})
+        for user, phone in ACCOUNTS.items():
+            shown = wait_doc(user, lambda d: d.get("qrRaw"), "a QR code on the document")
+            assert str(shown["qrCode"]).startswith("data:image/png;base64,")
+            sim.scan(phone, shown["qrRaw"])
+            linked = wait_doc(user, lambda d: d.get("status") == "connected", "connected")
+            assert linked["phone"] == phone
+            assert h.prop(units[user], "DynamicUser") == "yes"
+
+        # --- a contact writes; the real CLI answers through the fake API
+        alice, alice_unit = ACCOUNTS["alice"], units["alice"]
+        diagnostics = lambda: journal("-n", "80")  # noqa: E731
+        reply = sim.ask(CONTACT, alice, "hello from the package", 90, diagnostics)
+        assert "echo: hello from the package" in reply["text"]
+
+        # --- what `systemctl status` and `journalctl USER_ID=` show the operator
+        status = h.wait(
+            lambda: (out := h.ns.systemctl("status", "--no-pager", alice_unit).stdout)
+            and "1 chat " in out and out, 15, "the status line to count the chat")
+        assert f'Status: "connected as +{alice} - 1 chat - ' in status
+        lifecycle = journal("USER_ID=alice")
+        for event in ("worker.started", "whatsapp.qr_generated", "whatsapp.ready",
+                      "whatsapp.message_received", "outbox.delivered"):
+            assert event in lifecycle, f"{event} missing from journalctl USER_ID=alice"
+        assert ACCOUNTS["bob"] not in lifecycle, "bob's lines under alice's USER_ID"
+
+        # --- upgrade: everything restarts, one worker at a time, and keeps its link
+        qr_at = {user: doc(user)["qrAt"] for user in ACCOUNTS}
+        before = {u: h.prop(u, "InvocationID") for u in (CONTROLLER, *units.values())}
+        cursor = h.ns.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"]).stdout
+        since = cursor.rsplit("cursor: ", 1)[-1].strip()
 
         h.install(deb_next)
 
         assert h.version() == f"{upstream_version()}-1+next1 ii"
         for unit, invocation in before.items():
-            h.wait_state(unit, "active", 60)
+            h.wait_state(unit, "active", 90)
             assert h.prop(unit, "InvocationID") != invocation, f"{unit} was not restarted"
         assert h.prop(CONTROLLER, "UnitFileState") == "enabled"
-        # one at a time: a worker began stopping only once the previous one was up again
         spans = sorted(
             (int(h.prop(u, "ActiveExitTimestampMonotonic")),
              int(h.prop(u, "ActiveEnterTimestampMonotonic")), u)
-            for u in workers
+            for u in units.values()
         )
         for (_, up, first), (down, _, second) in itertools.pairwise(spans):
             assert down >= up, f"{second} stopped before {first} was active again"
-        # the workers' private state survived (the link of a real account lives there)
-        for user in ("alice", "bob"):
-            assert (h.ns.root / "var/lib/private/wabridge" / user).is_dir()
-        assert h.processes(), "nothing of wabridge runs after the upgrade"
+        for user in ACCOUNTS:
+            wait_doc(user, lambda d: d.get("status") == "connected", "connected after upgrade")
+            assert doc(user)["qrAt"] == qr_at[user], f"{user} was asked for a new QR"
+        after = h.ns.journalctl("--no-pager", "-o", "cat", f"--after-cursor={since}")
+        assert "whatsapp.qr_generated" not in after, "a worker showed a QR after the upgrade"
+        assert "whatsapp.ready" in after
+
+        api.clear()
+        reply = sim.ask(CONTACT, alice, "and after the upgrade?", 90, diagnostics)
+        assert "echo: and after the upgrade?" in reply["text"]
+        texts = " ".join(" ".join(api.all_texts(r)) for r in api.message_requests())
+        assert "hello from the package" in texts, "the conversation lost its context"
+
+        # --- dpkg -r: nothing of wabridge keeps running
+        h.remove()
+        assert h.units("active") == [] and h.units("activating") == []
+        assert h.processes() == []
+        assert h.version().split()[-1] == "rc"
+
+        # --- dpkg -P: state and configuration gone
+        h.remove(purge=True)
+        for path in ("etc/wabridge", "var/lib/wabridge", "var/lib/private/wabridge"):
+            assert not (h.ns.root / path).exists(), f"/{path} survived dpkg -P"

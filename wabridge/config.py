@@ -116,6 +116,13 @@ class ControllerConfig:
         "Seconds between process metric writes per document (Firestore sustains ~1 write/s).",
         check=_at_least(1.0),
     )
+    resync_interval: float = _opt(
+        30.0,
+        "Seconds between checks for client requests (`*_requested`) the change feed did not "
+        "deliver; a request seen pending twice is handled and the feed re-opened. Costs one "
+        "read per pending request.",
+        check=_at_least(1.0),
+    )
     max_starting: int = _opt(
         8,
         "Worker units the controller lets start at once (until they are active, i.e. sent "
