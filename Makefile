@@ -16,7 +16,7 @@ $(VENV)/.stamp: requirements.lock requirements-dev.lock
 venv: $(VENV)/.stamp
 
 lint: venv
-	$(VENV)/bin/ruff check wabridge agent controller sim tests
+	$(VENV)/bin/ruff check wabridge agent controller sim tests bench packaging
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	# The binaries exist only once the package is installed; anything else fails the lint.

@@ -339,7 +339,7 @@ def test_installed_fleet_links_answers_survives_an_upgrade_and_goes_away(
         # --- upgrade: everything restarts, one worker at a time, and keeps its link
         qr_at = {user: doc(user)["qrAt"] for user in ACCOUNTS}
         before = {u: h.prop(u, "InvocationID") for u in (CONTROLLER, *units.values())}
-        cursor = h.ns.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"]).stdout
+        cursor = h.ns.run(["journalctl", "-n", "1", "--show-cursor", "--no-pager"]).stdout
         since = cursor.rsplit("cursor: ", 1)[-1].strip()
 
         h.install(deb_next)
