@@ -24,8 +24,10 @@ fault                 what                                                      
 Workers get a drop-in (no start limit, ``RestartSec=200ms``) because they are killed on
 purpose, and the per-sender rate limit and the daily budget are off. The outcome faults
 (logout, replace, oom) never overlap the controller's downtime, and the client asks for a
-re-link only once the old worker has stopped: both combinations hit known bugs, reproduced
-on their own in ``tests/test_chaos_short.py``.
+re-link only once the old worker has stopped, so that each figure can be traced to one fault.
+Both combinations found bugs (an outcome undone at the controller's start-up, a stopping
+worker's last words undoing a new request); they are fixed and each combination is tested on
+its own in ``tests/test_chaos_short.py``.
 
 Figures, read at the simulated contacts and from the namespace: replies, end-to-end latency
 (send -> reply visible at the contact) p50/p99, and the ones that must read zero:
