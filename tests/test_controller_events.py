@@ -20,8 +20,8 @@ from controller.local import LocalPlane
 from controller.main import Controller
 from controller.plane import SessionDoc
 from controller.systemd import UnitState
-from wabridge import config
-from wabridge.status import DocStatus
+from wabridge import config, protocol
+from wabridge.status import DocStatus, WorkerState
 
 UNIT = "wabridge-worker@alice.service"
 
@@ -202,3 +202,20 @@ async def test_a_request_the_feed_never_delivered_is_handled_by_the_resync(
         controller.notifier.socket.close()
         notify.close()
         await plane.close()
+
+
+async def test_worker_reports_are_written_even_when_the_cached_document_lags(
+        world: tuple[Controller, LocalPlane, ScriptedSystemd]) -> None:
+    """A restarted worker says "starting" then "connected" before the echo of "starting"
+    reached the controller: its cached document still says "connected". Both reports must
+    reach the document, which ends "connected" (the chaos run ended with such documents
+    stuck at "starting" and "disconnected")."""
+    controller, plane, _ = world
+    await plane.update("alice", {"status": DocStatus.CONNECTED.value})
+    controller.docs["alice"] = await doc_of(plane)  # and no echo is delivered from here on
+    for seq, st in enumerate([WorkerState.STARTING, WorkerState.CONNECTED], 1):
+        await controller.on_frame("alice", protocol.State(seq=seq, state=st, detail=st.value))
+        assert (await doc_of(plane)).status is DocStatus(st.value)
+    for seq, st in enumerate([WorkerState.DISCONNECTED, WorkerState.CONNECTED], 3):
+        await controller.on_frame("alice", protocol.State(seq=seq, state=st, detail=st.value))
+    assert (await doc_of(plane)).status is DocStatus.CONNECTED
