@@ -210,7 +210,9 @@ class Controller:
                         self.requested_at[uid] = time.monotonic()
                     elif new is DocStatus.STARTING and uid in self.worker_status:
                         # the worker already runs and keeps running: say what it last said
-                        await self.plane.update(uid, {"status": self.worker_status[uid].value})
+                        # (unless a client's new request got there first)
+                        await self.set_status(uid, self.worker_status[uid],
+                                              frozenset({DocStatus.STARTING}))
                     if new is DocStatus.PAIRING:  # a running worker learns the phone now
                         await self.server.send(uid, protocol.Settings(
                             settings=await self.settings_for(uid)))
