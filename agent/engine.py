@@ -150,6 +150,7 @@ class ClaudePool:
         self._live: dict[str, tuple[ClaudeSession, float]] = {}
         self._busy: set[str] = set()
         self._opening: set[str] = set()
+        self._closing: set[str] = set()  # taken out of _live, process still closing
         self._cond = asyncio.Condition()
         self.peak = 0  # most processes live at once (diagnostics, tests)
 
@@ -167,24 +168,37 @@ class ClaudePool:
         return entry[0].pid if entry else None
 
     async def acquire(self, chat_id: str) -> ClaudeSession:
-        async with self._cond:
-            while True:
-                entry = self._live.get(chat_id)
-                if entry and entry[0].alive:
-                    self._busy.add(chat_id)
-                    return entry[0]
-                if entry:
-                    await self._drop(chat_id)
-                if len(self._live) + len(self._opening) < self._size:
-                    break
-                idle = [c for c in self._live if c not in self._busy]
-                if idle:
-                    victim = min(idle, key=lambda c: self._live[c][1])
-                    await self._drop(victim)
-                    break
-                await self._cond.wait()
-            self._busy.add(chat_id)
-            self._opening.add(chat_id)
+        while True:
+            closing: tuple[str, ClaudeSession] | None = None
+            async with self._cond:
+                while True:
+                    if chat_id in self._closing:
+                        # its previous process is still closing: never two on one session
+                        await self._cond.wait()
+                        continue
+                    entry = self._live.get(chat_id)
+                    if entry and entry[0].alive:
+                        self._busy.add(chat_id)
+                        return entry[0]
+                    if entry:
+                        closing = (chat_id, self._take(chat_id))
+                        break
+                    if len(self._live) + len(self._opening) + len(self._closing) < self._size:
+                        self._busy.add(chat_id)
+                        self._opening.add(chat_id)
+                        break
+                    idle = [c for c in self._live if c not in self._busy]
+                    if idle:
+                        victim = min(idle, key=lambda c: self._live[c][1])
+                        closing = (victim, self._take(victim))
+                        break
+                    await self._cond.wait()
+            if closing is None:
+                break
+            # Closed outside the lock: other chats keep acquiring and releasing their own
+            # processes meanwhile. The slot stays taken (``_closing``) until the process is
+            # gone, so at most ``size`` processes ever live.
+            await self._finish_close(*closing)
         try:
             session = await self._open(chat_id)
         except BaseException:
@@ -238,24 +252,35 @@ class ClaudePool:
     async def discard(self, chat_id: str) -> None:
         """Close the chat's process (if any) and let others use its slot."""
         async with self._cond:
-            await self._drop(chat_id)
+            session = self._take(chat_id) if chat_id in self._live else None
             self._busy.discard(chat_id)
             self._cond.notify_all()
+        if session is not None:
+            await self._finish_close(chat_id, session)
 
-    async def _drop(self, chat_id: str) -> None:
-        entry = self._live.pop(chat_id, None)
-        if entry:
-            await entry[0].close()
+    def _take(self, chat_id: str) -> ClaudeSession:
+        """Under the lock: move a live process to ``_closing`` (it keeps its slot)."""
+        session = self._live.pop(chat_id)[0]
+        self._closing.add(chat_id)
+        return session
+
+    async def _finish_close(self, chat_id: str, session: ClaudeSession) -> None:
+        try:
+            await session.close()
             log.info("claude.closed", chat_id=chat_id)
+        finally:
+            async with self._cond:
+                self._closing.discard(chat_id)
+                self._cond.notify_all()
 
     async def reap_idle(self) -> None:
         now = time.monotonic()
         async with self._cond:
-            for chat_id in [c for c, (_, used) in self._live.items()
-                            if c not in self._busy and now - used > self._idle]:
-                log.info("claude.idle", chat_id=chat_id)
-                await self._drop(chat_id)
-            self._cond.notify_all()
+            idle = [(c, self._take(c)) for c, (_, used) in list(self._live.items())
+                    if c not in self._busy and now - used > self._idle]
+        for chat_id, _ in idle:
+            log.info("claude.idle", chat_id=chat_id)
+        await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
 
     async def close_all(self) -> None:
         entries = list(self._live.items())

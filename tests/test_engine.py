@@ -621,6 +621,49 @@ async def test_pool_never_exceeds_its_size_and_resumes_evicted_chats(
     assert sum(1 for r in api.message_requests() if session_of(r) == session_of(last)) == 2
 
 
+async def test_closing_an_evicted_process_holds_up_no_other_chat(
+    make_rig: MakeRig, tmp_path: Path
+) -> None:
+    """Eviction closes the victim outside the pool's lock: a chat with a live process gets
+    it at once while a slow close is under way; the victim's own chat waits for its close
+    (never two processes on one session), and the pool never exceeds its size."""
+    rig = await make_rig(pool_size=2)
+    a, b, c = jid(ALICE), jid(BOB), jid("4915100000004")
+    rig.incoming("hi from a", sender=ALICE)
+    await rig.wait_sent(1, a)
+    await rig.idle()
+    rig.incoming("hi from b", sender=BOB)
+    await rig.wait_sent(1, b)
+    await rig.idle()
+    victim = rig.pool._live[a][0]  # the least recently used
+    real_close = victim.close
+    closed = asyncio.Event()
+
+    async def slow_close(timeout: float = 3.0) -> None:
+        await asyncio.sleep(1.5)
+        await real_close(timeout)
+        closed.set()
+
+    victim.close = slow_close  # type: ignore[method-assign]
+    opening_c = asyncio.create_task(rig.pool.acquire(c))  # evicts a, slowly
+    await asyncio.sleep(0.1)
+    assert not closed.is_set()
+    started = time.monotonic()
+    session_b = await rig.pool.acquire(b)
+    await rig.pool.release(b)
+    assert time.monotonic() - started < 0.5, "b waited for a's close"
+    assert session_b.alive and not closed.is_set()
+    reopening_a = asyncio.create_task(rig.pool.acquire(a))
+    await asyncio.sleep(0.2)
+    assert not reopening_a.done(), "a got a new process while its old one was closing"
+    await opening_c
+    assert closed.is_set()
+    await rig.pool.release(c)
+    await reopening_a
+    await rig.pool.release(a)
+    assert rig.pool.peak <= 2 and len(_cli_processes(tmp_path)) <= 2
+
+
 async def test_idle_timeout_and_close_all(make_rig: MakeRig, tmp_path: Path) -> None:
     rig = await make_rig(idle_timeout=1.0)
     rig.incoming("hello", sender=ALICE)
