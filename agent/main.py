@@ -39,6 +39,7 @@ import functools
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,10 @@ def test_fault(environ: dict[str, str] | None = None) -> str:
         return ""
     fault = env.get("WABRIDGE_TEST_FAULT", "")
     return fault if fault in TEST_FAULTS else ""
+
+
+#: Seconds between checkpoints of the state database's write-ahead log (off the loop).
+CHECKPOINT_INTERVAL = 5.0
 
 
 def default_cli_path() -> Path:
@@ -276,6 +281,7 @@ class Worker:
         """Status line, watchdog, timers: once a second."""
         last_status = ""
         last_metrics = 0.0
+        last_checkpoint = time.monotonic()
         self.loop_heartbeat = time.monotonic()  # start-up (imports, a busy host) is no stall
         while not self.stop.is_set():
             now = time.monotonic()
@@ -305,6 +311,12 @@ class Worker:
                 last_metrics = now
                 self._report_metrics()
             await self.pool.reap_idle()
+            if now - last_checkpoint > CHECKPOINT_INTERVAL:
+                last_checkpoint = now
+                try:
+                    await asyncio.to_thread(self.store.checkpoint)
+                except sqlite3.Error as exc:  # the next one will try again
+                    log.warning("store.checkpoint_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 1.0)
 

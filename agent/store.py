@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -217,6 +217,9 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=10000")
+            # no checkpoint on commit: commits happen on the event loop (and on neonize's
+            # thread, which must only persist and enqueue); ``checkpoint`` runs in a thread
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
@@ -254,9 +257,18 @@ class Store:
                 tx.execute("DELETE FROM schema_version")
                 tx.execute("INSERT INTO schema_version VALUES (?)", (current + 1,))
 
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the write-ahead log back into the database without waiting for writers
+        (PASSIVE); returns (pages in the log, pages copied). Call it off the event loop, e.g.
+        ``asyncio.to_thread(store.checkpoint)``: no commit here checkpoints by itself."""
+        row = self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[1]), int(row[2])
+
     def close(self) -> None:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
+            with suppress(sqlite3.Error):  # leave a short log for the next start
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.close()
             self._local.conn = None
 

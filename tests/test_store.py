@@ -514,3 +514,27 @@ def test_history_is_ordered_limited_and_starts_after_reset(store: Store) -> None
     assert store.history("c", 10, since=row.reset_at) == []
     exchange("q3", "a3")
     assert [h.text for h in store.history("c", 10, since=row.reset_at)] == ["q3", "a3"]
+
+
+def test_commits_never_checkpoint_and_checkpoint_runs_from_another_thread(
+        db_path: Path) -> None:
+    """A commit on the event loop never pays for copying the write-ahead log back (SQLite
+    would at 1000 pages); the worker's periodic ``checkpoint`` in a thread does, and closing
+    leaves an empty log."""
+    store = Store(db_path)
+    payload = {"text": "x" * 2000}
+    for i in range(3000):
+        assert store.add_inbound("chat@s.whatsapp.net", "s", f"ID{i:05d}", payload)
+    wal = db_path.with_name(db_path.name + "-wal")
+    page = store._conn().execute("PRAGMA page_size").fetchone()[0]
+    assert wal.stat().st_size > 1000 * page * 1.2, "a commit checkpointed the log"
+    result: list[tuple[int, int]] = []
+    worker = threading.Thread(target=lambda: result.append(store.checkpoint()))
+    worker.start()
+    worker.join(30)
+    log_pages, copied = result[0]
+    assert log_pages > 1000 and copied == log_pages
+    store.close()
+    assert wal.stat().st_size == 0
+    with closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("SELECT count(*) FROM inbox").fetchone()[0] == 3000
