@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.plane import ChangeCallback, ControlPlane, Removed, SessionDoc
+from controller.plane import ChangeCallback, ControlPlane, Removed, SessionDoc, merge_fields
 from controller.server import WorkerServer
 from wabridge import logs, protocol
 from wabridge.errors import UserIdError
@@ -134,7 +134,7 @@ class DocMirror:
     def merge(self, user_id: str, fields: Fields) -> None:
         current = self._fields.setdefault(user_id, {})
         before = _watched(current)
-        _merge(current, fields)
+        merge_fields(current, fields)
         if _watched(current) != before:
             self._notify(user_id, copy.deepcopy(current))
 
@@ -178,21 +178,6 @@ class DocMirror:
                 callback(fields)
             except Exception as exc:  # noqa: BLE001 - one watcher must not break a write
                 log.error("admin.watcher_failed", user_id=user_id, error=repr(exc))
-
-
-def _merge(target: dict[str, Any], fields: Fields, *, top: bool = True) -> None:
-    """Firestore's ``set(merge=True)``, as both planes implement it: non-empty maps merge
-    key by key, anything else replaces; at the top level ``None`` deletes the field."""
-    for key, value in fields.items():
-        if value is None and top:
-            target.pop(key, None)
-        elif isinstance(value, Mapping) and value:
-            current = target.get(key)
-            if not isinstance(current, dict):
-                current = target[key] = {}
-            _merge(current, value, top=False)
-        else:
-            target[key] = value
 
 
 def _watched(fields: Fields) -> tuple[Any, ...]:

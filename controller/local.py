@@ -49,6 +49,7 @@ from controller.plane import (
     ControlPlane,
     Removed,
     SessionDoc,
+    merge_fields,
     parse_session,
 )
 from wabridge import logs
@@ -119,22 +120,6 @@ def _summaries(db: sqlite3.Connection) -> None:
 
 
 SCHEMA_VERSION = max(_MIGRATIONS)
-
-
-def merge(target: dict[str, Any], fields: Mapping[str, Any], *, top: bool = True) -> None:
-    """Firestore's ``set(merge=True)``: non-empty maps merge key by key, anything else
-    (including an empty map) replaces; at the top level ``None`` deletes the field."""
-    for key, value in fields.items():
-        if value is None and top:
-            target.pop(key, None)
-        elif isinstance(value, Mapping) and value:
-            current = target.get(key)
-            if not isinstance(current, dict):
-                current = {}
-                target[key] = current
-            merge(current, value, top=False)
-        else:
-            target[key] = json.loads(json.dumps(value))  # a deep, JSON-shaped copy
 
 
 def check_doc_id(user_id: str) -> str:
@@ -296,7 +281,7 @@ class LocalPlane(ControlPlane):
     def _merge_doc(self, table: str, user_id: str, fields: Mapping[str, Any]) -> None:
         with _immediate(self._db):
             data = self._read_doc(table, user_id) or {}
-            merge(data, fields)
+            merge_fields(data, fields)
             self._write_doc(table, user_id, data)
 
     # -- watching --------------------------------------------------------------------------
@@ -412,7 +397,7 @@ class LocalPlane(ControlPlane):
                 if data is None or parse_doc_status(data.get("status")) not in expect:
                     return False
                 now = time.time()
-                merge(
+                merge_fields(
                     data,
                     {"status": new.value, "host": host, "claimedAt": now, "updatedAt": now},
                 )

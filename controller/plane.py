@@ -24,6 +24,7 @@ sees a raw dict.
 from __future__ import annotations
 
 import abc
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,22 @@ def parse_session(user_id: str, data: Mapping[str, Any]) -> SessionDoc:
         ),
         unit_state=dict(unit) if isinstance(unit, Mapping) else {},
     )
+
+
+def merge_fields(target: dict[str, Any], fields: Mapping[str, Any], *, top: bool = True) -> None:
+    """Firestore's ``set(merge=True)``, as every plane (and the admin mirror) applies it:
+    non-empty maps merge key by key, anything else (including an empty map) replaces with a
+    copy; at the top level ``None`` deletes the field."""
+    for key, value in fields.items():
+        if value is None and top:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and value:
+            current = target.get(key)
+            if not isinstance(current, dict):
+                current = target[key] = {}
+            merge_fields(current, value, top=False)
+        else:
+            target[key] = copy.deepcopy(value)
 
 
 def error_field(code: str, message: str) -> dict[str, Any]:

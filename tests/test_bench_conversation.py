@@ -6,7 +6,6 @@ checked (every latency a positive number).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,21 +14,19 @@ from typing import Any
 import pytest
 
 from bench import conversation
+from wabridge.claude_cli import bundled_cli
 
 
-def _bundled_cli() -> Path | None:
-    spec = importlib.util.find_spec("claude_agent_sdk")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "_bundled" / "claude"
-    return path if path.is_file() else None
+def _cli_installed() -> bool:
+    path = bundled_cli()
+    return path is not None and path.is_file()
 
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.claude,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(_bundled_cli() is None, reason="claude-agent-sdk's bundled CLI missing"),
+    pytest.mark.skipif(not _cli_installed(), reason="claude-agent-sdk's bundled CLI missing"),
 ]
 
 

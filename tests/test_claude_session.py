@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import stat
@@ -25,19 +24,14 @@ from fakes.anthropic_api import (  # tests/ is on sys.path (no tests/__init__.py
 )
 
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, build_command
+from wabridge.claude_cli import bundled_cli
 
 pytestmark = [pytest.mark.claude, pytest.mark.timeout(60)]
 
 
-def _bundled_cli() -> Path | None:
-    spec = importlib.util.find_spec("claude_agent_sdk")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "_bundled" / "claude"
-    return path if path.is_file() else None
-
-
-CLI = _bundled_cli()
+CLI = bundled_cli()
+if CLI is not None and not CLI.is_file():
+    CLI = None
 requires_cli = pytest.mark.skipif(CLI is None, reason="claude-agent-sdk's bundled CLI missing")
 
 # a 4x4 red PNG

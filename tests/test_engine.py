@@ -9,7 +9,6 @@ state directory) and feeds messages the way the worker's sink and pump do
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import os
 import re
@@ -37,18 +36,12 @@ from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, ClaudePool, Engine, tr
 from agent.store import Store
 from agent.whatsapp.base import SendError, Sink, WhatsAppBackend
 from agent.whatsapp.events import IncomingMessage
+from wabridge.claude_cli import bundled_cli
 from wabridge.config import ConversationConfig, LimitsConfig
 
-
-def _bundled_cli() -> Path | None:
-    spec = importlib.util.find_spec("claude_agent_sdk")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "_bundled" / "claude"
-    return path if path.is_file() else None
-
-
-CLI = _bundled_cli()
+CLI = bundled_cli()
+if CLI is not None and not CLI.is_file():
+    CLI = None
 pytestmark = [
     pytest.mark.claude,
     pytest.mark.timeout(60),
