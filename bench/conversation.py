@@ -1004,16 +1004,13 @@ def configure_logging(path: Path) -> Callable[[], None]:
 
     import structlog  # noqa: PLC0415
 
+    from wabridge import logs  # noqa: PLC0415
+
     saved = structlog.get_config()
     stream = path.open("a", buffering=1)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=json.dumps, default=str),
-        ],
+        processors=logs.processors(
+            structlog.processors.JSONRenderer(serializer=json.dumps, default=str)),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,

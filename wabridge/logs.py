@@ -98,6 +98,17 @@ def _format(requested: str) -> str:
     return "console" if sys.stderr.isatty() else "json"
 
 
+def processors(renderer: Any) -> list[Any]:
+    """The processor chain of every wabridge process, ending in ``renderer``."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+
+
 def setup(identifier: str, level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog and the stdlib root logger once per process."""
     chosen = _format(fmt)
@@ -110,13 +121,7 @@ def setup(identifier: str, level: str = "info", fmt: str = "auto") -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors(renderer),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
