@@ -372,11 +372,7 @@ class Controller:
                     log.info("worker.stale_state", user_id=user_id, state=state.value)
                     return
                 self.worker_status[user_id] = doc_status_for(state)
-                # What the report means for the document. Whether it may be written is decided
-                # in the transaction (set_status), never from self.docs: the echo of our own
-                # last write may not be back yet ("connected" cached while the document says
-                # "starting" would drop the worker's "connected" for good).
-                new = rc.status_from_worker(None, state)
+                new = rc.status_from_worker(state)  # written only from WORKER_MAY_SET, below
                 # The facts first, then the status: whoever watches the document and sees
                 # "connected" also sees the phone and the detail.
                 fields: dict[str, Any] = {"statusDetail": detail}

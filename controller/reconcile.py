@@ -264,23 +264,24 @@ def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Actio
     return actions
 
 
-_WORKER_MAY_SET = RUNNING_STATUSES | {DocStatus.PAIRING_REQUESTED}
-WORKER_MAY_SET = frozenset(_WORKER_MAY_SET)  # statuses a worker's report may move on from
+# statuses a worker's report may move a document on from
+WORKER_MAY_SET = frozenset(RUNNING_STATUSES | {DocStatus.PAIRING_REQUESTED})
 CONTROLLER_OWNED = frozenset(DocStatus) - REQUESTS  # statuses only the controller writes
 
 
-def status_from_worker(current: DocStatus | None, state: WorkerState) -> DocStatus | None:
-    """The document status after a worker reports ``state``; None: leave it.
+def status_from_worker(state: WorkerState) -> DocStatus | None:
+    """The document status a worker's report asks for; None: none ("stopping" is the
+    controller's to say).
 
-    A worker may move a document between running statuses and into a terminal outcome
-    (logged out, banned...), but never overrides a client's request or a stop in progress.
+    Whether it may be written depends on the document's status at the time of writing: a
+    worker may move a document only from ``WORKER_MAY_SET`` (between running statuses and
+    into a terminal outcome), never over a client's request or a stop in progress. The
+    controller checks that inside the document transaction (``expect=WORKER_MAY_SET``), not
+    against its cached copy, which can lag behind its own last write.
     """
-    new = doc_status_for(state)
     if state is WorkerState.STOPPING:
         return None
-    if current is None or current in _WORKER_MAY_SET:
-        return new if new != current else None
-    return None
+    return doc_status_for(state)
 
 
 def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],
