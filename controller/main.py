@@ -271,11 +271,9 @@ class Controller:
         return True
 
     async def resync(self) -> None:
-        """The safety net under the change feed: every ``controller.resync_interval`` seconds,
-        read the documents that hold a client's request. One that is still pending, with the
-        same status, at the next check was missed (a feed that went quiet without an error,
-        or a claim that failed): handle it now; if the feed never delivered it, re-open the
-        feed. Two checks, so a request written a moment ago is the feed's to deliver."""
+        """The safety net under the change feed (a feed can go quiet without an error, a
+        claim can fail): every ``controller.resync_interval`` seconds, read the documents that
+        hold a client's request and act as ``reconcile.missed_requests`` decides."""
         seen: dict[str, DocStatus | None] = {}
         while True:
             await asyncio.sleep(self.cfg.controller.resync_interval)
@@ -284,18 +282,13 @@ class Controller:
             except WabridgeError as exc:
                 log.warning("plane.resync_failed", error=str(exc))
                 continue
-            missed = False
-            for doc in pending:
-                if seen.get(doc.user_id, "unseen") != doc.status:
-                    continue
-                known = self.docs.get(doc.user_id)
-                if known is None or known.status is not doc.status:
-                    missed = True
-                    log.warning("plane.request_missed", user_id=doc.user_id,
-                                status=doc.status.value if doc.status else None)
+            check = rc.missed_requests(seen, pending, self.docs)
+            seen = check.seen
+            for user_id in check.missed:
+                log.warning("plane.request_missed", user_id=user_id)
+            for doc in check.handle:
                 self.on_change(doc)
-            seen = {doc.user_id: doc.status for doc in pending}
-            if missed:
+            if check.missed:
                 await self.plane.rewatch()
 
     async def start_slot(self, user_id: str) -> asyncio.Event:

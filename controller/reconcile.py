@@ -9,7 +9,7 @@ returned actions in order. Every row is table-tested in ``tests/test_reconcile.p
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,6 +282,32 @@ def status_from_worker(state: WorkerState) -> DocStatus | None:
     if state is WorkerState.STOPPING:
         return None
     return doc_status_for(state)
+
+
+@dataclass(frozen=True)
+class Resync:
+    """What one resync check decided (``missed_requests``)."""
+
+    handle: list[SessionDoc]  # requests to handle now
+    missed: list[str]  # users among them whose request the feed never delivered: re-open it
+    seen: dict[str, DocStatus | None]  # the pending requests, for the next check
+
+
+def missed_requests(previous: Mapping[str, DocStatus | None], pending: Sequence[SessionDoc],
+                    known: Mapping[str, SessionDoc]) -> Resync:
+    """The controller's check under the change feed (``controller.resync_interval``).
+
+    ``pending`` holds the documents with a ``*_requested`` status now, ``previous`` what the
+    last check saw pending, ``known`` what the feed delivered. A request pending with the same
+    status at two checks is handled (again: a claim is a transaction, so a request already
+    acted on cannot be acted on twice); if the feed never delivered it, the feed missed it.
+    A request seen once only may have been written a moment ago: the feed's to deliver.
+    """
+    handle = [doc for doc in pending
+              if doc.user_id in previous and previous[doc.user_id] is doc.status]
+    missed = [doc.user_id for doc in handle
+              if doc.user_id not in known or known[doc.user_id].status is not doc.status]
+    return Resync(handle, missed, {doc.user_id: doc.status for doc in pending})
 
 
 def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],

@@ -26,6 +26,7 @@ from controller.reconcile import (
     for_doc,
     for_unit,
     hit_start_limit,
+    missed_requests,
     reconcile,
     status_from_worker,
 )
@@ -459,3 +460,32 @@ def test_reconcile_starts_missing_workers_and_stops_orphans() -> None:
 
 def test_reconcile_of_nothing() -> None:
     assert reconcile({}, {}) == []
+
+
+# --- missed_requests (the resync under the change feed) --------------------------------------
+
+
+C, D = S.CREATE_REQUESTED, S.DESTROY_REQUESTED
+
+
+@pytest.mark.parametrize(("previous", "pending", "known", "handled", "missed"), [
+    # first sight: perhaps written a moment ago, the feed's to deliver
+    ({}, [C], None, False, False),
+    # pending twice, never delivered: handled, and the feed missed it
+    ({U: C}, [C], None, True, True),
+    # pending twice, delivered (a claim that failed): handled again, the feed is fine
+    ({U: C}, [C], C, True, False),
+    # delivered with an older status: the feed missed the new request
+    ({U: C}, [C], S.CONNECTED, True, True),
+    # a different request since the last check: a new one, first sight
+    ({U: C}, [D], None, False, False),
+    # handled since the last check: nothing pending, nothing to do
+    ({U: C}, [], None, False, False),
+])
+def test_missed_requests(previous: dict[str, DocStatus], pending: list[DocStatus],
+                         known: DocStatus | None, handled: bool, missed: bool) -> None:
+    check = missed_requests(previous, [doc(st) for st in pending],
+                            {U: doc(known)} if known else {})
+    assert [d.user_id for d in check.handle] == ([U] if handled else [])
+    assert check.missed == ([U] if missed else [])
+    assert check.seen == ({U: pending[0]} if pending else {})
