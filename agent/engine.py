@@ -169,36 +169,16 @@ class ClaudePool:
 
     async def acquire(self, chat_id: str) -> ClaudeSession:
         while True:
-            closing: tuple[str, ClaudeSession] | None = None
             async with self._cond:
-                while True:
-                    if chat_id in self._closing:
-                        # its previous process is still closing: never two on one session
-                        await self._cond.wait()
-                        continue
-                    entry = self._live.get(chat_id)
-                    if entry and entry[0].alive:
-                        self._busy.add(chat_id)
-                        return entry[0]
-                    if entry:
-                        closing = (chat_id, self._take(chat_id))
-                        break
-                    if len(self._live) + len(self._opening) + len(self._closing) < self._size:
-                        self._busy.add(chat_id)
-                        self._opening.add(chat_id)
-                        break
-                    idle = [c for c in self._live if c not in self._busy]
-                    if idle:
-                        victim = min(idle, key=lambda c: self._live[c][1])
-                        closing = (victim, self._take(victim))
-                        break
-                    await self._cond.wait()
-            if closing is None:
+                step = await self._reserve(chat_id)
+            if isinstance(step, ClaudeSession):
+                return step
+            if step is None:
                 break
             # Closed outside the lock: other chats keep acquiring and releasing their own
             # processes meanwhile. The slot stays taken (``_closing``) until the process is
             # gone, so at most ``size`` processes ever live.
-            await self._finish_close(*closing)
+            await self._finish_close(*step)
         try:
             session = await self._open(chat_id)
         except BaseException:
@@ -211,6 +191,31 @@ class ClaudePool:
         self._live[chat_id] = (session, time.monotonic())
         self.peak = max(self.peak, len(self._live))
         return session
+
+    async def _reserve(self, chat_id: str) -> ClaudeSession | tuple[str, ClaudeSession] | None:
+        """Under the lock: the chat's live process; or a process to close first (the chat's
+        dead one, or the least recently used idle one), taken out of ``_live``; or None once a
+        slot is reserved for opening the chat's process."""
+        while True:
+            if chat_id in self._closing:
+                # its previous process is still closing: never two on one session
+                await self._cond.wait()
+                continue
+            entry = self._live.get(chat_id)
+            if entry and entry[0].alive:
+                self._busy.add(chat_id)
+                return entry[0]
+            if entry:
+                return chat_id, self._take(chat_id)
+            if len(self._live) + len(self._opening) + len(self._closing) < self._size:
+                self._busy.add(chat_id)
+                self._opening.add(chat_id)
+                return None
+            idle = [c for c in self._live if c not in self._busy]
+            if idle:
+                victim = min(idle, key=lambda c: self._live[c][1])
+                return victim, self._take(victim)
+            await self._cond.wait()
 
     async def _open(self, chat_id: str) -> ClaudeSession:
         safe = "".join(c if c.isalnum() else "_" for c in chat_id)[:80]
