@@ -86,14 +86,18 @@ async def settle(controller: Controller) -> None:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def world(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                 ) -> AsyncIterator[tuple[Controller, LocalPlane, ScriptedSystemd]]:
+    """A controller with a scripted systemd and a real LocalPlane (parametrize indirectly
+    with a LocalPlane subclass for another plane); ``controller.resync_interval`` is 1 s."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # where READY=1 would go
     notify.bind(str(tmp_path / "notify"))
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     cfg = config.load(None, {"WABRIDGE__CONTROLLER__SOCKET": str(tmp_path / "w.sock"),
-                             "WABRIDGE__CONTROLLER__ADMIN_SOCKET": str(tmp_path / "a.sock")})
-    plane = LocalPlane(tmp_path / "plane.sqlite")
+                             "WABRIDGE__CONTROLLER__ADMIN_SOCKET": str(tmp_path / "a.sock"),
+                             "WABRIDGE__CONTROLLER__RESYNC_INTERVAL": "1"})
+    plane_class: type[LocalPlane] = getattr(request, "param", LocalPlane)
+    plane = plane_class(tmp_path / "plane.sqlite")
     systemd = ScriptedSystemd()
     controller = Controller(cfg, plane, systemd)  # type: ignore[arg-type]
     controller.loaded = True
@@ -170,17 +174,10 @@ class QuietPlane(LocalPlane):
         self.rewatched += 1
 
 
+@pytest.mark.parametrize("world", [QuietPlane], indirect=True)
 async def test_a_request_the_feed_never_delivered_is_handled_by_the_resync(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-    cfg = config.load(None, {"WABRIDGE__CONTROLLER__SOCKET": str(tmp_path / "w.sock"),
-                             "WABRIDGE__CONTROLLER__RESYNC_INTERVAL": "1"})
-    plane = QuietPlane(tmp_path / "plane.sqlite")
-    systemd = ScriptedSystemd()
-    controller = Controller(cfg, plane, systemd)  # type: ignore[arg-type]
-    controller.loaded = True
+        world: tuple[Controller, QuietPlane, ScriptedSystemd]) -> None:
+    controller, plane, systemd = world
     await plane.watch(controller.on_change)
     resync = asyncio.create_task(controller.resync())
     try:
@@ -198,10 +195,6 @@ async def test_a_request_the_feed_never_delivered_is_handled_by_the_resync(
         assert plane.rewatched == 1 and systemd.calls.count("start") == 1
     finally:
         resync.cancel()
-        await settle(controller)
-        controller.notifier.socket.close()
-        notify.close()
-        await plane.close()
 
 
 async def test_worker_reports_are_written_even_when_the_cached_document_lags(
