@@ -28,11 +28,11 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from harness.net import free_port  # noqa: E402
 from harness.packaged import (  # noqa: E402 - after the path set-up above
     CONTROLLER,
     VENV,
     PackagedHost,
-    free_port,
     render_toml,
     sim_config,
 )

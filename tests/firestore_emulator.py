@@ -21,12 +21,13 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from harness.net import free_port
 
 ENV = "WABRIDGE_FIRESTORE_EMULATOR"
 DEFAULT = Path(
@@ -56,12 +57,6 @@ def available() -> str | None:
     if not java:
         return "java not found on PATH (the Firestore emulator needs Java 11 or later)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(port: int) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -24,18 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from fakes.anthropic_api import FakeAnthropicAPI
+from harness.net import free_port
+from harness.packaged import render_toml
 from harness.systemd_ns import Bind, SystemdNamespace
 from harness.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = "/usr/lib/wabridge/src"
 VENV = Path(sys.prefix)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
@@ -134,16 +129,6 @@ class Sim(SimClient):
             self.proc.wait()
         if self.proc.stderr is not None:
             self.proc.stderr.close()
-
-
-def render_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """A small TOML writer for flat sections of str, bool, int and float values."""
-    out = []
-    for name, values in sections.items():
-        out.append(f"[{name}]")
-        for key, value in values.items():
-            out.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(out) + "\n"
 
 
 def firestore_client(emulator_host: str, project: str) -> Any:

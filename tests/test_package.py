@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 from fakes.anthropic_api import FakeAnthropicAPI
 from fleet import SimClient, firestore_client
+from harness.net import free_port
 from harness.packaged import (
     CONTROLLER,
     REPO,
@@ -41,7 +42,6 @@ from harness.packaged import (
     PackagedHost,
     build_deb,
     deb_tools_missing,
-    free_port,
     sim_config,
     upstream_version,
 )

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -72,12 +71,6 @@ def upstream_version() -> str:
 
     with (REPO / "pyproject.toml").open("rb") as f:
         return str(tomllib.load(f)["project"]["version"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def render_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
