@@ -267,15 +267,13 @@ def test_text_of_one_chat_never_reaches_another(fleet: Fleet) -> None:
 # --- isolation between users (needs per-user UIDs) ------------------------------------------
 
 
-def _uids_or_skip(fleet: Fleet) -> tuple[int, int]:
+def _alice_pid_and_uid(fleet: Fleet) -> tuple[int, int]:
     pids = {u: int(fleet.prop(fleet.unit(u), "MainPID")) for u in ("alice", "bob")}
     uids = {}
     for user, pid in pids.items():
         status = (fleet.ns.root / f"proc/{pid}/status").read_text()
         uids[user] = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
-    if uids["alice"] == uids["bob"]:
-        pytest.skip(f"alice's and bob's workers run as the same uid {uids['alice']}: "
-                    "per-user UIDs (User= drop-ins) are not in place yet")
+    assert uids["alice"] != uids["bob"], f"alice and bob both run as uid {uids['alice']}"
     return pids["alice"], uids["alice"]
 
 
@@ -287,7 +285,7 @@ def _in_alices_sandbox(fleet: Fleet, pid: int, uid: int,
 
 
 def test_alices_sandbox_sees_nothing_of_bob(fleet: Fleet) -> None:
-    pid, uid = _uids_or_skip(fleet)
+    pid, uid = _alice_pid_and_uid(fleet)
     fleet.ask("5511977770103", ALICE, "fill alice's state")
     own = _in_alices_sandbox(fleet, pid, uid, "head", "-c", "15",
                              "/var/lib/wabridge/alice/agent.db")
@@ -311,7 +309,7 @@ def test_alices_sandbox_sees_nothing_of_bob(fleet: Fleet) -> None:
 
 
 def test_workers_cannot_read_the_controllers_secrets(fleet: Fleet) -> None:
-    pid, uid = _uids_or_skip(fleet)
+    pid, uid = _alice_pid_and_uid(fleet)
     secret = f"secret-{secrets.token_hex(8)}"
     fleet.ns.write_file("/etc/wabridge/firebase.json", json.dumps({"private_key": secret}),
                         0o600)

@@ -343,9 +343,10 @@ async def trigger_or_skip(driver: BackendDriver, outcome: str, **kw: Any) -> Non
 
 @pytest.mark.parametrize("name", sorted(whatsapp_drivers.LOAD_ERRORS) or ["(none)"])
 def test_every_driver_module_loads(name: str) -> None:
-    """A driver whose library is missing is reported here as a skip, not silently dropped."""
+    """A driver that does not load (its library missing from the venv) fails here, instead of
+    its half of the contract silently not running."""
     if name in whatsapp_drivers.LOAD_ERRORS:
-        pytest.skip(f"driver {name!r} not loaded: {whatsapp_drivers.LOAD_ERRORS[name]}")
+        pytest.fail(f"driver {name!r} not loaded: {whatsapp_drivers.LOAD_ERRORS[name]}")
 
 
 # --------------------------------------------------------------------------- sim backend only
