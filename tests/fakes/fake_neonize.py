@@ -13,9 +13,18 @@ Behaviour copied from neonize 0.5.2 / whatsmeow:
   thread and (by default) wait until it was handled.
 - A store that holds a session connects without QR: ``Connected`` right away (after ``me`` is
   set, like neonize's ``Device`` event 0). An empty store shows a QR code.
-- Handlers are registered with ``client.event(EventType)(fn)`` (bound methods held weakly, as
-  neonize does) and ``client.event.qr(fn)``; the login-status callback is the name-mangled
+- ``client.event`` is neonize's own ``neonize.events.Event``: handlers are registered with
+  ``client.event(EventType)(fn)`` and ``client.event.qr(fn)``, and every event reaches them
+  the way Go hands it over: serialized protobuf bytes passed to ``Event.execute(uuid, ptr,
+  size, code)``, which parses them (``FromString``) and dispatches. So what Go may send and
+  Python parses differently (a proto2 string that is not UTF-8 arrives as ``bytes``) reaches
+  the backend as it would in production. The login-status callback is the name-mangled
   ``_NewClient__onLoginStatus(uuid, status)``.
+- When Go cannot serialize an event (a required field neonize's encoder leaves empty), its
+  event loop ends and ``connect()`` raises ``NeonizeError`` with Go's text:
+  ``emit_unserializable``.
+- ``get_pn_from_lid`` answers from ``world.lid_to_pn`` (whatsmeow's LID store), an empty JID
+  for a LID it does not know.
 - ``stop()`` can be told to hang (``world.stop_hangs``), like neonize during a hung dial.
 
 Rule checks: a second client connecting while one runs, or ``connect()`` called twice on one
@@ -25,6 +34,7 @@ client, is recorded in ``world.violations`` (the real library crashes or leaks).
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import queue
 import secrets
@@ -44,6 +54,8 @@ E2E = API.e2e  # neonize.proto.waE2E.WAWebProtobufsE2E_pb2
 ENUM = API.enum  # neonize.utils.enum
 
 from neonize import exc as neonize_exc  # noqa: E402 - after the contained import
+from neonize.events import EVENT_TO_INT  # noqa: E402
+from neonize.events import Event as NeonizeEvent  # noqa: E402
 from neonize.proto.waCommon.WACommon_pb2 import MessageKey  # noqa: E402
 
 PN = "s.whatsapp.net"
@@ -352,6 +364,8 @@ class FakeWorld:
     violations: list[str] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
     fail_sends: str = ""  # when set, sends raise neonize's SendMessageError with this text
+    fail_sends_to: set[str] = field(default_factory=set)  # JIDs ("user@server") refused
+    lid_to_pn: dict[str, str] = field(default_factory=dict)  # whatsmeow's LID store: lid -> pn
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -381,34 +395,6 @@ class FakeWorld:
             client.close()
 
 
-class FakeEvent:
-    """``client.event``: ``event(EventType)(fn)`` registers, ``event.qr(fn)`` sets the QR cb."""
-
-    def __init__(self, client: FakeNewClient) -> None:
-        self.client = client
-        self.list_func: dict[type[Any], Any] = {}
-        self._qr: Callable[[Any, bytes], None] | None = None
-
-    def __call__(self, event_type: type[Any]) -> Callable[[Callable[[Any, Any], None]], None]:
-        def register(func: Callable[[Any, Any], None]) -> None:
-            if getattr(func, "__self__", None) is not None:
-                self.list_func[event_type] = weakref.WeakMethod(func)  # type: ignore[arg-type]
-            else:
-                self.list_func[event_type] = func
-
-        return register
-
-    def qr(self, func: Callable[[Any, bytes], None]) -> None:
-        self._qr = func
-
-    def dispatch(self, event: Any) -> None:
-        handler = self.list_func.get(type(event))
-        if isinstance(handler, weakref.WeakMethod):
-            handler = handler()
-        if handler is not None:
-            handler(self.client, event)
-
-
 class FakeNewClient:
     """``neonize.client.NewClient`` without Go: same calls, real protobuf payloads."""
 
@@ -429,7 +415,7 @@ class FakeNewClient:
         self.uuid = (uuid or name).encode()
         self.world = world or FakeWorld()
         self.store = self.world.store(name)
-        self.event = FakeEvent(self)
+        self.event = NeonizeEvent(self)  # type: ignore[arg-type]  # neonize's own dispatcher
         self.connected = False
         self.me: Any = None
         self.connect_calls = 0
@@ -444,6 +430,7 @@ class FakeNewClient:
         self._queue: queue.Queue[tuple[Callable[[], None], threading.Event] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._running = False
+        self._connect_error = ""  # set: connect() raises NeonizeError with it (Go gave up)
         self.world.clients.append(self)
 
     # -- neonize API: lifecycle ---------------------------------------------------------------
@@ -480,6 +467,8 @@ class FakeNewClient:
         finally:
             self._running = False
             self.connected = False
+        if self._connect_error:
+            raise neonize_exc.NeonizeError(self._connect_error)
 
     def _handle(self, work: Callable[[], None]) -> None:
         self.handler_threads.append(threading.current_thread())
@@ -526,6 +515,11 @@ class FakeNewClient:
 
     def get_me(self) -> Any:
         return self.me if self.me is not None else P.Device()
+
+    def get_pn_from_lid(self, lid: Any) -> Any:
+        self.log.append("get_pn_from_lid")
+        pn = self.world.lid_to_pn.get(lid.User)
+        return jid(pn, PN) if pn else P.JID()
 
     # -- neonize API: messaging ----------------------------------------------------------------
 
@@ -588,6 +582,8 @@ class FakeNewClient:
         self.log.append(via)
         if self.world.fail_sends:
             raise neonize_exc.SendMessageError(self.world.fail_sends)
+        if jid_str(target) in self.world.fail_sends_to:
+            raise neonize_exc.SendMessageError(f"server returned error 479 for {jid_str(target)}")
         if isinstance(message, str):
             message = E2E.Message(conversation=message)
         body = message.conversation or message.extendedTextMessage.text
@@ -680,14 +676,18 @@ class FakeNewClient:
             P.ConnectFailure,
         ):
             self.connected = False
-        self.event.dispatch(event)
+        self.execute(EVENT_TO_INT[type(event)], event.SerializePartialToString())
+
+    def execute(self, code: int, data: bytes) -> None:
+        """What Go does with an event: its bytes through neonize's ``Event.execute``."""
+        buffer = ctypes.create_string_buffer(data, len(data))
+        self.event.execute(0, ctypes.addressof(buffer), len(data), code)
 
     def _show_qr(self, code: str | None = None) -> None:
         code = code or qr_string()
         self.qr_codes.append(code)
         self.log.append("qr")
-        if self.event._qr is not None:
-            self.event._qr(self, code.encode())
+        self.event._qr(self, code.encode())
 
     def emit(self, event: Any, **kw: Any) -> None:
         """Dispatch a neonize protobuf event on the connect thread."""
@@ -724,6 +724,20 @@ class FakeNewClient:
 
     def emit_message(self, event: Any, **kw: Any) -> None:
         self.emit(event, **kw)
+
+    def emit_raw(self, event_type: type[Any], data: bytes, **kw: Any) -> None:
+        """Hand Go's bytes for an event to neonize as they are (e.g. a string that is not
+        UTF-8, which Go does not validate in proto2)."""
+        self.run_on_connect_thread(lambda: self.execute(EVENT_TO_INT[event_type], data), **kw)
+
+    def emit_unserializable(self, error: str, **kw: Any) -> None:
+        """Go failed to serialize an event: its loop ends and ``connect()`` raises ``error``."""
+
+        def work() -> None:
+            self._connect_error = error
+            self._stopped.set()
+
+        self.run_on_connect_thread(work, **kw)
 
     def emit_pair_error(
         self, error: str = "failed to verify device identity signature", **kw: Any
