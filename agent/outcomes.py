@@ -33,6 +33,16 @@ def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
 
 
+# ConnectFailure codes (whatsmeow's ConnectFailureReason, lower case) that mean "this client
+# is too old": 405 CLIENT_OUTDATED and 409 BAD_USER_AGENT. whatsmeow deletes its store only for
+# 401/403/406, so the session stays valid: stop, keep the store, tell the operator to upgrade.
+OUTDATED_CODES = frozenset({"client_outdated", "bad_user_agent"})
+BANNED_CODES = frozenset({"temp_banned"})
+# ev.LIBRARY_STOPPED: the library's event loop ended by itself (neonize cannot encode an event
+# Go received, e.g. a ban code it does not map). A new process would be refused the same way,
+# so the worker stops instead of re-dialling WhatsApp in a loop.
+
+
 def decide(event: ev.Event) -> Decision:
     match event:
         case ev.QrCode():
@@ -70,6 +80,24 @@ def decide(event: ev.Event) -> Decision:
                 WorkerState.OUTDATED,
                 "WhatsApp rejected this client version (405): upgrade wabridge",
                 ExitCode.OUTDATED,
+            )
+        case ev.ConnectFailure(reason=reason, code=code) if code in OUTDATED_CODES:
+            return Decision(
+                WorkerState.OUTDATED,
+                f"WhatsApp rejected this client ({reason}): upgrade wabridge; the session is "
+                "kept",
+                ExitCode.OUTDATED,
+            )
+        case ev.ConnectFailure(reason=reason, code=code) if code in BANNED_CODES:
+            return Decision(WorkerState.BANNED, f"temporarily banned by WhatsApp ({reason})",
+                            ExitCode.BANNED)
+        case ev.ConnectFailure(reason=reason, code=code) if code == ev.LIBRARY_STOPPED:
+            return Decision(
+                WorkerState.BANNED,
+                "WhatsApp ended the connection with an event this client cannot read "
+                f"(often a ban): {reason}; not reconnecting: check the phone, then restart "
+                "the account",
+                ExitCode.BANNED,
             )
         case ev.ConnectFailure(reason=reason, permanent=True):
             return Decision(WorkerState.LOGGED_OUT, f"connection refused for good: {reason}",

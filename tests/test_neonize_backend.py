@@ -25,8 +25,10 @@ from typing import Any, TypeVar
 import pytest
 from fakes import fake_neonize as fn
 
+from agent import outcomes
 from agent.whatsapp.base import BackendContext, SendError
 from agent.whatsapp.events import (
+    LIBRARY_STOPPED,
     ClientOutdated,
     Connected,
     ConnectFailure,
@@ -46,9 +48,12 @@ from agent.whatsapp.neonize_backend import (
     LoginStatus,
     Me,
     NeonizeBackend,
+    connect_ended,
     me_from_device,
     translate,
 )
+from wabridge.errors import ExitCode
+from wabridge.status import WorkerState
 
 REPO = Path(__file__).resolve().parents[1]
 E = TypeVar("E")
@@ -134,22 +139,33 @@ CONNECTION_ROWS: list[tuple[str, Callable[[], Any], Event | None]] = [
     (
         "connect-failure-transient",
         lambda: fn.connect_failure("SERVICE_UNAVAILABLE", "503 from edge"),
-        ConnectFailure("service_unavailable: 503 from edge", permanent=False),
+        ConnectFailure("service_unavailable: 503 from edge", permanent=False,
+                       code="service_unavailable"),
     ),
     (
         "connect-failure-internal",
         lambda: fn.connect_failure("INTERNAL_SERVER_ERROR"),
-        ConnectFailure("internal_server_error", permanent=False),
+        ConnectFailure("internal_server_error", permanent=False, code="internal_server_error"),
     ),
     (
         "connect-failure-outdated",
         lambda: fn.connect_failure("CLIENT_OUTDATED"),
-        ConnectFailure("client_outdated", permanent=True),
+        ConnectFailure("client_outdated", permanent=False, code="client_outdated"),
     ),
     (
-        "connect-failure-bad-user-agent",
+        "connect-failure-bad-user-agent-keeps-the-session",
         lambda: fn.connect_failure("BAD_USER_AGENT"),
-        ConnectFailure("bad_user_agent", permanent=True),
+        ConnectFailure("bad_user_agent", permanent=False, code="bad_user_agent"),
+    ),
+    (
+        "connect-failure-logged-out-voids-the-session",
+        lambda: fn.connect_failure("LOGGED_OUT"),
+        ConnectFailure("logged_out", permanent=True, code="logged_out"),
+    ),
+    (
+        "connect-failure-main-device-gone",
+        lambda: fn.connect_failure("MAIN_DEVICE_GONE"),
+        ConnectFailure("main_device_gone", permanent=True, code="main_device_gone"),
     ),
     ("client-outdated", fn.client_outdated, ClientOutdated()),
     ("unrelated-receipt", fn.P.Receipt, None),
@@ -743,7 +759,8 @@ async def test_link_state_follows_the_events(linked: Linked) -> None:
     assert linked.backend.is_connected()
     await asyncio.to_thread(linked.client.emit_connect_failure, "SERVICE_UNAVAILABLE")
     failure = await linked.rec.wait(ConnectFailure)
-    assert failure == ConnectFailure("service_unavailable", permanent=False)
+    assert failure == ConnectFailure("service_unavailable", permanent=False,
+                                     code="service_unavailable")
     assert not linked.backend.is_connected()
     assert linked.backend.me == ME
 
@@ -836,6 +853,46 @@ async def test_connect_error_is_reported_not_raised(ctx: BackendContext) -> None
         assert failure == ConnectFailure("connect failed: database is locked", permanent=False)
     finally:
         await backend.stop(timeout=2.0)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(None, ConnectFailure("the WhatsApp client stopped", permanent=False),
+                     id="returned"),
+        pytest.param("database is locked",
+                     ConnectFailure("connect failed: database is locked", permanent=False),
+                     id="ordinary-error"),
+        pytest.param("proto: required field neonize.TemporaryBan.Code not set",
+                     ConnectFailure("proto: required field neonize.TemporaryBan.Code not set",
+                                    permanent=False, code=LIBRARY_STOPPED),
+                     id="unserializable-event"),
+    ],
+)
+def test_connect_ended(error: str | None, expected: ConnectFailure) -> None:
+    assert connect_ended(error) == expected
+
+
+async def test_bad_user_agent_stops_as_outdated_and_keeps_the_store(linked: Linked) -> None:
+    # 409 through neonize's own dispatch: "upgrade", not "re-scan"
+    await asyncio.to_thread(linked.client.emit_connect_failure, "BAD_USER_AGENT")
+    decision = outcomes.decide(await linked.rec.wait(ConnectFailure))
+    assert decision.state is WorkerState.OUTDATED
+    assert decision.exit_code is ExitCode.OUTDATED
+    assert not decision.wipe_session
+
+
+async def test_an_event_go_cannot_encode_stops_without_reconnecting(linked: Linked) -> None:
+    error = "proto: required field neonize.TemporaryBan.Code not set"
+    await asyncio.to_thread(linked.client.emit_unserializable, error)
+    failure = await linked.rec.wait(ConnectFailure)
+    assert failure.code == LIBRARY_STOPPED
+    assert not linked.backend.is_connected()  # the watchdog and status line see it down
+    decision = outcomes.decide(failure)
+    assert decision.exit_code is ExitCode.BANNED  # RestartPreventExitStatus: no re-dial loop
+    assert not decision.start_reconnect_clock
+    assert error in decision.detail
+    assert linked.client.connect_calls == 1
 
 
 async def test_restart_shares_the_store_and_connects_without_qr(

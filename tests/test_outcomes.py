@@ -35,6 +35,19 @@ ROWS: list[tuple[ev.Event, WorkerState | None, ExitCode | None, bool, str]] = [
      ExitCode.LOGGED_OUT, True, "401 unauthorized"),
     (ev.ConnectFailure(reason="503 unavailable", permanent=False), WorkerState.DISCONNECTED,
      None, False, "503 unavailable"),
+    # 409: whatsmeow keeps its store; the session is valid, only the client is refused
+    (ev.ConnectFailure(reason="bad_user_agent", permanent=False, code="bad_user_agent"),
+     WorkerState.OUTDATED, ExitCode.OUTDATED, False, "upgrade wabridge"),
+    (ev.ConnectFailure(reason="client_outdated", permanent=False, code="client_outdated"),
+     WorkerState.OUTDATED, ExitCode.OUTDATED, False, "upgrade wabridge"),
+    (ev.ConnectFailure(reason="temp_banned", permanent=False, code="temp_banned"),
+     WorkerState.BANNED, ExitCode.BANNED, False, "temp_banned"),
+    (ev.ConnectFailure(reason="logged_out", permanent=True, code="logged_out"),
+     WorkerState.LOGGED_OUT, ExitCode.LOGGED_OUT, True, "logged_out"),
+    # neonize's event loop ended on an event Go could not encode: stop, raw text shown
+    (ev.ConnectFailure(reason="proto: required field neonize.TemporaryBan.Code not set",
+                       permanent=False, code=ev.LIBRARY_STOPPED),
+     WorkerState.BANNED, ExitCode.BANNED, False, "neonize.TemporaryBan.Code not set"),
     (ev.QrExpired(), WorkerState.QR_EXPIRED, ExitCode.QR_EXPIRED, False, "in time"),
     (ev.IncomingMessage(wa_id="w", chat_id="c", sender="s", text="hi", timestamp=1.0),
      None, None, False, ""),
@@ -61,6 +74,14 @@ def test_banned_detail_names_the_reason() -> None:
 def test_incoming_message_is_nothing() -> None:
     msg = ev.IncomingMessage(wa_id="w", chat_id="c", sender="s", text="hi", timestamp=1.0)
     assert decide(msg) == Decision(None)
+
+
+def test_no_stopping_outcome_starts_the_reconnect_clock() -> None:
+    # a stopped worker must not be re-dialled: neither by the clock nor by systemd
+    for event, *_ in ROWS:
+        decision = decide(event)
+        if decision.exit_code is not None:
+            assert not decision.start_reconnect_clock, event
 
 
 def test_reconnect_clock() -> None:

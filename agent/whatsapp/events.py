@@ -62,10 +62,23 @@ class ClientOutdated:
     """WhatsApp refuses this client version (HTTP 405): wabridge must be upgraded."""
 
 
+#: ``ConnectFailure.code`` when the library's event loop ended by itself (see agent.outcomes).
+LIBRARY_STOPPED = "library_stopped"
+
+
 @dataclass(frozen=True)
 class ConnectFailure:
+    """WhatsApp (or the library) refused or ended the connection.
+
+    ``code`` names the cause for :mod:`agent.outcomes` (lower-case whatsmeow
+    ``ConnectFailureReason`` names such as ``bad_user_agent``, or ``library_stopped`` when the
+    library's event loop ended by itself); ``permanent`` says the session is void (logged
+    out), so retrying cannot help and the store must go.
+    """
+
     reason: str
     permanent: bool
+    code: str = ""
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from unittest import mock
 
 from agent.whatsapp.base import BackendContext, SendError, Sink, WhatsAppBackend
 from agent.whatsapp.events import (
+    LIBRARY_STOPPED,
     ClientOutdated,
     Connected,
     ConnectFailure,
@@ -90,17 +91,11 @@ SEND_TIMEOUT = 120.0  # a send stuck longer than this is reported as SendError
 PRESENCE_TIMEOUT = 10.0
 QUOTE_CACHE_SIZE = 512  # raw message events kept for quoting and read receipts
 
-# ConnectFailureReason names (neonize.proto) after which retrying cannot help.
-PERMANENT_FAILURES = frozenset(
-    {
-        "LOGGED_OUT",
-        "TEMP_BANNED",
-        "MAIN_DEVICE_GONE",
-        "UNKNOWN_LOGOUT",
-        "CLIENT_OUTDATED",
-        "BAD_USER_AGENT",
-    }
-)
+# ConnectFailureReason names (neonize.proto) that void the session: whatsmeow deletes its store
+# for exactly these (401, 403, 406: ``ConnectFailureReason.IsLoggedOut``). Every other reason
+# keeps the session; :mod:`agent.outcomes` decides by the reason's code (409 BAD_USER_AGENT
+# is "upgrade", not "re-scan").
+PERMANENT_FAILURES = frozenset({"LOGGED_OUT", "MAIN_DEVICE_GONE", "UNKNOWN_LOGOUT"})
 
 # Message fields that carry nothing to answer: reactions, receipts of all kinds, key
 # distribution, edits/revokes (protocolMessage), poll votes, pins, keep-in-chat.
@@ -339,7 +334,8 @@ def translate(
       LoggedOut                -> LoggedOut(reason)
       StreamReplaced           -> StreamReplaced
       TemporaryBan             -> TemporaryBan(reason, now + Expire seconds)
-      ConnectFailure           -> ConnectFailure(reason, permanent by PERMANENT_FAILURES)
+      ConnectFailure           -> ConnectFailure(reason, permanent by PERMANENT_FAILURES,
+                                  code = the reason's name in lower case)
       ClientOutdated           -> ClientOutdated
       Message                  -> IncomingMessage, or None (see :func:`translate_message`)
       anything else            -> None
@@ -383,12 +379,31 @@ def translate(
         case "neonize.ConnectFailure":
             code_name = _enum_name(event, "Reason") if event.HasField("Reason") else "GENERIC"
             reason = code_name.lower() + (f": {event.Message}" if event.Message else "")
-            return ConnectFailure(reason=reason, permanent=code_name in PERMANENT_FAILURES)
+            return ConnectFailure(reason=reason, permanent=code_name in PERMANENT_FAILURES,
+                                  code=code_name.lower())
         case "neonize.ClientOutdated":
             return ClientOutdated()
         case "neonize.Message":
             return translate_message(event, me=me, download=download)
     return None
+
+
+def connect_ended(error: str | None) -> ConnectFailure:
+    """What it means that neonize's ``connect()`` returned without our ``stop()`` (pure).
+
+    ``error`` is the text ``connect()`` raised (None: it returned). When Go cannot serialize
+    an event it received (protobuf: "required field … not set", e.g. a TemporaryBan code or a
+    ConnectFailure reason neonize's encoder does not map), neonize's event loop ends and
+    ``connect()`` raises: that event was WhatsApp refusing us, and a new process would be
+    refused the same way, so it is ``LIBRARY_STOPPED`` (the worker stops; the raw text goes on
+    the document). Anything else is an ordinary, non-permanent failure (a fresh process may
+    connect).
+    """
+    if error is None:
+        return ConnectFailure(reason="the WhatsApp client stopped", permanent=False)
+    if "required field" in error:
+        return ConnectFailure(reason=error, permanent=False, code=LIBRARY_STOPPED)
+    return ConnectFailure(reason=f"connect failed: {error}", permanent=False)
 
 
 def _translate_login_status(status: str) -> Event | None:
@@ -636,15 +651,20 @@ class NeonizeBackend(WhatsAppBackend):
         thread.start()
 
     def _run_connect(self) -> None:
+        """The connect thread. ``connect()`` returns only when the Go side stopped: after our
+        ``stop()``, or by itself (see :func:`connect_ended`). Either way the link is down from
+        here on, and never comes back in this process."""
+        error: str | None = None
         try:
             self._client.connect()
         except Exception as exc:  # noqa: BLE001 - reported as an event, never raised
-            if not self._stopping:
-                log.warning("whatsapp.connect_failed", error=str(exc))
-                self._emit(ConnectFailure(reason=f"connect failed: {exc}", permanent=False))
+            error = str(exc) or type(exc).__name__
+        self._connected = False
+        if self._stopping:
             return
-        if not self._stopping:
-            self._emit(ConnectFailure(reason="the WhatsApp client stopped", permanent=False))
+        event = connect_ended(error)
+        log.error("whatsapp.library_stopped", error=error or "", code=event.code)
+        self._emit(event)
 
     async def stop(self, timeout: float = 3.0) -> None:
         self._stopping = True

@@ -40,7 +40,6 @@ import queue
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
