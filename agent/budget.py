@@ -2,6 +2,9 @@
 
 - ``take``: a per-sender inbound token bucket (``rate_per_minute`` refill, ``burst`` capacity)
   so one contact cannot burn the user's budget.
+- ``admit``: the bucket plus the "slow down" notice: one notice per episode, where an episode
+  ends only when the sender paused long enough for the bucket to refill completely (a token
+  that refills in the middle of a burst lets one message through, but is no new episode).
 - ``send_delay``: outbound pacing per account: a minimum gap plus random jitter between two
   sends (reduces the risk that WhatsApp flags the account as a bot).
 - ``over_budget`` / ``effective_budget`` / ``utc_day``: the daily cost cap per user, summed
@@ -40,6 +43,31 @@ def take(bucket: Bucket | None, now: float, rate_per_minute: float, burst: int
     if tokens >= 1.0:
         return True, Bucket(tokens - 1.0, at)
     return False, Bucket(tokens, at)
+
+
+@dataclass(frozen=True)
+class Admission:
+    allowed: bool
+    notify: bool  # send the "slow down" notice with this refusal
+    bucket: Bucket
+    slowed: bool  # the sender is in a rate-limit episode (was told to slow down)
+
+
+def admit(bucket: Bucket | None, slowed: bool, now: float, rate_per_minute: float,
+          burst: int) -> Admission:
+    """One inbound message of a sender against their bucket, and whether to tell them.
+
+    ``slowed``: the sender was told to slow down in the current episode. The episode ends
+    when the bucket, refilled to ``now``, is full again: only a real pause starts a new one.
+    """
+    if slowed and bucket is not None:
+        refilled = take(bucket, now, rate_per_minute, burst)[1].tokens + 1.0
+        if rate_per_minute <= 0 or refilled >= burst:
+            slowed = False
+    ok, after = take(bucket, now, rate_per_minute, burst)
+    if ok:
+        return Admission(True, False, after, slowed)
+    return Admission(False, not slowed, after, True)
 
 
 def send_delay(last_sent: float | None, now: float, gap: float, jitter: float) -> float:

@@ -372,8 +372,8 @@ class ClaudeSession:
         if not key or not key.strip():
             raise ClaudeError(
                 "not_configured",
-                "no Anthropic API key configured: set ANTHROPIC_API_KEY (in the worker's "
-                "Claude settings extra_env or its environment)",
+                "no Anthropic API key configured: put ANTHROPIC_API_KEY=sk-ant-... in "
+                "/etc/wabridge/worker.env (mode 0600) and restart the account",
             )
         _check_and_prepare(settings, workdir, config_dir, resume_session_id)
         new_session_id = None if resume_session_id is not None else str(uuid.uuid4())

@@ -14,7 +14,8 @@ Per step of a chat (all decisions are pure functions in :mod:`agent.policy`,
 2. a command (from the owner, or anyone with ``commands_from = everyone``) is run on its own,
    in order with the surrounding messages, and answered through the outbox;
 3. non-owner messages take a token from their sender's bucket; excess ones are skipped and
-   the sender gets one "slow down" notice per episode;
+   the sender gets one "slow down" notice per episode (it ends when the sender has paused
+   long enough for the bucket to refill completely);
 4. over the daily budget the turn is skipped with one notice per chat per UTC day;
 5. otherwise one Claude turn answers the run of messages. A fresh session (first ever, after
    a rotation, or after a failed resume) gets its seed in front of the first turn;
@@ -437,15 +438,19 @@ class Engine:
             await self._answer(chat_id, [item for item, _ in admitted])
 
     def _admit(self, chat_id: str, item: PendingInbound) -> bool:
-        """The sender's token bucket; an excess message is skipped, with one notice."""
-        ok, bucket = budget.take(self._buckets.get(item.sender), item.received_at,
-                                 self._limits.inbound_per_minute, self._limits.inbound_burst)
-        self._buckets[item.sender] = bucket
-        if ok:
+        """The sender's token bucket; an excess message is skipped, with one notice per
+        episode (:func:`agent.budget.admit`)."""
+        verdict = budget.admit(self._buckets.get(item.sender), item.sender in self._slowed,
+                               item.received_at, self._limits.inbound_per_minute,
+                               self._limits.inbound_burst)
+        self._buckets[item.sender] = verdict.bucket
+        if verdict.slowed:
+            self._slowed.add(item.sender)
+        else:
             self._slowed.discard(item.sender)
+        if verdict.allowed:
             return True
-        notice = None if item.sender in self._slowed else SLOW_DOWN_NOTICE
-        self._slowed.add(item.sender)
+        notice = SLOW_DOWN_NOTICE if verdict.notify else None
         self._store.skip_with_notice(chat_id, [item.id], "rate_limited", notice)
         log.warning("message.rate_limited", wa_id=item.wa_id, sender=item.sender,
                     notice=notice is not None)

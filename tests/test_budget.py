@@ -70,6 +70,43 @@ def test_bucket_never_admits_more_than_burst_plus_rate(times: list[float], rate:
 # --- pacing --------------------------------------------------------------------------------
 
 
+def notices(times: list[float], rate: float = 10.0, burst: int = 5) -> list[str]:
+    """Per message: "ok", "NOTICE" (refused, told to slow down) or "quiet" (refused)."""
+    bucket: Bucket | None = None
+    slowed = False
+    out = []
+    for t in times:
+        verdict = budget.admit(bucket, slowed, t, rate, burst)
+        bucket, slowed = verdict.bucket, verdict.slowed
+        out.append("ok" if verdict.allowed else "NOTICE" if verdict.notify else "quiet")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("times", "rate", "burst", "expected_notices"),
+    [
+        # 30 messages in 15 s: tokens refill mid-burst and let some through, one notice
+        ([i * 0.5 for i in range(30)], 10, 5, 1),
+        # 30 messages in 60 s at 10/minute burst 5: still one episode
+        ([i * 2.0 for i in range(30)], 10, 5, 1),
+        # a real pause (30 s refills 5 tokens at 10/minute) starts a new episode
+        ([0.0] * 7 + [40.0 + i * 0.1 for i in range(7)], 10, 5, 2),
+        # a pause too short to refill the bucket does not
+        ([0.0] * 7 + [20.0 + i * 0.1 for i in range(7)], 10, 5, 1),
+        # within limits: no notice at all
+        ([i * 6.0 for i in range(30)], 10, 5, 0),
+        ([0.0] * 50, 0, 1, 0),
+    ],
+)
+def test_one_slow_down_notice_per_episode(times: list[float], rate: float, burst: int,
+                                          expected_notices: int) -> None:
+    got = notices(times, rate, burst)
+    assert got.count("NOTICE") == expected_notices
+    # the notice rides on the first refused message of an episode, and the bucket decides
+    # who is answered exactly as ``take`` alone would
+    assert [g == "ok" for g in got] == run(times, rate, burst)
+
+
 @pytest.mark.parametrize(
     ("last", "now", "gap", "jitter", "expected"),
     [

@@ -406,6 +406,9 @@ async def test_no_api_key_is_not_configured(
             )
         assert info.value.code == "not_configured"
         assert "ANTHROPIC_API_KEY" in str(info.value)
+        # what the operator reads in `claude.unavailable`: the file to edit, not an internal
+        assert "/etc/wabridge/worker.env" in str(info.value)
+        assert "extra_env" not in str(info.value)
     assert api.requests == []
 
 
