@@ -3,8 +3,11 @@
 One turn at a time per chat, chats concurrently. Messages of a burst (within ``debounce``)
 are answered in one turn; messages arriving during a turn wait for the next one. A turn's
 reply is committed together with marking its messages done (:meth:`Store.complete_turn`),
-then delivered by a single, paced sender task in commit order with ids chosen before the
-first attempt, so a crash anywhere yields exactly one reply per turn.
+then delivered by a single, paced sender task in commit order. A crash anywhere yields one
+reply per turn exactly once on a backend that sends with the id chosen before the first
+attempt (the simulator); on neonize, which picks its own ids, a crash during the library call
+makes that reply uncertain: at least once (``conversation.uncertain_replies = resend``, the
+default) or at most once (``drop``). See :mod:`agent.delivery`.
 
 Per step of a chat (all decisions are pure functions in :mod:`agent.policy`,
 :mod:`agent.commands`, :mod:`agent.budget` and :mod:`agent.rotation`):
@@ -40,13 +43,19 @@ from typing import Any
 
 import structlog
 
-from agent import budget, commands, policy, rotation, shaping
+from agent import budget, commands, delivery, policy, rotation, shaping
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, TurnResult
 from agent.commands import Command
 from agent.policy import Decision, InvalidSetting, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
 from agent.whatsapp.base import SendError, WhatsAppBackend
-from agent.whatsapp.events import IncomingMessage
+from agent.whatsapp.events import (
+    ChatExpiration,
+    Event,
+    IncomingMessage,
+    StreamError,
+    Undecryptable,
+)
 from wabridge import logs
 from wabridge.config import ConversationConfig, LimitsConfig
 
@@ -54,6 +63,7 @@ log = logs.get("agent.engine")
 
 MessageReporter = Callable[[str, str, str, str, str], None]  # direction, chat, sender, text, id
 SummaryReporter = Callable[[str, int, str], None]  # chat, version, text
+ProblemReporter = Callable[[str, str], None]  # stable code, message for the owner
 
 BUDGET_NOTICE = ("I have reached my daily budget and cannot answer more messages today. "
                  "Please try again tomorrow.")
@@ -63,6 +73,10 @@ SLOW_DOWN_NOTICE = ("You are sending messages faster than I can answer them. Ple
 
 def _no_summary(chat_id: str, version: int, text: str) -> None:
     del chat_id, version, text
+
+
+def _no_problem(code: str, message: str) -> None:
+    del code, message
 
 
 def payload_of(message: IncomingMessage) -> dict[str, Any]:
@@ -307,6 +321,7 @@ class Engine:
         context_window: int = 200_000,
         model: str = "",
         on_summary: SummaryReporter = _no_summary,
+        on_problem: ProblemReporter = _no_problem,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -319,7 +334,8 @@ class Engine:
         self._model = model
         self._report = report_message
         self._on_summary = on_summary
-        self._clock = clock  # wall clock: budget days
+        self._on_problem = on_problem
+        self._clock = clock  # wall clock: budget days, send retries
         self._rng = rng  # pacing jitter
         self._policy: Policy = policy.DEFAULT
         self._owner = ""
@@ -331,8 +347,10 @@ class Engine:
         self._presence_tasks: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
         self._last_sent: float | None = None  # monotonic
+        self._loops: dict[str, policy.LoopState] = {}  # the loop guard, per chat
         self.accepting = True
         self.turns_in_flight: dict[str, float] = {}  # chat -> monotonic start (watchdog)
+        self._settle_uncertain()
 
     # --- settings and identity ----------------------------------------------------------
     @property
@@ -367,7 +385,35 @@ class Engine:
                                         payload_of(message))
         if not fresh:
             log.info("message.duplicate", chat_id=message.chat_id, wa_id=message.wa_id)
+        if message.expiration is not None:
+            self._note_expiration(message.chat_id, message.expiration)
         return fresh
+
+    def _note_expiration(self, chat_id: str, seconds: int) -> None:
+        if self._store.set_expiration(chat_id, seconds):
+            log.info("chat.expiration", chat_id=chat_id, seconds=seconds)
+
+    def observe(self, event: Event) -> None:
+        """WhatsApp events about chats rather than the link: a chat's disappearing timer,
+        messages lost to decryption, stream errors (logged, counted for the metrics; a lost
+        message is reported to the owner)."""
+        match event:
+            case ChatExpiration(chat_id=chat_id, seconds=seconds):
+                self._note_expiration(chat_id, seconds)
+            case Undecryptable(chat_id=chat_id, sender=sender, wa_id=wa_id):
+                self._store.bump("undecryptable")
+                log.warning("message.undecryptable", chat_id=chat_id, sender=sender,
+                            wa_id=wa_id)
+                self._on_problem(
+                    "undecryptable",
+                    f"a message from {sender} in {chat_id} could not be decrypted and was not "
+                    "answered; ask the sender to send it again (WhatsApp usually fixes this "
+                    "by itself after the next message)")
+            case StreamError(code=code):
+                self._store.bump("stream_errors")
+                log.warning("whatsapp.stream_error", code=code)
+            case _:
+                pass
 
     def wake_chat(self, chat_id: str) -> None:
         """Start the chat's turn loop if it is not running (loop thread only)."""
@@ -434,8 +480,27 @@ class Engine:
         first, decision = admitted[0]
         if decision.command is not None:
             await self._command(chat_id, first, decision.command)
-        else:
+        elif self._loop_allows(chat_id, [item for item, _ in admitted]):
             await self._answer(chat_id, [item for item, _ in admitted])
+
+    def _loop_allows(self, chat_id: str, batch: list[PendingInbound]) -> bool:
+        """The loop guard (:func:`agent.policy.loop_guard`); a stopped chat's messages are
+        kept, skipped as ``bot_loop``."""
+        verdict, self._loops[chat_id] = policy.loop_guard(
+            self._loops.get(chat_id, policy.LoopState()), batch[-1].received_at,
+            max_turns=self._conv.loop_max_turns, window=self._conv.loop_window)
+        if verdict == "answer":
+            return True
+        self._store.skip_inbound([i.id for i in batch], "bot_loop")
+        if verdict == "stop":
+            log.warning("chat.loop_stopped", turns=self._conv.loop_max_turns,
+                        window=self._conv.loop_window)
+            self._on_problem(
+                "bot_loop",
+                f"{chat_id} exchanged more than {self._conv.loop_max_turns} turns within "
+                f"{self._conv.loop_window:g} s, as two bots answering each other would; it is "
+                f"not answered until it has been quiet for {self._conv.loop_window:g} s")
+        return False
 
     def _admit(self, chat_id: str, item: PendingInbound) -> bool:
         """The sender's token bucket; an excess message is skipped, with one notice per
@@ -663,33 +728,76 @@ class Engine:
                 await asyncio.wait_for(self._outbox_wake.wait(), 1.0)
 
     async def deliver_pending(self) -> None:
-        """Send the outbox in order, paced (one sender at a time: never the same reply twice
-        concurrently)."""
+        """Send the outbox in commit order, paced (one sender at a time: never the same reply
+        twice concurrently). A reply that waits for a retry holds back the later replies of
+        its chat only (per-chat order among sent replies); one that keeps failing is marked
+        failed and the chat goes on (:mod:`agent.delivery`)."""
         async with self._send_lock:
-            if not self._backend.is_connected():
-                return
+            held: set[str] = set()  # chats whose oldest reply is waiting for a retry
             for reply in self._store.pending_replies():
+                if not self._backend.is_connected():
+                    return
+                if reply.chat_id in held or reply.next_try > self._clock():
+                    held.add(reply.chat_id)
+                    continue
                 delay = budget.send_delay(self._last_sent, time.monotonic(),
                                           self._limits.send_gap,
                                           self._limits.send_jitter * self._rng())
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if not await self._send(reply):
+                outcome = await self._send(reply)
+                if outcome == "wait":
                     return
-                self._last_sent = time.monotonic()
+                if outcome == "retry":
+                    held.add(reply.chat_id)
+                else:
+                    self._last_sent = time.monotonic()
 
-    async def _send(self, reply: PendingReply) -> bool:
+    async def _send(self, reply: PendingReply) -> str:
+        """One try: ``sent``, ``retry`` (later), ``failed`` (for good) or ``wait`` (link down).
+        The ``sending`` mark is committed before the library call: a crash during it leaves
+        the reply uncertain (see :meth:`_settle_uncertain`), never silently pending."""
         quote = message_of(reply.quote) if reply.quote else None
+        expiration = self._store.expiration(reply.chat_id)
+        self._store.mark_sending(reply.id)
         try:
-            await self._backend.send_text(reply.chat_id, reply.text, quote=quote,
-                                          msg_id=reply.wa_id)
+            wa_id = await self._backend.send_text(reply.chat_id, reply.text, quote=quote,
+                                                  msg_id=reply.wa_id, expiration=expiration)
         except SendError as exc:
-            log.warning("outbox.send_failed", chat_id=reply.chat_id, error=str(exc))
-            return False
-        self._store.mark_sent(reply.id)
-        log.info("outbox.delivered", chat_id=reply.chat_id, wa_id=reply.wa_id)
-        self._report("out", reply.chat_id, "me", reply.text, reply.wa_id)
-        return True
+            step = delivery.after_send_error(
+                reply.attempts, self._backend.is_connected(), self._clock(),
+                max_attempts=self._conv.send_attempts, base=self._conv.send_retry_base)
+            if step.action == "fail":
+                self._store.mark_failed(reply.id, str(exc), attempts=step.attempts)
+                log.error("outbox.failed", chat_id=reply.chat_id, reply_id=reply.id,
+                          attempts=step.attempts, error=str(exc))
+                self._on_problem(
+                    "reply_failed",
+                    f"a reply to {reply.chat_id} was not delivered after {step.attempts} "
+                    f"attempts: {exc}")
+                return "failed"
+            self._store.mark_retry(reply.id, str(exc), step.next_try, attempts=step.attempts)
+            log.warning("outbox.send_failed", chat_id=reply.chat_id, reply_id=reply.id,
+                        attempts=step.attempts, retry_in=round(step.next_try - self._clock(), 1),
+                        error=str(exc))
+            return step.action
+        wa_id = wa_id or reply.wa_id
+        self._store.mark_sent(reply.id, wa_id)
+        log.info("outbox.delivered", chat_id=reply.chat_id, wa_id=wa_id, expiration=expiration)
+        self._report("out", reply.chat_id, "me", reply.text, wa_id)
+        return "sent"
+
+    def _settle_uncertain(self) -> None:
+        """At start-up (nothing is being sent yet): replies a crash left ``sending``."""
+        action = delivery.uncertain(self._backend.honours_message_id,
+                                    "drop" if self._conv.uncertain_replies == "drop"
+                                    else "resend")
+        settled = self._store.settle_uncertain(resend=action == "resend")
+        for reply in settled:
+            log.warning("outbox.uncertain", chat_id=reply.chat_id, reply_id=reply.id,
+                        action=action, exactly_once=self._backend.honours_message_id)
+        if settled and not self._backend.honours_message_id:
+            self._store.bump("uncertain_replies", len(settled))
 
     async def drain(self, timeout: float) -> None:
         """Stop taking turns; let turns in flight finish within ``timeout``; flush the outbox."""

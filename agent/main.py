@@ -158,7 +158,7 @@ class Worker:
         self.engine = Engine(store, self.backend, self.pool, cfg.conversation,
                              self._report_message, limits=cfg.limits,
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
-                             on_summary=self._report_summary)
+                             on_summary=self._report_summary, on_problem=self._report_problem)
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -226,6 +226,7 @@ class Worker:
                          wa_id=event.wa_id, sender=event.sender)
                 self.engine.wake_chat(event.chat_id)
                 continue
+            self.engine.observe(event)  # chat timers, undecryptable messages, stream errors
             decision = outcomes.decide(event)
             if isinstance(event, ev.QrCode):
                 log.info("whatsapp.qr_generated")
@@ -372,6 +373,9 @@ class Worker:
         self.link.report(lambda seq: protocol.Summary(seq=seq, chat_id=chat_id, number=number,
                                                       text=text))
 
+    def _report_problem(self, code: str, message: str) -> None:
+        self.link.report(lambda seq: protocol.Problem(seq=seq, code=code, message=message))
+
     def _report_metrics(self) -> None:
         t = self.store.totals()
         today = self.store.cost_on(utc_day(time.time()))
@@ -380,7 +384,10 @@ class Worker:
             seq=seq, chats=chats, claude_processes=procs, turns=int(t["turns"]),
             messages_in=int(t["messages_in"]), messages_out=int(t["messages_out"]),
             input_tokens=int(t["input_tokens"]), output_tokens=int(t["output_tokens"]),
-            cost_today_usd=today))
+            cost_today_usd=today, undecryptable=int(t.get("undecryptable", 0)),
+            stream_errors=int(t.get("stream_errors", 0)),
+            replies_failed=int(t["replies_failed"]),
+            uncertain_replies=int(t.get("uncertain_replies", 0))))
 
     async def run(self) -> ExitCode:
         if self.fault == "crash":

@@ -19,6 +19,9 @@ key                 values                                          default
 
 :func:`decide` (pure) says what to do with one message, in this order:
 
+0. a message with nothing in it (whitespace-only text, no media) -> skipped (``empty``);
+   bot accounts (``…@bot``, Meta AI's phone numbers, see :func:`is_bot`) are never
+   answered, not even their commands (``bot``);
 1. a command (``/word``) from the owner (a message the account itself sent, or whose sender
    is the account's number) or, with ``commands_from = everyone``, from anyone the reply
    rules below would answer -> ``command``; anyone else's ``/word`` is an ordinary message;
@@ -28,6 +31,10 @@ key                 values                                          default
 4. groups: ``off`` skips, ``mention`` answers only when the account is @-mentioned or
    replied to, ``all`` answers all; with ``allowlist`` the group sender must be listed too;
 5. ``allowlist``: only listed senders; ``everyone``: everybody.
+
+:func:`loop_guard` (pure) is the general guard against bot-to-bot loops: a chat that has
+more than ``max_turns`` turns within ``window`` seconds is stopped, and answered again once it
+has been quiet for ``window`` seconds (a human pause).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from agent import commands
@@ -52,6 +59,8 @@ _REPLY_TO: tuple[ReplyTo, ...] = ("everyone", "allowlist", "self")
 _GROUPS: tuple[Groups, ...] = ("off", "mention", "all")
 _COMMANDS_FROM: tuple[CommandsFrom, ...] = ("owner", "everyone")
 _PHONE = re.compile(r"^\d{6,15}$")
+# whatsmeow's ``JID.IsBot``: the ``bot`` server, or these phone numbers (Meta AI and its kin)
+_BOT_PHONE = re.compile(r"^1313555\d{4}$|^131655500\d{2}$")
 
 
 class InvalidSetting(PolicyError):
@@ -142,6 +151,20 @@ def phone_of(jid: str) -> str:
     return user.partition(":")[0].partition(".")[0]
 
 
+def is_bot(jid: str) -> bool:
+    """A bot account (Meta AI and business bots): ``…@bot`` or one of Meta AI's phone-number
+    JIDs (the rule whatsmeow's ``JID.IsBot`` applies)."""
+    user, _, server = jid.partition("@")
+    if server == "bot":
+        return True
+    return server in ("s.whatsapp.net", "") and bool(_BOT_PHONE.match(phone_of(user)))
+
+
+def is_empty(msg: IncomingMessage) -> bool:
+    """Nothing to answer: no text but whitespace, no image, no other media."""
+    return not msg.text.strip() and not msg.images and not msg.unsupported_media
+
+
 def is_owner(msg: IncomingMessage, owner_phone: str) -> bool:
     """Sent by the account itself (from any of its devices) or from the account's number."""
     return msg.from_me or (bool(owner_phone) and phone_of(msg.sender) == owner_phone)
@@ -178,6 +201,10 @@ def _reply_rules(msg: IncomingMessage, policy: Policy, owner_phone: str) -> Deci
 
 def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> Decision:
     """What to do with one message (pure). ``owner_phone``: the account's digits, or ""."""
+    if is_empty(msg):
+        return Decision("skip", "empty")
+    if not msg.from_me and (is_bot(msg.sender) or (not msg.is_group and is_bot(msg.chat_id))):
+        return Decision("skip", "bot")
     command = commands.parse(msg.text) if not msg.images else None
     rules = _reply_rules(msg, policy, owner_phone)
     if command is not None:
@@ -186,3 +213,37 @@ def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> Decision:
         if policy.commands_from == "everyone" and rules.action == "answer":
             return Decision("command", "everyone", command)
     return rules
+
+
+# --- the loop guard ------------------------------------------------------------------------
+
+LoopVerdict = Literal["answer", "stop", "stopped"]
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """One chat's recent turns (epoch seconds) and whether the guard stopped it."""
+
+    turns: tuple[float, ...] = ()
+    stopped: bool = False
+    last: float | None = None  # the last message the guard saw
+
+
+def loop_guard(state: LoopState, now: float, *, max_turns: int, window: float
+               ) -> tuple[LoopVerdict, LoopState]:
+    """Whether a chat's next turn may run at ``now`` (the time of its newest message).
+
+    ``answer``: run it; ``stop``: the chat just passed ``max_turns`` turns within ``window``
+    seconds (report it once); ``stopped``: still stopped. Quiet for ``window`` seconds (no
+    message at all: a human pause, or the other bot gave up) ends it. ``max_turns <= 0``: off.
+    """
+    if max_turns <= 0:
+        return "answer", state
+    if state.last is not None and now - state.last >= window:
+        state = LoopState()
+    if state.stopped:
+        return "stopped", replace(state, last=now)
+    turns = (*(t for t in state.turns if now - t < window), now)
+    if len(turns) > max_turns:
+        return "stop", LoopState(turns, stopped=True, last=now)
+    return "answer", LoopState(turns, stopped=False, last=now)

@@ -6,8 +6,13 @@ Invariants the conversation engine relies on:
 - A turn is done only when its reply is committed to the outbox in the same transaction that
   marks its inbound messages done; so after a crash a message is either pending (answered
   again) or answered (its reply waits in the outbox), never both or neither.
-- Every outbox entry has its WhatsApp message id chosen before the first send attempt, so a
-  resend after a crash reuses the id and WhatsApp (and the simulator) see one message.
+- Every outbox entry has a message id chosen before the first send attempt; a backend that
+  sends with it (the simulator) sees a resend after a crash as the same message: exactly once.
+  neonize cannot (the library picks the id), so a reply is marked ``sending`` (committed)
+  before the library call and ``sent`` with the id WhatsApp returned after it; a reply found
+  ``sending`` after a crash may or may not have gone out, and ``conversation.uncertain_replies``
+  decides: resend it (at least once) or drop it (at most once). A reply WhatsApp keeps
+  refusing is retried with backoff, then marked ``failed`` with the reason.
 - Frames for the controller are queued here first (``link_outbox``) and deleted only when the
   controller acks them, so a controller outage or a worker restart loses no report.
 
@@ -145,6 +150,23 @@ def _v2(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def _v3(db: sqlite3.Connection) -> None:
+    """Outbox attempts and failures, the send mark, disappearing timers, counters (issue 11)."""
+    _run_script(
+        db,
+        """
+        -- outbox.state: pending | sending (handed to the library, outcome unknown) | sent |
+        -- failed (gave up, see error) | dropped (uncertain after a crash, not resent)
+        ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE outbox ADD COLUMN next_try REAL NOT NULL DEFAULT 0;
+        ALTER TABLE outbox ADD COLUMN error TEXT;
+        ALTER TABLE chats ADD COLUMN expiration INTEGER;  -- disappearing timer (s), NULL: unknown
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+        """
+    )
+
+
 Seed = Literal["summary", "recovery"]
 
 
@@ -169,6 +191,8 @@ class PendingReply:
     wa_id: str
     text: str
     quote: dict[str, Any] | None
+    attempts: int = 0  # sends tried so far
+    next_try: float = 0.0  # epoch seconds: not before (backoff after a failure)
 
 
 @dataclass(frozen=True)
@@ -417,21 +441,101 @@ class Store:
 
     # --- outbox ------------------------------------------------------------------------
     def pending_replies(self) -> list[PendingReply]:
+        """Replies not sent yet (``pending``), oldest first, due or not."""
         rows = self._conn().execute(
-            "SELECT id, chat_id, wa_id, text, quote FROM outbox WHERE state = 'pending' ORDER BY id"
+            "SELECT id, chat_id, wa_id, text, quote, attempts, next_try FROM outbox "
+            "WHERE state = 'pending' ORDER BY id"
         ).fetchall()
         return [
             PendingReply(
                 r["id"], r["chat_id"], r["wa_id"], r["text"],
-                json.loads(r["quote"]) if r["quote"] else None,
+                json.loads(r["quote"]) if r["quote"] else None, r["attempts"], r["next_try"],
             )
             for r in rows
         ]
 
-    def mark_sent(self, reply_id: int) -> None:
+    def mark_sending(self, reply_id: int) -> None:
+        """Committed before the library is asked to send: a crash from here on leaves the
+        reply ``sending`` (uncertain), never silently ``pending``."""
+        self._conn().execute("UPDATE outbox SET state = 'sending' WHERE id = ?", (reply_id,))
+
+    def mark_sent(self, reply_id: int, wa_id: str | None = None) -> None:
+        """Sent; ``wa_id`` is the id WhatsApp got (when the backend chose its own)."""
         self._conn().execute(
-            "UPDATE outbox SET state = 'sent', sent_at = ? WHERE id = ?", (time.time(), reply_id)
+            "UPDATE outbox SET state = 'sent', sent_at = ?, error = NULL, "
+            "wa_id = COALESCE(?, wa_id) WHERE id = ?", (time.time(), wa_id, reply_id),
         )
+
+    def mark_retry(self, reply_id: int, error: str, next_try: float, *, attempts: int
+                   ) -> None:
+        """The send failed for sure (the library said so): pending again, not before
+        ``next_try``, with ``attempts`` failed tries counted."""
+        self._conn().execute(
+            "UPDATE outbox SET state = 'pending', error = ?, next_try = ?, attempts = ? "
+            "WHERE id = ?", (error, next_try, attempts, reply_id),
+        )
+
+    def mark_failed(self, reply_id: int, error: str, *, attempts: int) -> None:
+        self._conn().execute(
+            "UPDATE outbox SET state = 'failed', error = ?, attempts = ? WHERE id = ?",
+            (error, attempts, reply_id),
+        )
+
+    def reply_state(self, reply_id: int) -> tuple[str, str | None, str, int]:
+        """``(state, error, wa_id, attempts)`` of an outbox entry (diagnostics and tests)."""
+        r = self._conn().execute(
+            "SELECT state, error, wa_id, attempts FROM outbox WHERE id = ?", (reply_id,)
+        ).fetchone()
+        return str(r[0]), r[1], str(r[2]), int(r[3])
+
+    def settle_uncertain(self, resend: bool) -> list[PendingReply]:
+        """Replies left ``sending`` by a crash: pending again (``resend``) or ``dropped``.
+        Returns them (to be logged and counted)."""
+        with self._tx() as tx:
+            rows = tx.execute(
+                "SELECT id, chat_id, wa_id, text, quote, attempts, next_try FROM outbox "
+                "WHERE state = 'sending' ORDER BY id"
+            ).fetchall()
+            tx.execute(
+                "UPDATE outbox SET state = ?, error = 'uncertain after a restart' "
+                "WHERE state = 'sending'", ("pending" if resend else "dropped",),
+            )
+        return [
+            PendingReply(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5], r[6])
+            for r in rows
+        ]
+
+    # --- counters (metrics) -------------------------------------------------------------
+    def bump(self, name: str, by: int = 1) -> None:
+        """Add to a named counter (undecryptable messages, stream errors, uncertain replies)."""
+        self._conn().execute(
+            "INSERT INTO counters VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, by),
+        )
+
+    def counters(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT name, value FROM counters").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    # --- disappearing messages ---------------------------------------------------------
+    def set_expiration(self, chat_id: str, seconds: int) -> bool:
+        """Keep the chat's disappearing timer; True when it changed."""
+        with self._tx() as tx:
+            r = tx.execute("SELECT expiration FROM chats WHERE chat_id = ?", (chat_id,)).fetchone()
+            if r is not None and r[0] == seconds:
+                return False
+            tx.execute(
+                "INSERT INTO chats (chat_id, expiration) VALUES (?, ?) ON CONFLICT (chat_id) "
+                "DO UPDATE SET expiration = excluded.expiration", (chat_id, seconds),
+            )
+        return True
+
+    def expiration(self, chat_id: str) -> int:
+        """The chat's disappearing timer in seconds (0: off or never stated)."""
+        r = self._conn().execute(
+            "SELECT expiration FROM chats WHERE chat_id = ?", (chat_id,)
+        ).fetchone()
+        return int(r[0]) if r is not None and r[0] is not None else 0
 
     # --- chats -------------------------------------------------------------------------
     def chat(self, chat_id: str) -> ChatRow | None:
@@ -551,8 +655,11 @@ class Store:
         ).fetchone()
         ins = self._conn().execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
         outs = self._conn().execute("SELECT COUNT(*) FROM outbox WHERE state='sent'").fetchone()[0]
+        failed = self._conn().execute(
+            "SELECT COUNT(*) FROM outbox WHERE state='failed'").fetchone()[0]
         return {"turns": r[0], "cost_usd": r[1], "input_tokens": r[2], "output_tokens": r[3],
-                "messages_in": ins, "messages_out": outs}
+                "messages_in": ins, "messages_out": outs, "replies_failed": failed,
+                **{name: float(value) for name, value in self.counters().items()}}
 
     # --- controller link outbox --------------------------------------------------------
     def queue_frame(self, build: Callable[[int], bytes]) -> int:

@@ -541,7 +541,7 @@ def make_backend_class() -> type:
 
         # the backend contract ------------------------------------------------------------
         async def send_text(self, chat_id: str, text: str, *, quote: Any,
-                            msg_id: str | None = None) -> str:
+                            msg_id: str | None = None, expiration: int = 0) -> str:
             now = time.perf_counter_ns()
             key = tag_of(quote.text) if quote is not None else None
             if key is None or key not in self.rec.samples or self.rec.samples[key].t_send:

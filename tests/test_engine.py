@@ -86,7 +86,7 @@ class FakeWhatsApp(WhatsAppBackend):
         pass
 
     async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None,
-                        msg_id: str | None = None) -> str:
+                        msg_id: str | None = None, expiration: int = 0) -> str:
         if not self.connected:
             raise SendError("not connected")
         self.sent.append(Sent(chat_id, text, quote, msg_id, time.monotonic()))

@@ -51,6 +51,10 @@ ROWS: list[tuple[ev.Event, WorkerState | None, ExitCode | None, bool, str]] = [
     (ev.QrExpired(), WorkerState.QR_EXPIRED, ExitCode.QR_EXPIRED, False, "in time"),
     (ev.IncomingMessage(wa_id="w", chat_id="c", sender="s", text="hi", timestamp=1.0),
      None, None, False, ""),
+    # about chats, not the link (the engine keeps, counts and reports them)
+    (ev.ChatExpiration(chat_id="c", seconds=604800), None, None, False, ""),
+    (ev.Undecryptable(chat_id="c", sender="s", wa_id="w"), None, None, False, ""),
+    (ev.StreamError(code="515"), None, None, False, ""),
 ]
 
 

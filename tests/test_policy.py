@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -24,6 +25,9 @@ def jid(phone: str) -> str:
 
 
 GROUP = "120363000000000001@g.us"
+
+
+META_AI = "13135550002"
 
 
 def msg(text: str = "hi", *, sender: str = ALICE, chat: str | None = None, group: bool = False,
@@ -170,10 +174,76 @@ RESET = Command("reset")
         # the owner's number writing from another device counts as the owner
         (EVERYONE, msg("/status", sender=OWNER, chat=jid(OWNER)),
          Decision("command", "owner", Command("status"))),
+        # nothing to answer: whitespace only
+        (EVERYONE, msg(" \n\t "), Decision("skip", "empty")),
+        (EVERYONE, msg(""), Decision("skip", "empty")),
+        (EVERYONE, replace(msg(""), unsupported_media="poll"), Decision("answer", "direct")),
+        (EVERYONE, msg("", image=True), Decision("answer", "direct")),
+        # bots are never answered (Meta AI by its @bot JID or its phone numbers), in any mode
+        (EVERYONE, replace(msg(), sender="867051314767696@bot", chat_id="867051314767696@bot"),
+         Decision("skip", "bot")),
+        (EVERYONE, msg(sender=META_AI), Decision("skip", "bot")),
+        (Policy(groups="all"), msg(sender=META_AI, group=True), Decision("skip", "bot")),
+        (Policy(commands_from="everyone"), msg("/reset", sender=META_AI), Decision("skip", "bot")),
+        (Policy(reply_to="allowlist", allowlist=frozenset({META_AI})), msg(sender=META_AI),
+         Decision("skip", "bot")),
+        (EVERYONE, msg(sender="1313555000"), Decision("answer", "direct")),  # not a bot number
     ],
 )
 def test_decide(pol: Policy, message: IncomingMessage, expected: Decision) -> None:
     assert policy.decide(message, pol, OWNER) == expected
+
+
+@pytest.mark.parametrize(
+    ("jid_", "bot"),
+    [
+        ("867051314767696@bot", True),
+        ("13135550002@s.whatsapp.net", True),  # Meta AI
+        ("13135551234@s.whatsapp.net", True),
+        ("13165550012@s.whatsapp.net", True),
+        ("13135550002:4@s.whatsapp.net", True),
+        ("13135550002", True),
+        ("131355500021@s.whatsapp.net", False),
+        ("13165550112@s.whatsapp.net", False),
+        ("4915100000002@s.whatsapp.net", False),
+        ("13135550002@lid", False),
+        ("120363000000000001@g.us", False),
+    ],
+)
+def test_is_bot(jid_: str, bot: bool) -> None:
+    assert policy.is_bot(jid_) is bot
+
+
+def guard(times: list[float], max_turns: int = 3, window: float = 60.0) -> list[str]:
+    state = policy.LoopState()
+    out = []
+    for t in times:
+        verdict, state = policy.loop_guard(state, t, max_turns=max_turns, window=window)
+        out.append(verdict)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("times", "max_turns", "window", "expected"),
+    [
+        # a bot loop: a turn every 5 s; the 4th within 60 s stops the chat, once
+        ([0, 5, 10, 15, 20, 25], 3, 60, ["answer"] * 3 + ["stop", "stopped", "stopped"]),
+        # a human pace: never more than 3 turns within 60 s
+        ([0, 25, 50, 75, 100, 125], 3, 60, ["answer"] * 6),
+        # stopped, then quiet for the window: answered again
+        ([0, 1, 2, 3, 4, 64], 3, 60, ["answer"] * 3 + ["stop", "stopped", "answer"]),
+        # messages that keep arriving keep it stopped (no pause)
+        ([0, 1, 2, 3, 50, 100, 150], 3, 60,
+         ["answer"] * 3 + ["stop", "stopped", "stopped", "stopped"]),
+        # turns older than the window do not count
+        ([0, 1, 2, 61, 62], 3, 60, ["answer"] * 5),
+        # off
+        ([0] * 10, 0, 60, ["answer"] * 10),
+    ],
+)
+def test_loop_guard(times: list[float], max_turns: int, window: float,
+                    expected: list[str]) -> None:
+    assert guard(times, max_turns, window) == expected
 
 
 def test_unknown_owner_never_matches_self_chat() -> None:

@@ -362,7 +362,8 @@ def test_concurrent_add_inbound_loses_and_duplicates_nothing(store: Store) -> No
 
 def test_totals(store: Store) -> None:
     assert store.totals() == {"turns": 0, "cost_usd": 0, "input_tokens": 0,
-                              "output_tokens": 0, "messages_in": 0, "messages_out": 0}
+                              "output_tokens": 0, "messages_in": 0, "messages_out": 0,
+                              "replies_failed": 0}
     store.add_inbound("a", "s", "1", {})
     store.add_inbound("b", "s", "2", {})
     store.add_inbound("b", "s", "2", {})  # duplicate: not counted

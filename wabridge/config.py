@@ -271,6 +271,38 @@ class ConversationConfig:
         "with the summary and recent messages starts instead.",
         check=_at_least(1000),
     )
+    # --- delivery and loops (issue 11) ---
+    send_attempts: int = _opt(
+        5,
+        "Times a reply WhatsApp refuses is tried (waiting `send_retry_base` seconds, doubling "
+        "up to 5 minutes, between tries) before it is marked failed and reported; later "
+        "replies are not held up by it.",
+        check=_between(1, 100),
+    )
+    send_retry_base: float = _opt(
+        5.0, "Seconds before the second try of a refused reply (doubles each time).",
+        check=_between(0.0, 3600.0),
+    )
+    uncertain_replies: str = _opt(
+        "resend",
+        "A reply the worker was sending when it crashed may or may not have reached WhatsApp "
+        "(neonize cannot resend with the same message id). `resend`: send it again (at least "
+        "once: maybe twice); `drop`: do not (at most once: maybe never). Either way it is "
+        "logged and counted. The simulator resends with the same id: exactly once.",
+        allowed="resend, drop",
+        check=_one_of("resend", "drop"),
+    )
+    loop_max_turns: int = _opt(
+        30,
+        "A chat with more turns than this within `loop_window` seconds (a bot answering the "
+        "bot) is no longer answered, until it has been quiet for `loop_window` seconds; "
+        "logged and shown on the document as `bot_loop`. 0: off.",
+        check=_between(0, 100_000),
+    )
+    loop_window: float = _opt(
+        600.0, "Seconds of the loop guard's window (see `loop_max_turns`).",
+        check=_between(1.0, 86_400.0),
+    )
 
 
 @dataclass(frozen=True)

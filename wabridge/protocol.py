@@ -86,6 +86,11 @@ class Metrics:
     input_tokens: int
     output_tokens: int
     cost_today_usd: float
+    # since the worker's store was created (issue 11); absent from older workers: 0
+    undecryptable: int = 0  # messages lost to decryption
+    stream_errors: int = 0
+    replies_failed: int = 0  # replies given up after conversation.send_attempts
+    uncertain_replies: int = 0  # replies a crash left half-sent (resent or dropped)
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "input_tokens": (int,),
     "output_tokens": (int,),
     "cost_today_usd": (int, float),
+    "undecryptable": (int,),
+    "stream_errors": (int,),
+    "replies_failed": (int,),
+    "uncertain_replies": (int,),
     "settings": (dict,),
     "number": (int,),
     "args": (dict,),

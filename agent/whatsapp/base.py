@@ -41,6 +41,12 @@ class BackendContext:
 
 class WhatsAppBackend(abc.ABC):
     name: str
+    #: Whether ``send_text`` sends with the ``msg_id`` it is given, so that sending a reply
+    #: again after a crash is the same message to WhatsApp (exactly once: the simulator).
+    #: False (neonize 0.5.2): the library picks the id, a resend is a second message, and the
+    #: outbox must decide what to do with a reply whose send may or may not have happened
+    #: (``conversation.uncertain_replies``).
+    honours_message_id: bool = False
 
     @abc.abstractmethod
     def start(self, sink: Sink) -> None:
@@ -48,12 +54,17 @@ class WhatsAppBackend(abc.ABC):
 
     @abc.abstractmethod
     async def send_text(
-        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None
+        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None,
+        expiration: int = 0,
     ) -> str:
-        """Send ``text`` to ``chat_id``, quoting ``quote`` when given; returns the message id.
+        """Send ``text`` to ``chat_id``, quoting ``quote`` when given; returns the id WhatsApp
+        got for it.
 
-        ``msg_id`` is the id chosen by the outbox before the first attempt: sending again with
-        the same id after a crash is the same message to WhatsApp, not a second one.
+        ``msg_id`` is the id chosen by the outbox before the first attempt; a backend with
+        ``honours_message_id`` sends with it (a resend after a crash is the same message),
+        others ignore it and return the id the library chose. ``expiration`` is the chat's
+        disappearing-messages timer in seconds (0: off); the reply carries it, so it
+        disappears like the rest of the chat.
         Raises ``SendError`` when not connected or WhatsApp refuses it.
         """
 

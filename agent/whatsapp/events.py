@@ -113,6 +113,34 @@ class IncomingMessage:
     quoted_text: str = ""
     images: tuple[Image, ...] = field(default=())
     unsupported_media: str = ""  # e.g. "audio", "sticker": answered with a polite note
+    # the chat's disappearing-messages timer in seconds as this message states it (0: off),
+    # or None when the message says nothing about it; replies carry the chat's timer
+    expiration: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatExpiration:
+    """The chat's disappearing-messages timer changed (seconds; 0: messages stay)."""
+
+    chat_id: str
+    seconds: int
+
+
+@dataclass(frozen=True)
+class Undecryptable:
+    """A message arrived that the library could not decrypt: for the user it is lost."""
+
+    chat_id: str
+    sender: str
+    wa_id: str
+    unavailable: bool = False  # WhatsApp says the phone has to resend it (view-once, etc.)
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """WhatsApp's server sent a stream error (whatsmeow reconnects by itself)."""
+
+    code: str
 
 
 Event = (
@@ -127,4 +155,7 @@ Event = (
     | ConnectFailure
     | QrExpired
     | IncomingMessage
+    | ChatExpiration
+    | Undecryptable
+    | StreamError
 )

@@ -48,7 +48,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -57,6 +57,7 @@ from unittest import mock
 from agent.whatsapp.base import BackendContext, SendError, Sink, WhatsAppBackend
 from agent.whatsapp.events import (
     LIBRARY_STOPPED,
+    ChatExpiration,
     ClientOutdated,
     Connected,
     ConnectFailure,
@@ -68,8 +69,10 @@ from agent.whatsapp.events import (
     PairingCode,
     QrCode,
     QrExpired,
+    StreamError,
     StreamReplaced,
     TemporaryBan,
+    Undecryptable,
 )
 from wabridge import logs
 from wabridge.errors import WabridgeError
@@ -90,6 +93,7 @@ QR_TIMEOUT = 65.0  # seconds without a new QR code (or a scan) before QrExpired
 SEND_TIMEOUT = 120.0  # a send stuck longer than this is reported as SendError
 PRESENCE_TIMEOUT = 10.0
 QUOTE_CACHE_SIZE = 512  # raw message events kept for quoting and read receipts
+LID_CACHE_SIZE = 4096  # LID -> phone pairs learned from events
 
 # ConnectFailureReason names (neonize.proto) that void the session: whatsmeow deletes its store
 # for exactly these (401, 403, 406: ``ConnectFailureReason.IsLoggedOut``). Every other reason
@@ -136,7 +140,21 @@ _UNSUPPORTED_KINDS = {
     "pollCreationMessageV4": "poll",
     "pollCreationMessageV5": "poll",
     "pollCreationMessageV6": "poll",
+    "pollResultSnapshotMessage": "poll",
+    "pollResultSnapshotMessageV3": "poll",
+    "buttonsResponseMessage": "button reply",
+    "templateButtonReplyMessage": "button reply",
+    "listResponseMessage": "list reply",
+    "interactiveResponseMessage": "interactive reply",
+    "eventMessage": "event",
+    "eventInviteMessage": "event",
+    "groupInviteMessage": "group invite",
+    "newsletterAdminInviteMessage": "channel invite",
+    "newsletterFollowerInviteMessageV2": "channel invite",
+    "productMessage": "product",
+    "orderMessage": "order",
 }
+BOT_SERVER = "bot"
 
 
 class NeonizeStoreError(WabridgeError):
@@ -292,8 +310,8 @@ def me_from_device(device: Any) -> Me | None:
 def jid_to_str(jid: Any) -> str:
     """A neonize ``JID`` as ``user@server`` without agent/device parts."""
     if not jid.User:
-        return str(jid.Server)
-    return f"{jid.User}@{jid.Server}"
+        return text_of(jid.Server)
+    return f"{text_of(jid.User)}@{text_of(jid.Server)}"
 
 
 def split_jid(value: str) -> tuple[str, str]:
@@ -306,6 +324,16 @@ def split_jid(value: str) -> tuple[str, str]:
 
 
 Downloader = Callable[[Any], bytes | None]
+LidResolver = Callable[[str], str | None]  # LID user part -> phone digits, or None
+
+
+def text_of(value: Any) -> str:
+    """A protobuf string field as ``str``. Go does not validate proto2 strings, so one that is
+    not UTF-8 reaches Python as ``bytes``: decoded with U+FFFD for the bad bytes, never
+    dropped (the message has already been acknowledged to WhatsApp)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 def translate(
@@ -314,13 +342,15 @@ def translate(
     me: Me | None = None,
     download: Downloader | None = None,
     now: float | None = None,
+    resolve: LidResolver | None = None,
 ) -> Event | None:
     """Turn one neonize event into a typed event, or None when it means nothing to the agent.
 
     ``event`` is a protobuf event of ``neonize.proto.Neonize_pb2``, the QR callback's payload
     (``bytes``/``str``) or a :class:`LoginStatus`. ``me`` is the linked account (for Connected
     and mentions), ``download`` fetches an image message's bytes (None: images are reported as
-    unsupported), ``now`` is the clock for ban expiry.
+    unsupported), ``now`` is the clock for ban expiry, ``resolve`` maps a LID user to its
+    phone number (the library's LID store; None when unknown).
 
     Table:
       QR bytes / QR event      -> QrCode(raw "2@…" string)
@@ -337,7 +367,10 @@ def translate(
       ConnectFailure           -> ConnectFailure(reason, permanent by PERMANENT_FAILURES,
                                   code = the reason's name in lower case)
       ClientOutdated           -> ClientOutdated
-      Message                  -> IncomingMessage, or None (see :func:`translate_message`)
+      StreamError              -> StreamError(code)
+      UndecryptableMessage     -> Undecryptable(chat, sender, id)  (a message that is lost)
+      Message                  -> IncomingMessage, ChatExpiration (the chat's disappearing
+                                  timer changed), or None (see :func:`translate_message`)
       anything else            -> None
     """
     if isinstance(event, bytes | str):
@@ -383,8 +416,18 @@ def translate(
                                   code=code_name.lower())
         case "neonize.ClientOutdated":
             return ClientOutdated()
+        case "neonize.StreamError":
+            return StreamError(code=text_of(event.Code))
+        case "neonize.UndecryptableMessage":
+            source = event.Info.MessageSource
+            return Undecryptable(
+                chat_id=canonical_chat_id(source, me=me, resolve=resolve),
+                sender=canonical_sender(source, me=me, resolve=resolve),
+                wa_id=text_of(event.Info.ID),
+                unavailable=bool(event.IsUnavailable),
+            )
         case "neonize.Message":
-            return translate_message(event, me=me, download=download)
+            return translate_message(event, me=me, download=download, resolve=resolve)
     return None
 
 
@@ -424,17 +467,24 @@ def _enum_name(message: Any, field: str) -> str:
 
 
 def translate_message(
-    event: Any, *, me: Me | None = None, download: Downloader | None = None
-) -> IncomingMessage | None:
+    event: Any,
+    *,
+    me: Me | None = None,
+    download: Downloader | None = None,
+    resolve: LidResolver | None = None,
+) -> IncomingMessage | ChatExpiration | None:
     """A neonize ``Message`` event -> IncomingMessage, or None for what must not be answered.
 
     Ignored (None): ``status@broadcast`` and other broadcasts, newsletters, edits and revokes,
     reactions, protocol messages (key distribution, history sync, deletes…), poll votes, and
-    messages with no content we know. Text comes from ``conversation``,
-    ``extendedTextMessage.text`` or a caption; ``contextInfo`` gives the quoted text and the
-    mentions. Images are downloaded with ``download``; other media set ``unsupported_media``
-    (``audio``/``voice``/``video``/``document``/``sticker``/``location``/``contact``/``poll``)
-    and keep their caption as text.
+    messages with no content we know. A protocol message that changes the chat's disappearing
+    timer becomes :class:`ChatExpiration`. Text comes from ``conversation``,
+    ``extendedTextMessage.text`` or a caption; ``contextInfo`` gives the quoted text, the
+    mentions and the chat's disappearing timer (``expiration``). Images are downloaded with
+    ``download``; other kinds set ``unsupported_media`` (``_UNSUPPORTED_KINDS``: audio, video,
+    documents, stickers, locations, contacts, polls, button/list replies, events, invites…)
+    and keep their caption as text. Strings Go sent as invalid UTF-8 are decoded with
+    replacement characters (:func:`text_of`).
     """
     info = event.Info
     source = info.MessageSource
@@ -447,6 +497,10 @@ def translate_message(
     if any(_has(content, name) for name in ("reactionMessage", "encReactionMessage")):
         return None
     if _has(content, "protocolMessage"):
+        proto = content.protocolMessage
+        if proto.type == proto.EPHEMERAL_SETTING:
+            return ChatExpiration(chat_id=canonical_chat_id(source, me=me, resolve=resolve),
+                                  seconds=int(proto.ephemeralExpiration))
         return None
 
     text = ""
@@ -454,25 +508,26 @@ def translate_message(
     unsupported = ""
     context: Any = None
     if content.conversation:
-        text = content.conversation
+        text = text_of(content.conversation)
     elif _has(content, "extendedTextMessage"):
-        text = content.extendedTextMessage.text
+        text = text_of(content.extendedTextMessage.text)
         context = _context(content.extendedTextMessage)
     elif _has(content, "imageMessage"):
         image = content.imageMessage
-        text = image.caption
+        text = text_of(image.caption)
         context = _context(image)
         data = _download_image(content, download)
         if data is None:
             unsupported = "image"
         else:
-            images = (Image(mime_type=image.mimetype or "image/jpeg", data=data, caption=text),)
+            images = (Image(mime_type=text_of(image.mimetype) or "image/jpeg", data=data,
+                            caption=text),)
     elif _has(content, "videoMessage"):
-        text = content.videoMessage.caption
+        text = text_of(content.videoMessage.caption)
         context = _context(content.videoMessage)
         unsupported = "video"
     elif _has(content, "documentMessage"):
-        text = content.documentMessage.caption
+        text = text_of(content.documentMessage.caption)
         context = _context(content.documentMessage)
         unsupported = "document"
     elif _has(content, "audioMessage"):
@@ -489,49 +544,99 @@ def translate_message(
 
     quoted_text = ""
     mentioned = False
+    expiration: int | None = None
     own_users = {split_jid(j)[0] for j in (me.jid, me.lid) if j} if me else set()
     if context is not None:
         if context.HasField("quotedMessage"):
             quoted_text = _plain_text(_unwrap(context.quotedMessage))
-        mentioned_users = {split_jid(j)[0] for j in context.mentionedJID}
-        replied_to_me = bool(context.stanzaID) and split_jid(context.participant)[0] in own_users
+        mentioned_users = {split_jid(text_of(j))[0] for j in context.mentionedJID}
+        replied_to_me = (bool(context.stanzaID)
+                         and split_jid(text_of(context.participant))[0] in own_users)
         mentioned = bool(own_users & mentioned_users) or replied_to_me
+        # a message in a chat without disappearing messages carries 0 (or nothing)
+        expiration = int(context.expiration)
 
     is_group = source.IsGroup or chat.Server == GROUP_SERVER
     return IncomingMessage(
-        wa_id=info.ID,
-        chat_id=canonical_chat_id(source),
-        sender=canonical_sender(source),
+        wa_id=text_of(info.ID),
+        chat_id=canonical_chat_id(source, me=me, resolve=resolve),
+        sender=canonical_sender(source, me=me, resolve=resolve),
         text=text,
         timestamp=_seconds(info.Timestamp),
-        sender_name=info.Pushname,
+        sender_name=text_of(info.Pushname),
         is_group=is_group,
         from_me=source.IsFromMe,
         mentioned=mentioned,
         quoted_text=quoted_text,
         images=images,
         unsupported_media=unsupported,
+        expiration=expiration,
     )
 
 
-def canonical_chat_id(source: Any) -> str:
-    """The chat's JID, PN preferred: a 1:1 chat addressed by LID is named by the PN JID the
-    event carries for the other party (``SenderAlt`` for inbound, ``RecipientAlt`` for our
-    own messages); groups are their ``@g.us`` JID."""
+def _unreadable(event: Any) -> IncomingMessage | None:
+    """What is left of a message whose translation failed: who sent it, when, and a note
+    that it could not be read (answered like any unsupported kind)."""
+    try:
+        info = event.Info
+        source = info.MessageSource
+        return IncomingMessage(
+            wa_id=text_of(info.ID), chat_id=canonical_chat_id(source),
+            sender=canonical_sender(source), text="", timestamp=_seconds(info.Timestamp),
+            is_group=bool(source.IsGroup), from_me=bool(source.IsFromMe),
+            unsupported_media="unreadable",
+        )
+    except Exception:  # nothing readable at all
+        log.exception("whatsapp.message_lost")
+        return None
+
+
+def _pn_of_lid(user: str, me: Me | None, resolve: LidResolver | None) -> str | None:
+    """The phone number behind a LID user: the account's own LID is the account's number;
+    others are looked up in the library's LID store (``resolve``)."""
+    if me is not None and me.lid and split_jid(me.lid)[0] == user:
+        return me.phone
+    if resolve is None:
+        return None
+    try:
+        return resolve(user) or None
+    except Exception as exc:  # noqa: BLE001 - an unknown LID stays a LID
+        log.debug("whatsapp.lid_lookup_failed", lid=user, error=str(exc))
+        return None
+
+
+def _canonical(jid: Any, alt: Any, me: Me | None, resolve: LidResolver | None) -> str:
+    """``jid`` without device, PN preferred: its PN alt when the event has one, else the
+    LID store's answer, else the JID as it is."""
+    if jid.Server != LID_SERVER:
+        return jid_to_str(jid)
+    if alt.Server == PN_SERVER and alt.User:
+        return jid_to_str(alt)
+    pn = _pn_of_lid(text_of(jid.User), me, resolve)
+    return f"{pn}@{PN_SERVER}" if pn else jid_to_str(jid)
+
+
+def canonical_chat_id(source: Any, *, me: Me | None = None,
+                      resolve: LidResolver | None = None) -> str:
+    """The chat's JID, PN preferred, so one person is one chat whatever addressing WhatsApp
+    picked: a 1:1 chat addressed by LID is named by the PN JID the event carries for the other
+    party (``SenderAlt`` for inbound, ``RecipientAlt`` for our own messages), else by the LID
+    store's answer; the account's own LID (the "message yourself" chat, which comes without
+    ``RecipientAlt``) is the account's own number. Groups are their ``@g.us`` JID."""
     chat = source.Chat
-    if chat.Server == LID_SERVER and not source.IsGroup:
-        alt = source.RecipientAlt if source.IsFromMe else source.SenderAlt
-        if alt.Server == PN_SERVER and alt.User:
-            return jid_to_str(alt)
-    return jid_to_str(chat)
+    if source.IsGroup:
+        return jid_to_str(chat)
+    alt = source.RecipientAlt if source.IsFromMe else source.SenderAlt
+    return _canonical(chat, alt, me, resolve)
 
 
-def canonical_sender(source: Any) -> str:
-    """The sender's JID without device, PN preferred over LID when the event has both."""
+def canonical_sender(source: Any, *, me: Me | None = None,
+                     resolve: LidResolver | None = None) -> str:
+    """The sender's JID without device, PN preferred (``SenderAlt``, the LID store)."""
     sender = source.Sender
     if sender.Server != PN_SERVER and source.SenderAlt.Server == PN_SERVER:
         return jid_to_str(source.SenderAlt)
-    return jid_to_str(sender)
+    return _canonical(sender, source.SenderAlt, me, resolve)
 
 
 def _has(message: Any, field: str) -> bool:
@@ -558,12 +663,12 @@ def _context(part: Any) -> Any:
 
 def _plain_text(content: Any) -> str:
     if content.conversation:
-        return str(content.conversation)
+        return text_of(content.conversation)
     if _has(content, "extendedTextMessage"):
-        return str(content.extendedTextMessage.text)
+        return text_of(content.extendedTextMessage.text)
     for name in ("imageMessage", "videoMessage", "documentMessage"):
         if _has(content, name):
-            return str(getattr(content, name).caption)
+            return text_of(getattr(content, name).caption)
     return ""
 
 
@@ -629,6 +734,7 @@ class NeonizeBackend(WhatsAppBackend):
         self._qr_timer: threading.Timer | None = None
         self._me: Me | None = None
         self._raw: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lids: OrderedDict[str, str] = OrderedDict()  # LID user -> phone, from events
         self._connect_thread: threading.Thread | None = None
         self.stopped_cleanly: bool | None = None  # set by stop(): did Go let go in time?
 
@@ -701,7 +807,10 @@ class NeonizeBackend(WhatsAppBackend):
                 return
             if name in ("neonize.Connected", "neonize.KeepAliveRestored"):
                 self._refresh_me(client)
-            typed = translate(event, me=self._me)
+            typed = translate(event, me=self._me, resolve=self._pn_for_lid)
+            if isinstance(typed, StreamError | Undecryptable):
+                log.warning("whatsapp.stream_error" if isinstance(typed, StreamError)
+                            else "whatsapp.undecryptable", **asdict(typed))
             if typed is None:
                 if name == "neonize.PairStatus":
                     self._qr_finished()
@@ -712,7 +821,14 @@ class NeonizeBackend(WhatsAppBackend):
             log.exception("whatsapp.event_failed")
 
     def _on_message(self, event: Any) -> None:
-        message = translate_message(event, me=self._me, download=self._download)
+        self._learn_lids(event.Info.MessageSource)
+        try:
+            message = translate_message(event, me=self._me, download=self._download,
+                                        resolve=self._pn_for_lid)
+        except Exception:
+            # The library acknowledged it: keep what can be read rather than lose it.
+            log.exception("whatsapp.message_unreadable")
+            message = _unreadable(event)
         if message is None:
             return
         sink = self._sink
@@ -721,11 +837,47 @@ class NeonizeBackend(WhatsAppBackend):
                 sink(message)  # first: the library already acknowledged it to WhatsApp
             except Exception:
                 # Nothing can bring it back: WhatsApp will not deliver it again.
-                log.exception("whatsapp.message_lost", wa_id=message.wa_id)
+                log.exception("whatsapp.message_lost", chat_id=message.chat_id)
+        if isinstance(message, IncomingMessage):
+            with self._lock:
+                self._raw[(message.chat_id, message.wa_id)] = event
+                while len(self._raw) > QUOTE_CACHE_SIZE:
+                    self._raw.popitem(last=False)
+
+    def _learn_lids(self, source: Any) -> None:
+        """Remember LID -> phone pairs events carry (``SenderAlt``/``RecipientAlt``), so a later
+        LID-only message of the same person (even the same message id again) is named by the
+        same phone JID before the library's LID store has it."""
+        pairs = [(source.Sender, source.SenderAlt)]
+        if not source.IsGroup:  # the other party of a 1:1 chat
+            pairs.append((source.Chat,
+                          source.RecipientAlt if source.IsFromMe else source.SenderAlt))
+        for lid, alt in pairs:
+            if lid.Server == LID_SERVER and alt.Server == PN_SERVER and lid.User and alt.User:
+                with self._lock:
+                    self._lids[text_of(lid.User)] = text_of(alt.User)
+                    while len(self._lids) > LID_CACHE_SIZE:
+                        self._lids.popitem(last=False)
+
+    def _pn_for_lid(self, user: str) -> str | None:
+        """A LID user's phone number: learned from events, else whatsmeow's LID store
+        (``GetPNFromLID``, exposed by neonize as ``client.get_pn_from_lid``)."""
         with self._lock:
-            self._raw[(message.chat_id, message.wa_id)] = event
-            while len(self._raw) > QUOTE_CACHE_SIZE:
-                self._raw.popitem(last=False)
+            known = self._lids.get(user)
+        if known:
+            return known
+        client = self._client
+        if client is None:
+            return None
+        api = self._api(client)
+        found = client.get_pn_from_lid(
+            api.proto.JID(User=user, Server=LID_SERVER, Device=0, RawAgent=0, Integrator=0,
+                          IsEmpty=False))
+        pn = text_of(found.User) if found is not None and found.User else None
+        if pn:
+            with self._lock:
+                self._lids[user] = pn
+        return pn
 
     def _on_qr(self, client: Any, data: bytes) -> None:
         try:
@@ -826,27 +978,38 @@ class NeonizeBackend(WhatsAppBackend):
     # -- sending -----------------------------------------------------------------------------
 
     async def send_text(
-        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None
+        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None,
+        expiration: int = 0,
     ) -> str:
         """Send through ``send_message`` (plain) or ``reply_message`` (quoting).
 
-        ``msg_id`` cannot be honoured: neonize 0.5.2's Go ``SendMessage`` builds its own
-        ``SendRequestExtra`` without an ``ID``, so whatsmeow always picks a fresh ``3EB0…`` id
-        and a resend after a crash is a second message. The id WhatsApp got is returned.
+        ``msg_id`` cannot be honoured (``honours_message_id`` is False): neonize 0.5.2's Go
+        ``SendMessage`` builds its own ``SendRequestExtra`` without an ``ID``, so whatsmeow
+        always picks a fresh ``3EB0…`` id and a resend after a crash is a second message. The
+        id WhatsApp got is returned. With ``expiration`` the text goes out as an
+        ``extendedTextMessage`` whose ``contextInfo.expiration`` is the chat's timer (what
+        WhatsApp's own clients send in a disappearing chat).
         """
         client = self._client
         if client is None or not self._connected:
             raise SendError("WhatsApp is not connected")
         api = self._api(client)
         to = self._jid(api, chat_id)
+        context = api.e2e.ContextInfo(expiration=expiration) if expiration > 0 else None
         if quote is None:
-            message = api.e2e.Message(conversation=text)
+            if context is None:
+                message = api.e2e.Message(conversation=text)
+            else:
+                message = api.e2e.Message(extendedTextMessage=api.e2e.ExtendedTextMessage(
+                    text=text, contextInfo=context))
 
             def _send() -> Any:
                 return client.send_message(to, message)
         else:
             quoted = self._raw_or_synthetic(api, quote)
             body = api.e2e.ExtendedTextMessage(text=text)
+            if context is not None:
+                body.contextInfo.CopyFrom(context)  # reply_message merges the quote into it
 
             def _send() -> Any:
                 return client.reply_message(body, quoted=quoted, to=to)
@@ -857,7 +1020,7 @@ class NeonizeBackend(WhatsAppBackend):
             raise SendError(f"sending to {chat_id} timed out") from exc
         except Exception as exc:
             raise SendError(f"WhatsApp refused the message to {chat_id}: {exc}") from exc
-        return str(response.ID)
+        return text_of(response.ID)
 
     async def set_typing(self, chat_id: str, typing: bool) -> None:
         client = self._client
@@ -988,6 +1151,8 @@ def _subscribed_events(api: NeonizeAPI) -> list[type[Any]]:
         proto.TemporaryBan,
         proto.ConnectFailure,
         proto.ClientOutdated,
+        proto.StreamError,
+        proto.UndecryptableMessage,
         proto.Message,
     ]
 

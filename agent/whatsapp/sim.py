@@ -66,6 +66,7 @@ class _Terminal(Exception):
 
 class SimBackend(WhatsAppBackend):
     name = "sim"
+    honours_message_id = True  # the simulator keeps the id the outbox chose
 
     def __init__(
         self,
@@ -102,8 +103,10 @@ class SimBackend(WhatsAppBackend):
         self._task = loop.create_task(self._run(), name=f"sim-backend-{self._ctx.user_id}")
 
     async def send_text(
-        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None
+        self, chat_id: str, text: str, *, quote: IncomingMessage | None, msg_id: str | None = None,
+        expiration: int = 0,
     ) -> str:
+        del expiration  # the simulator has no disappearing messages
         ws = self._ws
         if ws is None or ws.closed or not self._connected:
             raise SendError("not connected to wabridge-sim")
