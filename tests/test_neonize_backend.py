@@ -25,10 +25,13 @@ from typing import Any, TypeVar
 import pytest
 from fakes import fake_neonize as fn
 
-from agent import outcomes
+from agent import outcomes, policy
+from agent.engine import payload_of
+from agent.store import Store
 from agent.whatsapp.base import BackendContext, SendError
 from agent.whatsapp.events import (
     LIBRARY_STOPPED,
+    ChatExpiration,
     ClientOutdated,
     Connected,
     ConnectFailure,
@@ -40,8 +43,10 @@ from agent.whatsapp.events import (
     PairingCode,
     QrCode,
     QrExpired,
+    StreamError,
     StreamReplaced,
     TemporaryBan,
+    Undecryptable,
 )
 from agent.whatsapp.neonize_backend import (
     STORE_FILE,
@@ -168,6 +173,16 @@ CONNECTION_ROWS: list[tuple[str, Callable[[], Any], Event | None]] = [
         ConnectFailure("main_device_gone", permanent=True, code="main_device_gone"),
     ),
     ("client-outdated", fn.client_outdated, ClientOutdated()),
+    ("stream-error", lambda: fn.P.StreamError(Code="515"), StreamError(code="515")),
+    (
+        "undecryptable",
+        lambda: fn.P.UndecryptableMessage(
+            Info=inbound(fn.text("x"), chat=contact_lid(), sender=contact_lid(2),
+                         sender_alt=fn.jid(CONTACT), addressing="LID").Info,
+            IsUnavailable=False),
+        Undecryptable(chat_id=f"{CONTACT}@s.whatsapp.net", sender=f"{CONTACT}@s.whatsapp.net",
+                      wa_id="A1B2C3D4E5F60718293A4B5C6D7E8F90"),
+    ),
     ("unrelated-receipt", fn.P.Receipt, None),
     ("unrelated-history-sync", fn.P.HistorySync, None),
     ("not-an-event", lambda: 42, None),
@@ -233,7 +248,7 @@ def download_fails(content: Any) -> bytes:
     raise RuntimeError("download failed with status code 403")
 
 
-MESSAGE_ROWS: list[tuple[str, Callable[[], Any], dict[str, Any] | None]] = [
+MESSAGE_ROWS: list[tuple[str, Callable[[], Any], dict[str, Any] | Event | None]] = [
     (
         "conversation-pn",
         lambda: inbound(fn.text("hello there"), push_name="Maria"),
@@ -437,7 +452,59 @@ MESSAGE_ROWS: list[tuple[str, Callable[[], Any], dict[str, Any] | None]] = [
         None,
     ),
     ("empty", lambda: inbound(fn.E2E.Message()), None),
+    # the "message yourself" chat of an account WhatsApp moved to LID addressing: no
+    # RecipientAlt, only the account's own LID
+    (
+        "self-chat-by-own-lid",
+        lambda: inbound(
+            fn.text("note to self"),
+            chat=fn.jid(fn.ACCOUNT_LID, fn.LID),
+            sender=fn.jid(fn.ACCOUNT_LID, fn.LID, device=0),
+            from_me=True,
+            addressing="LID",
+        ),
+        {"chat_id": ME.jid, "sender": ME.jid, "from_me": True},
+    ),
+    # disappearing messages: the chat's timer, quoted or not
+    (
+        "expiration-from-context",
+        lambda: inbound(_expiring(fn.extended_text("psst"), 604800)),
+        {"text": "psst", "expiration": 604800},
+    ),
+    (
+        "expiration-in-ephemeral-wrapper-with-quote",
+        lambda: inbound(wrapped("ephemeralMessage", _expiring(
+            fn.extended_text("and this?", quoted_text="earlier"), 86400))),
+        {"text": "and this?", "quoted_text": "earlier", "expiration": 86400},
+    ),
+    ("no-context-no-expiration", lambda: inbound(fn.text("plain")), {"expiration": None}),
+    ("context-without-timer-is-off", lambda: inbound(fn.extended_text("x")), {"expiration": 0}),
+    (
+        "ephemeral-setting-changed",
+        lambda: inbound(fn.E2E.Message(protocolMessage=fn.E2E.ProtocolMessage(
+            type=fn.E2E.ProtocolMessage.EPHEMERAL_SETTING, ephemeralExpiration=0))),
+        ChatExpiration(chat_id=f"{CONTACT}@s.whatsapp.net", seconds=0),
+    ),
+    # kinds that cannot be answered get the note, not silence
+    *[
+        (f"unsupported-{field}", (lambda f=field: inbound(fn.E2E.Message(**{f: {}}))),
+         {"unsupported_media": kind})
+        for field, kind in [
+            ("buttonsResponseMessage", "button reply"),
+            ("templateButtonReplyMessage", "button reply"),
+            ("listResponseMessage", "list reply"),
+            ("interactiveResponseMessage", "interactive reply"),
+            ("pollCreationMessageV3", "poll"),
+            ("eventMessage", "event"),
+            ("groupInviteMessage", "group invite"),
+        ]
+    ],
 ]
+
+
+def _expiring(message: Any, seconds: int) -> Any:
+    message.extendedTextMessage.contextInfo.expiration = seconds
+    return message
 
 
 def _edited(event: Any) -> Any:
@@ -450,19 +517,30 @@ def _edited(event: Any) -> Any:
     ("make", "expected"),
     [pytest.param(make, expected, id=name) for name, make, expected in MESSAGE_ROWS],
 )
-def test_translate_messages(make: Callable[[], Any], expected: dict[str, Any] | None) -> None:
+def test_translate_messages(make: Callable[[], Any],
+                            expected: dict[str, Any] | Event | None) -> None:
     made = make()
     download: Callable[[Any], bytes] | None = download_ok
     if isinstance(made, tuple):
         mode, made = made
         download = None if mode == "no-download" else download_fails
     result = translate(made, me=ME, download=download)
-    if expected is None:
-        assert result is None
+    if expected is None or not isinstance(expected, dict):
+        assert result == expected
         return
     assert isinstance(result, IncomingMessage)
     for name, value in expected.items():
         assert getattr(result, name) == value, name
+
+
+def test_translate_lid_only_contact_through_the_lid_store() -> None:
+    event = inbound(fn.text("hi"), chat=contact_lid(), sender=contact_lid(), addressing="LID")
+    found = translate(event, me=ME, resolve={CONTACT_LID: CONTACT}.get)
+    assert isinstance(found, IncomingMessage)
+    assert (found.chat_id, found.sender) == (f"{CONTACT}@s.whatsapp.net",) * 2
+    unknown = translate(event, me=ME, resolve=lambda lid: None)
+    assert isinstance(unknown, IncomingMessage)
+    assert unknown.chat_id == f"{CONTACT_LID}@lid"  # unknown: stays a LID, nothing invented
 
 
 def test_translate_message_without_me_mentions_nobody() -> None:
@@ -666,6 +744,92 @@ async def test_send_text_cannot_choose_the_message_id(linked: Linked) -> None:
     sent_id = await linked.backend.send_text(chat, "hi", quote=None, msg_id="3EB0OUTBOX000001")
     assert sent_id == linked.client.world.sent[-1].id
     assert sent_id != "3EB0OUTBOX000001"
+
+
+async def test_replies_carry_the_disappearing_timer_quoted_or_not(linked: Linked) -> None:
+    # a chat set to disappear after 7 days: the contact's message says so
+    msg = await linked.receive(inbound(_expiring(fn.extended_text("still there?"), 604800)))
+    assert msg.expiration == 604800
+    await linked.backend.send_text(msg.chat_id, "yes", quote=msg, expiration=604800)
+    await linked.backend.send_text(msg.chat_id, "and more", quote=None, expiration=604800)
+    quoted, plain = linked.client.world.sent[-2:]
+    context = quoted.message.extendedTextMessage.contextInfo
+    assert context.expiration == 604800
+    assert context.stanzaID == msg.wa_id  # still a quote
+    assert plain.message.extendedTextMessage.text == "and more"
+    assert plain.message.extendedTextMessage.contextInfo.expiration == 604800
+    # no timer: a plain conversation message, as before
+    await linked.backend.send_text(msg.chat_id, "bye", quote=None)
+    assert linked.client.world.sent[-1].message.conversation == "bye"
+
+
+async def test_invalid_utf8_from_go_is_decoded_not_lost(linked: Linked, tmp_path: Path) -> None:
+    # Go does not validate proto2 strings; Python's parser hands them over as bytes
+    event = inbound(fn.text("caf\u00e9 MARK"), push_name="Jo MARK")
+    data = event.SerializePartialToString().replace(b"MARK", b"\xff\xfe\xc3\x28")
+    before = len(linked.rec.of(IncomingMessage))
+    await asyncio.to_thread(linked.client.emit_raw, fn.P.Message, data)
+    msg = await linked.rec.wait(IncomingMessage, count=before + 1)
+    assert msg.text == "caf\u00e9 \ufffd\ufffd\ufffd("
+    assert msg.sender_name == "Jo \ufffd\ufffd\ufffd("
+    store = Store(tmp_path / "agent.db")  # what the worker's sink does first
+    try:
+        assert store.add_inbound(msg.chat_id, msg.sender, msg.wa_id, payload_of(msg))
+        (kept,) = store.pending_inbound(msg.chat_id)
+        assert kept.payload["text"] == msg.text
+    finally:
+        store.close()
+
+
+async def test_lid_only_contact_is_one_chat_with_its_phone_number(linked: Linked,
+                                                                  tmp_path: Path) -> None:
+    first = await linked.receive(inbound(fn.text("hi"), msg_id="AAAA0001"))  # PN addressing
+    linked.client.world.lid_to_pn[CONTACT_LID] = CONTACT  # whatsmeow's LID store knows it
+    lid_only = await linked.receive(
+        inbound(fn.text("me again"), chat=contact_lid(), sender=contact_lid(1),
+                msg_id="AAAA0002", addressing="LID"))
+    assert (lid_only.chat_id, lid_only.sender) == (first.chat_id, first.sender)
+    assert "get_pn_from_lid" in linked.client.log
+
+
+async def test_same_message_first_with_alt_then_lid_only_is_one_message(
+    linked: Linked, tmp_path: Path
+) -> None:
+    # the library's LID store does not know this contact: the pair the first event carried
+    # names the second one
+    with_alt = inbound(fn.text("hello"), chat=contact_lid(), sender=contact_lid(2),
+                       sender_alt=fn.jid(CONTACT), msg_id="BBBB0001", addressing="LID")
+    lid_only = inbound(fn.text("hello"), chat=contact_lid(), sender=contact_lid(2),
+                       msg_id="BBBB0001", addressing="LID")
+    one = await linked.receive(with_alt)
+    two = await linked.receive(lid_only)
+    assert (two.chat_id, two.sender, two.wa_id) == (one.chat_id, one.sender, one.wa_id)
+    store = Store(tmp_path / "agent.db")
+    try:
+        assert store.add_inbound(one.chat_id, one.sender, one.wa_id, payload_of(one))
+        assert not store.add_inbound(two.chat_id, two.sender, two.wa_id, payload_of(two))
+    finally:
+        store.close()
+
+
+async def test_self_chat_by_the_accounts_own_lid(linked: Linked) -> None:
+    msg = await linked.receive(
+        inbound(fn.text("remind me"), chat=fn.jid(fn.ACCOUNT_LID, fn.LID),
+                sender=fn.jid(fn.ACCOUNT_LID, fn.LID, 12), from_me=True, addressing="LID"))
+    assert msg.chat_id == msg.sender == f"{fn.ACCOUNT_PHONE}@s.whatsapp.net"
+    assert policy.decide(msg, policy.Policy(reply_to="self"), fn.ACCOUNT_PHONE).action == "answer"
+
+
+async def test_undecryptable_messages_and_stream_errors_reach_the_sink(linked: Linked) -> None:
+    info = inbound(fn.text("x"), msg_id="CCCC0001").Info
+    await asyncio.to_thread(linked.client.emit, fn.P.UndecryptableMessage(
+        Info=info, IsUnavailable=False,
+        DecryptFailMode=fn.P.UndecryptableMessage.DecryptFailModeT.Value("DECRYPT_FAIL_SHOW")))
+    lost = await linked.rec.wait(Undecryptable)
+    assert lost == Undecryptable(chat_id=f"{CONTACT}@s.whatsapp.net",
+                                 sender=f"{CONTACT}@s.whatsapp.net", wa_id="CCCC0001")
+    await asyncio.to_thread(linked.client.emit, fn.P.StreamError(Code="503"))
+    assert await linked.rec.wait(StreamError) == StreamError(code="503")
 
 
 async def test_send_failures_raise_send_error(linked: Linked) -> None:
