@@ -215,6 +215,37 @@ async def test_send_text_quoting_lands_in_the_contact_inbox(
     assert await driver.contact_inbox(OTHER_CONTACT) == []
 
 
+async def test_a_resend_with_the_outbox_id_is_what_honours_message_id_says(
+    driver: BackendDriver, backends: Backends
+) -> None:
+    """What the outbox can promise after a crash mid-send: a backend that sends with the id
+    the outbox chose (``honours_message_id``) turns a resend into the same message (exactly
+    once); any other turns it into a second message, so the outbox must choose between
+    resending (at least once) and dropping (at most once): ``conversation.uncertain_replies``.
+    """
+    backend, events = await backends.linked()
+    wa_id = await send_or_skip(driver, CONTACT, "are you there?")
+    msg = await events.wait(IncomingMessage, driver.event_timeout, lambda m: m.wa_id == wa_id)
+    chosen = "3EB0" + "C0FFEE" * 3
+    first = await backend.send_text(msg.chat_id, "only once", quote=None, msg_id=chosen)
+    again = await backend.send_text(msg.chat_id, "only once", quote=None, msg_id=chosen)
+    expected = 1 if backend.honours_message_id else 2
+    deadline = time.monotonic() + driver.event_timeout
+    while True:
+        copies = [e for e in await driver.contact_inbox(CONTACT) if e["text"] == "only once"]
+        if len(copies) >= expected or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)  # a late second copy would show now
+    copies = [e for e in await driver.contact_inbox(CONTACT) if e["text"] == "only once"]
+    assert len(copies) == expected
+    if backend.honours_message_id:
+        assert first == again == chosen  # exactly once
+    else:
+        assert first != again  # the library picked the ids: a second message
+        assert {first, again} == {e["id"] for e in copies}
+
+
 async def test_restart_reconnects_without_a_new_qr(
     driver: BackendDriver, backends: Backends
 ) -> None:
