@@ -162,7 +162,8 @@ def _v3(db: sqlite3.Connection) -> None:
         ALTER TABLE outbox ADD COLUMN next_try REAL NOT NULL DEFAULT 0;
         ALTER TABLE outbox ADD COLUMN error TEXT;
         ALTER TABLE chats ADD COLUMN expiration INTEGER;  -- disappearing timer (s), NULL: unknown
-        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE INDEX inbox_wa_id ON inbox (wa_id)
         """
     )
 
@@ -298,7 +299,17 @@ class Store:
 
     # --- inbox -------------------------------------------------------------------------
     def add_inbound(self, chat_id: str, sender: str, wa_id: str, payload: dict[str, Any]) -> bool:
-        """Commit an inbound message; False when this id was seen before (duplicate)."""
+        """Commit an inbound message; False when this id was seen before (duplicate).
+
+        A sender named by its LID (``…@lid``: its phone number was not known then) and one
+        named by its phone number are the same person when the WhatsApp id is the same:
+        WhatsApp delivered the message again under the other addressing, and it must not run
+        a second turn."""
+        if self._conn().execute(
+            "SELECT 1 FROM inbox WHERE wa_id = ?1 AND (?2 LIKE '%@lid' OR sender LIKE '%@lid') "
+            "LIMIT 1", (wa_id, sender),
+        ).fetchone() is not None:
+            return False
         cur = self._conn().execute(
             "INSERT OR IGNORE INTO inbox (chat_id, sender, wa_id, payload, received_at) "
             "VALUES (?, ?, ?, ?, ?)",

@@ -360,6 +360,16 @@ def test_concurrent_add_inbound_loses_and_duplicates_nothing(store: Store) -> No
     assert len({(p.chat_id, p.sender, p.wa_id) for p in rows}) == unique
 
 
+def test_a_message_again_under_its_lid_is_a_duplicate(store: Store) -> None:
+    # first under the phone number (the event had the alt), then LID-only (it had not)
+    assert store.add_inbound("4915@s.whatsapp.net", "4915@s.whatsapp.net", "3A01", {})
+    assert not store.add_inbound("2718@lid", "2718@lid", "3A01", {})
+    assert store.pending_chats() == ["4915@s.whatsapp.net"]
+    # a LID-only message with a new id is a message; the same one again under the phone is not
+    assert store.add_inbound("2718@lid", "2718@lid", "3A02", {})
+    assert not store.add_inbound("4915@s.whatsapp.net", "4915@s.whatsapp.net", "3A02", {})
+
+
 def test_totals(store: Store) -> None:
     assert store.totals() == {"turns": 0, "cost_usd": 0, "input_tokens": 0,
                               "output_tokens": 0, "messages_in": 0, "messages_out": 0,
