@@ -28,6 +28,7 @@ from fakes import fake_neonize as fn
 from agent import outcomes, policy
 from agent.engine import payload_of
 from agent.store import Store
+from agent.whatsapp import neonize_backend
 from agent.whatsapp.base import BackendContext, SendError
 from agent.whatsapp.events import (
     LIBRARY_STOPPED,
@@ -779,6 +780,18 @@ async def test_invalid_utf8_from_go_is_decoded_not_lost(linked: Linked, tmp_path
         assert kept.payload["text"] == msg.text
     finally:
         store.close()
+
+
+async def test_a_message_that_cannot_be_translated_is_kept_not_lost(
+    linked: Linked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any, **__: Any) -> None:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(neonize_backend, "translate_message", broken)
+    msg = await linked.receive(inbound(fn.text("?"), msg_id="DDDD0001"))
+    assert (msg.wa_id, msg.chat_id) == ("DDDD0001", f"{CONTACT}@s.whatsapp.net")
+    assert msg.unsupported_media == "garbled"  # answered with the note, like a sticker
 
 
 async def test_lid_only_contact_is_one_chat_with_its_phone_number(linked: Linked,

@@ -584,7 +584,7 @@ def _unreadable(event: Any) -> IncomingMessage | None:
             wa_id=text_of(info.ID), chat_id=canonical_chat_id(source),
             sender=canonical_sender(source), text="", timestamp=_seconds(info.Timestamp),
             is_group=bool(source.IsGroup), from_me=bool(source.IsFromMe),
-            unsupported_media="unreadable",
+            unsupported_media="garbled",
         )
     except Exception:  # nothing readable at all
         log.exception("whatsapp.message_lost")
