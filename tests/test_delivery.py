@@ -20,13 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from fakes.quiet_whatsapp import QuietWhatsApp
 from structlog.testing import capture_logs
 
 from agent import delivery
 from agent.claude import ClaudeSettings
 from agent.engine import ClaudePool, Engine
 from agent.store import Store
-from agent.whatsapp.base import SendError, Sink, WhatsAppBackend
+from agent.whatsapp.base import SendError
 from agent.whatsapp.events import ChatExpiration, IncomingMessage, StreamError, Undecryptable
 from wabridge.config import ConversationConfig, LimitsConfig
 
@@ -86,7 +87,7 @@ class Sent:
 
 
 @dataclass
-class ScriptedWhatsApp(WhatsAppBackend):
+class ScriptedWhatsApp(QuietWhatsApp):
     """Returns ids of its own (like neonize) unless ``keeps_ids``; refuses texts in
     ``refuse``; ``connected`` can drop."""
 
@@ -102,9 +103,6 @@ class ScriptedWhatsApp(WhatsAppBackend):
     def honours_message_id(self) -> bool:  # type: ignore[override]
         return self.keeps_ids
 
-    def start(self, sink: Sink) -> None:
-        pass
-
     async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None,
                         msg_id: str | None = None, expiration: int = 0) -> str:
         self.tries.append(text)
@@ -115,18 +113,6 @@ class ScriptedWhatsApp(WhatsAppBackend):
             raise SendError(f"server returned error 479 for {text}")
         self.sent.append(Sent(chat_id, text, msg_id, expiration))
         return (msg_id or "") if self.keeps_ids else f"3EB0WA{len(self.sent):04d}"
-
-    async def set_typing(self, chat_id: str, typing: bool) -> None:
-        pass
-
-    async def mark_read(self, message: IncomingMessage) -> None:
-        pass
-
-    async def pair_phone(self, phone: str) -> None:
-        pass
-
-    async def stop(self, timeout: float = 3.0) -> None:
-        pass
 
     def is_connected(self) -> bool:
         return self.connected

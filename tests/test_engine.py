@@ -28,13 +28,14 @@ from fakes.anthropic_api import (  # tests/ is on sys.path (no tests/__init__.py
     default_responder,
     last_user_text,
 )
+from fakes.quiet_whatsapp import QuietWhatsApp
 from structlog.testing import capture_logs
 
 from agent import commands, rotation
 from agent.claude import ClaudeSettings
 from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, ClaudePool, Engine, transcript_path
 from agent.store import Store
-from agent.whatsapp.base import SendError, Sink, WhatsAppBackend
+from agent.whatsapp.base import SendError
 from agent.whatsapp.events import IncomingMessage
 from wabridge.claude_cli import bundled_cli
 from wabridge.config import ConversationConfig, LimitsConfig
@@ -77,13 +78,10 @@ class Sent:
 
 
 @dataclass
-class FakeWhatsApp(WhatsAppBackend):
+class FakeWhatsApp(QuietWhatsApp):
     name: str = "fake"
     connected: bool = True
     sent: list[Sent] = field(default_factory=list)
-
-    def start(self, sink: Sink) -> None:
-        pass
 
     async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None,
                         msg_id: str | None = None, expiration: int = 0) -> str:
@@ -91,18 +89,6 @@ class FakeWhatsApp(WhatsAppBackend):
             raise SendError("not connected")
         self.sent.append(Sent(chat_id, text, quote, msg_id, time.monotonic()))
         return msg_id or f"OUT{len(self.sent)}"
-
-    async def set_typing(self, chat_id: str, typing: bool) -> None:
-        pass
-
-    async def mark_read(self, message: IncomingMessage) -> None:
-        pass
-
-    async def pair_phone(self, phone: str) -> None:
-        pass
-
-    async def stop(self, timeout: float = 3.0) -> None:
-        pass
 
     def is_connected(self) -> bool:
         return self.connected
