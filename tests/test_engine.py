@@ -783,6 +783,19 @@ async def test_rate_limit_per_sender_with_one_notice(make_rig: MakeRig,
     await rig.wait_sent(5, jid(OWNER))
 
 
+async def test_one_slow_down_notice_for_a_30_message_burst(make_rig: MakeRig) -> None:
+    # the burst lasts 3 s at 60/minute: tokens refill in the middle of it and let a few
+    # messages through, which is still one episode (README: "asked once to slow down")
+    rig = await make_rig(limits=replace(LIMITS, inbound_per_minute=60.0, inbound_burst=3))
+    for i in range(30):
+        rig.incoming(f"burst-{i}", sender=ALICE)
+        await asyncio.sleep(0.1)
+    await rig.idle(timeout=40)
+    sent = rig.wa.to(jid(ALICE))
+    assert sent.count(SLOW_DOWN_NOTICE) == 1
+    assert len(sent) > 2  # answers went out around the notice: tokens did refill
+
+
 async def test_outbound_pacing(make_rig: MakeRig) -> None:
     rig = await make_rig(limits=replace(LIMITS, send_gap=0.3, send_jitter=0.2),
                          rng=lambda: 0.5)

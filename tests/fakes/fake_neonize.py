@@ -363,7 +363,6 @@ class FakeWorld:
     violations: list[str] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
     fail_sends: str = ""  # when set, sends raise neonize's SendMessageError with this text
-    fail_sends_to: set[str] = field(default_factory=set)  # JIDs ("user@server") refused
     lid_to_pn: dict[str, str] = field(default_factory=dict)  # whatsmeow's LID store: lid -> pn
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -581,8 +580,6 @@ class FakeNewClient:
         self.log.append(via)
         if self.world.fail_sends:
             raise neonize_exc.SendMessageError(self.world.fail_sends)
-        if jid_str(target) in self.world.fail_sends_to:
-            raise neonize_exc.SendMessageError(f"server returned error 479 for {jid_str(target)}")
         if isinstance(message, str):
             message = E2E.Message(conversation=message)
         body = message.conversation or message.extendedTextMessage.text
