@@ -44,6 +44,9 @@ EVERY_FRAME: list[protocol.Frame] = [
                  text="", ts=1700000000),
     Metrics(seq=7, chats=2, claude_processes=1, turns=3, messages_in=4, messages_out=5,
             input_tokens=6, output_tokens=7, cost_today_usd=0.25),
+    Metrics(seq=12, chats=2, claude_processes=1, turns=3, messages_in=4, messages_out=5,
+            input_tokens=6, output_tokens=7, cost_today_usd=0.25, undecryptable=1,
+            stream_errors=2, replies_failed=3, uncertain_replies=4),
     protocol.Summary(seq=10, chat_id="4915@s.whatsapp.net", number=2, text="They like tea."),
     protocol.Problem(seq=11, code="bad_setting", message="settings.reply_to: 'x' is not ..."),
     Ack(seq=8),
@@ -83,6 +86,16 @@ def test_state_decodes_to_the_enum() -> None:
 
 def test_unknown_extra_fields_are_ignored() -> None:
     assert decode(b'{"v":1,"type":"ack","seq":3,"future":true}') == Ack(seq=3)
+
+
+def test_metrics_from_an_older_worker_count_zero_losses() -> None:
+    line = (b'{"v":1,"type":"metrics","seq":1,"chats":0,"claude_processes":0,"turns":0,'
+            b'"messages_in":0,"messages_out":0,"input_tokens":0,"output_tokens":0,'
+            b'"cost_today_usd":0}')
+    frame = decode(line)
+    assert isinstance(frame, Metrics)
+    assert (frame.undecryptable, frame.stream_errors, frame.replies_failed,
+            frame.uncertain_replies) == (0, 0, 0, 0)
 
 
 def test_encode_refuses_oversize_frames() -> None:
