@@ -18,8 +18,8 @@ Invariants the conversation engine relies on:
 
 - Messages the policy does not answer are kept, marked ``skipped`` with a ``reason``.
 - Command replies and notices (budget, slow down) go through the same outbox, committed with
-  marking their message done/skipped, so they are exactly-once like replies. A notice keyed
-  ``(chat, kind, day)`` is queued at most once (``notices``).
+  marking their message done/skipped, so they are delivered like replies (see above). A
+  notice keyed ``(chat, kind, day)`` is queued at most once (``notices``).
 - Each Claude turn's cost is logged per UTC day (``usage_log``) for the daily budget.
 - Conversation summaries are versioned per chat (``summaries``); a rotation stores one and
   forgets the session id in the same transaction.
