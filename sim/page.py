@@ -278,6 +278,18 @@ function bubble(m, cls) {
   return node;
 }
 
+function render(box, items) {
+  box.replaceChildren();
+  for (const m of items) box.append(bubble(m, m.who));
+  box.scrollTop = box.scrollHeight;
+}
+
+function enterSends(textarea, form) {
+  textarea.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); }
+  });
+}
+
 function contactPhone() {
   const v = $("contact").value.trim().replace(/^[+]/, "");
   return /^[0-9]{6,15}$/.test(v) ? v : "";
@@ -307,10 +319,7 @@ async function refreshConversation() {
   const key = JSON.stringify(items.map((m) => [m.id, m.who]));
   if (key === convKey) return;
   convKey = key;
-  const box = $("conversation");
-  box.replaceChildren();
-  for (const m of items) box.append(bubble(m, m.who));
-  box.scrollTop = box.scrollHeight;
+  render($("conversation"), items);
 }
 
 async function send(event) {
@@ -367,10 +376,7 @@ async function refreshOwner() {
   const key = account + "|" + JSON.stringify(items.map((m) => [m.id, m.who]));
   if (key === ownerKey) return;
   ownerKey = key;
-  const box = $("owner-conversation");
-  box.replaceChildren();
-  for (const m of items) box.append(bubble(m, m.who));
-  box.scrollTop = box.scrollHeight;
+  render($("owner-conversation"), items);
 }
 
 async function ownerSend(event) {
@@ -395,16 +401,12 @@ async function ownerSend(event) {
 }
 
 $("owner-compose").addEventListener("submit", ownerSend);
-$("owner-text").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("owner-compose").requestSubmit(); }
-});
+enterSends($("owner-text"), $("owner-compose"));
 $("owner-account").addEventListener("change", () => { ownerKey = ""; refreshOwner(); });
 $("owner-chat").addEventListener("input", () => { ownerKey = ""; refreshOwner(); });
 
 $("compose").addEventListener("submit", send);
-$("text").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("compose").requestSubmit(); }
-});
+enterSends($("text"), $("compose"));
 $("account").addEventListener("change", () => { convKey = ""; refreshConversation(); });
 $("contact").addEventListener("input", () => { convKey = ""; refreshConversation(); });
 
