@@ -373,7 +373,7 @@ class Controller:
                     fields["phone"] = phone
                 await self.plane.update(user_id, fields)
                 if new is not None and not await self.set_status(user_id, new,
-                                                                 rc.WORKER_MAY_SET):
+                                                                 rc.worker_may_move(new)):
                     new = None  # a request or a stop got there first: leave it be
                 if new is DocStatus.CONNECTED:
                     await self.plane.update(user_id, {"qrCode": None, "qrRaw": None})
