@@ -77,10 +77,14 @@ CLI 2.1.331 facts this module relies on (verified against tests/fakes/anthropic_
   ``result`` line ``subtype: "error_during_execution"``, ``errors: ["No conversation found
   with session ID: ..."]`` and exits 1 -> ``ClaudeError("resume_failed")``. A non-UUID value
   would be looked up as a session *title*; ``open`` refuses it before spawning.
-* Images: base64 image blocks reach the API as image blocks; the CLI stores a copy under
-  ``$TMPDIR/claude-<uid>/...`` and appends a text block ``[Image: source: <path>]``.
-  Undecodable images are replaced by a text block ``[Image could not be processed: ...]``.
-  Those copies accumulate under ``config_dir/tmp`` (our ``TMPDIR``).
+* Images: base64 image blocks reach the API as image blocks. The CLI would store a copy at
+  ``realpath($TMPDIR)/claude-<uid>/<cwd with every non-alphanumeric character as "->/
+  <session id>/images/<n>.png`` and append a text block ``[Image: source: <that path>]``: a
+  path of the worker's host the model could repeat to a contact. When it cannot store the
+  copy it adds nothing, so ``open`` puts a regular file where that ``images`` directory would
+  go (:func:`seal_image_store`; tests/test_claude_session.py checks the API never gets a
+  worker path). Undecodable images are replaced by a text block ``[Image could not be
+  processed: ...]``.
 * ``total_cost_usd`` (and ``modelUsage``) in ``result`` are cumulative for the conversation:
   a process started with ``--resume`` continues from the total recorded in the transcript,
   it does NOT restart at 0. ``usage`` is per turn; the per-turn cost is
@@ -109,6 +113,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import time
 import uuid
@@ -124,6 +130,9 @@ from wabridge import claude_cli
 log = structlog.get_logger(__name__)
 
 ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "resume_failed"]
+
+#: The CLI's longest cwd part of a temp path before it appends a hash (CLI 2.1.331).
+_MAX_SLUG: Final = 200
 
 #: stdout line limit for the asyncio reader (init/control lines are a few kB, but assistant
 #: messages can be large).
@@ -254,6 +263,32 @@ def build_env(settings: ClaudeSettings, workdir: Path, config_dir: Path) -> dict
     return env
 
 
+def image_store(tmp_dir: Path, workdir: Path, session_id: str) -> Path | None:
+    """Where the CLI would keep copies of the session's input images (see the module
+    docstring), or None when the CLI would shorten the cwd part with a hash we cannot
+    reproduce (a cwd of more than 200 characters)."""
+    slug = re.sub(r"[^a-zA-Z0-9]", "-", os.path.realpath(workdir))
+    if len(slug) > _MAX_SLUG:
+        return None
+    return (Path(os.path.realpath(tmp_dir)) / f"claude-{os.getuid()}" / slug / session_id
+            / "images")
+
+
+def seal_image_store(tmp_dir: Path, workdir: Path, session_id: str) -> None:
+    """Keep the CLI from storing image copies for this session, so it never tells the model
+    their path: a regular file stands where its ``images`` directory would be. Copies stored
+    before (by an older wabridge) are removed; the transcript holds the images themselves."""
+    path = image_store(tmp_dir, workdir, session_id)
+    if path is None:
+        log.warning("claude.image_store_not_sealed", workdir=str(workdir),
+                    why="working directory path too long")
+        return
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.touch(mode=0o600, exist_ok=True)
+
+
 def _neutralize_slash(block: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(block)
     text = out.get("text")
@@ -340,6 +375,7 @@ class ClaudeSession:
         self._group_gone = False
         self._dead = False  # killed by us or seen exiting
         self._closing = False
+        self._sealed: tuple[Path, Path, str] | None = None  # see seal_image_store
         self._reader = asyncio.create_task(self._read_stdout(), name=f"claude-out-{proc.pid}")
         self._err_reader = asyncio.create_task(self._read_stderr(), name=f"claude-err-{proc.pid}")
 
@@ -377,6 +413,8 @@ class ClaudeSession:
             )
         _check_and_prepare(settings, workdir, config_dir, resume_session_id)
         new_session_id = None if resume_session_id is not None else str(uuid.uuid4())
+        tmp_dir = config_dir / "tmp"
+        seal_image_store(tmp_dir, workdir, resume_session_id or str(new_session_id))
         cmd = build_command(settings, resume_session_id, new_session_id)
         started = time.monotonic()
         try:
@@ -393,6 +431,7 @@ class ClaudeSession:
         except OSError as e:
             raise ClaudeError("not_configured", f"cannot start {settings.cli_path}: {e}") from e
         session = cls(proc, settings, resume_session_id or new_session_id)
+        session._sealed = (tmp_dir, workdir, resume_session_id or str(new_session_id))
         try:
             await session._handshake(resume_session_id)
         except BaseException:
@@ -413,6 +452,11 @@ class ClaudeSession:
         ``protocol`` (unparseable output during the turn; the process stays usable).
         """
         blocks = _normalize_content(content)
+        sealed = self._sealed
+        if sealed is not None and self._session_id and self._session_id != sealed[2]:
+            # the CLI moved to another session id: its image copies would go elsewhere
+            self._sealed = (sealed[0], sealed[1], self._session_id)
+            seal_image_store(*self._sealed)
         async with self._lock:
             if not self.alive:
                 raise ClaudeError(

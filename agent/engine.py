@@ -467,6 +467,8 @@ class Engine:
                 self._store.skip_inbound([item.id], decision.reason)
                 log.info("message.skipped", wa_id=item.wa_id, sender=item.sender,
                          reason=decision.reason)
+                if decision.reason == "from_me" and policy.owner_wrote(msg, self._owner):
+                    log.info("message.owner_wrote", wa_id=item.wa_id)  # the takeover signal
                 continue
             if decision.action == "command" and segment:
                 break  # the command runs after the messages before it

@@ -175,6 +175,14 @@ def is_self_chat(msg: IncomingMessage, owner_phone: str) -> bool:
     return (not msg.is_group and bool(owner_phone) and phone_of(msg.chat_id) == owner_phone)
 
 
+def owner_wrote(msg: IncomingMessage, owner_phone: str) -> bool:
+    """The owner wrote in one of the account's chats (from the phone or another device of
+    theirs), not in the self chat: the owner is talking to that contact personally. The
+    message is never answered as the contact's (it is ``from_me``); human takeover (issue 15)
+    hooks here. The bot's own replies are told apart earlier, by the outbox's ids."""
+    return msg.from_me and not is_self_chat(msg, owner_phone)
+
+
 @dataclass(frozen=True)
 class Decision:
     action: Action

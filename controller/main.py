@@ -373,7 +373,7 @@ class Controller:
                     fields["phone"] = phone
                 await self.plane.update(user_id, fields)
                 if new is not None and not await self.set_status(user_id, new,
-                                                                 rc.WORKER_MAY_SET):
+                                                                 rc.worker_may_move(new)):
                     new = None  # a request or a stop got there first: leave it be
                 if new is DocStatus.CONNECTED:
                     await self.plane.update(user_id, {"qrCode": None, "qrRaw": None})
@@ -544,7 +544,12 @@ class Controller:
 async def _amain(cfg: config.Config) -> int:
     plane = choose_plane(cfg)
     systemd = Systemd()
-    return await Controller(cfg, plane, systemd).run()
+    code = await Controller(cfg, plane, systemd).run()
+    # the package is being removed (packaging/debian/prerm): say so on the documents
+    from controller.retire import retire_if_requested  # noqa: PLC0415 - one merge-friendly hunk
+
+    await retire_if_requested(cfg, lambda: choose_plane(cfg))
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

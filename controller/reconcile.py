@@ -269,6 +269,16 @@ WORKER_MAY_SET = frozenset(RUNNING_STATUSES | {DocStatus.PAIRING_REQUESTED})
 CONTROLLER_OWNED = frozenset(DocStatus) - REQUESTS  # statuses only the controller writes
 
 
+def worker_may_move(new: DocStatus) -> frozenset[DocStatus]:
+    """The statuses a worker's report may move the document from, to ``new``. A worker
+    process starting again (an upgrade restarts each one; systemd restarts a crashed one)
+    does not undo ``connected``/``disconnected``: the account is still linked while the new
+    process reconnects, and it reports what it then finds. Otherwise ``WORKER_MAY_SET``."""
+    if new is DocStatus.STARTING:
+        return WORKER_MAY_SET - {DocStatus.CONNECTED, DocStatus.DISCONNECTED}
+    return WORKER_MAY_SET
+
+
 def status_from_worker(state: WorkerState) -> DocStatus | None:
     """The document status a worker's report asks for; None: none ("stopping" is the
     controller's to say).

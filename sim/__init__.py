@@ -13,6 +13,9 @@ Device WebSocket protocol (``GET /ws/device``, JSON text frames), device -> sim:
 - ``{"type":"typing","to":<jid>,"on":bool}``, ``{"type":"read","chat":<jid>,"ids":[...]}``;
 - ``{"type":"pair_phone","phone":...}`` -> ``pairing_code``.
 
+A ``message`` with ``"from_me": true`` was written by the account itself on its phone (in the
+self chat or any chat); the device acks it like any other.
+
 sim -> device: ``qr``, ``qr_expired``, ``pairing_code``, ``paired`` (carries the token to
 persist), ``connected``, ``message``, ``sent``, ``send_error``, ``logged_out``,
 ``stream_replaced``, ``temporary_ban``, ``client_outdated``, ``error``.

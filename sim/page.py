@@ -1,4 +1,5 @@
-"""wabridge-sim's web page (``GET /``): a phone that scans QR codes, and contacts who write.
+"""wabridge-sim's web page (``GET /``): a phone that scans QR codes, contacts who write, and
+the owner's phone of each linked account.
 
 One self-contained document: no CDN, no external assets, no build step. It only uses the
 sim's own HTTP API (see :mod:`sim.server`):
@@ -9,7 +10,12 @@ sim's own HTTP API (see :mod:`sim.server`):
 - **Contacts** panel: pick a linked account (``GET /api/accounts``) and a contact number, send
   with ``POST /api/messages`` and read the replies from ``GET /api/contacts/{phone}/inbox``.
   The sim keeps no outbox per contact, so what this page sent is remembered by the page
-  (``localStorage``); replies show the message they quote.
+  (``localStorage``); replies show the message they quote, lines the owner wrote on the phone
+  are marked as such.
+- **Owner's phone** panel: the linked account's own phone writes with
+  ``POST /api/accounts/{phone}/messages``: to itself (the self chat, read back from
+  ``GET /api/accounts/{phone}/self-chat``) or, given a contact number, in that contact's chat.
+  Linked devices receive these as the account's own messages.
 
 Element ids and classes are what ``tests/test_sim_page.py`` drives; keep them stable.
 """
@@ -45,19 +51,24 @@ INDEX_HTML = """<!doctype html>
   button:disabled { opacity: .5; cursor: default; }
   .row { display: flex; gap: 12px; flex-wrap: wrap; margin-bottom: 12px; }
   label { display: flex; flex-direction: column; gap: 4px; font-size: 13px; color: var(--muted); }
-  #conversation { min-height: 220px; max-height: 420px; overflow-y: auto; padding: 8px;
+  .conversation { min-height: 220px; max-height: 420px; overflow-y: auto; padding: 8px;
                   background: #ece5dd; border-radius: 6px; display: flex;
                   flex-direction: column; gap: 6px; }
   .msg { max-width: 80%; padding: 6px 10px; border-radius: 8px; white-space: pre-wrap;
          box-shadow: 0 1px 1px rgba(0,0,0,.08); }
   .msg.contact { align-self: flex-end; background: var(--mine); }
   .msg.account { align-self: flex-start; background: var(--theirs); }
+  .msg .by { display: block; font-size: 11px; color: var(--accent); }
+  /* the owner's view: the owner (phone) and the bot (device) write as the account */
+  #owner-conversation .msg.owner { align-self: flex-end; background: var(--mine); }
+  #owner-conversation .msg.account { align-self: flex-end; background: #e1f0fb; }
+  #owner-conversation .msg.contact { align-self: flex-start; background: var(--theirs); }
   .msg .quote { border-left: 3px solid var(--accent); padding: 2px 6px; margin-bottom: 4px;
                 color: var(--muted); font-size: 13px; background: rgba(0,0,0,.04); }
   .msg time { display: block; font-size: 11px; color: var(--muted); text-align: right; }
   #typing { color: var(--muted); font-style: italic; min-height: 1.4em; }
-  #compose { display: flex; gap: 8px; margin-top: 8px; }
-  #compose textarea { flex: 1; resize: vertical; }
+  .compose { display: flex; gap: 8px; margin-top: 8px; }
+  .compose textarea { flex: 1; resize: vertical; }
   .error { color: var(--err); min-height: 1.4em; margin: 6px 0 0; }
   .ok { color: var(--accent); min-height: 1.4em; margin: 6px 0 0; }
 </style>
@@ -80,14 +91,33 @@ INDEX_HTML = """<!doctype html>
     <label>Contact phone <input id="contact" value="15550002222" inputmode="numeric"
       pattern="[0-9]{6,15}" size="16"></label>
   </div>
-  <div id="conversation" aria-live="polite"></div>
+  <div id="conversation" class="conversation" aria-live="polite"></div>
   <div id="typing"></div>
-  <form id="compose">
+  <form id="compose" class="compose">
     <textarea id="text" rows="2"
       placeholder="Message (Enter sends, Shift+Enter: new line)"></textarea>
     <button id="send" type="submit">Send</button>
   </form>
   <p id="contacts-error" class="error"></p>
+</section>
+<section id="owner-panel">
+  <h2>Owner's phone</h2>
+  <p class="hint">The linked account's own phone. Write to yourself (the self chat) or, with
+  a contact's number, in that contact's chat; linked devices get it as the account's own
+  message.</p>
+  <div class="row">
+    <label>Account
+      <select id="owner-account"><option value="">(no account linked)</option></select></label>
+    <label>Chat with (empty: message yourself) <input id="owner-chat" value=""
+      placeholder="self chat" inputmode="numeric" pattern="[0-9]{6,15}" size="16"></label>
+  </div>
+  <div id="owner-conversation" class="conversation" aria-live="polite"></div>
+  <form id="owner-compose" class="compose">
+    <textarea id="owner-text" rows="2"
+      placeholder="Message as the owner (Enter sends, Shift+Enter: new line)"></textarea>
+    <button id="owner-send" type="submit">Send</button>
+  </form>
+  <p id="owner-error" class="error"></p>
 </section>
 </main>
 <script>
@@ -217,10 +247,10 @@ async function refreshDevices() {
 /* ---- contacts panel ---- */
 async function refreshAccounts() {
   try { accounts = await api("GET", "/api/accounts"); } catch (e) { return; }
-  const select = $("account");
-  const chosen = select.value;
   const key = JSON.stringify(accounts.map((a) => [a.phone, a.push_name, a.connected]));
-  if (select.dataset.key !== key) {
+  for (const select of [$("account"), $("owner-account")]) {
+    const chosen = select.value;
+    if (select.dataset.key === key) continue;
     select.dataset.key = key;
     select.replaceChildren();
     if (!accounts.length) {
@@ -232,6 +262,32 @@ async function refreshAccounts() {
     }
     if (accounts.some((a) => a.phone === chosen)) select.value = chosen;
   }
+}
+
+function bubble(m, cls) {
+  const node = el("div", "msg " + cls);
+  node.dataset.id = m.id;
+  if (m.by === "phone") node.append(el("span", "by", "written on the owner's phone"));
+  if (m.quoted_id) {
+    const quoted = texts.get(m.quoted_id);
+    const shown = quoted !== undefined ? quoted : "(message " + m.quoted_id + ")";
+    node.append(el("div", "quote", shown));
+  }
+  node.append(el("div", "text", m.text));
+  node.append(el("time", "", stamp(m.ts)));
+  return node;
+}
+
+function render(box, items) {
+  box.replaceChildren();
+  for (const m of items) box.append(bubble(m, m.who));
+  box.scrollTop = box.scrollHeight;
+}
+
+function enterSends(textarea, form) {
+  textarea.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); }
+  });
 }
 
 function contactPhone() {
@@ -263,21 +319,7 @@ async function refreshConversation() {
   const key = JSON.stringify(items.map((m) => [m.id, m.who]));
   if (key === convKey) return;
   convKey = key;
-  const box = $("conversation");
-  box.replaceChildren();
-  for (const m of items) {
-    const node = el("div", "msg " + m.who);
-    node.dataset.id = m.id;
-    if (m.quoted_id) {
-      const quoted = texts.get(m.quoted_id);
-      const shown = quoted !== undefined ? quoted : "(message " + m.quoted_id + ")";
-      node.append(el("div", "quote", shown));
-    }
-    node.append(el("div", "text", m.text));
-    node.append(el("time", "", stamp(m.ts)));
-    box.append(node);
-  }
-  box.scrollTop = box.scrollHeight;
+  render($("conversation"), items);
 }
 
 async function send(event) {
@@ -303,10 +345,68 @@ async function send(event) {
   }
 }
 
+/* ---- the owner's phone ---- */
+function ownerChat() {
+  const v = $("owner-chat").value.trim().replace(/^[+]/, "");
+  if (v === "") return { to: null, ok: true };
+  return { to: v, ok: /^[0-9]{6,15}$/.test(v) };
+}
+
+let ownerKey = "";
+async function refreshOwner() {
+  const account = $("owner-account").value;
+  const chat = ownerChat();
+  if (!account || !chat.ok) { $("owner-conversation").replaceChildren(); ownerKey = ""; return; }
+  let items;
+  try {
+    if (chat.to === null || chat.to === account) {
+      const lines = await api("GET", "/api/accounts/" + account + "/self-chat");
+      items = lines.map((m) => ({ ...m, who: m.by === "phone" ? "owner" : "account" }));
+    } else {
+      const jid = chat.to + "@s.whatsapp.net";
+      const inbox = await api("GET", "/api/contacts/" + chat.to + "/inbox");
+      const ours = inbox.filter((m) => m.from === account && m.chat === jid)
+        .map((m) => ({ ...m, who: m.by === "phone" ? "owner" : "account" }));
+      const theirs = sent.filter((m) => m.from === chat.to && m.to === account)
+        .map((m) => ({ ...m, who: "contact" }));
+      items = ours.concat(theirs).sort((a, b) => a.ts - b.ts);
+    }
+  } catch (e) { return; }
+  for (const m of items) texts.set(m.id, m.text);
+  const key = account + "|" + JSON.stringify(items.map((m) => [m.id, m.who]));
+  if (key === ownerKey) return;
+  ownerKey = key;
+  render($("owner-conversation"), items);
+}
+
+async function ownerSend(event) {
+  event.preventDefault();
+  const account = $("owner-account").value;
+  const chat = ownerChat();
+  const text = $("owner-text").value;
+  const error = $("owner-error");
+  error.textContent = "";
+  if (!account) { error.textContent = "Link an account first (Phone panel)."; return; }
+  if (!chat.ok) { error.textContent = "Chat: 6 to 15 digits with country code, or empty."; return; }
+  if (!text.trim()) return;
+  const body = chat.to === null ? { text } : { text, to: chat.to };
+  try {
+    const res = await api("POST", "/api/accounts/" + account + "/messages", body);
+    texts.set(res.id, text);
+    $("owner-text").value = "";
+    await refreshOwner();
+  } catch (e) {
+    error.textContent = "Not sent: " + e.message;
+  }
+}
+
+$("owner-compose").addEventListener("submit", ownerSend);
+enterSends($("owner-text"), $("owner-compose"));
+$("owner-account").addEventListener("change", () => { ownerKey = ""; refreshOwner(); });
+$("owner-chat").addEventListener("input", () => { ownerKey = ""; refreshOwner(); });
+
 $("compose").addEventListener("submit", send);
-$("text").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("compose").requestSubmit(); }
-});
+enterSends($("text"), $("compose"));
 $("account").addEventListener("change", () => { convKey = ""; refreshConversation(); });
 $("contact").addEventListener("input", () => { convKey = ""; refreshConversation(); });
 
@@ -323,6 +423,7 @@ function every(ms, fn) {
 every(1000, refreshDevices);
 every(1500, refreshAccounts);
 every(1000, refreshConversation);
+every(1000, refreshOwner);
 </script>
 </body>
 </html>

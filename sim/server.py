@@ -13,12 +13,16 @@ HTTP API (JSON in and out; errors are ``{"error": code, "message": ..., "field":
 ``GET  /api/groups/{gid}/inbox``            what accounts sent to that group
 ``GET  /api/accounts``                      every account's state
 ``GET  /api/accounts/{phone}``              one account: linked, connected, devices, typing…
+``POST /api/accounts/{phone}/messages``     the owner's phone writes ``{"text", "to"?,
+                                            "group"?, ...}``: no ``to``/``group`` is the self
+                                            chat -> ``{"id"}``; devices get it as ``from_me``
+``GET  /api/accounts/{phone}/self-chat``    the account's own chat (phone and device lines)
 ``POST /api/accounts/{phone}/{outcome}``    logout, replace, ban ``{"expires_in"}``,
                                             outdated, disconnect; ``unban`` lifts a ban
 ==========================================  ==============================================
 
-``GET /`` is the web page for people (:mod:`sim.page`): a phone that scans the QR codes, and
-contacts who write to the linked accounts.
+``GET /`` is the web page for people (:mod:`sim.page`): a phone that scans the QR codes,
+contacts who write to the linked accounts, and the owner's phone of each account.
 
 The device WebSocket is ``GET /ws/device`` (protocol in :mod:`sim`). Each connection has one
 writer task fed by a queue, so frames leave in exactly the order the world produced them.
@@ -220,6 +224,9 @@ class SimServer:
         app.router.add_get("/api/groups/{gid}/inbox", self._group_inbox)
         app.router.add_get("/api/accounts", self._accounts)
         app.router.add_get("/api/accounts/{phone}", self._account)
+        # before {outcome}: "messages" is the owner's phone, not an outcome
+        app.router.add_post("/api/accounts/{phone}/messages", self._owner_message)
+        app.router.add_get("/api/accounts/{phone}/self-chat", self._self_chat)
         app.router.add_post("/api/accounts/{phone}/{outcome}", self._outcome)
         return app
 
@@ -262,6 +269,15 @@ class SimServer:
         msg_id, actions = self.world.post_message(await _body(request))
         self.dispatch(actions)
         return web.json_response({"id": msg_id, "delivered_now": len(actions)})
+
+    async def _owner_message(self, request: web.Request) -> web.Response:
+        msg_id, actions = self.world.owner_message(request.match_info["phone"],
+                                                   await _body(request))
+        self.dispatch(actions)
+        return web.json_response({"id": msg_id, "delivered_now": len(actions)})
+
+    async def _self_chat(self, request: web.Request) -> web.Response:
+        return web.json_response(self.world.self_chat(request.match_info["phone"]))
 
     async def _contact_inbox(self, request: web.Request) -> web.Response:
         return web.json_response(self.world.contact_inbox(request.match_info["phone"]))

@@ -5,7 +5,11 @@ Actors:
 - an **account** is a phone number; it exists once some device linked to it;
 - a **device** is a linked-device client (one wabridge worker) holding a secret token;
 - a **connection** is one live device WebSocket, known here only by an integer id;
-- a **contact** is anyone writing to an account; what the account sends lands in its inbox.
+- a **contact** is anyone writing to an account; what the account sends lands in its inbox;
+- the **owner's phone** is the account's primary phone: it writes in the account's own
+  "message yourself" chat (the self chat) or in any of its chats, and linked devices receive
+  what it wrote as the account's own messages (``from_me``), as WhatsApp delivers messages
+  sent from the phone to linked devices.
 
 Every method that changes the world returns the :data:`Action` list the server must carry
 out, in order: frames to send on connections and connections to close. Bad input raises
@@ -126,6 +130,11 @@ def _number(body: Mapping[str, Any], name: str, default: float, low: float, high
     return float(value)
 
 
+def phone_of_jid(jid: str) -> str:
+    """The phone number of a user JID (``<digits>@s.whatsapp.net``)."""
+    return jid.removesuffix(USER_SUFFIX)
+
+
 def user_jid(phone: str) -> str:
     return phone + USER_SUFFIX
 
@@ -167,6 +176,7 @@ class Account:
     read_ids: list[str] = field(default_factory=list)
     banned_until: float | None = None
     ban_reason: str = ""
+    self_chat: list[dict[str, Any]] = field(default_factory=list)  # the owner's phone + devices
 
 
 @dataclass
@@ -441,9 +451,12 @@ class World:
             return fail("id: must be a string of 1 to 64 characters or null")
         if chosen is not None and (device.phone, chosen) in self.sent_ids:
             return [Send(conn.id, {"type": "sent", "req": req, "id": chosen, "duplicate": True})]
-        recipients: list[Contact]
+        recipients: list[Contact] = []
         group: Group | None = None
-        if to.endswith(USER_SUFFIX):
+        account = self.accounts[device.phone]
+        if to == user_jid(device.phone):
+            pass  # the self chat: only the account itself reads it
+        elif to.endswith(USER_SUFFIX):
             contact = self.contacts.get(to.removesuffix(USER_SUFFIX))
             if contact is None:
                 return fail(f"unknown chat {to}")
@@ -464,11 +477,14 @@ class World:
             "text": text,
             "quoted_id": quote_id,
             "ts": self.now(),
+            "by": "device",
         }
         for contact in recipients:
             _append_capped(contact.inbox, entry)
         if group is not None:
             _append_capped(group.inbox, entry)
+        if to == user_jid(device.phone):
+            _append_capped(account.self_chat, entry)
         self._remember(msg_id, {"sender": device.phone, "text": text, "chat": to})
         self.version += 1
         return [Send(conn.id, {"type": "sent", "req": req, "id": msg_id})]
@@ -584,26 +600,13 @@ class World:
 
     # ------------------------------------------------------------------ contacts
 
-    def post_message(self, body: Any) -> tuple[str, list[Action]]:
-        """A contact writes to an account; returns the message id and the deliveries."""
-        body = _check_body(body)
-        sender = check_phone(body.get("from"), "from")
-        to = check_phone(body.get("to"), "to")
+    def _content(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """What a message carries, validated: text, id, quote, image, other media."""
         text = _opt_str(body, "text", MAX_TEXT) or ""
         msg_id = _opt_str(body, "id", 128)
         if msg_id is not None and not _MSG_ID_RE.fullmatch(msg_id):
             raise bad("id", "must be 1 to 128 printable ASCII characters without spaces")
         quoted_id = _opt_str(body, "quoted_id", 128)
-        gid = _opt_str(body, "group", 64)
-        if gid is not None and not _GROUP_RE.fullmatch(gid):
-            raise bad("group", "must be letters, digits and '-' (at most 64)")
-        group_name = _opt_str(body, "group_name", 128)
-        push_name = _opt_str(body, "push_name", 64)
-        mentions = body.get("mentions") or []
-        if not isinstance(mentions, list) or not all(isinstance(m, str) for m in mentions):
-            raise bad("mentions", "must be a list of phone numbers")
-        for mention in mentions:
-            check_phone(mention, "mentions")
         image = self._parse_image(body.get("image"))
         media = _opt_str(body, "media", 32)
         if media is not None and media not in MEDIA_KINDS:
@@ -612,54 +615,24 @@ class World:
             raise bad("media", "cannot be combined with image")
         if not text and image is None and media is None:
             raise bad("text", "is required (unless image or media is given)")
-        if sender == to:
-            raise bad("from", "must differ from to (self-chat is not simulated)")
-        account = self._account(to)
-
-        contact = self.contacts.get(sender)
-        if contact is None:
-            contact = Contact(sender, push_name or f"Contact {sender[-4:]}")
-            self.contacts[sender] = contact
-        elif push_name:
-            contact.name = push_name
-        quoted = self.messages.get(quoted_id) if quoted_id else None
-        is_group = gid is not None
-        if gid is not None:
-            group = self.groups.get(gid)
-            if group is None:
-                group = Group(gid, group_name or f"Group {gid}")
-                self.groups[gid] = group
-            elif group_name:
-                group.name = group_name
-            if sender not in group.members:
-                group.members.append(sender)
-            chat = group_jid(gid)
-        else:
-            chat = user_jid(sender)
-        mentioned = to in mentions or (
-            is_group and quoted is not None and quoted.get("sender") == to
-        )
         if image is not None and not text:
             text = image["caption"]
         elif image is not None and not image["caption"]:
             image["caption"] = text
-        msg_id = msg_id or self._new_msg_id()
-        frame: dict[str, Any] = {
-            "type": "message",
-            "id": msg_id,
-            "chat": chat,
-            "sender": user_jid(sender),
-            "sender_name": contact.name,
-            "text": text,
-            "ts": self.now(),
-            "is_group": is_group,
-            "mentioned": mentioned,
-            "quoted_id": quoted_id,
-            "quoted_text": quoted["text"] if quoted else "",
-            "image": image,
-            "media": media or "",
-        }
-        self._remember(msg_id, {"sender": sender, "text": text, "chat": chat})
+        return {"text": text, "id": msg_id, "quoted_id": quoted_id, "image": image,
+                "media": media or ""}
+
+    @staticmethod
+    def _group_id(body: Mapping[str, Any]) -> str | None:
+        gid = _opt_str(body, "group", 64)
+        if gid is not None and not _GROUP_RE.fullmatch(gid):
+            raise bad("group", "must be letters, digits and '-' (at most 64)")
+        return gid
+
+    def _deliver(self, account: Account, frame: dict[str, Any]) -> list[Action]:
+        """Queue ``frame`` for every linked device of ``account``; send it to connected ones."""
+        self._remember(frame["id"], {"sender": phone_of_jid(frame["sender"]),
+                                     "text": frame["text"], "chat": frame["chat"]})
         self.version += 1
         actions: list[Action] = []
         for device in account.devices.values():
@@ -669,7 +642,135 @@ class World:
             if device.conn is not None:
                 item.delivered = True
                 actions.append(Send(device.conn, frame))
-        return msg_id, actions
+        return actions
+
+    def post_message(self, body: Any) -> tuple[str, list[Action]]:
+        """A contact writes to an account; returns the message id and the deliveries."""
+        body = _check_body(body)
+        sender = check_phone(body.get("from"), "from")
+        to = check_phone(body.get("to"), "to")
+        content = self._content(body)
+        gid = self._group_id(body)
+        group_name = _opt_str(body, "group_name", 128)
+        push_name = _opt_str(body, "push_name", 64)
+        mentions = body.get("mentions") or []
+        if not isinstance(mentions, list) or not all(isinstance(m, str) for m in mentions):
+            raise bad("mentions", "must be a list of phone numbers")
+        for mention in mentions:
+            check_phone(mention, "mentions")
+        if sender == to:
+            raise bad("from", "must differ from to (the owner writes with "
+                      f"POST /api/accounts/{to}/messages)")
+        account = self._account(to)
+
+        contact = self._contact(sender, push_name)
+        quoted_id = content["quoted_id"]
+        quoted = self.messages.get(quoted_id) if quoted_id else None
+        is_group = gid is not None
+        if gid is not None:
+            group = self._group(gid, group_name)
+            if sender not in group.members:
+                group.members.append(sender)
+            chat = group_jid(gid)
+        else:
+            chat = user_jid(sender)
+        mentioned = to in mentions or (
+            is_group and quoted is not None and quoted.get("sender") == to
+        )
+        msg_id = content["id"] or self._new_msg_id()
+        frame: dict[str, Any] = {
+            "type": "message",
+            "id": msg_id,
+            "chat": chat,
+            "sender": user_jid(sender),
+            "sender_name": contact.name,
+            "text": content["text"],
+            "ts": self.now(),
+            "is_group": is_group,
+            "mentioned": mentioned,
+            "quoted_id": quoted_id,
+            "quoted_text": quoted["text"] if quoted else "",
+            "image": content["image"],
+            "media": content["media"],
+        }
+        return msg_id, self._deliver(account, frame)
+
+    def owner_message(self, phone: str, body: Any) -> tuple[str, list[Action]]:
+        """The owner's phone of account ``phone`` writes: in the self chat (no ``to`` and no
+        ``group``), to contact ``to``, or in group ``group``. The account's linked devices get
+        it as an own message (``from_me``); the contact or group gets it like a device's send.
+        """
+        account = self._account(phone)
+        body = _check_body(body)
+        content = self._content(body)
+        to = body.get("to")
+        gid = self._group_id(body)
+        if to is not None:
+            check_phone(to, "to")
+            if gid is not None:
+                raise bad("group", "cannot be combined with to (one chat per message)")
+            if to == phone:
+                to = None  # writing to one's own number is the self chat
+        quoted_id = content["quoted_id"]
+        quoted = self.messages.get(quoted_id) if quoted_id else None
+        msg_id = content["id"] or self._new_msg_id()
+        if gid is not None:
+            group = self.groups.get(gid)
+            if group is None:
+                raise WorldError(404, "unknown_chat", f"no group {gid} (a contact must write "
+                                 "in it first)", "group")
+            chat = group_jid(gid)
+        elif to is not None:
+            self._contact(to, None)
+            chat = user_jid(to)
+        else:
+            chat = user_jid(phone)
+        entry = {"id": msg_id, "from": phone, "chat": chat, "text": content["text"],
+                 "quoted_id": quoted_id, "ts": self.now(), "by": "phone"}
+        if gid is not None:
+            for member in self.groups[gid].members:
+                if member in self.contacts:
+                    _append_capped(self.contacts[member].inbox, entry)
+            _append_capped(self.groups[gid].inbox, entry)
+        elif to is not None:
+            _append_capped(self.contacts[to].inbox, entry)
+        else:
+            _append_capped(account.self_chat, entry)
+        frame: dict[str, Any] = {
+            "type": "message",
+            "id": msg_id,
+            "chat": chat,
+            "sender": user_jid(phone),
+            "sender_name": account.push_name,
+            "text": content["text"],
+            "ts": entry["ts"],
+            "is_group": gid is not None,
+            "from_me": True,
+            "mentioned": False,
+            "quoted_id": quoted_id,
+            "quoted_text": quoted["text"] if quoted else "",
+            "image": content["image"],
+            "media": content["media"],
+        }
+        return msg_id, self._deliver(account, frame)
+
+    def _contact(self, phone: str, push_name: str | None) -> Contact:
+        contact = self.contacts.get(phone)
+        if contact is None:
+            contact = Contact(phone, push_name or f"Contact {phone[-4:]}")
+            self.contacts[phone] = contact
+        elif push_name:
+            contact.name = push_name
+        return contact
+
+    def _group(self, gid: str, name: str | None) -> Group:
+        group = self.groups.get(gid)
+        if group is None:
+            group = Group(gid, name or f"Group {gid}")
+            self.groups[gid] = group
+        elif name:
+            group.name = name
+        return group
 
     @staticmethod
     def _parse_image(value: Any) -> dict[str, Any] | None:
@@ -698,6 +799,10 @@ class World:
         check_phone(phone)
         contact = self.contacts.get(phone)
         return list(contact.inbox) if contact else []
+
+    def self_chat(self, phone: str) -> list[dict[str, Any]]:
+        """The account's own "message yourself" chat: what its phone and devices wrote."""
+        return list(self._account(phone).self_chat)
 
     def group_inbox(self, gid: str) -> list[dict[str, Any]]:
         if not _GROUP_RE.fullmatch(gid):
@@ -795,6 +900,7 @@ class World:
                     "banned_until": a.banned_until,
                     "ban_reason": a.ban_reason,
                     "read_ids": a.read_ids,
+                    "self_chat": a.self_chat,
                     "devices": [
                         {
                             "id": d.id,
@@ -831,6 +937,7 @@ class World:
                     str(a["phone"]), str(a["push_name"]), float(a["created_at"]),
                     banned_until=a.get("banned_until"), ban_reason=str(a.get("ban_reason", "")),
                     read_ids=[str(i) for i in a.get("read_ids", [])],
+                    self_chat=[dict(m) for m in a.get("self_chat", [])],
                 )
                 for d in a["devices"]:
                     device = Device(

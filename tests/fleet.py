@@ -71,8 +71,16 @@ class SimClient:
             )["id"]
         )
 
+    def owner_send(self, account: str, text: str, to: str | None = None) -> str:
+        """The account's own phone writes: in its self chat, or in the chat with ``to``."""
+        body = {"text": text} if to is None else {"text": text, "to": to}
+        return str(http("POST", f"{self.url}/api/accounts/{account}/messages", body)["id"])
+
     def inbox(self, phone: str) -> list[dict[str, Any]]:
         return list(http("GET", f"{self.url}/api/contacts/{phone}/inbox"))
+
+    def self_chat(self, account: str) -> list[dict[str, Any]]:
+        return list(http("GET", f"{self.url}/api/accounts/{account}/self-chat"))
 
     def account(self, phone: str) -> dict[str, Any]:
         return dict(http("GET", f"{self.url}/api/accounts/{phone}"))

@@ -370,6 +370,35 @@ async def test_image_block_reaches_api(api: FakeAnthropicAPI, opener: Callable[.
 
 @requires_cli
 @pytest.mark.asyncio
+async def test_no_worker_path_reaches_the_model(
+    api: FakeAnthropicAPI, opener: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The CLI keeps a copy of every input image and tells the model where
+    (``[Image: source: <its tmp dir>/.../images/1.png]``): a path of the worker's host that the
+    model could repeat to a contact. Neither a fresh nor a resumed session sends one."""
+    image = {"type": "image",
+             "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64}}
+    session = await opener()
+    first = await session.turn([{"type": "text", "text": "what is this?"}, image])
+    assert first.text == "echo: what is this? [image image/png]"
+    sid = session.session_id
+    await session.close()
+    resumed = await opener(resume=sid)
+    await resumed.turn([{"type": "text", "text": "and this?"}, image])
+    roots = {str(tmp_path), os.path.realpath(tmp_path)}
+    requests = api.message_requests()
+    assert len(requests) == 2
+    for req in requests:
+        body = json.dumps(req.json)
+        assert "[Image: source" not in body and "[Image source" not in body
+        leaked = [root for root in roots if root in body]
+        assert not leaked, f"a worker path reached the model: {leaked}"
+        # the image itself still does
+        assert [b["type"] for b in _messages(req)[-1]["content"]].count("image") == 1
+
+
+@requires_cli
+@pytest.mark.asyncio
 async def test_slash_text_is_sent_to_the_model(
     api: FakeAnthropicAPI, opener: Callable[..., Any]
 ) -> None:

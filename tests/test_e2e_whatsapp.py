@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from collections.abc import Iterator
 
@@ -126,6 +127,10 @@ def test_image_reaches_claude_as_an_image_block(fleet: Fleet) -> None:
                                 if m.get("quoted_id") == wa_id], 30, "the reply")[0]
     assert "[image image/png]" in reply["text"]
     assert "what colour is this?" in reply["text"]
+    # no path of the worker's host reaches the model (the CLI's image copies, issue 18)
+    bodies = [json.dumps(r.json) for r in fleet.api.message_requests()]
+    assert any("what colour is this?" in b for b in bodies)
+    assert not [b for b in bodies if "/var/lib" in b or "[Image: source" in b]
 
 
 def test_pairing_code_links_without_qr(fleet: Fleet) -> None:

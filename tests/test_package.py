@@ -336,6 +336,12 @@ def test_installed_fleet_links_answers_survives_an_upgrade_and_goes_away(
         cursor = h.ns.run(["journalctl", "-n", "1", "--show-cursor", "--no-pager"]).stdout
         since = cursor.rsplit("cursor: ", 1)[-1].strip()
 
+        # what a front end watching the documents sees during the upgrade: no flapping
+        seen: list[tuple[str, object]] = []
+        watch = sessions.on_snapshot(lambda _docs, changes, _at: seen.extend(
+            (c.document.id, (c.document.to_dict() or {}).get("status")) for c in changes))
+        h.wait(lambda: len(seen) >= len(ACCOUNTS), 30, "the listener's first snapshot")
+
         h.install(deb_next)
 
         assert h.version() == f"{upstream_version()}-1+next1 ii"
@@ -353,6 +359,12 @@ def test_installed_fleet_links_answers_survives_an_upgrade_and_goes_away(
         for user in ACCOUNTS:
             wait_doc(user, lambda d: d.get("status") == "connected", "connected after upgrade")
             assert doc(user)["qrAt"] == qr_at[user], f"{user} was asked for a new QR"
+        watch.unsubscribe()
+        # The upgrade restarts the simulator too, so "disconnected" is what WhatsApp's
+        # stand-in did; wabridge's own restarts (controller, each worker) show nothing.
+        flaps = [(user, status) for user, status in seen
+                 if status not in ("connected", "disconnected")]
+        assert flaps == [], f"documents flapped during the upgrade: {flaps}"
         after = h.ns.journalctl("--no-pager", "-o", "cat", f"--after-cursor={since}")
         assert "whatsapp.qr_generated" not in after, "a worker showed a QR after the upgrade"
         assert "whatsapp.ready" in after
@@ -363,11 +375,16 @@ def test_installed_fleet_links_answers_survives_an_upgrade_and_goes_away(
         texts = " ".join(" ".join(api.all_texts(r)) for r in api.message_requests())
         assert "hello from the package" in texts, "the conversation lost its context"
 
-        # --- dpkg -r: nothing of wabridge keeps running
+        # --- dpkg -r: nothing of wabridge keeps running, and the documents say so
         h.remove()
         assert h.units("active") == [] and h.units("activating") == []
         assert h.processes() == []
         assert h.version().split()[-1] == "rc"
+        for user in ACCOUNTS:
+            gone = doc(user)
+            assert gone["status"] == "stopped", f"{user}: {gone}"
+            assert "wabridge was removed from this host" in gone["statusDetail"]
+            assert gone["process"]["pid"] == 0 and gone["process"]["state"] == "inactive"
 
         # --- dpkg -P: state and configuration gone
         h.remove(purge=True)

@@ -246,6 +246,20 @@ def test_loop_guard(times: list[float], max_turns: int, window: float,
     assert guard(times, max_turns, window) == expected
 
 
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (msg(sender=OWNER, chat=jid(ALICE), from_me=True), True),  # the phone, in alice's chat
+        (msg(sender=OWNER, chat=GROUP, group=True, from_me=True), True),
+        (msg(sender=OWNER, chat=jid(OWNER), from_me=True), False),  # the self chat
+        (msg(sender=ALICE, chat=jid(ALICE)), False),  # alice herself
+        (msg(sender=OWNER, chat=jid(ALICE)), False),  # not from this account's devices
+    ],
+)
+def test_owner_wrote(message: IncomingMessage, expected: bool) -> None:
+    assert policy.owner_wrote(message, OWNER) is expected
+
+
 def test_unknown_owner_never_matches_self_chat() -> None:
     m = msg(sender=OWNER, chat=jid(OWNER), from_me=True)
     assert policy.decide(m, SELF, "") == Decision("skip", "from_me")

@@ -29,6 +29,7 @@ from controller.reconcile import (
     missed_requests,
     reconcile,
     status_from_worker,
+    worker_may_move,
 )
 from wabridge.errors import ExitCode
 from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState
@@ -420,6 +421,24 @@ def test_worker_never_overrides_requests_or_stops(current: DocStatus | None) -> 
 @pytest.mark.parametrize("current", [*sorted(RUNNING_STATUSES), S.PAIRING_REQUESTED])
 def test_worker_moves_running_documents(current: DocStatus) -> None:
     assert current in WORKER_MAY_SET
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "moves"),
+    [
+        (S.CONNECTED, S.STARTING, False),  # a restarted worker: still linked, no flap
+        (S.DISCONNECTED, S.STARTING, False),
+        (S.WAITING_QR, S.STARTING, True),
+        (S.STARTING, S.STARTING, True),
+        (S.PAIRING_REQUESTED, S.STARTING, True),
+        (S.CONNECTED, S.DISCONNECTED, True),
+        (S.STARTING, S.CONNECTED, True),
+        (S.CONNECTED, S.LOGGED_OUT, True),
+        (S.STOPPING, S.CONNECTED, False),
+    ],
+)
+def test_worker_may_move(current: DocStatus, new: DocStatus, moves: bool) -> None:
+    assert (current in worker_may_move(new)) is moves
 
 
 @pytest.mark.parametrize("state", [s for s in WorkerState if s is not WorkerState.STOPPING])

@@ -3,7 +3,8 @@
 Debian's ``chromium`` driven by the ``playwright`` Python package (its own browser downloads
 are never used: no ``playwright install``). A real ``SimBackend`` device waits for a scan; the
 page shows its QR code, a click links it, a message typed in the contacts panel reaches the
-device, and the device's quoted reply shows up on the page. Screenshots go to
+device, and the device's quoted reply shows up on the page; the owner's phone panel writes in
+the self chat and in the contact's chat, and the device gets both as own messages. Screenshots go to
 ``artifacts/sim_page/`` (gitignored).
 """
 
@@ -147,6 +148,46 @@ async def test_link_and_chat_through_the_page(tmp_path: Path) -> None:
                     await expect(reply.locator(".quote")).to_have_text("Hello from the page")
                     await page.screenshot(path=str(ARTIFACTS / "2-conversation.png"),
                                           full_page=True)
+
+                    # the owner's phone writes to itself: the device gets an own message
+                    # in the self chat, and its reply shows in the owner's panel
+                    me = f"{ACCOUNT}@s.whatsapp.net"
+                    await page.select_option("#owner-account", ACCOUNT)
+                    await page.fill("#owner-text", "note to self")
+                    await page.click("#owner-send")
+                    note = await next_event(events, IncomingMessage)
+                    assert (note.text, note.chat_id, note.sender, note.from_me) == (
+                        "note to self", me, me, True)
+                    owner_view = page.locator("#owner-conversation")
+                    await expect(owner_view.locator(".msg.owner .text")).to_have_text(
+                        "note to self")
+                    await backend.send_text(me, "Noted.", quote=note)
+                    await expect(owner_view.locator(".msg.account .text")).to_have_text(
+                        "Noted.")
+                    await expect(owner_view.locator(".msg.account .quote")).to_have_text(
+                        "note to self")
+
+                    # ... and in the contact's chat: an own message there, which the
+                    # contact's side of the page shows as written on the owner's phone
+                    await page.fill("#owner-chat", CONTACT)
+                    await page.fill("#owner-text", "I'll take it from here")
+                    await page.click("#owner-send")
+                    personal = await next_event(events, IncomingMessage)
+                    assert (personal.chat_id, personal.from_me) == (
+                        f"{CONTACT}@s.whatsapp.net", True)
+                    await expect(owner_view.locator(".msg")).to_have_count(3)
+                    await expect(owner_view.locator(".msg.contact .text")).to_have_text(
+                        "Hello from the page")
+                    by_phone = page.locator("#conversation .msg.account").filter(
+                        has_text="I'll take it from here")
+                    await expect(by_phone.locator(".by")).to_have_text(
+                        "written on the owner's phone")
+                    await page.screenshot(path=str(ARTIFACTS / "3-owners-phone.png"),
+                                          full_page=True)
+                    await page.fill("#owner-chat", "12")
+                    await page.fill("#owner-text", "x")
+                    await page.click("#owner-send")
+                    await expect(page.locator("#owner-error")).to_contain_text("6 to 15 digits")
 
                     # bad input is reported on the page, not thrown
                     await page.fill("#contact", "12")

@@ -283,6 +283,7 @@ def test_send_lands_in_the_contact_inbox(world: World, clock: Clock) -> None:
             "text": "yo",
             "quoted_id": msg_id,
             "ts": clock.now,
+            "by": "device",
         }
     ]
     assert world.contact_inbox("5511999990099") == []
@@ -409,6 +410,107 @@ def test_banned_phone_cannot_link(world: World) -> None:
     assert info.value.status == 403
 
 
+# --------------------------------------------------------------------------- the owner's phone
+
+
+def own(world: World, **body: Any) -> tuple[str, list[Action]]:
+    return world.owner_message(ACCOUNT, {"text": "note to self", **body})
+
+
+def test_owner_writes_in_the_self_chat(world: World, clock: Clock) -> None:
+    conn, _ = link(world)
+    msg_id, actions = own(world)
+    (frame,) = frames(actions, conn)
+    me = f"{ACCOUNT}@s.whatsapp.net"
+    # delivered to the linked device as the account's own message in its own chat
+    assert (frame["id"], frame["chat"], frame["sender"], frame["from_me"]) == (
+        msg_id, me, me, True)
+    assert frame["text"] == "note to self" and not frame["is_group"]
+    # the device answers in the self chat: both sides are in the account's self chat
+    reply = world.device_frame(conn, {"type": "send", "req": 1, "to": me, "text": "noted",
+                                      "quote_id": msg_id})
+    assert types(reply) == ["sent"]
+    chat = world.self_chat(ACCOUNT)
+    assert [(m["text"], m["by"], m["chat"]) for m in chat] == [
+        ("note to self", "phone", me), ("noted", "device", me)]
+    assert chat[1]["quoted_id"] == msg_id
+    assert world.contact_inbox(ACCOUNT) == []  # no contact got any of it
+
+
+def test_writing_to_ones_own_number_is_the_self_chat(world: World) -> None:
+    conn, _ = link(world)
+    _msg_id, actions = own(world, to=ACCOUNT)
+    assert frames(actions, conn)[0]["chat"] == f"{ACCOUNT}@s.whatsapp.net"
+    assert len(world.self_chat(ACCOUNT)) == 1
+
+
+def test_owner_writes_in_a_contacts_chat(world: World, clock: Clock) -> None:
+    conn, _ = link(world)
+    asked, _ = post(world, text="is anyone there?")
+    msg_id, actions = own(world, to=CONTACT, text="yes, me", quoted_id=asked)
+    (frame,) = frames(actions, conn)
+    assert frame["chat"] == f"{CONTACT}@s.whatsapp.net"
+    assert frame["sender"] == f"{ACCOUNT}@s.whatsapp.net" and frame["from_me"] is True
+    assert frame["quoted_text"] == "is anyone there?"
+    # the contact reads it as the account's message, marked as written on the phone
+    assert world.contact_inbox(CONTACT) == [{
+        "id": msg_id, "from": ACCOUNT, "chat": f"{CONTACT}@s.whatsapp.net", "text": "yes, me",
+        "quoted_id": asked, "ts": clock.now, "by": "phone"}]
+    assert world.self_chat(ACCOUNT) == []
+
+
+def test_owner_writes_in_a_group_and_to_a_new_number(world: World) -> None:
+    conn, _ = link(world)
+    post(world, group="team", text="hi all")
+    _msg_id, actions = own(world, group="team", text="hello team")
+    (frame,) = frames(actions, conn)
+    assert frame["chat"] == "team@g.us" and frame["is_group"] and frame["from_me"]
+    assert [m["text"] for m in world.group_inbox("team")] == ["hello team"]
+    assert [m["text"] for m in world.contact_inbox(CONTACT)] == ["hello team"]
+    # a number nobody wrote from yet: the phone can write to it, like WhatsApp
+    own(world, to="5511999990055", text="first contact")
+    assert [m["by"] for m in world.contact_inbox("5511999990055")] == ["phone"]
+
+
+def test_owner_messages_queue_for_an_offline_device(world: World) -> None:
+    conn, token = link(world)
+    world.close_conn(conn)
+    msg_id, actions = own(world)
+    assert actions == []
+    _conn, actions = hello(world, token)
+    assert types(actions) == ["connected", "message"]
+    assert frames(actions)[1]["id"] == msg_id and frames(actions)[1]["from_me"] is True
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({}, 400, "text"),
+        ({"text": "x", "to": "+55"}, 400, "to"),
+        ({"text": "x", "to": CONTACT, "group": "team"}, 400, "group"),
+        ({"text": "x", "group": "bad group!"}, 400, "group"),
+        ({"text": "x", "group": "nosuchgroup"}, 404, "group"),
+        ({"text": "x", "id": "has space"}, 400, "id"),
+    ],
+)
+def test_owner_message_validation(world: World, body: dict[str, Any], status: int,
+                                  field: str) -> None:
+    link(world)
+    with pytest.raises(WorldError) as info:
+        world.owner_message(ACCOUNT, body)
+    assert (info.value.status, info.value.field) == (status, field)
+    with pytest.raises(WorldError) as unknown:
+        world.owner_message("5511999990077", {"text": "x"})
+    assert unknown.value.status == 404
+
+
+def test_a_contact_cannot_pose_as_the_owner(world: World) -> None:
+    link(world)
+    with pytest.raises(WorldError) as info:
+        world.post_message({"from": ACCOUNT, "to": ACCOUNT, "text": "x"})
+    assert f"/api/accounts/{ACCOUNT}/messages" in info.value.message
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -441,7 +543,6 @@ def test_banned_phone_cannot_link(world: World) -> None:
             },
             "image.data_b64",
         ),
-        ({"from": ACCOUNT, "to": ACCOUNT, "text": "x"}, "from"),
     ],
 )
 def test_post_message_validation(world: World, body: dict[str, Any], field: str) -> None:
@@ -487,6 +588,18 @@ def test_state_round_trip_keeps_tokens_and_queue(world: World, clock: Clock) -> 
     _conn, actions = hello(restored, token)
     assert types(actions) == ["connected", "message"]
     assert frames(actions)[1]["id"] == msg_id
+
+
+def test_state_round_trip_keeps_the_self_chat(world: World, clock: Clock) -> None:
+    link(world)
+    own(world)
+    restored = World(qr_rotate=20.0, clock=clock)
+    restored.load_state(world.to_state())
+    assert restored.self_chat(ACCOUNT) == world.self_chat(ACCOUNT) != []
+    state = world.to_state()
+    del state["accounts"][0]["self_chat"]  # a state file written before the owner's phone
+    restored.load_state(state)
+    assert restored.self_chat(ACCOUNT) == []
 
 
 def test_load_state_rejects_garbage(world: World) -> None:

@@ -26,6 +26,7 @@ import pytest
 import whatsapp_drivers
 from whatsapp_drivers import BackendDriver, DriverUnsupported
 
+from agent import policy
 from agent.whatsapp.base import BackendContext, SendError, WhatsAppBackend
 from agent.whatsapp.events import (
     ClientOutdated,
@@ -189,6 +190,25 @@ async def test_incoming_message_reaches_the_sink(driver: BackendDriver, backends
     assert not msg.from_me
     assert msg.images == ()
     assert msg.timestamp > 0
+
+
+@pytest.mark.parametrize("where", ["self_chat", "contact_chat"])
+async def test_the_owners_phone_writes_as_the_account(
+    driver: BackendDriver, backends: Backends, where: str
+) -> None:
+    """What the owner writes on the phone reaches the linked device as the account's own
+    message, and the policy reads it as the owner: in the self chat (``reply_to: self``)
+    and in a contact's chat (not answered as the contact, issue 15's takeover signal)."""
+    _backend, events = await backends.linked()
+    to = CONTACT if where == "contact_chat" else None
+    wa_id = await driver.owner_sends("from my phone", to=to)
+    msg = await events.wait(IncomingMessage, driver.event_timeout, lambda m: m.wa_id == wa_id)
+    owner = driver.account_phone
+    assert msg.from_me and msg.text == "from my phone" and not msg.is_group
+    assert policy.phone_of(msg.sender) == owner
+    assert policy.phone_of(msg.chat_id) == (CONTACT if to else owner)
+    assert policy.is_owner(msg, owner)
+    assert policy.is_self_chat(msg, owner) == (to is None)
 
 
 async def test_send_text_quoting_lands_in_the_contact_inbox(

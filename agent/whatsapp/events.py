@@ -95,7 +95,9 @@ class Image:
 
 @dataclass(frozen=True)
 class IncomingMessage:
-    """A message someone sent to (or, in self-chat, from) the linked account.
+    """A message in one of the linked account's chats: from someone else, or (``from_me``)
+    written by the account itself on another of its devices, such as the owner's phone, in
+    the self chat or in any chat.
 
     ``wa_id`` is WhatsApp's message id (unique per chat and sender); ``chat_id`` is the
     canonical chat JID (phone-number JID preferred over LID for the same contact).

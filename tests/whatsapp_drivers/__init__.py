@@ -103,6 +103,11 @@ class BackendDriver(Protocol):
         """
         ...
 
+    async def owner_sends(self, text: str, *, to: str | None = None) -> str:
+        """The account's own phone writes ``text``: in its self chat, or (``to``, a phone) in
+        the chat with that contact. Linked devices get it as an own message. Returns the id."""
+        ...
+
     async def contact_inbox(self, sender_phone: str) -> list[dict[str, Any]]:
         """What the account sent to this contact, oldest first: ``{"id", "text", "quoted_id"}``."""
         ...

@@ -117,6 +117,24 @@ class NeonizeDriver:
         await asyncio.to_thread(client.emit_message, event)
         return str(event.Info.ID)
 
+    async def owner_sends(self, text: str, *, to: str | None = None) -> str:
+        # as whatsmeow reports a message sent from the primary phone in a LID-addressed chat:
+        # from us, our own LID as the sender, the other party's phone number in RecipientAlt
+        me_lid = fn.jid(self.world.account_lid, fn.LID)
+        peer = to or self.world.account_phone
+        event = fn.message_event(
+            fn.text(text),
+            chat=fn.jid(lid_for(to), fn.LID) if to else me_lid,
+            sender=me_lid,
+            sender_alt=fn.jid(self.world.account_phone, fn.PN),
+            recipient_alt=fn.jid(peer, fn.PN),
+            msg_id=fn.phone_message_id(),
+            from_me=True,
+            addressing="LID",
+        )
+        await asyncio.to_thread(self._client().emit_message, event)
+        return str(event.Info.ID)
+
     async def contact_inbox(self, sender_phone: str) -> list[dict[str, Any]]:
         addresses = {f"{sender_phone}@{fn.PN}", f"{lid_for(sender_phone)}@{fn.LID}"}
         return [

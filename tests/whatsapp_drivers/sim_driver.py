@@ -107,6 +107,11 @@ class SimDriver:
         data = await self._ok("POST", "/api/messages", body)
         return str(data["id"])
 
+    async def owner_sends(self, text: str, *, to: str | None = None) -> str:
+        body: dict[str, Any] = {"text": text} if to is None else {"text": text, "to": to}
+        data = await self._ok("POST", f"/api/accounts/{self.account_phone}/messages", body)
+        return str(data["id"])
+
     async def contact_inbox(self, sender_phone: str) -> list[dict[str, Any]]:
         return list(await self._ok("GET", f"/api/contacts/{sender_phone}/inbox"))
 
