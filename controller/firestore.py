@@ -393,6 +393,9 @@ class FirestorePlane(ControlPlane):
             raise
         self._supervisor = asyncio.create_task(self._supervise(), name="firestore-watch")
 
+    def feed_alive(self) -> bool:
+        return self._supervisor is None or not self._supervisor.done()
+
     def _new_subscription(self) -> _Subscription:
         """On the loop: from now on, only snapshots of this subscription are delivered."""
         self._generation += 1

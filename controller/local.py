@@ -23,8 +23,8 @@ file (``controller.local_db``), so everything that Firestore gives for free is b
   further behind notices the gap and re-reads everything, like a Firestore listener reset.
 - Schema: versioned migrations registered with ``@_migration(n)``, each applied in its own
   ``BEGIN IMMEDIATE`` transaction that re-checks ``schema_version`` (so concurrent openers do
-  not race). A file whose schema is newer than this code is refused with ``ConfigError`` on
-  ``controller.local_db`` (exit 78), never modified.
+  not race). A file whose schema is newer than this code is refused with ``SchemaTooNew``
+  (exit 16, which the unit does not restart), never modified.
 
 Opening happens in the constructor (blocking, milliseconds; it creates the parent directory,
 the file and the schema). Afterwards every call runs in ``asyncio.to_thread`` on one
@@ -54,7 +54,7 @@ from controller.plane import (
 )
 from wabridge import logs
 from wabridge.config import ControllerConfig
-from wabridge.errors import ConfigError, UserIdError
+from wabridge.errors import ConfigError, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
 from wabridge.status import DocStatus, parse_doc_status
 
@@ -217,7 +217,7 @@ class LocalPlane(ControlPlane):
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             self._migrate(db)
-        except ConfigError:
+        except (ConfigError, SchemaTooNew):
             db.close()
             raise
         except sqlite3.DatabaseError as exc:
@@ -243,12 +243,10 @@ class LocalPlane(ControlPlane):
     def _version(self, db: sqlite3.Connection) -> int:
         current = int(db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
         if current > SCHEMA_VERSION:
-            raise ConfigError(
-                "controller.local_db",
+            raise SchemaTooNew(
                 f"{self._path} has schema version {current}, newer than this wabridge "
-                f"understands ({SCHEMA_VERSION}); upgrade wabridge or point "
-                "controller.local_db at another file",
-            )
+                f"understands ({SCHEMA_VERSION})",
+                explanation="upgrade wabridge or point controller.local_db at another file")
         return current
 
     # -- plumbing --------------------------------------------------------------------------
@@ -293,6 +291,9 @@ class LocalPlane(ControlPlane):
         self._watcher = asyncio.create_task(
             self._poll(on_change, last, docs), name="local-plane-watch"
         )
+
+    def feed_alive(self) -> bool:
+        return self._watcher is None or not self._watcher.done()
 
     def _snapshot(self) -> tuple[int, list[SessionDoc]]:
         with _deferred(self._db):

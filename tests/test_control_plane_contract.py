@@ -34,7 +34,7 @@ from controller.firestore import (
 from controller.local import SCHEMA_VERSION, LocalPlane, message_doc_id
 from controller.plane import Change, ControlPlane, Removed, SessionDoc
 from wabridge.config import FirebaseConfig
-from wabridge.errors import ConfigError, UserIdError
+from wabridge.errors import ConfigError, ExitCode, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
 from wabridge.status import DocStatus
 
@@ -646,11 +646,12 @@ async def test_local_refuses_a_newer_schema(tmp_path: Path) -> None:
         assert db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
         db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     db.close()
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(SchemaTooNew) as info:
         LocalPlane(path)
-    assert info.value.key == "controller.local_db"
-    assert f"schema version {SCHEMA_VERSION + 1}" in info.value.problem
-    assert f"({SCHEMA_VERSION})" in info.value.problem
+    assert info.value.exit_code == ExitCode.SCHEMA_TOO_NEW  # do not restart, like the worker
+    assert f"schema version {SCHEMA_VERSION + 1}" in info.value.message
+    assert f"({SCHEMA_VERSION})" in info.value.message
+    assert "upgrade wabridge" in str(info.value)
     with sqlite3.connect(path) as db:  # refused, not modified
         assert db.execute("SELECT version FROM schema_version").fetchone()[0] == (
             SCHEMA_VERSION + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from typing import Any
 
@@ -58,6 +59,9 @@ def claim(frm: DocStatus, to: DocStatus) -> Claim:
 
 
 def status_update(status: DocStatus) -> Update:
+    if status is S.STOPPED:  # nothing of the process that was stays on the document
+        return Update(U, {"status": "stopped", "statusDetail": "stopped",
+                          "metrics": {"claudeProcesses": 0}})
     return Update(U, {"status": status.value})
 
 
@@ -318,7 +322,12 @@ def test_crash_reason_names_the_start_limit_and_the_last_exit() -> None:
                                   "systemd gave up: start limit hit (StartLimitBurst=5)")
     config = UnitView("failed", "failed", "exit-code", 0, start_limit_burst=5,
                       exec_main_code=CLD_EXITED, exec_main_status=ExitCode.CONFIG)
-    assert crash_reason(config).endswith("; not restarted: config")
+    assert crash_reason(config).endswith(
+        "; not restarted: config (a configuration value is invalid; the journal names the key)")
+    newer = dataclasses.replace(config, exec_main_status=ExitCode.SCHEMA_TOO_NEW)
+    assert crash_reason(newer).endswith(  # the one cause, with what the operator does
+        "; not restarted: schema_too_new (its state database was written by a newer "
+        "wabridge; install that version (or a newer one) again; the data is left untouched)")
 
 
 def test_gave_up_is_crashed_with_reason_start_limit() -> None:
