@@ -383,7 +383,7 @@ class Worker:
             while self.state != WorkerState.CONNECTED:  # noqa: ASYNC110 - a test hook
                 await asyncio.sleep(0.1)
             await asyncio.sleep(float(os.environ.get("WABRIDGE_TEST_FAULT_AFTER", "0.5")))
-            if self._fault_once():
+            if self._fault_once(f"-{name}"):
                 log.warning("test.fault", fault=self.fault, task=name)
                 raise RuntimeError(f"test fault: task {name} crashed")
             await inner
@@ -391,8 +391,8 @@ class Worker:
             inner.cancel()
 
     # --- test hooks (see the module doc; inert unless WABRIDGE_TEST_HOOKS=1) ----------------
-    def _fault_once(self) -> bool:
-        marker = self.state_dir / f".test-fault-{self.fault}"
+    def _fault_once(self, what: str = "") -> bool:
+        marker = self.state_dir / f".test-fault-{self.fault}{what}"
         if marker.exists():
             return False
         marker.write_text("done\n")

@@ -186,7 +186,21 @@ def test_unreachable_controller_exits_3(
 
 
 def ctl_as_nobody(socket_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "WABRIDGE_CONFIG": "/dev/null",
+    """``python -m controller.ctl`` as uid 65534, from a world-readable copy of the packages it
+    imports: the checkout itself may live where other users cannot enter (a clone under
+    /root, a ``mktemp -d`` folder)."""
+    with socket_dir() as code:
+        for package in ("controller", "wabridge"):
+            shutil.copytree(REPO / package, code / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for path in code.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        return _ctl_as_nobody(code, socket_path, *args)
+
+
+def _ctl_as_nobody(code: Path, socket_path: Path, *args: str
+                   ) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(code), "WABRIDGE_CONFIG": "/dev/null",
            "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
     return subprocess.run(
         ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,

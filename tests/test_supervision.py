@@ -274,6 +274,24 @@ def test_watchdog_restarts_a_wedged_worker(fleet: Fleet, fault: str, problem: st
     back_to_connected(fleet)
 
 
+# --- supervised tasks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["link", "pump", "outbox", "supervise"])
+def test_a_dead_task_stops_the_worker_and_systemd_restarts_it(fleet: Fleet, task: str) -> None:
+    """A long-running task of the worker that dies (here: raises) must not leave a worker that
+    takes messages in and never answers: it exits 1 and systemd restarts it."""
+    unit = fleet.unit("alice")
+    inject(fleet, "alice", "[Service]\nEnvironment=WABRIDGE_TEST_HOOKS=1 "
+           f"WABRIDGE_TEST_FAULT=task-crash WABRIDGE_TEST_FAULT_TASK={task}\n")
+    last = restarted_for(fleet, "alice", "exit_code")
+    assert (last["exitCode"], last["restarting"]) == (1, True)
+    journal = fleet.journal(unit)
+    assert "worker.task_died" in journal and f"test fault: task {task} crashed" in journal
+    back_to_connected(fleet)
+    assert "echo: after" in fleet.ask(CONTACT, ALICE, f"after {task}")["text"]
+
+
 # --- memory ----------------------------------------------------------------------------
 
 
