@@ -460,6 +460,8 @@ class AdminServer:
                 response = await self.handle(request)
             except AdminError as exc:
                 response = error_frame(exc.code, exc.message)
+            except UserIdError as exc:  # a control plane's own check of the id
+                response = error_frame(exc.code, str(exc))
             except ConnectionError:
                 # the client left (wabridgectl link exits once connected): nothing to answer
                 log.debug("admin.client_gone")
