@@ -117,7 +117,7 @@ def _map(value: object) -> dict[str, Any]:
 
 
 def merge_fields(target: dict[str, Any], fields: Mapping[str, Any], *, top: bool = True) -> None:
-    """Firestore's ``set(merge=True)``, as every plane (and the admin mirror) applies it:
+    """Firestore's ``set(merge=True)``, as every plane (and ``SessionDoc.merged``) applies it:
     non-empty maps merge key by key, anything else (including an empty map) replaces with a
     copy; at the top level ``None`` deletes the field."""
     for key, value in fields.items():
