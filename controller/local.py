@@ -56,7 +56,7 @@ from wabridge import logs
 from wabridge.config import ControllerConfig
 from wabridge.errors import ConfigError, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
-from wabridge.status import DocStatus, parse_doc_status
+from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 log = logs.get("controller.local")
 
@@ -185,6 +185,7 @@ class LocalPlane(ControlPlane):
         self._lock = threading.Lock()
         self._db = self._open()
         self._watcher: asyncio.Task[None] | None = None
+        self._on_change: ChangeCallback | None = None
         self._closed = False
 
     @classmethod
@@ -287,6 +288,24 @@ class LocalPlane(ControlPlane):
     async def watch(self, on_change: ChangeCallback) -> None:
         if self._watcher is not None:
             raise RuntimeError("watch() was already called on this plane")
+        self._on_change = on_change
+        last, docs = await self._run(self._snapshot)
+        self._watcher = asyncio.create_task(
+            self._poll(on_change, last, docs), name="local-plane-watch"
+        )
+
+    async def rewatch(self) -> None:
+        """A poller does not go quiet the way a listener can, but a request the controller
+        found undelivered is reason enough: restart it from a fresh snapshot, which delivers
+        every document again, as ``watch`` does first."""
+        old, on_change = self._watcher, self._on_change
+        if old is None or on_change is None or self._closed:
+            return
+        log.warning("plane.watch_reopened", backend=self.name,
+                    reason="a pending request was not delivered")
+        old.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await old
         last, docs = await self._run(self._snapshot)
         self._watcher = asyncio.create_task(
             self._poll(on_change, last, docs), name="local-plane-watch"
@@ -367,6 +386,21 @@ class LocalPlane(ControlPlane):
 
     async def list_sessions(self) -> list[SessionDoc]:
         return (await self._run(self._snapshot))[1]
+
+    async def pending_requests(self) -> list[SessionDoc]:
+        """The documents holding a request, by an indexed-free scan of one JSON field (the
+        local plane holds one host's users: a few hundred rows at most)."""
+        values = sorted(status.value for status in REQUESTS)
+        # placeholders only: the text is fixed, the values are bound
+        query = ("SELECT user_id, fields FROM user_sessions WHERE json_extract(fields, "  # noqa: S608
+                 f"'$.status') IN ({', '.join('?' * len(values))}) ORDER BY user_id")
+
+        def read() -> list[SessionDoc]:
+            with _deferred(self._db):
+                rows = self._db.execute(query, values).fetchall()
+            return [parse_session(uid, _loads(text)) for uid, text in rows]
+
+        return await self._run(read)
 
     async def get(self, user_id: str) -> SessionDoc | None:
         data = await self._run(self._read_doc, "user_sessions", check_doc_id(user_id))

@@ -70,9 +70,10 @@ def test_a_first_start_uses_the_documents_backend_and_never_builds_neonize(
 
 def test_a_settings_change_takes_effect_on_the_next_message(fleet: Fleet) -> None:
     pid = fleet.prop(fleet.unit("alice"), "MainPID")
+    applied = fleet.journal(fleet.unit("alice")).count("policy.updated")
     set_settings(fleet, sim_settings(fleet, reply_to="allowlist", allowlist=[OTHER]))
-    wait_until(lambda: "policy.updated" in fleet.journal(fleet.unit("alice")), 5,
-               "the worker to apply the settings")
+    wait_until(lambda: fleet.journal(fleet.unit("alice")).count("policy.updated") > applied,
+               5, "the worker to apply the settings")
     before = len(fleet.sim.inbox(CONTACT))
     fleet.sim.send(CONTACT, ALICE, "am I still answered?")
     assert "echo: allowed" in fleet.ask(OTHER, ALICE, "allowed")["text"]
