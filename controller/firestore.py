@@ -75,20 +75,18 @@ from google.cloud.firestore_v1 import watch as watch_module
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.oauth2 import service_account
 
-from controller.local import (
-    check_doc_id,
-    message_doc_id,
-    message_fields,
-    summary_doc_id,
-    summary_fields,
-)
 from controller.plane import (
     Change,
     ChangeCallback,
     ControlPlane,
     Removed,
     SessionDoc,
+    check_doc_id,
+    message_doc_id,
+    message_fields,
     parse_session,
+    summary_doc_id,
+    summary_fields,
 )
 from wabridge import logs
 from wabridge.config import FirebaseConfig

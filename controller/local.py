@@ -49,12 +49,17 @@ from controller.plane import (
     ControlPlane,
     Removed,
     SessionDoc,
+    check_doc_id,
     merge_fields,
+    message_doc_id,
+    message_fields,
     parse_session,
+    summary_doc_id,
+    summary_fields,
 )
 from wabridge import logs
 from wabridge.config import ControllerConfig
-from wabridge.errors import ConfigError, SchemaTooNew, UserIdError
+from wabridge.errors import ConfigError, SchemaTooNew
 from wabridge.protocol import MessageEvent
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
@@ -120,52 +125,6 @@ def _summaries(db: sqlite3.Connection) -> None:
 
 
 SCHEMA_VERSION = max(_MIGRATIONS)
-
-
-def check_doc_id(user_id: str) -> str:
-    """Ids valid as Firestore document ids (both planes accept the same ids): non-empty,
-    no '/', not '.' or '..', not ``__.*__``. Raises ``UserIdError``."""
-    if (
-        not user_id
-        or "/" in user_id
-        or user_id in (".", "..")
-        or (user_id.startswith("__") and user_id.endswith("__"))
-    ):
-        raise UserIdError(f"user id {user_id!r} cannot name a control-plane document")
-    return user_id
-
-
-def message_doc_id(user_id: str, event_id: str) -> str:
-    """``{userId}__{eventId}`` with '%' and '/' percent-encoded (ids cannot contain '/')."""
-
-    def clean(part: str) -> str:
-        return part.replace("%", "%25").replace("/", "%2F")
-
-    return f"{clean(user_id)}__{clean(event_id)}"
-
-
-def message_fields(user_id: str, event: MessageEvent) -> dict[str, Any]:
-    """The fields of a message document (both planes)."""
-    return {
-        "userId": user_id,
-        "eventId": event.event_id,
-        "chatId": event.chat_id,
-        "direction": event.direction,
-        "sender": event.sender,
-        "text": event.text,
-        "ts": event.ts,
-    }
-
-
-def summary_doc_id(user_id: str, chat_id: str, number: int) -> str:
-    """``{userId}__{chatId}__v{number}`` (percent-encoded like message ids)."""
-    return f"{message_doc_id(user_id, chat_id)}__v{number}"
-
-
-def summary_fields(user_id: str, chat_id: str, number: int, text: str) -> dict[str, Any]:
-    """The fields of a summary document (both planes)."""
-    return {"userId": user_id, "chatId": chat_id, "number": number, "text": text,
-            "createdAt": time.time()}
 
 
 def _dumps(data: Mapping[str, Any]) -> str:

@@ -31,8 +31,8 @@ from controller.firestore import (
     PlaneUnavailable,
     map_error,
 )
-from controller.local import SCHEMA_VERSION, LocalPlane, message_doc_id
-from controller.plane import Change, ControlPlane, Removed, SessionDoc
+from controller.local import SCHEMA_VERSION, LocalPlane
+from controller.plane import Change, ControlPlane, Removed, SessionDoc, message_doc_id
 from wabridge.config import FirebaseConfig
 from wabridge.errors import ConfigError, ExitCode, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
