@@ -26,6 +26,25 @@ LATEST_WINS = frozenset({"state", "qr", "metrics", "pairing_code"})
 ACK_TIMEOUT = 10.0
 
 
+def link_error(exc: BaseException, socket_path: str) -> str:
+    """Why the link to the controller is down, in an operator's words (asyncio's own text for
+    a closed stream is "0 bytes read on a total of undefined expected bytes")."""
+    if isinstance(exc, asyncio.IncompleteReadError | EOFError):
+        return "the controller closed the connection (restarting or stopped?)"
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+        return (f"the controller is not listening on {socket_path} "
+                "(is wabridge-controller running?)")
+    if isinstance(exc, PermissionError):
+        return f"no permission to connect to {socket_path}"
+    if isinstance(exc, ConnectionError):
+        return f"the connection to the controller broke ({exc.strerror or exc})"
+    if isinstance(exc, asyncio.LimitOverrunError):
+        return f"the controller sent a frame over {protocol.MAX_FRAME} bytes"
+    if isinstance(exc, OSError):
+        return f"cannot reach the controller at {socket_path}: {exc.strerror or exc}"
+    return str(exc)
+
+
 class ControllerLink:
     def __init__(
         self,
@@ -69,9 +88,10 @@ class ControllerLink:
                 delay = 0.1
             except (OSError, EOFError, ProtocolError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError) as exc:
-                if self.connected or self.last_error != str(exc):
-                    log.warning("controller.link_down", error=str(exc))
-                self.last_error = str(exc)
+                error = link_error(exc, self._path)
+                if self.connected or self.last_error != error:
+                    log.warning("controller.link_down", error=error)
+                self.last_error = error
             finally:
                 self.connected = False
             with contextlib.suppress(TimeoutError):

@@ -2,8 +2,8 @@
 
 Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.ExitCode``):
 1. synchronous: arguments, configuration, logging, state directory, store (no asyncio yet);
-2. ``Worker.run``: one TaskGroup holding the controller link, the WhatsApp event pump, the
-   outbox sender, the watchdog and the status line; ``READY=1`` once they run;
+2. ``Worker.run``: the controller link, the WhatsApp event pump, the outbox sender and the
+   supervisor (watchdog, status line, timers) as supervised tasks; ``READY=1`` once they run;
 3. SIGTERM -> ``STOPPING=1`` -> stop taking messages -> let turns in flight finish -> flush the
    outbox and reports -> close Claude processes -> stop WhatsApp -> exit, all within the unit's
    ``TimeoutStopSec`` (5 s); systemd's SIGKILL with ``KillMode=control-group`` covers the rest.
@@ -28,6 +28,13 @@ supervision (``tests/test_supervision.py``), ``WABRIDGE_TEST_FAULT_AFTER`` secon
   directory (a marker file), so the restarted worker behaves.
 * ``ignore-sigterm``: ignore SIGTERM from the start (systemd must SIGKILL at TimeoutStopSec=);
   ``crash``: exit with code 1 at every start (systemd's start limit).
+* ``task-crash``: the long-running task named by ``WABRIDGE_TEST_FAULT_TASK`` (one of
+  ``TASKS``) raises, once per state directory.
+
+Supervision: the long-running tasks (``TASKS``) are watched by a done-callback: one that ends
+while the worker is not stopping (an exception, or a return) stops the worker with exit code
+1, which systemd restarts; ``health_problem`` also names a dead task, so the watchdog is fed
+only while all of them run.
 """
 
 from __future__ import annotations
@@ -61,7 +68,10 @@ from wabridge.status import WorkerState
 
 log = logs.get("agent")
 STOP_BUDGET = 4.0  # seconds of the unit's TimeoutStopSec=5 we use; systemd kills after 5
-TEST_FAULTS = frozenset({"wedge-loop", "stuck-turn", "alloc", "ignore-sigterm", "crash"})
+TEST_FAULTS = frozenset({"wedge-loop", "stuck-turn", "alloc", "ignore-sigterm", "crash",
+                         "task-crash"})
+#: The worker's long-running tasks (``Worker.run``): one that ends stops the worker.
+TASKS = ("link", "pump", "outbox", "supervise")
 
 
 def test_fault(environ: dict[str, str] | None = None) -> str:
@@ -101,14 +111,17 @@ def claude_settings(cfg: config.Config) -> ClaudeSettings:
     )
 
 
-def make_backend(
-    cfg: config.Config, ctx: BackendContext, settings: dict[str, Any]
-) -> WhatsAppBackend:
-    backend = str(settings.get("backend") or cfg.worker.backend)
+def make_backend(cfg: config.Config, ctx: BackendContext) -> WhatsAppBackend:
+    """The backend of this process, chosen once from ``worker.backend``/``worker.sim_url``.
+    The user's ``backend``/``simUrl`` settings reach these through the environment the
+    controller writes into the unit's drop-in before every start (see
+    ``controller.reconcile.worker_environment``), so they hold from the first start on;
+    settings cached from an earlier run never choose a backend."""
+    backend = cfg.worker.backend
     if backend == "sim":
         from agent.whatsapp.sim import SimBackend  # noqa: PLC0415
 
-        return SimBackend(ctx, str(settings.get("simUrl") or cfg.worker.sim_url))
+        return SimBackend(ctx, cfg.worker.sim_url)
     if backend == "neonize":
         from agent.whatsapp.neonize_backend import NeonizeBackend  # noqa: PLC0415
 
@@ -148,10 +161,13 @@ class Worker:
         self.settings: dict[str, Any] = {}
         self.pairing_requested = ""
         self.background: set[asyncio.Task[Any]] = set()
+        self.tasks: list[asyncio.Task[None]] = []  # the long-running ones (TASKS)
+        self.settings_checked = False  # a valid settings map arrived in this process
+        self.bad_setting = False  # the last settings map had a bad value
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir)
-        self.backend = make_backend(cfg, ctx, self._cached_settings())
+        self.backend = make_backend(cfg, ctx)
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
                                resume_max_bytes=cfg.conversation.resume_max_bytes)
@@ -175,9 +191,15 @@ class Worker:
         self.store.set_kv("settings", json.dumps(settings))
         problem = self.engine.update_settings(settings)  # bad value: keeps the last policy
         if problem is not None:
-            message = str(problem)
-            self.link.report(lambda seq: protocol.Problem(seq=seq, code="bad_setting",
-                                                          message=message))
+            message, code = str(problem), problem.code
+            self.bad_setting = True
+            self.link.report(lambda seq: protocol.Problem(seq=seq, code=code, message=message))
+        elif self.bad_setting or not self.settings_checked:
+            # Valid now: a bad_setting on the document (this process's, or an earlier
+            # one's) has no cause any more. The controller clears it only if it is that.
+            self.bad_setting = False
+            self.settings_checked = True
+            self.link.report(lambda seq: protocol.ProblemCleared(seq=seq, code="bad_setting"))
         phone = settings.get("pairingPhone")
         if (isinstance(phone, str) and phone and phone != self.pairing_requested
                 and self.state != WorkerState.CONNECTED):
@@ -335,11 +357,42 @@ class Worker:
             return f"WhatsApp thread stuck for {now - since:.0f} s"
         if not self.backend.healthy():
             return f"WhatsApp backend {self.backend.name} is not healthy"
+        dead = [t.get_name() for t in self.tasks if t.done()]
+        if dead and not self.stop.is_set():
+            return f"task {', '.join(dead)} ended"
         return None
 
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A long-running task ended. While the worker runs that is a failure: stop with
+        exit code 1 (systemd restarts us) instead of running on without it."""
+        if task.cancelled() or self.stop.is_set():
+            return
+        if task.get_name() == "link" and self.link_stop.is_set():
+            return
+        error = task.exception()
+        log.error("worker.task_died", task=task.get_name(),
+                  error=repr(error) if error is not None else "returned")
+        if self.exit_code == ExitCode.OK:
+            self.exit_code = ExitCode.FAILURE
+        self.stop.set()
+
+    async def _crash_task(self, name: str, coro: Any) -> None:
+        """Test hook ``task-crash``: run ``coro`` as task ``name`` would, then make it raise."""
+        inner = asyncio.ensure_future(coro)
+        try:
+            while self.state != WorkerState.CONNECTED:  # noqa: ASYNC110 - a test hook
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(float(os.environ.get("WABRIDGE_TEST_FAULT_AFTER", "0.5")))
+            if self._fault_once(f"-{name}"):
+                log.warning("test.fault", fault=self.fault, task=name)
+                raise RuntimeError(f"test fault: task {name} crashed")
+            await inner
+        finally:
+            inner.cancel()
+
     # --- test hooks (see the module doc; inert unless WABRIDGE_TEST_HOOKS=1) ----------------
-    def _fault_once(self) -> bool:
-        marker = self.state_dir / f".test-fault-{self.fault}"
+    def _fault_once(self, what: str = "") -> bool:
+        marker = self.state_dir / f".test-fault-{self.fault}{what}"
         if marker.exists():
             return False
         marker.write_text("done\n")
@@ -403,22 +456,22 @@ class Worker:
             self._spawn(self._inject_fault())
         self.link.forget_stale()
         self._report_state()
-        tasks = [
-            asyncio.create_task(self.link.run(self.link_stop), name="link"),
-            asyncio.create_task(self.pump(), name="pump"),
-            asyncio.create_task(self.engine.deliver_forever(self.stop), name="outbox"),
-            asyncio.create_task(self.supervise(), name="supervise"),
-        ]
+        coros = {"link": self.link.run(self.link_stop), "pump": self.pump(),
+                 "outbox": self.engine.deliver_forever(self.stop), "supervise": self.supervise()}
+        crash = os.environ.get("WABRIDGE_TEST_FAULT_TASK", "")
+        if self.fault == "task-crash" and crash in coros:
+            coros[crash] = self._crash_task(crash, coros[crash])
+        for name in TASKS:
+            task = asyncio.create_task(coros[name], name=name)
+            task.add_done_callback(self._task_done)
+            self.tasks.append(task)
         self.backend.start(self.sink)
         self.engine.resume_pending()
         self.notifier.notify("READY=1")
         log.info("worker.started", backend=self.backend.name, state_dir=str(self.state_dir))
         await self.stop.wait()
-        crashed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
-        for task in crashed:
-            log.error("worker.task_crashed", task=task.get_name(), error=repr(task.exception()))
-        await self.shutdown(tasks)
-        return ExitCode.FAILURE if crashed and self.exit_code == ExitCode.OK else self.exit_code
+        await self.shutdown(self.tasks)
+        return self.exit_code
 
     async def shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         self.notifier.notify("STOPPING=1")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from wabridge.errors import WabridgeError
+from wabridge.errors import SchemaTooNew
 
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[Migration] = []
@@ -169,10 +169,6 @@ def _v3(db: sqlite3.Connection) -> None:
 
 
 Seed = Literal["summary", "recovery"]
-
-
-class SchemaTooNew(WabridgeError):
-    code = "schema_too_new"
 
 
 @dataclass(frozen=True)

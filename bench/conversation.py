@@ -648,7 +648,7 @@ async def run_scenario(name: str, root: Path, peers: Peers, *, chats: int, pool:
     saved_notifier = agent_main.sdnotify.SystemdNotifier
     os.environ["ANTHROPIC_BASE_URL"] = peers.base_url
     os.environ["ANTHROPIC_API_KEY"] = "sk-ant-bench"
-    agent_main.make_backend = lambda cfg, ctx, settings: backend  # type: ignore[assignment]
+    agent_main.make_backend = lambda cfg, ctx: backend  # type: ignore[assignment]
     # not under systemd: sdnotify would leak a socket (ResourceWarning) without NOTIFY_SOCKET
     agent_main.sdnotify.SystemdNotifier = NullNotifier
     try:

@@ -43,11 +43,10 @@ Error codes: ``bad_request``, ``bad_user_id``, ``unknown_op``, ``unknown_user``,
 Where the answers come from
 ---------------------------
 :class:`AdminServer` only sees an :class:`AdminFacade` (tests use a fake one).
-:class:`ControllerFacade` is the real one: the controller's in-memory documents and units,
-its worker link, and a :class:`DocMirror` of the document fields the controller itself writes
-(``qrRaw``, ``pairingCode``, ``phone``, ``metrics``, ``error`` with its message...), which
-``SessionDoc`` does not carry. :class:`MirrorPlane` wraps the controller's control plane to
-feed that mirror: every write the controller makes and every change its watch delivers.
+:class:`ControllerFacade` is the real one: the controller's own view of each document
+(``SessionDoc``: status, detail, raw QR, pairing code, phone, error, metrics; the change
+feed's copy with the controller's own writes merged in), its units, its worker link, and its
+:class:`DocWatchers`. Nothing wraps the control plane.
 
 ``chats`` is answered from the control plane's message log (``ControlPlane.messages``): chats
 that had messages mirrored there, with counts and the last message. It cannot tell which chats
@@ -59,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import grp
 import json
 import os
@@ -70,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.plane import ChangeCallback, ControlPlane, Removed, SessionDoc, merge_fields
+from controller.plane import ControlPlane, SessionDoc
 from controller.server import WorkerServer
 from wabridge import logs, protocol
 from wabridge.errors import UserIdError
@@ -81,20 +79,10 @@ log = logs.get("controller.admin")
 
 MAX_REQUEST = 64 * 1024
 MAX_CHAT_MESSAGES = 1000  # messages read from the log to build the chat list
-#: Document fields a ``watch`` reports, and the names it reports them under.
-WATCHED = {
-    "status": "status",
-    "statusDetail": "detail",
-    "qrRaw": "qr",
-    "pairingCode": "pairing_code",
-    "phone": "phone",
-    "error": "error",
-}
 _RUNNING_UNIT = ("active", "activating", "reloading")
 _CHAT_SUFFIXES = ("@s.whatsapp.net", "@g.us", "@lid")
 
-Fields = Mapping[str, Any]
-Watcher = Callable[[Fields | None], None]  # None: the document was deleted
+Watcher = Callable[[SessionDoc | None], None]  # None: the document was deleted
 
 
 class AdminError(Exception):
@@ -112,52 +100,17 @@ def encode(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
 
 
-# --------------------------------------------------------------------------- the mirror
+# --------------------------------------------------------------------------- watchers
 
 
-class DocMirror:
-    """The latest known fields of each session document, and who watches them.
-
-    Values are merged like ``ControlPlane.update`` (see ``_merge``).
-    """
+class DocWatchers:
+    """Who follows a user's document on this socket (``watch``, ``link --follow``). The
+    controller calls ``changed`` whenever its view of a document changes (the change feed,
+    and its own writes, see ``Controller.set_doc``); a watcher hears of a change only when
+    a field it reports (``WATCHED``) changed."""
 
     def __init__(self) -> None:
-        self._fields: dict[str, dict[str, Any]] = {}
         self._watchers: dict[str, list[Watcher]] = {}
-
-    def users(self) -> list[str]:
-        return list(self._fields)
-
-    def get(self, user_id: str) -> Fields:
-        return copy.deepcopy(self._fields.get(user_id, {}))
-
-    def merge(self, user_id: str, fields: Fields) -> None:
-        current = self._fields.setdefault(user_id, {})
-        before = _watched(current)
-        merge_fields(current, fields)
-        if _watched(current) != before:
-            self._notify(user_id, copy.deepcopy(current))
-
-    def drop(self, user_id: str) -> None:
-        if self._fields.pop(user_id, None) is not None:
-            self._notify(user_id, None)
-
-    def observe(self, change: SessionDoc | Removed) -> None:
-        """A change the control plane's watch delivered (clients' writes, our own echoed)."""
-        if isinstance(change, Removed):
-            self.drop(change.user_id)
-            return
-        current = self._fields.get(change.user_id, {})
-        fields: dict[str, Any] = {"status": change.raw_status}
-        if change.pairing_phone is not None:
-            fields["pairingPhone"] = change.pairing_phone
-        old_error = current.get("error")
-        old_code = old_error.get("code") if isinstance(old_error, Mapping) else None
-        if change.error_code is None:
-            fields["error"] = None
-        elif change.error_code != old_code:  # keep the message we wrote for the same code
-            fields["error"] = {"code": change.error_code, "message": ""}
-        self.merge(change.user_id, fields)
 
     def watch(self, user_id: str, callback: Watcher) -> Callable[[], None]:
         """Call ``callback`` after every change of a watched field; returns an unsubscriber."""
@@ -172,83 +125,30 @@ class DocMirror:
 
         return unsubscribe
 
-    def _notify(self, user_id: str, fields: Fields | None) -> None:
+    def watching(self) -> int:
+        return sum(len(c) for c in self._watchers.values())
+
+    def changed(self, user_id: str, old: SessionDoc | None, new: SessionDoc | None) -> None:
+        if user_id not in self._watchers:
+            return
+        if (old is None) == (new is None) and watched(old) == watched(new):
+            return
         for callback in list(self._watchers.get(user_id, [])):
             try:
-                callback(fields)
+                callback(new)
             except Exception as exc:  # noqa: BLE001 - one watcher must not break a write
                 log.error("admin.watcher_failed", user_id=user_id, error=repr(exc))
 
 
-def _watched(fields: Fields) -> tuple[Any, ...]:
-    return tuple(json.dumps(fields.get(k), sort_keys=True, default=str) for k in WATCHED)
-
-
-class MirrorPlane(ControlPlane):
-    """A control plane that forwards everything to ``inner`` and records it in a mirror.
-
-    If ``ControlPlane`` gains an abstract method, this class must forward it too
-    (``tests/test_admin.py`` fails until it does).
-    """
-
-    def __init__(self, inner: ControlPlane, mirror: DocMirror) -> None:
-        self.inner = inner
-        self.mirror = mirror
-        self.name = inner.name
-
-    async def watch(self, on_change: ChangeCallback) -> None:
-        def tap(change: SessionDoc | Removed) -> None:
-            self.mirror.observe(change)
-            on_change(change)
-
-        await self.inner.watch(tap)
-
-    async def list_sessions(self) -> list[SessionDoc]:
-        docs = await self.inner.list_sessions()
-        for doc in docs:
-            self.mirror.observe(doc)
-        return docs
-
-    async def get(self, user_id: str) -> SessionDoc | None:
-        return await self.inner.get(user_id)
-
-    async def claim(
-        self, user_id: str, expect: frozenset[DocStatus], new: DocStatus, host: str
-    ) -> bool:
-        ok = await self.inner.claim(user_id, expect, new, host)
-        if ok:
-            self.mirror.merge(user_id, {"status": new.value, "host": host})
-        return ok
-
-    async def update(self, user_id: str, fields: Mapping[str, Any]) -> None:
-        await self.inner.update(user_id, fields)
-        self.mirror.merge(user_id, fields)
-
-    async def request(self, user_id: str, status: DocStatus, **fields: Any) -> None:
-        await self.inner.request(user_id, status, **fields)
-        self.mirror.merge(user_id, {**fields, "status": status.value})
-
-    async def delete(self, user_id: str) -> None:
-        await self.inner.delete(user_id)
-        self.mirror.drop(user_id)
-
-    async def add_message(self, user_id: str, event: protocol.MessageEvent) -> None:
-        await self.inner.add_message(user_id, event)
-
-    async def messages(self, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        return await self.inner.messages(user_id, limit)
-
-    async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
-        await self.inner.put_session_info(user_id, fields)
-
-    async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
-        await self.inner.add_summary(user_id, chat_id, number, text)
-
-    async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
-        return await self.inner.summaries(user_id, chat_id)
-
-    async def close(self) -> None:
-        await self.inner.close()
+def watched(doc: SessionDoc | None) -> dict[str, Any]:
+    """The fields a ``watch`` reports, under the names it reports them."""
+    if doc is None:
+        return {}
+    error = ({"code": doc.error_code, "message": doc.error_message}
+             if doc.error_code is not None else None)
+    return {"status": doc.raw_status if isinstance(doc.raw_status, str) else None,
+            "detail": doc.status_detail, "qr": doc.qr_raw, "pairing_code": doc.pairing_code,
+            "phone": doc.phone, "error": error}
 
 
 # --------------------------------------------------------------------------- the facade
@@ -279,9 +179,6 @@ class AdminFacade(Protocol):
 
     def unit(self, user_id: str) -> UnitInfo | None: ...
 
-    def fields(self, user_id: str) -> Fields:
-        """Mirrored document fields (see :class:`DocMirror`)."""
-
     def linked(self, user_id: str) -> bool:
         """Whether the user's worker is connected to the controller's worker socket."""
 
@@ -311,12 +208,13 @@ class ControllerView(Protocol):
     def plane(self) -> ControlPlane: ...
     @property
     def host(self) -> str: ...
+    @property
+    def watchers(self) -> DocWatchers: ...
 
 
 class ControllerFacade:
-    def __init__(self, controller: ControllerView, mirror: DocMirror) -> None:
+    def __init__(self, controller: ControllerView) -> None:
         self._c = controller
-        self._mirror = mirror
 
     def user_ids(self) -> Iterable[str]:
         return set(self._c.docs) | set(self._c.units)
@@ -327,14 +225,11 @@ class ControllerFacade:
     def unit(self, user_id: str) -> UnitInfo | None:
         return self._c.units.get(user_id)
 
-    def fields(self, user_id: str) -> Fields:
-        return self._mirror.get(user_id)
-
     def linked(self, user_id: str) -> bool:
         return user_id in self._c.server.connections
 
     def watch(self, user_id: str, callback: Watcher) -> Callable[[], None]:
-        return self._mirror.watch(user_id, callback)
+        return self._c.watchers.watch(user_id, callback)
 
     async def request(self, user_id: str, status: DocStatus, **fields: Any) -> None:
         await self._c.plane.request(user_id, status, **fields)
@@ -354,25 +249,18 @@ class ControllerFacade:
 
 
 def status_row(
-    user_id: str, doc: SessionDoc | None, unit: UnitInfo | None, fields: Fields, linked: bool
+    user_id: str, doc: SessionDoc | None, unit: UnitInfo | None, linked: bool
 ) -> dict[str, Any]:
     """One user's line of ``status`` (keys are stable: wabridgectl --json prints them)."""
-    metrics = fields.get("metrics")
-    metrics = metrics if isinstance(metrics, Mapping) else {}
-    raw_error = fields.get("error")
-    error: dict[str, str] | None = None
-    if isinstance(raw_error, Mapping) and raw_error.get("code"):
-        error = {"code": str(raw_error["code"]), "message": str(raw_error.get("message") or "")}
-    elif doc is not None and doc.error_code:
-        error = {"code": doc.error_code, "message": ""}
-    status = fields.get("status", doc.raw_status if doc is not None else None)
+    shown = watched(doc)
+    metrics = doc.metrics if doc is not None else {}
     running = unit is not None and unit.active_state in _RUNNING_UNIT
     live = metrics.get("claudeProcesses")
     return {
         "user": user_id,
-        "status": status if isinstance(status, str) else None,
-        "detail": str(fields.get("statusDetail") or ""),
-        "phone": fields.get("phone") or None,
+        "status": shown.get("status"),
+        "detail": shown.get("detail", ""),
+        "phone": shown.get("phone"),
         "unit": unit.active_state if unit is not None else None,
         "sub_state": unit.sub_state if unit is not None else None,
         "pid": (unit.main_pid or None) if unit is not None else None,
@@ -382,7 +270,7 @@ def status_row(
         "chats": metrics.get("chats"),
         "claude_processes": (live if running else 0) if live is not None else None,
         "cost_today_usd": metrics.get("costTodayUsd"),
-        "error": error,
+        "error": shown.get("error"),
     }
 
 
@@ -407,13 +295,10 @@ def chat_rows(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(chats.values(), key=lambda r: r["last_ts"] or 0.0, reverse=True)
 
 
-def watch_event(kind: str, user_id: str, fields: Fields | None) -> dict[str, Any]:
-    if fields is None:
+def watch_event(kind: str, user_id: str, doc: SessionDoc | None) -> dict[str, Any]:
+    if doc is None:
         return {"ok": True, "event": "removed", "user": user_id}
-    event: dict[str, Any] = {"ok": True, "event": kind, "user": user_id}
-    for key, name in WATCHED.items():
-        event[name] = fields.get(key)
-    return event
+    return {"ok": True, "event": kind, "user": user_id, **watched(doc)}
 
 
 def normalize_chat(chat: str) -> str:
@@ -575,6 +460,8 @@ class AdminServer:
                 response = await self.handle(request)
             except AdminError as exc:
                 response = error_frame(exc.code, exc.message)
+            except UserIdError as exc:  # a control plane's own check of the id
+                response = error_frame(exc.code, str(exc))
             except ConnectionError:
                 # the client left (wabridgectl link exits once connected): nothing to answer
                 log.debug("admin.client_gone")
@@ -604,7 +491,7 @@ class AdminServer:
             else:
                 users = [self._known(request)]
             return {"ok": True, "users": [
-                status_row(u, f.doc(u), f.unit(u), f.fields(u), f.linked(u)) for u in users]}
+                status_row(u, f.doc(u), f.unit(u), f.linked(u)) for u in users]}
         if op == "link":
             return await self._link(request)
         if op == "unlink":
@@ -645,12 +532,11 @@ class AdminServer:
         phone = request.get("phone")
         if phone is not None:
             phone = pairing_phone(phone)
-        doc, unit, fields = f.doc(user), f.unit(user), f.fields(user)
-        status = fields.get("status", doc.raw_status if doc is not None else None)
-        if (status == DocStatus.CONNECTED.value and unit is not None
+        doc, unit = f.doc(user), f.unit(user)
+        if (doc is not None and doc.status is DocStatus.CONNECTED and unit is not None
                 and unit.active_state in _RUNNING_UNIT):
-            return {"ok": True, "user": user, "status": status, "already_connected": True,
-                    "phone": fields.get("phone")}
+            return {"ok": True, "user": user, "status": DocStatus.CONNECTED.value,
+                    "already_connected": True, "phone": doc.phone}
         new = DocStatus.PAIRING_REQUESTED if phone else DocStatus.CREATE_REQUESTED
         extra: dict[str, Any] = {"qrRaw": None, "qrCode": None, "pairingCode": None,
                                  "error": None}
@@ -665,7 +551,7 @@ class AdminServer:
         user = _user(request)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         unsubscribe = self._facade.watch(
-            user, lambda fields: queue.put_nowait(watch_event("update", user, fields)))
+            user, lambda doc: queue.put_nowait(watch_event("update", user, doc)))
         eof = asyncio.ensure_future(reader.read(1))
         try:
             if op == "link":
@@ -674,7 +560,7 @@ class AdminServer:
                 if first.get("already_connected"):
                     return
             else:
-                await self._send(writer, watch_event("snapshot", user, self._facade.fields(user)))
+                await self._send(writer, watch_event("snapshot", user, self._facade.doc(user)))
             while True:
                 get = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({get, eof}, return_when=asyncio.FIRST_COMPLETED)
@@ -689,7 +575,7 @@ class AdminServer:
     def _known(self, request: Mapping[str, Any]) -> str:
         user = _user(request)
         f = self._facade
-        if f.doc(user) is None and f.unit(user) is None and not f.fields(user):
+        if f.doc(user) is None and f.unit(user) is None:
             raise AdminError("unknown_user", f"no session for user {user!r} "
                              "(wabridgectl status lists them)")
         return user

@@ -211,6 +211,17 @@ def _error_text(error: object) -> str:
     return f"{code}: {message}" if message else code
 
 
+USER_WIDTH = 40  # valid ids are at most 128 characters; invalid ones can be any length
+
+
+def elide(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, control characters escaped (a document id
+    is anyone's input: it must neither pad a column nor move the terminal's cursor)."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def status_table(rows: Sequence[Mapping[str, Any]]) -> str:
     headers = ("USER", "STATUS", "PHONE", "UNIT", "PID", "RESTARTS", "MEMORY", "CHATS",
                "CLAUDE", "COST TODAY", "ERROR")
@@ -219,13 +230,13 @@ def status_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cost = r.get("cost_today_usd")
         error = _error_text(r.get("error"))
         cells.append((
-            str(r.get("user")), _cell(r.get("status")),
+            elide(str(r.get("user")), USER_WIDTH), _cell(r.get("status")),
             f"+{r['phone']}" if r.get("phone") else "-",
             _cell(r.get("unit")), _cell(r.get("pid")), _cell(r.get("restarts")),
             human_bytes(r.get("memory_bytes")), _cell(r.get("chats")),
             _cell(r.get("claude_processes")),
             f"${cost:.4f}" if isinstance(cost, int | float) else "-",
-            (error[:57] + "...") if len(error) > 60 else (error or "-"),
+            elide(error, 60) if error else "-",
         ))
     return table(headers, cells)
 

@@ -75,20 +75,18 @@ from google.cloud.firestore_v1 import watch as watch_module
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.oauth2 import service_account
 
-from controller.local import (
-    check_doc_id,
-    message_doc_id,
-    message_fields,
-    summary_doc_id,
-    summary_fields,
-)
 from controller.plane import (
     Change,
     ChangeCallback,
     ControlPlane,
     Removed,
     SessionDoc,
+    check_doc_id,
+    message_doc_id,
+    message_fields,
     parse_session,
+    summary_doc_id,
+    summary_fields,
 )
 from wabridge import logs
 from wabridge.config import FirebaseConfig
@@ -392,6 +390,9 @@ class FirestorePlane(ControlPlane):
             self._on_change = self._subscription = None
             raise
         self._supervisor = asyncio.create_task(self._supervise(), name="firestore-watch")
+
+    def feed_alive(self) -> bool:
+        return self._supervisor is None or not self._supervisor.done()
 
     def _new_subscription(self) -> _Subscription:
         """On the loop: from now on, only snapshots of this subscription are delivered."""

@@ -23,8 +23,8 @@ file (``controller.local_db``), so everything that Firestore gives for free is b
   further behind notices the gap and re-reads everything, like a Firestore listener reset.
 - Schema: versioned migrations registered with ``@_migration(n)``, each applied in its own
   ``BEGIN IMMEDIATE`` transaction that re-checks ``schema_version`` (so concurrent openers do
-  not race). A file whose schema is newer than this code is refused with ``ConfigError`` on
-  ``controller.local_db`` (exit 78), never modified.
+  not race). A file whose schema is newer than this code is refused with ``SchemaTooNew``
+  (exit 16, which the unit does not restart), never modified.
 
 Opening happens in the constructor (blocking, milliseconds; it creates the parent directory,
 the file and the schema). Afterwards every call runs in ``asyncio.to_thread`` on one
@@ -49,14 +49,19 @@ from controller.plane import (
     ControlPlane,
     Removed,
     SessionDoc,
+    check_doc_id,
     merge_fields,
+    message_doc_id,
+    message_fields,
     parse_session,
+    summary_doc_id,
+    summary_fields,
 )
 from wabridge import logs
 from wabridge.config import ControllerConfig
-from wabridge.errors import ConfigError, UserIdError
+from wabridge.errors import ConfigError, SchemaTooNew
 from wabridge.protocol import MessageEvent
-from wabridge.status import DocStatus, parse_doc_status
+from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 log = logs.get("controller.local")
 
@@ -122,52 +127,6 @@ def _summaries(db: sqlite3.Connection) -> None:
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 
-def check_doc_id(user_id: str) -> str:
-    """Ids valid as Firestore document ids (both planes accept the same ids): non-empty,
-    no '/', not '.' or '..', not ``__.*__``. Raises ``UserIdError``."""
-    if (
-        not user_id
-        or "/" in user_id
-        or user_id in (".", "..")
-        or (user_id.startswith("__") and user_id.endswith("__"))
-    ):
-        raise UserIdError(f"user id {user_id!r} cannot name a control-plane document")
-    return user_id
-
-
-def message_doc_id(user_id: str, event_id: str) -> str:
-    """``{userId}__{eventId}`` with '%' and '/' percent-encoded (ids cannot contain '/')."""
-
-    def clean(part: str) -> str:
-        return part.replace("%", "%25").replace("/", "%2F")
-
-    return f"{clean(user_id)}__{clean(event_id)}"
-
-
-def message_fields(user_id: str, event: MessageEvent) -> dict[str, Any]:
-    """The fields of a message document (both planes)."""
-    return {
-        "userId": user_id,
-        "eventId": event.event_id,
-        "chatId": event.chat_id,
-        "direction": event.direction,
-        "sender": event.sender,
-        "text": event.text,
-        "ts": event.ts,
-    }
-
-
-def summary_doc_id(user_id: str, chat_id: str, number: int) -> str:
-    """``{userId}__{chatId}__v{number}`` (percent-encoded like message ids)."""
-    return f"{message_doc_id(user_id, chat_id)}__v{number}"
-
-
-def summary_fields(user_id: str, chat_id: str, number: int, text: str) -> dict[str, Any]:
-    """The fields of a summary document (both planes)."""
-    return {"userId": user_id, "chatId": chat_id, "number": number, "text": text,
-            "createdAt": time.time()}
-
-
 def _dumps(data: Mapping[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
@@ -185,6 +144,7 @@ class LocalPlane(ControlPlane):
         self._lock = threading.Lock()
         self._db = self._open()
         self._watcher: asyncio.Task[None] | None = None
+        self._on_change: ChangeCallback | None = None
         self._closed = False
 
     @classmethod
@@ -217,7 +177,7 @@ class LocalPlane(ControlPlane):
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             self._migrate(db)
-        except ConfigError:
+        except (ConfigError, SchemaTooNew):
             db.close()
             raise
         except sqlite3.DatabaseError as exc:
@@ -243,12 +203,10 @@ class LocalPlane(ControlPlane):
     def _version(self, db: sqlite3.Connection) -> int:
         current = int(db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
         if current > SCHEMA_VERSION:
-            raise ConfigError(
-                "controller.local_db",
+            raise SchemaTooNew(
                 f"{self._path} has schema version {current}, newer than this wabridge "
-                f"understands ({SCHEMA_VERSION}); upgrade wabridge or point "
-                "controller.local_db at another file",
-            )
+                f"understands ({SCHEMA_VERSION})",
+                explanation="upgrade wabridge or point controller.local_db at another file")
         return current
 
     # -- plumbing --------------------------------------------------------------------------
@@ -289,10 +247,31 @@ class LocalPlane(ControlPlane):
     async def watch(self, on_change: ChangeCallback) -> None:
         if self._watcher is not None:
             raise RuntimeError("watch() was already called on this plane")
+        self._on_change = on_change
         last, docs = await self._run(self._snapshot)
         self._watcher = asyncio.create_task(
             self._poll(on_change, last, docs), name="local-plane-watch"
         )
+
+    async def rewatch(self) -> None:
+        """A poller does not go quiet the way a listener can, but a request the controller
+        found undelivered is reason enough: restart it from a fresh snapshot, which delivers
+        every document again, as ``watch`` does first."""
+        old, on_change = self._watcher, self._on_change
+        if old is None or on_change is None or self._closed:
+            return
+        log.warning("plane.watch_reopened", backend=self.name,
+                    reason="a pending request was not delivered")
+        old.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await old
+        last, docs = await self._run(self._snapshot)
+        self._watcher = asyncio.create_task(
+            self._poll(on_change, last, docs), name="local-plane-watch"
+        )
+
+    def feed_alive(self) -> bool:
+        return self._watcher is None or not self._watcher.done()
 
     def _snapshot(self) -> tuple[int, list[SessionDoc]]:
         with _deferred(self._db):
@@ -366,6 +345,21 @@ class LocalPlane(ControlPlane):
 
     async def list_sessions(self) -> list[SessionDoc]:
         return (await self._run(self._snapshot))[1]
+
+    async def pending_requests(self) -> list[SessionDoc]:
+        """The documents holding a request, by an indexed-free scan of one JSON field (the
+        local plane holds one host's users: a few hundred rows at most)."""
+        values = sorted(status.value for status in REQUESTS)
+        # placeholders only: the text is fixed, the values are bound
+        query = ("SELECT user_id, fields FROM user_sessions WHERE json_extract(fields, "  # noqa: S608
+                 f"'$.status') IN ({', '.join('?' * len(values))}) ORDER BY user_id")
+
+        def read() -> list[SessionDoc]:
+            with _deferred(self._db):
+                rows = self._db.execute(query, values).fetchall()
+            return [parse_session(uid, _loads(text)) for uid, text in rows]
+
+        return await self._run(read)
 
     async def get(self, user_id: str) -> SessionDoc | None:
         data = await self._run(self._read_doc, "user_sessions", check_doc_id(user_id))

@@ -25,7 +25,7 @@ import sdnotify
 from controller import admin  # wabridgectl's admin socket
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
-from controller.plane import ControlPlane, Removed, SessionDoc, error_field
+from controller.plane import CONTROLLER, WORKER, ControlPlane, Removed, SessionDoc, error_field
 from controller.server import WorkerServer
 from controller.systemd import (
     EXIT_REPORTS,
@@ -36,7 +36,7 @@ from controller.systemd import (
     worker_dropin,
 )
 from wabridge import config, logs, protocol
-from wabridge.errors import ConfigError, ExitCode, WabridgeError
+from wabridge.errors import ConfigError, ExitCode, PolicyError, WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus, doc_status_for
 from wabridge.units import system_user_name, worker_unit
 
@@ -112,6 +112,12 @@ class Controller:
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
                                    self.settings_for)
+        self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
+        self.admin = admin.AdminServer(cfg.controller.admin_socket, admin.ControllerFacade(self),
+                                       group=cfg.controller.admin_group)
+        self.exit_code = ExitCode.OK
+        self.supervised: set[asyncio.Task[None]] = set()  # long-running: one ends, we exit
+        self.unhealthy = ""
         self.notifier = sdnotify.SystemdNotifier()
         self.stop = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -138,14 +144,65 @@ class Controller:
         if not task.cancelled() and task.exception() is not None:
             log.error("controller.task_failed", error=repr(task.exception()))
 
+    def supervise(self, coro: Any, name: str) -> None:
+        """Run a task that lives as long as the controller: if it ends (an exception, or a
+        return) before the controller stops, the controller stops with exit code 1 and
+        systemd restarts it; a controller missing a part never runs on quietly."""
+        task = asyncio.create_task(coro, name=name)
+        self.supervised.add(task)
+        task.add_done_callback(self._supervised_done)
+
+    def _supervised_done(self, task: asyncio.Task[None]) -> None:
+        if self.stop.is_set() or task.cancelled():
+            return
+        error = task.exception()
+        log.error("controller.task_died", task=task.get_name(),
+                  error=repr(error) if error is not None else "returned")
+        self.exit_code = ExitCode.FAILURE
+        self.stop.set()
+
+    def health_problem(self) -> str | None:
+        """Why the watchdog must not be fed now (None: every part is alive). systemd
+        restarts a controller that stops feeding it (``WatchdogSec=``)."""
+        dead = sorted(t.get_name() for t in self.supervised if t.done())
+        if dead:
+            return f"task {', '.join(dead)} ended"
+        if not self.systemd.signals_alive:
+            return "systemd signal subscription lost and not being restored"
+        if not self.plane.feed_alive():
+            return f"the {self.plane.name} change feed ended"
+        return None
+
+    # --- the controller's view of documents ----------------------------------------------
+    def set_doc(self, user_id: str, doc: SessionDoc | None) -> SessionDoc | None:
+        """Replace (None: drop) the view of one document; tells its admin watchers. Returns
+        the previous view."""
+        old = self.docs.pop(user_id, None) if doc is None else self.docs.get(user_id)
+        if doc is not None:
+            self.docs[user_id] = doc
+        self.watchers.changed(user_id, old, doc)
+        return old
+
+    async def write(self, user_id: str, fields: dict[str, Any]) -> None:
+        """``plane.update``, and the same merge into our view at once (the feed's echo brings
+        the same fields later): wabridgectl and the next decision see what we wrote."""
+        await self.plane.update(user_id, fields)
+        doc = self.docs.get(user_id)
+        if doc is not None:
+            self.set_doc(user_id, doc.merged(fields))
+
     # --- events ------------------------------------------------------------------------
     def on_change(self, change: SessionDoc | Removed) -> None:
         if isinstance(change, Removed):
-            self.docs.pop(change.user_id, None)
+            self.set_doc(change.user_id, None)
             if change.user_id in self.units:
                 self.spawn(self.execute(change.user_id, self.plan_unit))
             return
-        self.docs[change.user_id] = change
+        old = self.set_doc(change.user_id, change)
+        unit = self.units.get(change.user_id)
+        settings = rc.for_settings(old, change, view_of(unit) if unit else None)
+        if settings:
+            self.spawn(self.execute(change.user_id, lambda _uid: settings))
         self.spawn(self.handle_doc(change.user_id))
 
     async def handle_doc(self, user_id: str) -> None:
@@ -197,7 +254,7 @@ class Controller:
     async def _do(self, action: rc.Action) -> bool:
         match action:
             case rc.Claim(user_id=uid, expect=expect, new=new):
-                ok = await self.plane.claim(uid, expect, new, self.host)
+                ok = await self.claim(uid, expect, new)
                 if ok:
                     log.info("session.claimed", user_id=uid, status=new.value)
                     unit_state = self.units.get(uid)
@@ -213,9 +270,6 @@ class Controller:
                         # (unless a client's new request got there first)
                         await self.set_status(uid, self.worker_status[uid],
                                               frozenset({DocStatus.STARTING}))
-                    if new is DocStatus.PAIRING:  # a running worker learns the phone now
-                        await self.server.send(uid, protocol.Settings(
-                            settings=await self.settings_for(uid)))
                 return ok
             case rc.Start(user_id=uid, reset_failed=reset, restart=restart):
                 unit = worker_unit(uid)
@@ -223,8 +277,16 @@ class Controller:
                     if reset:
                         with contextlib.suppress(SystemdError):
                             await self.systemd.reset_failed(unit)
-                    # the user's own dynamic user and the resource limits; fails closed
-                    await self.systemd.install_dropin(unit, self.dropin_for(uid))
+                    # the user's own dynamic user, the resource limits and the backend the
+                    # document asks for; fails closed
+                    try:
+                        dropin = self.dropin_for(uid)
+                    except PolicyError as exc:
+                        log.warning("session.error", user_id=uid, code=exc.code, error=str(exc))
+                        await self.write(uid, {"status": DocStatus.ERROR.value,
+                                               "error": error_field(exc.code, str(exc))})
+                        return False
+                    await self.systemd.install_dropin(unit, dropin)
                     # a start slot, unless this start is a no-op: one is already under way
                     # (a second Start from the document's echo) or the unit runs
                     known = self.units.get(uid)
@@ -243,11 +305,12 @@ class Controller:
                         # now on were read after the job was queued (one FIFO D-Bus thread)
                         self.start_mark[uid] = self.unit_events[uid]
                 except SystemdError as exc:
-                    await self.plane.update(uid, {"status": DocStatus.ERROR.value,
-                                                  "error": error_field("start_failed", str(exc))})
+                    await self.write(uid, {"status": DocStatus.ERROR.value,
+                                           "error": error_field("start_failed", str(exc))})
                     return False
                 log.info("unit.start", user_id=uid, unit=unit)
-                await self.plane.update(uid, {"error": None})
+                if rc.clears_error(self.docs.get(uid), CONTROLLER):
+                    await self.write(uid, {"error": None})
             case rc.Stop(user_id=uid):
                 log.info("unit.stop", user_id=uid)
                 with contextlib.suppress(SystemdError):
@@ -258,17 +321,30 @@ class Controller:
                 if status is not None:
                     doc = self.docs.get(uid)
                     seen = {doc.status} if doc is not None and doc.status else set()
-                    await self.set_status(uid, DocStatus(status), rc.CONTROLLER_OWNED | seen)
+                    if not await self.set_status(uid, DocStatus(status),
+                                                 rc.CONTROLLER_OWNED | seen):
+                        return True  # the rest describes a status that was not written
                 if rest:
-                    await self.plane.update(uid, rest)
+                    await self.write(uid, rest)
             case rc.SetError(user_id=uid, code=code, message=message, reason=reason):
                 log.warning("session.error", user_id=uid, code=code, message=message,
                             reason=reason)
                 error = error_field(code, message)
                 if reason:
                     error["reason"] = reason
-                await self.plane.update(uid, {"error": error})
+                await self.write(uid, {"error": error})
+            case rc.PushSettings(user_id=uid):
+                if await self.server.send(uid, protocol.Settings(
+                        settings=await self.settings_for(uid))):
+                    log.info("worker.settings_sent", user_id=uid)
         return True
+
+    async def claim(self, user_id: str, expect: frozenset[DocStatus], new: DocStatus) -> bool:
+        ok = await self.plane.claim(user_id, expect, new, self.host)
+        doc = self.docs.get(user_id)
+        if ok and doc is not None:
+            self.set_doc(user_id, doc.merged({"status": new.value, "host": self.host}))
+        return ok
 
     async def resync(self) -> None:
         """The safety net under the change feed (a feed can go quiet without an error, a
@@ -319,13 +395,16 @@ class Controller:
         """Write a status the controller decided, atomically, only while the document's status
         is in ``expect``: a client's request that reached the document after the decision was
         made (and that the controller has not seen yet) is never overwritten."""
-        ok = await self.plane.claim(user_id, expect, new, self.host)
+        ok = await self.claim(user_id, expect, new)
         if not ok:
             log.info("session.status_not_written", user_id=user_id, status=new.value)
         return ok
 
     def dropin_for(self, user_id: str) -> str:
-        return worker_dropin(system_user_name(user_id), worker_limits(self.cfg))
+        """The unit's drop-in for this user; raises ``PolicyError`` for a bad backend."""
+        doc = self.docs.get(user_id)
+        env = rc.worker_environment(doc.settings if doc is not None else {})
+        return worker_dropin(system_user_name(user_id), worker_limits(self.cfg), env)
 
     async def write_process(self, state: UnitState, *, force: bool = False) -> None:
         """The document's ``process`` field: on every change of PID/state/restarts, else at
@@ -339,21 +418,19 @@ class Controller:
         self.last_process_write[state.user_id] = now
         self.last_process_key[state.user_id] = (state.main_pid, state.active_state,
                                                 state.n_restarts)
-        await self.plane.update(state.user_id, {"process": {
+        # systemd keeps a stopped unit's last STATUS= line ("stopping: ..."): it describes
+        # a process that is gone
+        running = state.active_state in ("active", "activating", "reloading", "deactivating")
+        await self.write(state.user_id, {"process": {
             "pid": state.main_pid, "state": state.active_state, "restarts": state.n_restarts,
-            "memoryBytes": state.memory_bytes, "status": state.status_text,
+            "memoryBytes": state.memory_bytes,
+            "status": state.status_text if running else None,
             "cpuSeconds": (state.cpu_nsec or 0) / 1e9, "since": state.since_usec / 1e6,
         }})
 
     # --- worker frames -----------------------------------------------------------------
     async def settings_for(self, user_id: str) -> dict[str, Any]:
-        doc = self.docs.get(user_id)
-        if doc is None:
-            return {}
-        settings = dict(doc.settings)
-        if doc.pairing_phone and doc.status in (DocStatus.PAIRING_REQUESTED, DocStatus.PAIRING):
-            settings["pairingPhone"] = doc.pairing_phone
-        return settings
+        return rc.worker_settings(self.docs.get(user_id))
 
     async def on_frame(self, user_id: str, frame: protocol.SequencedFrame) -> None:
         match frame:
@@ -371,28 +448,32 @@ class Controller:
                 fields: dict[str, Any] = {"statusDetail": detail}
                 if phone:
                     fields["phone"] = phone
-                await self.plane.update(user_id, fields)
+                await self.write(user_id, fields)
                 if new is not None and not await self.set_status(user_id, new,
                                                                  rc.worker_may_move(new)):
                     new = None  # a request or a stop got there first: leave it be
                 if new is DocStatus.CONNECTED:
-                    await self.plane.update(user_id, {"qrCode": None, "qrRaw": None})
+                    await self.write(user_id, {"qrCode": None, "qrRaw": None})
                     await self.plane.put_session_info(user_id, {
                         "phone": phone, "connectedAt": time.time()})
                 log.info("worker.state", user_id=user_id, state=state.value, detail=detail)
             case protocol.Qr(code=code, data_url=data_url):
                 log.info("worker.qr", user_id=user_id)
-                await self.plane.update(user_id, {"qrCode": data_url, "qrRaw": code,
-                                                  "qrAt": time.time()})
+                await self.write(user_id, {"qrCode": data_url, "qrRaw": code,
+                                           "qrAt": time.time()})
             case protocol.PairingCode(code=code):
-                await self.plane.update(user_id, {"pairingCode": code})
+                await self.write(user_id, {"pairingCode": code})
             case protocol.MessageEvent():
                 await self.plane.add_message(user_id, frame)
             case protocol.Summary(chat_id=chat_id, number=number, text=text):
                 await self.plane.add_summary(user_id, chat_id, number, text)
             case protocol.Problem(code=code, message=message):
                 log.warning("worker.problem", user_id=user_id, code=code, message=message)
-                await self.plane.update(user_id, {"error": error_field(code, message)})
+                await self.write(user_id, {"error": error_field(code, message, WORKER)})
+            case protocol.ProblemCleared(code=code):
+                if rc.clears_error(self.docs.get(user_id), WORKER, code):
+                    log.info("worker.problem_cleared", user_id=user_id, code=code)
+                    await self.write(user_id, {"error": None})
             case protocol.Metrics():
                 self.reported[user_id] = {
                     "chats": frame.chats, "claude_processes": frame.claude_processes,
@@ -400,7 +481,7 @@ class Controller:
                     "messages_out": frame.messages_out, "input_tokens": frame.input_tokens,
                     "output_tokens": frame.output_tokens, "cost_today_usd": frame.cost_today_usd,
                 }
-                await self.plane.update(user_id, {"metrics": {
+                await self.write(user_id, {"metrics": {
                     "chats": frame.chats, "claudeProcesses": frame.claude_processes,
                     "turns": frame.turns, "messagesIn": frame.messages_in,
                     "messagesOut": frame.messages_out, "inputTokens": frame.input_tokens,
@@ -489,21 +570,12 @@ class Controller:
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
         await self.systemd.open()
         self.systemd.subscribe(self.on_unit)
-        # --- admin socket for wabridgectl (controller/admin.py) ---------------------------
-        # The mirror records what the controller writes (qrRaw, phone, metrics, errors), which
-        # SessionDoc does not carry; wrap the plane before anything awaits so no write is missed.
-        mirror = admin.DocMirror()
-        self.plane = admin.MirrorPlane(self.plane, mirror)
-        self.admin = admin.AdminServer(self.cfg.controller.admin_socket,
-                                       admin.ControllerFacade(self, mirror),
-                                       group=self.cfg.controller.admin_group)
-        await self.admin.start()
-        # --- end admin socket -------------------------------------------------------------
+        await self.admin.start()  # wabridgectl (controller/admin.py): reads our own view
         await self.server.start()
         for state in await self.systemd.list_workers():
             self.units[state.user_id] = state
         for doc in await self.plane.list_sessions():
-            self.docs[doc.user_id] = doc
+            self.set_doc(doc.user_id, doc)
         actions = rc.reconcile(self.docs, {u: view_of(s) for u, s in self.units.items()},
                                self.exits_while_away())
         self.loaded = True
@@ -515,16 +587,22 @@ class Controller:
         await asyncio.gather(*(self.execute(u, by_user.__getitem__) for u in by_user))
         await self.plane.watch(self.on_change)
         await self.start_metrics_server()
-        self.spawn(self.refresh_metrics())
-        self.spawn(self.resync())
+        self.supervise(self.refresh_metrics(), "metrics")
+        self.supervise(self.resync(), "resync")
         self.notifier.notify("READY=1")
         log.info("controller.ready", plane=self.plane.name, host=self.host)
         while not self.stop.is_set():
-            self.notifier.notify("WATCHDOG=1")
+            problem = self.health_problem()
+            if problem is None:
+                self.notifier.notify("WATCHDOG=1")
+            elif problem != self.unhealthy:
+                log.error("watchdog.unhealthy", problem=problem)
+            self.unhealthy = problem or ""
             running = sum(1 for s in self.units.values() if s.active_state == "active")
-            self.notifier.notify(f"STATUS={len(self.docs)} sessions - {running} workers active "
-                                 f"- {len(self.server.connections)} linked - plane "
-                                 f"{self.plane.name}")
+            line = (f"{len(self.docs)} sessions - {running} workers active - "
+                    f"{len(self.server.connections)} linked - plane {self.plane.name}")
+            self.notifier.notify(f"STATUS={'unhealthy: ' + problem + ' - ' if problem else ''}"
+                                 f"{line}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 2.0)
         self.notifier.notify("STOPPING=1")
@@ -533,12 +611,13 @@ class Controller:
         await self.admin.close()  # admin socket (controller/admin.py)
         if self.metrics_server is not None:
             await self.metrics_server.close()
-        for task in list(self.tasks):
+        for task in [*self.supervised, *self.tasks]:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.supervised, *self.tasks, return_exceptions=True)
         await self.plane.close()
         await self.systemd.close()
-        return int(ExitCode.OK)
+        log.info("controller.stopped", exit_code=int(self.exit_code))
+        return int(self.exit_code)
 
 
 async def _amain(cfg: config.Config) -> int:

@@ -30,12 +30,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wabridge.errors import UserIdError
 from wabridge.protocol import MessageEvent
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 
 @dataclass(frozen=True)
 class SessionDoc:
+    """One ``user_sessions`` document as the controller knows it: what its decisions read and
+    what ``wabridgectl status``/``watch`` show (the admin socket reads this, nothing else).
+
+    ``data`` is the document's fields as parsed from: the controller merges its own writes
+    into it (``merged``) so its view never waits for the change feed's echo."""
+
     user_id: str
     status: DocStatus | None  # None: absent or unknown (see raw_status)
     raw_status: object
@@ -44,6 +51,21 @@ class SessionDoc:
     host: str | None = None
     error_code: str | None = None
     unit_state: Mapping[str, Any] = field(default_factory=dict)
+    error_message: str = ""
+    error_source: str | None = None  # who reported the error (see ``error_field``)
+    status_detail: str = ""
+    phone: str | None = None
+    qr_raw: str | None = None
+    pairing_code: str | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    process: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def merged(self, fields: Mapping[str, Any]) -> SessionDoc:
+        """This document after ``ControlPlane.update(fields)`` (the same merge rules)."""
+        data = copy.deepcopy(dict(self.data))
+        merge_fields(data, fields)
+        return parse_session(self.user_id, data)
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,7 @@ def parse_session(user_id: str, data: Mapping[str, Any]) -> SessionDoc:
     phone = data.get("pairingPhone")
     host = data.get("host")
     error = data.get("error")
+    error = error if isinstance(error, Mapping) else {}
     unit = data.get("unit")
     return SessionDoc(
         user_id=user_id,
@@ -72,15 +95,30 @@ def parse_session(user_id: str, data: Mapping[str, Any]) -> SessionDoc:
         settings=dict(settings) if isinstance(settings, Mapping) else {},
         pairing_phone=phone if isinstance(phone, str) else None,
         host=host if isinstance(host, str) else None,
-        error_code=(
-            str(error.get("code")) if isinstance(error, Mapping) and "code" in error else None
-        ),
+        error_code=str(error["code"]) if "code" in error else None,
         unit_state=dict(unit) if isinstance(unit, Mapping) else {},
+        error_message=_text(error.get("message")),
+        error_source=error.get("source") if isinstance(error.get("source"), str) else None,
+        status_detail=_text(data.get("statusDetail")),
+        phone=_text(data.get("phone")) or None,
+        qr_raw=_text(data.get("qrRaw")) or None,
+        pairing_code=_text(data.get("pairingCode")) or None,
+        metrics=_map(data.get("metrics")),
+        process=_map(data.get("process")),
+        data=copy.deepcopy(dict(data)),
     )
 
 
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _map(value: object) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
 def merge_fields(target: dict[str, Any], fields: Mapping[str, Any], *, top: bool = True) -> None:
-    """Firestore's ``set(merge=True)``, as every plane (and the admin mirror) applies it:
+    """Firestore's ``set(merge=True)``, as every plane (and ``SessionDoc.merged``) applies it:
     non-empty maps merge key by key, anything else (including an empty map) replaces with a
     copy; at the top level ``None`` deletes the field."""
     for key, value in fields.items():
@@ -95,8 +133,61 @@ def merge_fields(target: dict[str, Any], fields: Mapping[str, Any], *, top: bool
             target[key] = copy.deepcopy(value)
 
 
-def error_field(code: str, message: str) -> dict[str, Any]:
-    return {"code": code, "message": message, "at": time.time()}
+# --- document ids and fields both planes write -----------------------------------------
+
+
+def check_doc_id(user_id: str) -> str:
+    """Ids valid as Firestore document ids (both planes accept the same ids): non-empty,
+    no '/', not '.' or '..', not ``__.*__``. Raises ``UserIdError``."""
+    if (
+        not user_id
+        or "/" in user_id
+        or user_id in (".", "..")
+        or (user_id.startswith("__") and user_id.endswith("__"))
+    ):
+        raise UserIdError(f"user id {user_id!r} cannot name a control-plane document")
+    return user_id
+
+
+def message_doc_id(user_id: str, event_id: str) -> str:
+    """``{userId}__{eventId}`` with '%' and '/' percent-encoded (ids cannot contain '/')."""
+
+    def clean(part: str) -> str:
+        return part.replace("%", "%25").replace("/", "%2F")
+
+    return f"{clean(user_id)}__{clean(event_id)}"
+
+
+def message_fields(user_id: str, event: MessageEvent) -> dict[str, Any]:
+    """The fields of a message document (both planes)."""
+    return {
+        "userId": user_id,
+        "eventId": event.event_id,
+        "chatId": event.chat_id,
+        "direction": event.direction,
+        "sender": event.sender,
+        "text": event.text,
+        "ts": event.ts,
+    }
+
+
+def summary_doc_id(user_id: str, chat_id: str, number: int) -> str:
+    """``{userId}__{chatId}__v{number}`` (percent-encoded like message ids)."""
+    return f"{message_doc_id(user_id, chat_id)}__v{number}"
+
+
+def summary_fields(user_id: str, chat_id: str, number: int, text: str) -> dict[str, Any]:
+    """The fields of a summary document (both planes)."""
+    return {"userId": user_id, "chatId": chat_id, "number": number, "text": text,
+            "createdAt": time.time()}
+
+
+#: Who reported an error; only that source clears it (``controller.reconcile.clears_error``).
+WORKER, CONTROLLER = "worker", "controller"
+
+
+def error_field(code: str, message: str, source: str = CONTROLLER) -> dict[str, Any]:
+    return {"code": code, "message": message, "source": source, "at": time.time()}
 
 
 class ControlPlane(abc.ABC):
@@ -124,6 +215,12 @@ class ControlPlane(abc.ABC):
     async def rewatch(self) -> None:  # noqa: B027 - a no-op unless a feed can go quiet
         """Re-open the change feed after it was found to have missed a change. The fresh feed
         delivers every document again, as ``watch`` does first."""
+
+    def feed_alive(self) -> bool:
+        """Whether the change feed's machinery runs (its task or listener supervisor has not
+        ended). A feed can also go quiet while alive: ``Controller.resync`` covers that; the
+        controller stops feeding its watchdog when this is False."""
+        return True
 
     @abc.abstractmethod
     async def get(self, user_id: str) -> SessionDoc | None:

@@ -8,13 +8,20 @@ returned actions in order. Every row is table-tested in ``tests/test_reconcile.p
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.plane import SessionDoc
-from wabridge.errors import NO_RESTART_EXIT_CODES, ExitCode, UserIdError
+from controller.plane import CONTROLLER, SessionDoc
+from wabridge.errors import (
+    EXIT_EXPLANATIONS,
+    NO_RESTART_EXIT_CODES,
+    ExitCode,
+    PolicyError,
+    UserIdError,
+)
 from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState, doc_status_for
 from wabridge.units import validate_user_id
 
@@ -77,7 +84,14 @@ class SetError:
     reason: str = ""  # a machine-readable kind (see ``exit_kind``), written as error.reason
 
 
-Action = Claim | Start | Stop | Update | SetError
+@dataclass(frozen=True)
+class PushSettings:
+    """Send the user's current settings to its running worker (``worker_settings``)."""
+
+    user_id: str
+
+
+Action = Claim | Start | Stop | Update | SetError | PushSettings
 
 KNOWN = ", ".join(s.value for s in DocStatus)
 # Outcomes a worker reports just before it exits by itself with a do-not-restart code:
@@ -128,8 +142,8 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
             return [SetError(uid, "bad_pairing_phone",
                              f"pairingPhone {phone!r} must be digits with country code "
                              "(8-15 digits, no '+')"),
-                    Update(uid, {"status": DocStatus.STOPPED.value if not running
-                                 else DocStatus.STARTING.value})]
+                    Update(uid, stopped_fields() if not running
+                           else {"status": DocStatus.STARTING.value})]
         return [Claim(uid, frozenset({status}), DocStatus.PAIRING),
                 Start(uid, reset_failed=unit is not None and unit.active_state == "failed")]
     if status is DocStatus.DESTROY_REQUESTED:
@@ -137,7 +151,7 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
     if status is DocStatus.STOPPING and (unit is None or unit.active_state in ("inactive",
                                                                           "failed")):
         # not while "deactivating": its processes still run (TimeoutStopSec=, SIGKILL)
-        return [Update(uid, {"status": DocStatus.STOPPED.value})]
+        return [Update(uid, stopped_fields())]
     if status in RUNNING_STATUSES:
         if unit is None or unit.active_state == "inactive":
             return [Start(uid)]
@@ -207,7 +221,10 @@ def crash_reason(unit: UnitView) -> str:
         why += f"; systemd gave up: start limit hit{burst}"
     elif (unit.active_state == "failed" and unit.exec_main_code == CLD_EXITED
           and unit.exec_main_status in NO_RESTART_EXIT_CODES):
-        why += f"; not restarted: {ExitCode(unit.exec_main_status).name.lower()}"
+        code = ExitCode(unit.exec_main_status)
+        why += f"; not restarted: {code.name.lower()}"
+        if code in EXIT_EXPLANATIONS:
+            why += f" ({EXIT_EXPLANATIONS[code]})"
     return why
 
 
@@ -260,7 +277,7 @@ def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Actio
         if terminal is not None and status in RUNNING_STATUSES:
             actions.append(Update(user_id, {"status": terminal.value}))
         elif status in RUNNING_STATUSES or status is DocStatus.STOPPING:
-            actions.append(Update(user_id, {"status": DocStatus.STOPPED.value}))
+            actions.append(Update(user_id, stopped_fields()))
     return actions
 
 
@@ -345,3 +362,80 @@ def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],
         if uid not in docs and unit.running:
             actions.append(Stop(uid))
     return actions
+
+
+# --- per-user settings -------------------------------------------------------------------
+#: Settings that choose the worker's WhatsApp backend: they are fixed for a process's life
+#: (``worker_environment``), so a change restarts a running worker.
+BACKEND_KEYS = ("backend", "simUrl")
+BACKENDS = ("neonize", "sim")
+_SIM_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%-]+\Z")
+_PAIRING = frozenset({DocStatus.PAIRING_REQUESTED, DocStatus.PAIRING})
+
+
+def worker_settings(doc: SessionDoc | None) -> dict[str, Any]:
+    """What the worker is told (``Welcome``/``Settings``): the document's ``settings``, and
+    the phone to pair with while a pairing is asked for."""
+    if doc is None:
+        return {}
+    settings = dict(doc.settings)
+    if doc.pairing_phone and doc.status in _PAIRING:
+        settings["pairingPhone"] = doc.pairing_phone
+    return settings
+
+
+def for_settings(old: SessionDoc | None, new: SessionDoc, unit: UnitView | None) -> list[Action]:
+    """A document changed: does its running worker need to hear about it? Any change of what
+    ``worker_settings`` says is pushed at once (the worker checks it, reports a bad value and
+    keeps its previous settings); a new ``backend``/``simUrl`` restarts a running worker,
+    because the backend is chosen once, before the process opens any connection."""
+    if old is None or unit is None or not unit.running:
+        return []  # the first delivery (Welcome covers it) or no worker: the start reads them
+    if worker_settings(old) == worker_settings(new):
+        return []
+    if (new.status in RUNNING_STATUSES
+            and any(old.settings.get(k) != new.settings.get(k) for k in BACKEND_KEYS)):
+        return [Start(new.user_id, restart=True)]
+    return [PushSettings(new.user_id)]
+
+
+def worker_environment(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The environment a worker starts with for its document's ``backend``/``simUrl``
+    (configuration overrides, see ``wabridge.config``), written into its unit's drop-in
+    before every start: the worker never builds a backend its user did not ask for. Raises
+    ``PolicyError`` naming the key; values go into a unit file, so a URL is checked to be
+    one (no quotes, spaces or backslashes)."""
+    env: dict[str, str] = {}
+    backend = settings.get("backend")
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise PolicyError(f"settings.backend {_shown(backend)} is not one of: "
+                              f"{', '.join(BACKENDS)}")
+        env["WABRIDGE__WORKER__BACKEND"] = str(backend)
+    url = settings.get("simUrl")
+    if url is not None:
+        if not (isinstance(url, str) and _SIM_URL.match(url)):
+            raise PolicyError(f"settings.simUrl {_shown(url)} is not an http(s) URL "
+                              "(e.g. http://127.0.0.1:8081)")
+        env["WABRIDGE__WORKER__SIM_URL"] = url
+    return env
+
+
+def clears_error(doc: SessionDoc | None, source: str, code: str | None = None) -> bool:
+    """Whether ``source`` may clear the document's error now. Each error belongs to the
+    source that reported it (``error.source``; none: written before sources, the
+    controller's) and only that source clears it: a worker when the cause of ``code`` is
+    gone (a corrected setting), the controller when a start succeeds (``code`` None: any of
+    its own). A request's clean slate is the client's own write."""
+    if doc is None or doc.error_code is None:
+        return False
+    if (doc.error_source or CONTROLLER) != source:
+        return False
+    return code is None or doc.error_code == code
+
+
+def stopped_fields() -> dict[str, Any]:
+    """What a document says with ``status: stopped`` besides the status: nothing of the
+    process that was (its last detail, STATUS= line or live Claude processes)."""
+    return {"status": DocStatus.STOPPED.value, "statusDetail": "stopped",
+            "metrics": {"claudeProcesses": 0}}

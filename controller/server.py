@@ -155,9 +155,7 @@ class WorkerServer:
                     protocol.Error(code=exc.code, message=str(exc), seq=_seq_of(line))))
                 await writer.drain()
                 continue
-            if not isinstance(frame, protocol.State | protocol.Qr | protocol.PairingCode
-                              | protocol.MessageEvent | protocol.Metrics | protocol.Summary
-                              | protocol.Problem):
+            if not isinstance(frame, protocol.SequencedFrame):
                 writer.write(protocol.encode(protocol.Error(
                     code="bad_frame", message=f"workers may not send {frame.TYPE} frames")))
                 await writer.drain()

@@ -400,11 +400,14 @@ def with_cpu_fallback(st: UnitState) -> UnitState:
     return dataclasses.replace(st, cpu_nsec=proc_cpu_nsec(st.control_group))
 
 
-def worker_dropin(user_name: str, limits: Mapping[str, str]) -> str:
-    """The per-instance drop-in: the user's own dynamic user, and the resource limits.
+def worker_dropin(user_name: str, limits: Mapping[str, str],
+                  environment: Mapping[str, str] | None = None) -> str:
+    """The per-instance drop-in: the user's own dynamic user, the resource limits, and the
+    environment its document asks for (``controller.reconcile.worker_environment``).
 
     ``limits`` maps unit settings (``MemoryMax``...) to values; empty values are left out, so
-    the template's value applies.
+    the template's value applies. Environment values must be checked already (no quotes,
+    backslashes or whitespace); ``%`` is escaped (systemd's specifiers).
     """
     lines = [
         "# Written by wabridge-controller before it starts this unit; rewritten as needed.",
@@ -412,6 +415,10 @@ def worker_dropin(user_name: str, limits: Mapping[str, str]) -> str:
         f"User={user_name}",
     ]
     lines += [f"{key}={value}" for key, value in limits.items() if value]
+    for key, value in (environment or {}).items():
+        if any(c in value for c in '"\\') or any(c.isspace() for c in value):
+            raise ValueError(f"{key}: {value!r} cannot be written into a unit file")
+        lines.append(f'Environment="{key}={value.replace("%", "%%")}"')
     return "\n".join(lines) + "\n"
 
 
@@ -762,6 +769,14 @@ class Systemd:
     def subscribed(self) -> bool:
         """True while the signal connection is up (False before subscribe, while reconnecting)."""
         return self._sbus is not None
+
+    @property
+    def signals_alive(self) -> bool:
+        """The signal connection is up or being re-established (the controller feeds its
+        watchdog only while this holds: a lost subscription that nothing restores would
+        leave every unit state unseen)."""
+        task = self._reconnect_task
+        return self._sbus is not None or (task is not None and not task.done())
 
     def subscribe(self, callback: Callable[[UnitState], None]) -> None:
         """Call ``callback(state)`` on the event loop whenever a worker unit changes.

@@ -15,8 +15,8 @@ import pytest
 from fakes.admin_facade import FakeFacade, FakeUnit, socket_dir
 
 from controller import admin
-from controller.admin import AdminServer, ControllerFacade, DocMirror, MirrorPlane
-from controller.plane import ControlPlane, Removed, SessionDoc, parse_session
+from controller.admin import AdminServer, ControllerFacade, DocWatchers
+from controller.plane import ControlPlane, SessionDoc, parse_session
 from controller.server import WorkerServer
 from wabridge import protocol
 from wabridge.status import DocStatus
@@ -161,8 +161,7 @@ async def test_status_one_and_unknown(client: Client) -> None:
 async def test_live_claude_processes_are_zero_when_the_unit_is_down(facade: FakeFacade) -> None:
     facade.put("dora", {"status": "stopped", "metrics": {"claudeProcesses": 2}},
                FakeUnit(active_state="inactive", main_pid=0))
-    row = admin.status_row("dora", facade.doc("dora"), facade.unit("dora"),
-                           facade.fields("dora"), False)
+    row = admin.status_row("dora", facade.doc("dora"), facade.unit("dora"), False)
     assert row["claude_processes"] == 0
 
 
@@ -175,7 +174,8 @@ async def test_link_requests_create_and_clears_stale_fields(
                       "already_connected": False}
     assert facade.requests == [("carol", DocStatus.CREATE_REQUESTED, {
         "qrRaw": None, "qrCode": None, "pairingCode": None, "error": None})]
-    assert "qrRaw" not in facade.fields("carol")
+    doc = facade.doc("carol")
+    assert doc is not None and doc.qr_raw is None and doc.error_code is None
 
 
 async def test_link_with_phone_requests_pairing(client: Client, facade: FakeFacade) -> None:
@@ -252,12 +252,12 @@ async def test_watch_snapshot_updates_and_removal(
         event = await c.read()
         assert (event["event"], event["status"], event["detail"]) == ("update", "disconnected",
                                                                       "network")
-        facade.mirror.drop("alice")
+        facade.drop("alice")
         assert await c.read() == {"ok": True, "event": "removed", "user": "alice"}
     finally:
         await c.close()
     await asyncio.sleep(0.05)
-    assert facade.mirror._watchers == {}  # the stream unsubscribed when the client left
+    assert facade.watchers.watching() == 0  # the stream unsubscribed when the client left
 
 
 async def test_chats_from_the_message_log(client: Client, facade: FakeFacade) -> None:
@@ -423,14 +423,7 @@ def test_supplementary_groups_parses_proc_status(tmp_path: Path) -> None:
     assert admin.supplementary_groups(78, tmp_path) == set()  # gone: no groups
 
 
-# --- the mirror and the real facade -------------------------------------------------------------
-
-
-def test_mirror_plane_forwards_every_abstract_method() -> None:
-    assert not getattr(MirrorPlane, "__abstractmethods__", frozenset())
-    missing = [name for name in ControlPlane.__abstractmethods__
-               if name not in MirrorPlane.__dict__]
-    assert missing == [], f"MirrorPlane must forward {missing} (controller/admin.py)"
+# --- the real facade ------------------------------------------------------------------------
 
 
 class RecordingPlane(ControlPlane):
@@ -438,21 +431,19 @@ class RecordingPlane(ControlPlane):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self.watcher: Any = None
 
     async def watch(self, on_change: Any) -> None:
-        self.watcher = on_change
+        return None
 
     async def list_sessions(self) -> list[SessionDoc]:
-        return [parse_session("zed", {"status": "connected"})]
+        return []
 
     async def get(self, user_id: str) -> SessionDoc | None:
         return None
 
     async def claim(self, user_id: str, expect: frozenset[DocStatus], new: DocStatus,
                     host: str) -> bool:
-        self.calls.append(("claim", user_id))
-        return user_id != "lost"
+        return True
 
     async def update(self, user_id: str, fields: Any) -> None:
         self.calls.append(("update", dict(fields)))
@@ -461,71 +452,25 @@ class RecordingPlane(ControlPlane):
         self.calls.append(("request", status))
 
     async def delete(self, user_id: str) -> None:
-        self.calls.append(("delete", user_id))
+        return None
 
     async def add_message(self, user_id: str, event: protocol.MessageEvent) -> None:
-        self.calls.append(("add_message", event.event_id))
+        return None
 
     async def messages(self, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
         return [{"chatId": "c", "limit": limit}]
 
     async def put_session_info(self, user_id: str, fields: Any) -> None:
-        self.calls.append(("put_session_info", dict(fields)))
+        return None
 
     async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
-        self.calls.append(("add_summary", (chat_id, number, text)))
+        return None
 
     async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
-        return [{"chatId": chat_id, "number": 1}]
+        return []
 
     async def close(self) -> None:
-        self.calls.append(("close", None))
-
-
-async def test_mirror_plane_records_writes_and_watched_changes() -> None:
-    inner, mirror = RecordingPlane(), DocMirror()
-    plane = MirrorPlane(inner, mirror)
-    assert plane.name == "recording"
-    events: list[Any] = []
-    mirror.watch("u", events.append)
-
-    await plane.list_sessions()
-    assert mirror.get("zed")["status"] == "connected"
-    assert await plane.claim("u", frozenset({DocStatus.CREATE_REQUESTED}), DocStatus.STARTING,
-                             "h1")
-    assert not await plane.claim("lost", frozenset(), DocStatus.STARTING, "h1")
-    assert "lost" not in mirror.users()
-    await plane.update("u", {"qrRaw": "code-1", "qrAt": 1.0})
-    await plane.update("u", {"error": {"code": "start_failed", "message": "no unit file"}})
-    assert [e["status"] for e in events] == ["starting", "starting", "starting"]
-    assert mirror.get("u")["qrRaw"] == "code-1"
-
-    seen: list[Any] = []
-    await plane.watch(seen.append)
-    # the watch echoes the same error code: the message we wrote is kept
-    inner.watcher(parse_session("u", {"status": "error", "error": {"code": "start_failed"}}))
-    assert mirror.get("u")["error"] == {"code": "start_failed", "message": "no unit file"}
-    assert mirror.get("u")["status"] == "error"
-    # a client clears the error
-    inner.watcher(parse_session("u", {"status": "create_requested"}))
-    assert "error" not in mirror.get("u")
-    inner.watcher(Removed("u"))
-    assert len(seen) == 3 and events[-1] is None
-    assert mirror.get("u") == {}
-
-    await plane.request("v", DocStatus.PAIRING_REQUESTED, pairingPhone="15550001111")
-    assert mirror.get("v") == {"status": "pairing_requested", "pairingPhone": "15550001111"}
-    await plane.delete("v")
-    assert mirror.get("v") == {}
-    await plane.put_session_info("v", {"phone": "1"})
-    await plane.add_message("v", protocol.MessageEvent(
-        seq=1, event_id="in:1", chat_id="c", direction="in", sender="s", text="t", ts=1.0))
-    assert await plane.messages("v", 7) == [{"chatId": "c", "limit": 7}]
-    await plane.add_summary("v", "c", 1, "summary")
-    assert await plane.summaries("v", "c") == [{"chatId": "c", "number": 1}]
-    await plane.close()
-    assert [c[0] for c in inner.calls][-5:] == ["delete", "put_session_info", "add_message",
-                                                "add_summary", "close"]
+        return None
 
 
 async def test_controller_facade_reads_the_controller(tmp_path: Path) -> None:
@@ -543,32 +488,34 @@ async def test_controller_facade_reads_the_controller(tmp_path: Path) -> None:
             self.docs = {"alice": parse_session("alice", {"status": "connected"})}
             self.units = {"bob": FakeUnit()}
             self.server = WorkerServer(str(tmp_path / "w.sock"), no_unit, no_frames, no_settings)
-            self.plane: ControlPlane = MirrorPlane(RecordingPlane(), mirror)
+            self.plane: ControlPlane = RecordingPlane()
             self.host = "h"
+            self.watchers = DocWatchers()
 
-    mirror = DocMirror()
     ctl = Ctl()
-    f = ControllerFacade(ctl, mirror)
+    f = ControllerFacade(ctl)
     assert set(f.user_ids()) == {"alice", "bob"}
     assert f.doc("alice") is ctl.docs["alice"] and f.unit("bob") is ctl.units["bob"]
     assert f.linked("alice") is False
     assert await f.command("alice", protocol.Command(name="reset_chat")) is False
     await f.request("alice", DocStatus.RESTART_REQUESTED)
-    assert f.fields("alice") == {"status": "restart_requested"}
+    assert ctl.plane.calls == [("request", DocStatus.RESTART_REQUESTED)]  # type: ignore[attr-defined]
     assert f.info() == {"host": "h", "plane": "recording", "sessions": 1, "linked": 0}
     assert await f.messages("alice", 3) == [{"chatId": "c", "limit": 3}]
+    seen: list[Any] = []
+    f.watch("alice", seen.append)
+    old = ctl.docs["alice"]
+    ctl.watchers.changed("alice", old, old.merged({"metrics": {"chats": 2}}))  # not watched
+    ctl.watchers.changed("alice", old, old.merged({"qrRaw": "q"}))
+    assert [d.qr_raw for d in seen] == ["q"]
 
 
-def test_mirror_merges_like_the_planes() -> None:
-    mirror = DocMirror()
-    mirror.merge("u", {"metrics": {"chats": 1, "turns": 2}, "qrRaw": "a"})
-    mirror.merge("u", {"metrics": {"chats": 3}, "qrRaw": None})
-    assert mirror.get("u") == {"metrics": {"chats": 3, "turns": 2}}
-    mirror.merge("u", {"metrics": {}})  # an empty map replaces
-    assert mirror.get("u") == {"metrics": {}}
-    # what watchers and readers get is a copy: later merges do not change it
-    got: list[Any] = []
-    mirror.watch("u", got.append)
-    mirror.merge("u", {"error": {"code": "a", "message": "first"}})
-    mirror.merge("u", {"error": {"code": "b", "message": "second"}})
-    assert [e["error"]["code"] for e in got] == ["a", "b"]
+def test_a_document_merges_like_the_planes() -> None:
+    doc = parse_session("u", {"status": "connected"})
+    doc = doc.merged({"metrics": {"chats": 1, "turns": 2}, "qrRaw": "a"})
+    doc = doc.merged({"metrics": {"chats": 3}, "qrRaw": None})
+    assert (dict(doc.metrics), doc.qr_raw) == ({"chats": 3, "turns": 2}, None)
+    assert dict(doc.merged({"metrics": {}}).metrics) == {}  # an empty map replaces
+    err = doc.merged({"error": {"code": "bad_setting", "message": "m", "source": "worker"}})
+    assert (err.error_code, err.error_message, err.error_source) == ("bad_setting", "m", "worker")
+    assert doc.status is DocStatus.CONNECTED and "error" not in doc.data  # unchanged

@@ -31,10 +31,10 @@ from controller.firestore import (
     PlaneUnavailable,
     map_error,
 )
-from controller.local import SCHEMA_VERSION, LocalPlane, message_doc_id
-from controller.plane import Change, ControlPlane, Removed, SessionDoc
+from controller.local import SCHEMA_VERSION, LocalPlane
+from controller.plane import Change, ControlPlane, Removed, SessionDoc, message_doc_id
 from wabridge.config import FirebaseConfig
-from wabridge.errors import ConfigError, UserIdError
+from wabridge.errors import ConfigError, ExitCode, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
 from wabridge.status import DocStatus
 
@@ -205,6 +205,42 @@ async def test_watch_delivers_existing_documents_then_changes(store: Store) -> N
     await other.delete("bob")
     await seen.until(removed("bob"))
     assert Removed("alice") not in seen.all and Removed("carol") not in seen.all
+
+
+async def test_rewatch_delivers_everything_again_and_keeps_watching(store: Store) -> None:
+    """The controller's resync calls ``rewatch`` when the feed missed a request: the fresh
+    feed delivers every document again, and later changes still arrive."""
+    plane, other = store.open(), store.open()
+    await other.request("alice", DocStatus.CREATE_REQUESTED)
+    seen = Collector()
+    await plane.watch(seen)
+    await seen.until(doc_of("alice"), FIRST_TIMEOUT)
+    assert plane.feed_alive()
+    mark = len(seen.all)
+    await plane.rewatch()
+    await seen.saw(doc_of("alice"), mark, FIRST_TIMEOUT)
+    await other.request("bob", DocStatus.CREATE_REQUESTED)
+    await seen.saw(doc_of("bob"), mark, CHANGE_TIMEOUT)
+    assert plane.feed_alive()
+
+
+PLANES = [pytest.param("controller.local", "LocalPlane"),
+          pytest.param("controller.firestore", "FirestorePlane")]
+
+
+@pytest.mark.parametrize(("module", "name"), PLANES)
+def test_every_plane_decides_every_method_of_the_interface(module: str, name: str) -> None:
+    """Abstract or not: a default of the base class (the no-op ``rewatch``, ``feed_alive``
+    always True, the full-scan ``pending_requests``) inherited by accident makes a safety
+    net inert, as a wrapper plane once did. Each plane defines every public method itself."""
+    import importlib  # noqa: PLC0415
+
+    cls = getattr(importlib.import_module(module), name)
+    public = [n for n, v in vars(ControlPlane).items()
+              if callable(v) and not n.startswith("_")]
+    assert {"rewatch", "pending_requests", "feed_alive", "watch"} <= set(public)
+    missing = [n for n in public if n not in vars(cls)]
+    assert missing == [], f"{name} inherits {missing} from ControlPlane"
 
 
 async def test_watch_on_empty_store_then_create(store: Store) -> None:
@@ -646,11 +682,12 @@ async def test_local_refuses_a_newer_schema(tmp_path: Path) -> None:
         assert db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
         db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     db.close()
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(SchemaTooNew) as info:
         LocalPlane(path)
-    assert info.value.key == "controller.local_db"
-    assert f"schema version {SCHEMA_VERSION + 1}" in info.value.problem
-    assert f"({SCHEMA_VERSION})" in info.value.problem
+    assert info.value.exit_code == ExitCode.SCHEMA_TOO_NEW  # do not restart, like the worker
+    assert f"schema version {SCHEMA_VERSION + 1}" in info.value.message
+    assert f"({SCHEMA_VERSION})" in info.value.message
+    assert "upgrade wabridge" in str(info.value)
     with sqlite3.connect(path) as db:  # refused, not modified
         assert db.execute("SELECT version FROM schema_version").fetchone()[0] == (
             SCHEMA_VERSION + 1

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from fakes.units import ScriptedSystemd
 
 from controller.local import LocalPlane
 from controller.main import Controller
@@ -36,40 +36,6 @@ def state(active: str, sub: str, *, result: str = "success", invocation: str = "
 
 
 FAILED_AT_LIMIT = state("failed", "failed", result="exit-code", restarts=3, code=1, status=1)
-
-
-class ScriptedSystemd:
-    """The calls the controller makes, and hooks that run inside them."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.on_call: dict[str, Callable[[], Awaitable[None]]] = {}
-
-    async def _call(self, name: str) -> None:
-        self.calls.append(name)
-        await asyncio.sleep(0)  # a D-Bus round trip: other tasks run meanwhile
-        hook = self.on_call.pop(name, None)
-        if hook is not None:
-            await hook()
-        await asyncio.sleep(0)
-
-    async def reset_failed(self, unit: str) -> None:
-        await self._call("reset_failed")
-
-    async def install_dropin(self, unit: str, text: str) -> None:
-        await self._call("install_dropin")
-
-    async def start(self, unit: str) -> None:
-        await self._call("start")
-
-    async def restart(self, unit: str) -> None:
-        await self._call("restart")
-
-    async def stop(self, unit: str) -> None:
-        await self._call("stop")
-
-    async def unit_for_pid(self, pid: int) -> str | None:
-        return None
 
 
 async def settle(controller: Controller) -> None:
@@ -160,41 +126,6 @@ async def test_a_unit_stopped_from_outside_after_the_start_still_marks_the_docum
     controller.on_unit(state("inactive", "dead", invocation="b"))
     await settle(controller)
     assert (await doc_of(plane)).status is DocStatus.STOPPED
-
-
-class QuietPlane(LocalPlane):
-    """A change feed that went quiet without an error: ``watch`` delivers nothing."""
-
-    rewatched = 0
-
-    async def watch(self, on_change: Callable[..., None]) -> None:
-        return None
-
-    async def rewatch(self) -> None:
-        self.rewatched += 1
-
-
-@pytest.mark.parametrize("world", [QuietPlane], indirect=True)
-async def test_a_request_the_feed_never_delivered_is_handled_by_the_resync(
-        world: tuple[Controller, QuietPlane, ScriptedSystemd]) -> None:
-    controller, plane, systemd = world
-    await plane.watch(controller.on_change)
-    resync = asyncio.create_task(controller.resync())
-    try:
-        written = time.monotonic()
-        await plane.request("alice", DocStatus.CREATE_REQUESTED)
-        while "start" not in systemd.calls:
-            assert time.monotonic() - written < 15, "the resync never handled the request"
-            await asyncio.sleep(0.05)
-        # seen pending at two checks, one interval apart: never on the first sight
-        assert time.monotonic() - written >= 1.0
-        await settle(controller)
-        assert (await doc_of(plane)).status is DocStatus.STARTING
-        assert plane.rewatched == 1
-        await asyncio.sleep(2.5)  # handled: nothing pending, nothing more to do
-        assert plane.rewatched == 1 and systemd.calls.count("start") == 1
-    finally:
-        resync.cancel()
 
 
 async def test_worker_reports_are_written_even_when_the_cached_document_lags(

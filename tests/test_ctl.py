@@ -117,6 +117,32 @@ def test_status_table(served: ThreadedAdmin, capsys: pytest.CaptureFixture[str])
     assert "last error: crashed: worker exited with code 1" in out
 
 
+def test_an_invalid_id_neither_pads_the_table_nor_moves_the_cursor(
+    facade: FakeFacade, served: ThreadedAdmin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_id, escape = "x" * 1400, "evil\x1b[2Jid"
+    served.call(lambda: facade.put(long_id, {"status": "error",
+                                              "error": {"code": "bad_user_id"}}))
+    served.call(lambda: facade.put(escape, {"status": "error"}))
+    code, out, _ = run(capsys, *sock(served), "status")
+    assert code == ctl.OK
+    assert max(len(line) for line in out.splitlines()) < 200
+    assert "x" * 37 + "..." in out and "x" * 41 not in out
+    assert "\x1b" not in out and "evil\\x1b[2Jid" in out
+    # --json keeps the ids as they are
+    code, out, _ = run(capsys, *sock(served), "status", "--json")
+    assert {r["user"] for r in json.loads(out)["users"]} >= {long_id, escape}
+
+
+@pytest.mark.parametrize("user", ["..", ".", "__name__", "a b", "a/b", "x" * 129])
+def test_link_with_an_id_no_document_can_have_is_a_usage_error(
+    served: ThreadedAdmin, capsys: pytest.CaptureFixture[str], user: str
+) -> None:
+    code, out, err = run(capsys, *sock(served), "link", user)
+    assert code == ctl.USAGE, (out, err)
+    assert err.startswith("wabridgectl: user id") and "Error" not in err
+
+
 def test_status_of_an_unknown_user_fails(
     served: ThreadedAdmin, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -186,7 +212,21 @@ def test_unreachable_controller_exits_3(
 
 
 def ctl_as_nobody(socket_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "WABRIDGE_CONFIG": "/dev/null",
+    """``python -m controller.ctl`` as uid 65534, from a world-readable copy of the packages it
+    imports: the checkout itself may live where other users cannot enter (a clone under
+    /root, a ``mktemp -d`` folder)."""
+    with socket_dir() as code:
+        for package in ("controller", "wabridge"):
+            shutil.copytree(REPO / package, code / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for path in code.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        return _ctl_as_nobody(code, socket_path, *args)
+
+
+def _ctl_as_nobody(code: Path, socket_path: Path, *args: str
+                   ) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(code), "WABRIDGE_CONFIG": "/dev/null",
            "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
     return subprocess.run(
         ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,

@@ -352,3 +352,19 @@ async def test_controller_to_worker_frames(controller: Controller, worker: Worke
     await wait_until(lambda: worker.commands == [command])
     assert worker.settings == [{"x": 1}, {"model": "m"}]
     assert not await controller.server.send("nobody", command)
+
+
+async def test_why_the_link_is_down_is_said_in_an_operators_words(
+    controller: Controller, worker: Worker, sock_path: str
+) -> None:
+    worker.start()
+    await wait_until(lambda: worker.link.last_error != "")
+    assert worker.link.last_error == (f"the controller is not listening on {sock_path} "
+                                      "(is wabridge-controller running?)")
+    await controller.server.start()
+    await wait_until(lambda: worker.link.connected)
+    await controller.server.close()  # the controller stops: the worker sees EOF
+    await wait_until(lambda: worker.link.last_error != "")
+    assert worker.link.last_error == ("the controller closed the connection "
+                                      "(restarting or stopped?)")
+    assert "bytes read" not in worker.link.last_error

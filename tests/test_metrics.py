@@ -128,6 +128,12 @@ def test_worker_dropin() -> None:
                                                   "TasksMax": "256", "CPUQuota": "100%"})
     assert text.splitlines()[1:] == ["[Service]", "User=wab-alice-2bd806c97f", "MemoryMax=1G",
                                      "TasksMax=256", "CPUQuota=100%"]
+    env = {"WABRIDGE__WORKER__BACKEND": "sim", "WABRIDGE__WORKER__SIM_URL": "http://h/a%20b"}
+    text = worker_dropin("wab-alice-2bd806c97f", {}, env)
+    assert text.splitlines()[3:] == ['Environment="WABRIDGE__WORKER__BACKEND=sim"',
+                                     'Environment="WABRIDGE__WORKER__SIM_URL=http://h/a%%20b"']
+    with pytest.raises(ValueError, match="cannot be written into a unit file"):
+        worker_dropin("u", {}, {"K": 'x"\nUser=root'})
 
 
 def test_proc_cpu_nsec(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ EVERY_FRAME: list[protocol.Frame] = [
             stream_errors=2, replies_failed=3, uncertain_replies=4),
     protocol.Summary(seq=10, chat_id="4915@s.whatsapp.net", number=2, text="They like tea."),
     protocol.Problem(seq=11, code="bad_setting", message="settings.reply_to: 'x' is not ..."),
+    protocol.ProblemCleared(seq=12, code="bad_setting"),
     Ack(seq=8),
     Error(code="bad_frame", message="nope"),
     Error(code="bad_frame", message="nope", seq=9),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from typing import Any
 
@@ -15,23 +16,28 @@ from controller.reconcile import (
     WORKER_MAY_SET,
     Action,
     Claim,
+    PushSettings,
     SetError,
     Start,
     Stop,
     UnitView,
     Update,
+    clears_error,
     crash_reason,
     exit_facts,
     exit_kind,
     for_doc,
+    for_settings,
     for_unit,
     hit_start_limit,
     missed_requests,
     reconcile,
     status_from_worker,
+    worker_environment,
     worker_may_move,
+    worker_settings,
 )
-from wabridge.errors import ExitCode
+from wabridge.errors import ExitCode, PolicyError
 from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState
 
 S = DocStatus
@@ -59,6 +65,9 @@ def claim(frm: DocStatus, to: DocStatus) -> Claim:
 
 
 def status_update(status: DocStatus) -> Update:
+    if status is S.STOPPED:  # nothing of the process that was stays on the document
+        return Update(U, {"status": "stopped", "statusDetail": "stopped",
+                          "metrics": {"claudeProcesses": 0}})
     return Update(U, {"status": status.value})
 
 
@@ -319,7 +328,12 @@ def test_crash_reason_names_the_start_limit_and_the_last_exit() -> None:
                                   "systemd gave up: start limit hit (StartLimitBurst=5)")
     config = UnitView("failed", "failed", "exit-code", 0, start_limit_burst=5,
                       exec_main_code=CLD_EXITED, exec_main_status=ExitCode.CONFIG)
-    assert crash_reason(config).endswith("; not restarted: config")
+    assert crash_reason(config).endswith(
+        "; not restarted: config (a configuration value is invalid; the journal names the key)")
+    newer = dataclasses.replace(config, exec_main_status=ExitCode.SCHEMA_TOO_NEW)
+    assert crash_reason(newer).endswith(  # the one cause, with what the operator does
+        "; not restarted: schema_too_new (its state database was written by a newer "
+        "wabridge; install that version (or a newer one) again; the data is left untouched)")
 
 
 def test_gave_up_is_crashed_with_reason_start_limit() -> None:
@@ -508,3 +522,108 @@ def test_missed_requests(previous: dict[str, DocStatus], pending: list[DocStatus
     assert [d.user_id for d in check.handle] == ([U] if handled else [])
     assert check.missed == ([U] if missed else [])
     assert check.seen == ({U: pending[0]} if pending else {})
+
+
+# --- per-user settings -----------------------------------------------------------------------
+
+RUNNING_DOC = {"status": "connected", "settings": {"reply_to": "everyone"}}
+
+
+def with_settings(settings: dict[str, Any], **fields: Any) -> SessionDoc:
+    return parse_session(U, {**RUNNING_DOC, **fields, "settings": settings})
+
+
+@pytest.mark.parametrize(("old", "new", "unit", "expected"), [
+    # the first delivery: the worker's Welcome carries the settings
+    (None, with_settings({"reply_to": "self"}), ACTIVE, []),
+    # no worker: its next start reads them
+    (with_settings({}), with_settings({"reply_to": "self"}), NONE, []),
+    (with_settings({}), with_settings({"reply_to": "self"}), INACTIVE, []),
+    # nothing the worker is told changed (a status, a metric)
+    (with_settings({"reply_to": "self"}), with_settings({"reply_to": "self"}, phone="1"),
+     ACTIVE, []),
+    # a change, valid or not (the worker checks and reports), is pushed
+    (with_settings({}), with_settings({"reply_to": "allowlist", "allowlist": ["1"]}), ACTIVE,
+     [PushSettings(U)]),
+    (with_settings({}), with_settings({"reply_to": 7}), ACTIVE, [PushSettings(U)]),
+    (with_settings({"reply_to": 7}), with_settings({"reply_to": "self"}), ACTIVE,
+     [PushSettings(U)]),
+    # a pairing phone while pairing is asked for
+    (with_settings({}), with_settings({}, status="pairing_requested", pairingPhone="4915123456"),
+     ACTIVE, [PushSettings(U)]),
+    # the backend is chosen once per process: a running worker restarts with the new one
+    (with_settings({}), with_settings({"backend": "sim"}), ACTIVE, [Start(U, restart=True)]),
+    (with_settings({"backend": "sim", "simUrl": "http://127.0.0.1:1"}),
+     with_settings({"backend": "sim", "simUrl": "http://127.0.0.1:2"}), ACTIVE,
+     [Start(U, restart=True)]),
+    # ... unless a request is pending: the request decides
+    (with_settings({}), with_settings({"backend": "sim"}, status="restart_requested"), ACTIVE,
+     [PushSettings(U)]),
+])
+def test_for_settings(old: SessionDoc | None, new: SessionDoc, unit: UnitView | None,
+                      expected: list[Action]) -> None:
+    assert for_settings(old, new, unit) == expected
+
+
+def test_worker_settings_carry_the_pairing_phone_only_while_pairing() -> None:
+    assert worker_settings(None) == {}
+    pairing = with_settings({"groups": "off"}, status="pairing", pairingPhone="4915123456")
+    assert worker_settings(pairing) == {"groups": "off", "pairingPhone": "4915123456"}
+    # a phone left on the document after the pairing is not asked for again
+    assert worker_settings(with_settings({}, pairingPhone="4915123456")) == {}
+
+
+@pytest.mark.parametrize(("settings", "env"), [
+    ({}, {}),
+    ({"reply_to": "self"}, {}),  # not the unit's business
+    ({"backend": "sim"}, {"WABRIDGE__WORKER__BACKEND": "sim"}),
+    ({"backend": "neonize"}, {"WABRIDGE__WORKER__BACKEND": "neonize"}),
+    ({"backend": "sim", "simUrl": "http://127.0.0.1:8081/x?a=1&b=%20"},
+     {"WABRIDGE__WORKER__BACKEND": "sim",
+      "WABRIDGE__WORKER__SIM_URL": "http://127.0.0.1:8081/x?a=1&b=%20"}),
+])
+def test_worker_environment(settings: dict[str, Any], env: dict[str, str]) -> None:
+    assert worker_environment(settings) == env
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"backend": "simm"}, "settings.backend 'simm' is not one of: neonize, sim"),
+    ({"backend": 7}, "settings.backend 7"),
+    ({"backend": "sim", "simUrl": "ftp://x"}, "settings.simUrl 'ftp://x' is not an http(s) URL"),
+    ({"simUrl": 'http://x/"\nExecStartPre=/bin/sh'}, "settings.simUrl"),
+    ({"simUrl": "http://x/ y"}, "settings.simUrl"),
+    ({"simUrl": "http://x\\y"}, "settings.simUrl"),
+    ({"simUrl": ["http://x"]}, "settings.simUrl"),
+])
+def test_a_bad_backend_setting_is_named(settings: dict[str, Any], named: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        worker_environment(settings)
+    assert named in str(info.value) and info.value.code == "bad_setting"
+
+
+def err(code: str, source: str | None = None) -> SessionDoc:
+    error: dict[str, Any] = {"code": code, "message": "m"}
+    if source is not None:
+        error["source"] = source
+    return parse_session(U, {"status": "connected", "error": error})
+
+
+@pytest.mark.parametrize(("doc", "source", "code", "clears"), [
+    (None, "worker", "bad_setting", False),
+    (parse_session(U, {"status": "connected"}), "worker", "bad_setting", False),
+    # a worker clears its own problem, of that code only
+    (err("bad_setting", "worker"), "worker", "bad_setting", True),
+    (err("bot_loop", "worker"), "worker", "bad_setting", False),
+    # ... never the controller's (a start failure, a crash)
+    (err("start_failed", "controller"), "worker", "start_failed", False),
+    (err("crashed"), "worker", "crashed", False),  # no source: written before sources
+    # a successful start clears the controller's own errors, never a worker's
+    (err("start_failed", "controller"), "controller", None, True),
+    (err("crashed"), "controller", None, True),
+    (err("bad_setting", "controller"), "controller", None, True),  # a bad backend at start
+    (err("bad_setting", "worker"), "controller", None, False),
+    (err("undecryptable", "worker"), "controller", None, False),
+])
+def test_clears_error(doc: SessionDoc | None, source: str, code: str | None,
+                      clears: bool) -> None:
+    assert clears_error(doc, source, code) is clears

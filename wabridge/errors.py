@@ -4,7 +4,8 @@
     ├── ConfigError               a bad configuration value           exit 78 (EX_CONFIG)
     ├── UserIdError               a user id that cannot name a unit   (reported on the document)
     ├── ProtocolError             a malformed worker<->controller frame (error frame back)
-    └── PolicyError               a bad per-user setting (shown on the document)
+    ├── PolicyError               a bad per-user setting (shown on the document)
+    └── SchemaTooNew              a database newer than this code     exit 16 (no restart)
 
 Every error carries a stable ``code`` (what scripts and documents match on) and an
 ``explanation`` telling the operator what to do. Foreign exceptions are mapped into this tree
@@ -34,6 +35,7 @@ class ExitCode(IntEnum):
     OUTDATED = 13  # WhatsApp says this client version is too old: upgrade wabridge
     QR_EXPIRED = 14  # nobody scanned the QR codes in time
     BAD_USER = 15  # the unit instance does not name a valid user
+    SCHEMA_TOO_NEW = 16  # a database was written by a newer wabridge: downgrading cannot read it
 
 
 NO_RESTART_EXIT_CODES = (
@@ -44,7 +46,16 @@ NO_RESTART_EXIT_CODES = (
     ExitCode.OUTDATED,
     ExitCode.QR_EXPIRED,
     ExitCode.BAD_USER,
+    ExitCode.SCHEMA_TOO_NEW,
 )
+
+#: What an operator does about a do-not-restart exit (shown in the document's ``error``).
+EXIT_EXPLANATIONS = {
+    ExitCode.CONFIG: "a configuration value is invalid; the journal names the key",
+    ExitCode.BAD_USER: "the unit instance does not name a valid user id",
+    ExitCode.SCHEMA_TOO_NEW: "its state database was written by a newer wabridge; install "
+                             "that version (or a newer one) again; the data is left untouched",
+}
 
 
 class WabridgeError(Exception):
@@ -95,3 +106,12 @@ class PolicyError(WabridgeError):
     """A per-user setting on a control-plane document that does not validate."""
 
     code = "bad_setting"
+
+
+class SchemaTooNew(WabridgeError):
+    """A SQLite database (the worker's state, the local control plane) has a schema version
+    newer than this code: a downgrade. Restarting cannot help, so it is a do-not-restart
+    exit in both units."""
+
+    code = "schema_too_new"
+    exit_code = ExitCode.SCHEMA_TOO_NEW

@@ -115,6 +115,16 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class ProblemCleared:
+    """The cause of the worker's problem ``code`` is gone (a corrected setting): the
+    controller clears the document's ``error`` if it is still that problem of this worker."""
+
+    TYPE: ClassVar[str] = "problem_cleared"
+    seq: int
+    code: str
+
+
+@dataclass(frozen=True)
 class Ack:
     TYPE: ClassVar[str] = "ack"
     seq: int
@@ -158,18 +168,20 @@ Frame = (
     | Metrics
     | Summary
     | Problem
+    | ProblemCleared
     | Ack
     | Error
     | Welcome
     | Settings
     | Command
 )
-SequencedFrame = State | Qr | PairingCode | MessageEvent | Metrics | Summary | Problem
+SequencedFrame = (State | Qr | PairingCode | MessageEvent | Metrics | Summary | Problem
+                  | ProblemCleared)
 
 _TYPES: dict[str, type[Any]] = {
     cls.TYPE: cls
-    for cls in (Hello, State, Qr, PairingCode, MessageEvent, Metrics, Summary, Problem, Ack,
-                Error, Welcome)
+    for cls in (Hello, State, Qr, PairingCode, MessageEvent, Metrics, Summary, Problem,
+                ProblemCleared, Ack, Error, Welcome)
 }
 _TYPES[Settings.TYPE] = Settings
 _TYPES[Command.TYPE] = Command

@@ -46,6 +46,11 @@ def validate_user_id(user_id: object) -> str:
         )
     if "/" in user_id:
         raise UserIdError(f"user id {user_id!r} contains '/'")
+    if user_id in (".", "..") or (len(user_id) >= 4 and user_id.startswith("__")
+                                  and user_id.endswith("__")):
+        # Firestore's rule for document ids; both control planes keep to it
+        raise UserIdError(f"user id {user_id!r} cannot name a control-plane document",
+                          explanation="'.', '..' and ids like '__x__' are reserved")
     escaped = sum(1 if _kept(i, c) else 4 for i, c in enumerate(user_id))
     if escaped > MAX_INSTANCE:
         raise UserIdError(

@@ -1,9 +1,9 @@
 """A fake of what ``controller.admin.AdminServer`` needs of the controller, plus a helper
 that serves it on a socket from a background thread (for the blocking ``wabridgectl``).
 
-``FakeFacade`` keeps documents, units and mirrored fields in memory. ``script`` lets a test
-say what "the fleet" does after a request: a list of ``(delay, fields)`` merged into the user's
-mirrored document one after the other, as the controller would after worker frames.
+``FakeFacade`` keeps documents (the controller's view) and units in memory. ``script`` lets a
+test say what "the fleet" does after a request: a list of ``(delay, fields)`` merged into the
+user's document one after the other, as the controller would after worker frames.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.admin import AdminServer, DocMirror, Fields, Watcher
+from controller.admin import AdminServer, DocWatchers, Watcher
 from controller.plane import SessionDoc, parse_session
 from wabridge import protocol
 from wabridge.status import DocStatus
@@ -39,7 +39,7 @@ Script = list[tuple[float, dict[str, Any]]]
 
 @dataclass
 class FakeFacade:
-    mirror: DocMirror = field(default_factory=DocMirror)
+    watchers: DocWatchers = field(default_factory=DocWatchers)
     docs: dict[str, SessionDoc] = field(default_factory=dict)
     units: dict[str, FakeUnit] = field(default_factory=dict)
     linked_users: set[str] = field(default_factory=set)
@@ -55,14 +55,18 @@ class FakeFacade:
     def put(self, user: str, fields: dict[str, Any], unit: FakeUnit | None = None) -> None:
         """A document as the controller knows it (raw fields) and, optionally, its unit."""
         self.docs[user] = parse_session(user, fields)
-        self.mirror.merge(user, fields)
         if unit is not None:
             self.units[user] = unit
 
     def change(self, user: str, fields: dict[str, Any]) -> None:
-        self.mirror.merge(user, fields)
-        merged = dict(self.mirror.get(user))
-        self.docs[user] = parse_session(user, merged)
+        """The controller's view changes (a write merged, as ``Controller.write`` does)."""
+        old = self.docs.get(user)
+        self.docs[user] = (old or parse_session(user, {})).merged(fields)
+        self.watchers.changed(user, old, self.docs[user])
+
+    def drop(self, user: str) -> None:
+        """The document was deleted."""
+        self.watchers.changed(user, self.docs.pop(user, None), None)
 
     # --- AdminFacade ---------------------------------------------------------------------
     def user_ids(self) -> set[str]:
@@ -74,14 +78,11 @@ class FakeFacade:
     def unit(self, user_id: str) -> FakeUnit | None:
         return self.units.get(user_id)
 
-    def fields(self, user_id: str) -> Fields:
-        return self.mirror.get(user_id)
-
     def linked(self, user_id: str) -> bool:
         return user_id in self.linked_users
 
     def watch(self, user_id: str, callback: Watcher) -> Callable[[], None]:
-        return self.mirror.watch(user_id, callback)
+        return self.watchers.watch(user_id, callback)
 
     async def request(self, user_id: str, status: DocStatus, **fields: Any) -> None:
         self.requests.append((user_id, status, dict(fields)))

@@ -1,0 +1,80 @@
+"""One exit code for one cause: a database written by a newer wabridge (a downgrade) stops
+the worker and the controller with ``ExitCode.SCHEMA_TOO_NEW``, which both units list in
+``RestartPreventExitStatus=`` (restarting cannot help), and the worker's document says why."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from agent import main as worker_main
+from agent.store import MIGRATIONS, Store
+from controller import main as controller_main
+from controller.local import SCHEMA_VERSION, LocalPlane
+from controller.plane import parse_session
+from controller.reconcile import CLD_EXITED, UnitView, for_unit
+from wabridge.errors import NO_RESTART_EXIT_CODES, ExitCode
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+
+
+def newer(path: Path, version: int) -> None:
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE schema_version SET version = ?", (version,))
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("WABRIDGE_CONFIG", "/dev/null")
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.delenv("INVOCATION_ID", raising=False)  # not under systemd: return, no _exit
+    return tmp_path
+
+
+def test_the_worker_refuses_a_newer_state_database_with_the_do_not_restart_code(
+        env: Path) -> None:
+    (env / "state").mkdir()
+    Store(env / "state" / "agent.db").close()
+    newer(env / "state" / "agent.db", len(MIGRATIONS) + 1)
+    assert worker_main.main(["alice"]) == ExitCode.SCHEMA_TOO_NEW == 16
+
+
+async def make_plane(db: Path) -> None:
+    await LocalPlane(db).close()
+
+
+def test_the_controller_refuses_a_newer_control_plane_with_the_same_code(
+        env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = env / "control.db"
+    asyncio.run(make_plane(db))
+    newer(db, SCHEMA_VERSION + 1)
+    monkeypatch.setenv("WABRIDGE__CONTROLLER__CONTROL_PLANE", "local")
+    monkeypatch.setenv("WABRIDGE__CONTROLLER__LOCAL_DB", str(db))
+    assert controller_main.main([]) == ExitCode.SCHEMA_TOO_NEW
+
+
+@pytest.mark.parametrize(("unit", "codes"), [
+    ("wabridge-worker@.service", set(NO_RESTART_EXIT_CODES)),
+    ("wabridge-controller.service", {ExitCode.CONFIG, ExitCode.SCHEMA_TOO_NEW}),
+])
+def test_both_units_leave_it_stopped(unit: str, codes: set[int]) -> None:
+    text = (UNITS / unit).read_text()
+    listed = re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)
+    assert listed is not None
+    assert {int(c) for c in listed.group(1).split()} == {int(c) for c in codes}
+
+
+def test_the_document_says_what_to_do() -> None:
+    unit = UnitView("failed", "failed", "exit-code", 0, exec_main_code=CLD_EXITED,
+                    exec_main_status=ExitCode.SCHEMA_TOO_NEW)
+    actions = for_unit(parse_session("alice", {"status": "connected"}), "alice", unit)
+    errors = [a for a in actions if type(a).__name__ == "SetError"]
+    assert len(errors) == 1
+    message = errors[0].message  # type: ignore[union-attr]
+    assert "exited with code 16" in message and "not restarted: schema_too_new" in message
+    assert "written by a newer wabridge" in message
