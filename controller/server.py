@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from wabridge import logs, protocol
-from wabridge.errors import ProtocolError
+from wabridge.errors import ForeignRecordError, ProtocolError
 from wabridge.units import user_of_unit
 
 log = logs.get("controller.server")
@@ -162,6 +162,14 @@ class WorkerServer:
                     code="bad_frame", message=f"workers may not send {frame.TYPE} frames")))
                 await writer.drain()
                 continue
-            await self._on_frame(user_id, frame)
+            try:
+                await self._on_frame(user_id, frame)
+            except ForeignRecordError as exc:
+                # refused for good: answered with the frame's seq, so the worker drops it
+                log.warning("link.write_refused", user_id=user_id, error=str(exc))
+                writer.write(protocol.encode(
+                    protocol.Error(code=exc.code, message=str(exc), seq=frame.seq)))
+                await writer.drain()
+                continue
             writer.write(protocol.encode(protocol.Ack(seq=frame.seq)))
             await writer.drain()

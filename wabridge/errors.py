@@ -4,7 +4,8 @@
     ├── ConfigError               a bad configuration value           exit 78 (EX_CONFIG)
     ├── UserIdError               a user id that cannot name a unit   (reported on the document)
     ├── ProtocolError             a malformed worker<->controller frame (error frame back)
-    └── PolicyError               a bad per-user setting (shown on the document)
+    ├── PolicyError               a bad per-user setting (shown on the document)
+    └── ForeignRecordError        a write that would replace another user's record
 
 Every error carries a stable ``code`` (what scripts and documents match on) and an
 ``explanation`` telling the operator what to do. Foreign exceptions are mapped into this tree
@@ -95,3 +96,10 @@ class PolicyError(WabridgeError):
     """A per-user setting on a control-plane document that does not validate."""
 
     code = "bad_setting"
+
+
+class ForeignRecordError(WabridgeError):
+    """A control-plane write whose record belongs to another user. Never carried out: the
+    worker's frame is answered with this code (and its ``seq``), so it is not re-sent."""
+
+    code = "not_your_record"
