@@ -26,7 +26,7 @@ from controller import admin  # wabridgectl's admin socket
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
 from controller.plane import ControlPlane, Removed, SessionDoc, error_field
-from controller.server import WorkerServer
+from controller.server import WorkerServer, limit_accept_errors
 from controller.systemd import (
     EXIT_REPORTS,
     Systemd,
@@ -487,6 +487,7 @@ class Controller:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        limit_accept_errors(loop)  # descriptor exhaustion must not flood the journal
         await self.systemd.open()
         self.systemd.subscribe(self.on_unit)
         # --- admin socket for wabridgectl (controller/admin.py) ---------------------------

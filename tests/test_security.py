@@ -90,11 +90,17 @@ def _frames(out: str) -> list[Any]:
             for line in out.splitlines() if line.strip()]
 
 
-def _assert_refused(frames: list[Any], claimed: str) -> None:
+def _assert_refused(frames: list[Any], claimed: str | None) -> None:
+    """One ``not_your_unit`` frame, then the connection closed. ``claimed`` is the user the
+    message names; None for a process in no worker unit, refused before its hello is read."""
     assert frames, "no answer from the controller"
     first = frames[0]
     assert isinstance(first, dict) and first["type"] == "error", frames
-    assert first["code"] == "not_your_unit" and claimed in first["message"], first
+    assert first["code"] == "not_your_unit", first
+    if claimed is None:
+        assert "is not a wabridge worker" in first["message"], first
+    else:
+        assert claimed in first["message"], first
     assert frames[1:] == ["EOF"], f"the connection must be closed after a refusal: {frames}"
 
 
@@ -110,14 +116,14 @@ def _unharmed(fleet: Fleet, user: str) -> None:
 def test_a_transient_unit_cannot_speak_for_a_user(fleet: Fleet) -> None:
     r = fleet.ns.run(["systemd-run", "--wait", "--pipe", "--quiet", "--collect",
                       "/usr/bin/python3", "-c", PROBE, SOCKET, "alice"], timeout=60)
-    _assert_refused(_frames(r.stdout), "alice")
+    _assert_refused(_frames(r.stdout), None)
     _unharmed(fleet, "alice")
-    assert "link.refused" in fleet.journal(CTL)
+    assert "link.peer_refused" in fleet.journal(CTL)
 
 
 def test_a_process_in_no_unit_cannot_speak_for_a_user(fleet: Fleet) -> None:
     r = fleet.ns.run(["/usr/bin/python3", "-c", PROBE, SOCKET, "alice"])
-    _assert_refused(_frames(r.stdout), "alice")
+    _assert_refused(_frames(r.stdout), None)
     _unharmed(fleet, "alice")
 
 
@@ -168,6 +174,78 @@ def _child_of(pid: int) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
+
+
+# --- a flood of idle connections (issue 19) ------------------------------------------------
+
+# Run as root inside the namespace: raises its own descriptor limit, becomes nobody, opens
+# argv[2] connections to argv[1] (retrying while the listen backlog is full, for at most
+# 15 s), prints how many it made and holds them until stdin closes.
+FLOOD = r"""
+import os, resource, socket, sys, time
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+held, deadline = [], time.monotonic() + 15
+while len(held) < int(sys.argv[2]) and time.monotonic() < deadline:
+    s = socket.socket(socket.AF_UNIX)
+    s.setblocking(False)
+    try:
+        s.connect(sys.argv[1])
+    except BlockingIOError:  # the backlog is full: the controller is not accepting
+        s.close()
+        time.sleep(0.005)
+        continue
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.readline()
+"""
+
+# Times one admin round trip (what `wabridgectl status` waits for), in seconds.
+ADMIN_STATUS = r"""
+import json, socket, time
+start = time.monotonic()
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect("/run/wabridge/admin.sock")
+s.sendall(b'{"op": "status"}\n')
+answer = json.loads(s.makefile("rb").readline())
+assert answer["ok"], answer
+print(time.monotonic() - start)
+"""
+
+
+def test_idle_connections_of_a_local_user_do_not_lock_up_the_controller(fleet: Fleet) -> None:
+    """2,000 idle connections from uid nobody (the socket is 0666): the controller still
+    answers wabridgectl within 1 s, a restarted worker links again and answers, and the
+    journal is not flooded."""
+    flood = subprocess.Popen(
+        ["nsenter", "-t", str(fleet.ns.pid), "-a", "/usr/bin/python3", "-c", FLOOD, SOCKET,
+         "2000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert flood.stdout is not None
+        made = flood.stdout.readline().strip()
+        took = float(fleet.ns.run(["/usr/bin/python3", "-c", ADMIN_STATUS], check=True,
+                                  timeout=30).stdout)
+        assert took < 1.0, f"wabridgectl's request took {took:.2f} s"
+        linked = fleet.journal(CTL).count("link.worker_connected")
+        fleet.systemctl("restart", fleet.unit("alice"))
+        wait_until(lambda: fleet.journal(CTL).count("link.worker_connected") > linked, 30,
+                   "alice's restarted worker to link", lambda: fleet.journal(CTL)[-3000:])
+        fleet.wait_doc("alice", lambda d: d.get("status") == "connected", 60, "connected")
+        assert "echo: after the flood" in fleet.ask("5511977770301", ALICE,
+                                                    "after the flood")["text"]
+        took = float(fleet.ns.run(["/usr/bin/python3", "-c", ADMIN_STATUS], check=True,
+                                  timeout=30).stdout)
+        assert took < 1.0, f"wabridgectl's request took {took:.2f} s"
+    finally:
+        if flood.poll() is None:
+            flood.communicate("", timeout=30)
+    assert made == "2000", f"the controller accepted {made} of 2,000 connections"
+    journal = fleet.journal(CTL)
+    assert "out of system resource" not in journal and "accept_failed" not in journal
+    assert journal.count("link.peer_refused") <= 10, "refusals must be rate-limited"
 
 
 # --- Claude: tools off, inside the worker -------------------------------------------------
