@@ -46,7 +46,7 @@ SOCKET = "/run/wabridge/controller.sock"
 # Regression guards for `systemd-analyze security` (0 = fully locked down, 10 = exposed).
 # Measured 2026-11-25 with systemd 252: worker 1.1 OK, controller 2.1 OK (bench/results/
 # chaos-*.json records them on every chaos run).
-MAX_EXPOSURE = {"worker": 1.5, "controller": 2.5}
+MAX_EXPOSURE = {"worker": 1.1, "controller": 2.5}
 
 # Connects to the controller socket, says hello as argv[1], prints every line it gets back
 # (as JSON) and "EOF" when the controller closes the connection.
@@ -384,6 +384,22 @@ def test_alices_sandbox_sees_nothing_of_bob(fleet: Fleet) -> None:
         if r.returncode == 0:
             leaked.append((path, r.stdout[:40]))
     assert not leaked, f"alice's worker can read: {leaked}"
+
+
+def _in_sandbox_of(fleet: Fleet, user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run argv in ``user``'s worker's namespaces as its UID."""
+    pid = int(fleet.prop(fleet.unit(user), "MainPID"))
+    return _in_alices_sandbox(fleet, pid, fleet.uid_of(user), *argv)
+
+
+def test_each_worker_has_its_own_dev_shm(fleet: Fleet) -> None:
+    name = f"/dev/shm/alice-{secrets.token_hex(4)}"
+    wrote = _in_sandbox_of(fleet, "alice", "sh", "-c", f"echo secret > {name} && cat {name}")
+    assert wrote.returncode == 0 and wrote.stdout.strip() == "secret", wrote  # it works
+    seen = _in_sandbox_of(fleet, "bob", "ls", "-a", "/dev/shm")
+    assert seen.returncode == 0, seen
+    assert name.rsplit("/", 1)[1] not in seen.stdout, f"bob sees alice's {name}"
+    assert not (fleet.ns.root / name.lstrip("/")).exists(), "alice's file is on the host's"
 
 
 def test_workers_cannot_read_the_controllers_secrets(fleet: Fleet) -> None:
