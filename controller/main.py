@@ -32,11 +32,12 @@ from controller.systemd import (
     Systemd,
     SystemdError,
     UnitState,
+    api_key_file,
     read_exit_report,
     worker_dropin,
 )
 from wabridge import config, logs, protocol
-from wabridge.errors import ConfigError, ExitCode, WabridgeError
+from wabridge.errors import ConfigError, ExitCode, PolicyError, WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus, doc_status_for
 from wabridge.units import system_user_name, worker_unit
 
@@ -242,9 +243,10 @@ class Controller:
                         # a state change is coming (see plan_unit); states delivered from
                         # now on were read after the job was queued (one FIFO D-Bus thread)
                         self.start_mark[uid] = self.unit_events[uid]
-                except SystemdError as exc:
+                except (SystemdError, PolicyError) as exc:
+                    code = exc.code if isinstance(exc, PolicyError) else "start_failed"
                     await self.plane.update(uid, {"status": DocStatus.ERROR.value,
-                                                  "error": error_field("start_failed", str(exc))})
+                                                  "error": error_field(code, str(exc))})
                     return False
                 log.info("unit.start", user_id=uid, unit=unit)
                 await self.plane.update(uid, {"error": None})
@@ -325,7 +327,9 @@ class Controller:
         return ok
 
     def dropin_for(self, user_id: str) -> str:
-        return worker_dropin(system_user_name(user_id), worker_limits(self.cfg))
+        doc = self.docs.get(user_id)
+        key = api_key_file(doc.settings if doc is not None else {})  # PolicyError if bad
+        return worker_dropin(system_user_name(user_id), worker_limits(self.cfg), key)
 
     async def write_process(self, state: UnitState, *, force: bool = False) -> None:
         """The document's ``process`` field: on every change of PID/state/restarts, else at

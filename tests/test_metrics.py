@@ -11,11 +11,13 @@ from agent.main import test_fault as fault_of
 from controller.metrics import FleetSnapshot, WorkerFigures, escape_label, render
 from controller.systemd import (
     UnitState,
+    api_key_file,
     proc_cpu_nsec,
     read_exit_report,
     with_exit_report,
     worker_dropin,
 )
+from wabridge.errors import PolicyError
 
 ALICE = WorkerFigures(
     user_id="alice", unit_state="active", restarts=2, memory_bytes=50_000_000,
@@ -128,6 +130,32 @@ def test_worker_dropin() -> None:
                                                   "TasksMax": "256", "CPUQuota": "100%"})
     assert text.splitlines()[1:] == ["[Service]", "User=wab-alice-2bd806c97f", "MemoryMax=1G",
                                      "TasksMax=256", "CPUQuota=100%"]
+
+
+def test_worker_dropin_hands_the_users_own_key_as_a_credential() -> None:
+    text = worker_dropin("wab-alice-2bd806c97f", {}, Path("/etc/wabridge/keys/alice"))
+    assert text.splitlines()[-1] == (
+        "LoadCredential=anthropic-api-key:/etc/wabridge/keys/alice")
+
+
+@pytest.mark.parametrize(("ref", "problem"), [
+    (None, None), ("", None), ("alice", None), ("team.a-1_b", None),
+    ("../worker.env", "is not a key name"), ("a/b", "is not a key name"),
+    (".hidden", "is not a key name"), (7, "is not a key name"), ("x" * 65, "is not a key name"),
+    ("missing", "no key file"),
+])
+def test_api_key_file(tmp_path: Path, ref: object, problem: str | None) -> None:
+    for name in ("alice", "team.a-1_b"):
+        (tmp_path / name).write_text("sk-ant-x\n")
+    settings = {} if ref is None else {"apiKeyRef": ref}
+    if problem is None:
+        got = api_key_file(settings, tmp_path)
+        assert got == (tmp_path / str(ref) if ref else None)
+    else:
+        with pytest.raises(PolicyError) as info:
+            api_key_file(settings, tmp_path)
+        assert info.value.code == "bad_setting" and problem in str(info.value)
+        assert "apiKeyRef" in str(info.value)
 
 
 def test_proc_cpu_nsec(tmp_path: Path) -> None:

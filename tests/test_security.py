@@ -41,6 +41,8 @@ pytestmark = [
 ]
 
 ALICE, BOB = "5511900000201", "5511900000202"
+ALICE_KEY = f"sk-ant-alice-{secrets.token_hex(8)}"  # alice's own key (settings.apiKeyRef)
+SHARED_KEY = "test-key"  # worker.env's ANTHROPIC_API_KEY (tests/fleet.py)
 CTL = "wabridge-controller.service"
 SOCKET = "/run/wabridge/controller.sock"
 # Regression guards for `systemd-analyze security` (0 = fully locked down, 10 = exposed).
@@ -78,6 +80,12 @@ def fleet(firestore_emulator: str) -> Iterator[Fleet]:
         config={"conversation": {"debounce": 0.0, "max_batch": 1},
                 "limits": {"inbound_per_minute": 0.0, "daily_budget_usd": 0.0}},
     ) as f:
+        # systemd makes / shared at boot, except in a container (the harness): the credential
+        # ramfs of a unit is mounted in a child namespace and must propagate back
+        f.ns.run(["mount", "--make-rshared", "/"], check=True)
+        f.ns.write_file("/etc/wabridge/keys/alice", ALICE_KEY + "\n", 0o600)
+        f.db.collection("user_sessions").document("alice").set(
+            {"settings": {"apiKeyRef": "alice"}})
         f.db.collection("user_sessions").document("bob").set(
             {"settings": {"commands_from": "everyone"}})
         f.link("alice", ALICE)
@@ -419,6 +427,45 @@ def test_workers_cannot_read_the_controllers_secrets(fleet: Fleet) -> None:
                                "s.connect('/run/wabridge/admin.sock')")
     assert admin.returncode != 0, "a worker could connect to the admin socket"
     assert "PermissionError" in admin.stderr or "FileNotFoundError" in admin.stderr, admin.stderr
+
+
+def test_a_users_own_api_key_goes_to_the_api_and_to_no_other_worker(fleet: Fleet) -> None:
+    nonce = secrets.token_hex(3)
+    before = len(fleet.api.message_requests())
+    fleet.ask("5511977770401", ALICE, f"alice's key {nonce}")
+    fleet.ask("5511977770402", BOB, f"bob's key {nonce}")
+    keys: dict[str, set[str]] = {"alice": set(), "bob": set()}
+    for req in fleet.api.message_requests()[before:]:
+        text = " ".join(fleet.api.all_texts(req))
+        for user, seen in keys.items():
+            if f"{user}'s key {nonce}" in text:
+                seen.add(req.headers.get("x-api-key", ""))
+    assert keys == {"alice": {ALICE_KEY}, "bob": {SHARED_KEY}}, keys
+    # alice's worker has it (positive control); nobody else can read it
+    credential = f"/run/credentials/{fleet.unit('alice')}/anthropic-api-key"
+    own = _in_sandbox_of(fleet, "alice", "cat", credential)
+    assert own.stdout.strip() == ALICE_KEY, own
+    for path in (credential, "/etc/wabridge/keys/alice", "/etc/wabridge/keys"):
+        r = _in_sandbox_of(fleet, "bob", "cat", path)
+        assert r.returncode != 0 and ALICE_KEY not in r.stdout, (path, r.stdout[:80])
+    alices = fleet.unit("alice")
+    others = [p for p in fleet.processes() if not p["cgroup"].endswith("/" + alices)]
+    assert any(fleet.unit("bob") in p["cgroup"] for p in others)
+    for p in others:
+        environ = fleet.ns.root / f"proc/{p['pid']}/environ"
+        try:
+            assert ALICE_KEY.encode() not in environ.read_bytes(), p
+        except FileNotFoundError:
+            continue  # gone meanwhile
+    dropin = fleet.ns.root / f"run/systemd/system/{alices}.d/50-wabridge.conf"
+    assert ALICE_KEY not in dropin.read_text()  # a path to the key, never the key
+
+
+def test_a_bad_api_key_ref_is_reported_and_starts_nothing(fleet: Fleet) -> None:
+    fleet.request("carol", "create_requested", settings={"apiKeyRef": "../worker.env"})
+    doc = fleet.wait_doc("carol", lambda d: d.get("status") == "error", 30, "status error")
+    assert doc["error"]["code"] == "bad_setting" and "apiKeyRef" in doc["error"]["message"]
+    assert fleet.prop(fleet.unit("carol"), "ActiveState") == "inactive"
 
 
 # --- systemd-analyze security ---------------------------------------------------------------
