@@ -33,7 +33,7 @@ from typing import Any
 
 from wabridge import logs, protocol
 from wabridge.errors import ForeignRecordError, ProtocolError
-from wabridge.units import user_of_unit
+from wabridge.units import DYNAMIC_UIDS, user_of_unit
 
 log = logs.get("controller.server")
 
@@ -42,9 +42,6 @@ FrameHandler = Callable[[str, protocol.SequencedFrame], Awaitable[None]]
 SettingsFor = Callable[[str], Awaitable[dict[str, Any]]]
 
 
-# systemd's range for DynamicUser= UIDs (DYNAMIC_UID_MIN..DYNAMIC_UID_MAX, 0xef00..0xffef):
-# every worker runs as one of these.
-DYNAMIC_UIDS = range(61184, 65520)
 HELLO_TIMEOUT = 5.0  # seconds from accept to hello
 MAX_PENDING_PER_UID = 4  # connections of one UID not yet past hello
 MAX_PENDING = 64  # connections of all UIDs not yet past hello

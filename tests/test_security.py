@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from fleet import Fleet, wait_until
+from harness.net import free_port
 from harness.systemd_ns import available
 
 from agent import commands
@@ -43,6 +44,7 @@ pytestmark = [
 ALICE, BOB = "5511900000201", "5511900000202"
 ALICE_KEY = f"sk-ant-alice-{secrets.token_hex(8)}"  # alice's own key (settings.apiKeyRef)
 SHARED_KEY = "test-key"  # worker.env's ANTHROPIC_API_KEY (tests/fleet.py)
+METRICS_PORT = free_port()
 CTL = "wabridge-controller.service"
 SOCKET = "/run/wabridge/controller.sock"
 # Regression guards for `systemd-analyze security` (0 = fully locked down, 10 = exposed).
@@ -77,7 +79,8 @@ def fleet(firestore_emulator: str) -> Iterator[Fleet]:
         plane="firestore",
         emulator_host=firestore_emulator,
         # one message per turn, no rate limit or budget in the way
-        config={"conversation": {"debounce": 0.0, "max_batch": 1},
+        config={"controller": {"metrics_listen": f"127.0.0.1:{METRICS_PORT}"},
+                "conversation": {"debounce": 0.0, "max_batch": 1},
                 "limits": {"inbound_per_minute": 0.0, "daily_budget_usd": 0.0}},
     ) as f:
         # systemd makes / shared at boot, except in a container (the harness): the credential
@@ -427,6 +430,31 @@ def test_workers_cannot_read_the_controllers_secrets(fleet: Fleet) -> None:
                                "s.connect('/run/wabridge/admin.sock')")
     assert admin.returncode != 0, "a worker could connect to the admin socket"
     assert "PermissionError" in admin.stderr or "FileNotFoundError" in admin.stderr, admin.stderr
+
+
+# GETs argv[1]; prints the HTTP status, then the body.
+SCRAPE = r"""
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+        print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"""
+
+
+def test_a_worker_cannot_read_the_fleets_metrics(fleet: Fleet) -> None:
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    fleet.wait_doc("bob", lambda d: d.get("status") == "connected", 60, "connected")
+    for who in ([], ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]):
+        scraper = fleet.ns.run([*who, "/usr/bin/python3", "-c", SCRAPE, url], check=True)
+        assert scraper.stdout.startswith("200\n") and 'user="bob"' in scraper.stdout, (
+            who, scraper.stdout[:300])
+    worker = _in_sandbox_of(fleet, "alice", "/usr/bin/python3", "-c", SCRAPE, url)
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stdout.startswith("403\n"), worker.stdout[:300]
+    assert "bob" not in worker.stdout
+    assert "metrics.refused" in fleet.journal(CTL)
 
 
 def test_a_users_own_api_key_goes_to_the_api_and_to_no_other_worker(fleet: Fleet) -> None:
