@@ -12,7 +12,9 @@ Layout (same names in both backends, after the seed's collections):
   ({pid, state, restarts, memoryBytes, cpuSeconds, since}), ``settings`` (per-user policy),
   ``updatedAt``.
 - ``summaries/{userId}__{chatId}__v{n}``: a chat's conversation summaries, one per context
-  rotation (userId, chatId, number, text, createdAt).
+  rotation (userId, chatId, number, text, createdAt). In composite ids each part has ``%``,
+  ``/`` and ``_`` percent-encoded, so ids are injective (``controller.local.message_doc_id``);
+  a write never replaces a record whose ``userId`` is another user's (``ForeignRecordError``).
 - ``sessions/{userId}``: WhatsApp session facts (jid, phone, pushName, connectedAt).
 - ``messages/{userId}__{eventId}``: processed messages (userId, chatId, direction, sender,
   text, ts), written idempotently: re-sending a frame rewrites the same document.
