@@ -60,7 +60,10 @@ s = socket.socket(socket.AF_UNIX)
 s.settimeout(10)
 s.connect(sys.argv[1])
 hello = {"v": 1, "type": "hello", "user_id": sys.argv[2], "pid": os.getpid(), "version": "probe"}
-s.sendall(json.dumps(hello).encode() + b"\n")
+try:
+    s.sendall(json.dumps(hello).encode() + b"\n")
+except OSError:
+    pass  # refused (and closed) before the hello was read: the answer is still to be read
 f = s.makefile("rb")
 print(f.readline().decode().strip(), flush=True)
 state = {"v": 1, "type": "state", "seq": 1, "state": "connected", "detail": "probe"}
@@ -239,6 +242,7 @@ def test_idle_connections_of_a_local_user_do_not_lock_up_the_controller(fleet: F
         made = flood.stdout.readline().strip()
         took = float(fleet.ns.run(["/usr/bin/python3", "-c", ADMIN_STATUS], check=True,
                                   timeout=30).stdout)
+        print(f"admin round trip under the flood: {took:.3f} s")
         assert took < 1.0, f"wabridgectl's request took {took:.2f} s"
         linked = fleet.journal(CTL).count("link.worker_connected")
         fleet.systemctl("restart", fleet.unit("alice"))
