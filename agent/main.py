@@ -101,6 +101,9 @@ def claude_settings(cfg: config.Config) -> ClaudeSettings:
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"):
         if os.environ.get(name):
             env[name] = os.environ[name]
+    own_key = claude_cli.credential_api_key()  # the user's own key (settings.apiKeyRef)
+    if own_key:
+        env["ANTHROPIC_API_KEY"] = own_key
     return ClaudeSettings(
         cli_path=Path(cfg.claude.cli_path) if cfg.claude.cli_path else default_cli_path(),
         model=cfg.claude.model or None,

@@ -90,7 +90,7 @@ from controller.plane import (
 )
 from wabridge import logs
 from wabridge.config import FirebaseConfig
-from wabridge.errors import ConfigError, WabridgeError
+from wabridge.errors import ConfigError, ForeignRecordError, WabridgeError
 from wabridge.protocol import MessageEvent
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
@@ -166,6 +166,8 @@ def map_error(exc: BaseException) -> PlaneError | None:
         seen.add(id(current))
         if isinstance(current, PlaneError):
             return current
+        if isinstance(current, WabridgeError):  # ours already (ForeignRecordError)
+            return None
         if isinstance(current, _UNAVAILABLE):
             return PlaneUnavailable(
                 f"Firestore unavailable: {current}",
@@ -574,10 +576,34 @@ class FirestorePlane(ControlPlane):
         ref = self._col.document(check_doc_id(user_id))
         await self._call(ref.delete, **self._rpc())
 
+    def _put_owned(self, ref: Any, user_id: str, fields: Mapping[str, Any]) -> None:
+        """Write a record of ``user_id`` (messages, summaries), never one of another user.
+
+        Ids are injective (``message_doc_id``), so a foreign owner only appears under data
+        written before they were, or written by hand; it is refused all the same. The usual
+        path is one ``create``; a re-sent record is read, checked and rewritten with the read's
+        update time as a precondition (a concurrent change fails instead of being replaced).
+        Runs in a worker thread (``_call``)."""
+        try:
+            ref.create(dict(fields), **self._rpc())
+        except api_exceptions.AlreadyExists:
+            snap = ref.get(**self._rpc())
+            owner = (snap.to_dict() or {}).get("userId") if snap.exists else user_id
+            if owner != user_id:
+                raise ForeignRecordError(
+                    f"{ref.parent.id}/{ref.id} belongs to user {owner!r}, not {user_id!r}",
+                    explanation="the record was kept; this write was refused") from None
+            option = (self._client.write_option(last_update_time=snap.update_time)
+                      if snap.exists else None)
+            if option is None:
+                ref.set(dict(fields), **self._rpc())
+            else:
+                ref.update(dict(fields), option=option, **self._rpc())
+
     async def add_message(self, user_id: str, event: MessageEvent) -> None:
         check_doc_id(user_id)
         ref = self._client.collection(MESSAGES).document(message_doc_id(user_id, event.event_id))
-        await self._call(ref.set, message_fields(user_id, event), **self._rpc())
+        await self._call(self._put_owned, ref, user_id, message_fields(user_id, event))
 
     async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
         ref = self._client.collection(SESSIONS).document(check_doc_id(user_id))
@@ -587,7 +613,8 @@ class FirestorePlane(ControlPlane):
         check_doc_id(user_id)
         ref = self._client.collection(SUMMARIES).document(
             summary_doc_id(user_id, chat_id, number))
-        await self._call(ref.set, summary_fields(user_id, chat_id, number, text), **self._rpc())
+        await self._call(self._put_owned, ref, user_id,
+                         summary_fields(user_id, chat_id, number, text))
 
     async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:

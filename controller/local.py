@@ -8,8 +8,10 @@ file (``controller.local_db``), so everything that Firestore gives for free is b
   queue instead of failing, and ``BEGIN IMMEDIATE`` for every read-then-write (merge, claim),
   which takes the write lock before reading, so two processes can never both win a claim.
 - Documents: ``user_sessions`` and ``sessions`` hold one JSON object per user id (the same
-  field names as the Firestore documents); ``messages`` holds the message documents, keyed by
-  the same ``{userId}__{eventId}`` id as in Firestore.
+  field names as the Firestore documents); ``messages`` and ``summaries`` are keyed by the
+  pair ``(user_id, event_id)`` / the triple ``(user_id, chat_id, number)``, so a write can
+  only ever reach the speaking user's own row (schema 3; before it they were keyed by a
+  ``{userId}__{eventId}`` string, which two users could share: see ``message_doc_id``).
 - Semantics identical to ``FirestorePlane``: ``update``/``put_session_info`` behave like
   Firestore's ``set(..., merge=True)`` (nested maps merge key by key, an empty map or any
   other value replaces, a top-level ``None`` deletes the field, a nested ``None`` is stored as
@@ -51,10 +53,8 @@ from controller.plane import (
     SessionDoc,
     check_doc_id,
     merge_fields,
-    message_doc_id,
     message_fields,
     parse_session,
-    summary_doc_id,
     summary_fields,
 )
 from wabridge import logs
@@ -122,6 +122,36 @@ def _summaries(db: sqlite3.Connection) -> None:
         "CREATE TABLE summaries (doc_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
         "chat_id TEXT NOT NULL, number INTEGER NOT NULL, fields TEXT NOT NULL)"
     )
+
+
+@_migration(3)
+def _keyed_by_user(db: sqlite3.Connection) -> None:
+    # Schema 1-2 keyed messages and summaries by "{user}__{event}" strings, which collide
+    # when user ids contain "_" (user "alice" + event "_in:X" was user "alice_" + "in:X").
+    # Key them by the pair instead. Rows already overwritten by such a collision carry the
+    # last writer in both user_id and fields, so copying keeps every row as it stands.
+    db.execute(
+        "CREATE TABLE messages_v3 (user_id TEXT NOT NULL, event_id TEXT NOT NULL, "
+        "ts REAL NOT NULL, fields TEXT NOT NULL, PRIMARY KEY (user_id, event_id))"
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO messages_v3 (user_id, event_id, ts, fields) "
+        "SELECT user_id, COALESCE(json_extract(fields, '$.eventId'), doc_id), ts, fields "
+        "FROM messages"
+    )
+    db.execute("DROP TABLE messages")
+    db.execute("ALTER TABLE messages_v3 RENAME TO messages")
+    db.execute("CREATE INDEX messages_by_user_ts ON messages (user_id, ts)")
+    db.execute(
+        "CREATE TABLE summaries_v3 (user_id TEXT NOT NULL, chat_id TEXT NOT NULL, "
+        "number INTEGER NOT NULL, fields TEXT NOT NULL, PRIMARY KEY (user_id, chat_id, number))"
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO summaries_v3 (user_id, chat_id, number, fields) "
+        "SELECT user_id, chat_id, number, fields FROM summaries"
+    )
+    db.execute("DROP TABLE summaries")
+    db.execute("ALTER TABLE summaries_v3 RENAME TO summaries")
 
 
 SCHEMA_VERSION = max(_MIGRATIONS)
@@ -373,7 +403,7 @@ class LocalPlane(ControlPlane):
         def read() -> list[dict[str, Any]]:
             rows = self._db.execute(
                 "SELECT fields FROM messages WHERE user_id = ? "
-                "ORDER BY ts DESC, doc_id DESC LIMIT ?",
+                "ORDER BY ts DESC, event_id DESC LIMIT ?",
                 (user_id, limit),
             ).fetchall()
             return [_loads(text) for (text,) in reversed(rows)]
@@ -417,14 +447,15 @@ class LocalPlane(ControlPlane):
 
     async def add_message(self, user_id: str, event: MessageEvent) -> None:
         fields = message_fields(check_doc_id(user_id), event)
-        doc_id = message_doc_id(user_id, event.event_id)
 
         def put() -> None:
+            # keyed by (user_id, event_id): a re-sent frame rewrites the user's own row and
+            # can reach no other user's
             self._db.execute(
-                "INSERT INTO messages (doc_id, user_id, ts, fields) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (doc_id) DO UPDATE SET user_id = excluded.user_id, "
+                "INSERT INTO messages (user_id, event_id, ts, fields) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id, event_id) DO UPDATE SET "
                 "ts = excluded.ts, fields = excluded.fields",
-                (doc_id, user_id, float(event.ts), _dumps(fields)),
+                (user_id, event.event_id, float(event.ts), _dumps(fields)),
             )
 
         await self._run(put)
@@ -437,10 +468,9 @@ class LocalPlane(ControlPlane):
 
         def put() -> None:
             self._db.execute(
-                "INSERT OR REPLACE INTO summaries (doc_id, user_id, chat_id, number, fields) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (summary_doc_id(user_id, chat_id, number), user_id, chat_id, number,
-                 _dumps(fields)),
+                "INSERT INTO summaries (user_id, chat_id, number, fields) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id, chat_id, number) DO UPDATE SET fields = excluded.fields",
+                (user_id, chat_id, number, _dumps(fields)),
             )
 
         await self._run(put)

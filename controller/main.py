@@ -26,12 +26,13 @@ from controller import admin  # wabridgectl's admin socket
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
 from controller.plane import CONTROLLER, WORKER, ControlPlane, Removed, SessionDoc, error_field
-from controller.server import WorkerServer
+from controller.server import WorkerServer, limit_accept_errors
 from controller.systemd import (
     EXIT_REPORTS,
     Systemd,
     SystemdError,
     UnitState,
+    api_key_file,
     read_exit_report,
     worker_dropin,
 )
@@ -401,10 +402,12 @@ class Controller:
         return ok
 
     def dropin_for(self, user_id: str) -> str:
-        """The unit's drop-in for this user; raises ``PolicyError`` for a bad backend."""
+        """The unit's drop-in for this user; raises ``PolicyError`` for a bad backend or a bad
+        ``apiKeyRef``."""
         doc = self.docs.get(user_id)
-        env = rc.worker_environment(doc.settings if doc is not None else {})
-        return worker_dropin(system_user_name(user_id), worker_limits(self.cfg), env)
+        settings = doc.settings if doc is not None else {}
+        return worker_dropin(system_user_name(user_id), worker_limits(self.cfg),
+                             rc.worker_environment(settings), api_key_file(settings))
 
     async def write_process(self, state: UnitState, *, force: bool = False) -> None:
         """The document's ``process`` field: on every change of PID/state/restarts, else at
@@ -568,6 +571,7 @@ class Controller:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        limit_accept_errors(loop)  # descriptor exhaustion must not flood the journal
         await self.systemd.open()
         self.systemd.subscribe(self.on_unit)
         await self.admin.start()  # wabridgectl (controller/admin.py): reads our own view

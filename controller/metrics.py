@@ -5,6 +5,14 @@ states from systemd, the latest ``metrics`` frame of each worker, document statu
 Prometheus text exposition format 0.0.4; it is table-tested in ``tests/test_metrics.py``.
 :class:`MetricsServer` serves it with aiohttp (bind it to 127.0.0.1: the figures name users).
 
+Workers share the host's network, so a worker could connect to the endpoint like any local
+process and read every other user's figures. The server therefore looks up who is on the
+other end of each local connection: the owner UID of the peer's socket in
+``/proc/net/tcp{,6}`` (``tcp_peer_uid``), and refuses a worker's (``worker_uid``: a
+``DynamicUser=`` UID named ``wab-*``, or one whose name cannot be found) with 403. A local
+peer that cannot be found is refused too. (``IPAddressDeny=`` on the worker cannot do this:
+it filters addresses, not ports, and workers must reach 127.0.0.1 for a local simulator.)
+
 Per-user series carry a ``user`` label; ``wabridge_fleet_*`` are the sums over the fleet, so
 a dashboard needs no PromQL for the headline figures. Worker counters (messages, turns,
 tokens) are the worker's own totals from its store and only grow; CPU seconds restart from 0
@@ -13,7 +21,10 @@ with each new process, as counters may.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import pwd
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +33,7 @@ from pathlib import Path
 from aiohttp import web
 
 from wabridge import logs
+from wabridge.units import DYNAMIC_UIDS, SYSTEM_USER_PREFIX
 
 log = logs.get("controller.metrics")
 
@@ -182,6 +194,56 @@ def _sum(values: Iterable[float | int | None]) -> float | None:
     return sum(known) if known else None
 
 
+Address = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+PROC_NET_TCP = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+
+
+def _address(text: str) -> Address:
+    """``0100007F:24E8`` (/proc/net/tcp: 32-bit words in host order, port in hex)."""
+    hex_ip, hex_port = text.split(":")
+    raw = bytes.fromhex(hex_ip)
+    packed = b"".join(struct.pack("=I", struct.unpack(">I", raw[i:i + 4])[0])
+                      for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(packed)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, int(hex_port, 16)
+
+
+def _normal(host: str, port: int) -> Address:
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, port
+
+
+def tcp_peer_uid(tables: Iterable[str], peer: Address, ours: Address) -> int | None:
+    """The UID owning the local socket at ``peer`` connected to ``ours``, from the text of
+    /proc/net/tcp and tcp6; None if no such socket is listed (the peer is on another host)."""
+    for table in tables:
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            try:
+                if _address(fields[1]) == peer and _address(fields[2]) == ours:
+                    return int(fields[7])
+            except ValueError:
+                continue
+    return None
+
+
+def worker_uid(uid: int) -> bool:
+    """Whether ``uid`` may be a wabridge worker's: a ``DynamicUser=`` UID whose name is a
+    worker's, or cannot be found (fail closed)."""
+    if uid not in DYNAMIC_UIDS:
+        return False
+    try:
+        return pwd.getpwuid(uid).pw_name.startswith(SYSTEM_USER_PREFIX)
+    except KeyError:
+        return True
+
+
 def own_rss_bytes(statm: Path = Path("/proc/self/statm")) -> int | None:
     """This process's resident set size."""
     import os  # noqa: PLC0415
@@ -222,8 +284,32 @@ class MetricsServer:
                 self.port = int(sockets[0].getsockname()[1])
         log.info("metrics.listening", host=self.host, port=self.port)
 
+    def _refusal(self, request: web.Request) -> str | None:
+        """Why this connection may not read the figures, or None."""
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not peername or not sockname:
+            return "unknown peer"
+        peer, ours = _normal(*peername[:2]), _normal(*sockname[:2])
+        tables = []
+        for path in PROC_NET_TCP:
+            try:
+                tables.append(path.read_text())
+            except OSError:
+                continue
+        uid = tcp_peer_uid(tables, peer, ours)
+        if uid is None:
+            # not a socket of this host's network namespace: a remote scraper, unless the
+            # address is our own
+            return "unknown local peer" if peer[0].is_loopback else None
+        return f"uid {uid} is a wabridge worker" if worker_uid(uid) else None
+
     async def _handle(self, request: web.Request) -> web.Response:
-        del request
+        refusal = self._refusal(request)
+        if refusal is not None:
+            log.warning("metrics.refused", peer=str(request.remote), reason=refusal)
+            return web.Response(status=403, text="forbidden: workers may not read the "
+                                "fleet's figures\n")
         body = render(self._snapshot())
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 

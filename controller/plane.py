@@ -12,7 +12,9 @@ Layout (same names in both backends, after the seed's collections):
   ({pid, state, restarts, memoryBytes, cpuSeconds, since}), ``settings`` (per-user policy),
   ``updatedAt``.
 - ``summaries/{userId}__{chatId}__v{n}``: a chat's conversation summaries, one per context
-  rotation (userId, chatId, number, text, createdAt).
+  rotation (userId, chatId, number, text, createdAt). In composite ids each part has ``%``,
+  ``/`` and ``_`` percent-encoded, so ids are injective (``controller.local.message_doc_id``);
+  a write never replaces a record whose ``userId`` is another user's (``ForeignRecordError``).
 - ``sessions/{userId}``: WhatsApp session facts (jid, phone, pushName, connectedAt).
 - ``messages/{userId}__{eventId}``: processed messages (userId, chatId, direction, sender,
   text, ts), written idempotently: re-sending a frame rewrites the same document.
@@ -149,13 +151,19 @@ def check_doc_id(user_id: str) -> str:
     return user_id
 
 
+def _id_part(part: str) -> str:
+    """One part of a composite document id: '%', '/' (ids cannot contain it) and '_' (the
+    separator's character) percent-encoded, so the only '_' in a composite id are the
+    separators and the id names exactly one tuple of parts."""
+    return part.replace("%", "%25").replace("/", "%2F").replace("_", "%5F")
+
+
 def message_doc_id(user_id: str, event_id: str) -> str:
-    """``{userId}__{eventId}`` with '%' and '/' percent-encoded (ids cannot contain '/')."""
-
-    def clean(part: str) -> str:
-        return part.replace("%", "%25").replace("/", "%2F")
-
-    return f"{clean(user_id)}__{clean(event_id)}"
+    """``{userId}__{eventId}``, each part encoded by ``_id_part`` (the Firestore id; the local
+    plane keys by the pair). Without encoding '_', user ``alice`` with event ``_in:X`` and
+    user ``alice_`` with event ``in:X`` shared one id: one user could overwrite another's
+    record. Ids of parts without '%', '/' or '_' are unchanged."""
+    return f"{_id_part(user_id)}__{_id_part(event_id)}"
 
 
 def message_fields(user_id: str, event: MessageEvent) -> dict[str, Any]:
@@ -172,7 +180,7 @@ def message_fields(user_id: str, event: MessageEvent) -> dict[str, Any]:
 
 
 def summary_doc_id(user_id: str, chat_id: str, number: int) -> str:
-    """``{userId}__{chatId}__v{number}`` (percent-encoded like message ids)."""
+    """``{userId}__{chatId}__v{number}`` (parts encoded like message ids)."""
     return f"{message_doc_id(user_id, chat_id)}__v{number}"
 
 

@@ -5,6 +5,16 @@ translated into our PID namespace by the kernel), systemd maps it to a unit (``G
 and the unit names the one user this connection may speak for. What ``hello`` claims is only
 checked against that. A malformed frame is answered with an ``error`` frame; the connection
 stays up.
+
+The socket is mode 0666 (workers are dynamic users, with no group in common), so any local
+process can connect; authentication therefore happens at accept time, before anything is
+read (``admit``): a peer whose UID cannot be a worker's (not root, not in systemd's
+``DynamicUser=`` range) is closed at once, without even a D-Bus call; a peer in no worker unit
+gets one ``not_your_unit`` frame and is closed; connections that have not said hello yet are
+bounded per UID and in total, and must say it within ``HELLO_TIMEOUT``. A helloed worker
+replaces its user's previous connection, so a worker holds at most one. Refusals and the
+loop's "accept() out of system resource" are logged at most once per ``LOG_EVERY`` seconds,
+with the count of those left out.
 """
 
 from __future__ import annotations
@@ -16,13 +26,14 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from wabridge import logs, protocol
-from wabridge.errors import ProtocolError
-from wabridge.units import user_of_unit
+from wabridge.errors import ForeignRecordError, ProtocolError
+from wabridge.units import DYNAMIC_UIDS, user_of_unit
 
 log = logs.get("controller.server")
 
@@ -31,11 +42,64 @@ FrameHandler = Callable[[str, protocol.SequencedFrame], Awaitable[None]]
 SettingsFor = Callable[[str], Awaitable[dict[str, Any]]]
 
 
-def peer_pid(writer: asyncio.StreamWriter) -> int:
+HELLO_TIMEOUT = 5.0  # seconds from accept to hello
+MAX_PENDING_PER_UID = 4  # connections of one UID not yet past hello
+MAX_PENDING = 64  # connections of all UIDs not yet past hello
+LOG_EVERY = 10.0  # seconds between two log lines of one kind of refusal
+
+
+def peer_cred(writer: asyncio.StreamWriter) -> tuple[int, int]:
+    """(pid, uid) of the peer, as the kernel recorded them at connect time."""
     sock: socket.socket = writer.get_extra_info("socket")
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", data)
-    return int(pid)
+    pid, uid, _gid = struct.unpack("3i", data)
+    return int(pid), int(uid)
+
+
+def admit(uid: int, pending: Mapping[int, int]) -> str | None:
+    """Why a new connection from ``uid`` is closed before anything is read from it, or None.
+    ``pending`` counts the connections of each UID not yet past hello."""
+    if uid != 0 and uid not in DYNAMIC_UIDS:
+        return "not_a_worker_uid"
+    if pending.get(uid, 0) >= MAX_PENDING_PER_UID:
+        return "too_many_pending_for_uid"
+    if sum(pending.values()) >= MAX_PENDING:
+        return "too_many_pending"
+    return None
+
+
+class Throttled:
+    """Log one event at most once per ``every`` seconds, with how many were left out."""
+
+    def __init__(self, event: str, every: float = LOG_EVERY) -> None:
+        self.event = event
+        self.every = every
+        self._last = -every
+        self._dropped = 0
+
+    def warning(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._dropped += 1
+            return
+        log.warning(self.event, left_out=self._dropped, **fields)
+        self._last = now
+        self._dropped = 0
+
+
+def limit_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs "socket.accept() out of system resource" up to 100 times per loop pass
+    while descriptors are exhausted (and re-arms the listener as often): keep one line per
+    ``LOG_EVERY`` seconds, and pass every other problem to the default handler."""
+    accept_errors = Throttled("controller.accept_failed")
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == "socket.accept() out of system resource":
+            accept_errors.warning(error=repr(context.get("exception")))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _clear_socket_path(socket_path: str) -> Path:
@@ -67,6 +131,8 @@ class WorkerServer:
         self._server: asyncio.Server | None = None
         self.connections: dict[str, asyncio.StreamWriter] = {}
         self.connected_since: dict[str, float] = {}  # user -> monotonic time of the hello
+        self.pending: Counter[int] = Counter()  # uid -> connections not yet past hello
+        self._refused = Throttled("link.peer_refused")
 
     async def start(self) -> None:
         path = _clear_socket_path(self._path)
@@ -93,19 +159,48 @@ class WorkerServer:
         await writer.drain()
         return True
 
-    async def _identify(self, writer: asyncio.StreamWriter) -> str | None:
-        pid = peer_pid(writer)
-        unit = await self._unit_for_pid(pid)
-        return user_of_unit(unit) if unit else None
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        user_id: str | None = None
         try:
-            owner = await self._identify(writer)
-            first = protocol.decode(await reader.readuntil(b"\n"))
+            pid, uid = peer_cred(writer)
+        except OSError:
+            writer.close()
+            return
+        reason = admit(uid, self.pending)
+        if reason is not None:
+            self._refused.warning(reason=reason, uid=uid, pid=pid)
+            writer.close()
+            return
+        self.pending[uid] += 1
+        await self._link(pid, uid, reader, writer)
+
+    def _past_hello(self, uid: int) -> None:
+        self.pending[uid] -= 1
+        if self.pending[uid] <= 0:
+            del self.pending[uid]
+
+    async def _link(self, pid: int, uid: int, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        """Serve one admitted connection (counted in ``pending`` until its hello)."""
+        user_id: str | None = None
+        hello_done = False
+        try:
+            unit = await self._unit_for_pid(pid)
+            owner = user_of_unit(unit) if unit else None
+            if owner is None:
+                # not a worker at all: refused before anything is read
+                self._refused.warning(reason="not_a_worker_unit", uid=uid, pid=pid, unit=unit)
+                writer.write(protocol.encode(protocol.Error(
+                    code="not_your_unit",
+                    message=f"this process ({unit or 'in no unit'}) is not a wabridge worker "
+                            "and may not speak for any user")))
+                return
+            first = protocol.decode(await asyncio.wait_for(reader.readuntil(b"\n"),
+                                                           HELLO_TIMEOUT))
+            hello_done = True
+            self._past_hello(uid)
             if not isinstance(first, protocol.Hello):
                 raise ProtocolError(f"expected hello, got {first.TYPE}")  # noqa: TRY301
-            if owner is None or owner != first.user_id:
+            if owner != first.user_id:
                 log.warning("link.refused", claimed=first.user_id, unit_user=owner)
                 writer.write(protocol.encode(protocol.Error(
                     code="not_your_unit",
@@ -125,6 +220,8 @@ class WorkerServer:
             await self._frames(user_id, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except TimeoutError:
+            self._refused.warning(reason="no_hello", uid=uid, pid=pid, timeout=HELLO_TIMEOUT)
         except ProtocolError as exc:
             with contextlib.suppress(Exception):
                 writer.write(protocol.encode(protocol.Error(code=exc.code, message=str(exc))))
@@ -133,6 +230,8 @@ class WorkerServer:
             # No ack was sent for the frame in hand: the worker keeps it and re-sends it.
             log.exception("link.handler_failed", user_id=user_id, error=repr(exc))
         finally:
+            if not hello_done:
+                self._past_hello(uid)
             if user_id is not None and self.connections.get(user_id) is writer:
                 del self.connections[user_id]
                 log.info("link.worker_disconnected", user_id=user_id)
@@ -160,6 +259,14 @@ class WorkerServer:
                     code="bad_frame", message=f"workers may not send {frame.TYPE} frames")))
                 await writer.drain()
                 continue
-            await self._on_frame(user_id, frame)
+            try:
+                await self._on_frame(user_id, frame)
+            except ForeignRecordError as exc:
+                # refused for good: answered with the frame's seq, so the worker drops it
+                log.warning("link.write_refused", user_id=user_id, error=str(exc))
+                writer.write(protocol.encode(
+                    protocol.Error(code=exc.code, message=str(exc), seq=frame.seq)))
+                await writer.drain()
+                continue
             writer.write(protocol.encode(protocol.Ack(seq=frame.seq)))
             await writer.drain()

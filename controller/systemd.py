@@ -114,7 +114,8 @@ import structlog
 from pystemd import dbusexc
 from pystemd.dbuslib import DBus, DBusAddress, apply_signature, path_decode, path_encode
 
-from wabridge.errors import WabridgeError
+from wabridge import claude_cli
+from wabridge.errors import PolicyError, WabridgeError
 from wabridge.units import WORKER_PREFIX, WORKER_SUFFIX, user_of_unit
 
 log = structlog.get_logger(__name__)
@@ -401,13 +402,18 @@ def with_cpu_fallback(st: UnitState) -> UnitState:
 
 
 def worker_dropin(user_name: str, limits: Mapping[str, str],
-                  environment: Mapping[str, str] | None = None) -> str:
-    """The per-instance drop-in: the user's own dynamic user, the resource limits, and the
-    environment its document asks for (``controller.reconcile.worker_environment``).
+                  environment: Mapping[str, str] | None = None,
+                  api_key: Path | None = None) -> str:
+    """The per-instance drop-in: the user's own dynamic user, the resource limits, the
+    environment its document asks for (``controller.reconcile.worker_environment``), and the
+    user's own Anthropic API key file if they have one (``api_key_file``).
 
     ``limits`` maps unit settings (``MemoryMax``...) to values; empty values are left out, so
     the template's value applies. Environment values must be checked already (no quotes,
-    backslashes or whitespace); ``%`` is escaped (systemd's specifiers).
+    backslashes or whitespace); ``%`` is escaped (systemd's specifiers). The key is handed
+    over as a systemd credential: systemd reads the file (root-only) and puts a copy in this
+    unit's own ``$CREDENTIALS_DIRECTORY``, readable by this unit's user only; it never enters
+    an environment file or a unit file.
     """
     lines = [
         "# Written by wabridge-controller before it starts this unit; rewritten as needed.",
@@ -419,7 +425,30 @@ def worker_dropin(user_name: str, limits: Mapping[str, str],
         if any(c in value for c in '"\\') or any(c.isspace() for c in value):
             raise ValueError(f"{key}: {value!r} cannot be written into a unit file")
         lines.append(f'Environment="{key}={value.replace("%", "%%")}"')
+    if api_key is not None:
+        lines.append(f"LoadCredential={claude_cli.API_KEY_CREDENTIAL}:{api_key}")
     return "\n".join(lines) + "\n"
+
+
+def api_key_file(settings: Mapping[str, Any], keys_dir: Path = claude_cli.API_KEYS_DIR,
+                 ) -> Path | None:
+    """The key file a user's ``settings.apiKeyRef`` names, or None when it names none.
+
+    Raises ``PolicyError`` (``bad_setting``, shown on the document) for a reference that is
+    not a plain file name or whose file is missing: systemd would refuse to start the unit
+    (243/CREDENTIALS) and retry until its start limit."""
+    ref = settings.get("apiKeyRef")
+    if ref is None or ref == "":
+        return None
+    if not isinstance(ref, str) or not claude_cli.API_KEY_REF.fullmatch(ref):
+        raise PolicyError(
+            f"setting 'apiKeyRef': {ref!r} is not a key name",
+            explanation=f"name a file in {keys_dir}: letters, digits, '.', '_', '-'")
+    path = keys_dir / ref
+    if not path.is_file():
+        raise PolicyError(f"setting 'apiKeyRef': no key file {path}",
+                          explanation=f"put the key in {path} (root, mode 0600)")
+    return path
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

@@ -34,7 +34,7 @@ from controller.firestore import (
 from controller.local import SCHEMA_VERSION, LocalPlane
 from controller.plane import Change, ControlPlane, Removed, SessionDoc, message_doc_id
 from wabridge.config import FirebaseConfig
-from wabridge.errors import ConfigError, ExitCode, SchemaTooNew, UserIdError
+from wabridge.errors import ConfigError, ExitCode, ForeignRecordError, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
 from wabridge.status import DocStatus
 
@@ -466,6 +466,41 @@ async def test_summaries_are_versioned_per_chat_and_idempotent(store: Store) -> 
     assert all(s["userId"] == "alice" and s["chatId"] == chat for s in got)
 
 
+async def test_colliding_ids_never_reach_another_users_records(store: Store) -> None:
+    """User ids may contain '_': user ``alice`` writing event ``_in:X`` once wrote user
+    ``alice_``'s message ``in:X`` (both ``alice___in:X``), and likewise for summaries. Each
+    user's records stay their own, and re-sent frames stay idempotent."""
+    plane = store.open()
+    await plane.add_message("alice_", event("in:X", ts=10.0, text="victim's"))
+    await plane.add_summary("alice_", "c__v1", 2, "victim's summary")
+    await plane.add_message("alice", event("_in:X", ts=11.0, text="attacker's"))
+    await plane.add_summary("alice", "_c__v1", 2, "attacker's summary")
+    assert [(m["userId"], m["eventId"], m["text"]) for m in await plane.messages("alice_")] == [
+        ("alice_", "in:X", "victim's")]
+    assert [(m["userId"], m["eventId"], m["text"]) for m in await plane.messages("alice")] == [
+        ("alice", "_in:X", "attacker's")]
+    assert [(s["userId"], s["text"]) for s in await plane.summaries("alice_", "c__v1")] == [
+        ("alice_", "victim's summary")]
+    assert [s["text"] for s in await plane.summaries("alice", "_c__v1")] == [
+        "attacker's summary"]
+    await plane.add_message("alice", event("_in:X", ts=11.0, text="attacker's, again"))
+    assert [m["text"] for m in await plane.messages("alice")] == ["attacker's, again"]
+    assert [m["text"] for m in await plane.messages("alice_")] == ["victim's"]
+
+
+@pytest.mark.parametrize(("parts", "other"), [
+    (("alice", "_in:X"), ("alice_", "in:X")),
+    (("a", "b__c"), ("a__b", "c")),
+    (("a%5F", "x"), ("a_", "x")),
+    (("u", "a/b"), ("u", "a%2Fb")),
+])
+def test_message_doc_ids_are_injective(parts: tuple[str, str], other: tuple[str, str]) -> None:
+    assert message_doc_id(*parts) != message_doc_id(*other)
+    for user, ev in (parts, other):
+        doc_id = message_doc_id(user, ev)
+        assert "/" not in doc_id and doc_id.count("_") == 2, doc_id  # only the separator
+
+
 async def test_user_ids_that_cannot_name_a_document_are_refused(store: Store) -> None:
     plane = store.open()
     for bad in ("", "a/b", "__x__", ".."):
@@ -802,6 +837,64 @@ async def test_local_change_feed_prunes_itself(tmp_path: Path) -> None:
 
 
 def test_message_doc_ids_are_valid_and_distinct() -> None:
-    assert message_doc_id("alice", "in:ABC") == "alice__in:ABC"
+    assert message_doc_id("alice", "in:ABC") == "alice__in:ABC"  # unchanged by the encoding
     assert message_doc_id("a/b", "in:x%y") == "a%2Fb__in:x%25y"
+    assert message_doc_id("alice_", "in:X") == "alice%5F__in:X"
     assert message_doc_id("u", "a/b") != message_doc_id("u", "a%2Fb")
+
+
+@pytest.mark.firestore
+async def test_firestore_never_replaces_a_record_another_user_owns(
+        firestore_emulator: str) -> None:
+    """A message document already under the id a write computes (written before ids were
+    injective, or by hand) but owned by another user is kept; the write is refused with
+    ``not_your_record``."""
+    plane = FirestorePlane(emulator_config(firestore_emulator), deadline=10.0)
+    try:
+        ref = plane._client.collection(firestore_plane.MESSAGES).document(
+            message_doc_id("alice", "in:1"))
+        ref.set({"userId": "alice_", "eventId": "in:1", "text": "victim's", "ts": 1.0})
+        with pytest.raises(ForeignRecordError) as info:
+            await plane.add_message("alice", event("in:1", ts=2.0, text="attacker's"))
+        assert info.value.code == "not_your_record" and "'alice_'" in str(info.value)
+        assert (ref.get().to_dict() or {})["text"] == "victim's"
+        # the owner's own re-sent record is rewritten as before
+        await plane.add_message("bob", event("in:1", ts=3.0, text="bob's"))
+        await plane.add_message("bob", event("in:1", ts=3.0, text="bob's, again"))
+        assert [m["text"] for m in await plane.messages("bob")] == ["bob's, again"]
+    finally:
+        await plane.close()
+
+
+async def test_local_migration_keys_records_by_user(tmp_path: Path) -> None:
+    """A schema-2 file (records keyed by ``{user}__{event}`` strings) keeps every record
+    when it is migrated, and afterwards the formerly colliding pair stays apart."""
+    path = tmp_path / "control.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE schema_version (version INTEGER NOT NULL);"
+        "INSERT INTO schema_version VALUES (2);"
+        "CREATE TABLE user_sessions (user_id TEXT PRIMARY KEY, fields TEXT NOT NULL);"
+        "CREATE TABLE sessions (user_id TEXT PRIMARY KEY, fields TEXT NOT NULL);"
+        "CREATE TABLE messages (doc_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+        "ts REAL NOT NULL, fields TEXT NOT NULL);"
+        "CREATE INDEX messages_by_user_ts ON messages (user_id, ts);"
+        "CREATE TABLE changes (id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL);"
+        "CREATE TABLE summaries (doc_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+        "chat_id TEXT NOT NULL, number INTEGER NOT NULL, fields TEXT NOT NULL);")
+    old = {"userId": "alice_", "eventId": "in:X", "chatId": "c", "direction": "in",
+           "sender": "s", "text": "victim's", "ts": 5.0}
+    db.execute("INSERT INTO messages VALUES ('alice___in:X', 'alice_', 5.0, ?)",
+               (json.dumps(old),))
+    db.execute("INSERT INTO summaries VALUES ('alice___c__v1', 'alice_', 'c', 1, ?)",
+               (json.dumps({"userId": "alice_", "chatId": "c", "number": 1, "text": "t"}),))
+    db.commit()
+    db.close()
+    plane = LocalPlane(path)
+    try:
+        assert await plane.messages("alice_") == [old]
+        assert [s["text"] for s in await plane.summaries("alice_", "c")] == ["t"]
+        await plane.add_message("alice", event("_in:X", ts=6.0, text="attacker's"))
+        assert await plane.messages("alice_") == [old]
+    finally:
+        await plane.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ pytestmark = [
 ]
 
 PHONE = "5511999990042"
+TMPFILES = Path(__file__).resolve().parent.parent / "packaging/tmpfiles.d/wabridge.conf"
 CONTACT = "5511988880042"
 
 
@@ -107,6 +109,22 @@ def test_doctor_in_the_fleet(fleet: Fleet) -> None:
                  "admin_socket"):
         assert checks[name]["status"] == "ok", checks[name]
     assert code == 0
+
+
+def test_an_admin_reads_a_users_logs(fleet: Fleet) -> None:
+    """A member of wabridge-admin who is not root: ``wabridgectl logs`` shows the user's
+    lines once the package's tmpfiles.d ACLs are applied (as postinst and every boot do)."""
+    fleet.ns.write_file("/usr/lib/tmpfiles.d/wabridge.conf", TMPFILES.read_text())
+    for argv in (["groupadd", "--system", "wabridge-admin"],
+                 ["useradd", "--no-create-home", "--groups", "wabridge-admin", "ops"],
+                 ["systemd-tmpfiles", "--create", "wabridge.conf"]):
+        fleet.ns.run(argv, check=True)
+    proc = fleet.ns.run(["setpriv", "--reuid=ops", "--regid=ops", "--init-groups",
+                         "wabridgectl", "logs", "alice", "--lines", "200"], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "insufficient permissions" not in proc.stderr, proc.stderr
+    assert "worker.state" in proc.stdout or "link.worker_connected" in proc.stdout, (
+        proc.stdout[-2000:])
 
 
 def test_restart_and_unlink(fleet: Fleet) -> None:

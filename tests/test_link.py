@@ -24,6 +24,7 @@ import pytest
 
 from agent.link import ControllerLink
 from agent.store import Store
+from controller import server
 from controller.server import WorkerServer
 from wabridge import protocol
 from wabridge.status import WorkerState
@@ -368,3 +369,79 @@ async def test_why_the_link_is_down_is_said_in_an_operators_words(
     assert worker.link.last_error == ("the controller closed the connection "
                                       "(restarting or stopped?)")
     assert "bytes read" not in worker.link.last_error
+
+
+# --- accept-time authentication (issue 19) ----------------------------------------------------
+
+@pytest.mark.parametrize(("uid", "pending", "refused"), [
+    (0, {}, None),  # root: admitted, then identified by its unit
+    (61184, {}, None),  # the first DynamicUser= UID (workers)
+    (65519, {}, None),  # the last one
+    (65534, {}, "not_a_worker_uid"),  # nobody
+    (1000, {}, "not_a_worker_uid"),  # a login user
+    (61183, {}, "not_a_worker_uid"),
+    (65520, {}, "not_a_worker_uid"),
+    (61200, {61200: server.MAX_PENDING_PER_UID}, "too_many_pending_for_uid"),
+    (61200, {61200: server.MAX_PENDING_PER_UID - 1}, None),
+    (61200, {u: 1 for u in range(61300, 61300 + server.MAX_PENDING)}, "too_many_pending"),
+])
+def test_admit(uid: int, pending: dict[int, int], refused: str | None) -> None:
+    assert server.admit(uid, pending) == refused
+
+
+FLOOD = r"""
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(2)
+    try:
+        s.connect(sys.argv[1])
+    except OSError:
+        pass
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.readline()
+"""
+
+
+async def test_an_unprivileged_flood_is_closed_at_accept(controller: Controller,
+                                                         worker: Worker,
+                                                         sock_path: str) -> None:
+    """Connections from a UID no worker runs as are closed before anything is read and cost
+    no unit lookup, so they hold no descriptor of the controller; a worker still links."""
+    await controller.server.start()
+    os.chmod(os.path.dirname(sock_path), 0o755)  # noqa: S103 - nobody must reach the socket
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3", "-c", FLOOD, sock_path, "300",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert int(await asyncio.wait_for(proc.stdout.readline(), 60)) == 300
+        await asyncio.sleep(0.2)
+        assert controller.lookups == []
+        assert not controller.server.pending
+        open_sockets = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                    open_sockets.append(fd)
+        assert len(open_sockets) < 50, len(open_sockets)
+        worker.start()
+        await wait_until(lambda: worker.link.connected)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        await proc.wait()
+
+
+async def test_a_connection_that_never_says_hello_is_closed(
+        controller: Controller, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "HELLO_TIMEOUT", 0.2)
+    await controller.server.start()
+    reader, writer = await asyncio.open_unix_connection(sock_path)
+    await wait_until(lambda: controller.server.pending == {0: 1})
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing said
+    assert not controller.server.pending
+    writer.close()

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 
 import pytest
 
 from agent.main import test_fault as fault_of
-from controller.metrics import FleetSnapshot, WorkerFigures, escape_label, render
+from controller.metrics import (
+    FleetSnapshot,
+    WorkerFigures,
+    escape_label,
+    render,
+    tcp_peer_uid,
+    worker_uid,
+)
 from controller.systemd import (
     UnitState,
+    api_key_file,
     proc_cpu_nsec,
     read_exit_report,
     with_exit_report,
     worker_dropin,
 )
+from wabridge.errors import PolicyError
 
 ALICE = WorkerFigures(
     user_id="alice", unit_state="active", restarts=2, memory_bytes=50_000_000,
@@ -136,6 +146,32 @@ def test_worker_dropin() -> None:
         worker_dropin("u", {}, {"K": 'x"\nUser=root'})
 
 
+def test_worker_dropin_hands_the_users_own_key_as_a_credential() -> None:
+    text = worker_dropin("wab-alice-2bd806c97f", {}, api_key=Path("/etc/wabridge/keys/alice"))
+    assert text.splitlines()[-1] == (
+        "LoadCredential=anthropic-api-key:/etc/wabridge/keys/alice")
+
+
+@pytest.mark.parametrize(("ref", "problem"), [
+    (None, None), ("", None), ("alice", None), ("team.a-1_b", None),
+    ("../worker.env", "is not a key name"), ("a/b", "is not a key name"),
+    (".hidden", "is not a key name"), (7, "is not a key name"), ("x" * 65, "is not a key name"),
+    ("missing", "no key file"),
+])
+def test_api_key_file(tmp_path: Path, ref: object, problem: str | None) -> None:
+    for name in ("alice", "team.a-1_b"):
+        (tmp_path / name).write_text("sk-ant-x\n")
+    settings = {} if ref is None else {"apiKeyRef": ref}
+    if problem is None:
+        got = api_key_file(settings, tmp_path)
+        assert got == (tmp_path / str(ref) if ref else None)
+    else:
+        with pytest.raises(PolicyError) as info:
+            api_key_file(settings, tmp_path)
+        assert info.value.code == "bad_setting" and problem in str(info.value)
+        assert "apiKeyRef" in str(info.value)
+
+
 def test_proc_cpu_nsec(tmp_path: Path) -> None:
     cg = tmp_path / "cg" / "wabridge.slice" / "w.service"
     cg.mkdir(parents=True)
@@ -190,3 +226,40 @@ def test_start_slot_is_given_back_when_the_start_is_over(
 
     state = dataclasses.replace(STATE, active_state=active, sub_state=sub, job_pending=job)
     assert start_settled(state) is settled
+
+
+# /proc/net/tcp and tcp6 as the kernel prints them (columns after the uid cut short)
+_ROW = " {sl}: {local} {remote} 01 00000000:00000000 00:00000000 00000000 {uid} 0 {sl} 1"
+TCP = "\n".join([
+    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid",
+    _ROW.format(sl=0, local="0100007F:24F8", remote="00000000:0000", uid=0),
+    _ROW.format(sl=1, local="0100007F:A0C2", remote="0100007F:24F8", uid=61234),
+    _ROW.format(sl=2, local="0100007F:24F8", remote="0100007F:A0C2", uid=0),
+    _ROW.format(sl=3, local="0100007F:A0C4", remote="0100007F:24F8", uid=107),
+])
+TCP6 = "\n".join([
+    "  sl  local_address                         remote_address                        st",
+    _ROW.format(sl=0, local="0000000000000000FFFF00000100007F:A0C6",
+                remote="0000000000000000FFFF00000100007F:24F8", uid=61300),
+    _ROW.format(sl=1, local="00000000000000000000000001000000:A0C8",
+                remote="00000000000000000000000001000000:24F8", uid=61301),
+])
+
+
+@pytest.mark.parametrize(("peer", "uid"), [
+    (("127.0.0.1", 0xA0C2), 61234),  # a worker's connection to :9464
+    (("127.0.0.1", 0xA0C4), 107),  # a scraper's
+    (("127.0.0.1", 0xA0C6), 61300),  # an IPv4-mapped socket in tcp6
+    (("::1", 0xA0C8), 61301),
+    (("127.0.0.1", 0x9999), None),  # not a local socket
+])
+def test_tcp_peer_uid(peer: tuple[str, int], uid: int | None) -> None:
+    ours_ip = "::1" if ":" in peer[0] else "127.0.0.1"
+    got = tcp_peer_uid([TCP, TCP6], (ipaddress.ip_address(peer[0]), peer[1]),
+                       (ipaddress.ip_address(ours_ip), 0x24F8))
+    assert got == uid
+
+
+def test_worker_uid() -> None:
+    assert not worker_uid(0) and not worker_uid(107) and not worker_uid(65534)
+    assert worker_uid(65519)  # a dynamic UID nobody holds: refused (fail closed)

@@ -151,6 +151,8 @@ def test_installed_files(host: PackagedHost) -> None:
     for doc in ("copyright", "changelog.Debian.gz", "README.md"):
         assert (host.ns.root / "usr/share/doc/wabridge" / doc).exists()
     assert (host.ns.root / "usr/share/man/man1/wabridgectl.1.gz").exists()
+    # the admin group reads the journal (wabridgectl logs; tests/test_ctl_e2e.py)
+    assert (host.ns.root / "usr/lib/tmpfiles.d/wabridge.conf").exists()
     copyright_text = (host.ns.root / "usr/share/doc/wabridge/copyright").read_text()
     assert "Anthropic-proprietary" in copyright_text
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from fleet import Fleet, wait_until
+from harness.net import free_port
 from harness.systemd_ns import available
 
 from agent import commands
@@ -41,12 +42,15 @@ pytestmark = [
 ]
 
 ALICE, BOB = "5511900000201", "5511900000202"
+ALICE_KEY = f"sk-ant-alice-{secrets.token_hex(8)}"  # alice's own key (settings.apiKeyRef)
+SHARED_KEY = "test-key"  # worker.env's ANTHROPIC_API_KEY (tests/fleet.py)
+METRICS_PORT = free_port()
 CTL = "wabridge-controller.service"
 SOCKET = "/run/wabridge/controller.sock"
 # Regression guards for `systemd-analyze security` (0 = fully locked down, 10 = exposed).
 # Measured 2026-11-25 with systemd 252: worker 1.1 OK, controller 2.1 OK (bench/results/
 # chaos-*.json records them on every chaos run).
-MAX_EXPOSURE = {"worker": 1.5, "controller": 2.5}
+MAX_EXPOSURE = {"worker": 1.1, "controller": 2.5}
 
 # Connects to the controller socket, says hello as argv[1], prints every line it gets back
 # (as JSON) and "EOF" when the controller closes the connection.
@@ -56,7 +60,10 @@ s = socket.socket(socket.AF_UNIX)
 s.settimeout(10)
 s.connect(sys.argv[1])
 hello = {"v": 1, "type": "hello", "user_id": sys.argv[2], "pid": os.getpid(), "version": "probe"}
-s.sendall(json.dumps(hello).encode() + b"\n")
+try:
+    s.sendall(json.dumps(hello).encode() + b"\n")
+except OSError:
+    pass  # refused (and closed) before the hello was read: the answer is still to be read
 f = s.makefile("rb")
 print(f.readline().decode().strip(), flush=True)
 state = {"v": 1, "type": "state", "seq": 1, "state": "connected", "detail": "probe"}
@@ -75,9 +82,16 @@ def fleet(firestore_emulator: str) -> Iterator[Fleet]:
         plane="firestore",
         emulator_host=firestore_emulator,
         # one message per turn, no rate limit or budget in the way
-        config={"conversation": {"debounce": 0.0, "max_batch": 1},
+        config={"controller": {"metrics_listen": f"127.0.0.1:{METRICS_PORT}"},
+                "conversation": {"debounce": 0.0, "max_batch": 1},
                 "limits": {"inbound_per_minute": 0.0, "daily_budget_usd": 0.0}},
     ) as f:
+        # systemd makes / shared at boot, except in a container (the harness): the credential
+        # ramfs of a unit is mounted in a child namespace and must propagate back
+        f.ns.run(["mount", "--make-rshared", "/"], check=True)
+        f.ns.write_file("/etc/wabridge/keys/alice", ALICE_KEY + "\n", 0o600)
+        f.db.collection("user_sessions").document("alice").set(
+            {"settings": {"apiKeyRef": "alice"}})
         f.db.collection("user_sessions").document("bob").set(
             {"settings": {"commands_from": "everyone"}})
         f.link("alice", ALICE)
@@ -90,11 +104,17 @@ def _frames(out: str) -> list[Any]:
             for line in out.splitlines() if line.strip()]
 
 
-def _assert_refused(frames: list[Any], claimed: str) -> None:
+def _assert_refused(frames: list[Any], claimed: str | None) -> None:
+    """One ``not_your_unit`` frame, then the connection closed. ``claimed`` is the user the
+    message names; None for a process in no worker unit, refused before its hello is read."""
     assert frames, "no answer from the controller"
     first = frames[0]
     assert isinstance(first, dict) and first["type"] == "error", frames
-    assert first["code"] == "not_your_unit" and claimed in first["message"], first
+    assert first["code"] == "not_your_unit", first
+    if claimed is None:
+        assert "is not a wabridge worker" in first["message"], first
+    else:
+        assert claimed in first["message"], first
     assert frames[1:] == ["EOF"], f"the connection must be closed after a refusal: {frames}"
 
 
@@ -110,14 +130,14 @@ def _unharmed(fleet: Fleet, user: str) -> None:
 def test_a_transient_unit_cannot_speak_for_a_user(fleet: Fleet) -> None:
     r = fleet.ns.run(["systemd-run", "--wait", "--pipe", "--quiet", "--collect",
                       "/usr/bin/python3", "-c", PROBE, SOCKET, "alice"], timeout=60)
-    _assert_refused(_frames(r.stdout), "alice")
+    _assert_refused(_frames(r.stdout), None)
     _unharmed(fleet, "alice")
-    assert "link.refused" in fleet.journal(CTL)
+    assert "link.peer_refused" in fleet.journal(CTL)
 
 
 def test_a_process_in_no_unit_cannot_speak_for_a_user(fleet: Fleet) -> None:
     r = fleet.ns.run(["/usr/bin/python3", "-c", PROBE, SOCKET, "alice"])
-    _assert_refused(_frames(r.stdout), "alice")
+    _assert_refused(_frames(r.stdout), None)
     _unharmed(fleet, "alice")
 
 
@@ -168,6 +188,79 @@ def _child_of(pid: int) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
+
+
+# --- a flood of idle connections (issue 19) ------------------------------------------------
+
+# Run as root inside the namespace: raises its own descriptor limit, becomes nobody, opens
+# argv[2] connections to argv[1] (retrying while the listen backlog is full, for at most
+# 15 s), prints how many it made and holds them until stdin closes.
+FLOOD = r"""
+import os, resource, socket, sys, time
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+held, deadline = [], time.monotonic() + 15
+while len(held) < int(sys.argv[2]) and time.monotonic() < deadline:
+    s = socket.socket(socket.AF_UNIX)
+    s.setblocking(False)
+    try:
+        s.connect(sys.argv[1])
+    except BlockingIOError:  # the backlog is full: the controller is not accepting
+        s.close()
+        time.sleep(0.005)
+        continue
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.readline()
+"""
+
+# Times one admin round trip (what `wabridgectl status` waits for), in seconds.
+ADMIN_STATUS = r"""
+import json, socket, time
+start = time.monotonic()
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect("/run/wabridge/admin.sock")
+s.sendall(b'{"op": "status"}\n')
+answer = json.loads(s.makefile("rb").readline())
+assert answer["ok"], answer
+print(time.monotonic() - start)
+"""
+
+
+def test_idle_connections_of_a_local_user_do_not_lock_up_the_controller(fleet: Fleet) -> None:
+    """2,000 idle connections from uid nobody (the socket is 0666): the controller still
+    answers wabridgectl within 1 s, a restarted worker links again and answers, and the
+    journal is not flooded."""
+    flood = subprocess.Popen(
+        ["nsenter", "-t", str(fleet.ns.pid), "-a", "/usr/bin/python3", "-c", FLOOD, SOCKET,
+         "2000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert flood.stdout is not None
+        made = flood.stdout.readline().strip()
+        took = float(fleet.ns.run(["/usr/bin/python3", "-c", ADMIN_STATUS], check=True,
+                                  timeout=30).stdout)
+        print(f"admin round trip under the flood: {took:.3f} s")
+        assert took < 1.0, f"wabridgectl's request took {took:.2f} s"
+        linked = fleet.journal(CTL).count("link.worker_connected")
+        fleet.systemctl("restart", fleet.unit("alice"))
+        wait_until(lambda: fleet.journal(CTL).count("link.worker_connected") > linked, 30,
+                   "alice's restarted worker to link", lambda: fleet.journal(CTL)[-3000:])
+        fleet.wait_doc("alice", lambda d: d.get("status") == "connected", 60, "connected")
+        assert "echo: after the flood" in fleet.ask("5511977770301", ALICE,
+                                                    "after the flood")["text"]
+        took = float(fleet.ns.run(["/usr/bin/python3", "-c", ADMIN_STATUS], check=True,
+                                  timeout=30).stdout)
+        assert took < 1.0, f"wabridgectl's request took {took:.2f} s"
+    finally:
+        if flood.poll() is None:
+            flood.communicate("", timeout=30)
+    assert made == "2000", f"the controller accepted {made} of 2,000 connections"
+    journal = fleet.journal(CTL)
+    assert "out of system resource" not in journal and "accept_failed" not in journal
+    assert journal.count("link.peer_refused") <= 10, "refusals must be rate-limited"
 
 
 # --- Claude: tools off, inside the worker -------------------------------------------------
@@ -308,6 +401,22 @@ def test_alices_sandbox_sees_nothing_of_bob(fleet: Fleet) -> None:
     assert not leaked, f"alice's worker can read: {leaked}"
 
 
+def _in_sandbox_of(fleet: Fleet, user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run argv in ``user``'s worker's namespaces as its UID."""
+    pid = int(fleet.prop(fleet.unit(user), "MainPID"))
+    return _in_alices_sandbox(fleet, pid, fleet.uid_of(user), *argv)
+
+
+def test_each_worker_has_its_own_dev_shm(fleet: Fleet) -> None:
+    name = f"/dev/shm/alice-{secrets.token_hex(4)}"
+    wrote = _in_sandbox_of(fleet, "alice", "sh", "-c", f"echo secret > {name} && cat {name}")
+    assert wrote.returncode == 0 and wrote.stdout.strip() == "secret", wrote  # it works
+    seen = _in_sandbox_of(fleet, "bob", "ls", "-a", "/dev/shm")
+    assert seen.returncode == 0, seen
+    assert name.rsplit("/", 1)[1] not in seen.stdout, f"bob sees alice's {name}"
+    assert not (fleet.ns.root / name.lstrip("/")).exists(), "alice's file is on the host's"
+
+
 def test_workers_cannot_read_the_controllers_secrets(fleet: Fleet) -> None:
     pid, uid = _alice_pid_and_uid(fleet)
     secret = f"secret-{secrets.token_hex(8)}"
@@ -325,6 +434,70 @@ def test_workers_cannot_read_the_controllers_secrets(fleet: Fleet) -> None:
                                "s.connect('/run/wabridge/admin.sock')")
     assert admin.returncode != 0, "a worker could connect to the admin socket"
     assert "PermissionError" in admin.stderr or "FileNotFoundError" in admin.stderr, admin.stderr
+
+
+# GETs argv[1]; prints the HTTP status, then the body.
+SCRAPE = r"""
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+        print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"""
+
+
+def test_a_worker_cannot_read_the_fleets_metrics(fleet: Fleet) -> None:
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    fleet.wait_doc("bob", lambda d: d.get("status") == "connected", 60, "connected")
+    for who in ([], ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]):
+        scraper = fleet.ns.run([*who, "/usr/bin/python3", "-c", SCRAPE, url], check=True)
+        assert scraper.stdout.startswith("200\n") and 'user="bob"' in scraper.stdout, (
+            who, scraper.stdout[:300])
+    worker = _in_sandbox_of(fleet, "alice", "/usr/bin/python3", "-c", SCRAPE, url)
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stdout.startswith("403\n"), worker.stdout[:300]
+    assert "bob" not in worker.stdout
+    assert "metrics.refused" in fleet.journal(CTL)
+
+
+def test_a_users_own_api_key_goes_to_the_api_and_to_no_other_worker(fleet: Fleet) -> None:
+    nonce = secrets.token_hex(3)
+    before = len(fleet.api.message_requests())
+    fleet.ask("5511977770401", ALICE, f"alice's key {nonce}")
+    fleet.ask("5511977770402", BOB, f"bob's key {nonce}")
+    keys: dict[str, set[str]] = {"alice": set(), "bob": set()}
+    for req in fleet.api.message_requests()[before:]:
+        text = " ".join(fleet.api.all_texts(req))
+        for user, seen in keys.items():
+            if f"{user}'s key {nonce}" in text:
+                seen.add(req.headers.get("x-api-key", ""))
+    assert keys == {"alice": {ALICE_KEY}, "bob": {SHARED_KEY}}, keys
+    # alice's worker has it (positive control); nobody else can read it
+    credential = f"/run/credentials/{fleet.unit('alice')}/anthropic-api-key"
+    own = _in_sandbox_of(fleet, "alice", "cat", credential)
+    assert own.stdout.strip() == ALICE_KEY, own
+    for path in (credential, "/etc/wabridge/keys/alice", "/etc/wabridge/keys"):
+        r = _in_sandbox_of(fleet, "bob", "cat", path)
+        assert r.returncode != 0 and ALICE_KEY not in r.stdout, (path, r.stdout[:80])
+    alices = fleet.unit("alice")
+    others = [p for p in fleet.processes() if not p["cgroup"].endswith("/" + alices)]
+    assert any(fleet.unit("bob") in p["cgroup"] for p in others)
+    for p in others:
+        environ = fleet.ns.root / f"proc/{p['pid']}/environ"
+        try:
+            assert ALICE_KEY.encode() not in environ.read_bytes(), p
+        except FileNotFoundError:
+            continue  # gone meanwhile
+    dropin = fleet.ns.root / f"run/systemd/system/{alices}.d/50-wabridge.conf"
+    assert ALICE_KEY not in dropin.read_text()  # a path to the key, never the key
+
+
+def test_a_bad_api_key_ref_is_reported_and_starts_nothing(fleet: Fleet) -> None:
+    fleet.request("carol", "create_requested", settings={"apiKeyRef": "../worker.env"})
+    doc = fleet.wait_doc("carol", lambda d: d.get("status") == "error", 30, "status error")
+    assert doc["error"]["code"] == "bad_setting" and "apiKeyRef" in doc["error"]["message"]
+    assert fleet.prop(fleet.unit("carol"), "ActiveState") == "inactive"
 
 
 # --- systemd-analyze security ---------------------------------------------------------------

@@ -2,11 +2,18 @@
 
 The worker drives it (``agent/claude.py``); ``wabridgectl check`` runs ``--version`` on it
 (``controller/ctl.py``). Both take the same binary and the same offline settings from here.
+
+A user's own Anthropic API key (``settings.apiKeyRef``) travels from the controller to that
+user's worker only as a systemd credential named ``API_KEY_CREDENTIAL``: the controller puts
+``LoadCredential=`` in the worker's runtime drop-in (``controller/systemd.py``), the worker
+reads it from ``$CREDENTIALS_DIRECTORY`` (``credential_api_key``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -35,3 +42,24 @@ def bundled_cli() -> Path | None:
 def cli_path(configured: str) -> Path | None:
     """``claude.cli_path`` if set, else the bundled CLI (None: neither)."""
     return Path(configured) if configured else bundled_cli()
+
+
+#: The systemd credential that carries a user's own Anthropic API key to their worker.
+API_KEY_CREDENTIAL: Final = "anthropic-api-key"
+#: Where the controller finds the keys ``settings.apiKeyRef`` names (one file per key).
+API_KEYS_DIR: Final = Path("/etc/wabridge/keys")
+#: What ``apiKeyRef`` may be: a plain file name, never a path.
+API_KEY_REF: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def credential_api_key(env: Mapping[str, str] = os.environ) -> str | None:
+    """The user's own API key handed to this process by systemd, or None (then the shared
+    ``ANTHROPIC_API_KEY`` of ``worker.env`` applies, if any)."""
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    try:
+        key = (Path(directory) / API_KEY_CREDENTIAL).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return key or None

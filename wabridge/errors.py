@@ -5,7 +5,8 @@
     ├── UserIdError               a user id that cannot name a unit   (reported on the document)
     ├── ProtocolError             a malformed worker<->controller frame (error frame back)
     ├── PolicyError               a bad per-user setting (shown on the document)
-    └── SchemaTooNew              a database newer than this code     exit 16 (no restart)
+    ├── SchemaTooNew              a database newer than this code     exit 16 (no restart)
+    └── ForeignRecordError        a write that would replace another user's record
 
 Every error carries a stable ``code`` (what scripts and documents match on) and an
 ``explanation`` telling the operator what to do. Foreign exceptions are mapped into this tree
@@ -115,3 +116,10 @@ class SchemaTooNew(WabridgeError):
 
     code = "schema_too_new"
     exit_code = ExitCode.SCHEMA_TOO_NEW
+
+
+class ForeignRecordError(WabridgeError):
+    """A control-plane write whose record belongs to another user. Never carried out: the
+    worker's frame is answered with this code (and its ``seq``), so it is not re-sent."""
+
+    code = "not_your_record"

@@ -28,6 +28,10 @@ MAX_USER_ID = 128
 UNIT_NAME_MAX = 255
 MAX_INSTANCE = UNIT_NAME_MAX - len(WORKER_PREFIX) - len(WORKER_SUFFIX)
 _KEEP = frozenset(string.ascii_letters + string.digits + ":_.")
+#: systemd's range for ``DynamicUser=`` UIDs (DYNAMIC_UID_MIN..DYNAMIC_UID_MAX); every worker
+#: runs as one of these, under a name ``system_user_name`` gives.
+DYNAMIC_UIDS = range(61184, 65520)
+SYSTEM_USER_PREFIX = "wab-"
 
 
 def validate_user_id(user_id: object) -> str:
@@ -130,4 +134,5 @@ def system_user_name(user_id: str) -> str:
     validate_user_id(user_id)
     safe = "".join(c for c in user_id.lower() if c.isascii() and c.isalnum())[:16]
     digest = hashlib.sha256(user_id.encode()).hexdigest()[:10]
-    return f"wab-{safe}-{digest}" if safe else f"wab-{digest}"
+    return (f"{SYSTEM_USER_PREFIX}{safe}-{digest}" if safe
+            else f"{SYSTEM_USER_PREFIX}{digest}")
