@@ -383,7 +383,8 @@ def translate(
     clock = time.time() if now is None else now
     match name:
         case "neonize.QR":
-            return QrCode(event.Codes[0]) if event.Codes else None
+            # the first non-empty code: an empty one is nothing to show
+            return next((QrCode(c) for c in event.Codes if c), None)
         case "neonize.PairStatus":
             if _enum_name(event, "Status") == "SUCCESS":
                 return None
