@@ -50,8 +50,9 @@ import sdnotify
 from agent import outcomes, qr
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
-from agent.engine import ClaudePool, Engine
+from agent.engine import Engine
 from agent.link import ControllerLink
+from agent.pool import ClaudePool
 from agent.store import Store
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend

@@ -38,10 +38,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.whatsapp.events import Image, IncomingMessage
 from wabridge.errors import WabridgeError
 
 Migration = Callable[[sqlite3.Connection], None]
@@ -175,14 +176,44 @@ class SchemaTooNew(WabridgeError):
     code = "schema_too_new"
 
 
+def encode_message(message: IncomingMessage) -> str:
+    """The JSON the inbox keeps of a message (image bytes as hex). Only the store reads and
+    writes it: everything outside gets :class:`IncomingMessage` back."""
+    data = asdict(message)
+    data["images"] = [
+        {"mime_type": i.mime_type, "data": i.data.hex(), "caption": i.caption}
+        for i in message.images
+    ]
+    return json.dumps(data)
+
+
+def decode_message(text: str) -> IncomingMessage:
+    """The message :func:`encode_message` stored (fields added later take their defaults)."""
+    data: dict[str, Any] = json.loads(text)
+    data["images"] = tuple(
+        Image(i["mime_type"], bytes.fromhex(i["data"]), i.get("caption", ""))
+        for i in data.get("images", [])
+    )
+    return IncomingMessage(**data)
+
+
 @dataclass(frozen=True)
 class PendingInbound:
     id: int
-    chat_id: str
-    sender: str
-    wa_id: str
-    payload: dict[str, Any]
+    message: IncomingMessage
     received_at: float = 0.0
+
+    @property
+    def chat_id(self) -> str:
+        return self.message.chat_id
+
+    @property
+    def sender(self) -> str:
+        return self.message.sender
+
+    @property
+    def wa_id(self) -> str:
+        return self.message.wa_id
 
 
 @dataclass(frozen=True)
@@ -191,7 +222,7 @@ class PendingReply:
     chat_id: str
     wa_id: str
     text: str
-    quote: dict[str, Any] | None
+    quote: IncomingMessage | None  # the inbound message the reply quotes (first part only)
     attempts: int = 0  # sends tried so far
     next_try: float = 0.0  # epoch seconds: not before (backoff after a failure)
 
@@ -222,7 +253,7 @@ class Summary:
 @dataclass(frozen=True)
 class HistoryItem:
     role: Literal["user", "assistant"]
-    payload: dict[str, Any] | None  # inbound message payload (user)
+    message: IncomingMessage | None  # the inbound message (user)
     text: str  # reply text (assistant) or the inbound text
     at: float
 
@@ -298,13 +329,14 @@ class Store:
             self._local.conn = None
 
     # --- inbox -------------------------------------------------------------------------
-    def add_inbound(self, chat_id: str, sender: str, wa_id: str, payload: dict[str, Any]) -> bool:
+    def add_inbound(self, message: IncomingMessage) -> bool:
         """Commit an inbound message; False when this id was seen before (duplicate).
 
         A sender named by its LID (``…@lid``: its phone number was not known then) and one
         named by its phone number are the same person when the WhatsApp id is the same:
         WhatsApp delivered the message again under the other addressing, and it must not run
         a second turn."""
+        chat_id, sender, wa_id = message.chat_id, message.sender, message.wa_id
         if self._conn().execute(
             "SELECT 1 FROM inbox WHERE wa_id = ?1 AND (?2 LIKE '%@lid' OR sender LIKE '%@lid') "
             "LIMIT 1", (wa_id, sender),
@@ -313,7 +345,7 @@ class Store:
         cur = self._conn().execute(
             "INSERT OR IGNORE INTO inbox (chat_id, sender, wa_id, payload, received_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (chat_id, sender, wa_id, json.dumps(payload), time.time()),
+            (chat_id, sender, wa_id, encode_message(message), time.time()),
         )
         return cur.rowcount == 1
 
@@ -325,14 +357,12 @@ class Store:
 
     def pending_inbound(self, chat_id: str, limit: int = 20) -> list[PendingInbound]:
         rows = self._conn().execute(
-            "SELECT id, chat_id, sender, wa_id, payload, received_at FROM inbox "
+            "SELECT id, payload, received_at FROM inbox "
             "WHERE state = 'pending' AND chat_id = ? ORDER BY id LIMIT ?",
             (chat_id, limit),
         ).fetchall()
         return [
-            PendingInbound(r["id"], r["chat_id"], r["sender"], r["wa_id"],
-                           json.loads(r["payload"]), r["received_at"])
-            for r in rows
+            PendingInbound(r["id"], decode_message(r["payload"]), r["received_at"]) for r in rows
         ]
 
     def skip_inbound(self, ids: list[int], reason: str = "") -> None:
@@ -360,7 +390,7 @@ class Store:
         chat_id: str,
         inbound_ids: list[int],
         replies: Iterable[str],
-        quote: dict[str, Any] | None,
+        quote: IncomingMessage | None,
         *,
         session_id: str | None = None,
         cost_delta: float = 0.0,
@@ -405,7 +435,7 @@ class Store:
 
     @staticmethod
     def _queue(tx: sqlite3.Connection, chat_id: str, replies: Iterable[str],
-               quote: dict[str, Any] | None, kind: str, now: float) -> list[PendingReply]:
+               quote: IncomingMessage | None, kind: str, now: float) -> list[PendingReply]:
         out: list[PendingReply] = []
         for idx, text in enumerate(replies):
             wa_id = "3EB0" + secrets.token_hex(8).upper()
@@ -413,13 +443,13 @@ class Store:
             cur = tx.execute(
                 "INSERT INTO outbox (chat_id, wa_id, text, quote, created_at, kind) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (chat_id, wa_id, text, json.dumps(q) if q else None, now, kind),
+                (chat_id, wa_id, text, encode_message(q) if q else None, now, kind),
             )
             out.append(PendingReply(int(cur.lastrowid or 0), chat_id, wa_id, text, q))
         return out
 
     def answer_locally(self, chat_id: str, inbound_ids: list[int], replies: list[str],
-                       quote: dict[str, Any] | None, *, reason: str = "command"
+                       quote: IncomingMessage | None, *, reason: str = "command"
                        ) -> list[PendingReply]:
         """Atomically mark messages done (``reason``, e.g. ``command``) and queue the replies
         the worker itself wrote (no Claude turn, no turn counted)."""
@@ -430,7 +460,7 @@ class Store:
             return self._queue(tx, chat_id, replies, quote, "command", now)
 
     def skip_with_notice(self, chat_id: str, inbound_ids: list[int], reason: str,
-                         notice: str | None, *, quote: dict[str, Any] | None = None,
+                         notice: str | None, *, quote: IncomingMessage | None = None,
                          once_key: tuple[str, str] | None = None) -> list[PendingReply]:
         """Atomically mark messages skipped and queue ``notice`` (if any).
 
@@ -460,7 +490,7 @@ class Store:
         return [
             PendingReply(
                 r["id"], r["chat_id"], r["wa_id"], r["text"],
-                json.loads(r["quote"]) if r["quote"] else None, r["attempts"], r["next_try"],
+                decode_message(r["quote"]) if r["quote"] else None, r["attempts"], r["next_try"],
             )
             for r in rows
         ]
@@ -512,7 +542,7 @@ class Store:
                 "WHERE state = 'sending'", ("pending" if resend else "dropped",),
             )
         return [
-            PendingReply(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5], r[6])
+            PendingReply(r[0], r[1], r[2], r[3], decode_message(r[4]) if r[4] else None, r[5], r[6])
             for r in rows
         ]
 
@@ -643,9 +673,9 @@ class Store:
         ).fetchall()
         out = []
         for r in reversed(rows):
-            payload = json.loads(r[1]) if r[1] is not None else None
-            text = str(payload.get("text", "")) if payload is not None else str(r[2])
-            out.append(HistoryItem(r[0], payload, text, float(r[3])))
+            message = decode_message(r[1]) if r[1] is not None else None
+            text = message.text if message is not None else str(r[2])
+            out.append(HistoryItem(r[0], message, text, float(r[3])))
         return out
 
     # --- daily budget -------------------------------------------------------------------

@@ -33,7 +33,8 @@ from structlog.testing import capture_logs
 
 from agent import commands, rotation
 from agent.claude import ClaudeSettings
-from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, ClaudePool, Engine, transcript_path
+from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, Engine
+from agent.pool import ClaudePool, transcript_path
 from agent.store import Store
 from agent.whatsapp.base import SendError
 from agent.whatsapp.events import IncomingMessage

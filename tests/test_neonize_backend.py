@@ -26,7 +26,6 @@ import pytest
 from fakes import fake_neonize as fn
 
 from agent import outcomes, policy
-from agent.engine import payload_of
 from agent.store import Store
 from agent.whatsapp import neonize_backend
 from agent.whatsapp.base import BackendContext, SendError
@@ -775,9 +774,9 @@ async def test_invalid_utf8_from_go_is_decoded_not_lost(linked: Linked, tmp_path
     assert msg.sender_name == "Jo \ufffd\ufffd\ufffd("
     store = Store(tmp_path / "agent.db")  # what the worker's sink does first
     try:
-        assert store.add_inbound(msg.chat_id, msg.sender, msg.wa_id, payload_of(msg))
+        assert store.add_inbound(msg)
         (kept,) = store.pending_inbound(msg.chat_id)
-        assert kept.payload["text"] == msg.text
+        assert kept.message == msg
     finally:
         store.close()
 
@@ -819,8 +818,8 @@ async def test_same_message_first_with_alt_then_lid_only_is_one_message(
     assert (two.chat_id, two.sender, two.wa_id) == (one.chat_id, one.sender, one.wa_id)
     store = Store(tmp_path / "agent.db")
     try:
-        assert store.add_inbound(one.chat_id, one.sender, one.wa_id, payload_of(one))
-        assert not store.add_inbound(two.chat_id, two.sender, two.wa_id, payload_of(two))
+        assert store.add_inbound(one)
+        assert not store.add_inbound(two)
     finally:
         store.close()
 
