@@ -112,7 +112,7 @@ def _v1(db: sqlite3.Connection) -> None:
 
 @migration
 def _v2(db: sqlite3.Connection) -> None:
-    """Policy, commands, budgets and context rotation (issue 5)."""
+    """Policy, commands, budgets and context rotation."""
     _run_script(
         db,
         """
@@ -153,7 +153,7 @@ def _v2(db: sqlite3.Connection) -> None:
 
 @migration
 def _v3(db: sqlite3.Connection) -> None:
-    """Outbox attempts and failures, the send mark, disappearing timers, counters (issue 11)."""
+    """Outbox attempts and failures, the send mark, disappearing timers, counters."""
     _run_script(
         db,
         """

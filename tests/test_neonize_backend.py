@@ -881,27 +881,6 @@ async def test_typing_presence(linked: Linked) -> None:
     ]
 
 
-async def test_mark_read_uses_the_jids_whatsapp_used(linked: Linked) -> None:
-    msg = await linked.receive(
-        inbound(
-            fn.text("read me"),
-            chat=contact_lid(),
-            sender=contact_lid(device=2),
-            sender_alt=fn.jid(CONTACT),
-            addressing="LID",
-        )
-    )
-    await linked.backend.mark_read(msg)
-    assert linked.client.reads == [
-        {
-            "ids": [msg.wa_id],
-            "chat": f"{CONTACT_LID}@lid",
-            "sender": f"{CONTACT_LID}@lid",
-            "receipt": fn.ENUM.ReceiptType.READ,
-        }
-    ]
-
-
 async def test_pair_phone_reports_a_pairing_code(world: fn.FakeWorld, ctx: BackendContext) -> None:
     backend = NeonizeBackend(ctx, client_factory=world.factory)
     rec = Recorder()

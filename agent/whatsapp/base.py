@@ -73,10 +73,6 @@ class WhatsAppBackend(abc.ABC):
         """Show or clear the "typing…" presence; best effort, never raises."""
 
     @abc.abstractmethod
-    async def mark_read(self, message: IncomingMessage) -> None:
-        """Send a read receipt; best effort, never raises."""
-
-    @abc.abstractmethod
     async def pair_phone(self, phone: str) -> None:
         """Ask for a pairing code for ``phone`` (digits with country code); reported as an event."""
 

@@ -1040,29 +1040,6 @@ class NeonizeBackend(WhatsAppBackend):
         except Exception as exc:  # noqa: BLE001 - best effort by contract
             log.debug("whatsapp.typing_failed", chat_id=chat_id, error=str(exc))
 
-    async def mark_read(self, message: IncomingMessage) -> None:
-        client = self._client
-        if client is None or not self._connected or message.from_me:
-            return
-        try:
-            api = self._api(client)
-            with self._lock:
-                raw = self._raw.get((message.chat_id, message.wa_id))
-            if raw is not None:  # the exact JIDs WhatsApp used (LID or PN)
-                chat = raw.Info.MessageSource.Chat
-                sender = raw.Info.MessageSource.Sender
-            else:
-                chat = self._jid(api, message.chat_id)
-                sender = self._jid(api, message.sender)
-            receipt = api.enum.ReceiptType.READ
-            await _await_thread(
-                lambda: client.mark_read(message.wa_id, chat=chat, sender=sender, receipt=receipt),
-                PRESENCE_TIMEOUT,
-                "neonize-read",
-            )
-        except Exception as exc:  # noqa: BLE001 - best effort by contract
-            log.debug("whatsapp.mark_read_failed", wa_id=message.wa_id, error=str(exc))
-
     async def pair_phone(self, phone: str) -> None:
         """Ask WhatsApp for a pairing code (shown while a QR code is pending).
 
@@ -1096,16 +1073,6 @@ class NeonizeBackend(WhatsAppBackend):
             self._emit(ConnectFailure(reason=f"pairing by phone failed: {exc}", permanent=False))
             return
         self._emit(PairingCode(str(code)))
-
-    async def logout(self, within: float = 10.0) -> None:
-        """Unlink this device from the phone (best effort); the store becomes void."""
-        client = self._client
-        if client is None or not self._connected:
-            return
-        try:
-            await _await_thread(client.logout, within, "neonize-logout")
-        except Exception as exc:  # noqa: BLE001 - best effort
-            log.warning("whatsapp.logout_failed", error=str(exc))
 
     # -- helpers -----------------------------------------------------------------------------
 
