@@ -49,6 +49,7 @@ from agent import commands
 from agent.commands import Command
 from agent.whatsapp.events import IncomingMessage
 from wabridge.errors import PolicyError
+from wabridge.phone import PHONE_RULE, normalize_phone
 
 ReplyTo = Literal["everyone", "allowlist", "self"]
 Groups = Literal["off", "mention", "all"]
@@ -58,7 +59,6 @@ Action = Literal["answer", "command", "skip"]
 _REPLY_TO: tuple[ReplyTo, ...] = ("everyone", "allowlist", "self")
 _GROUPS: tuple[Groups, ...] = ("off", "mention", "all")
 _COMMANDS_FROM: tuple[CommandsFrom, ...] = ("owner", "everyone")
-_PHONE = re.compile(r"^\d{6,15}$")
 # whatsmeow's ``JID.IsBot``: the ``bot`` server, or these phone numbers (Meta AI and its kin)
 _BOT_PHONE = re.compile(r"^1313555\d{4}$|^131655500\d{2}$")
 
@@ -83,13 +83,6 @@ class Policy:
 
 
 DEFAULT = Policy()
-
-
-def normalize_phone(value: str) -> str | None:
-    """Digits with country code, or None when ``value`` is not a phone number."""
-    digits = re.sub(r"[\s\-()]", "", value)
-    digits = digits.removeprefix("+")
-    return digits if _PHONE.match(digits) else None
 
 
 def _choice(settings: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
@@ -120,7 +113,7 @@ def parse(settings: Mapping[str, Any]) -> Policy:
             if phone is None:
                 raise InvalidSetting(f"settings.allowlist[{idx}]",
                                      f"{item!r} is not a phone number",
-                                     allowed="digits with country code, e.g. 4915112345678")
+                                     allowed=f"{PHONE_RULE}, e.g. 4915112345678")
             allow.add(phone)
     if reply_to == "allowlist" and not allow:
         raise InvalidSetting("settings.allowlist", "is empty but reply_to is allowlist",

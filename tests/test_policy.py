@@ -99,15 +99,6 @@ def test_policy_is_frozen() -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"),
-    [("4915112345678", "4915112345678"), ("+49 151 1234-5678", "4915112345678"),
-     ("(030) 1234567", "0301234567"), ("49151abc", None), ("+", None), ("1" * 16, None)],
-)
-def test_normalize_phone(raw: str, expected: str | None) -> None:
-    assert policy.normalize_phone(raw) == expected
-
-
-@pytest.mark.parametrize(
     ("value", "expected"),
     [(jid(OWNER), OWNER), (f"{OWNER}:12@s.whatsapp.net", OWNER), (f"{OWNER}.0:3@s.whatsapp.net",
                                                                   OWNER),
