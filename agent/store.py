@@ -24,9 +24,9 @@ Invariants the conversation engine relies on:
 - Conversation summaries are versioned per chat (``summaries``); a rotation stores one and
   forgets the session id in the same transaction.
 
-Pragmas: WAL, ``synchronous=NORMAL``, ``busy_timeout``; read-then-write uses
-``BEGIN IMMEDIATE``. Migrations are registered steps, each in its own transaction; a schema
-newer than the code is refused.
+Opening, transactions and migrations are :mod:`wabridge.database`'s (WAL, ``BEGIN
+IMMEDIATE`` for read-then-write, numbered steps each in its own transaction, a newer schema
+refused with the do-not-restart exit code); here: no automatic checkpoint (see ``_conn``).
 """
 
 from __future__ import annotations
@@ -36,17 +36,17 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from agent.whatsapp.events import Image, IncomingMessage
-from wabridge.errors import WabridgeError
+from wabridge import database
+from wabridge.database import Migration
 
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = []
+MIGRATIONS: list[Migration] = []  # step n (1-based) makes schema version n
 
 
 def migration(fn: Migration) -> Migration:
@@ -54,20 +54,9 @@ def migration(fn: Migration) -> Migration:
     return fn
 
 
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    """Run ``;``-separated DDL inside the caller's transaction.
-
-    Not ``executescript``: it COMMITs a pending transaction first, so a migration would not be
-    atomic and ``Store._tx`` would then fail with "cannot commit - no transaction is active".
-    """
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
-
-
 @migration
 def _v1(db: sqlite3.Connection) -> None:
-    _run_script(
+    database.run_script(
         db,
         """
         CREATE TABLE inbox (
@@ -113,7 +102,7 @@ def _v1(db: sqlite3.Connection) -> None:
 @migration
 def _v2(db: sqlite3.Connection) -> None:
     """Policy, commands, budgets and context rotation."""
-    _run_script(
+    database.run_script(
         db,
         """
         ALTER TABLE inbox ADD COLUMN reason TEXT;          -- why skipped, or 'command'
@@ -154,7 +143,7 @@ def _v2(db: sqlite3.Connection) -> None:
 @migration
 def _v3(db: sqlite3.Connection) -> None:
     """Outbox attempts and failures, the send mark, disappearing timers, counters."""
-    _run_script(
+    database.run_script(
         db,
         """
         -- outbox.state: pending | sending (handed to the library, outcome unknown) | sent |
@@ -170,10 +159,6 @@ def _v3(db: sqlite3.Connection) -> None:
 
 
 Seed = Literal["summary", "recovery"]
-
-
-class SchemaTooNew(WabridgeError):
-    code = "schema_too_new"
 
 
 def encode_message(message: IncomingMessage) -> str:
@@ -269,49 +254,18 @@ class Store:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
             # no checkpoint on commit: commits happen on the event loop (and on neonize's
             # thread, which must only persist and enqueue); ``checkpoint`` runs in a thread
-            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn = database.connect(self.path, auto_checkpoint=False)
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return database.immediate(self._conn())
 
     def _migrate(self) -> None:
-        db = self._conn()
-        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        while True:
-            # The version is read inside the write transaction, so two processes opening a
-            # fresh file at once cannot both run the same step.
-            with self._tx() as tx:
-                row = tx.execute("SELECT version FROM schema_version").fetchone()
-                current = row[0] if row else 0
-                if current > len(MIGRATIONS):
-                    raise SchemaTooNew(
-                        f"{self.path} has schema version {current}, "
-                        f"this wabridge knows {len(MIGRATIONS)}",
-                        explanation="a newer wabridge wrote this state; upgrade instead of "
-                        "downgrading",
-                    )
-                if current == len(MIGRATIONS):
-                    return
-                MIGRATIONS[current](tx)
-                tx.execute("DELETE FROM schema_version")
-                tx.execute("INSERT INTO schema_version VALUES (?)", (current + 1,))
+        database.migrate(self._conn(), MIGRATIONS, name=str(self.path))
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the write-ahead log back into the database without waiting for writers

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent import store as store_mod
-from agent.store import MIGRATIONS, SchemaTooNew, Store, encode_message
+from agent.store import MIGRATIONS, Store, encode_message
 from agent.whatsapp.events import Image, IncomingMessage
+from wabridge.errors import ExitCode, SchemaTooNew
 
 
 @pytest.fixture
@@ -80,6 +81,7 @@ def test_refuses_a_newer_schema(db_path: Path) -> None:
     assert f"knows {len(MIGRATIONS)}" in str(info.value)
     assert "upgrade" in str(info.value)
     assert info.value.code == "schema_too_new"
+    assert info.value.exit_code == ExitCode.CONFIG  # do not restart: only an upgrade helps
     # and it left the file alone
     assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
 

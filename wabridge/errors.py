@@ -91,6 +91,14 @@ class ProtocolError(WabridgeError):
     code = "bad_frame"
 
 
+class SchemaTooNew(WabridgeError):
+    """A state file written by a newer wabridge (its schema version is higher than this code
+    knows). Not restarted: only an upgrade helps, and an older wabridge must not guess."""
+
+    code = "schema_too_new"
+    exit_code = ExitCode.CONFIG
+
+
 class PolicyError(WabridgeError):
     """A per-user setting on a control-plane document that does not validate."""
 
