@@ -23,7 +23,7 @@ Per step of a chat (all decisions are pure functions in :mod:`agent.policy`,
 5. otherwise one Claude turn answers the run of messages. A fresh session (first ever, after
    a rotation, or after a failed resume) gets its seed in front of the first turn;
 6. after a turn, a conversation near the context window (or at the turn cap) is rotated: a
-   summary turn (not sent), a stored versioned summary, the process closed, the session
+   summary turn (not sent), a stored numbered summary, the process closed, the session
    forgotten; the next turn starts a fresh session seeded with the summary.
 
 Turn failures: a timeout kills the process (ClaudeSession) and answers with the apology; a
@@ -61,7 +61,7 @@ from wabridge.config import ConversationConfig, LimitsConfig
 log = logs.get("agent.engine")
 
 MessageReporter = Callable[[str, str, str, str, str], None]  # direction, chat, sender, text, id
-SummaryReporter = Callable[[str, int, str], None]  # chat, version, text
+SummaryReporter = Callable[[str, int, str], None]  # chat, number, text
 ProblemReporter = Callable[[str, str], None]  # stable code, message for the owner
 
 BUDGET_NOTICE = ("I have reached my daily budget and cannot answer more messages today. "
@@ -70,8 +70,8 @@ SLOW_DOWN_NOTICE = ("You are sending messages faster than I can answer them. Ple
                     "down a little; messages sent too quickly are not answered.")
 
 
-def _no_summary(chat_id: str, version: int, text: str) -> None:
-    del chat_id, version, text
+def _no_summary(chat_id: str, number: int, text: str) -> None:
+    del chat_id, number, text
 
 
 def _no_problem(code: str, message: str) -> None:
@@ -496,13 +496,13 @@ class Engine:
                 log.warning("context.summary_failed", code=exc.code, error=str(exc))
             finally:
                 await self._pool.discard(chat_id)
-        version = self._store.rotate(chat_id, summary, cost_delta=cost,
+        number = self._store.rotate(chat_id, summary, cost_delta=cost,
                                      day=budget.utc_day(self._clock()))
-        log.info("context.rotated", version=version, chars=len(summary or ""),
+        log.info("context.rotated", number=number, chars=len(summary or ""),
                  seed="summary" if summary else "recovery")
-        if version is not None and summary is not None:
+        if number is not None and summary is not None:
             try:
-                self._on_summary(chat_id, version, summary)
+                self._on_summary(chat_id, number, summary)
             except Exception:
                 log.exception("context.summary_report_failed")
 

@@ -21,7 +21,8 @@ Invariants the conversation engine relies on:
   marking their message done/skipped, so they are delivered like replies (see above). A
   notice keyed ``(chat, kind, day)`` is queued at most once (``notices``).
 - Each Claude turn's cost is logged per UTC day (``usage_log``) for the daily budget.
-- Conversation summaries are versioned per chat (``summaries``); a rotation stores one and
+- Conversation summaries are numbered per chat (``summaries.number``, the ``number`` of the
+  controller's summary frame); a rotation stores one and
   forgets the session id in the same transaction.
 
 Opening, transactions and migrations are :mod:`wabridge.database`'s (WAL, ``BEGIN
@@ -158,6 +159,12 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def _v4(db: sqlite3.Connection) -> None:
+    """A summary's number is ``number`` everywhere (the protocol's summary frame calls it so)."""
+    db.execute("ALTER TABLE summaries RENAME COLUMN version TO number")
+
+
 Seed = Literal["summary", "recovery"]
 
 
@@ -229,7 +236,7 @@ class ChatRow:
 @dataclass(frozen=True)
 class Summary:
     chat_id: str
-    version: int
+    number: int  # 1, 2, ... per chat, in order of rotation
     text: str
     created_at: float
     archived: bool
@@ -569,18 +576,18 @@ class Store:
     # --- summaries (context rotation) ---------------------------------------------------
     def rotate(self, chat_id: str, summary: str | None, *, cost_delta: float = 0.0,
                day: str | None = None) -> int | None:
-        """Atomically end the chat's session: store ``summary`` as its next version (seed
+        """Atomically end the chat's session: store ``summary`` under its next number (seed
         ``summary``), or without one seed ``recovery``; forget the session id; log the
-        summary turn's cost. Returns the new version, or None without a summary."""
+        summary turn's cost. Returns the new number, or None without a summary."""
         now = time.time()
-        version: int | None = None
+        number: int | None = None
         with self._tx() as tx:
             if summary is not None:
-                row = tx.execute("SELECT COALESCE(MAX(version), 0) FROM summaries "
+                row = tx.execute("SELECT COALESCE(MAX(number), 0) FROM summaries "
                                  "WHERE chat_id = ?", (chat_id,)).fetchone()
-                version = int(row[0]) + 1
-                tx.execute("INSERT INTO summaries (chat_id, version, text, created_at) "
-                           "VALUES (?, ?, ?, ?)", (chat_id, version, summary, now))
+                number = int(row[0]) + 1
+                tx.execute("INSERT INTO summaries (chat_id, number, text, created_at) "
+                           "VALUES (?, ?, ?, ?)", (chat_id, number, summary, now))
             tx.execute(
                 "INSERT INTO chats (chat_id) VALUES (?) ON CONFLICT (chat_id) DO NOTHING",
                 (chat_id,),
@@ -595,12 +602,12 @@ class Store:
                     "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
                     "VALUES (?, ?, ?, 'summary', ?)", (chat_id, day, now, cost_delta),
                 )
-        return version
+        return number
 
     def summaries(self, chat_id: str) -> list[Summary]:
         rows = self._conn().execute(
-            "SELECT chat_id, version, text, created_at, archived FROM summaries "
-            "WHERE chat_id = ? ORDER BY version", (chat_id,),
+            "SELECT chat_id, number, text, created_at, archived FROM summaries "
+            "WHERE chat_id = ? ORDER BY number", (chat_id,),
         ).fetchall()
         return [Summary(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 

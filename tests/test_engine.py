@@ -440,7 +440,7 @@ async def test_rotation_at_the_context_threshold(make_rig: MakeRig,
     await until(lambda: bool(rig.summaries), 15, "the summary")
     assert rig.summaries == [(chat, 1, SUMMARY)]
     (summary,) = rig.store.summaries(chat)
-    assert (summary.version, summary.text, summary.archived) == (1, SUMMARY, False)
+    assert (summary.number, summary.text, summary.archived) == (1, SUMMARY, False)
     row = rig.store.chat(chat)
     assert row is not None and row.session_id is None and row.seed == "summary"
     assert old_pid is not None and not Path(f"/proc/{old_pid}").exists()

@@ -510,7 +510,7 @@ def test_session_turns_context_and_daily_cost(store: Store) -> None:
     assert (row.session_id, row.session_turns, row.seed, row.context_tokens) == ("s2", 1, None, 5)
 
 
-def test_rotate_versions_and_reset_archives(store: Store) -> None:
+def test_rotate_numbers_and_reset_archives(store: Store) -> None:
     store.complete_turn("c", [], ["a"], None, session_id="s1", context_tokens=900)
     assert store.rotate("c", "first summary", cost_delta=0.1, day="2024-01-01") == 1
     row = store.chat("c")
@@ -519,17 +519,17 @@ def test_rotate_versions_and_reset_archives(store: Store) -> None:
         None, 0, 0, "summary")
     assert store.cost_on("2024-01-01") == pytest.approx(0.1)
     assert store.rotate("c", "second summary") == 2
-    assert store.rotate("c", None) is None  # summary failed: recovery seed, no version
+    assert store.rotate("c", None) is None  # summary failed: recovery seed, no number
     assert store.chat("c").seed == "recovery"  # type: ignore[union-attr]
-    assert store.rotate("other", "x") == 1  # versions are per chat
+    assert store.rotate("other", "x") == 1  # numbers are per chat
     latest = store.latest_summary("c")
-    assert latest is not None and (latest.version, latest.text) == (2, "second summary")
+    assert latest is not None and (latest.number, latest.text) == (2, "second summary")
     store.reset_chat("c")
     assert store.latest_summary("c") is None
     assert [s.archived for s in store.summaries("c")] == [True, True]
     row = store.chat("c")
     assert row is not None and row.seed is None and row.reset_at > 0
-    assert store.rotate("c", "third") == 3  # versions keep counting after a reset
+    assert store.rotate("c", "third") == 3  # numbers keep counting after a reset
 
 
 def test_history_is_ordered_limited_and_starts_after_reset(store: Store) -> None:
@@ -577,3 +577,23 @@ def test_commits_never_checkpoint_and_checkpoint_runs_from_another_thread(
     assert wal.stat().st_size == 0
     with closing(sqlite3.connect(db_path)) as db:
         assert db.execute("SELECT count(*) FROM inbox").fetchone()[0] == 3000
+
+
+def test_summaries_written_before_the_rename_keep_their_numbers(db_path: Path) -> None:
+    """Schema 4 renamed ``summaries.version`` to ``number``; a chat's stored summaries (and
+    the next number) survive the upgrade."""
+    with closing(_raw(db_path)) as conn:
+        conn.execute("BEGIN")
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for step in MIGRATIONS[:3]:
+            step(conn)
+        conn.execute("INSERT INTO schema_version VALUES (3)")
+        conn.execute("INSERT INTO summaries (chat_id, version, text, created_at) "
+                     "VALUES ('c', 1, 'first', 1.0), ('c', 2, 'second', 2.0)")
+        conn.execute("COMMIT")
+    s = Store(db_path)
+    try:
+        assert [(x.number, x.text) for x in s.summaries("c")] == [(1, "first"), (2, "second")]
+        assert s.rotate("c", "third") == 3
+    finally:
+        s.close()
