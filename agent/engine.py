@@ -43,8 +43,8 @@ import structlog
 
 from agent import budget, commands, delivery, policy, rotation, shaping
 from agent.claude import ClaudeError, TurnResult
-from agent.commands import Command
-from agent.policy import Decision, InvalidSetting, Policy
+from agent.commands import ChatCommand
+from agent.policy import InvalidSetting, MessageDecision, Policy
 from agent.pool import ClaudePool
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
 from agent.whatsapp.base import SendError, WhatsAppBackend
@@ -258,11 +258,11 @@ class Engine:
 
     async def _step(self, chat_id: str, batch: list[PendingInbound]) -> None:
         """Decide the pending messages; then run one command or one turn."""
-        segment: list[tuple[PendingInbound, IncomingMessage, Decision]] = []
+        segment: list[tuple[PendingInbound, IncomingMessage, MessageDecision]] = []
         for item in batch:
             msg = item.message
             if self._store.is_own_reply(item.wa_id):
-                decision = Decision("skip", "own_reply")
+                decision = MessageDecision("skip", "own_reply")
             else:
                 decision = policy.decide(msg, self._policy, self._owner)
             if decision.action == "skip":
@@ -338,7 +338,7 @@ class Engine:
         self._store.reset_chat(chat_id)
         log.info("chat.reset", chat_id=chat_id, by="operator")
 
-    async def _command(self, chat_id: str, item: PendingInbound, command: Command) -> None:
+    async def _command(self, chat_id: str, item: PendingInbound, command: ChatCommand) -> None:
         self._report_in(chat_id, [item])
         if command.name == "reset":
             await self._pool.discard(chat_id)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from agent import commands
-from agent.commands import Command
+from agent.commands import ChatCommand
 from agent.whatsapp.events import IncomingMessage
 from wabridge.errors import PolicyError
 from wabridge.phone import PHONE_RULE, normalize_phone
@@ -169,42 +169,42 @@ def is_self_chat(msg: IncomingMessage, owner_phone: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Decision:
+class MessageDecision:
     action: Action
     reason: str = ""  # why skipped (stored with the message), or what was decided
-    command: Command | None = None
+    command: ChatCommand | None = None
 
 
-def _reply_rules(msg: IncomingMessage, policy: Policy, owner_phone: str) -> Decision:
+def _reply_rules(msg: IncomingMessage, policy: Policy, owner_phone: str) -> MessageDecision:
     if msg.from_me:
         if policy.reply_to == "self" and is_self_chat(msg, owner_phone):
-            return Decision("answer", "self_chat")
-        return Decision("skip", "from_me")
+            return MessageDecision("answer", "self_chat")
+        return MessageDecision("skip", "from_me")
     if policy.reply_to == "self":
-        return Decision("skip", "not_self_chat")
+        return MessageDecision("skip", "not_self_chat")
     if msg.is_group:
         if policy.groups == "off":
-            return Decision("skip", "groups_off")
+            return MessageDecision("skip", "groups_off")
         if policy.groups == "mention" and not msg.mentioned:
-            return Decision("skip", "not_mentioned")
+            return MessageDecision("skip", "not_mentioned")
     if policy.reply_to == "allowlist" and phone_of(msg.sender) not in policy.allowlist:
-        return Decision("skip", "not_allowlisted")
-    return Decision("answer", "group" if msg.is_group else "direct")
+        return MessageDecision("skip", "not_allowlisted")
+    return MessageDecision("answer", "group" if msg.is_group else "direct")
 
 
-def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> Decision:
+def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> MessageDecision:
     """What to do with one message (pure). ``owner_phone``: the account's digits, or ""."""
     if is_empty(msg):
-        return Decision("skip", "empty")
+        return MessageDecision("skip", "empty")
     if not msg.from_me and (is_bot(msg.sender) or (not msg.is_group and is_bot(msg.chat_id))):
-        return Decision("skip", "bot")
+        return MessageDecision("skip", "bot")
     command = commands.parse(msg.text) if not msg.images else None
     rules = _reply_rules(msg, policy, owner_phone)
     if command is not None:
         if is_owner(msg, owner_phone):
-            return Decision("command", "owner", command)
+            return MessageDecision("command", "owner", command)
         if policy.commands_from == "everyone" and rules.action == "answer":
-            return Decision("command", "everyone", command)
+            return MessageDecision("command", "everyone", command)
     return rules
 
 
