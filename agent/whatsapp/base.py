@@ -25,12 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.whatsapp.events import Event, IncomingMessage
+from wabridge.errors import WabridgeError
 
 Sink = Callable[[Event], None]
 
 
-class SendError(Exception):
+class SendError(WabridgeError):
     """A message could not be handed to WhatsApp; the outbox keeps it for a retry."""
+
+    code = "send_failed"
+    explanation = ("the reply stays in the outbox and is retried with backoff, up to "
+                   "conversation.send_attempts; then it is marked failed and the owner is told")
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,8 @@ class NeonizeStoreError(WabridgeError):
     """The WhatsApp session store could not be opened or created."""
 
     code = "whatsapp_store"
+    explanation = ("check the state directory's permissions and free space; a corrupt store "
+                   "must be removed (the account then needs a new QR scan)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +261,7 @@ def ensure_store(db_path: Path) -> int:
     except Exception as exc:  # Go reports "error: …", which neonize fails to parse
         raise NeonizeStoreError(
             f"cannot open the WhatsApp store {db_path}: {exc}",
-            explanation="check the state directory's permissions and free space; a corrupt "
-            "store must be removed (the account then needs a new QR scan)",
+            explanation=NeonizeStoreError.explanation,
         ) from exc
     if not db_path.exists():
         raise NeonizeStoreError(f"the WhatsApp store {db_path} was not created")
