@@ -1,5 +1,8 @@
 """One persistent Claude Code process per WhatsApp chat.
 
+Over 600 lines because it is one adapter around one child process and its stream-JSON
+protocol: start-up, turns, timeouts and exit all read the same stdout state.
+
 Driver
 ======
 The bundled Claude Code CLI (``claude_agent_sdk/_bundled/claude``, 2.1.331) is driven

@@ -1,5 +1,8 @@
 """The conversation engine: durable inbox -> policy -> Claude turn -> durable outbox -> WhatsApp.
 
+Over 600 lines because the steps below share the engine's per-chat state (turn loops, token
+buckets, the loop guard, the send lock); the decisions themselves are pure modules.
+
 One turn at a time per chat, chats concurrently. Messages of a burst (within ``debounce``)
 are answered in one turn; messages arriving during a turn wait for the next one. A turn's
 reply is committed together with marking its messages done (:meth:`Store.complete_turn`),

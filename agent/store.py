@@ -1,5 +1,8 @@
 """The worker's durable state: one SQLite file in the user's state directory.
 
+Over 600 lines because it is the one owner of the schema: every method is a transaction on
+tables whose invariants (below) span each other; split, a reader would lose them.
+
 Invariants the conversation engine relies on:
 - An inbound message is committed (unique per chat, sender and WhatsApp id) before anything
   else happens with it; a second delivery of the same id is ignored (``add_inbound`` -> False).

@@ -48,11 +48,10 @@ from agent.whatsapp.events import (
     TemporaryBan,
     Undecryptable,
 )
-from agent.whatsapp.neonize_backend import (
-    STORE_FILE,
+from agent.whatsapp.neonize_backend import STORE_FILE, NeonizeBackend
+from agent.whatsapp.neonize_translate import (
     LoginStatus,
     Me,
-    NeonizeBackend,
     connect_ended,
     me_from_device,
     translate,
@@ -1097,7 +1096,8 @@ root.addHandler(mine)
 root.setLevel(logging.WARNING)
 before = (list(root.handlers), root.level)
 
-import agent.whatsapp.neonize_backend as nb
+import agent.whatsapp.neonize_backend
+import agent.whatsapp.neonize_import as nb
 after_module = (list(root.handlers), root.level)
 lazy = "neonize" not in sys.modules and "neonize.client" not in sys.modules
 
@@ -1129,7 +1129,7 @@ REAL_CLIENT_SMOKE = r"""
 import json, sqlite3, sys
 from pathlib import Path
 
-from agent.whatsapp.neonize_backend import default_client_factory, ensure_store
+from agent.whatsapp.neonize_import import default_client_factory, ensure_store
 
 db = Path(sys.argv[1]) / "state" / "whatsapp.db"
 client = default_client_factory(db)

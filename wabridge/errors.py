@@ -16,7 +16,7 @@
     │                                                   resume_failed (answered with the apology)
     ├── SendError                 agent.whatsapp.base   send_failed: a reply WhatsApp did not
     │                                                   take (kept in the outbox, retried)
-    ├── NeonizeStoreError         agent.whatsapp.neonize_backend
+    ├── NeonizeStoreError         agent.whatsapp.neonize_import
     │                                                   whatsapp_store: the session store cannot
     │                                                   be opened or created
     ├── SystemdError              controller.systemd    no_such_unit, unavailable, failed

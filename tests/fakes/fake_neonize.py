@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.whatsapp.neonize_backend import import_neonize
+from agent.whatsapp.neonize_import import import_neonize
 
 API = import_neonize()
 P = API.proto  # neonize.proto.Neonize_pb2
