@@ -120,12 +120,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import structlog
-
-from wabridge import claude_cli
+from wabridge import claude_cli, logs
 from wabridge.errors import WabridgeError
 
-log = structlog.get_logger(__name__)
+log = logs.get("agent.claude")
 
 ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "resume_failed"]
 

@@ -36,6 +36,7 @@ process exit mid-turn is retried once on a resumed session, then the apology.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 import time
@@ -96,8 +97,6 @@ def message_line(msg: IncomingMessage) -> str:
 
 def turn_content(batch: list[PendingInbound]) -> str | list[dict[str, Any]]:
     """The user turn Claude sees for a batch of messages (pure; never empty)."""
-    import base64  # noqa: PLC0415
-
     texts: list[str] = []
     images: list[dict[str, Any]] = []
     for item in batch:

@@ -63,9 +63,9 @@ def import_neonize(go_log_level: int = logging.INFO) -> NeonizeAPI:
             return _api
         with preserved_root_logging(), _closed_popen():
             import neonize.client as client_module  # noqa: PLC0415 - lazy on purpose
-            from neonize.proto import Neonize_pb2  # noqa: PLC0415
-            from neonize.proto.waE2E import WAWebProtobufsE2E_pb2  # noqa: PLC0415
-            from neonize.utils import enum as enum_module  # noqa: PLC0415
+            from neonize.proto import Neonize_pb2  # noqa: PLC0415 - lazy on purpose
+            from neonize.proto.waE2E import WAWebProtobufsE2E_pb2  # noqa: PLC0415 - lazy
+            from neonize.utils import enum as enum_module  # noqa: PLC0415 - lazy on purpose
         logging.getLogger("neonize.utils.log").setLevel(go_log_level)
         _api = NeonizeAPI(
             client=client_module, proto=Neonize_pb2, e2e=WAWebProtobufsE2E_pb2, enum=enum_module
