@@ -89,7 +89,7 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds an image download may hold the (serial) event
 QR_TIMEOUT = 65.0  # seconds without a new QR code (or a scan) before QrExpired
 SEND_TIMEOUT = 120.0  # a send stuck longer than this is reported as SendError
 PRESENCE_TIMEOUT = 10.0
-QUOTE_CACHE_SIZE = 512  # raw message events kept for quoting and read receipts
+QUOTE_CACHE_SIZE = 512  # raw message events kept for quoting them exactly
 LID_CACHE_SIZE = 4096  # LID -> phone pairs learned from events
 
 # --------------------------------------------------------------------------------------------
