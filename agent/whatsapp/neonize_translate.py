@@ -215,7 +215,7 @@ def translate(
     clock = time.time() if now is None else now
     match name:
         case "neonize.QR":
-            return QrCode(event.Codes[0]) if event.Codes else None
+            return QrCode(event.Codes[0]) if event.Codes and event.Codes[0] else None
         case "neonize.PairStatus":
             if _enum_name(event, "Status") == "SUCCESS":
                 return None
