@@ -74,8 +74,10 @@ def to_whatsapp(markdown: str) -> str:
             if header is None:
                 header, rows = cells, 0
                 continue
+            # a row shorter than its header prints what it has; cells past the header are
+            # kept bare (nothing a reply says is dropped)
             pairs = [f"{h}: {c}" if h else c for h, c in zip(header, cells, strict=False)]
-            out.append("• " + ", ".join(pairs))
+            out.append("• " + ", ".join([*pairs, *cells[len(header):]]))
             rows += 1
             continue
         end_table()
