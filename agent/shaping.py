@@ -83,7 +83,8 @@ def to_whatsapp(markdown: str) -> str:
         end_table()
         heading = _HEADING.match(line)
         if heading:
-            out.append(f"*{_inline(heading.group(1)).replace('*', '')}*")
+            text = _inline(heading.group(1)).replace("*", "")
+            out.append(f"*{text}*" if text else "")  # an empty heading: not a lone "**"
             continue
         out.append(_inline(line))
     end_table()

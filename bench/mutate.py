@@ -22,22 +22,26 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,8 +57,8 @@ MODULES: dict[str, list[str]] = {
     "agent/commands.py": ["tests/test_commands_mutants.py", "tests/test_commands.py",
                           "tests/test_policy.py"],
     "wabridge/units.py": ["tests/test_units_mutants.py", "tests/test_units.py"],
-    "wabridge/config.py": ["tests/test_config_bounds.py", "tests/test_config.py",
-                           "tests/test_docs.py"],
+    "wabridge/config.py": ["tests/test_docs.py", "tests/test_config_bounds.py",
+                           "tests/test_config.py"],
 }
 
 PYTEST_ARGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
@@ -63,7 +67,86 @@ PYTEST_ARGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
 # Survivors judged by hand: (module, mutation, stripped source line) -> why it may survive.
 # "equivalent: ..." means no input can tell the mutant apart; "accepted: ..." a real change
 # that is deliberately left untested, with the reason.
-EXPLAINED: dict[tuple[str, str, str], str] = {}
+_ANCHORED = ("equivalent: the pattern is only used with re.match, which anchors at the "
+             "start already")
+_SIX_STARS = ("accepted: differs only on a line of six or more '*' (a Markdown thematic break), "
+              "which both versions shorten; not a reply Claude writes")
+_PLACEHOLDER = ("accepted: differs only for text holding U+E000/U+E001, the private-use "
+                "characters _inline uses as placeholder brackets (never in Claude's replies)")
+_EVERY_FIELD = ("equivalent: every field is declared with _opt, whose metadata always holds "
+                "'allowed', so the .get() default is never used")
+EXPLAINED: dict[tuple[str, str, str], str] = {
+    ("controller/reconcile.py", "operand 'code is not None' dropped",
+     "if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)"):
+        "equivalent: None is no key of _TERMINAL_FROM_EXIT, so `code in ...` alone is False "
+        "for it",
+    ("agent/policy.py", "regex: '^' removed at 0", '_PHONE = re.compile(r"^\\d{6,15}$")'):
+        _ANCHORED,
+    ("agent/policy.py", "operand 'not isinstance(value, str)' dropped",
+     "if not isinstance(value, str) or value not in choices:"):
+        "equivalent: a value that is not a str never equals one of the choice strings, so "
+        "`value not in choices` refuses it too",
+    ("agent/commands.py", "regex: '^' removed at 0",
+     '_COMMAND = re.compile(r"^/([A-Za-z][A-Za-z0-9_-]{0,31})(?:\\s+(.*))?$", re.DOTALL)'):
+        _ANCHORED,
+    ("agent/commands.py", "regex: '*' -> '+' at 38",
+     '_COMMAND = re.compile(r"^/([A-Za-z][A-Za-z0-9_-]{0,31})(?:\\s+(.*))?$", re.DOTALL)'):
+        "equivalent: the text is stripped first, so after \\s+ there is always a character "
+        "for (.+) as for (.*)",
+    ("agent/commands.py", "1 -> 2", "window = max(1, info.context_window)"):
+        "accepted: differs only for a context window of 0 or 1 token; config refuses any "
+        "claude.context_window under 1000, the max() only guards a division by zero",
+    ("agent/shaping.py", "regex: '^' removed at 0", '_FENCE = re.compile(r"^```")'): _ANCHORED,
+    ("agent/shaping.py", "regex: '^' removed at 0",
+     '_HEADING = re.compile(r"^#{1,6}\\s+(.*?)\\s*#*\\s*$")'): _ANCHORED,
+    ("agent/shaping.py", "regex: '^' removed at 0",
+     '_TABLE_RULE = re.compile(r"^\\s*\\|?\\s*:?-{3,}:?\\s*(\\|\\s*:?-{3,}:?\\s*)*'
+     '\\|?\\s*$")'): _ANCHORED,
+    ("agent/shaping.py", "regex: '?' removed at 4",
+     '_TABLE_RULE = re.compile(r"^\\s*\\|?\\s*:?-{3,}:?\\s*(\\|\\s*:?-{3,}:?\\s*)*'
+     '\\|?\\s*$")'):
+        "equivalent: only a stripped line starting with '|' is tested against the rule, so "
+        "the leading '|' is always there",
+    ("agent/shaping.py", "regex: '+' -> '*' at 10",
+     '_BOLD_ITALIC = re.compile(r"\\*\\*\\*(?!\\s)(.+?)(?<!\\s)\\*\\*\\*")'): _SIX_STARS,
+    ("agent/shaping.py", "regex: '+' -> '*' at 4",
+     '_BOLD = re.compile(r"\\*\\*(.+?)\\*\\*|(?<!\\w)__(?!\\s)(.+?)(?<!\\s)__(?!\\w)")'):
+        _SIX_STARS,
+    ("agent/shaping.py", "regex: '?' removed at 22",
+     '_ITALIC_STAR = re.compile(r"(?<![*\\w])\\*(?!\\s)([^*\\n]+?)(?<!\\s)\\*(?![*\\w])")'):
+        "equivalent: [^*\\n] cannot take the closing '*', so a lazy and a greedy run stop at "
+        "the same star",
+    ("agent/shaping.py", "regex: \\d -> \\w at 2",
+     '_HOLE = re.compile("\\ue000(\\\\d+)\\ue001")  # placeholder for text that must stay '
+     'verbatim'): _PLACEHOLDER,
+    ("agent/shaping.py", "regex: '+' -> '*' at 3",
+     '_HOLE = re.compile("\\ue000(\\\\d+)\\ue001")  # placeholder for text that must stay '
+     'verbatim'): _PLACEHOLDER,
+    ("agent/shaping.py", "0 -> 1", "rows = 0  # body rows of the current table"):
+        "equivalent: rows is set with the header before it is read",
+    ("agent/shaping.py", "+ -> -", "rows += 1"):
+        "equivalent: rows is only compared with 0, and a count going down never returns to it",
+    ("agent/shaping.py", "1 -> 2", "rows += 1"):
+        "equivalent: rows is only compared with 0",
+    ("agent/shaping.py", "operand 'len(lines) > 1' dropped",
+     "closed = len(lines) > 1 and _is_fence(lines[-1])"):
+        "equivalent: with one line, the body is empty whether the block counts as closed or not",
+    ("agent/shaping.py", "> -> >=", "closed = len(lines) > 1 and _is_fence(lines[-1])"):
+        "equivalent: with one line, the body is empty whether the block counts as closed or not",
+    ("wabridge/config.py", "'' -> 'XX'", 'allowed=fdef.metadata.get("allowed", ""),'):
+        _EVERY_FIELD,
+    ("wabridge/config.py", "'' -> 'XX'",
+     'raise ConfigError(key, problem, allowed=fdef.metadata.get("allowed", ""))'): _EVERY_FIELD,
+    ("wabridge/config.py", "'' -> 'XX'",
+     "f\"{fdef.metadata.get('allowed', '') or str(fdef.type)} | {fdef.metadata['doc']} |\""):
+        _EVERY_FIELD,
+    ("wabridge/config.py", "'' -> 'XX'",
+     'default = fdef.default if fdef.default is not MISSING else ""'):
+        "equivalent: every key has a default (the schema's _opt requires one)",
+    ("wabridge/config.py", "operand 'not sep' dropped",
+     "if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:"):
+        "equivalent: without ':' rpartition leaves the host empty, which `not host` refuses",
+}
 
 
 @dataclass(frozen=True)
@@ -120,12 +203,27 @@ def _skipped_nodes(tree: ast.Module) -> set[int]:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
                 and node.func.id in ("cast", "TypeVar"):
             mark(node.args[0] if node.args else None)
+        if isinstance(node, ast.Assign) and (_is_type_union(node.value) or (
+                isinstance(node.value, ast.Subscript) and isinstance(node.value.value, ast.Name)
+                and node.value.value.id in _GENERIC_TYPES)):
+            mark(node)  # ``Action = Claim | Start | ...``, ``Check = Callable[...]``: types
         if isinstance(node, ast.FormattedValue):
             mark(node.format_spec)
         if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) \
                 and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__":
             mark(node)  # the ``python -m`` entry point
     return skip
+
+
+_GENERIC_TYPES = frozenset({"Callable", "Literal", "Mapping", "Sequence", "Union", "Optional",
+                            "dict", "list", "tuple", "set", "frozenset", "type"})
+
+
+def _is_type_union(node: ast.expr) -> bool:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return all(isinstance(side, ast.Name | ast.Attribute) or _is_type_union(side)
+                   for side in (node.left, node.right))
+    return False
 
 
 def _regex_nodes(tree: ast.Module) -> set[int]:
@@ -217,10 +315,12 @@ def regex_mutants(pattern: str) -> list[tuple[str, str]]:
         elif tok == "(" and toks[i + 1 : i + 3] == ["?", "<"] and i + 3 < len(toks) \
                 and toks[i + 3] in "!=":
             flip = "=" if toks[i + 3] == "!" else "!"
-            out.append(("".join([*toks[: i + 3], flip, *toks[i + 4 :]]), f"lookbehind flipped at {i}"))
+            out.append(("".join([*toks[: i + 3], flip, *toks[i + 4 :]]),
+                        f"lookbehind flipped at {i}"))
         elif tok == "(" and i + 2 < len(toks) and toks[i + 1] == "?" and toks[i + 2] in "!=":
             flip = "=" if toks[i + 2] == "!" else "!"
-            out.append(("".join([*toks[: i + 2], flip, *toks[i + 3 :]]), f"lookahead flipped at {i}"))
+            out.append(("".join([*toks[: i + 2], flip, *toks[i + 3 :]]),
+                        f"lookahead flipped at {i}"))
     # top-level alternatives: drop each
     depth, in_class, starts = 0, False, [0]
     for i, tok in enumerate(toks):
@@ -406,7 +506,7 @@ def mutants_of(module: str, source: str) -> list[Mutant]:
                     del n.elts[k]  # type: ignore[attr-defined]
                 add(i, node, "table", f"entry {_short(ast.unparse(elt), 40)} removed",
                     at(i)(del_elt))
-        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) \
+        elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)) \
                 or isinstance(node, ast.Continue | ast.Break):
             def to_pass(t: ast.AST, n: ast.AST) -> None:
                 _replace(t, n, ast.Pass())
@@ -452,11 +552,12 @@ def _forget_project_modules() -> None:
             del sys.modules[name]
 
 
-def _spawn(module: str, tests: list[str], code: types.CodeType | None) -> int:
+def _spawn(module: str, tests: list[str], code: types.CodeType | None, timeout: float) -> int:
     pid = os.fork()
     if pid:
         return pid
     try:  # the child: never returns
+        signal.alarm(int(timeout) + 5)  # outlives no parent that was killed
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(null, 2)
@@ -485,7 +586,7 @@ def run_all(jobs: list[tuple[str, list[str], types.CodeType | None]], timeout: l
     while pending or running:
         while pending and len(running) < parallel:
             k, (module, tests, code) = pending.pop(0)
-            running[_spawn(module, tests, code)] = (k, time.monotonic())
+            running[_spawn(module, tests, code, timeout[k])] = (k, time.monotonic())
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             now = time.monotonic()
@@ -507,6 +608,14 @@ def _preload(paths: list[str]) -> None:
     forked child starts with them loaded."""
     import pytest  # noqa: F401, PLC0415
 
+    # pytest rewrites the asserts of every module of a plugin's distribution (all of
+    # hypothesis, anyio...) when it imports them: seconds in every child. Loaded here once,
+    # they are only named (PytestAssertRewriteWarning, ignored in PYTEST_ARGS).
+    plugins = [e.value.split(":")[0] for e in importlib.metadata.entry_points(group="pytest11")]
+    for name in [*plugins, "hypothesis", "hypothesis.strategies"]:  # hypothesis's: lazily
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
     project = {"wabridge", "agent", "controller", "sim", "tests", "bench", "conftest",
                "firestore_emulator", "fleet", "harness", "fakes"}
     for path in paths:
@@ -521,10 +630,8 @@ def _preload(paths: list[str]) -> None:
                 # pytest plugins are left to pytest (it rewrites their asserts on import)
                 top = name.split(".")[0]
                 if top not in project and not top.startswith(("__", "pytest_", "_pytest")):
-                    try:
+                    with contextlib.suppress(ImportError):
                         importlib.import_module(name)
-                    except ImportError:
-                        pass
 
 
 @dataclass
@@ -572,7 +679,18 @@ def main(argv: list[str] | None = None) -> int:
         print(sum(len(m) for m in generated.values()), "mutants")
         return 0
 
+    # An explanation whose mutant no longer exists (the line changed) is stale: say so.
+    known = {m.key for muts in generated.values() for m in muts}
+    stale = sorted(k for k in EXPLAINED if k[0] in generated and k not in known)
+    for key in stale:
+        print(f"stale explanation (no such mutant any more): {key}", file=sys.stderr)
+
     started = time.monotonic()
+    # Every child imports the project's modules and pytest's rewritten test files afresh:
+    # let them share compiled bytecode (the venv's environment may say not to write it),
+    # kept out of the worktree.
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = str(Path(tempfile.gettempdir()) / "wabridge-mutate-pycache")
     _preload([*selected, *{t for m in selected for t in MODULES[m]}])
     reports = {m: ModuleReport(m, MODULES[m]) for m in selected}
 
@@ -619,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = rep.by_kind.setdefault(m.kind, [0, 0])
         kind[0] += 1
         if outcome.status == "survived":
+            print(f"  survived: {m.module}:{m.line} [{m.kind}] {m.description}",
+                  file=sys.stderr, flush=True)
             rep.survived += 1
             rep.survivors.append({
                 "line": m.line, "kind": m.kind, "mutation": m.description, "source": m.source,
@@ -651,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "make mutate  (python -m bench.mutate " + " ".join(args.modules) + ")",
         "when": stamp, "seconds": round(elapsed, 1), "jobs": args.jobs,
         "pytest_args": PYTEST_ARGS,
+        "stale_explanations": [list(k) for k in stale],
         "modules": {m: asdict(r) for m, r in reports.items()},
     }
     (out / f"mutate-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n",
@@ -665,8 +786,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(result: dict[str, object]) -> str:
-    modules = result["modules"]
-    assert isinstance(modules, dict)
+    modules = cast("dict[str, dict[str, Any]]", result["modules"])
     lines = [f"# Mutation testing ({result['when']})", "",
              f"`{result['command']}`: {result['seconds']} s, {result['jobs']} at a time. "
              "Score = mutants the tests catch (fail or time out) / all mutants; "

@@ -214,7 +214,8 @@ def test_env_booleans(text: str, value: bool) -> None:
      "config key 'claude.tools': '' is not a boolean (allowed: true, false)"),
     ("WABRIDGE__CLAUDE__MAX_PROCESSES", "2.5",
      "config key 'claude.max_processes': '2.5' is not an integer"),
-    ("WABRIDGE__WORKER__QR_TIMEOUT", "soon", "config key 'worker.qr_timeout': 'soon' is not a number"),
+    ("WABRIDGE__WORKER__QR_TIMEOUT", "soon",
+     "config key 'worker.qr_timeout': 'soon' is not a number"),
     ("WABRIDGE__WORKER__NOPE", "1",
      "config key 'worker.nope': unknown key (from environment) (allowed: backend, cpu_quota, "
      "memory_high, memory_max, qr_timeout, reconnect_timeout, sim_url, tasks_max, "
@@ -274,3 +275,82 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(a_dir, environ={})
     assert str(info.value) == f"config key '(file)': {a_dir} cannot be read: Is a directory"
+
+
+def test_the_default_file() -> None:
+    assert Path("/etc/wabridge/wabridge.toml") == config.DEFAULT_PATH
+
+
+def test_the_reference_table_starts_with_its_header() -> None:
+    lines = config.reference_markdown().splitlines()
+    assert lines[:3] == [
+        "| key | default | allowed | meaning |",
+        "|---|---|---|---|",
+        "| `controller.control_plane` | `'auto'` | auto, firestore, local | Where user sessions "
+        "are requested and reported. `auto` picks Firestore when Firebase credentials or an "
+        "emulator are configured, else the local SQLite store. |",
+    ]
+
+
+def test_the_example_file_layout() -> None:
+    lines = config.example_toml().splitlines()
+    assert lines[:7] == [
+        "# wabridge configuration. Every option is shown with its default, commented out.",
+        "# Environment variables WABRIDGE__SECTION__KEY override this file.",
+        "",
+        "[controller]",
+        "# Where user sessions are requested and reported. `auto` picks Firestore when "
+        "Firebase credentials or an emulator are configured, else the local SQLite store.",
+        "# allowed: auto, firestore, local",
+        '#control_plane = "auto"',
+    ]
+    # each section ends with a blank line before the next one
+    assert lines[lines.index("[firebase]") - 1] == ""
+    assert config.example_toml().endswith("\n#qr_rotate = 20.0\n")
+    assert "#tools = false" in lines
+    assert "#max_starting = 8" in lines
+
+
+_SIZE_KEYS = ("worker.memory_max", "worker.memory_high")
+_RULES: list[tuple[tuple[str, ...], list[str], list[str], str]] = [
+    # keys, accepted, refused, what the message says a value must be
+    (_SIZE_KEYS, ["0", "512", "512K", "1M", "100G", "2T", "80%", "12.5%", "0.25%", "infinity", ""],
+     ["lots", "K", "1KB", "1k", "1.5G", "x%", "1.%", "1.x%", ".5%", "%", "12.5", "infinity%",
+      "infinit", "-1G", " 1G"],
+     "a size, a percentage or infinity"),
+    (("worker.tasks_max",), ["0", "4096", "10%", "12.5%", "infinity", ""],
+     ["many", "K", "256K", "x%", "1.%", "1.x%", "%", "12.5", "-1"],
+     "a number, a percentage or infinity"),
+    (("worker.cpu_quota",), ["1%", "100%", "250%", ""],
+     ["100", "%", "x%", "1.5%", "infinity", "100%%"], "a percentage like 100%"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    (key, value) for keys, good, _, _ in _RULES for key in keys for value in good])
+def test_systemd_values_accepted(tmp_path: Path, key: str, value: str) -> None:
+    assert _load(tmp_path, key, value) == value
+
+
+@pytest.mark.parametrize(("key", "value", "what"), [
+    (key, value, what) for keys, _, bad, what in _RULES for key in keys for value in bad])
+def test_systemd_values_refused(tmp_path: Path, key: str, value: str, what: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, key, value)
+    assert info.value.key == key
+    assert info.value.problem == f"{value!r} is not {what}"
+
+
+@pytest.mark.parametrize(("value", "literal"), [
+    (True, "true"), (False, "false"), (8, "8"), (0.7, "0.7"), ("a\"b", '"a\\"b"'), ("", '""')])
+def test_defaults_as_toml_literals(value: Any, literal: str) -> None:
+    assert config._toml_literal(value) == literal
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "wabridge.toml"
+    path.write_text("[worker\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert str(info.value).startswith(f"config key '(file)': {path} is not valid TOML: ")
+    assert info.value.key == "(file)"

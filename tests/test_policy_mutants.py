@@ -75,7 +75,7 @@ def test_valid_settings(settings: dict[str, Any], expected: Policy) -> None:
 def test_the_defaults() -> None:
     assert Policy() == Policy(reply_to="everyone", allowlist=frozenset(), groups="mention",
                               commands_from="owner", daily_budget_usd=None)
-    assert policy.DEFAULT == Policy()
+    assert Policy() == policy.DEFAULT
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -132,3 +132,8 @@ def test_decisions_carry_their_reason_and_command() -> None:
     # commands from others are ordinary messages unless the rules would answer them
     allow = Policy(reply_to="allowlist", allowlist=frozenset({OWNER}), commands_from="everyone")
     assert policy.decide(_msg(text="/help"), allow, OWNER) == Decision("skip", "not_allowlisted")
+
+
+def test_a_setting_error_without_allowed_values_has_no_explanation() -> None:
+    error = InvalidSetting("settings.x", "bad")
+    assert (str(error), error.explanation) == ("setting 'settings.x': bad", "")

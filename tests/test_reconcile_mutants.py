@@ -270,3 +270,59 @@ def test_bad_user_id_message_in_full() -> None:
     assert for_doc(d, None) == [SetError(
         "a b", "bad_user_id", "user id 'a b' contains ' ' (use printable ASCII without spaces); "
         "this user id cannot name a worker unit")]
+
+
+# --- the facts systemd gives, and what they mean --------------------------------------------
+
+
+def test_cld_codes_are_the_kernels() -> None:
+    # systemd's ExecMainCode= is siginfo's si_code: CLD_EXITED 1, CLD_KILLED 2, CLD_DUMPED 3
+    assert (CLD_EXITED, CLD_KILLED, CLD_DUMPED) == (1, 2, 3)
+
+
+def test_a_unit_view_defaults_to_a_clean_unknown_unit() -> None:
+    assert UnitView("active") == UnitView("active", "", "success", 0, 0, 0, False, 0)
+    assert SetError(U, "code", "message") == SetError(U, "code", "message", "")
+
+
+@pytest.mark.parametrize(("unit", "kind"), [
+    # a stop that timed out ends in SIGKILL: still a timeout
+    (UnitView("failed", result="timeout", exec_main_code=CLD_KILLED, exec_main_status=9),
+     "timeout"),
+    # stopped with SIGTERM: systemd says "success", the process died of a signal
+    (UnitView("inactive", "dead", "success", 0, CLD_KILLED, 15), "signal"),
+    (UnitView("inactive", "dead", "success", 0, CLD_DUMPED, 6), "signal"),
+])
+def test_exit_kind_of_signals(unit: UnitView, kind: str) -> None:
+    assert exit_kind(unit) == kind
+
+
+def test_a_burst_of_one_is_reached_by_one_restart() -> None:
+    unit = UnitView("failed", "failed", "exit-code", 1, CLD_EXITED, 1, start_limit_burst=1)
+    assert crash_reason(unit) == ("exited with code 1 after 1 automatic restarts; systemd gave "
+                                  "up: start limit hit (StartLimitBurst=1)")
+
+
+def test_a_reloading_unit_is_running() -> None:
+    assert for_doc(doc("stopped"), UnitView("reloading")) == [Stop(U)]
+    assert for_doc(doc("connected"), UnitView("reloading")) == []
+
+
+def test_a_pairing_request_without_a_phone_says_so() -> None:
+    assert for_doc(doc("pairing_requested"), None)[0] == SetError(
+        U, "bad_pairing_phone",
+        "pairingPhone '' must be digits with country code (8-15 digits, no '+')")
+
+
+@pytest.mark.parametrize("code", [3, 2, 99])
+def test_an_exit_code_wabridge_does_not_define_is_just_stopped(code: int) -> None:
+    unit = UnitView("inactive", "dead", "exit-code", 0, CLD_EXITED, code)
+    assert for_unit(doc("connected"), U, unit)[1:] == [Update(U, {"status": "stopped"})]
+
+
+@pytest.mark.parametrize(("unit", "reset_failed"), [
+    (None, False), (INACTIVE, False), (ACTIVE, False), (FAILED, True)])
+def test_a_pairing_request_resets_only_a_failed_unit(unit: UnitView | None,
+                                                    reset_failed: bool) -> None:
+    actions = for_doc(doc("pairing_requested", pairingPhone="4915123456789"), unit)
+    assert actions[1] == Start(U, reset_failed=reset_failed)

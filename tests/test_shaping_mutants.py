@@ -131,3 +131,41 @@ def test_code_lines_wrap_at_the_width_left_by_the_fences() -> None:
     text = f"{F}\n" + "z" * 30 + f"\n{F}"
     assert split(text, 20) == [f"{F}\n{'z' * 12}\n{F}", f"{F}\n{'z' * 12}\n{F}",
                                f"{F}\n{'z' * 6}\n{F}"]
+
+
+@pytest.mark.parametrize(("markdown", "whatsapp"), [
+    # markup-looking runs with nothing inside are text
+    ("____", "____"),
+    ("~~~~", "~~~~"),
+    ("[a]()", "[a]()"),
+    # each pair closes at its nearest partner
+    ("__a__ and __b__", "*a* and *b*"),
+    ("[a](b)[c](d)", "a (b)c (d)"),
+    # an empty heading is an empty line, not a lone "**"
+    ("# ", ""),
+    ("a\n## ###\nb", "a\n\nb"),
+    # a rule has one or more columns and nothing after it; a row of dashes is data
+    ("| a |\n|---|\n| 1 |", "• a: 1"),
+    ("| a | b |\n|---|---|\n|Bob|---|", "• a: Bob, b: ---"),
+    ("| a | b |\n|---|---|\n|---| x |", "• a: ---, b: x"),
+    # pipes inside a sentence are no table
+    ("x | y | z", "x | y | z"),
+    # a double-backtick span keeps what is inside verbatim
+    ("``__a__``", "``__a__``"),
+])
+def test_more_to_whatsapp_rows(markdown: str, whatsapp: str) -> None:
+    assert to_whatsapp(markdown) == whatsapp
+
+
+def test_blank_lines_survive_a_cut_code_block() -> None:
+    text = f"{F}\naaaa\n\nbbbb\n\ncccc\n{F}"
+    assert split(text, 16) == [f"{F}\naaaa\n\n{F}", f"{F}\nbbbb\n\n{F}", f"{F}\ncccc\n{F}"]
+
+
+def test_a_code_block_of_exactly_the_limit_is_not_cut() -> None:
+    block = f"{F}abc\nxxxxxxxxx\n{F}"  # 20 characters, its tag longer than half the limit
+    assert split(f"{block}\n\nyyyy", 20) == [block, "yyyy"]
+
+
+def test_a_rule_with_text_after_it_is_a_row() -> None:
+    assert to_whatsapp("| a | b |\n|---|---|\n|---|x|") == "• a: ---, b: x"
