@@ -67,12 +67,8 @@ PYTEST_ARGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
 # Survivors judged by hand: (module, mutation, stripped source line) -> why it may survive.
 # "equivalent: ..." means no input can tell the mutant apart; "accepted: ..." a real change
 # that is deliberately left untested, with the reason.
-_ANCHORED = ("equivalent: the pattern is only used with re.match, which anchors at the "
-             "start already")
 _SIX_STARS = ("accepted: differs only on a line of six or more '*' (a Markdown thematic break), "
               "which both versions shorten; not a reply Claude writes")
-_PLACEHOLDER = ("accepted: differs only for text holding U+E000/U+E001, the private-use "
-                "characters _inline uses as placeholder brackets (never in Claude's replies)")
 _EVERY_FIELD = ("equivalent: every field is declared with _opt, whose metadata always holds "
                 "'allowed', so the .get() default is never used")
 EXPLAINED: dict[tuple[str, str, str], str] = {
@@ -80,28 +76,14 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      "if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)"):
         "equivalent: None is no key of _TERMINAL_FROM_EXIT, so `code in ...` alone is False "
         "for it",
-    ("agent/policy.py", "regex: '^' removed at 0", '_PHONE = re.compile(r"^\\d{6,15}$")'):
-        _ANCHORED,
     ("agent/policy.py", "operand 'not isinstance(value, str)' dropped",
      "if not isinstance(value, str) or value not in choices:"):
         "equivalent: a value that is not a str never equals one of the choice strings, so "
         "`value not in choices` refuses it too",
-    ("agent/commands.py", "regex: '^' removed at 0",
-     '_COMMAND = re.compile(r"^/([A-Za-z][A-Za-z0-9_-]{0,31})(?:\\s+(.*))?$", re.DOTALL)'):
-        _ANCHORED,
     ("agent/commands.py", "regex: '*' -> '+' at 38",
      '_COMMAND = re.compile(r"^/([A-Za-z][A-Za-z0-9_-]{0,31})(?:\\s+(.*))?$", re.DOTALL)'):
         "equivalent: the text is stripped first, so after \\s+ there is always a character "
         "for (.+) as for (.*)",
-    ("agent/commands.py", "1 -> 2", "window = max(1, info.context_window)"):
-        "accepted: differs only for a context window of 0 or 1 token; config refuses any "
-        "claude.context_window under 1000, the max() only guards a division by zero",
-    ("agent/shaping.py", "regex: '^' removed at 0", '_FENCE = re.compile(r"^```")'): _ANCHORED,
-    ("agent/shaping.py", "regex: '^' removed at 0",
-     '_HEADING = re.compile(r"^#{1,6}\\s+(.*?)\\s*#*\\s*$")'): _ANCHORED,
-    ("agent/shaping.py", "regex: '^' removed at 0",
-     '_TABLE_RULE = re.compile(r"^\\s*\\|?\\s*:?-{3,}:?\\s*(\\|\\s*:?-{3,}:?\\s*)*'
-     '\\|?\\s*$")'): _ANCHORED,
     ("agent/shaping.py", "regex: '?' removed at 4",
      '_TABLE_RULE = re.compile(r"^\\s*\\|?\\s*:?-{3,}:?\\s*(\\|\\s*:?-{3,}:?\\s*)*'
      '\\|?\\s*$")'):
@@ -116,23 +98,6 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      '_ITALIC_STAR = re.compile(r"(?<![*\\w])\\*(?!\\s)([^*\\n]+?)(?<!\\s)\\*(?![*\\w])")'):
         "equivalent: [^*\\n] cannot take the closing '*', so a lazy and a greedy run stop at "
         "the same star",
-    ("agent/shaping.py", "regex: \\d -> \\w at 2",
-     '_HOLE = re.compile("\\ue000(\\\\d+)\\ue001")  # placeholder for text that must stay '
-     'verbatim'): _PLACEHOLDER,
-    ("agent/shaping.py", "regex: '+' -> '*' at 3",
-     '_HOLE = re.compile("\\ue000(\\\\d+)\\ue001")  # placeholder for text that must stay '
-     'verbatim'): _PLACEHOLDER,
-    ("agent/shaping.py", "0 -> 1", "rows = 0  # body rows of the current table"):
-        "equivalent: rows is set with the header before it is read",
-    ("agent/shaping.py", "+ -> -", "rows += 1"):
-        "equivalent: rows is only compared with 0, and a count going down never returns to it",
-    ("agent/shaping.py", "1 -> 2", "rows += 1"):
-        "equivalent: rows is only compared with 0",
-    ("agent/shaping.py", "operand 'len(lines) > 1' dropped",
-     "closed = len(lines) > 1 and _is_fence(lines[-1])"):
-        "equivalent: with one line, the body is empty whether the block counts as closed or not",
-    ("agent/shaping.py", "> -> >=", "closed = len(lines) > 1 and _is_fence(lines[-1])"):
-        "equivalent: with one line, the body is empty whether the block counts as closed or not",
     ("wabridge/config.py", "'' -> 'XX'", 'allowed=fdef.metadata.get("allowed", ""),'):
         _EVERY_FIELD,
     ("wabridge/config.py", "'' -> 'XX'",
@@ -143,9 +108,36 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("wabridge/config.py", "'' -> 'XX'",
      'default = fdef.default if fdef.default is not MISSING else ""'):
         "equivalent: every key has a default (the schema's _opt requires one)",
+    ("agent/shaping.py", "// -> /",
+     "if len(opening) + 5 > limit // 2:  # an absurd language tag: drop it"):
+        "equivalent: for a whole number n, n > limit // 2 exactly when n > limit / 2",
+    ("agent/shaping.py", "operand 'line' dropped", "if len(candidate) > limit and line:"):
+        "equivalent: with no line yet the candidate is one word or sentence, already cut to "
+        "the limit",
+    ("agent/shaping.py", "operand 'chunk' dropped",
+     'if chunk and len("\\n".join([*chunk, line])) > width:'):
+        "equivalent: a single line is already cut to the width, so an empty chunk never "
+        "overflows",
+    ("agent/shaping.py", "1 -> 2",
+     "line = _LINK.sub(lambda m: m.group(1) if m.group(1) == m.group(2) else"):
+        "equivalent: this branch is taken when both groups are equal",
+    ("wabridge/units.py", "':_.' -> 'XX:_.XX'",
+     '_KEEP = frozenset(string.ascii_letters + string.digits + ":_.")'):
+        "equivalent: 'X' is an ASCII letter, kept already",
+    ("wabridge/units.py", "operand 'c.isascii()' dropped",
+     'safe = "".join(c for c in user_id.lower() if c.isascii() and c.isalnum())[:16]'):
+        "equivalent: validate_user_id has refused every non-ASCII id before this line",
+    ("wabridge/config.py", "regex: '+' -> '*' at 1",
+     'check=_matches(r"\\d+|\\d+(\\.\\d+)?%|infinity", "a number, a percentage or infinity"),'):
+        "equivalent: \\d* adds only the empty string, which _matches accepts before the "
+        "pattern (empty: the unit file's value)",
     ("wabridge/config.py", "operand 'not sep' dropped",
      "if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:"):
         "equivalent: without ':' rpartition leaves the host empty, which `not host` refuses",
+    ("agent/shaping.py", "False -> True", "has_rows = False  # the current table has body rows"):
+        "equivalent: has_rows is set with the header before it is read",
+    ("agent/shaping.py", "regex: '+' -> '*' at 15", '_URL = re.compile(r"https?://[^\\s()]+")'):
+        "equivalent: an empty tail holds just 'http(s)://', which has no markup to protect",
 }
 
 
@@ -261,8 +253,34 @@ def _regex_tokens(pattern: str) -> list[str]:
     return tokens
 
 
-def regex_mutants(pattern: str) -> list[tuple[str, str]]:
-    """(new pattern, description) pairs: each still compiles and differs from ``pattern``."""
+def _match_only(tree: ast.Module) -> set[int]:
+    """ids of the pattern constants of module-level ``NAME = re.compile(...)`` whose every use
+    is ``NAME.match(...)``: re.match anchors at the start, so their '^' is no decision."""
+    compiled: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call) \
+                and isinstance(node.value.func, ast.Attribute) \
+                and node.value.func.attr == "compile" and node.value.args:
+            compiled[node.targets[0].id] = id(node.value.args[0])
+    uses: dict[str, set[str]] = {name: set() for name in compiled}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in uses:
+            uses[node.value.id].add(node.attr)
+        elif isinstance(node, ast.Name) and node.id in uses and isinstance(node.ctx, ast.Load):
+            uses[node.id].add("")  # passed around: anything may be done with it
+    attr_names = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    for node in ast.walk(tree):  # a bare Load that is not the base of an attribute
+        if isinstance(node, ast.Name) and node.id in uses and id(node) not in attr_names \
+                and isinstance(node.ctx, ast.Load):
+            uses[node.id].add("?")
+    return {compiled[name] for name, attrs in uses.items() if attrs - {""} == {"match"}}
+
+
+def regex_mutants(pattern: str, match_only: bool = False) -> list[tuple[str, str]]:
+    """(new pattern, description) pairs: each still compiles and differs from ``pattern``.
+    ``match_only``: the pattern is only used with re.match, so a leading '^' is kept."""
     toks = _regex_tokens(pattern)
     out: list[tuple[str, str]] = []
 
@@ -289,7 +307,7 @@ def regex_mutants(pattern: str) -> list[tuple[str, str]]:
             with_tok(i, "+", "'*' -> '+'")
         elif tok == "?" and prev not in ("(", ""):
             with_tok(i, "", "'?' removed")
-        elif tok == "^" and i == 0:
+        elif tok == "^" and i == 0 and not match_only:
             with_tok(i, "", "'^' removed")
         elif tok == "$" and i == len(toks) - 1:
             with_tok(i, "", "'$' removed")
@@ -407,14 +425,20 @@ def mutants_of(module: str, source: str) -> list[Mutant]:
     lines = source.splitlines()
     skip = _skipped_nodes(tree)
     regexes = _regex_nodes(tree)
+    match_only = _match_only(tree)
     nodes = list(ast.walk(tree))
     found: list[Mutant] = []
+
+    seen: dict[tuple[str, int], int] = {}
 
     def add(index: int, node: ast.AST, kind: str, description: str,
             apply: Callable[[ast.AST], None]) -> None:
         line = getattr(node, "lineno", 0)
-        found.append(Mutant(module, index, kind, description, line,
-                            lines[line - 1].strip() if line else "", apply))
+        # the same edit twice on one line (two 1s): number the later ones, so that each
+        # mutant has its own key in EXPLAINED
+        n = seen[description, line] = seen.get((description, line), 0) + 1
+        found.append(Mutant(module, index, kind, description if n == 1 else f"{description} #{n}",
+                            line, lines[line - 1].strip() if line else "", apply))
 
     def at(index: int) -> Callable[[Callable[[ast.AST, ast.AST], None]], Callable[[ast.AST], None]]:
         """Wrap an edit of the node at ``index`` into an edit of a fresh copy of the tree."""
@@ -472,7 +496,7 @@ def mutants_of(module: str, source: str) -> list[Mutant]:
         elif isinstance(node, ast.Constant):
             value = node.value
             if id(node) in regexes:
-                for new, what in regex_mutants(value):
+                for new, what in regex_mutants(str(value), id(node) in match_only):
                     def set_re(_t: ast.AST, n: ast.AST, new: str = new) -> None:
                         n.value = new  # type: ignore[attr-defined]
                     add(i, node, "regex", f"regex: {what}", at(i)(set_re))
@@ -599,8 +623,8 @@ def run_all(jobs: list[tuple[str, list[str], types.CodeType | None]], timeout: l
             time.sleep(0.005)
             continue
         k, start = running.pop(pid)
-        code = os.waitstatus_to_exitcode(status)
-        on_done(k, Outcome("survived" if code == 0 else "killed", time.monotonic() - start))
+        rc = os.waitstatus_to_exitcode(status)
+        on_done(k, Outcome("survived" if rc == 0 else "killed", time.monotonic() - start))
 
 
 def _preload(paths: list[str]) -> None:
@@ -639,6 +663,7 @@ class ModuleReport:
     module: str
     tests: list[str]
     baseline_seconds: float = 0.0
+    mutant_seconds: float = 0.0  # the mutants' test runs, added up
     mutants: int = 0
     killed: int = 0
     timeouts: int = 0
@@ -724,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # not a program: not a mutant
             jobs.append((module, MODULES[module], code))
             index.append(m)
-            timeouts.append(max(10.0, 4 * reports[module].baseline_seconds))
+            # generous: a machine shared with other jobs must not turn a slow run into a kill
+            timeouts.append(max(30.0, 8 * reports[module].baseline_seconds))
             reports[module].mutants += 1
 
     done = 0
@@ -734,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         done += 1
         m = index[k]
         rep = reports[m.module]
+        rep.mutant_seconds = round(rep.mutant_seconds + outcome.seconds, 1)
         kind = rep.by_kind.setdefault(m.kind, [0, 0])
         kind[0] += 1
         if outcome.status == "survived":
@@ -768,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": "make mutate  (python -m bench.mutate " + " ".join(args.modules) + ")",
+        "command": " ".join(["python -m bench.mutate", *args.modules]),
         "when": stamp, "seconds": round(elapsed, 1), "jobs": args.jobs,
         "pytest_args": PYTEST_ARGS,
         "stale_explanations": [list(k) for k in stale],
@@ -791,12 +818,12 @@ def _summary(result: dict[str, object]) -> str:
              f"`{result['command']}`: {result['seconds']} s, {result['jobs']} at a time. "
              "Score = mutants the tests catch (fail or time out) / all mutants; "
              "'w/o equivalent' leaves out the survivors no test could tell apart.", "",
-             "| module | mutants | caught | survived | score | w/o equivalent | tests |",
-             "|---|---|---|---|---|---|---|"]
+             "| module | mutants | caught | survived | score | w/o equivalent | test s | tests |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rep in modules.items():
         lines.append(f"| `{name}` | {rep['mutants']} | {rep['killed'] + rep['timeouts']} | "
                      f"{rep['survived']} | {rep['score']} % | {rep['score_without_equivalent']} % "
-                     f"| {', '.join(rep['tests'])} |")
+                     f"| {rep['mutant_seconds']} | {', '.join(rep['tests'])} |")
     for name, rep in modules.items():
         if not rep["survivors"]:
             continue

@@ -51,3 +51,17 @@ def test_status_text_in_full_with_a_full_window_and_a_small_budget() -> None:
 def test_status_percent_rounds(tokens: int, percent: str) -> None:
     line = commands.status_text(_info(tokens, 0.0)).splitlines()[1]
     assert line.endswith(percent)
+
+
+@pytest.mark.parametrize("window", [0, -1])
+def test_status_without_a_known_window_shows_no_share(window: int) -> None:
+    info = StatusInfo(context_tokens=5_000, context_window=window, session_turns=1,
+                      total_turns=1, cost_today_usd=0.0, daily_budget_usd=0.0, model="",
+                      summaries=0)
+    assert commands.status_text(info).splitlines()[1] == "Context used: 5,000 tokens"
+
+
+def test_status_with_a_one_token_window() -> None:
+    info = StatusInfo(context_tokens=1, context_window=1, session_turns=1, total_turns=1,
+                      cost_today_usd=0.0, daily_budget_usd=0.0, model="", summaries=0)
+    assert commands.status_text(info).splitlines()[1] == "Context used: 1 of 1 tokens (100%)"

@@ -169,3 +169,40 @@ def test_a_code_block_of_exactly_the_limit_is_not_cut() -> None:
 
 def test_a_rule_with_text_after_it_is_a_row() -> None:
     assert to_whatsapp("| a | b |\n|---|---|\n|---|x|") == "• a: ---, b: x"
+
+
+def test_table_cells_next_to_the_bars_keep_their_letters() -> None:
+    assert to_whatsapp("|X|Y|\n|---|---|\n|1|X|") == "• X: 1, Y: X"
+
+
+def test_tiny_limits_are_still_limits() -> None:
+    assert split(f"{F}\nab\n{F}", 9) == [f"{F}\na\n{F}", f"{F}\nb\n{F}"]
+
+
+def test_a_code_piece_is_filled_up_to_the_width_exactly() -> None:
+    # limit 20 leaves 12 characters of body: "aaaaa\nbbbbbb" fills it exactly
+    assert split(f"{F}\naaaaa\nbbbbbb\ncc\n{F}", 20) == [f"{F}\naaaaa\nbbbbbb\n{F}",
+                                                         f"{F}\ncc\n{F}"]
+
+
+def test_a_sentence_that_fits_is_kept_as_written() -> None:
+    assert split("aa  bb. cc", 7) == ["aa  bb.", "cc"]
+
+
+def test_a_text_of_exactly_the_limit_is_one_message_as_written() -> None:
+    assert split("a\n\n\nb", 6) == ["a\n\n\nb"]
+    assert split(" a\n\nb ", 6) == [" a\n\nb "]
+
+
+@pytest.mark.parametrize("text", [
+    "a\ue0000\ue001b **c**",  # what looks like a placeholder is the text's own
+    "\ue000\ue001",
+    "\ue000x\ue001 `y`",
+    "\ue0001",
+])
+def test_private_use_characters_in_a_reply_come_back_as_they_were(text: str) -> None:
+    assert to_whatsapp(text) == text.replace("**c**", "*c*")
+
+
+def test_an_empty_code_block_with_a_huge_tag_is_not_lost() -> None:
+    assert split(f"{F}{'x' * 30}\n{F}", 20) == [f"{F}\n\n{F}"]
