@@ -71,6 +71,10 @@ _SIX_STARS = ("accepted: differs only on a line of six or more '*' (a Markdown t
               "which both versions shorten; not a reply Claude writes")
 _EVERY_FIELD = ("equivalent: every field is declared with _opt, whose metadata always holds "
                 "'allowed', so the .get() default is never used")
+_HOLE_LINE = ('_HOLE = re.compile("\\ue000(\\\\d+)\\ue001")  # placeholder for text that must '
+              'stay verbatim')
+_ONLY_PLACEHOLDERS = ("equivalent: the text's own U+E000/U+E001 are held first, so the only ones "
+                      "left are the placeholders, with digits between them")
 EXPLAINED: dict[tuple[str, str, str], str] = {
     ("controller/reconcile.py", "operand 'code is not None' dropped",
      "if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)"):
@@ -134,6 +138,8 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("wabridge/config.py", "operand 'not sep' dropped",
      "if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:"):
         "equivalent: without ':' rpartition leaves the host empty, which `not host` refuses",
+    ("agent/shaping.py", "regex: \\d -> \\w at 2", _HOLE_LINE): _ONLY_PLACEHOLDERS,
+    ("agent/shaping.py", "regex: '+' -> '*' at 3", _HOLE_LINE): _ONLY_PLACEHOLDERS,
     ("agent/shaping.py", "False -> True", "has_rows = False  # the current table has body rows"):
         "equivalent: has_rows is set with the header before it is read",
     ("agent/shaping.py", "regex: '+' -> '*' at 15", '_URL = re.compile(r"https?://[^\\s()]+")'):
