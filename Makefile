@@ -35,7 +35,7 @@ bench: venv
 chaos: venv
 	$(PY) -m bench.chaos
 
-# Mutation testing of the pure decision modules against their fast tests (~10 min on 2 cores);
+# Mutation testing of the pure decision modules against their fast tests (6 min on 2 cores);
 # MODULES="agent/budget.py ..." for some of them. Report: bench/results/mutate-*.md and .json
 mutate: venv
 	$(PY) -m bench.mutate $(MODULES)
