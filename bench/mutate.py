@@ -263,12 +263,12 @@ def _match_only(tree: ast.Module) -> set[int]:
     """ids of the pattern constants of module-level ``NAME = re.compile(...)`` whose every use
     is ``NAME.match(...)``: re.match anchors at the start, so their '^' is no decision."""
     compiled: dict[str, int] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
-                and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call) \
-                and isinstance(node.value.func, ast.Attribute) \
-                and node.value.func.attr == "compile" and node.value.args:
-            compiled[node.targets[0].id] = id(node.value.args[0])
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 \
+                and isinstance(stmt.targets[0], ast.Name) and isinstance(stmt.value, ast.Call) \
+                and isinstance(stmt.value.func, ast.Attribute) \
+                and stmt.value.func.attr == "compile" and stmt.value.args:
+            compiled[stmt.targets[0].id] = id(stmt.value.args[0])
     uses: dict[str, set[str]] = {name: set() for name in compiled}
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent import commands
-from agent.commands import Command, StatusInfo
+from agent.commands import ChatCommand, StatusInfo
 
 
 def test_help_and_reset_texts_in_full() -> None:
@@ -16,14 +16,14 @@ def test_help_and_reset_texts_in_full() -> None:
         "/help - this text"
     )
     assert commands.RESET_TEXT == "New conversation started. I have forgotten our earlier messages."
-    assert commands.unknown_text(Command("x")) == f"Unknown command /x.\n\n{commands.HELP_TEXT}"
+    assert commands.unknown_text(ChatCommand("x")) == f"Unknown command /x.\n\n{commands.HELP_TEXT}"
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("/" + "a" * 32, Command("a" * 32)),  # the longest command word: 32 characters
+    ("/" + "a" * 32, ChatCommand("a" * 32)),  # the longest command word: 32 characters
     ("/" + "a" * 33, None),
 ])
-def test_command_word_length(text: str, expected: Command | None) -> None:
+def test_command_word_length(text: str, expected: ChatCommand | None) -> None:
     assert commands.parse(text) == expected
 
 

@@ -11,57 +11,57 @@ import calendar
 
 import pytest
 
-from agent.outcomes import Decision, decide
+from agent.outcomes import Outcome, decide
 from agent.whatsapp import events as ev
 from wabridge.errors import ExitCode
 from wabridge.status import WorkerState as W
 
 UNTIL = float(calendar.timegm((2030, 1, 2, 3, 4, 0, 0, 0, 0)))
 
-DECISIONS: list[tuple[ev.Event, Decision]] = [
-    (ev.QrCode(code="2@abc"), Decision(W.WAITING_QR, "waiting for QR scan")),
+DECISIONS: list[tuple[ev.Event, Outcome]] = [
+    (ev.QrCode(code="2@abc"), Outcome(W.WAITING_QR, "waiting for QR scan")),
     (ev.PairingCode(code="ABCD-EFGH"),
-     Decision(W.PAIRING, "enter pairing code ABCD-EFGH on the phone")),
+     Outcome(W.PAIRING, "enter pairing code ABCD-EFGH on the phone")),
     (ev.Connected(jid="4915@s.whatsapp.net", phone="4915"),
-     Decision(W.CONNECTED, "connected as +4915", stop_reconnect_clock=True)),
+     Outcome(W.CONNECTED, "connected as +4915", stop_reconnect_clock=True)),
     (ev.Disconnected(reason="socket closed"),
-     Decision(W.DISCONNECTED, "reconnecting: socket closed", start_reconnect_clock=True)),
+     Outcome(W.DISCONNECTED, "reconnecting: socket closed", start_reconnect_clock=True)),
     (ev.LoggedOut(reason="removed"),
-     Decision(W.LOGGED_OUT, "logged out from the phone: removed; link again with a new QR scan",
+     Outcome(W.LOGGED_OUT, "logged out from the phone: removed; link again with a new QR scan",
               ExitCode.LOGGED_OUT, wipe_session=True)),
     (ev.LoggedOut(),
-     Decision(W.LOGGED_OUT, "logged out from the phone; link again with a new QR scan",
+     Outcome(W.LOGGED_OUT, "logged out from the phone; link again with a new QR scan",
               ExitCode.LOGGED_OUT, wipe_session=True)),
     (ev.StreamReplaced(),
-     Decision(W.REPLACED, "another client took over this WhatsApp session; not reconnecting",
+     Outcome(W.REPLACED, "another client took over this WhatsApp session; not reconnecting",
               ExitCode.REPLACED)),
     (ev.TemporaryBan(reason="spam", expires_at=UNTIL),
-     Decision(W.BANNED, "temporarily banned by WhatsApp (spam) until 2030-01-02 03:04 UTC",
+     Outcome(W.BANNED, "temporarily banned by WhatsApp (spam) until 2030-01-02 03:04 UTC",
               ExitCode.BANNED)),
     (ev.TemporaryBan(reason="spam", expires_at=None),
-     Decision(W.BANNED, "temporarily banned by WhatsApp (spam) until unknown", ExitCode.BANNED)),
+     Outcome(W.BANNED, "temporarily banned by WhatsApp (spam) until unknown", ExitCode.BANNED)),
     (ev.ClientOutdated(),
-     Decision(W.OUTDATED, "WhatsApp rejected this client version (405): upgrade wabridge",
+     Outcome(W.OUTDATED, "WhatsApp rejected this client version (405): upgrade wabridge",
               ExitCode.OUTDATED)),
     (ev.ConnectFailure(reason="401 unauthorized", permanent=True),
-     Decision(W.LOGGED_OUT, "connection refused for good: 401 unauthorized",
+     Outcome(W.LOGGED_OUT, "connection refused for good: 401 unauthorized",
               ExitCode.LOGGED_OUT, wipe_session=True)),
     (ev.ConnectFailure(reason="503 unavailable", permanent=False),
-     Decision(W.DISCONNECTED, "connect failed: 503 unavailable", start_reconnect_clock=True)),
+     Outcome(W.DISCONNECTED, "connect failed: 503 unavailable", start_reconnect_clock=True)),
     (ev.QrExpired(),
-     Decision(W.QR_EXPIRED, "no QR code was scanned in time; request the link again",
+     Outcome(W.QR_EXPIRED, "no QR code was scanned in time; request the link again",
               ExitCode.QR_EXPIRED)),
     (ev.IncomingMessage(wa_id="w", chat_id="c", sender="s", text="hi", timestamp=1.0),
-     Decision(None)),
+     Outcome(None)),
 ]
 
 
 @pytest.mark.parametrize(("event", "decision"), DECISIONS,
                          ids=[f"{type(e).__name__}-{k}" for k, (e, _) in enumerate(DECISIONS)])
-def test_whole_decision(event: ev.Event, decision: Decision) -> None:
+def test_whole_decision(event: ev.Event, decision: Outcome) -> None:
     assert decide(event) == decision
 
 
 def test_a_decision_reports_nothing_by_default() -> None:
-    assert Decision(None) == Decision(None, "", None, wipe_session=False,
+    assert Outcome(None) == Outcome(None, "", None, wipe_session=False,
                                       start_reconnect_clock=False, stop_reconnect_clock=False)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from agent import policy
-from agent.commands import Command
-from agent.policy import Decision, InvalidSetting, Policy
+from agent.commands import ChatCommand
+from agent.policy import InvalidSetting, MessageDecision, Policy
 from agent.whatsapp.events import IncomingMessage
 
 OWNER = "4915100000001"
@@ -33,7 +33,7 @@ ALICE = "4915100000002"
      "(allowed: list of phone numbers, digits with country code)"),
     ({"allowlist": (ALICE, 5)},
      "setting 'settings.allowlist[1]': 5 is not a phone number "
-     "(allowed: digits with country code, e.g. 4915112345678)"),
+     "(allowed: digits with country code, 7-15 digits, no '+', e.g. 4915112345678)"),
     ({"reply_to": "allowlist", "allowlist": []},
      "setting 'settings.allowlist': is empty but reply_to is allowlist "
      "(allowed: at least one phone number)"),
@@ -79,7 +79,7 @@ def test_the_defaults() -> None:
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
-    ("123456", "123456"), ("12345", None),  # 6 to 15 digits
+    ("1234567", "1234567"), ("123456", None),  # 7 to 15 digits (wabridge.phone)
     ("123456789012345", "123456789012345"), ("1234567890123456", None),
     ("+(49) 151\t1234-5678", "4915112345678"),
     ("49+15112345678", None),  # a "+" only in front
@@ -124,16 +124,20 @@ def test_is_self_chat(message: IncomingMessage, owner: str, expected: bool) -> N
 
 def test_decisions_carry_their_reason_and_command() -> None:
     reset = _msg(sender=OWNER, text="/reset")
-    assert policy.decide(reset, Policy(), OWNER) == Decision("command", "owner", Command("reset"))
-    assert Decision("skip") == Decision("skip", "", None)
+    assert policy.decide(reset, Policy(), OWNER) == MessageDecision(
+        "command", "owner", ChatCommand("reset"))
+    assert MessageDecision("skip") == MessageDecision("skip", "", None)
     everyone = Policy(commands_from="everyone")
-    assert policy.decide(_msg(text="/help"), everyone, OWNER) == Decision(
-        "command", "everyone", Command("help"))
+    assert policy.decide(_msg(text="/help"), everyone, OWNER) == MessageDecision(
+        "command", "everyone", ChatCommand("help"))
     # commands from others are ordinary messages unless the rules would answer them
     allow = Policy(reply_to="allowlist", allowlist=frozenset({OWNER}), commands_from="everyone")
-    assert policy.decide(_msg(text="/help"), allow, OWNER) == Decision("skip", "not_allowlisted")
+    assert policy.decide(_msg(text="/help"), allow, OWNER) == MessageDecision(
+        "skip", "not_allowlisted")
 
 
-def test_a_setting_error_without_allowed_values_has_no_explanation() -> None:
+def test_a_setting_error_without_allowed_values_has_the_general_explanation() -> None:
     error = InvalidSetting("settings.x", "bad")
-    assert (str(error), error.explanation) == ("setting 'settings.x': bad", "")
+    assert (str(error), error.explanation) == (
+        "setting 'settings.x': bad",
+        "fix the setting on the user's document; the previous settings stay in force")

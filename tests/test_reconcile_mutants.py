@@ -34,6 +34,8 @@ from wabridge.errors import ExitCode
 from wabridge.status import DocStatus as S
 
 U = "alice"
+#: what a stopped document says besides its status, written out (reconcile.stopped_fields)
+STOPPED = {"status": "stopped", "statusDetail": "stopped", "metrics": {"claudeProcesses": 0}}
 
 
 def doc(status: str | None, **fields: object) -> SessionDoc:
@@ -76,7 +78,7 @@ def _ended(status: str, code: int) -> Update:
     ("connected", ACTIVE, 10, []),
     # not a running status: the exit changes nothing
     ("stopped", None, 10, []),
-    ("stopping", None, 10, [Update(U, {"status": "stopped"})]),
+    ("stopping", None, 10, [Update(U, STOPPED)]),
     ("logged_out", None, 10, []),
 ])
 def test_reconcile_takes_the_outcome_of_a_worker_that_ended(
@@ -260,8 +262,8 @@ def test_a_huge_unknown_status_is_cut_in_the_message() -> None:
 def test_bad_pairing_phone_message_in_full() -> None:
     assert for_doc(doc("pairing_requested", pairingPhone="+49"), None) == [
         SetError(U, "bad_pairing_phone",
-                 "pairingPhone '+49' must be digits with country code (8-15 digits, no '+')"),
-        Update(U, {"status": "stopped"}),
+                 "pairingPhone '+49' must be digits with country code, 7-15 digits, no '+'"),
+        Update(U, STOPPED),
     ]
 
 
@@ -311,13 +313,13 @@ def test_a_reloading_unit_is_running() -> None:
 def test_a_pairing_request_without_a_phone_says_so() -> None:
     assert for_doc(doc("pairing_requested"), None)[0] == SetError(
         U, "bad_pairing_phone",
-        "pairingPhone '' must be digits with country code (8-15 digits, no '+')")
+        "pairingPhone '' must be digits with country code, 7-15 digits, no '+'")
 
 
 @pytest.mark.parametrize("code", [3, 2, 99])
 def test_an_exit_code_wabridge_does_not_define_is_just_stopped(code: int) -> None:
     unit = UnitView("inactive", "dead", "exit-code", 0, CLD_EXITED, code)
-    assert for_unit(doc("connected"), U, unit)[1:] == [Update(U, {"status": "stopped"})]
+    assert for_unit(doc("connected"), U, unit)[1:] == [Update(U, STOPPED)]
 
 
 @pytest.mark.parametrize(("unit", "reset_failed"), [

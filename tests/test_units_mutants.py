@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from wabridge.errors import UserIdError
@@ -92,13 +90,6 @@ def test_system_user_name_written_out(user_id: str, name: str) -> None:
 def test_system_user_name_refuses_an_invalid_id() -> None:
     with pytest.raises(UserIdError):
         system_user_name("a b")
-
-
-def test_the_template_names_the_shipped_unit_file() -> None:
-    from wabridge.units import WORKER_TEMPLATE  # noqa: PLC0415 - the one name this test is about
-
-    assert WORKER_TEMPLATE == "wabridge-worker@.service"
-    assert (Path(__file__).resolve().parent.parent / "systemd" / WORKER_TEMPLATE).is_file()
 
 
 def test_a_dash_unescapes_to_a_slash_which_no_id_has() -> None:
