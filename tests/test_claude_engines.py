@@ -47,6 +47,7 @@ from test_engine import (
 )
 
 from agent import budget, rotation
+from agent.claude_api import request_messages
 from agent.engine import BUDGET_NOTICE
 from agent.whatsapp.events import Image, IncomingMessage
 
@@ -262,3 +263,32 @@ async def test_a_user_switches_to_the_api_engine_and_keeps_the_conversation(
     problem = rig.engine.update_settings({"engine": "claude"})
     assert problem is not None and problem.key == "settings.engine"
     assert rig.engine.conversations is rig.api  # a bad value keeps the previous choice
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        ([], []),
+        ([("user", [{"type": "text", "text": "a"}])],
+         [{"role": "user", "content": [{"type": "text", "text": "a"}]}]),
+        # a failed turn left a user message unanswered: merged into the next, as the CLI does
+        ([("user", [{"type": "text", "text": "a"}]), ("user", [{"type": "text", "text": "b"}]),
+          ("assistant", [{"type": "text", "text": "c"}])],
+         [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                       {"type": "text", "text": "b"}]},
+          {"role": "assistant", "content": [{"type": "text", "text": "c"}]}]),
+    ],
+)
+def test_request_messages(stored: list[tuple[str, list[dict[str, Any]]]],
+                          expected: list[dict[str, Any]]) -> None:
+    assert request_messages(stored) == expected
+    assert stored == [] or stored[0][1][0]["text"] == "a"  # the stored lists are not changed
+
+
+@pytest.mark.parametrize("engine", ["api"])
+async def test_the_api_engine_without_a_key_apologises(
+        make_rig: MakeRig, api: FakeAnthropicAPI) -> None:
+    rig = await make_rig(api_key=None)
+    rig.incoming("hello")
+    assert (await rig.wait_sent(1, jid(ALICE))) == ["SORRY-APOLOGY"]
+    assert api.message_requests() == []

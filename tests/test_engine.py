@@ -112,7 +112,8 @@ class Rig:
                  idle_timeout: float = 600.0, turn_timeout: float = 20.0,
                  resume_max_bytes: int = 10_000_000, conv: ConversationConfig = CONV,
                  limits: LimitsConfig = LIMITS, clock: Callable[[], float] = time.time,
-                 rng: Callable[[], float] = lambda: 0.0, engine: EngineName = "cli") -> None:
+                 rng: Callable[[], float] = lambda: 0.0, engine: EngineName = "cli",
+                 api_key: str | None = "sk-ant-test") -> None:
         assert CLI is not None
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -128,7 +129,7 @@ class Rig:
         self.api = ApiConversations(
             ApiSettings(model="claude-test", price=API_PRICE,
                         system_prompt="You answer WhatsApp messages.", max_tokens=1024,
-                        turn_timeout=turn_timeout, api_key="sk-ant-test",
+                        turn_timeout=turn_timeout, api_key=api_key,
                         base_url=api.base_url), self.store)
         self.summaries: list[tuple[str, int, str]] = []
         self.reports: list[tuple[str, str, str, str, str]] = []
