@@ -15,7 +15,7 @@ key                 values                                          default
 ``groups``          ``off`` | ``mention`` | ``all``                 mention
 ``commands_from``   ``owner`` | ``everyone``                        owner
 ``daily_budget_usd``number >= 0 (0: no cap)                         [limits]
-``engine``          ``cli`` | ``api`` (how chats talk to Claude)     [claude]
+``engine``          ``cli`` | ``api`` (how chats talk to Claude)    [claude]
 ==================  ==============================================  ===========
 
 :func:`decide` (pure) says what to do with one message, in this order:

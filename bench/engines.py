@@ -78,7 +78,7 @@ def footprint(exclude: set[int]) -> tuple[int, float]:
 
 async def run_engine(name: str, base_url: str, root: Path, chats: int, turns: int,
                      exclude: set[int]) -> dict[str, Any]:
-    root.mkdir(parents=True)
+    await asyncio.to_thread(root.mkdir, parents=True)
     store = Store(root / "agent.db")
     wa = BenchWhatsApp()
     cli = bundled_cli()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -49,7 +51,11 @@ from test_engine import (
 from agent import budget, rotation
 from agent.claude_api import request_messages
 from agent.engine import BUDGET_NOTICE
+from agent.main import api_settings
 from agent.whatsapp.events import Image, IncomingMessage
+from wabridge import claude_cli, config
+from wabridge.config import Config
+from wabridge.errors import ConfigError
 
 pytestmark = [
     pytest.mark.claude,
@@ -292,3 +298,28 @@ async def test_the_api_engine_without_a_key_apologises(
     rig.incoming("hello")
     assert (await rig.wait_sent(1, jid(ALICE))) == ["SORRY-APOLOGY"]
     assert api.message_requests() == []
+
+
+def test_api_settings_use_the_key_and_url_the_cli_would(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-shared")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    cfg = Config()
+    settings = api_settings(cfg)
+    assert (settings.api_key, settings.base_url) == ("sk-shared", "http://127.0.0.1:9")
+    assert settings.model == config.api_model(cfg.claude) and settings.price.input > 0
+    (tmp_path / claude_cli.API_KEY_CREDENTIAL).write_text("sk-own\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert api_settings(cfg).api_key == "sk-own"  # the user's own key (apiKeyRef) first
+    with pytest.raises(ConfigError) as info:
+        api_settings(replace(cfg, claude=replace(cfg.claude, model="claude-unpriced")))
+    assert info.value.key == "claude.api_prices"
+
+
+def test_a_worker_imports_the_sdk_only_for_an_api_turn() -> None:
+    """The SDK costs ~65 MB: a worker whose chats run on the CLI never loads it."""
+    code = ("import sys, agent.main, agent.claude_api; print('anthropic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert out.strip() == "False"
