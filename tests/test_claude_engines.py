@@ -15,13 +15,11 @@ import io
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from fakes.anthropic_api import (
     FakeAnthropicAPI,
     RecordedRequest,
@@ -36,12 +34,11 @@ from test_engine import (
     API_PRICE,
     CLI,
     LIMITS,
-    OWNER,
     SUMMARY,
     MakeRig,
-    Rig,
-    _cli_processes,
+    api,
     jid,
+    make_rig,
     rotating_responder,
     texts,
     turn_requests,
@@ -57,6 +54,8 @@ from wabridge import claude_cli, config
 from wabridge.config import Config
 from wabridge.errors import ConfigError
 
+__all__ = ["api", "make_rig"]  # fixtures shared with test_engine.py
+
 pytestmark = [
     pytest.mark.claude,
     pytest.mark.timeout(60),
@@ -67,28 +66,6 @@ pytestmark = [
 @pytest.fixture(params=["cli", "api"])
 def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def api() -> Any:
-    with FakeAnthropicAPI() as fake:
-        yield fake
-
-
-@pytest_asyncio.fixture
-async def make_rig(tmp_path: Path, api: FakeAnthropicAPI, engine: str
-                   ) -> AsyncIterator[MakeRig]:
-    made: list[Rig] = []
-
-    async def make(name: str = "user1", **kwargs: Any) -> Rig:
-        rig = Rig(tmp_path / name, api, engine=kwargs.pop("engine", engine), **kwargs)
-        made.append(rig)
-        return await rig.start(OWNER)
-
-    yield make
-    for rig in made:
-        await rig.close()
-    assert _cli_processes(tmp_path) == []
 
 
 def by(engine: str, req: RecordedRequest) -> bool:

@@ -204,12 +204,20 @@ def api() -> Any:
 MakeRig = Callable[..., Awaitable[Rig]]
 
 
+@pytest.fixture
+def engine() -> str:
+    """The Claude engine rigs use (tests/test_claude_engines.py runs both)."""
+    return "cli"
+
+
 @pytest_asyncio.fixture
-async def make_rig(tmp_path: Path, api: FakeAnthropicAPI) -> AsyncIterator[MakeRig]:
+async def make_rig(tmp_path: Path, api: FakeAnthropicAPI, engine: EngineName
+                   ) -> AsyncIterator[MakeRig]:
     made: list[Rig] = []
 
     async def make(name: str = "user1", **kwargs: Any) -> Rig:
         owner = kwargs.pop("owner", OWNER)
+        kwargs.setdefault("engine", engine)
         rig = Rig(tmp_path / name, api, **kwargs)
         made.append(rig)
         return await rig.start(owner)
