@@ -113,6 +113,10 @@ class ApiConversations:
     def live(self) -> int:
         return 0  # nothing is held per chat between turns
 
+    @property
+    def model(self) -> str:
+        return self._settings.model
+
     def _get_client(self) -> AsyncAnthropic:
         if self._client is None:
             import anthropic  # noqa: PLC0415 - ~75 MB: only workers on the api engine pay it
@@ -176,8 +180,10 @@ class ApiConversations:
         messages = request_messages(self._store.api_messages(session_id))
         client = self._get_client()
         started = time.monotonic()
+        # the history is sent again with every turn: cached, it is read at 0.1x the input
+        # price (the CLI marks its requests the same way)
         kwargs: dict[str, Any] = {"model": s.model, "max_tokens": s.max_tokens,
-                                  "messages": messages}
+                                  "messages": messages, "cache_control": {"type": "ephemeral"}}
         if s.system_prompt:
             kwargs["system"] = s.system_prompt
         try:

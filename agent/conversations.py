@@ -38,6 +38,10 @@ class Conversations(Protocol):
     def live(self) -> int:
         """Conversations holding resources now (CLI processes; 0 for ``api``)."""
 
+    @property
+    def model(self) -> str:
+        """The model asked for ("": the CLI's default)."""
+
     async def acquire(self, chat_id: str) -> Conversation:
         """The chat's conversation (resumed from the chat's stored session, else fresh with
         the chat's seed set to ``recovery``). Raises ``ClaudeError`` when none can be had."""

@@ -413,7 +413,7 @@ class Engine:
             total_turns=row.turns if row else 0,
             cost_today_usd=self._store.cost_on(budget.utc_day(self._clock())),
             daily_budget_usd=self._daily_budget(),
-            model=self._model,
+            model=self._claude.model or self._model,
             summaries=len([s for s in self._store.summaries(chat_id) if not s.archived]),
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import subprocess
 import sys
 import time
@@ -101,6 +102,7 @@ async def test_the_conversation_is_carried_into_the_next_request(
     assert roles == ["user", "assistant", "user"]
     body = texts(second)
     assert "the code word is PELICAN" in body and "echo: the code word is PELICAN" in body
+    assert "cache_control" in json.dumps(second.json)  # the history is read from the cache
     row = rig.store.chat(chat)
     assert row is not None and row.session_turns == 2
 

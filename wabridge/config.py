@@ -249,16 +249,19 @@ class ClaudeConfig:
         check=_prices,
     )
     turn_timeout: float = _opt(
-        120.0, "Seconds a turn may take before its process is killed.", check=_at_least(1.0)
+        120.0, "Seconds a turn may take before its process is killed (`api` engine: before "
+        "its request is abandoned).", check=_at_least(1.0)
     )
     max_processes: int = _opt(
-        2, "Live Claude processes per worker (each ~190 MB).", check=_between(1, 64)
+        2, "Live Claude processes per worker (each ~190 MB; the `api` engine has none).",
+        check=_between(1, 64)
     )
     idle_timeout: float = _opt(
         600.0, "Seconds before an idle chat's process is closed.", check=_at_least(1.0)
     )
     max_retries: int = _opt(
-        0, "CLAUDE_CODE_MAX_RETRIES for API errors (0: fail fast).", check=_between(0, 10)
+        0, "Retries of a failed API request: CLAUDE_CODE_MAX_RETRIES for the CLI, the SDK's "
+        "max_retries for the `api` engine (0: fail fast).", check=_between(0, 10)
     )
     # --- conversation engine ---
     context_window: int = _opt(
