@@ -7,8 +7,10 @@ process per live chat) or ``api`` (:class:`agent.claude_api.ApiConversations`, t
 SDK in this process). The fake Messages API runs in a helper subprocess
 (:class:`bench.conversation.Peers`), so it counts neither in this process's memory nor its CPU.
 
-Per engine, ``chats`` chats each take ``turns`` turns (closed loop, one message in flight per
-chat; every chat stays live: ``claude.max_processes`` = chats):
+Runs: ``cli`` with ``--cli-chats`` chats, ``api`` with as many (same load: turn time and CPU
+compare), ``api`` with ``--api-chats`` chats (memory per live chat). In each, every chat takes
+``turns`` turns (closed loop, all chats at once, one message in flight per chat; every chat
+stays live: ``claude.max_processes`` = chats):
 
 * memory: PSS (``/proc/PID/smaps_rollup``) of this process plus its live Claude children,
   before any turn, after the first chat's first turn, and with all chats live after their
@@ -72,8 +74,9 @@ class BenchWhatsApp(QuietWhatsApp):
 def footprint(exclude: set[int]) -> tuple[int, float]:
     """(PSS kB, CPU seconds) of this process and its live Claude children."""
     kids = children(os.getpid(), exclude)
+    # process_time: this process's CPU at full resolution (/proc counts 10 ms ticks)
     return (pss_kb(os.getpid()) + sum(pss_kb(p) for p in kids),
-            cpu_seconds(os.getpid()) + sum(cpu_seconds(p) for p in kids))
+            time.process_time() + sum(cpu_seconds(p) for p in kids))
 
 
 async def run_engine(name: str, base_url: str, root: Path, chats: int, turns: int,
@@ -154,9 +157,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
         peers = Peers(Path(tmp))
         try:
-            for name, chats in (("cli", args.cli_chats), ("api", args.api_chats)):
-                result = await run_engine(name, peers.base_url, Path(tmp) / name, chats,
-                                          args.turns, {peers.proc.pid})
+            # api twice: with as many chats as cli (same load: latency and CPU compare), and
+            # with many (memory per live chat)
+            runs = (("cli", args.cli_chats), ("api", args.cli_chats), ("api", args.api_chats))
+            for n, (name, chats) in enumerate(runs):
+                result = await run_engine(name, peers.base_url, Path(tmp) / f"{name}{n}",
+                                          chats, args.turns, {peers.proc.pid})
                 print(json.dumps(result), flush=True)
                 out["engines"].append(result)
         finally:

@@ -302,3 +302,19 @@ def test_a_worker_imports_the_sdk_only_for_an_api_turn() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True, cwd=Path(__file__).parent.parent).stdout
     assert out.strip() == "False"
+
+
+async def test_a_restarted_worker_continues_the_stored_conversation(
+        make_rig: MakeRig, api: FakeAnthropicAPI) -> None:
+    rig = await make_rig("user1")
+    chat = jid(ALICE)
+    rig.incoming("the code word is PELICAN")
+    await rig.wait_sent(1, chat)
+    await rig.idle()
+    await rig.close()  # the worker stops; its store stays
+    again = await make_rig("user1")
+    again.incoming("what was it?")
+    await again.wait_sent(1, chat)
+    body = texts(api.message_requests()[-1])
+    assert "the code word is PELICAN" in body
+    assert rotation.RECENT_HEADER not in body  # resumed as it was, not rebuilt from a seed
