@@ -464,6 +464,9 @@ class Engine:
     async def _ask(self, chat_id: str, content: str | list[dict[str, Any]]
                    ) -> tuple[str, TurnResult | None]:
         claude = self._claude  # a settings change mid-turn applies from the next turn
+        for other in self._engines.values():
+            if other is not claude:  # the engine changed: the chat's conversation moves
+                await other.discard(chat_id)  # (its CLI process, if any, is closed now)
         for attempt in (1, 2):
             try:
                 session = await claude.acquire(chat_id)

@@ -245,9 +245,17 @@ async def test_a_user_switches_to_the_api_engine_and_keeps_the_conversation(
     assert by("api", req)
     # the CLI's session cannot continue on the api engine: recovery from the stored messages
     assert "the code word is PELICAN" in texts(req) and rotation.RECENT_HEADER in texts(req)
+    assert rig.pool.pid(chat) is None  # the chat's CLI process was closed when it moved
     problem = rig.engine.update_settings({"engine": "claude"})
     assert problem is not None and problem.key == "settings.engine"
     assert rig.engine.conversations is rig.api  # a bad value keeps the previous choice
+
+    assert rig.engine.update_settings({}) is None  # back to the host's engine, cli
+    rig.incoming("and the colour?")
+    await rig.wait_sent(3, chat)
+    req = api.message_requests()[-1]
+    assert by("cli", req)
+    assert "what was it?" in texts(req)  # what was said on the api engine is not lost
 
 
 @pytest.mark.parametrize(
