@@ -15,6 +15,7 @@ key                 values                                          default
 ``groups``          ``off`` | ``mention`` | ``all``                 mention
 ``commands_from``   ``owner`` | ``everyone``                        owner
 ``daily_budget_usd``number >= 0 (0: no cap)                         [limits]
+``engine``          ``cli`` | ``api`` (how chats talk to Claude)    [claude]
 ==================  ==============================================  ===========
 
 :func:`decide` (pure) says what to do with one message, in this order:
@@ -54,11 +55,13 @@ from wabridge.phone import PHONE_RULE, normalize_phone
 ReplyTo = Literal["everyone", "allowlist", "self"]
 Groups = Literal["off", "mention", "all"]
 CommandsFrom = Literal["owner", "everyone"]
+EngineName = Literal["cli", "api"]
 Action = Literal["answer", "command", "skip"]
 
 _REPLY_TO: tuple[ReplyTo, ...] = ("everyone", "allowlist", "self")
 _GROUPS: tuple[Groups, ...] = ("off", "mention", "all")
 _COMMANDS_FROM: tuple[CommandsFrom, ...] = ("owner", "everyone")
+_ENGINES: tuple[EngineName, ...] = ("cli", "api")
 # whatsmeow's ``JID.IsBot``: the ``bot`` server, or these phone numbers (Meta AI and its kin)
 _BOT_PHONE = re.compile(r"^1313555\d{4}$|^131655500\d{2}$")
 
@@ -80,6 +83,7 @@ class Policy:
     groups: Groups = "mention"
     commands_from: CommandsFrom = "owner"
     daily_budget_usd: float | None = None  # None: the configured default
+    engine: EngineName | None = None  # None: claude.engine
 
 
 DEFAULT = Policy()
@@ -100,6 +104,7 @@ def parse(settings: Mapping[str, Any]) -> Policy:
     reply_to = _choice(settings, "reply_to", _REPLY_TO, "everyone")
     groups = _choice(settings, "groups", _GROUPS, "mention")
     commands_from = _choice(settings, "commands_from", _COMMANDS_FROM, "owner")
+    engine = _choice(settings, "engine", _ENGINES, "") or None
 
     raw_list = settings.get("allowlist")
     allow: set[str] = set()
@@ -134,7 +139,16 @@ def parse(settings: Mapping[str, Any]) -> Policy:
         groups=groups,  # type: ignore[arg-type]
         commands_from=commands_from,  # type: ignore[arg-type]
         daily_budget_usd=budget,
+        engine=engine,  # type: ignore[arg-type]
     )
+
+
+def engine_for(user: EngineName | None, host: EngineName, *, tools: bool) -> EngineName:
+    """The engine a user's chats run on: the user's ``engine`` setting, else the host's
+    ``claude.engine``; always ``cli`` when tools are on (the ``api`` engine has none)."""
+    if tools:
+        return "cli"
+    return user or host
 
 
 def phone_of(jid: str) -> str:
