@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.plane import CONTROLLER, SessionDoc
+from controller.unit_manager import PROCESS_UNIT_STATES, RUNNING_UNIT_STATES, UnitState
 from wabridge.errors import (
     EXIT_EXPLANATIONS,
     NO_RESTART_EXIT_CODES,
@@ -30,7 +31,7 @@ CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
 @dataclass(frozen=True)
 class UnitView:
-    """What the decisions need of a unit's state (built from ``controller.systemd.UnitState``)."""
+    """What the decisions need of a unit's state (``view_of`` a ``UnitState``)."""
 
     active_state: str  # active, activating, deactivating, inactive, failed, reloading
     sub_state: str = ""
@@ -43,12 +44,30 @@ class UnitView:
 
     @property
     def running(self) -> bool:
-        return self.active_state in ("active", "activating", "reloading")
+        return self.active_state in RUNNING_UNIT_STATES
 
     @property
     def restarting(self) -> bool:
         """Between a failure and systemd's automatic restart (``RestartSec=``)."""
         return self.sub_state == "auto-restart"
+
+
+def view_of(state: UnitState) -> UnitView:
+    # cgroup v1: an OOM kill is a SIGKILL (Result=signal) plus the memory cgroup's oom_kill
+    # counter in the invocation's exit report (see controller/systemd.py "Exit reports")
+    oom = (bool(state.oom_kills) and state.exec_main_code == CLD_KILLED
+           and state.exec_main_status == signal.SIGKILL and state.result in ("signal", "oom-kill"))
+    active = state.active_state
+    if state.job_pending and active in ("inactive", "failed"):
+        # StartUnit loaded the unit and queued its job, which has not run yet (a busy
+        # systemd): it is starting, not stopped
+        active = "activating"
+    return UnitView(
+        active_state=active, sub_state=state.sub_state, result=state.result,
+        n_restarts=state.n_restarts, exec_main_code=state.exec_main_code,
+        exec_main_status=state.exec_main_status, oom=oom,
+        start_limit_burst=state.start_limit_burst,
+    )
 
 
 @dataclass(frozen=True)
@@ -439,3 +458,74 @@ def stopped_fields() -> dict[str, Any]:
     process that was (its last detail, STATUS= line or live Claude processes)."""
     return {"status": DocStatus.STOPPED.value, "statusDetail": "stopped",
             "metrics": {"claudeProcesses": 0}}
+
+
+# --- ordering: which events and reports are stale ----------------------------------------
+# The controller carries actions out while other events arrive; these decide, from counters
+# and times it keeps per user (``controller.main.UserState``), what an event still means.
+
+
+def start_settled(state: UnitState) -> bool:
+    """Whether a start is over for ``controller.max_starting`` (its start slot is given
+    back): running (READY=1 sent), failed, waiting for an automatic restart, or stopped with
+    no job queued."""
+    if state.active_state in ("active", "failed", "deactivating"):
+        return True
+    if state.sub_state == "auto-restart":
+        return True
+    return state.active_state == "inactive" and not state.job_pending
+
+
+def needs_start_slot(restart: bool, start_under_way: bool, unit: UnitView | None) -> bool:
+    """Whether a ``Start`` takes one of the ``controller.max_starting`` slots: a restart
+    does; a start does unless it is a no-op, because one is already under way (a second
+    Start from the document's echo) or the unit runs."""
+    return restart or not (start_under_way or (unit is not None and unit.running))
+
+
+def predates_start(start_mark: int | None, delivered: int) -> bool:
+    """Whether the unit's known state was read before this controller's last
+    StartUnit/RestartUnit returned: ``start_mark`` is the count of states delivered then,
+    ``delivered`` the count now. Such a state (e.g. the "inactive" of the ResetFailedUnit
+    just before the start) must not mark the document stopped or crashed; the start's own
+    state change follows. States are read on one FIFO D-Bus thread, so every state
+    delivered after the start returned was read after the job was queued."""
+    return start_mark == delivered
+
+
+def awaits_new_worker(new: DocStatus, expect: frozenset[DocStatus],
+                      unit_active_state: str | None) -> bool:
+    """After a claim to ``new``: will a new worker process answer the request? Then
+    whatever the old process still says while it stops is stale (``stale_report``). True
+    for a claim to ``starting`` of a unit not running, or of a restart request."""
+    running = unit_active_state in RUNNING_UNIT_STATES
+    return new is DocStatus.STARTING and (not running or DocStatus.RESTART_REQUESTED in expect)
+
+
+def replayed_status(new: DocStatus, expect: frozenset[DocStatus], unit_active_state: str | None,
+                    last_report: DocStatus | None) -> DocStatus | None:
+    """After a claim to ``starting`` of a worker that runs and keeps running (a second
+    create request): the status it last reported, to say again (None: nothing to say)."""
+    if new is not DocStatus.STARTING or awaits_new_worker(new, expect, unit_active_state):
+        return None
+    return last_report
+
+
+def stale_report(connected_since: float, requested_at: float) -> bool:
+    """Whether a worker's state report comes from a process that connected before the last
+    claimed (re)start (monotonic times): the old process, still stopping, whose last words
+    ("replaced", "logged out") must not undo the request."""
+    return connected_since < requested_at
+
+
+def process_fields(state: UnitState) -> dict[str, Any]:
+    """The document's ``process``: the unit's main process as systemd accounts it."""
+    # systemd keeps a stopped unit's last STATUS= line ("stopping: ..."): it describes a
+    # process that is gone
+    has_process = state.active_state in PROCESS_UNIT_STATES
+    return {
+        "pid": state.main_pid, "state": state.active_state, "restarts": state.n_restarts,
+        "memoryBytes": state.memory_bytes,
+        "status": state.status_text if has_process else None,
+        "cpuSeconds": (state.cpu_nsec or 0) / 1e9, "since": state.since_usec / 1e6,
+    }

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.plane import ControlPlane, SessionDoc
-from controller.systemd import Systemd, SystemdError, UnitState
+from controller.systemd import Systemd
+from controller.unit_manager import SystemdError, UnitManager, UnitState
 from wabridge import config, logs
 from wabridge.errors import WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus
@@ -81,7 +82,7 @@ def plan(docs: Iterable[SessionDoc], host: str, units: Iterable[str],
     ]
 
 
-async def stop_workers(systemd: Systemd, timeout: float = STOP_WAIT) -> list[UnitState]:
+async def stop_workers(systemd: UnitManager, timeout: float = STOP_WAIT) -> list[UnitState]:
     """Stop every worker unit and wait (up to ``timeout``) until none runs; returns the
     worker units systemd knew before."""
     known = await systemd.list_workers()
@@ -115,7 +116,7 @@ async def mark_stopped(plane: ControlPlane, host: str, todo: list[Retirement]) -
     return done
 
 
-async def retire(systemd: Systemd, plane: ControlPlane, host: str, reason: str) -> int:
+async def retire(systemd: UnitManager, plane: ControlPlane, host: str, reason: str) -> int:
     """Stop the host's workers, then mark their documents ``stopped``; returns how many
     documents were marked."""
     units = await stop_workers(systemd)
@@ -127,7 +128,7 @@ async def retire(systemd: Systemd, plane: ControlPlane, host: str, reason: str) 
 
 
 async def retire_if_requested(cfg: config.Config, make_plane: Callable[[], ControlPlane],
-                              make_systemd: Callable[[], Systemd] = Systemd,
+                              make_systemd: Callable[[], UnitManager] = Systemd,
                               request: Path = REQUEST) -> bool:
     """The controller's last step, after its own shutdown (it no longer reacts to documents
     or units; its clients are closed, so fresh ones are made): retire the host when prerm

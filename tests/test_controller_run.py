@@ -30,7 +30,7 @@ from agent.store import Store
 from controller.local import LocalPlane
 from controller.main import Controller
 from controller.plane import SessionDoc
-from controller.systemd import UnitState
+from controller.unit_manager import UnitState
 from wabridge import config, protocol
 from wabridge.status import DocStatus
 
@@ -128,7 +128,7 @@ async def running(request: pytest.FixtureRequest, tmp_path: Path,
     notify.setblocking(False)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     systemd = ScriptedSystemd()
-    controller = Controller(cfg, plane, systemd)  # type: ignore[arg-type]
+    controller = Controller(cfg, plane, systemd)
     run = Running(controller, plane, systemd, notify)
     yield run
     if run.task is not None and not run.task.done():

@@ -22,6 +22,7 @@ from controller.reconcile import (
     Stop,
     UnitView,
     Update,
+    awaits_new_worker,
     clears_error,
     crash_reason,
     exit_facts,
@@ -31,12 +32,18 @@ from controller.reconcile import (
     for_unit,
     hit_start_limit,
     missed_requests,
+    needs_start_slot,
+    predates_start,
+    process_fields,
     reconcile,
+    replayed_status,
+    stale_report,
     status_from_worker,
     worker_environment,
     worker_may_move,
     worker_settings,
 )
+from controller.unit_manager import UnitState
 from wabridge.errors import ExitCode, PolicyError
 from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState
 
@@ -627,3 +634,88 @@ def err(code: str, source: str | None = None) -> SessionDoc:
 def test_clears_error(doc: SessionDoc | None, source: str, code: str | None,
                       clears: bool) -> None:
     assert clears_error(doc, source, code) is clears
+
+
+# --- ordering: the decisions the controller once made while carrying actions out -----------
+
+_CREATE = frozenset({DocStatus.CREATE_REQUESTED})
+_RESTART = frozenset({DocStatus.RESTART_REQUESTED})
+
+
+@pytest.mark.parametrize(("new", "expect", "active", "report", "awaits", "replay"), [
+    # no unit, or a stopped one: a new process answers; the old one's words are stale
+    (DocStatus.STARTING, _CREATE, None, None, True, None),
+    (DocStatus.STARTING, _CREATE, "inactive", DocStatus.CONNECTED, True, None),
+    (DocStatus.STARTING, _CREATE, "failed", DocStatus.LOGGED_OUT, True, None),
+    (DocStatus.STARTING, _CREATE, "deactivating", DocStatus.REPLACED, True, None),
+    # a restart always gets a new process, running or not
+    (DocStatus.STARTING, _RESTART, "active", DocStatus.CONNECTED, True, None),
+    # a create request while the worker runs: it keeps running; say what it last said
+    (DocStatus.STARTING, _CREATE, "active", DocStatus.CONNECTED, False, DocStatus.CONNECTED),
+    (DocStatus.STARTING, _CREATE, "activating", DocStatus.WAITING_QR, False,
+     DocStatus.WAITING_QR),
+    (DocStatus.STARTING, _CREATE, "active", None, False, None),  # it has said nothing yet
+    # other claims: neither
+    (DocStatus.PAIRING, frozenset({DocStatus.PAIRING_REQUESTED}), None, None, False, None),
+    (DocStatus.PAIRING, frozenset({DocStatus.PAIRING_REQUESTED}), "active",
+     DocStatus.CONNECTED, False, None),
+    (DocStatus.STOPPING, frozenset({DocStatus.DESTROY_REQUESTED}), "active",
+     DocStatus.CONNECTED, False, None),
+])
+def test_after_a_claim(new: DocStatus, expect: frozenset[DocStatus], active: str | None,
+                       report: DocStatus | None, awaits: bool, replay: DocStatus | None) -> None:
+    assert awaits_new_worker(new, expect, active) is awaits
+    assert replayed_status(new, expect, active, report) is replay
+
+
+@pytest.mark.parametrize(("restart", "under_way", "unit", "slot"), [
+    (False, False, None, True),  # a first start
+    (False, False, UnitView("inactive"), True),
+    (False, False, UnitView("failed"), True),
+    (False, True, None, False),  # the echo's second Start while one is under way
+    (False, False, UnitView("active"), False),  # already running: StartUnit is a no-op
+    (False, False, UnitView("activating"), False),
+    (True, True, UnitView("active"), True),  # a restart always takes one
+    (True, False, None, True),
+])
+def test_needs_start_slot(restart: bool, under_way: bool, unit: UnitView | None,
+                          slot: bool) -> None:
+    assert needs_start_slot(restart, under_way, unit) is slot
+
+
+@pytest.mark.parametrize(("mark", "delivered", "stale"), [
+    (None, 0, False),  # never started by this controller
+    (None, 5, False),
+    (3, 3, True),  # nothing read since the start returned (a ResetFailedUnit's "inactive")
+    (3, 4, False),  # the first state read after the start
+])
+def test_predates_start(mark: int | None, delivered: int, stale: bool) -> None:
+    assert predates_start(mark, delivered) is stale
+
+
+@pytest.mark.parametrize(("connected", "requested", "stale"), [
+    (0.0, 0.0, False),  # never requested
+    (10.0, 5.0, False),  # connected after the request: the new process
+    (5.0, 10.0, True),  # the old process, still stopping
+    (0.0, 10.0, True),  # not connected at all (a frame racing its disconnect)
+])
+def test_stale_report(connected: float, requested: float, stale: bool) -> None:
+    assert stale_report(connected, requested) is stale
+
+
+def _unit_state(active: str, status_text: str = "serving") -> UnitState:
+    return UnitState(unit="wabridge-worker@u.service", user_id="u", active_state=active,
+                     sub_state="", main_pid=7, n_restarts=2, result="success",
+                     exec_main_code=0, exec_main_status=0, status_text=status_text,
+                     memory_bytes=1024, cpu_nsec=2_500_000_000, tasks=3,
+                     since_usec=1_700_000_000_000_000)
+
+
+@pytest.mark.parametrize(("active", "status"), [
+    ("active", "serving"), ("activating", "serving"), ("deactivating", "serving"),
+    ("inactive", None), ("failed", None),  # systemd keeps a gone process's STATUS= line
+])
+def test_process_fields(active: str, status: str | None) -> None:
+    assert process_fields(_unit_state(active)) == {
+        "pid": 7, "state": active, "restarts": 2, "memoryBytes": 1024, "status": status,
+        "cpuSeconds": 2.5, "since": 1_700_000_000.0}

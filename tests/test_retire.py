@@ -15,7 +15,7 @@ import pytest
 from controller import retire
 from controller.local import LocalPlane
 from controller.plane import SessionDoc
-from controller.systemd import UnitState
+from controller.unit_manager import UnitState
 from wabridge import config
 from wabridge.status import DocStatus
 
