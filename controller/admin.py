@@ -70,6 +70,7 @@ from typing import Any, Protocol
 
 from controller.plane import ControlPlane, SessionDoc
 from controller.server import WorkerServer
+from controller.unit_manager import RUNNING_UNIT_STATES
 from wabridge import logs, protocol
 from wabridge.errors import UserIdError
 from wabridge.status import DocStatus
@@ -79,7 +80,6 @@ log = logs.get("controller.admin")
 
 MAX_REQUEST = 64 * 1024
 MAX_CHAT_MESSAGES = 1000  # messages read from the log to build the chat list
-_RUNNING_UNIT = ("active", "activating", "reloading")
 _CHAT_SUFFIXES = ("@s.whatsapp.net", "@g.us", "@lid")
 
 Watcher = Callable[[SessionDoc | None], None]  # None: the document was deleted
@@ -254,7 +254,7 @@ def status_row(
     """One user's line of ``status`` (keys are stable: wabridgectl --json prints them)."""
     shown = watched(doc)
     metrics = doc.metrics if doc is not None else {}
-    running = unit is not None and unit.active_state in _RUNNING_UNIT
+    running = unit is not None and unit.active_state in RUNNING_UNIT_STATES
     live = metrics.get("claudeProcesses")
     return {
         "user": user_id,
@@ -534,7 +534,7 @@ class AdminServer:
             phone = pairing_phone(phone)
         doc, unit = f.doc(user), f.unit(user)
         if (doc is not None and doc.status is DocStatus.CONNECTED and unit is not None
-                and unit.active_state in _RUNNING_UNIT):
+                and unit.active_state in RUNNING_UNIT_STATES):
             return {"ok": True, "user": user, "status": DocStatus.CONNECTED.value,
                     "already_connected": True, "phone": doc.phone}
         new = DocStatus.PAIRING_REQUESTED if phone else DocStatus.CREATE_REQUESTED

@@ -55,8 +55,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from controller.planes import emulator_host, plane_kind
 from wabridge import claude_cli, config, qr
 from wabridge.errors import ConfigError, UserIdError
+from wabridge.status import OUTCOME_STATUSES, DocStatus
 from wabridge.units import validate_user_id, worker_unit
 
 OK, FAILED, USAGE, UNREACHABLE, FORBIDDEN, TIMEOUT = 0, 1, 2, 3, 4, 5
@@ -66,8 +68,9 @@ STATE_DIR = "/var/lib/wabridge"
 MIN_FREE_BYTES = 1 << 30
 CALL_TIMEOUT = 30.0
 #: Statuses after which ``link`` has nothing more to wait for.
-LINK_FAILED = frozenset({"logged_out", "banned", "replaced", "outdated", "qr_expired",
-                         "crashed", "stopping", "stopped", "error", "destroy_requested"})
+LINK_FAILED = frozenset(s.value for s in OUTCOME_STATUSES | {
+    DocStatus.CRASHED, DocStatus.STOPPING, DocStatus.STOPPED, DocStatus.ERROR,
+    DocStatus.DESTROY_REQUESTED})
 class CtlError(Exception):
     def __init__(self, exit_code: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -497,10 +500,7 @@ def check_config() -> tuple[Check, config.Config]:
 
 def check_plane(cfg: config.Config, plane: str | None) -> Check:
     """``plane``: what the controller says it uses (None: unknown, guess from the config)."""
-    choice = plane or cfg.controller.control_plane
-    if choice == "auto":
-        emulator = cfg.firebase.emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST", "")
-        choice = "firestore" if emulator or cfg.firebase.credentials else "local"
+    choice = plane or plane_kind(cfg)
     if choice == "local":
         db = Path(cfg.controller.local_db)
         fix = ("the controller creates it when it starts with the local control plane: "
@@ -515,8 +515,7 @@ def check_plane(cfg: config.Config, plane: str | None) -> Check:
             return Check("control_plane", "fail", f"local store {db} unreadable: {exc}",
                          f"move the broken file aside and restart the controller; {fix}")
         return Check("control_plane", "ok", f"local store {db} readable ({tables} tables)")
-    emulator = cfg.firebase.emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST", "")
-    target = emulator or "firestore.googleapis.com:443"
+    target = emulator_host(cfg) or "firestore.googleapis.com:443"
     host, _, port = target.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=5):

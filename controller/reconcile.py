@@ -23,7 +23,15 @@ from wabridge.errors import (
     PolicyError,
     UserIdError,
 )
-from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState, doc_status_for
+from wabridge.status import (
+    EXIT_OUTCOMES,
+    OUTCOME_STATUSES,
+    REQUESTS,
+    RUNNING_STATUSES,
+    DocStatus,
+    WorkerState,
+    doc_status_for,
+)
 from wabridge.units import validate_user_id
 
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
@@ -113,17 +121,6 @@ class PushSettings:
 Action = Claim | Start | Stop | Update | SetError | PushSettings
 
 KNOWN = ", ".join(s.value for s in DocStatus)
-# Outcomes a worker reports just before it exits by itself with a do-not-restart code:
-# stopping it as well would race its exit and hide the exit code.
-_WORKER_EXITS_ITSELF = frozenset({DocStatus.LOGGED_OUT, DocStatus.BANNED, DocStatus.REPLACED,
-                                  DocStatus.OUTDATED, DocStatus.QR_EXPIRED})
-_TERMINAL_FROM_EXIT = {
-    ExitCode.LOGGED_OUT: DocStatus.LOGGED_OUT,
-    ExitCode.BANNED: DocStatus.BANNED,
-    ExitCode.REPLACED: DocStatus.REPLACED,
-    ExitCode.OUTDATED: DocStatus.OUTDATED,
-    ExitCode.QR_EXPIRED: DocStatus.QR_EXPIRED,
-}
 
 
 def _shown(value: object, limit: int = 120) -> str:
@@ -177,7 +174,10 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
         return []
     if status in REQUESTS:  # pragma: no cover - every request is handled above
         return []
-    if running and status not in _WORKER_EXITS_ITSELF and status is not DocStatus.STOPPING:
+    # an outcome a worker reports just before it exits by itself with its do-not-restart
+    # code (wabridge.status.EXIT_OUTCOMES): stopping it as well would race its exit and hide
+    # the exit code
+    if running and status not in OUTCOME_STATUSES and status is not DocStatus.STOPPING:
         return [Stop(uid)]
     return []
 
@@ -292,7 +292,7 @@ def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Actio
         # "failed" here: a stop that ended badly (TimeoutStopSec=, SIGKILL); still stopped.
         terminal = None
         if unit.exec_main_code == CLD_EXITED and unit.exec_main_status in NO_RESTART_EXIT_CODES:
-            terminal = _TERMINAL_FROM_EXIT.get(ExitCode(unit.exec_main_status))
+            terminal = EXIT_OUTCOMES.get(ExitCode(unit.exec_main_status))
         if terminal is not None and status in RUNNING_STATUSES:
             actions.append(Update(user_id, {"status": terminal.value}))
         elif status in RUNNING_STATUSES or status is DocStatus.STOPPING:
@@ -369,8 +369,8 @@ def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],
         unit = units.get(uid)
         code = (last_exit or {}).get(uid)
         if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)
-                and code is not None and code in _TERMINAL_FROM_EXIT):
-            terminal = _TERMINAL_FROM_EXIT[ExitCode(code)]
+                and code is not None and code in EXIT_OUTCOMES):
+            terminal = EXIT_OUTCOMES[ExitCode(code)]
             actions.append(Update(uid, {
                 "status": terminal.value,
                 "statusDetail": f"the worker ended ({terminal.value}, exit code {code}) "

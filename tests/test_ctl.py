@@ -593,6 +593,29 @@ def test_doctor_missing_local_store(
     assert checks["control_plane"]["message"] == f"local store {host['db']} does not exist"
 
 
+def test_doctor_guesses_the_plane_as_the_controller_chooses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the controller unreachable, ``doctor`` checks the plane the controller would
+    choose: a ``firebase`` credential (systemd's ``LoadCredential=``) means Firestore."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "firebase").write_text("{}")
+    for name in ("FIRESTORE_EMULATOR_HOST", "WABRIDGE__FIREBASE__EMULATOR_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    dialled: list[Any] = []
+
+    def no_network(address: Any, timeout: float) -> None:
+        dialled.append(address)
+        raise OSError("not in tests")
+
+    monkeypatch.setattr(ctl.socket, "create_connection", no_network)
+    check = ctl.check_plane(config.Config(), None)
+    assert dialled == [("firestore.googleapis.com", 443)]
+    assert check.message.startswith("Firestore at firestore.googleapis.com:443 unreachable")
+
+
 def test_doctor_disk_space_below_a_gigabyte_is_a_warning(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:

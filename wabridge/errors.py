@@ -22,8 +22,10 @@ class ExitCode(IntEnum):
     """Exit codes of wabridge processes.
 
     Codes from 10 up are "do not restart" outcomes: the worker unit lists them in
-    ``RestartPreventExitStatus=`` so systemd leaves the unit stopped, like an OTP transient
-    child that ended normally. Keep this table in step with ``systemd/wabridge-worker@.service``.
+    ``RestartPreventExitStatus=`` (``NO_RESTART_EXIT_CODES``) so systemd leaves the unit
+    stopped, like an OTP transient child that ended normally; the account outcomes among
+    them (10-14) and their document statuses are ``wabridge.status.EXIT_OUTCOMES``.
+    tests/test_exit_codes.py checks both unit files against these tables.
     """
 
     OK = 0
