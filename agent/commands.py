@@ -26,7 +26,7 @@ RESET_TEXT = "New conversation started. I have forgotten our earlier messages."
 
 
 @dataclass(frozen=True)
-class Command:
+class ChatCommand:
     name: str  # lower case, without the slash
     args: str = ""
 
@@ -35,12 +35,12 @@ class Command:
         return self.name in KNOWN
 
 
-def parse(text: str) -> Command | None:
+def parse(text: str) -> ChatCommand | None:
     """The command in ``text``, or None when it is an ordinary message."""
     m = _COMMAND.match(text.strip())
     if m is None:
         return None
-    return Command(m.group(1).lower(), (m.group(2) or "").strip())
+    return ChatCommand(m.group(1).lower(), (m.group(2) or "").strip())
 
 
 @dataclass(frozen=True)
@@ -70,5 +70,5 @@ def status_text(info: StatusInfo) -> str:
     ])
 
 
-def unknown_text(command: Command) -> str:
+def unknown_text(command: ChatCommand) -> str:
     return f"Unknown command /{command.name}.\n\n{HELP_TEXT}"

@@ -54,15 +54,16 @@ from typing import Any
 
 import sdnotify
 
-from agent import outcomes, qr
+from agent import outcomes
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
-from agent.engine import ClaudePool, Engine
+from agent.engine import Engine
 from agent.link import ControllerLink
+from agent.pool import ClaudePool
 from agent.store import Store
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
-from wabridge import __version__, claude_cli, config, logs, protocol, units
+from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.status import WorkerState
 

@@ -73,6 +73,7 @@ from controller.server import WorkerServer
 from controller.unit_manager import RUNNING_UNIT_STATES
 from wabridge import logs, protocol
 from wabridge.errors import UserIdError
+from wabridge.phone import PHONE_RULE, is_phone
 from wabridge.status import DocStatus
 from wabridge.units import validate_user_id
 
@@ -313,10 +314,8 @@ def normalize_chat(chat: str) -> str:
 
 
 def pairing_phone(value: object) -> str:
-    if not (isinstance(value, str) and value.isascii() and value.isdigit()
-            and 8 <= len(value) <= 15):
-        raise AdminError("bad_request", f"phone {value!r} must be 8-15 digits with country "
-                         "code, no '+'")
+    if not is_phone(value):
+        raise AdminError("bad_request", f"phone {value!r} must be {PHONE_RULE}")
     return value
 
 

@@ -58,6 +58,7 @@ from typing import Any, NoReturn, TextIO
 from controller.planes import emulator_host, plane_kind
 from wabridge import claude_cli, config, qr
 from wabridge.errors import ConfigError, UserIdError
+from wabridge.phone import PHONE_RULE, normalize_phone
 from wabridge.status import OUTCOME_STATUSES, DocStatus
 from wabridge.units import validate_user_id, worker_unit
 
@@ -282,10 +283,10 @@ def cmd_link(ctx: Ctx) -> int:
     user = _user(args.user)
     phone = args.pairing_code
     if phone is not None:
-        phone = phone.removeprefix("+").replace(" ", "").replace("-", "")
-        if not (phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15):
+        phone = normalize_phone(phone)
+        if phone is None:
             raise CtlError(USAGE, "bad_request", f"--pairing-code {args.pairing_code!r}: a "
-                           "phone number with country code, 8-15 digits")
+                           f"phone number, {PHONE_RULE}")
     deadline = time.monotonic() + args.timeout
     tty = _out().isatty() and not ctx.json
     request: dict[str, Any] = {"user": user, "follow": True}

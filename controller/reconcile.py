@@ -23,6 +23,7 @@ from wabridge.errors import (
     PolicyError,
     UserIdError,
 )
+from wabridge.phone import PHONE_RULE, is_phone
 from wabridge.status import (
     EXIT_OUTCOMES,
     OUTCOME_STATUSES,
@@ -154,10 +155,9 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
                 Start(uid, reset_failed=True, restart=running)]
     if status is DocStatus.PAIRING_REQUESTED:
         phone = doc.pairing_phone or ""
-        if not (phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15):
+        if not is_phone(phone):
             return [SetError(uid, "bad_pairing_phone",
-                             f"pairingPhone {phone!r} must be digits with country code "
-                             "(8-15 digits, no '+')"),
+                             f"pairingPhone {phone!r} must be {PHONE_RULE}"),
                     Update(uid, stopped_fields() if not running
                            else {"status": DocStatus.STARTING.value})]
         return [Claim(uid, frozenset({status}), DocStatus.PAIRING),

@@ -186,7 +186,7 @@ async def test_link_with_phone_requests_pairing(client: Client, facade: FakeFaca
                                                       "15550003333")
     bad = await client.call(op="link", user="carol", phone="+1 555")
     assert (bad["ok"], bad["code"]) == (False, "bad_request")
-    assert "8-15 digits" in bad["message"]
+    assert "7-15 digits" in bad["message"]
 
 
 async def test_link_of_a_connected_account_does_nothing(

@@ -191,7 +191,7 @@ def test_usage_errors_exit_2(served: ThreadedAdmin, capsys: pytest.CaptureFixtur
     code, _, err = run(capsys, *sock(served), "status", "a b")
     assert code == ctl.USAGE and "contains ' '" in err
     code, _, err = run(capsys, *sock(served), "link", "erin", "--pairing-code", "12")
-    assert code == ctl.USAGE and "8-15 digits" in err
+    assert code == ctl.USAGE and "7-15 digits" in err
 
 
 def test_unreachable_controller_exits_3(

@@ -33,7 +33,8 @@ from structlog.testing import capture_logs
 
 from agent import commands, rotation
 from agent.claude import ClaudeSettings
-from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, ClaudePool, Engine, transcript_path
+from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, Engine
+from agent.pool import ClaudePool, transcript_path
 from agent.store import Store
 from agent.whatsapp.base import SendError
 from agent.whatsapp.events import IncomingMessage
@@ -439,7 +440,7 @@ async def test_rotation_at_the_context_threshold(make_rig: MakeRig,
     await until(lambda: bool(rig.summaries), 15, "the summary")
     assert rig.summaries == [(chat, 1, SUMMARY)]
     (summary,) = rig.store.summaries(chat)
-    assert (summary.version, summary.text, summary.archived) == (1, SUMMARY, False)
+    assert (summary.number, summary.text, summary.archived) == (1, SUMMARY, False)
     row = rig.store.chat(chat)
     assert row is not None and row.session_id is None and row.seed == "summary"
     assert old_pid is not None and not Path(f"/proc/{old_pid}").exists()

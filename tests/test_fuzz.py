@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, TurnResult
 from agent.whatsapp import events as wa_events
-from agent.whatsapp.neonize_backend import LoginStatus, Me, translate
+from agent.whatsapp.neonize_translate import LoginStatus, Me, translate
 from controller import reconcile as rc
 from controller.plane import SessionDoc, parse_session
 from controller.reconcile import SetError, UnitView

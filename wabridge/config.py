@@ -170,7 +170,7 @@ class WorkerConfig:
         30.0, "Seconds the event loop may stall before the watchdog stops being fed.",
         check=_at_least(1.0),
     )
-    # --- supervision (issue 3): written by the controller into each worker's runtime drop-in
+    # --- supervision: written by the controller into each worker's runtime drop-in
     memory_max: str = _opt(
         "1G",
         "`MemoryMax=` of each worker unit: past it the kernel kills the worker (its document "
@@ -225,7 +225,7 @@ class ClaudeConfig:
     max_retries: int = _opt(
         0, "CLAUDE_CODE_MAX_RETRIES for API errors (0: fail fast).", check=_between(0, 10)
     )
-    # --- conversation engine (issue 5) ---
+    # --- conversation engine ---
     context_window: int = _opt(
         200_000,
         "Context window of the model in tokens; context rotation is measured against it.",
@@ -248,7 +248,7 @@ class ConversationConfig:
         "Sorry, I could not answer that just now. Please try again in a moment.",
         "Reply sent when a turn fails for good (timeout, API error).",
     )
-    # --- conversation engine (issue 5) ---
+    # --- conversation engine ---
     rotate_at: float = _opt(
         0.7,
         "Fraction of `claude.context_window` a chat's last turn may use before its "
@@ -271,7 +271,7 @@ class ConversationConfig:
         "with the summary and recent messages starts instead.",
         check=_at_least(1000),
     )
-    # --- delivery and loops (issue 11) ---
+    # --- delivery and loops ---
     send_attempts: int = _opt(
         5,
         "Times a reply WhatsApp refuses is tried (waiting `send_retry_base` seconds, doubling "
@@ -307,7 +307,7 @@ class ConversationConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Budgets and rate limits (issue 5)."""
+    """Budgets and rate limits."""
 
     daily_budget_usd: float = _opt(
         5.0,

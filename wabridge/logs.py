@@ -22,6 +22,7 @@ import socket
 import struct
 import sys
 from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -93,7 +94,7 @@ class JournalRenderer:
 def _format(requested: str) -> str:
     if requested != "auto":
         return requested
-    if os.environ.get("JOURNAL_STREAM") and os.path.exists(JOURNAL_SOCKET):  # noqa: PTH110
+    if os.environ.get("JOURNAL_STREAM") and Path(JOURNAL_SOCKET).exists():
         return "journal"
     return "console" if sys.stderr.isatty() else "json"
 
