@@ -44,7 +44,7 @@ Where the answers come from
 ---------------------------
 :class:`AdminServer` only sees an :class:`AdminFacade` (tests use a fake one).
 :class:`ControllerFacade` is the real one: the controller's own view of each document
-(``SessionDoc``: status, detail, raw QR, pairing code, phone, error, metrics; the change
+(``AccountDoc``: status, detail, raw QR, pairing code, phone, error, metrics; the change
 feed's copy with the controller's own writes merged in), its units, its worker link, and its
 :class:`DocWatchers`. Nothing wraps the control plane.
 
@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.plane import ControlPlane, SessionDoc
+from controller.plane import AccountDoc, ControlPlane
 from controller.server import WorkerServer
 from controller.unit_manager import RUNNING_UNIT_STATES
 from wabridge import logs, protocol
@@ -83,7 +83,7 @@ MAX_REQUEST = 64 * 1024
 MAX_CHAT_MESSAGES = 1000  # messages read from the log to build the chat list
 _CHAT_SUFFIXES = ("@s.whatsapp.net", "@g.us", "@lid")
 
-Watcher = Callable[[SessionDoc | None], None]  # None: the document was deleted
+Watcher = Callable[[AccountDoc | None], None]  # None: the document was deleted
 
 
 class AdminError(Exception):
@@ -129,7 +129,7 @@ class DocWatchers:
     def watching(self) -> int:
         return sum(len(c) for c in self._watchers.values())
 
-    def changed(self, user_id: str, old: SessionDoc | None, new: SessionDoc | None) -> None:
+    def changed(self, user_id: str, old: AccountDoc | None, new: AccountDoc | None) -> None:
         if user_id not in self._watchers:
             return
         if (old is None) == (new is None) and watched(old) == watched(new):
@@ -141,7 +141,7 @@ class DocWatchers:
                 log.error("admin.watcher_failed", user_id=user_id, error=repr(exc))
 
 
-def watched(doc: SessionDoc | None) -> dict[str, Any]:
+def watched(doc: AccountDoc | None) -> dict[str, Any]:
     """The fields a ``watch`` reports, under the names it reports them."""
     if doc is None:
         return {}
@@ -176,7 +176,7 @@ class AdminFacade(Protocol):
     def user_ids(self) -> Iterable[str]:
         """Every user with a document or a loaded worker unit."""
 
-    def doc(self, user_id: str) -> SessionDoc | None: ...
+    def doc(self, user_id: str) -> AccountDoc | None: ...
 
     def unit(self, user_id: str) -> UnitInfo | None: ...
 
@@ -193,14 +193,15 @@ class AdminFacade(Protocol):
     async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]: ...
 
     def info(self) -> dict[str, Any]:
-        """Host-wide facts for ``ping``: host, plane, sessions, linked."""
+        """Host-wide facts for ``ping``: host, plane, sessions (how many account documents;
+        the key is the admin protocol's), linked."""
 
 
 class ControllerView(Protocol):
     """The parts of ``controller.main.Controller`` that :class:`ControllerFacade` reads."""
 
     @property
-    def docs(self) -> Mapping[str, SessionDoc]: ...
+    def docs(self) -> Mapping[str, AccountDoc]: ...
     @property
     def units(self) -> Mapping[str, UnitInfo]: ...
     @property
@@ -220,7 +221,7 @@ class ControllerFacade:
     def user_ids(self) -> Iterable[str]:
         return set(self._c.docs) | set(self._c.units)
 
-    def doc(self, user_id: str) -> SessionDoc | None:
+    def doc(self, user_id: str) -> AccountDoc | None:
         return self._c.docs.get(user_id)
 
     def unit(self, user_id: str) -> UnitInfo | None:
@@ -250,7 +251,7 @@ class ControllerFacade:
 
 
 def status_row(
-    user_id: str, doc: SessionDoc | None, unit: UnitInfo | None, linked: bool
+    user_id: str, doc: AccountDoc | None, unit: UnitInfo | None, linked: bool
 ) -> dict[str, Any]:
     """One user's line of ``status`` (keys are stable: wabridgectl --json prints them)."""
     shown = watched(doc)
@@ -296,7 +297,7 @@ def chat_rows(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(chats.values(), key=lambda r: r["last_ts"] or 0.0, reverse=True)
 
 
-def watch_event(kind: str, user_id: str, doc: SessionDoc | None) -> dict[str, Any]:
+def watch_event(kind: str, user_id: str, doc: AccountDoc | None) -> dict[str, Any]:
     if doc is None:
         return {"ok": True, "event": "removed", "user": user_id}
     return {"ok": True, "event": kind, "user": user_id, **watched(doc)}
@@ -575,7 +576,7 @@ class AdminServer:
         user = _user(request)
         f = self._facade
         if f.doc(user) is None and f.unit(user) is None:
-            raise AdminError("unknown_user", f"no session for user {user!r} "
+            raise AdminError("unknown_user", f"no account for user {user!r} "
                              "(wabridgectl status lists them)")
         return user
 

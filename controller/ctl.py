@@ -311,7 +311,7 @@ def cmd_link(ctx: Ctx) -> int:
             _out().flush()
         for event in events:
             if event.get("event") == "removed":
-                raise CtlError(FAILED, "removed", f"the session of {user} was deleted")
+                raise CtlError(FAILED, "removed", f"the account document of {user} was deleted")
             status, code, pairing = event.get("status"), event.get("qr"), event.get(
                 "pairing_code")
             if ctx.json:
@@ -371,7 +371,7 @@ def cmd_status(ctx: Ctx) -> int:
         print_json({"users": rows})
         return OK
     if not rows:
-        _out().write("no sessions\n")
+        _out().write("no accounts\n")
         return OK
     _out().write(status_table(rows) + "\n")
     if user:
@@ -623,7 +623,7 @@ def check_admin(client: AdminClient) -> tuple[Check, dict[str, Any] | None]:
             "systemctl start wabridge-controller; see journalctl -u wabridge-controller")
         return Check("admin_socket", "fail", exc.message, fix), None
     return Check("admin_socket", "ok", f"{client.path}: controller on {info.get('host')}, "
-                 f"{info.get('sessions')} sessions, {info.get('linked')} workers linked, "
+                 f"{info.get('sessions')} accounts, {info.get('linked')} workers linked, "
                  f"plane {info.get('plane')}"), info
 
 

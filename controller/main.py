@@ -28,7 +28,7 @@ import sdnotify
 from controller import admin  # wabridgectl's admin socket
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
-from controller.plane import CONTROLLER, WORKER, ControlPlane, Removed, SessionDoc, error_field
+from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
 from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
@@ -60,7 +60,7 @@ class UserState:
     ``reconcile.stale_report``). Only the controller's event handlers change it."""
 
     user_id: str
-    doc: SessionDoc | None = None
+    doc: AccountDoc | None = None
     unit: UnitState | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one plan carried out at a time
     unit_events: int = 0  # unit states delivered
@@ -111,7 +111,7 @@ class Controller:
         self.systemd = systemd
         self.host = cfg.controller.host_id or socket.gethostname()
         self.users: dict[str, UserState] = {}
-        self.docs: Mapping[str, SessionDoc] = _Column(self.users, lambda s: s.doc)
+        self.docs: Mapping[str, AccountDoc] = _Column(self.users, lambda s: s.doc)
         self.units: Mapping[str, UnitState] = _Column(self.users, lambda s: s.unit)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
                                    self.settings_for)
@@ -175,7 +175,7 @@ class Controller:
         return None
 
     # --- the controller's view of documents ----------------------------------------------
-    def set_doc(self, user_id: str, doc: SessionDoc | None) -> SessionDoc | None:
+    def set_doc(self, user_id: str, doc: AccountDoc | None) -> AccountDoc | None:
         """Replace (None: drop) the view of one document; tells its admin watchers. Returns
         the previous view."""
         state = self.user(user_id)
@@ -192,7 +192,7 @@ class Controller:
             self.set_doc(user_id, doc.merged(fields))
 
     # --- events ------------------------------------------------------------------------
-    def on_change(self, change: SessionDoc | Removed) -> None:
+    def on_change(self, change: AccountDoc | Removed) -> None:
         if isinstance(change, Removed):
             self.set_doc(change.user_id, None)
             if change.user_id in self.units:
@@ -266,7 +266,7 @@ class Controller:
                 if rest:
                     await self.write(uid, rest)
             case rc.SetError(user_id=uid, code=code, message=message, reason=reason):
-                log.warning("session.error", user_id=uid, code=code, message=message,
+                log.warning("account.error", user_id=uid, code=code, message=message,
                             reason=reason)
                 error = error_field(code, message)
                 if reason:
@@ -281,7 +281,7 @@ class Controller:
     async def _claim(self, uid: str, expect: frozenset[DocStatus], new: DocStatus) -> bool:
         ok = await self.claim(uid, expect, new)
         if ok:
-            log.info("session.claimed", user_id=uid, status=new.value)
+            log.info("account.claimed", user_id=uid, status=new.value)
             user = self.user(uid)
             active = user.unit.active_state if user.unit is not None else None
             if rc.awaits_new_worker(new, expect, active):
@@ -303,7 +303,7 @@ class Controller:
             try:
                 dropin = self.dropin_for(uid)
             except PolicyError as exc:
-                log.warning("session.error", user_id=uid, code=exc.code, error=str(exc))
+                log.warning("account.error", user_id=uid, code=exc.code, error=str(exc))
                 await self.write(uid, {"status": DocStatus.ERROR.value,
                                        "error": error_field(exc.code, str(exc))})
                 return False
@@ -388,7 +388,7 @@ class Controller:
         made (and that the controller has not seen yet) is never overwritten."""
         ok = await self.claim(user_id, expect, new)
         if not ok:
-            log.info("session.status_not_written", user_id=user_id, status=new.value)
+            log.info("account.status_not_written", user_id=user_id, status=new.value)
         return ok
 
     def dropin_for(self, user_id: str) -> str:
@@ -437,7 +437,7 @@ class Controller:
                     new = None  # a request or a stop got there first: leave it be
                 if new is DocStatus.CONNECTED:
                     await self.write(user_id, {"qrCode": None, "qrRaw": None})
-                    await self.plane.put_session_info(user_id, {
+                    await self.plane.put_link_record(user_id, {
                         "phone": phone, "connectedAt": time.time()})
                 log.info("worker.state", user_id=user_id, state=state.value, detail=detail)
             case protocol.Qr(code=code, data_url=data_url):
@@ -559,7 +559,7 @@ class Controller:
         await self.server.start()
         for state in await self.systemd.list_workers():
             self.user(state.user_id).unit = state
-        for doc in await self.plane.list_sessions():
+        for doc in await self.plane.list_accounts():
             self.set_doc(doc.user_id, doc)
         actions = rc.reconcile(self.docs, {u: rc.view_of(s) for u, s in self.units.items()},
                                self.exits_while_away())
@@ -584,7 +584,7 @@ class Controller:
                 log.error("watchdog.unhealthy", problem=problem)
             self.unhealthy = problem or ""
             running = sum(1 for s in self.units.values() if s.active_state == "active")
-            line = (f"{len(self.docs)} sessions - {running} workers active - "
+            line = (f"{len(self.docs)} accounts - {running} workers active - "
                     f"{len(self.server.connections)} linked - plane {self.plane.name}")
             self.notifier.notify(f"STATUS={'unhealthy: ' + problem + ' - ' if problem else ''}"
                                  f"{line}")

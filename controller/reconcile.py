@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.plane import CONTROLLER, SessionDoc
+from controller.plane import CONTROLLER, AccountDoc
 from controller.unit_manager import PROCESS_UNIT_STATES, RUNNING_UNIT_STATES, UnitState
 from wabridge.errors import (
     EXIT_EXPLANATIONS,
@@ -131,7 +131,7 @@ def _shown(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
+def for_doc(doc: AccountDoc, unit: UnitView | None) -> list[Action]:
     """What a document asks for, given its unit's state (None: no such unit loaded)."""
     uid = doc.user_id
     try:
@@ -270,7 +270,7 @@ def exit_facts(unit: UnitView) -> dict[str, Any]:
     }
 
 
-def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Action]:
+def for_unit(doc: AccountDoc | None, user_id: str, unit: UnitView) -> list[Action]:
     """Mirror a unit's state into its document, and name crashes."""
     if doc is None:
         return [Stop(user_id)] if unit.running else []
@@ -334,13 +334,13 @@ def status_from_worker(state: WorkerState) -> DocStatus | None:
 class Resync:
     """What one resync check decided (``missed_requests``)."""
 
-    handle: list[SessionDoc]  # requests to handle now
+    handle: list[AccountDoc]  # requests to handle now
     missed: list[str]  # users among them whose request the feed never delivered: re-open it
     seen: dict[str, DocStatus | None]  # the pending requests, for the next check
 
 
-def missed_requests(previous: Mapping[str, DocStatus | None], pending: Sequence[SessionDoc],
-                    known: Mapping[str, SessionDoc]) -> Resync:
+def missed_requests(previous: Mapping[str, DocStatus | None], pending: Sequence[AccountDoc],
+                    known: Mapping[str, AccountDoc]) -> Resync:
     """The controller's check under the change feed (``controller.resync_interval``).
 
     ``pending`` holds the documents with a ``*_requested`` status now, ``previous`` what the
@@ -356,7 +356,7 @@ def missed_requests(previous: Mapping[str, DocStatus | None], pending: Sequence[
     return Resync(handle, missed, {doc.user_id: doc.status for doc in pending})
 
 
-def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],
+def reconcile(docs: Mapping[str, AccountDoc], units: Mapping[str, UnitView],
               last_exit: Mapping[str, int] | None = None) -> list[Action]:
     """Start-up: bring units in line with documents, and stop units without a document.
 
@@ -392,7 +392,7 @@ _SIM_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%-]+\Z")
 _PAIRING = frozenset({DocStatus.PAIRING_REQUESTED, DocStatus.PAIRING})
 
 
-def worker_settings(doc: SessionDoc | None) -> dict[str, Any]:
+def worker_settings(doc: AccountDoc | None) -> dict[str, Any]:
     """What the worker is told (``Welcome``/``Settings``): the document's ``settings``, and
     the phone to pair with while a pairing is asked for."""
     if doc is None:
@@ -403,7 +403,7 @@ def worker_settings(doc: SessionDoc | None) -> dict[str, Any]:
     return settings
 
 
-def for_settings(old: SessionDoc | None, new: SessionDoc, unit: UnitView | None) -> list[Action]:
+def for_settings(old: AccountDoc | None, new: AccountDoc, unit: UnitView | None) -> list[Action]:
     """A document changed: does its running worker need to hear about it? Any change of what
     ``worker_settings`` says is pushed at once (the worker checks it, reports a bad value and
     keeps its previous settings); a new ``backend``/``simUrl`` restarts a running worker,
@@ -440,7 +440,7 @@ def worker_environment(settings: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-def clears_error(doc: SessionDoc | None, source: str, code: str | None = None) -> bool:
+def clears_error(doc: AccountDoc | None, source: str, code: str | None = None) -> bool:
     """Whether ``source`` may clear the document's error now. Each error belongs to the
     source that reported it (``error.source``; none: written before sources, the
     controller's) and only that source clears it: a worker when the cause of ``code`` is

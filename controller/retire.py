@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.plane import ControlPlane, SessionDoc
+from controller.plane import AccountDoc, ControlPlane
 from controller.systemd import Systemd
 from controller.unit_manager import SystemdError, UnitManager, UnitState
 from wabridge import config, logs
@@ -66,7 +66,7 @@ class Retirement:
     fields: dict[str, Any]  # merged after the status is claimed
 
 
-def plan(docs: Iterable[SessionDoc], host: str, units: Iterable[str],
+def plan(docs: Iterable[AccountDoc], host: str, units: Iterable[str],
          reason: str) -> list[Retirement]:
     """Which documents to mark ``stopped`` (pure): those this host owned (its name as their
     ``host``, or a worker unit here) whose status still claims a running worker. Documents
@@ -120,7 +120,7 @@ async def retire(systemd: UnitManager, plane: ControlPlane, host: str, reason: s
     """Stop the host's workers, then mark their documents ``stopped``; returns how many
     documents were marked."""
     units = await stop_workers(systemd)
-    todo = plan(await plane.list_sessions(), host, (s.user_id for s in units if s.user_id),
+    todo = plan(await plane.list_accounts(), host, (s.user_id for s in units if s.user_id),
                 reason)
     done = await mark_stopped(plane, host, todo)
     log.info("retire.done", host=host, reason=reason, workers=len(units), documents=done)

@@ -18,7 +18,7 @@ from fakes.units import ScriptedSystemd
 
 from controller.local import LocalPlane
 from controller.main import Controller
-from controller.plane import SessionDoc
+from controller.plane import AccountDoc
 from controller.unit_manager import UnitState
 from wabridge import config, protocol
 from wabridge.status import DocStatus, WorkerState
@@ -74,7 +74,7 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyt
     await plane.close()
 
 
-async def doc_of(plane: LocalPlane) -> SessionDoc:
+async def doc_of(plane: LocalPlane) -> AccountDoc:
     doc = await plane.get("alice")
     assert doc is not None
     return doc

@@ -148,12 +148,12 @@ def test_status_of_an_unknown_user_fails(
 ) -> None:
     code, out, err = run(capsys, *sock(served), "status", "carol")
     assert code == ctl.FAILED
-    assert err == "wabridgectl: no session for user 'carol' (wabridgectl status lists them)\n"
+    assert err == "wabridgectl: no account for user 'carol' (wabridgectl status lists them)\n"
     code, out, err = run(capsys, *sock(served), "status", "carol", "--json")
     assert code == ctl.FAILED
     assert json.loads(out) == {"error": {
         "code": "unknown_user",
-        "message": "no session for user 'carol' (wabridgectl status lists them)"}}
+        "message": "no account for user 'carol' (wabridgectl status lists them)"}}
 
 
 def test_unlink_restart_reset_chats(
@@ -468,7 +468,7 @@ def test_doctor_on_a_healthy_host(
     assert checks["control_plane"]["message"] == f"local store {host['db']} readable (1 tables)"
     assert checks["api_key"]["message"] == f"ANTHROPIC_API_KEY set in {host['env']}"
     assert checks["admin_socket"]["status"] == "ok"
-    assert "controller on testhost, 2 sessions, 1 workers linked" in checks[
+    assert "controller on testhost, 2 accounts, 1 workers linked" in checks[
         "admin_socket"]["message"]
     assert checks["disk"]["status"] in ("ok", "warn")
     claude = ctl.claude_path(config.load())

@@ -16,7 +16,7 @@ from agent import main as worker_main
 from agent.store import MIGRATIONS, Store
 from controller import main as controller_main
 from controller.local import SCHEMA_VERSION, LocalPlane
-from controller.plane import parse_session
+from controller.plane import parse_account
 from controller.reconcile import CLD_EXITED, UnitView, for_unit
 from wabridge.errors import NO_RESTART_EXIT_CODES, ExitCode
 from wabridge.status import EXIT_OUTCOMES
@@ -84,7 +84,7 @@ def test_the_worker_unit_counts_each_account_outcome_a_success() -> None:
 def test_the_document_says_what_to_do() -> None:
     unit = UnitView("failed", "failed", "exit-code", 0, exec_main_code=CLD_EXITED,
                     exec_main_status=ExitCode.SCHEMA_TOO_NEW)
-    actions = for_unit(parse_session("alice", {"status": "connected"}), "alice", unit)
+    actions = for_unit(parse_account("alice", {"status": "connected"}), "alice", unit)
     errors = [a for a in actions if type(a).__name__ == "SetError"]
     assert len(errors) == 1
     message = errors[0].message  # type: ignore[union-attr]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controller.plane import SessionDoc, parse_session
+from controller.plane import AccountDoc, parse_account
 from controller.reconcile import (
     CLD_DUMPED,
     CLD_EXITED,
@@ -60,11 +60,11 @@ INACTIVE = UnitView("inactive", "dead")
 UNITS = {"none": NONE, "active": ACTIVE, "failed": FAILED, "inactive": INACTIVE}
 
 
-def doc(status: DocStatus | str | None, **fields: object) -> SessionDoc:
+def doc(status: DocStatus | str | None, **fields: object) -> AccountDoc:
     data: dict[str, object] = dict(fields)
     if status is not None:
         data["status"] = str(status)
-    return parse_session(U, data)
+    return parse_account(U, data)
 
 
 def claim(frm: DocStatus, to: DocStatus) -> Claim:
@@ -215,7 +215,7 @@ def test_unknown_status_is_reported_once() -> None:
 
 
 def test_status_of_the_wrong_type_is_unknown() -> None:
-    actions = for_doc(parse_session(U, {"status": 42}), None)
+    actions = for_doc(parse_account(U, {"status": 42}), None)
     assert [type(a) for a in actions] == [SetError]
 
 
@@ -226,14 +226,14 @@ def test_absent_status_is_ignored() -> None:
 
 @pytest.mark.parametrize("bad", ["", "has space", "caf\u00e9", "x" * 129, "a/b"])
 def test_invalid_user_id_is_reported_once(bad: str) -> None:
-    d = parse_session(bad, {"status": "create_requested"})
+    d = parse_account(bad, {"status": "create_requested"})
     actions = for_doc(d, None)
     assert len(actions) == 1
     assert isinstance(actions[0], SetError)
     assert actions[0].user_id == bad
     assert actions[0].code == "bad_user_id"
     assert "cannot name a worker unit" in actions[0].message
-    reported = parse_session(bad, {"status": "create_requested",
+    reported = parse_account(bad, {"status": "create_requested",
                                    "error": {"code": "bad_user_id"}})
     assert for_doc(reported, None) == []
 
@@ -481,11 +481,11 @@ def test_requests_are_never_worker_outputs() -> None:
 
 def test_reconcile_starts_missing_workers_and_stops_orphans() -> None:
     docs = {
-        "a": parse_session("a", {"status": "connected"}),  # no unit: start
-        "b": parse_session("b", {"status": "connected"}),  # running: fine
-        "c": parse_session("c", {"status": "stopped"}),  # stopped, unit running: stop
-        "d": parse_session("d", {"status": "waiting_qr"}),  # unit inactive: start
-        "e": parse_session("e", {"status": "logged_out"}),  # nothing
+        "a": parse_account("a", {"status": "connected"}),  # no unit: start
+        "b": parse_account("b", {"status": "connected"}),  # running: fine
+        "c": parse_account("c", {"status": "stopped"}),  # stopped, unit running: stop
+        "d": parse_account("d", {"status": "waiting_qr"}),  # unit inactive: start
+        "e": parse_account("e", {"status": "logged_out"}),  # nothing
     }
     units = {
         "b": ACTIVE,
@@ -536,8 +536,8 @@ def test_missed_requests(previous: dict[str, DocStatus], pending: list[DocStatus
 RUNNING_DOC = {"status": "connected", "settings": {"reply_to": "everyone"}}
 
 
-def with_settings(settings: dict[str, Any], **fields: Any) -> SessionDoc:
-    return parse_session(U, {**RUNNING_DOC, **fields, "settings": settings})
+def with_settings(settings: dict[str, Any], **fields: Any) -> AccountDoc:
+    return parse_account(U, {**RUNNING_DOC, **fields, "settings": settings})
 
 
 @pytest.mark.parametrize(("old", "new", "unit", "expected"), [
@@ -567,7 +567,7 @@ def with_settings(settings: dict[str, Any], **fields: Any) -> SessionDoc:
     (with_settings({}), with_settings({"backend": "sim"}, status="restart_requested"), ACTIVE,
      [PushSettings(U)]),
 ])
-def test_for_settings(old: SessionDoc | None, new: SessionDoc, unit: UnitView | None,
+def test_for_settings(old: AccountDoc | None, new: AccountDoc, unit: UnitView | None,
                       expected: list[Action]) -> None:
     assert for_settings(old, new, unit) == expected
 
@@ -608,16 +608,16 @@ def test_a_bad_backend_setting_is_named(settings: dict[str, Any], named: str) ->
     assert named in str(info.value) and info.value.code == "bad_setting"
 
 
-def err(code: str, source: str | None = None) -> SessionDoc:
+def err(code: str, source: str | None = None) -> AccountDoc:
     error: dict[str, Any] = {"code": code, "message": "m"}
     if source is not None:
         error["source"] = source
-    return parse_session(U, {"status": "connected", "error": error})
+    return parse_account(U, {"status": "connected", "error": error})
 
 
 @pytest.mark.parametrize(("doc", "source", "code", "clears"), [
     (None, "worker", "bad_setting", False),
-    (parse_session(U, {"status": "connected"}), "worker", "bad_setting", False),
+    (parse_account(U, {"status": "connected"}), "worker", "bad_setting", False),
     # a worker clears its own problem, of that code only
     (err("bad_setting", "worker"), "worker", "bad_setting", True),
     (err("bot_loop", "worker"), "worker", "bad_setting", False),
@@ -631,7 +631,7 @@ def err(code: str, source: str | None = None) -> SessionDoc:
     (err("bad_setting", "worker"), "controller", None, False),
     (err("undecryptable", "worker"), "controller", None, False),
 ])
-def test_clears_error(doc: SessionDoc | None, source: str, code: str | None,
+def test_clears_error(doc: AccountDoc | None, source: str, code: str | None,
                       clears: bool) -> None:
     assert clears_error(doc, source, code) is clears
 
