@@ -72,7 +72,7 @@ from controller.plane import AccountDoc, ControlPlane
 from controller.server import WorkerServer
 from controller.unit_manager import RUNNING_UNIT_STATES
 from wabridge import logs, protocol
-from wabridge.errors import UserIdError
+from wabridge.errors import UserIdError, WabridgeError
 from wabridge.phone import PHONE_RULE, is_phone
 from wabridge.status import DocStatus
 from wabridge.units import validate_user_id
@@ -86,11 +86,28 @@ _CHAT_SUFFIXES = ("@s.whatsapp.net", "@g.us", "@lid")
 Watcher = Callable[[AccountDoc | None], None]  # None: the document was deleted
 
 
-class AdminError(Exception):
+#: What an operator does about each answer code of the admin socket.
+ADMIN_EXPLANATIONS = {
+    "bad_request": "the request is malformed: wabridgectl --help shows the commands",
+    "bad_user_id": "use a user id of printable ASCII without spaces",
+    "unknown_op": "the controller does not know this operation: same wabridge version?",
+    "unknown_user": "no account document for this user: wabridgectl status lists them",
+    "not_connected": "the user's worker is not running or not linked: wabridgectl restart",
+    "internal": "the controller failed the request; its journal says why",
+}
+
+
+class AdminError(WabridgeError):
+    """A request the admin socket answers with an error frame (``code``: one of
+    ``ADMIN_EXPLANATIONS``); the connection stays open."""
+
+    code = "admin_error"
+    explanation = "the controller refused the request; the message says why"
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
+        self.explanation = ADMIN_EXPLANATIONS.get(code, type(self).explanation)
 
 
 def error_frame(code: str, message: str) -> dict[str, Any]:

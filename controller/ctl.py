@@ -57,7 +57,7 @@ from typing import Any, NoReturn, TextIO
 
 from controller.planes import emulator_host, plane_kind
 from wabridge import claude_cli, config, qr
-from wabridge.errors import ConfigError, UserIdError
+from wabridge.errors import ConfigError, UserIdError, WabridgeError
 from wabridge.phone import PHONE_RULE, normalize_phone
 from wabridge.status import OUTCOME_STATUSES, DocStatus
 from wabridge.units import validate_user_id, worker_unit
@@ -72,12 +72,26 @@ CALL_TIMEOUT = 30.0
 LINK_FAILED = frozenset(s.value for s in OUTCOME_STATUSES | {
     DocStatus.CRASHED, DocStatus.STOPPING, DocStatus.STOPPED, DocStatus.ERROR,
     DocStatus.DESTROY_REQUESTED})
-class CtlError(Exception):
-    def __init__(self, exit_code: int, code: str, message: str) -> None:
+class CtlError(WabridgeError):
+    """A command that did not succeed: ``exit_status`` is wabridgectl's exit status (the table
+    above), ``code`` the stable word printed with ``--json``."""
+
+    code = "ctl_error"
+    explanation = "the message says what failed; wabridgectl doctor checks the host"
+
+    def __init__(self, exit_status: int, code: str, message: str) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_status = exit_status
         self.code = code
-        self.message = message
+        self.explanation = _CTL_EXPLANATIONS.get(exit_status, type(self).explanation)
+
+
+_CTL_EXPLANATIONS = {
+    USAGE: "wabridgectl --help shows the commands and their arguments",
+    UNREACHABLE: "is wabridge-controller running? systemctl status wabridge-controller",
+    FORBIDDEN: "run as root or as a member of controller.admin_group",
+    TIMEOUT: "nobody scanned in time: run wabridgectl link again",
+}
 
 
 # --------------------------------------------------------------------------- the client
@@ -619,7 +633,7 @@ def check_admin(client: AdminClient) -> tuple[Check, dict[str, Any] | None]:
         info = client.call("ping")
     except CtlError as exc:
         fix = ("run as root or join the admin group: usermod -aG wabridge-admin $USER, "
-               "then log in again") if exc.exit_code == FORBIDDEN else (
+               "then log in again") if exc.exit_status == FORBIDDEN else (
             "systemctl start wabridge-controller; see journalctl -u wabridge-controller")
         return Check("admin_socket", "fail", exc.message, fix), None
     return Check("admin_socket", "ok", f"{client.path}: controller on {info.get('host')}, "
@@ -735,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             print_json({"error": {"code": exc.code, "message": exc.message}})
         else:
             sys.stderr.write(f"wabridgectl: {exc.message}\n")
-        return exc.exit_code
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

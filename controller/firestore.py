@@ -80,6 +80,9 @@ from controller.plane import (
     Change,
     ChangeCallback,
     ControlPlane,
+    PlaneDenied,
+    PlaneError,
+    PlaneUnavailable,
     Removed,
     check_doc_id,
     message_doc_id,
@@ -107,24 +110,6 @@ RECOVER_BUDGET = 6
 RECOVER_WINDOW = 10.0
 
 T = TypeVar("T")
-
-
-class PlaneError(WabridgeError):
-    """The control plane's backend refused or failed a request."""
-
-    code = "plane_error"
-
-
-class PlaneUnavailable(PlaneError):
-    """The backend is unreachable or overloaded; retrying later may succeed."""
-
-    code = "plane_unavailable"
-
-
-class PlaneDenied(PlaneError):
-    """The backend rejected our credentials or denied access; retrying will not help."""
-
-    code = "plane_denied"
 
 
 _UNAVAILABLE = (

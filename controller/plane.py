@@ -43,9 +43,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wabridge.errors import UserIdError
+from wabridge.errors import UserIdError, WabridgeError
 from wabridge.protocol import MessageEvent
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
+
+
+class PlaneError(WabridgeError):
+    """The control plane's backend refused or failed a request."""
+
+    code = "plane_error"
+    explanation = "the control plane failed a request; the controller's journal says which"
+
+
+class PlaneUnavailable(PlaneError):
+    """The backend is unreachable or overloaded; retrying later may succeed."""
+
+    code = "plane_unavailable"
+    explanation = ("Firestore is unreachable or overloaded; the controller retries with back-off "
+                   "(check the network, a proxy, or firebase.emulator_host)")
+
+
+class PlaneDenied(PlaneError):
+    """The backend rejected our credentials or denied access; retrying will not help."""
+
+    code = "plane_denied"
+    explanation = ("Firestore refused the credentials: check firebase.credentials (or the "
+                   "'firebase' systemd credential) and the service account's roles")
 
 
 @dataclass(frozen=True)

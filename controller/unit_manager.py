@@ -68,6 +68,7 @@ class SystemdError(WabridgeError):
     """
 
     code = FAILED
+    explanation = _EXPLAIN[FAILED]
 
     def __init__(
         self, code: str, message: str, *, unit: str | None = None, dbus_error: str = ""

@@ -24,15 +24,18 @@ import pytest
 import pytest_asyncio
 
 from controller import firestore as firestore_plane
-from controller.firestore import (
-    FirestorePlane,
+from controller.firestore import FirestorePlane, map_error
+from controller.local import SCHEMA_VERSION, LocalPlane
+from controller.plane import (
+    AccountDoc,
+    Change,
+    ControlPlane,
     PlaneDenied,
     PlaneError,
     PlaneUnavailable,
-    map_error,
+    Removed,
+    message_doc_id,
 )
-from controller.local import SCHEMA_VERSION, LocalPlane
-from controller.plane import AccountDoc, Change, ControlPlane, Removed, message_doc_id
 from wabridge.config import FirebaseConfig
 from wabridge.errors import ConfigError, ExitCode, ForeignRecordError, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
