@@ -1,5 +1,9 @@
 """The controller's admin socket: what ``wabridgectl`` (``controller/ctl.py``) talks to.
 
+Over 600 lines because the admin protocol is one contract: the table below, the server that
+enforces who may connect, and the answers it gives (status rows, watch events) change
+together; about a tenth is this documentation.
+
 Socket and access
 -----------------
 A Unix stream socket at ``controller.admin_socket`` (``/run/wabridge/admin.sock``), mode
@@ -19,10 +23,11 @@ one after the other; a bad line is answered with an error frame and the connecti
 ======================================  ==================================================
 ``{"op": "ping"}``                      ``{"ok", "host", "plane", "sessions", "linked"}``
 ``{"op": "link", "user", "phone"?,      request a worker: ``create_requested``, or
-``"follow"?}``                          ``pairing_requested`` with ``pairingPhone`` (digits,
-                                        8-15). Clears a stale ``qrRaw``/``pairingCode``/
-                                        ``error`` first. ``"already_connected": true`` when
-                                        the account is connected and its unit active.
+``"follow"?}``                          ``pairing_requested`` with ``pairingPhone``
+                                        (``wabridge.phone``). Clears a stale ``qrRaw``/
+                                        ``pairingCode``/``error`` first.
+                                        ``"already_connected": true`` when the account is
+                                        connected and its unit active.
                                         With ``follow``, the answer is followed by ``watch``
                                         events (subscribed before the request: none missed).
 ``{"op": "unlink", "user"}``            ``destroy_requested``

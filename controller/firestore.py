@@ -1,5 +1,9 @@
 """The Firestore control plane (``controller.control_plane = "firestore"``).
 
+Over 600 lines because it is the one adapter of the Firestore SDK: the error mapping, the
+listener's workarounds and their supervisor change together with the SDK, and the notes
+below record what each works around.
+
 Client: ``google.cloud.firestore.Client`` directly, not ``firebase_admin``. firebase-admin only
 wraps that same client (``firebase_admin.firestore.client`` builds one from the app's
 credential), but its credential classes cannot express "anonymous", which the emulator needs,

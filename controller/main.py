@@ -19,8 +19,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import sdnotify
@@ -33,6 +32,7 @@ from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
 from controller.unit_manager import RUNNING_UNIT_STATES, SystemdError, UnitManager, UnitState
+from controller.users import Column, UserState
 from wabridge import config, logs, protocol
 from wabridge.errors import ConfigError, ExitCode, PolicyError, WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus, doc_status_for
@@ -49,61 +49,6 @@ def worker_limits(cfg: config.Config) -> dict[str, str]:
             "TasksMax": cfg.worker.tasks_max, "CPUQuota": cfg.worker.cpu_quota}
 
 
-@dataclass(eq=False)
-class UserState:
-    """Everything the controller knows and keeps about one user, in one place.
-
-    ``doc`` and ``unit`` are the facts (the control document, the unit's last state); the rest
-    is the bookkeeping that orders events: which unit states predate our last start
-    (``unit_events``/``start_mark``, see ``reconcile.predates_start``), which worker reports
-    come from a process older than a claimed (re)start (``requested_at``, see
-    ``reconcile.stale_report``). Only the controller's event handlers change it."""
-
-    user_id: str
-    doc: AccountDoc | None = None
-    unit: UnitState | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one plan carried out at a time
-    unit_events: int = 0  # unit states delivered
-    start_mark: int | None = None  # unit_events when our last start was queued
-    starting: asyncio.Event | None = None  # set when the start holding a slot settled
-    requested_at: float = 0.0  # monotonic time of a claimed (re)start
-    last_report: DocStatus | None = None  # what its worker last reported
-    reported: dict[str, float] = field(default_factory=dict)  # its latest metrics frame
-    process_written_at: float = 0.0  # monotonic time of the last ``process`` write
-    process_key: tuple[int, str, int] | None = None  # (pid, state, restarts) then
-
-    @property
-    def view(self) -> rc.UnitView | None:
-        """The unit as the decisions see it (None: no unit state known)."""
-        return rc.view_of(self.unit) if self.unit is not None else None
-
-    @property
-    def known(self) -> bool:
-        """Whether there is anything to show of this user (a document or a unit)."""
-        return self.doc is not None or self.unit is not None
-
-
-class _Column(Mapping[str, T]):
-    """A read-only view of one fact of every user (``Controller.docs``/``units``)."""
-
-    def __init__(self, users: dict[str, UserState], get: Callable[[UserState], T | None]) -> None:
-        self._users = users
-        self._get = get
-
-    def __getitem__(self, user_id: str) -> T:
-        state = self._users.get(user_id)
-        value = self._get(state) if state is not None else None
-        if value is None:
-            raise KeyError(user_id)
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([u for u, s in self._users.items() if self._get(s) is not None])
-
-    def __len__(self) -> int:
-        return sum(1 for s in self._users.values() if self._get(s) is not None)
-
-
 class Controller:
     def __init__(self, cfg: config.Config, plane: ControlPlane, systemd: UnitManager) -> None:
         self.cfg = cfg
@@ -111,8 +56,8 @@ class Controller:
         self.systemd = systemd
         self.host = cfg.controller.host_id or socket.gethostname()
         self.users: dict[str, UserState] = {}
-        self.docs: Mapping[str, AccountDoc] = _Column(self.users, lambda s: s.doc)
-        self.units: Mapping[str, UnitState] = _Column(self.users, lambda s: s.unit)
+        self.docs: Mapping[str, AccountDoc] = Column(self.users, lambda s: s.doc)
+        self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
                                    self.settings_for)
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow

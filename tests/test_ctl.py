@@ -18,6 +18,7 @@ from fakes.admin_facade import FakeFacade, FakeUnit, ThreadedAdmin, socket_dir
 from PIL import Image
 
 from controller import ctl
+from controller import doctor as host_checks
 from wabridge import config, qr
 from wabridge.status import DocStatus
 
@@ -471,7 +472,7 @@ def test_doctor_on_a_healthy_host(
     assert "controller on testhost, 2 accounts, 1 workers linked" in checks[
         "admin_socket"]["message"]
     assert checks["disk"]["status"] in ("ok", "warn")
-    claude = ctl.claude_path(config.load())
+    claude = host_checks.claude_path(config.load())
     if claude is not None and claude.is_file():
         assert checks["claude"]["status"] == "ok", checks["claude"]
         assert "(Claude Code)" in checks["claude"]["message"]
@@ -579,7 +580,7 @@ def test_doctor_claude_runs_with_the_offline_env(
                     '$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC ${ANTHROPIC_API_KEY:-nokey}"\n')
     path.chmod(0o755)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "must-not-leak")
-    check = ctl.check_claude(config.Config(claude=config.ClaudeConfig(cli_path=str(path))))
+    check = host_checks.check_claude(config.Config(claude=config.ClaudeConfig(cli_path=str(path))))
     assert check.status == "ok"
     assert check.message == f"{path}: 9.9.9 (Claude Code) 1 1 nokey"
 
@@ -610,8 +611,8 @@ def test_doctor_guesses_the_plane_as_the_controller_chooses_it(
         dialled.append(address)
         raise OSError("not in tests")
 
-    monkeypatch.setattr(ctl.socket, "create_connection", no_network)
-    check = ctl.check_plane(config.Config(), None)
+    monkeypatch.setattr(host_checks.socket, "create_connection", no_network)
+    check = host_checks.check_plane(config.Config(), None)
     assert dialled == [("firestore.googleapis.com", 443)]
     assert check.message.startswith("Firestore at firestore.googleapis.com:443 unreachable")
 
@@ -619,8 +620,8 @@ def test_doctor_guesses_the_plane_as_the_controller_chooses_it(
 def test_doctor_disk_space_below_a_gigabyte_is_a_warning(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ctl, "MIN_FREE_BYTES", 1 << 62)
-    check = ctl.check_disk("/var/lib/wabridge-does-not-exist/x")
+    monkeypatch.setattr(host_checks, "MIN_FREE_BYTES", 1 << 62)
+    check = host_checks.check_disk("/var/lib/wabridge-does-not-exist/x")
     assert check.status == "warn" and check.message.startswith("only ")
     assert check.message.endswith("free for /var/lib/wabridge-does-not-exist/x")
 
@@ -628,4 +629,4 @@ def test_doctor_disk_space_below_a_gigabyte_is_a_warning(
 def test_read_env_file(tmp_path: Path) -> None:
     path = tmp_path / "env"
     path.write_text('# c\n; c\nexport A=1\nB="two words"\nC=\'3\'\nbroken\n\nD = 4\n')
-    assert ctl.read_env_file(path) == {"A": "1", "B": "two words", "C": "3", "D": "4"}
+    assert host_checks.read_env_file(path) == {"A": "1", "B": "two words", "C": "3", "D": "4"}
