@@ -58,7 +58,6 @@ from controller.plane import (
     summary_fields,
 )
 from wabridge import logs
-from wabridge.config import ControllerConfig
 from wabridge.errors import ConfigError, SchemaTooNew
 from wabridge.protocol import MessageEvent
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
@@ -176,10 +175,6 @@ class LocalPlane(ControlPlane):
         self._watcher: asyncio.Task[None] | None = None
         self._on_change: ChangeCallback | None = None
         self._closed = False
-
-    @classmethod
-    def from_config(cls, config: ControllerConfig) -> LocalPlane:
-        return cls(config.local_db)
 
     @property
     def path(self) -> Path:

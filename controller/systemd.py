@@ -1,5 +1,9 @@
 """The controller's systemd adapter: start/stop worker units and watch their state over D-Bus.
 
+Over 600 lines because it is the one adapter of pystemd: the thread-confined call bus, the
+signal bus and its coalescing, exit reports and drop-ins all live with the binding's pitfalls
+recorded below (about 120 lines of this docstring), and change together when it does.
+
 This is the only module of the controller that imports pystemd. ``Systemd`` implements the
 unit-manager boundary (``controller.unit_manager.UnitManager``); everything it hands out is
 plain Python (``UnitState``, ``SystemdError``, defined there), so the core never sees sd-bus
@@ -715,14 +719,6 @@ class Systemd:
         if changed and await self._call("need-reload", unit, _w_need_reload, unit):
             await self.daemon_reload()
         return changed
-
-    async def remove_dropin(self, unit: str) -> None:
-        """Forget the unit's runtime drop-in (after its user is gone); no reload."""
-        path = self.dropin_path(unit)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()
 
     async def daemon_reload(self) -> None:
         """Manager.Reload, coalesced: returns once a reload that began after the call ended."""

@@ -1,4 +1,4 @@
-"""Bad input, generated (issue 8): property-based fuzzing of every boundary that reads
+"""Bad input, generated: property-based fuzzing of every boundary that reads
 something another party wrote. Fast, no systemd: runs in ``make test-fast``.
 
 - Firestore documents: ``controller.plane.parse_account`` + ``controller.reconcile`` never

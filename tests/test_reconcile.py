@@ -293,7 +293,7 @@ def test_crash_reason(unit: UnitView, words: str) -> None:
     assert words in actions[-1].message
 
 
-# --- restart limits, OOM, watchdog (issue 3) ------------------------------------------------
+# --- restart limits, OOM, watchdog ------------------------------------------------
 
 KILLED9 = {"exec_main_code": CLD_KILLED, "exec_main_status": signal.SIGKILL}
 EXIT1 = {"exec_main_code": CLD_EXITED, "exec_main_status": 1}
