@@ -116,16 +116,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 from pystemd import dbusexc
 from pystemd.dbuslib import DBus, DBusAddress, apply_signature, path_decode, path_encode
 
 from controller.unit_manager import FAILED, NO_SUCH_UNIT, UNAVAILABLE, SystemdError, UnitState
-from wabridge import claude_cli
+from wabridge import claude_cli, logs
 from wabridge.errors import PolicyError
 from wabridge.units import WORKER_PREFIX, WORKER_SUFFIX, user_of_unit
 
-log = structlog.get_logger(__name__)
+log = logs.get("controller.systemd")
 
 T = TypeVar("T")
 
