@@ -438,7 +438,7 @@ async def test_add_message_is_idempotent_and_ordered(store: Store) -> None:
     ]
 
 
-async def test_put_session_info_merges(store: Store) -> None:
+async def test_put_link_record_merges(store: Store) -> None:
     plane = store.open()
     info_of = plane.link_record  # type: ignore[attr-defined]
     assert await info_of("alice") is None
