@@ -20,7 +20,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import sdnotify
 
@@ -40,7 +40,6 @@ from wabridge.units import system_user_name, worker_unit
 
 log = logs.get("controller")
 START_SLOT_TIMEOUT = 90.0  # a start slot is given back by then even if no state arrives
-T = TypeVar("T")
 
 
 def worker_limits(cfg: config.Config) -> dict[str, str]:

@@ -24,7 +24,7 @@ T = TypeVar("T")
 class UserState:
     """Everything the controller knows and keeps about one user, in one place.
 
-    ``doc`` and ``unit`` are the facts (the control document, the unit's last state); the rest
+    ``doc`` and ``unit`` are the facts (the account document, the unit's last state); the rest
     is the bookkeeping that orders events: which unit states predate our last start
     (``unit_events``/``start_mark``, see ``reconcile.predates_start``), which worker reports
     come from a process older than a claimed (re)start (``requested_at``, see
