@@ -360,6 +360,15 @@ class Controller:
     async def settings_for(self, user_id: str) -> dict[str, Any]:
         return rc.worker_settings(self.docs.get(user_id))
 
+    def _may_report(self, user_id: str, what: str) -> bool:
+        doc = self.docs.get(user_id)
+        status = doc.status if doc is not None else None
+        if rc.worker_may_report(status):
+            return True
+        log.info("worker.late_report", user_id=user_id, report=what,
+                 status=status.value if status else None)
+        return False
+
     async def on_frame(self, user_id: str, frame: protocol.SequencedFrame) -> None:
         match frame:
             case protocol.State(state=state, detail=detail, phone=phone):
@@ -369,6 +378,8 @@ class Controller:
                     log.info("worker.stale_state", user_id=user_id, state=state.value)
                     return
                 user.last_report = doc_status_for(state)
+                if not self._may_report(user_id, "state"):
+                    return
                 new = rc.status_from_worker(state)  # written only from WORKER_MAY_SET, below
                 # The facts first, then the status: whoever watches the document and sees
                 # "connected" also sees the phone and the detail.
@@ -402,6 +413,8 @@ class Controller:
                     log.info("worker.problem_cleared", user_id=user_id, code=code)
                     await self.write(user_id, {"error": None})
             case protocol.Metrics():
+                if not self._may_report(user_id, "metrics"):
+                    return
                 self.user(user_id).reported = {
                     "chats": frame.chats, "claude_processes": frame.claude_processes,
                     "turns": frame.turns, "messages_in": frame.messages_in,

@@ -315,6 +315,20 @@ def worker_may_move(new: DocStatus) -> frozenset[DocStatus]:
     return WORKER_MAY_SET
 
 
+#: Document statuses during which a worker's reports (its detail, phone and figures) describe
+#: the account: the worker runs, or is being stopped. Once the document says ``stopped``,
+#: ``crashed``, ``error``, an outcome, or holds a client's request, a report still in flight
+#: from the old process (its "stopping", its last Claude process count) is stale: written, it
+#: would contradict the status.
+WORKER_MAY_REPORT = WORKER_MAY_SET | {DocStatus.STOPPING}
+
+
+def worker_may_report(status: DocStatus | None) -> bool:
+    """Whether a worker's report may be written on a document whose status is ``status``
+    (None: the document is gone or has no status)."""
+    return status in WORKER_MAY_REPORT
+
+
 def status_from_worker(state: WorkerState) -> DocStatus | None:
     """The document status a worker's report asks for; None: none ("stopping" is the
     controller's to say).

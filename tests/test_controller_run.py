@@ -32,7 +32,7 @@ from controller.main import Controller
 from controller.plane import AccountDoc
 from controller.unit_manager import UnitState
 from wabridge import config, protocol
-from wabridge.status import DocStatus
+from wabridge.status import DocStatus, WorkerState
 
 UNIT = "wabridge-worker@alice.service"
 
@@ -216,6 +216,7 @@ class FakeWorker:
 
     def __init__(self, path: str, store: Store) -> None:
         self.settings: list[dict[str, Any]] = []
+        self.store = store
         self.link = ControllerLink(path, "alice", store, "test", self.on_settings,
                                    lambda _c: None)
         self.stop = asyncio.Event()
@@ -389,3 +390,22 @@ async def test_a_stopped_document_keeps_nothing_of_the_process_that_was(
     assert doc.process["status"] is None and doc.process["state"] == "inactive"
     row = await admin_status(running)
     assert (row["status"], row["detail"], row["claude_processes"]) == ("stopped", "stopped", 0)
+
+
+async def test_a_late_report_of_a_stopped_worker_does_not_undo_stopped(
+        running: Running, worker: FakeWorker) -> None:
+    """The worker's last words ("stopping", its Claude processes) can reach the controller
+    after the unit went inactive and the document said ``stopped``: they are not written."""
+    await running.plane.update("alice", {"status": "stopped", "statusDetail": "stopped",
+                                         "metrics": {"claudeProcesses": 0}})
+    await running.until(lambda: running.controller.docs["alice"].status is DocStatus.STOPPED,
+                        5, "the stopped document")
+    worker.link.report(lambda seq: protocol.State(seq=seq, state=WorkerState.STOPPING,
+                                                  detail="stopping", phone=""))
+    worker.link.report(lambda seq: protocol.Metrics(
+        seq=seq, chats=1, claude_processes=1, turns=1, messages_in=1, messages_out=1,
+        input_tokens=1, output_tokens=1, cost_today_usd=0.0))
+    await running.until(lambda: not worker.store.unacked_frames(), 5, "frames handled")
+    doc = await running.doc()
+    assert (doc.status, doc.status_detail) == (DocStatus.STOPPED, "stopped")
+    assert doc.metrics == {"claudeProcesses": 0}

@@ -41,6 +41,7 @@ from controller.reconcile import (
     status_from_worker,
     worker_environment,
     worker_may_move,
+    worker_may_report,
     worker_settings,
 )
 from controller.unit_manager import UnitState
@@ -465,6 +466,19 @@ def test_worker_may_move(current: DocStatus, new: DocStatus, moves: bool) -> Non
 @pytest.mark.parametrize("state", [s for s in WorkerState if s is not WorkerState.STOPPING])
 def test_worker_report_asks_for_its_status(state: WorkerState) -> None:
     assert status_from_worker(state) == S(state.value)
+
+
+@pytest.mark.parametrize(("status", "reported"), [
+    (S.STARTING, True), (S.WAITING_QR, True), (S.PAIRING, True), (S.CONNECTED, True),
+    (S.DISCONNECTED, True), (S.PAIRING_REQUESTED, True),
+    (S.STOPPING, True),  # the worker's own "stopping: closing Claude processes"
+    (S.STOPPED, False), (S.CRASHED, False), (S.ERROR, False), (S.LOGGED_OUT, False),
+    (S.BANNED, False), (S.REPLACED, False), (S.OUTDATED, False), (S.QR_EXPIRED, False),
+    (S.CREATE_REQUESTED, False), (S.DESTROY_REQUESTED, False), (S.RESTART_REQUESTED, False),
+    (None, False),
+])
+def test_worker_may_report(status: DocStatus | None, reported: bool) -> None:
+    assert worker_may_report(status) is reported
 
 
 def test_worker_stopping_is_never_written() -> None:

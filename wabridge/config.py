@@ -487,6 +487,14 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def _toml_literal(value: Any) -> str:
+    """A default as TOML writes it: a JSON string is a valid TOML basic string, escapes
+    included; booleans are lower case."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def example_toml() -> str:
     """A fully commented config file (the Debian package's conffile)."""
     out = ["# wabridge configuration. Every option is shown with its default, commented out.",
@@ -497,11 +505,7 @@ def example_toml() -> str:
             out.append(f"# {fdef.metadata['doc']}")
             if fdef.metadata.get("allowed"):
                 out.append(f"# allowed: {fdef.metadata['allowed']}")
-            value = fdef.default
-            # a JSON string is a valid TOML basic string, escapes included
-            rendered = ("true" if value else "false") if isinstance(value, bool) else (
-                json.dumps(value) if isinstance(value, str) else repr(value))
-            out.append(f"#{fdef.name} = {rendered}")
+            out.append(f"#{fdef.name} = {_toml_literal(fdef.default)}")
         out.append("")
     return "\n".join(out)
 
