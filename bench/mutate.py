@@ -78,7 +78,7 @@ _ONLY_PLACEHOLDERS = ("equivalent: the text's own U+E000/U+E001 are held first, 
 EXPLAINED: dict[tuple[str, str, str], str] = {
     ("controller/reconcile.py", "operand 'code is not None' dropped",
      "if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)"):
-        "equivalent: None is no key of _TERMINAL_FROM_EXIT, so `code in ...` alone is False "
+        "equivalent: None is no key of EXIT_OUTCOMES, so `code in ...` alone is False "
         "for it",
     ("agent/policy.py", "operand 'not isinstance(value, str)' dropped",
      "if not isinstance(value, str) or value not in choices:"):

@@ -286,7 +286,7 @@ def test_the_reference_table_starts_with_its_header() -> None:
     assert lines[:3] == [
         "| key | default | allowed | meaning |",
         "|---|---|---|---|",
-        "| `controller.control_plane` | `'auto'` | auto, firestore, local | Where user sessions "
+        "| `controller.control_plane` | `'auto'` | auto, firestore, local | Where accounts "
         "are requested and reported. `auto` picks Firestore when Firebase credentials or an "
         "emulator are configured, else the local SQLite store. |",
     ]
@@ -299,7 +299,7 @@ def test_the_example_file_layout() -> None:
         "# Environment variables WABRIDGE__SECTION__KEY override this file.",
         "",
         "[controller]",
-        "# Where user sessions are requested and reported. `auto` picks Firestore when "
+        "# Where accounts are requested and reported. `auto` picks Firestore when "
         "Firebase credentials or an emulator are configured, else the local SQLite store.",
         "# allowed: auto, firestore, local",
         '#control_plane = "auto"',

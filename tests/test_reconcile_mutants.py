@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from controller.plane import SessionDoc, parse_session
+from controller.plane import AccountDoc, parse_account
 from controller.reconcile import (
     CLD_DUMPED,
     CLD_EXITED,
@@ -38,11 +38,11 @@ U = "alice"
 STOPPED = {"status": "stopped", "statusDetail": "stopped", "metrics": {"claudeProcesses": 0}}
 
 
-def doc(status: str | None, **fields: object) -> SessionDoc:
+def doc(status: str | None, **fields: object) -> AccountDoc:
     data: dict[str, object] = dict(fields)
     if status is not None:
         data["status"] = status
-    return parse_session(U, data)
+    return parse_account(U, data)
 
 
 # --- the worker ended while the controller was down ------------------------------------------
@@ -89,8 +89,8 @@ def test_reconcile_takes_the_outcome_of_a_worker_that_ended(
 
 
 def test_reconcile_applies_each_exit_to_its_own_user() -> None:
-    docs = {"a": parse_session("a", {"status": "connected"}),
-            "b": parse_session("b", {"status": "connected"})}
+    docs = {"a": parse_account("a", {"status": "connected"}),
+            "b": parse_account("b", {"status": "connected"})}
     assert reconcile(docs, {}, {"b": 10}) == [
         Start("a"),
         Update("b", {"status": "logged_out",
@@ -101,8 +101,8 @@ def test_reconcile_applies_each_exit_to_its_own_user() -> None:
 
 def test_reconcile_keeps_going_after_an_ended_worker() -> None:
     # the ``continue`` after the outcome: the next documents and the orphans still count
-    docs = {"a": parse_session("a", {"status": "connected"}),
-            "b": parse_session("b", {"status": "stopped"})}
+    docs = {"a": parse_account("a", {"status": "connected"}),
+            "b": parse_account("b", {"status": "stopped"})}
     units = {"b": ACTIVE, "orphan": ACTIVE}
     assert reconcile(docs, units, {"a": 10}) == [
         Update("a", {"status": "logged_out",
@@ -268,7 +268,7 @@ def test_bad_pairing_phone_message_in_full() -> None:
 
 
 def test_bad_user_id_message_in_full() -> None:
-    d = parse_session("a b", {"status": "create_requested"})
+    d = parse_account("a b", {"status": "create_requested"})
     assert for_doc(d, None) == [SetError(
         "a b", "bad_user_id", "user id 'a b' contains ' ' (use printable ASCII without spaces); "
         "this user id cannot name a worker unit")]

@@ -90,7 +90,7 @@ def _listen_address(value: Any) -> str | None:
 class ControllerConfig:
     control_plane: str = _opt(
         "auto",
-        "Where user sessions are requested and reported. `auto` picks Firestore when Firebase "
+        "Where accounts are requested and reported. `auto` picks Firestore when Firebase "
         "credentials or an emulator are configured, else the local SQLite store.",
         allowed="auto, firestore, local",
         check=_one_of("auto", "firestore", "local"),
