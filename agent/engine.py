@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -45,10 +46,11 @@ from typing import Any
 
 import structlog
 
-from agent import budget, commands, delivery, policy, rotation, shaping
+from agent import budget, commands, delivery, persona, policy, rotation, shaping, takeover
 from agent.claude import ClaudeError, TurnResult
 from agent.commands import ChatCommand
 from agent.conversations import Conversations
+from agent.persona import Persona
 from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
 from agent.whatsapp.base import SendError, WhatsAppBackend
@@ -70,6 +72,8 @@ ProblemReporter = Callable[[str, str], None]  # stable code, message for the own
 
 BUDGET_NOTICE = ("I have reached my daily budget and cannot answer more messages today. "
                  "Please try again tomorrow.")
+CHAT_PERSONAS_KEY = "chat_personas"  # kv: {chat: its own system prompt} (/persona)
+PAUSES_KEY = "takeover"  # kv: the paused chats (agent.takeover.dump)
 SLOW_DOWN_NOTICE = ("You are sending messages faster than I can answer them. Please slow "
                     "down a little; messages sent too quickly are not answered.")
 
@@ -132,6 +136,8 @@ class Engine:
         api: Conversations | None = None,
         engine: EngineName = "cli",
         tools: bool = False,
+        system_prompt: str | None = None,
+        models_allowed: tuple[str, ...] = (),
     ) -> None:
         self._store = store
         self._backend = backend
@@ -151,6 +157,9 @@ class Engine:
         self._clock = clock  # wall clock: budget days, send retries
         self._rng = rng  # pacing jitter
         self._policy: Policy = policy.DEFAULT
+        self._persona: Persona = persona.DEFAULT
+        self._host_prompt = system_prompt
+        self._models_allowed = models_allowed
         self._owner = ""
         self._owner_known = asyncio.Event()
         self._buckets: dict[str, budget.Bucket] = {}
@@ -194,6 +203,7 @@ class Engine:
         try:
             new = policy.parse(settings)
             chosen = self._engine_for(new)
+            who = persona.parse(settings, self._models_allowed)
         except InvalidSetting as exc:
             log.warning("policy.invalid", key=exc.key, error=str(exc))
             return exc
@@ -205,6 +215,11 @@ class Engine:
                      commands_from=new.commands_from, allowlist=len(new.allowlist),
                      daily_budget_usd=new.daily_budget_usd, engine=new.engine)
         self._policy = new
+        if who != self._persona:
+            log.info("persona.updated", prompt_chars=len(who.system_prompt or ""),
+                     model=who.model, language=who.language,
+                     takeover_minutes=who.takeover_minutes)
+        self._persona = who
         return None
 
     def _engine_for(self, new: Policy) -> EngineName:
@@ -293,7 +308,7 @@ class Engine:
                     log.exception("chat.step_failed", attempt=failures)
                     if failures >= 3:
                         self._store.skip_with_notice(chat_id, [i.id for i in batch], "error",
-                                                     self._conv.apology,
+                                                     self._apology(),
                                                      quote=batch[-1].message)
                         self._outbox_wake.set()
                         failures = 0
@@ -314,6 +329,10 @@ class Engine:
                          reason=decision.reason)
                 if decision.reason == "from_me" and policy.owner_wrote(msg, self._owner):
                     log.info("message.owner_wrote", wa_id=item.wa_id)  # the takeover signal
+                    self._owner_took_over(chat_id, item)
+                continue
+            if (decision.action == "answer" and not policy.is_owner(msg, self._owner)
+                    and self._held(chat_id, item)):
                 continue
             if decision.action == "command" and segment:
                 break  # the command runs after the messages before it
@@ -329,6 +348,24 @@ class Engine:
             await self._command(chat_id, first, decision.command)
         elif self._loop_allows(chat_id, [item for item, _ in admitted]):
             await self._answer(chat_id, [item for item, _ in admitted])
+
+    def _owner_took_over(self, chat_id: str, item: PendingInbound) -> None:
+        pause = takeover.owner_wrote(self._pauses().get(chat_id, takeover.Pause()),
+                                     item.received_at, self._persona.takeover_minutes,
+                                     message_line(item.message))
+        self._set_pause(chat_id, pause)
+        log.info("takeover.paused", until=round(pause.until, 1), by="owner_wrote")
+
+    def _held(self, chat_id: str, item: PendingInbound) -> bool:
+        """A contact's message in a paused chat: kept (skipped ``paused``) and remembered as
+        context for the turn after the pause."""
+        pause = self._pauses().get(chat_id)
+        if pause is None or not pause.active(item.received_at):
+            return False
+        self._set_pause(chat_id, takeover.held(pause, message_line(item.message)))
+        self._store.skip_inbound([item.id], "paused")
+        log.info("message.skipped", wa_id=item.wa_id, sender=item.sender, reason="paused")
+        return True
 
     def _loop_allows(self, chat_id: str, batch: list[PendingInbound]) -> bool:
         """The loop guard (:func:`agent.policy.loop_guard`); a stopped chat's messages are
@@ -362,7 +399,8 @@ class Engine:
             self._slowed.discard(item.sender)
         if verdict.allowed:
             return True
-        notice = SLOW_DOWN_NOTICE if verdict.notify else None
+        notice = ((self._persona.slow_down_notice or SLOW_DOWN_NOTICE) if verdict.notify
+                  else None)
         self._store.skip_with_notice(chat_id, [item.id], "rate_limited", notice)
         log.warning("message.rate_limited", wa_id=item.wa_id, sender=item.sender,
                     notice=notice is not None)
@@ -393,12 +431,91 @@ class Engine:
             text = commands.status_text(self._status(chat_id))
         elif command.name == "help":
             text = commands.HELP_TEXT
+            if policy.is_owner(item.message, self._owner) and policy.is_self_chat(
+                    item.message, self._owner):
+                text += commands.OWNER_HELP_TEXT
+        elif command.name in commands.OWNER_ONLY:
+            if policy.is_owner(item.message, self._owner) and policy.is_self_chat(
+                    item.message, self._owner):
+                text = self._owner_command(command)
+            else:
+                text = commands.OWNER_ONLY_TEXT.format(name=command.name)
         else:
             text = commands.unknown_text(command)
         self._store.answer_locally(chat_id, [item.id],
                                    shaping.split(text, self._conv.reply_limit), item.message)
         log.info("command.done", command=command.name, known=command.known)
         self._outbox_wake.set()
+
+    def _apology(self) -> str:
+        return self._persona.apology or self._conv.apology
+
+    def _profile(self, chat_id: str) -> persona.Profile:
+        """The prompt and model of the chat's next turn (read at every turn: a settings
+        change or ``/persona`` applies to the very next one)."""
+        return persona.profile(self._persona, self._chat_personas().get(chat_id),
+                               self._host_prompt)
+
+    def _chat_personas(self) -> dict[str, str]:
+        raw = self._store.get_kv(CHAT_PERSONAS_KEY)
+        return dict(json.loads(raw)) if raw else {}
+
+    def _pauses(self) -> dict[str, takeover.Pause]:
+        return takeover.load(self._store.get_kv(PAUSES_KEY))
+
+    def _set_pause(self, chat_id: str, pause: takeover.Pause) -> None:
+        pauses = self._pauses()
+        pauses[chat_id] = pause
+        self._store.set_kv(PAUSES_KEY, takeover.dump(pauses))
+
+    def pause_chat(self, chat_id: str, minutes: float | None, *, by: str) -> None:
+        """``/pause`` (or ``wabridgectl pause``): the chat is not answered until ``/resume``
+        or for ``minutes``."""
+        pause = takeover.pause_for(self._pauses().get(chat_id, takeover.Pause()),
+                                   self._clock(), minutes)
+        self._set_pause(chat_id, pause)
+        log.info("takeover.paused", target=chat_id, minutes=minutes, by=by)
+
+    def resume_chat(self, chat_id: str, *, by: str) -> None:
+        """``/resume`` (or ``wabridgectl resume``): answered again from its next message."""
+        self._set_pause(chat_id, takeover.resumed(self._pauses().get(chat_id,
+                                                                     takeover.Pause())))
+        log.info("takeover.resumed", target=chat_id, by=by)
+
+    def _owner_command(self, command: ChatCommand) -> str:
+        """The owner's commands of the self chat (:data:`agent.commands.OWNER_ONLY`)."""
+        if command.name == "paused":
+            now = self._clock()
+            return commands.paused_text(
+                [(c, p.until) for c, p in self._pauses().items() if p.active(now)], now)
+        try:
+            chat_id, rest = commands.chat_arg(command.args)
+            minutes = takeover.parse_minutes(rest) if command.name == "pause" else None
+        except ValueError as exc:
+            return f"/{command.name}: {exc}"
+        if command.name == "pause":
+            self.pause_chat(chat_id, minutes, by="owner")
+            return f"Paused {chat_id}" + (f" for {rest} min." if rest else " until /resume.")
+        if command.name == "resume":
+            self.resume_chat(chat_id, by="owner")
+            return f"Resumed {chat_id}: its next message is answered."
+        return self._set_chat_persona(chat_id, rest)
+
+    def _set_chat_persona(self, chat_id: str, text: str) -> str:
+        """``/persona <chat> <text>`` (``reset``: the account's persona again)."""
+        personas = self._chat_personas()
+        if text.lower() == "reset" or not text:
+            personas.pop(chat_id, None)
+            answer = f"{chat_id} uses the account's persona again."
+        elif len(text) > persona.MAX_PROMPT_CHARS:
+            return (f"That persona is {len(text)} characters long; at most "
+                    f"{persona.MAX_PROMPT_CHARS}.")
+        else:
+            personas[chat_id] = text
+            answer = f"{chat_id} has its own persona from its next message."
+        self._store.set_kv(CHAT_PERSONAS_KEY, json.dumps(personas))
+        log.info("persona.chat", target=chat_id, chars=len(personas.get(chat_id, "")))
+        return answer
 
     def _daily_budget(self) -> float:
         return budget.effective_budget(self._policy.daily_budget_usd,
@@ -413,8 +530,10 @@ class Engine:
             total_turns=row.turns if row else 0,
             cost_today_usd=self._store.cost_on(budget.utc_day(self._clock())),
             daily_budget_usd=self._daily_budget(),
-            model=self._claude.model or self._model,
+            model=self._persona.model or self._claude.model or self._model,
             summaries=len([s for s in self._store.summaries(chat_id) if not s.archived]),
+            personas=(tuple(sorted(self._chat_personas().items()))
+                      if policy.is_self_chat_id(chat_id, self._owner) else ()),
         )
 
     # --- turns -------------------------------------------------------------------------
@@ -425,7 +544,8 @@ class Engine:
         cap = self._daily_budget()
         spent = self._store.cost_on(day)
         if budget.over_budget(spent, cap):
-            queued = self._store.skip_with_notice(chat_id, ids, "budget", BUDGET_NOTICE,
+            queued = self._store.skip_with_notice(chat_id, ids, "budget",
+                                                  self._persona.budget_notice or BUDGET_NOTICE,
                                                   quote=batch[-1].message,
                                                   once_key=("budget", day))
             log.warning("budget.exceeded", spent_usd=round(spent, 6), budget_usd=cap,
@@ -433,6 +553,9 @@ class Engine:
             self._outbox_wake.set()
             return
         content = turn_content(batch)
+        pause = self._pauses().get(chat_id)
+        if pause is not None and pause.context:
+            content = takeover.with_context(content, pause)
         self._typing(chat_id, on=True)
         self.turns_in_flight[chat_id] = time.monotonic()
         try:
@@ -455,6 +578,8 @@ class Engine:
             context_tokens=rotation.context_tokens(usage) if ok else None,
             day=budget.utc_day(self._clock()),
         )
+        if pause is not None and pause.context:  # handed over: not again
+            self._set_pause(chat_id, takeover.Pause(pause.until))
         log.info("turn.done", messages=len(batch), replies=len(queued), is_error=not ok,
                  cost_usd=round(cost, 6))
         self._outbox_wake.set()
@@ -469,10 +594,10 @@ class Engine:
                 await other.discard(chat_id)  # (its CLI process, if any, is closed now)
         for attempt in (1, 2):
             try:
-                session = await claude.acquire(chat_id)
+                session = await claude.acquire(chat_id, self._profile(chat_id))
             except ClaudeError as exc:
                 log.error("claude.unavailable", code=exc.code, error=str(exc))
-                return self._conv.apology, None
+                return self._apology(), None
             first = content
             row = self._store.chat(chat_id)
             if row is None or row.session_id != session.session_id:  # a fresh session
@@ -490,13 +615,13 @@ class Engine:
                     continue
                 log.error("claude.turn_failed", code=exc.code, error=str(exc), attempt=attempt,
                           retry=False)
-                return self._conv.apology, None
+                return self._apology(), None
             await claude.release(chat_id)
             if result.is_error:
                 log.error("claude.api_error", error=result.error)
-                return self._conv.apology, result
+                return self._apology(), result
             return result.text or "(no answer)", result
-        return self._conv.apology, None
+        return self._apology(), None
 
     def _seed(self, chat_id: str, row: ChatRow | None) -> str:
         """What a fresh session of this chat must be told first ("" for a new conversation)."""
@@ -528,7 +653,7 @@ class Engine:
         cost = 0.0
         claude = self._claude
         try:
-            session = await claude.acquire(chat_id)
+            session = await claude.acquire(chat_id, self._profile(chat_id))
         except ClaudeError as exc:
             log.warning("context.summary_failed", code=exc.code, error=str(exc))
         else:

@@ -54,7 +54,7 @@ from typing import Any
 
 import sdnotify
 
-from agent import outcomes
+from agent import outcomes, takeover
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
@@ -121,12 +121,14 @@ def api_settings(cfg: config.Config) -> ApiSettings:
     """The ``api`` engine's settings: the same key and base URL the CLI gets (the user's own
     key first)."""
     model = config.api_model(cfg.claude)
-    price = parse_prices(cfg.claude.api_prices).get(model)
+    prices = parse_prices(cfg.claude.api_prices)
+    price = prices.get(model)
     if price is None:
         raise ConfigError("claude.api_prices", f"has no price for the model {model!r}",
                           allowed="model=input/output, comma separated")
     return ApiSettings(
         model=model, price=price, system_prompt=cfg.claude.system_prompt or None,
+        prices=prices,
         max_tokens=cfg.claude.api_max_tokens, turn_timeout=cfg.claude.turn_timeout,
         max_retries=cfg.claude.max_retries,
         api_key=claude_cli.credential_api_key() or os.environ.get("ANTHROPIC_API_KEY") or None,
@@ -205,7 +207,9 @@ class Worker:
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
                              on_summary=self._report_summary, on_problem=self._report_problem,
                              api=api, engine="api" if cfg.claude.engine == "api" else "cli",
-                             tools=cfg.claude.tools)
+                             tools=cfg.claude.tools,
+                             system_prompt=cfg.claude.system_prompt or None,
+                             models_allowed=config.models_allowed(cfg.claude))
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -242,6 +246,15 @@ class Worker:
             self._spawn(self.backend.pair_phone(command.args.get("phone", "")))
         elif command.name == "reset_chat" and command.args.get("chat_id"):
             self._spawn(self.engine.reset_chat(command.args["chat_id"]))
+        elif command.name == "pause_chat" and command.args.get("chat_id"):
+            try:
+                minutes = takeover.parse_minutes(command.args.get("minutes", ""))
+            except ValueError as exc:
+                log.warning("command.invalid", command=command.name, error=str(exc))
+                return
+            self.engine.pause_chat(command.args["chat_id"], minutes, by="operator")
+        elif command.name == "resume_chat" and command.args.get("chat_id"):
+            self.engine.resume_chat(command.args["chat_id"], by="operator")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -24,8 +24,10 @@ key                 values                                          default
    bot accounts (``…@bot``, Meta AI's phone numbers, see :func:`is_bot`) are never
    answered, not even their commands (``bot``);
 1. a command (``/word``) from the owner (a message the account itself sent, or whose sender
-   is the account's number) or, with ``commands_from = everyone``, from anyone the reply
-   rules below would answer -> ``command``; anyone else's ``/word`` is an ordinary message;
+   is the account's number; one the owner typed into another chat than the self chat is
+   skipped, ``command_in_chat``: its answer would be seen there) or, with
+   ``commands_from = everyone``, from anyone the reply rules below would answer ->
+   ``command``; anyone else's ``/word`` is an ordinary message;
 2. messages the account sent itself (``from_me``) -> skipped, except in ``self`` mode in the
    owner's own "message yourself" chat;
 3. ``self`` mode: everything else is skipped;
@@ -179,7 +181,13 @@ def is_owner(msg: IncomingMessage, owner_phone: str) -> bool:
 
 def is_self_chat(msg: IncomingMessage, owner_phone: str) -> bool:
     """The owner's own "message yourself" chat."""
-    return (not msg.is_group and bool(owner_phone) and phone_of(msg.chat_id) == owner_phone)
+    return not msg.is_group and is_self_chat_id(msg.chat_id, owner_phone)
+
+
+def is_self_chat_id(chat_id: str, owner_phone: str) -> bool:
+    """``chat_id`` is the owner's own "message yourself" chat."""
+    return (bool(owner_phone) and not chat_id.endswith("@g.us")
+            and phone_of(chat_id) == owner_phone)
 
 
 def owner_wrote(msg: IncomingMessage, owner_phone: str) -> bool:
@@ -224,6 +232,10 @@ def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> MessageDec
     rules = _reply_rules(msg, policy, owner_phone)
     if command is not None:
         if is_owner(msg, owner_phone):
+            if msg.from_me and not is_self_chat(msg, owner_phone):
+                # typed on the phone into a contact's chat or a group: the answer would be
+                # seen there; owner commands work in the self chat
+                return MessageDecision("skip", "command_in_chat")
             return MessageDecision("command", "owner", command)
         if policy.commands_from == "everyone" and rules.action == "answer":
             return MessageDecision("command", "everyone", command)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings
+from agent.persona import Profile
 from agent.store import Store
 from wabridge import logs
 
@@ -44,6 +46,7 @@ class ClaudePool:
         self._store = store
         self._resume_max_bytes = resume_max_bytes
         self._live: dict[str, tuple[ClaudeSession, float]] = {}
+        self._started_with: dict[str, ClaudeSettings] = {}  # per chat: its process's settings
         self._busy: set[str] = set()
         self._opening: set[str] = set()
         self._closing: set[str] = set()  # taken out of _live, process still closing
@@ -67,10 +70,23 @@ class ClaudePool:
         entry = self._live.get(chat_id)
         return entry[0].pid if entry else None
 
-    async def acquire(self, chat_id: str) -> ClaudeSession:
+    def settings_for(self, profile: Profile | None) -> ClaudeSettings:
+        """The settings a chat's process starts with: the host's, the profile's prompt and
+        model in their place."""
+        if profile is None:
+            return self._settings
+        return replace(self._settings,
+                       system_prompt=profile.system_prompt or self._settings.system_prompt,
+                       model=profile.model or self._settings.model)
+
+    async def acquire(self, chat_id: str, profile: Profile | None = None) -> ClaudeSession:
+        """The chat's process; one started with another prompt or model is closed first and
+        the chat resumed with the new ones (``--system-prompt-snapshot off``: the resumed
+        session answers with the current prompt)."""
+        settings = self.settings_for(profile)
         while True:
             async with self._cond:
-                step = await self._reserve(chat_id)
+                step = await self._reserve(chat_id, settings)
             if isinstance(step, ClaudeSession):
                 return step
             if step is None:
@@ -80,7 +96,7 @@ class ClaudePool:
             # gone, so at most ``size`` processes ever live.
             await self._finish_close(*step)
         try:
-            session = await self._open(chat_id)
+            session = await self._open(chat_id, settings)
         except BaseException:
             async with self._cond:
                 self._busy.discard(chat_id)
@@ -89,10 +105,12 @@ class ClaudePool:
             raise
         self._opening.discard(chat_id)
         self._live[chat_id] = (session, time.monotonic())
+        self._started_with[chat_id] = settings
         self.peak = max(self.peak, len(self._live))
         return session
 
-    async def _reserve(self, chat_id: str) -> ClaudeSession | tuple[str, ClaudeSession] | None:
+    async def _reserve(self, chat_id: str, settings: ClaudeSettings
+                       ) -> ClaudeSession | tuple[str, ClaudeSession] | None:
         """Under the lock: the chat's live process; or a process to close first (the chat's
         dead one, or the least recently used idle one), taken out of ``_live``; or None once a
         slot is reserved for opening the chat's process."""
@@ -102,10 +120,10 @@ class ClaudePool:
                 await self._cond.wait()
                 continue
             entry = self._live.get(chat_id)
-            if entry and entry[0].alive:
+            if entry and entry[0].alive and self._started_with.get(chat_id) == settings:
                 self._busy.add(chat_id)
                 return entry[0]
-            if entry:
+            if entry:  # dead, or started with another prompt or model
                 return chat_id, self._take(chat_id)
             if len(self._live) + len(self._opening) + len(self._closing) < self._size:
                 self._busy.add(chat_id)
@@ -117,7 +135,7 @@ class ClaudePool:
                 return victim, self._take(victim)
             await self._cond.wait()
 
-    async def _open(self, chat_id: str) -> ClaudeSession:
+    async def _open(self, chat_id: str, settings: ClaudeSettings) -> ClaudeSession:
         safe = "".join(c if c.isalnum() else "_" for c in chat_id)[:80]
         workdir = self._root / "chats" / safe
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -134,7 +152,7 @@ class ClaudePool:
                 self._store.set_session(chat_id, None, seed="recovery")
                 resume = None
         try:
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+            session = await ClaudeSession.open(settings=settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=resume)
         except ClaudeError as exc:
             if exc.code != "resume_failed":
@@ -142,7 +160,7 @@ class ClaudePool:
             log.warning("claude.resume_failed", chat_id=chat_id, session_id=resume,
                         error=str(exc))
             self._store.set_session(chat_id, None, seed="recovery")
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+            session = await ClaudeSession.open(settings=settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=None)
         log.info("claude.started", chat_id=chat_id, pid=session.pid, resumed=bool(resume))
         return session
@@ -166,6 +184,7 @@ class ClaudePool:
     def _take(self, chat_id: str) -> ClaudeSession:
         """Under the lock: move a live process to ``_closing`` (it keeps its slot)."""
         session = self._live.pop(chat_id)[0]
+        self._started_with.pop(chat_id, None)
         self._closing.add(chat_id)
         return session
 
@@ -190,4 +209,5 @@ class ClaudePool:
     async def close_all(self) -> None:
         entries = list(self._live.items())
         self._live.clear()
+        self._started_with.clear()
         await asyncio.gather(*(s.close() for _, (s, _) in entries), return_exceptions=True)

@@ -13,6 +13,8 @@ Commands::
     wabridgectl logs <user> [-f] [-n LINES]
     wabridgectl chats <user> [--json]
     wabridgectl reset <user> <chat>
+    wabridgectl pause <user> <chat> [--minutes N]
+    wabridgectl resume <user> <chat>
     wabridgectl doctor [--json]
 
 ``--json`` is accepted by every command, before or after its name; with it, results are one
@@ -403,6 +405,22 @@ def cmd_reset(ctx: Ctx) -> int:
     return OK
 
 
+def cmd_pause(ctx: Ctx) -> int:
+    user = _user(ctx.args.user)
+    op = ctx.args.command
+    extra = {"minutes": ctx.args.minutes} if op == "pause" and ctx.args.minutes else {}
+    answer = ctx.client.call(op, user=user, chat=ctx.args.chat, **extra)
+    if ctx.json:
+        print_json(answer)
+    elif op == "pause":
+        until = f"for {ctx.args.minutes:g} min" if ctx.args.minutes else "until resumed"
+        _out().write(f"paused: {answer.get('chat')} of {user} is not answered {until}\n")
+    else:
+        _out().write(f"resumed: {answer.get('chat')} of {user} is answered from its next "
+                     "message\n")
+    return OK
+
+
 def journal_argv(user_id: str, follow: bool = False, lines: int | None = None) -> list[str]:
     """``journalctl`` for one user: its worker unit's lines OR any line tagged USER_ID.
 
@@ -503,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.add_argument("chat", help="the contact's phone number or the chat JID")
     p.set_defaults(run=cmd_reset)
+    p = sub.add_parser("pause", parents=[common],
+                       help="stop answering one chat (the owner answers it)")
+    p.add_argument("user")
+    p.add_argument("chat", help="the contact's phone number or the chat JID")
+    p.add_argument("--minutes", type=float, default=None, help="for N minutes (default: "
+                   "until wabridgectl resume or /resume)")
+    p.set_defaults(run=cmd_pause)
+    p = sub.add_parser("resume", parents=[common], help="answer a paused chat again")
+    p.add_argument("user")
+    p.add_argument("chat", help="the contact's phone number or the chat JID")
+    p.set_defaults(run=cmd_pause)
     p = sub.add_parser("doctor", parents=[common], help="check this host")
     p.set_defaults(run=cmd_doctor)
     return parser

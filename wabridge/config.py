@@ -248,6 +248,12 @@ class ClaudeConfig:
         allowed="model=input/output, comma separated",
         check=_prices,
     )
+    models_allowed: str = _opt(
+        "claude-sonnet-4-5, claude-haiku-4-5, claude-opus-4-5",
+        "Models a user's `model` setting may name, comma separated (empty: users cannot "
+        "choose; every chat runs on `model`). On the `api` engine a model also needs a price "
+        "in `api_prices`.",
+    )
     turn_timeout: float = _opt(
         120.0, "Seconds a turn may take before its process is killed (`api` engine: before "
         "its request is abandoned).", check=_at_least(1.0)
@@ -513,6 +519,11 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError("claude.api_prices", f"has no price for the model {api_model(claude)!r}"
                           " the api engine uses", allowed="model=input/output, comma separated")
     return cfg
+
+
+def models_allowed(claude: ClaudeConfig) -> tuple[str, ...]:
+    """``claude.models_allowed`` as names."""
+    return tuple(m.strip() for m in claude.models_allowed.split(",") if m.strip())
 
 
 def api_model(claude: ClaudeConfig) -> str:

@@ -152,10 +152,13 @@ class Settings:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+COMMAND_NAMES = ("pair_phone", "reset_chat", "pause_chat", "resume_chat")
+
+
 @dataclass(frozen=True)
 class Command:
     TYPE: ClassVar[str] = "command"
-    name: Literal["pair_phone", "reset_chat"]
+    name: Literal["pair_phone", "reset_chat", "pause_chat", "resume_chat"]
     args: dict[str, str] = field(default_factory=dict)
 
 
@@ -277,7 +280,7 @@ def decode(line: bytes) -> Frame:
     if cls is MessageEvent and kwargs["direction"] not in ("in", "out"):
         raise ProtocolError(f"message frame direction must be 'in' or 'out': {raw['direction']!r}")
     if cls is Command:
-        if kwargs["name"] not in ("pair_phone", "reset_chat"):
+        if kwargs["name"] not in COMMAND_NAMES:
             raise ProtocolError(f"unknown command {kwargs['name']!r}")
         if not all(isinstance(v, str) for v in kwargs.get("args", {}).values()):
             raise ProtocolError("command frame field 'args' must map names to strings")
