@@ -131,6 +131,7 @@ class Engine:
         model: str = "",
         on_summary: SummaryReporter = _no_summary,
         on_problem: ProblemReporter = _no_problem,
+        on_turn: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         api: Conversations | None = None,
@@ -154,6 +155,7 @@ class Engine:
         self._report = report_message
         self._on_summary = on_summary
         self._on_problem = on_problem
+        self._on_turn = on_turn  # a turn's usage is committed (usage for billing)
         self._clock = clock  # wall clock: budget days, send retries
         self._rng = rng  # pacing jitter
         self._policy: Policy = policy.DEFAULT
@@ -577,7 +579,9 @@ class Engine:
             output_tokens=int(usage.get("output_tokens", 0)),
             context_tokens=rotation.context_tokens(usage) if ok else None,
             day=budget.utc_day(self._clock()),
+            usage=usage,
         )
+        self._on_turn()
         if pause is not None and pause.context:  # handed over: not again
             self._set_pause(chat_id, takeover.Pause(pause.until))
         log.info("turn.done", messages=len(batch), replies=len(queued), is_error=not ok,
@@ -651,6 +655,7 @@ class Engine:
                  session_turns=row.session_turns, window=self._window)
         summary: str | None = None
         cost = 0.0
+        summary_usage: Mapping[str, int] = {}
         claude = self._claude
         try:
             session = await claude.acquire(chat_id, self._profile(chat_id))
@@ -663,6 +668,7 @@ class Engine:
                 else:
                     result = await session.turn(rotation.SUMMARY_PROMPT)
                     cost = result.turn_cost_usd
+                    summary_usage = result.usage
                     if result.is_error or not result.text.strip():
                         log.warning("context.summary_failed", error=result.error or "empty")
                     else:
@@ -672,7 +678,7 @@ class Engine:
             finally:
                 await claude.discard(chat_id)
         number = self._store.rotate(chat_id, summary, cost_delta=cost,
-                                     day=budget.utc_day(self._clock()))
+                                     day=budget.utc_day(self._clock()), usage=summary_usage)
         log.info("context.rotated", number=number, chars=len(summary or ""),
                  seed="summary" if summary else "recovery")
         if number is not None and summary is not None:

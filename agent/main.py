@@ -154,6 +154,16 @@ def make_backend(cfg: config.Config, ctx: BackendContext) -> WhatsAppBackend:
     raise ConfigError("worker.backend", f"{backend!r} is not a backend", allowed="neonize, sim")
 
 
+def _usage_frame(day: str, u: dict[str, float], seq: int) -> protocol.Frame:
+    return protocol.Usage(
+        seq=seq, day=day, turns=int(u["turns"]), input_tokens=int(u["input_tokens"]),
+        output_tokens=int(u["output_tokens"]),
+        cache_creation_tokens=int(u["cache_creation_tokens"]),
+        cache_read_tokens=int(u["cache_read_tokens"]), cost_usd=float(u["cost_usd"]),
+        messages_in=int(u["messages_in"]), messages_out=int(u["messages_out"]),
+        transcription_seconds=float(u["transcription_seconds"]))
+
+
 def _qr_frame(seq: int, *, code: str, data_url: str) -> protocol.Frame:
     return protocol.Qr(seq=seq, code=code, data_url=data_url)
 
@@ -184,6 +194,7 @@ class Worker:
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
                                    self._on_settings, self._on_command)
         self.settings: dict[str, Any] = {}
+        self.usage_sent: dict[str, dict[str, float]] = {}  # per UTC day: the last reported
         self.pairing_requested = ""
         self.background: set[asyncio.Task[Any]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # the long-running ones (TASKS)
@@ -206,6 +217,7 @@ class Worker:
                              self._report_message, limits=cfg.limits,
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
                              on_summary=self._report_summary, on_problem=self._report_problem,
+                             on_turn=self._report_usage,
                              api=api, engine="api" if cfg.claude.engine == "api" else "cli",
                              tools=cfg.claude.tools,
                              system_prompt=cfg.claude.system_prompt or None,
@@ -377,6 +389,7 @@ class Worker:
             if now - last_metrics > self.cfg.controller.metrics_interval:
                 last_metrics = now
                 self._report_metrics()
+                self._report_usage()
             await self.engine.reap_idle()
             if now - last_checkpoint > CHECKPOINT_INTERVAL:
                 last_checkpoint = now
@@ -472,6 +485,18 @@ class Worker:
 
     def _report_problem(self, code: str, message: str) -> None:
         self.link.report(lambda seq: protocol.Problem(seq=seq, code=code, message=message))
+
+    def _report_usage(self) -> None:
+        """Today's usage (and yesterday's final figures), when they changed: absolute totals
+        from the store, so a frame sent twice or after a crash never counts twice."""
+        now = time.time()
+        for day in dict.fromkeys((utc_day(now - 86_400), utc_day(now))):
+            usage = self.store.usage_on(day)
+            if self.usage_sent.get(day) == usage or (
+                    day not in self.usage_sent and not any(usage.values())):
+                continue
+            self.usage_sent[day] = usage
+            self.link.report(functools.partial(_usage_frame, day, usage))
 
     def _report_metrics(self) -> None:
         t = self.store.totals()

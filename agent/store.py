@@ -35,12 +35,13 @@ refused with the do-not-restart exit code); here: no automatic checkpoint (see `
 
 from __future__ import annotations
 
+import calendar
 import json
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,6 +188,20 @@ def _v5(db: sqlite3.Connection) -> None:
         """
     )
 
+
+@migration
+def _usage_tokens(db: sqlite3.Connection) -> None:
+    """Usage for billing (issue 15): each logged turn's tokens next to its cost, so a day's
+    figures come from the same rows as the daily budget, committed with the turn itself."""
+    for column in ("input_tokens", "output_tokens", "cache_creation_tokens",
+                   "cache_read_tokens"):
+        db.execute(f"ALTER TABLE usage_log ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE usage_log ADD COLUMN audio_seconds REAL NOT NULL DEFAULT 0")
+
+
+#: the token kinds a turn's usage is logged by (the Messages API's ``usage`` keys)
+USAGE_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                "cache_read_input_tokens")
 
 Seed = Literal["summary", "recovery"]
 
@@ -382,6 +397,7 @@ class Store:
         output_tokens: int = 0,
         context_tokens: int | None = None,
         day: str | None = None,
+        usage: Mapping[str, int] | None = None,
     ) -> list[PendingReply]:
         """Atomically: mark the turn's inbound messages done and queue its replies.
 
@@ -411,11 +427,18 @@ class Store:
                  chat_id),
             )
             if day is not None:
-                tx.execute(
-                    "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
-                    "VALUES (?, ?, ?, 'turn', ?)", (chat_id, day, now, cost_delta),
-                )
+                self._log_usage(tx, chat_id, day, now, "turn", cost_delta, usage)
         return out
+
+    @staticmethod
+    def _log_usage(tx: sqlite3.Connection, chat_id: str, day: str, now: float, kind: str,
+                   cost: float, usage: Mapping[str, int] | None) -> None:
+        tokens = [int((usage or {}).get(k, 0)) for k in USAGE_TOKENS]
+        tx.execute(
+            "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd, input_tokens, "
+            "output_tokens, cache_creation_tokens, cache_read_tokens) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (chat_id, day, now, kind, cost, *tokens),
+        )
 
     @staticmethod
     def _queue(tx: sqlite3.Connection, chat_id: str, replies: Iterable[str],
@@ -598,7 +621,7 @@ class Store:
 
     # --- summaries (context rotation) ---------------------------------------------------
     def rotate(self, chat_id: str, summary: str | None, *, cost_delta: float = 0.0,
-               day: str | None = None) -> int | None:
+               day: str | None = None, usage: Mapping[str, int] | None = None) -> int | None:
         """Atomically end the chat's session: store ``summary`` under its next number (seed
         ``summary``), or without one seed ``recovery``; forget the session id; log the
         summary turn's cost. Returns the new number, or None without a summary."""
@@ -620,11 +643,8 @@ class Store:
                 "seed = ?, cost_usd = cost_usd + ? WHERE chat_id = ?",
                 ("summary" if summary is not None else "recovery", cost_delta, chat_id),
             )
-            if day is not None and cost_delta:
-                tx.execute(
-                    "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
-                    "VALUES (?, ?, ?, 'summary', ?)", (chat_id, day, now, cost_delta),
-                )
+            if day is not None and (cost_delta or usage):
+                self._log_usage(tx, chat_id, day, now, "summary", cost_delta, usage)
         return number
 
     def summaries(self, chat_id: str) -> list[Summary]:
@@ -699,6 +719,28 @@ class Store:
             "SELECT COALESCE(SUM(cost_usd), 0) FROM usage_log WHERE day = ?", (day,)
         ).fetchone()
         return float(r[0])
+
+    def usage_on(self, day: str) -> dict[str, float]:
+        """The user's usage on a UTC day, for billing: Claude turns (summaries included in the
+        tokens and cost, not in ``turns``), tokens by kind, cost, messages received and
+        replies sent, transcribed audio seconds. Figures of committed turns only: a turn a
+        crash interrupted is not in them (it is taken again, and counted once)."""
+        conn = self._conn()
+        r = conn.execute(
+            "SELECT COALESCE(SUM(kind = 'turn'), 0), COALESCE(SUM(input_tokens), 0), "
+            "COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cache_creation_tokens), 0), "
+            "COALESCE(SUM(cache_read_tokens), 0), COALESCE(SUM(cost_usd), 0), "
+            "COALESCE(SUM(audio_seconds), 0) FROM usage_log WHERE day = ?", (day,)).fetchone()
+        start = calendar.timegm(time.strptime(day, "%Y-%m-%d"))
+        ins = conn.execute("SELECT COUNT(*) FROM inbox WHERE received_at >= ? AND "
+                           "received_at < ? AND COALESCE(reason, '') != 'own_reply'",
+                           (start, start + 86_400)).fetchone()[0]
+        outs = conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'sent' AND "
+                            "sent_at >= ? AND sent_at < ?", (start, start + 86_400)).fetchone()[0]
+        return {"turns": int(r[0]), "input_tokens": int(r[1]), "output_tokens": int(r[2]),
+                "cache_creation_tokens": int(r[3]), "cache_read_tokens": int(r[4]),
+                "cost_usd": float(r[5]), "transcription_seconds": float(r[6]),
+                "messages_in": int(ins), "messages_out": int(outs)}
 
     def chat_count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM chats").fetchone()[0])

@@ -40,6 +40,8 @@ one after the other; a bad line is answered with an error frame and the connecti
 ``{"op": "chats", "user", "limit"?}``   ``{"ok", "chats": [...], "source": "message_log"}``
 ``{"op": "pause"|"resume", "user",    sends ``Command(pause_chat|resume_chat, {"chat_id",
 "chat"[, "minutes"]}``                 "minutes"})``: the chat is not answered (until resumed)
+``{"op": "usage"[, "user"][, "days"]}`` usage documents (billing) of the last ``days`` UTC
+                                       days (default 1: today), one user or all
 ``{"op": "reset", "user", "chat"}``     sends ``Command(reset_chat, {"chat_id"})`` to the
                                         user's worker; ``not_connected`` if it is not linked
 ======================================  ==================================================
@@ -70,6 +72,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +219,8 @@ class AdminFacade(Protocol):
 
     async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]: ...
 
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]: ...
+
     def info(self) -> dict[str, Any]:
         """Host-wide facts for ``ping``: host, plane, sessions (how many account documents;
         the key is the admin protocol's), linked."""
@@ -265,6 +270,9 @@ class ControllerFacade:
 
     async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         return await self._c.plane.messages(user_id, limit)
+
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
+        return await self._c.plane.usage(user_id, since_day)
 
     def info(self) -> dict[str, Any]:
         return {"host": self._c.host, "plane": self._c.plane.name,
@@ -550,8 +558,24 @@ class AdminServer:
             return {"ok": True, "user": user, "chat": chat_id, "sent": True}
         if op in ("pause", "resume"):
             return await self._pause(op, request)
+        if op == "usage":
+            who = self._known(request) if request.get("user") is not None else None
+            days = request.get("days", 1)
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
+                raise AdminError("bad_request", f"days must be 1 to 366, not {days!r}")
+            since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86_400))
+            return {"ok": True, "user": who, "since": since,
+                    "usage": await f.usage(who, since)}
         if op in ("pause", "resume"):
             return await self._pause(op, request)
+        if op == "usage":
+            who = self._known(request) if request.get("user") is not None else None
+            days = request.get("days", 1)
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
+                raise AdminError("bad_request", f"days must be 1 to 366, not {days!r}")
+            since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86_400))
+            return {"ok": True, "user": who, "since": since,
+                    "usage": await f.usage(who, since)}
         raise AdminError("unknown_op", f"unknown op {op!r}; known: {', '.join(OPS)}")
 
     async def _pause(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -635,7 +659,7 @@ class AdminServer:
 
 
 OPS = ("ping", "status", "link", "unlink", "restart", "watch", "chats", "reset", "pause",
-       "resume")
+       "resume", "usage")
 
 
 def _user(request: Mapping[str, Any]) -> str:

@@ -14,6 +14,7 @@ Commands::
     wabridgectl chats <user> [--json]
     wabridgectl reset <user> <chat>
     wabridgectl pause <user> <chat> [--minutes N]
+    wabridgectl usage [<user>] [--days N] [--json]
     wabridgectl resume <user> <chat>
     wabridgectl doctor [--json]
 
@@ -421,6 +422,45 @@ def cmd_pause(ctx: Ctx) -> int:
     return OK
 
 
+USAGE_COLUMNS = (("user", "userId"), ("day", "day"), ("turns", "turns"),
+                 ("in", "inputTokens"), ("out", "outputTokens"),
+                 ("cache_w", "cacheCreationTokens"), ("cache_r", "cacheReadTokens"),
+                 ("cost_usd", "costUsd"), ("msg_in", "messagesIn"), ("msg_out", "messagesOut"),
+                 ("audio_s", "transcriptionSeconds"))
+
+
+def usage_table(rows: list[dict[str, Any]]) -> str:
+    """``wabridgectl usage``: one line per user and UTC day."""
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key, "")
+        if key == "costUsd" and isinstance(value, int | float):
+            return f"{value:.4f}"
+        if key == "transcriptionSeconds" and isinstance(value, int | float):
+            return f"{value:g}"
+        return str(value)
+
+    table = [[name for name, _ in USAGE_COLUMNS],
+             *([cell(r, key) for _, key in USAGE_COLUMNS] for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(USAGE_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in table)
+
+
+def cmd_usage(ctx: Ctx) -> int:
+    extra: dict[str, Any] = {"days": ctx.args.days}
+    if ctx.args.user:
+        extra["user"] = _user(ctx.args.user)
+    answer = ctx.client.call("usage", **extra)
+    rows = list(answer.get("usage", []))
+    if ctx.json:
+        print_json({"since": answer.get("since"), "usage": rows})
+    elif not rows:
+        _out().write(f"no usage recorded since {answer.get('since')}\n")
+    else:
+        _out().write(usage_table(rows) + "\n")
+    return OK
+
+
 def journal_argv(user_id: str, follow: bool = False, lines: int | None = None) -> list[str]:
     """``journalctl`` for one user: its worker unit's lines OR any line tagged USER_ID.
 
@@ -532,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.add_argument("chat", help="the contact's phone number or the chat JID")
     p.set_defaults(run=cmd_pause)
+    p = sub.add_parser("usage", parents=[common],
+                       help="usage per user and UTC day (tokens, cost, turns, messages)")
+    p.add_argument("user", nargs="?", default=None)
+    p.add_argument("--days", type=int, default=1, help="the last N UTC days (default 1: today)")
+    p.set_defaults(run=cmd_usage)
     p = sub.add_parser("doctor", parents=[common], help="check this host")
     p.set_defaults(run=cmd_doctor)
     return parser

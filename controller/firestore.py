@@ -94,11 +94,13 @@ from controller.plane import (
     parse_account,
     summary_doc_id,
     summary_fields,
+    usage_doc_id,
+    usage_fields,
 )
 from wabridge import logs
 from wabridge.config import FirebaseConfig
 from wabridge.errors import ConfigError, ForeignRecordError, WabridgeError
-from wabridge.protocol import MessageEvent
+from wabridge.protocol import MessageEvent, Usage
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 log = logs.get("controller.firestore")
@@ -106,6 +108,7 @@ log = logs.get("controller.firestore")
 LINK_RECORDS = "sessions"  # the link records (see controller.plane); the name is the contract
 MESSAGES = "messages"
 SUMMARIES = "summaries"
+USAGE = "usage"
 DEFAULT_DEADLINE = 30.0
 WATCH_CHECK_INTERVAL = 0.5
 BACKOFF_MIN = 0.5
@@ -612,6 +615,21 @@ class FirestorePlane(ControlPlane):
             found = [d.to_dict() or {} for d in query.stream(**self._rpc())]
             return sorted((f for f in found if f.get("chatId") == chat_id),
                           key=lambda f: int(f.get("number", 0)))
+
+        return await self._call(read)
+
+    async def put_usage(self, user_id: str, usage: Usage) -> None:
+        check_doc_id(user_id)
+        ref = self._client.collection(USAGE).document(usage_doc_id(user_id, usage.day))
+        await self._call(self._put_owned, ref, user_id, usage_fields(user_id, usage))
+
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            query = self._client.collection(USAGE).where(
+                filter=FieldFilter("day", ">=", since_day))
+            found = [d.to_dict() or {} for d in query.stream(**self._rpc())]
+            return sorted((f for f in found if user_id is None or f.get("userId") == user_id),
+                          key=lambda f: (str(f.get("userId")), str(f.get("day"))))
 
         return await self._call(read)
 

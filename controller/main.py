@@ -48,6 +48,11 @@ def worker_limits(cfg: config.Config) -> dict[str, str]:
             "TasksMax": cfg.worker.tasks_max, "CPUQuota": cfg.worker.cpu_quota}
 
 
+def usage_figures(reported: Mapping[str, float]) -> dict[str, float]:
+    """The usage figures of the current day kept across metrics frames."""
+    return {k: v for k, v in reported.items() if k.startswith("usage_")}
+
+
 class Controller:
     def __init__(self, cfg: config.Config, plane: ControlPlane, systemd: UnitManager) -> None:
         self.cfg = cfg
@@ -416,6 +421,7 @@ class Controller:
                 if not self._may_report(user_id, "metrics"):
                     return
                 self.user(user_id).reported = {
+                    **usage_figures(self.user(user_id).reported),
                     "chats": frame.chats, "claude_processes": frame.claude_processes,
                     "turns": frame.turns, "messages_in": frame.messages_in,
                     "messages_out": frame.messages_out, "input_tokens": frame.input_tokens,
@@ -427,6 +433,16 @@ class Controller:
                     "messagesOut": frame.messages_out, "inputTokens": frame.input_tokens,
                     "outputTokens": frame.output_tokens, "costTodayUsd": frame.cost_today_usd,
                 }})
+
+            case protocol.Usage(day=day):
+                # absolute totals of the day: writing them again (a resent frame, a restarted
+                # worker) changes nothing, so a turn is never billed twice
+                await self.plane.put_usage(user_id, frame)
+                if day == time.strftime("%Y-%m-%d", time.gmtime()):
+                    user = self.user(user_id)
+                    user.reported = {**user.reported, **{
+                        f"usage_{k}": float(v) for k, v in dataclasses.asdict(frame).items()
+                        if k not in ("seq", "day")}}
 
     # --- process metrics -----------------------------------------------------------------
     async def refresh_metrics(self) -> None:
