@@ -42,17 +42,29 @@ import json
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from agent import budget, commands, delivery, persona, policy, rotation, shaping, takeover
+from agent import (
+    budget,
+    commands,
+    delivery,
+    persona,
+    policy,
+    rotation,
+    shaping,
+    takeover,
+    transcription,
+)
 from agent.claude import ClaudeError, TurnResult
 from agent.commands import ChatCommand
 from agent.conversations import Conversations
 from agent.persona import Persona
 from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
+from agent.transcription import TranscriptionError, TranscriptionSettings
 from agent.whatsapp.base import SendError, WhatsAppBackend
 from agent.whatsapp.events import (
     ChatExpiration,
@@ -89,7 +101,10 @@ def _no_problem(code: str, message: str) -> None:
 def message_line(msg: IncomingMessage) -> str:
     """A message as Claude reads it: quote, sender in groups, a note for unsupported media."""
     text = msg.text
-    if msg.unsupported_media:
+    if msg.transcript is not None:
+        note = f"[voice note, transcribed] {msg.transcript or '(no words)'}"
+        text = f"{text}\n{note}" if text else note
+    elif msg.unsupported_media:
         note = f"[sent a {msg.unsupported_media} message, which cannot be shown to you]"
         text = f"{text}\n{note}" if text else note
     if msg.quoted_text:
@@ -139,6 +154,7 @@ class Engine:
         tools: bool = False,
         system_prompt: str | None = None,
         models_allowed: tuple[str, ...] = (),
+        transcription: TranscriptionSettings | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
@@ -161,6 +177,7 @@ class Engine:
         self._policy: Policy = policy.DEFAULT
         self._persona: Persona = persona.DEFAULT
         self._host_prompt = system_prompt
+        self._transcription = transcription or TranscriptionSettings(url="")
         self._models_allowed = models_allowed
         self._owner = ""
         self._owner_known = asyncio.Event()
@@ -554,6 +571,7 @@ class Engine:
                         notice=bool(queued))
             self._outbox_wake.set()
             return
+        batch = [await self._transcribed(item) for item in batch]
         content = turn_content(batch)
         pause = self._pauses().get(chat_id)
         if pause is not None and pause.context:
@@ -589,6 +607,27 @@ class Engine:
         self._outbox_wake.set()
         if ok and self.accepting:
             await self._maybe_rotate(chat_id)
+
+    async def _transcribed(self, item: PendingInbound) -> PendingInbound:
+        """A voice note with its transcript, stored in place of the audio before the turn (a
+        crash never transcribes it again). Not configured or failed: it stays "not
+        supported", the reason in the log."""
+        msg = item.message
+        if msg.audio is None or msg.transcript is not None:
+            return item
+        seconds = 0.0
+        try:
+            words = await transcription.transcribe(msg.audio, self._transcription)
+        except TranscriptionError as exc:
+            log.warning("voice.not_transcribed", wa_id=item.wa_id, reason=str(exc))
+            done = replace(msg, audio=None)
+        else:
+            seconds = msg.audio.seconds
+            log.info("voice.transcribed", wa_id=item.wa_id, seconds=seconds, chars=len(words))
+            done = replace(msg, audio=None, transcript=words, unsupported_media="")
+        self._store.set_transcript(item.id, done, day=budget.utc_day(self._clock()),
+                                   seconds=seconds)
+        return replace(item, message=done)
 
     async def _ask(self, chat_id: str, content: str | list[dict[str, Any]]
                    ) -> tuple[str, TurnResult | None]:

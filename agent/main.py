@@ -62,6 +62,7 @@ from agent.engine import Engine
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import Store
+from agent.transcription import TranscriptionSettings
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
@@ -134,6 +135,14 @@ def api_settings(cfg: config.Config) -> ApiSettings:
         api_key=claude_cli.credential_api_key() or os.environ.get("ANTHROPIC_API_KEY") or None,
         base_url=os.environ.get("ANTHROPIC_BASE_URL") or None,
     )
+
+
+def transcription_settings(cfg: config.Config) -> TranscriptionSettings:
+    """Voice notes: the endpoint of the config, its key from worker.env."""
+    t = cfg.transcription
+    return TranscriptionSettings(
+        url=t.url, model=t.model, api_key=os.environ.get("TRANSCRIPTION_API_KEY") or None,
+        max_seconds=t.max_seconds, max_bytes=t.max_bytes, timeout=t.timeout)
 
 
 def make_backend(cfg: config.Config, ctx: BackendContext) -> WhatsAppBackend:
@@ -221,7 +230,8 @@ class Worker:
                              api=api, engine="api" if cfg.claude.engine == "api" else "cli",
                              tools=cfg.claude.tools,
                              system_prompt=cfg.claude.system_prompt or None,
-                             models_allowed=config.models_allowed(cfg.claude))
+                             models_allowed=config.models_allowed(cfg.claude),
+                             transcription=transcription_settings(cfg))
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:

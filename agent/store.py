@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.whatsapp.events import Image, IncomingMessage
+from agent.whatsapp.events import Audio, Image, IncomingMessage
 from wabridge import database
 from wabridge.database import Migration
 
@@ -214,6 +214,9 @@ def encode_message(message: IncomingMessage) -> str:
         {"mime_type": i.mime_type, "data": i.data.hex(), "caption": i.caption}
         for i in message.images
     ]
+    if message.audio is not None:
+        data["audio"] = {"mime_type": message.audio.mime_type, "data": message.audio.data.hex(),
+                         "seconds": message.audio.seconds, "voice": message.audio.voice}
     return json.dumps(data)
 
 
@@ -224,6 +227,10 @@ def decode_message(text: str) -> IncomingMessage:
         Image(i["mime_type"], bytes.fromhex(i["data"]), i.get("caption", ""))
         for i in data.get("images", [])
     )
+    audio = data.get("audio")
+    if audio is not None:
+        data["audio"] = Audio(audio["mime_type"], bytes.fromhex(audio["data"]),
+                              float(audio.get("seconds", 0.0)), bool(audio.get("voice", True)))
     return IncomingMessage(**data)
 
 
@@ -719,6 +726,20 @@ class Store:
             "SELECT COALESCE(SUM(cost_usd), 0) FROM usage_log WHERE day = ?", (day,)
         ).fetchone()
         return float(r[0])
+
+    def set_transcript(self, inbound_id: int, message: IncomingMessage, *, day: str,
+                       seconds: float) -> None:
+        """Keep a voice note's transcript (``message.transcript``; "" when it failed) in place
+        of its audio, and log the transcribed seconds (usage), in one transaction: a crash
+        never transcribes it twice nor loses what was transcribed."""
+        now = time.time()
+        with self._tx() as tx:
+            tx.execute("UPDATE inbox SET payload = ? WHERE id = ?",
+                       (encode_message(message), inbound_id))
+            if seconds > 0:
+                tx.execute("INSERT INTO usage_log (chat_id, day, at, kind, cost_usd, "
+                           "audio_seconds) VALUES (?, ?, ?, 'transcription', 0, ?)",
+                           (message.chat_id, day, now, seconds))
 
     def usage_on(self, day: str) -> dict[str, float]:
         """The user's usage on a UTC day, for billing: Claude turns (summaries included in the

@@ -33,6 +33,7 @@ USER_SUFFIX = "@s.whatsapp.net"
 GROUP_SUFFIX = "@g.us"
 MAX_TEXT = 65_536
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
+MAX_AUDIO_BYTES = 16 * 1024 * 1024  # WhatsApp's own limit for voice notes
 MAX_BAN = 10 * 365 * 86_400.0
 KEEP_MESSAGES = 10_000  # remembered for quoting
 KEEP_INBOX = 1_000  # per contact or group
@@ -608,19 +609,20 @@ class World:
             raise bad("id", "must be 1 to 128 printable ASCII characters without spaces")
         quoted_id = _opt_str(body, "quoted_id", 128)
         image = self._parse_image(body.get("image"))
+        audio = self._parse_audio(body.get("audio"))
         media = _opt_str(body, "media", 32)
         if media is not None and media not in MEDIA_KINDS:
             raise bad("media", f"must be one of {', '.join(sorted(MEDIA_KINDS))}")
-        if image is not None and media is not None:
-            raise bad("media", "cannot be combined with image")
-        if not text and image is None and media is None:
-            raise bad("text", "is required (unless image or media is given)")
+        if sum(x is not None for x in (image, media, audio)) > 1:
+            raise bad("media", "image, audio and media cannot be combined")
+        if not text and image is None and media is None and audio is None:
+            raise bad("text", "is required (unless image, audio or media is given)")
         if image is not None and not text:
             text = image["caption"]
         elif image is not None and not image["caption"]:
             image["caption"] = text
         return {"text": text, "id": msg_id, "quoted_id": quoted_id, "image": image,
-                "media": media or ""}
+                "media": media or "", "audio": audio}
 
     @staticmethod
     def _group_id(body: Mapping[str, Any]) -> str | None:
@@ -691,6 +693,7 @@ class World:
             "quoted_id": quoted_id,
             "quoted_text": quoted["text"] if quoted else "",
             "image": content["image"],
+            "audio": content["audio"],
             "media": content["media"],
         }
         return msg_id, self._deliver(account, frame)
@@ -750,6 +753,7 @@ class World:
             "quoted_id": quoted_id,
             "quoted_text": quoted["text"] if quoted else "",
             "image": content["image"],
+            "audio": content["audio"],
             "media": content["media"],
         }
         return msg_id, self._deliver(account, frame)
@@ -794,6 +798,33 @@ class World:
         if not isinstance(caption, str) or len(caption) > MAX_TEXT:
             raise bad("image.caption", "must be a string")
         return {"mime_type": mime, "data_b64": data, "caption": caption}
+
+    @staticmethod
+    def _parse_audio(value: Any) -> dict[str, Any] | None:
+        """A voice note (``voice``: true, the default) or audio file: mime_type (audio/*),
+        data_b64, seconds; delivered like WhatsApp's audioMessage."""
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise bad("audio", "must be an object with mime_type, data_b64 and seconds")
+        mime = value.get("mime_type", "audio/ogg; codecs=opus")
+        if not isinstance(mime, str) or not re.fullmatch(r"audio/[a-z0-9.+-]{1,40}(; ?codecs="
+                                                         r"[a-z0-9]{1,20})?", mime):
+            raise bad("audio.mime_type", "must be an audio/* type such as audio/ogg")
+        data = value.get("data_b64")
+        if not isinstance(data, str) or not data:
+            raise bad("audio.data_b64", "is required (base64 of the audio file)")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad("audio.data_b64", "is not valid base64") from None
+        if len(raw) > MAX_AUDIO_BYTES:
+            raise bad("audio.data_b64", f"decodes to more than {MAX_AUDIO_BYTES} bytes")
+        seconds = value.get("seconds", 0)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            raise bad("audio.seconds", "must be a number of seconds >= 0")
+        return {"mime_type": mime, "data_b64": data, "seconds": float(seconds),
+                "voice": bool(value.get("voice", True))}
 
     def contact_inbox(self, phone: str) -> list[dict[str, Any]]:
         check_phone(phone)

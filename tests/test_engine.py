@@ -38,6 +38,7 @@ from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, Engine
 from agent.policy import EngineName
 from agent.pool import ClaudePool, transcript_path
 from agent.store import Store
+from agent.transcription import TranscriptionSettings
 from agent.whatsapp.base import SendError
 from agent.whatsapp.events import IncomingMessage
 from wabridge.claude_cli import bundled_cli
@@ -113,8 +114,8 @@ class Rig:
                  resume_max_bytes: int = 10_000_000, conv: ConversationConfig = CONV,
                  limits: LimitsConfig = LIMITS, clock: Callable[[], float] = time.time,
                  rng: Callable[[], float] = lambda: 0.0, engine: EngineName = "cli",
-                 api_key: str | None = "sk-ant-test", models_allowed: tuple[str, ...] = ()
-                 ) -> None:
+                 api_key: str | None = "sk-ant-test", models_allowed: tuple[str, ...] = (),
+                 transcription: TranscriptionSettings | None = None) -> None:
         assert CLI is not None
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -140,6 +141,7 @@ class Rig:
             model="test-model", on_summary=lambda *a: self.summaries.append(a), clock=clock,
             rng=rng, api=self.api, engine=engine,
             system_prompt="You answer WhatsApp messages.", models_allowed=models_allowed,
+            transcription=transcription,
         )
         self._stop = asyncio.Event()
         self._deliver: asyncio.Task[None] | None = None

@@ -4,9 +4,14 @@ Claude Code CLI (or the api engine) against the fake Messages API (rigs of test_
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sqlite3
+import time
 
 import pytest
 from fakes.anthropic_api import FakeAnthropicAPI, RecordedRequest, last_user_text
+from fakes.transcription_api import TRANSCRIPT, FakeTranscriptionAPI
+from structlog.testing import capture_logs
 from test_engine import (
     ALICE,
     BOB,
@@ -20,8 +25,12 @@ from test_engine import (
     session_of,
     texts,
 )
+from test_transcription import make_voice_note
 
 from agent import takeover
+from agent.store import decode_message
+from agent.transcription import TranscriptionSettings
+from agent.whatsapp.events import Audio, IncomingMessage
 
 __all__ = ["api", "make_rig"]  # fixtures shared with test_engine.py
 
@@ -155,3 +164,67 @@ async def test_takeover_minutes_zero_never_pauses(make_rig: MakeRig,
     rig.incoming("I'm on it", sender=OWNER, chat=jid(ALICE), from_me=True)
     req = await ask(rig, api, "ok")
     assert "[owner] I'm on it" in last_user_text(req.json)  # still told, not paused
+
+
+# --- voice notes ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def voice_note(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    if not (shutil.which("espeak-ng") and shutil.which("ffmpeg")):
+        pytest.skip("espeak-ng and ffmpeg make the voice note")
+    return make_voice_note(tmp_path_factory.mktemp("voice"))
+
+
+def send_voice(rig: Rig, data: bytes, seconds: float = 3.0) -> str:
+    msg = IncomingMessage(
+        wa_id=f"VOICE{len(rig.wa.sent)}-{time.monotonic_ns()}", chat_id=jid(ALICE),
+        sender=jid(ALICE), text="", timestamp=time.time(), unsupported_media="voice",
+        audio=Audio("audio/ogg; codecs=opus", data, seconds, voice=True))
+    assert rig.engine.persist(msg)
+    rig.engine.wake_chat(msg.chat_id)
+    return msg.wa_id
+
+
+def stored(rig: Rig, wa_id: str) -> IncomingMessage:
+    with sqlite3.connect(rig.root / "agent.db") as db:
+        row = db.execute("SELECT payload FROM inbox WHERE wa_id = ?", (wa_id,)).fetchone()
+    return decode_message(row[0])
+
+
+async def test_a_voice_note_reaches_claude_as_its_transcript_once(
+        make_rig: MakeRig, api: FakeAnthropicAPI, voice_note: bytes) -> None:
+    with FakeTranscriptionAPI() as endpoint:
+        rig = await make_rig(transcription=TranscriptionSettings(url=endpoint.url))
+        wa_id = send_voice(rig, voice_note)
+        await rig.wait_sent(1, jid(ALICE))
+        said = last_user_text(api.message_requests()[-1].json)
+        assert f"[voice note, transcribed] {TRANSCRIPT}" in said
+        assert "cannot be shown" not in said
+        assert len(endpoint.uploads) == 1 and endpoint.uploads[0].data == voice_note
+        kept = stored(rig, wa_id)  # the transcript in the inbox, the audio dropped
+        assert (kept.transcript, kept.audio) == (TRANSCRIPT, None)
+        assert rig.store.usage_on(time.strftime("%Y-%m-%d", time.gmtime()))[
+            "transcription_seconds"] == 3.0
+
+        # the endpoint failing: today's "not supported" note, the reason in the log
+        endpoint.answer = lambda upload: (503, "busy")
+        with capture_logs() as logs:
+            wa_id = send_voice(rig, voice_note)
+            await rig.wait_sent(2, jid(ALICE))
+        said = last_user_text(api.message_requests()[-1].json)
+        assert "[sent a voice message, which cannot be shown to you]" in said
+        assert any(e["event"] == "voice.not_transcribed" and "HTTP 503: busy" in e["reason"]
+                   for e in logs)
+        assert stored(rig, wa_id).audio is None  # never tried again
+
+
+async def test_without_an_endpoint_a_voice_note_is_not_supported(
+        make_rig: MakeRig, api: FakeAnthropicAPI) -> None:
+    rig = await make_rig()
+    with capture_logs() as logs:
+        send_voice(rig, b"OggS-not-sent")
+        await rig.wait_sent(1, jid(ALICE))
+    assert "cannot be shown" in last_user_text(api.message_requests()[-1].json)
+    assert any(e["event"] == "voice.not_transcribed" and "not configured" in e["reason"]
+               for e in logs)

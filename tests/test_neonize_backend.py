@@ -31,6 +31,7 @@ from agent.whatsapp import neonize_backend
 from agent.whatsapp.base import BackendContext, SendError
 from agent.whatsapp.events import (
     LIBRARY_STOPPED,
+    Audio,
     ChatExpiration,
     ClientOutdated,
     Connected,
@@ -241,7 +242,12 @@ def wrapped(field: str, content: Any) -> Any:
     return message
 
 
+OGG = b"OggS\x00\x02"  # fake_neonize.audio's bytes
+
+
 def download_ok(content: Any) -> bytes:
+    if content.HasField("audioMessage"):
+        return OGG
     assert content.HasField("imageMessage")
     return PNG
 
@@ -392,8 +398,15 @@ MESSAGE_ROWS: list[tuple[str, Callable[[], Any], dict[str, Any] | Event | None]]
         lambda: inbound(fn.document("the invoice")),
         {"text": "the invoice", "unsupported_media": "document"},
     ),
-    ("voice-note", lambda: inbound(fn.audio(ptt=True)), {"text": "", "unsupported_media": "voice"}),
-    ("audio-file", lambda: inbound(fn.audio(ptt=False)), {"unsupported_media": "audio"}),
+    # downloaded for transcription; "voice"/"audio" until transcribed (agent.engine)
+    ("voice-note", lambda: inbound(fn.audio(ptt=True)),
+     {"text": "", "unsupported_media": "voice",
+      "audio": Audio("audio/ogg; codecs=opus", OGG, 4.0, voice=True)}),
+    ("audio-file", lambda: inbound(fn.audio(ptt=False)),
+     {"unsupported_media": "audio", "audio": Audio("audio/ogg; codecs=opus", OGG, 4.0,
+                                                   voice=False)}),
+    ("voice-note-download-fails", lambda: ("failing-download", inbound(fn.audio(ptt=True))),
+     {"unsupported_media": "voice", "audio": None}),
     ("sticker", lambda: inbound(fn.sticker()), {"unsupported_media": "sticker"}),
     (
         "location",

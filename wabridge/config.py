@@ -393,6 +393,27 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class TranscriptionConfig:
+    url: str = _opt(
+        "",
+        "OpenAI-compatible transcription endpoint for voice notes, e.g. "
+        "`http://127.0.0.1:8000/v1/audio/transcriptions` (a local whisper server) or a hosted "
+        "one; its key, if any, is TRANSCRIPTION_API_KEY in worker.env. Empty: voice notes are "
+        "answered as not supported.",
+    )
+    model: str = _opt("whisper-1", "The `model` field of the transcription request.")
+    max_seconds: float = _opt(
+        600.0, "Longest voice note transcribed, in seconds (longer: not supported).",
+        check=_at_least(1.0))
+    max_bytes: int = _opt(
+        16_000_000, "Largest audio file transcribed, in bytes (WhatsApp's own limit is 16 MB).",
+        check=_between(1000, 100_000_000))
+    timeout: float = _opt(
+        60.0, "Seconds a transcription may take before the voice note is answered as not "
+        "supported.", check=_at_least(1.0))
+
+
+@dataclass(frozen=True)
 class SimConfig:
     listen: str = _opt(
         "127.0.0.1:8765", "Where wabridge-sim serves its API and web page.",
@@ -411,6 +432,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    transcription: TranscriptionConfig = field(default_factory=TranscriptionConfig)
 
 
 SectionT = TypeVar("SectionT")

@@ -35,6 +35,7 @@ import aiohttp
 
 from agent.whatsapp.base import BackendContext, SendError, Sink, WhatsAppBackend
 from agent.whatsapp.events import (
+    Audio,
     ClientOutdated,
     Connected,
     Disconnected,
@@ -317,6 +318,7 @@ class SimBackend(WhatsAppBackend):
                             caption=str(raw_image.get("caption") or ""),
                         ),
                     )
+            audio = _audio(frame)
             return IncomingMessage(
                 wa_id=str(frame["id"]),
                 chat_id=str(frame["chat"]),
@@ -329,7 +331,9 @@ class SimBackend(WhatsAppBackend):
                 mentioned=bool(frame.get("mentioned")),
                 quoted_text=str(frame.get("quoted_text") or ""),
                 images=images,
-                unsupported_media=str(frame.get("media") or ""),
+                unsupported_media=str(frame.get("media") or "")
+                or ("" if audio is None else "voice" if audio.voice else "audio"),
+                audio=audio,
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("whatsapp.sim_bad_message", error=repr(exc), wa_id=str(frame.get("id")))
@@ -408,3 +412,18 @@ class SimBackend(WhatsAppBackend):
     def _delete_token(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._token_path.unlink()
+
+
+def _audio(frame: dict[str, Any]) -> Audio | None:
+    """A sim frame's voice note or audio file (``audio``: mime_type, data_b64, seconds,
+    voice), as neonize's audioMessage is translated."""
+    raw = frame.get("audio")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        data = base64.b64decode(str(raw["data_b64"]), validate=True)
+    except (binascii.Error, ValueError, KeyError):
+        log.warning("whatsapp.sim_bad_audio", wa_id=str(frame.get("id")))
+        return None
+    return Audio(mime_type=str(raw.get("mime_type") or "audio/ogg; codecs=opus"), data=data,
+                 seconds=float(raw.get("seconds") or 0.0), voice=bool(raw.get("voice", True)))
