@@ -1,19 +1,25 @@
-"""Usage for billing end to end through real systemd, the Firestore emulator, the simulator
-and the real Claude Code CLI against the fake Messages API: the ``usage/{user}__{day}``
-document holds exactly the tokens the fake API reported, also when the worker is SIGKILLed
-in the middle of a turn (the interrupted turn is taken again and counted once)."""
+"""Usage for billing and voice notes end to end through real systemd, the Firestore
+emulator, the simulator and the real Claude Code CLI against the fake Messages API: the
+``usage/{user}__{day}`` document holds exactly the tokens the fake API reported, also when
+the worker is SIGKILLed in the middle of a turn (the interrupted turn is taken again and
+counted once); a contact's voice note is transcribed by a fake OpenAI-compatible endpoint."""
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes.anthropic_api import Reply, last_user_text
+from fakes.transcription_api import TRANSCRIPT, FakeTranscriptionAPI
 from fleet import Fleet, wait_until
 from harness.systemd_ns import available
+from test_transcription import make_voice_note
 
 pytestmark = [
     pytest.mark.systemd,
@@ -35,8 +41,15 @@ def responder(body: Any) -> Reply:
 
 
 @pytest.fixture(scope="module")
-def fleet(firestore_emulator: str) -> Iterator[Fleet]:
-    with Fleet(plane="firestore", emulator_host=firestore_emulator) as f:
+def endpoint() -> Iterator[FakeTranscriptionAPI]:
+    with FakeTranscriptionAPI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def fleet(firestore_emulator: str, endpoint: FakeTranscriptionAPI) -> Iterator[Fleet]:
+    with Fleet(plane="firestore", emulator_host=firestore_emulator,
+               config={"transcription": {"url": endpoint.url}}) as f:
         yield f
 
 
@@ -88,3 +101,27 @@ def test_usage_matches_the_apis_token_counts_across_a_sigkill_mid_turn(fleet: Fl
         ("payer", 5, 5 * IN_TOKENS)]
     table = fleet.ns.run(["wabridgectl", "usage"]).stdout
     assert "payer" in table and str(5 * IN_TOKENS) in table
+
+
+def test_a_voice_note_from_a_contact_is_answered_from_its_transcript(
+        fleet: Fleet, endpoint: FakeTranscriptionAPI, tmp_path: Path) -> None:
+    """The sim sends a real OGG/Opus voice note as WhatsApp does; the worker uploads it to the
+    transcription endpoint and Claude's request carries the transcript."""
+    if not (shutil.which("espeak-ng") and shutil.which("ffmpeg")):
+        pytest.skip("espeak-ng and ffmpeg make the voice note")
+    data = make_voice_note(tmp_path)
+    before_doc = usage_doc(fleet, "payer")
+    before = len(fleet.sim.inbox(CONTACT))
+    wa_id = fleet.sim.send(CONTACT, ACCOUNT, "", audio={
+        "mime_type": "audio/ogg; codecs=opus", "data_b64": base64.b64encode(data).decode(),
+        "seconds": 2.5, "voice": True})
+    wait_until(lambda: any(m.get("quoted_id") == wa_id
+                           for m in fleet.sim.inbox(CONTACT)[before:]), 60,
+               "the voice note answered", lambda: fleet.journal(fleet.unit("payer"))[-3000:])
+    said = last_user_text(fleet.api.message_requests()[-1].json)
+    assert f"[voice note, transcribed] {TRANSCRIPT}" in said
+    assert [u.data for u in endpoint.uploads] == [data]
+    doc = wait_until(lambda: (d := usage_doc(fleet, "payer")).get("transcriptionSeconds")
+                     and d, 20, "the transcribed seconds in the usage document")
+    assert doc["transcriptionSeconds"] == 2.5
+    assert doc["turns"] == before_doc["turns"] + 1
