@@ -41,7 +41,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -56,7 +56,6 @@ from agent import (
     rotation,
     shaping,
     takeover,
-    transcription,
 )
 from agent.claude import ClaudeError, TurnResult
 from agent.commands import ChatCommand
@@ -64,9 +63,9 @@ from agent.conversations import Conversations
 from agent.persona import Persona
 from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
-from agent.transcription import TranscriptionError, TranscriptionSettings
 from agent.whatsapp.base import SendError, WhatsAppBackend
 from agent.whatsapp.events import (
+    Audio,
     ChatExpiration,
     Event,
     IncomingMessage,
@@ -75,12 +74,15 @@ from agent.whatsapp.events import (
 )
 from wabridge import logs
 from wabridge.config import ConversationConfig, LimitsConfig
+from wabridge.errors import TranscriptionError
 
 log = logs.get("agent.engine")
 
 MessageReporter = Callable[[str, str, str, str, str], None]  # direction, chat, sender, text, id
 SummaryReporter = Callable[[str, int, str], None]  # chat, number, text
 ProblemReporter = Callable[[str, str], None]  # stable code, message for the owner
+# a voice note's words (agent.transcription); raises TranscriptionError
+Transcriber = Callable[[Audio], Awaitable[str]]
 
 BUDGET_NOTICE = ("I have reached my daily budget and cannot answer more messages today. "
                  "Please try again tomorrow.")
@@ -88,6 +90,11 @@ CHAT_PERSONAS_KEY = "chat_personas"  # kv: {chat: its own system prompt} (/perso
 PAUSES_KEY = "takeover"  # kv: the paused chats (agent.takeover.dump)
 SLOW_DOWN_NOTICE = ("You are sending messages faster than I can answer them. Please slow "
                     "down a little; messages sent too quickly are not answered.")
+
+
+async def _not_configured(audio: Audio) -> str:
+    del audio
+    raise TranscriptionError("transcription is not configured (transcription.url is empty)")
 
 
 def _no_summary(chat_id: str, number: int, text: str) -> None:
@@ -154,7 +161,7 @@ class Engine:
         tools: bool = False,
         system_prompt: str | None = None,
         models_allowed: tuple[str, ...] = (),
-        transcription: TranscriptionSettings | None = None,
+        transcribe: Transcriber | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
@@ -177,7 +184,7 @@ class Engine:
         self._policy: Policy = policy.DEFAULT
         self._persona: Persona = persona.DEFAULT
         self._host_prompt = system_prompt
-        self._transcription = transcription or TranscriptionSettings(url="")
+        self._transcribe = transcribe or _not_configured
         self._models_allowed = models_allowed
         self._owner = ""
         self._owner_known = asyncio.Event()
@@ -617,7 +624,7 @@ class Engine:
             return item
         seconds = 0.0
         try:
-            words = await transcription.transcribe(msg.audio, self._transcription)
+            words = await self._transcribe(msg.audio)
         except TranscriptionError as exc:
             log.warning("voice.not_transcribed", wa_id=item.wa_id, reason=str(exc))
             done = replace(msg, audio=None)

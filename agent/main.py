@@ -54,7 +54,7 @@ from typing import Any
 
 import sdnotify
 
-from agent import outcomes, takeover
+from agent import outcomes, takeover, transcription
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
@@ -231,7 +231,8 @@ class Worker:
                              tools=cfg.claude.tools,
                              system_prompt=cfg.claude.system_prompt or None,
                              models_allowed=config.models_allowed(cfg.claude),
-                             transcription=transcription_settings(cfg))
+                             transcribe=functools.partial(transcription.transcribe,
+                                                          settings=transcription_settings(cfg)))
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.whatsapp.events import Audio
-from wabridge.errors import WabridgeError
+from wabridge.errors import TranscriptionError
+
+__all__ = ["TranscriptionError", "TranscriptionSettings", "file_name", "refusal", "transcribe"]
 
 _EXTENSIONS = {"audio/ogg": "ogg", "audio/mpeg": "mp3", "audio/mp4": "m4a", "audio/aac": "aac",
                "audio/wav": "wav", "audio/webm": "webm", "audio/amr": "amr"}
-
-
-class TranscriptionError(WabridgeError):
-    """A voice note could not be transcribed; the message says why."""
 
 
 @dataclass(frozen=True)

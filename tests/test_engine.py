@@ -9,6 +9,7 @@ state directory) and feeds messages the way the worker's sink and pump do
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import re
@@ -38,7 +39,7 @@ from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, Engine
 from agent.policy import EngineName
 from agent.pool import ClaudePool, transcript_path
 from agent.store import Store
-from agent.transcription import TranscriptionSettings
+from agent.transcription import TranscriptionSettings, transcribe
 from agent.whatsapp.base import SendError
 from agent.whatsapp.events import IncomingMessage
 from wabridge.claude_cli import bundled_cli
@@ -141,7 +142,8 @@ class Rig:
             model="test-model", on_summary=lambda *a: self.summaries.append(a), clock=clock,
             rng=rng, api=self.api, engine=engine,
             system_prompt="You answer WhatsApp messages.", models_allowed=models_allowed,
-            transcription=transcription,
+            transcribe=(None if transcription is None
+                        else functools.partial(transcribe, settings=transcription)),
         )
         self._stop = asyncio.Event()
         self._deliver: asyncio.Task[None] | None = None

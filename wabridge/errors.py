@@ -164,3 +164,11 @@ class ForeignRecordError(WabridgeError):
 
     code = "not_your_record"
     explanation = "a worker wrote under another user's id; its frame was dropped"
+
+
+class TranscriptionError(WabridgeError):
+    """A voice note that could not be transcribed; the message says why. The note is then
+    answered as not supported (the reason in the worker's log)."""
+
+    code = "not_transcribed"
+    explanation = "check transcription.url and the endpoint's log"
