@@ -566,16 +566,6 @@ class AdminServer:
             since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86_400))
             return {"ok": True, "user": who, "since": since,
                     "usage": await f.usage(who, since)}
-        if op in ("pause", "resume"):
-            return await self._pause(op, request)
-        if op == "usage":
-            who = self._known(request) if request.get("user") is not None else None
-            days = request.get("days", 1)
-            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
-                raise AdminError("bad_request", f"days must be 1 to 366, not {days!r}")
-            since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86_400))
-            return {"ok": True, "user": who, "since": since,
-                    "usage": await f.usage(who, since)}
         raise AdminError("unknown_op", f"unknown op {op!r}; known: {', '.join(OPS)}")
 
     async def _pause(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:

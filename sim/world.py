@@ -785,15 +785,7 @@ class World:
         mime = value.get("mime_type")
         if not isinstance(mime, str) or not re.fullmatch(r"image/[a-z0-9.+-]{1,40}", mime):
             raise bad("image.mime_type", "must be an image/* type such as image/png")
-        data = value.get("data_b64")
-        if not isinstance(data, str) or not data:
-            raise bad("image.data_b64", "is required (base64 of the image bytes)")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad("image.data_b64", "is not valid base64") from None
-        if len(raw) > MAX_IMAGE_BYTES:
-            raise bad("image.data_b64", f"decodes to more than {MAX_IMAGE_BYTES} bytes")
+        data = _data_b64(value, "image", MAX_IMAGE_BYTES)
         caption = value.get("caption", "") or ""
         if not isinstance(caption, str) or len(caption) > MAX_TEXT:
             raise bad("image.caption", "must be a string")
@@ -811,15 +803,7 @@ class World:
         if not isinstance(mime, str) or not re.fullmatch(r"audio/[a-z0-9.+-]{1,40}(; ?codecs="
                                                          r"[a-z0-9]{1,20})?", mime):
             raise bad("audio.mime_type", "must be an audio/* type such as audio/ogg")
-        data = value.get("data_b64")
-        if not isinstance(data, str) or not data:
-            raise bad("audio.data_b64", "is required (base64 of the audio file)")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad("audio.data_b64", "is not valid base64") from None
-        if len(raw) > MAX_AUDIO_BYTES:
-            raise bad("audio.data_b64", f"decodes to more than {MAX_AUDIO_BYTES} bytes")
+        data = _data_b64(value, "audio", MAX_AUDIO_BYTES)
         seconds = value.get("seconds", 0)
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
             raise bad("audio.seconds", "must be a number of seconds >= 0")
@@ -999,3 +983,17 @@ class World:
 def _append_capped(items: list[dict[str, Any]], entry: dict[str, Any]) -> None:
     items.append(entry)
     del items[:-KEEP_INBOX]
+
+
+def _data_b64(value: Mapping[str, Any], kind: str, limit: int) -> str:
+    """A media object's ``data_b64``, checked: present, base64, at most ``limit`` bytes."""
+    data = value.get("data_b64")
+    if not isinstance(data, str) or not data:
+        raise bad(f"{kind}.data_b64", f"is required (base64 of the {kind} bytes)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{kind}.data_b64", "is not valid base64") from None
+    if len(raw) > limit:
+        raise bad(f"{kind}.data_b64", f"decodes to more than {limit} bytes")
+    return data
