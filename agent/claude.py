@@ -164,6 +164,16 @@ _STDERR_TAIL = 40
 
 
 @dataclass(frozen=True)
+class ToolFlags:
+    """A chat's tools (:mod:`agent.tools`): ``--mcp-config``, ``--allowedTools`` and the
+    built-in tools ``--tools`` names (``WebSearch``...)."""
+
+    mcp_config: str  # JSON
+    allowed: tuple[str, ...]
+    builtin: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ClaudeSettings:
     cli_path: Path  # the claude binary
     model: str | None  # --model
@@ -171,6 +181,7 @@ class ClaudeSettings:
     tools_enabled: bool = False  # False: --tools "" (request carries "tools": [])
     turn_timeout: float = 120.0  # seconds; also bounds the start-up handshake in open()
     extra_env: Mapping[str, str] = field(default_factory=dict)  # ANTHROPIC_BASE_URL, ..._KEY
+    tool_flags: ToolFlags | None = None  # the chat's own tools (set per chat by the pool)
 
 
 @dataclass(frozen=True)
@@ -251,8 +262,12 @@ def build_command(
         "--permission-prompts",
         "none",
         "--tools",
-        "default" if settings.tools_enabled else "",
+        "default" if settings.tools_enabled
+        else ",".join(settings.tool_flags.builtin) if settings.tool_flags else "",
     ]
+    if settings.tool_flags is not None:
+        cmd += ["--mcp-config", settings.tool_flags.mcp_config,
+                "--allowedTools", ",".join(settings.tool_flags.allowed)]
     if settings.model:
         cmd += ["--model", settings.model]
     if settings.system_prompt is not None:

@@ -61,6 +61,7 @@ from agent.engine import Engine
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import Store
+from agent.tools import Toolbox
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
@@ -172,13 +173,17 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir)
         self.backend = make_backend(cfg, ctx)
+        self.tools = Toolbox(store, self.backend, state_dir, cfg.tools,
+                             max_tool_calls=cfg.claude.max_tool_calls)
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
-                               resume_max_bytes=cfg.conversation.resume_max_bytes)
+                               resume_max_bytes=cfg.conversation.resume_max_bytes,
+                               tools=self.tools.launch)
         self.engine = Engine(store, self.backend, self.pool, cfg.conversation,
                              self._report_message, limits=cfg.limits,
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
-                             on_summary=self._report_summary, on_problem=self._report_problem)
+                             on_summary=self._report_summary, on_problem=self._report_problem,
+                             tools=self.tools)
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -492,6 +497,7 @@ class Worker:
                                    max(0.2, deadline - 1.0 - time.monotonic()))
         except TimeoutError:  # systemd's SIGKILL (KillMode=control-group) finishes them
             log.warning("worker.claude_close_timed_out")
+        await self.tools.close()
         if self.state not in (WorkerState.LOGGED_OUT, WorkerState.BANNED, WorkerState.REPLACED,
                               WorkerState.OUTDATED, WorkerState.QR_EXPIRED):
             self.state, self.detail = WorkerState.STOPPING, "stopping"

@@ -15,6 +15,10 @@ key                 values                                          default
 ``groups``          ``off`` | ``mention`` | ``all``                 mention
 ``commands_from``   ``owner`` | ``everyone``                        owner
 ``daily_budget_usd``number >= 0 (0: no cap)                         [limits]
+``tools``           ``none`` | ``wabridge`` (Claude's tools,          none
+                    :mod:`agent.tools`)
+``timezone``        an IANA time zone name (``Europe/Berlin``),       UTC
+                    for the times of scheduled messages
 ==================  ==============================================  ===========
 
 :func:`decide` (pure) says what to do with one message, in this order:
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import math
 import re
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -54,11 +59,14 @@ from wabridge.phone import PHONE_RULE, normalize_phone
 ReplyTo = Literal["everyone", "allowlist", "self"]
 Groups = Literal["off", "mention", "all"]
 CommandsFrom = Literal["owner", "everyone"]
+Tools = Literal["none", "wabridge"]
 Action = Literal["answer", "command", "skip"]
 
 _REPLY_TO: tuple[ReplyTo, ...] = ("everyone", "allowlist", "self")
 _GROUPS: tuple[Groups, ...] = ("off", "mention", "all")
 _COMMANDS_FROM: tuple[CommandsFrom, ...] = ("owner", "everyone")
+_TOOLS: tuple[Tools, ...] = ("none", "wabridge")
+_TZ_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
 # whatsmeow's ``JID.IsBot``: the ``bot`` server, or these phone numbers (Meta AI and its kin)
 _BOT_PHONE = re.compile(r"^1313555\d{4}$|^131655500\d{2}$")
 
@@ -80,6 +88,8 @@ class Policy:
     groups: Groups = "mention"
     commands_from: CommandsFrom = "owner"
     daily_budget_usd: float | None = None  # None: the configured default
+    tools: Tools = "none"
+    timezone: str = "UTC"
 
 
 DEFAULT = Policy()
@@ -128,13 +138,33 @@ def parse(settings: Mapping[str, Any]) -> Policy:
                                  allowed="a number of US dollars, 0 for no cap")
         budget = float(budget)
 
+    tools = _choice(settings, "tools", _TOOLS, "none")
+    timezone = settings.get("timezone")
+    if timezone is None:
+        timezone = "UTC"
+    elif not _is_timezone(timezone):
+        raise InvalidSetting("settings.timezone", f"{timezone!r} is not a time zone",
+                             allowed="an IANA time zone name like Europe/Berlin or UTC")
+
     return Policy(
+        tools=tools,  # type: ignore[arg-type]  # checked by _choice
+        timezone=timezone,
         reply_to=reply_to,  # type: ignore[arg-type]  # checked by _choice
         allowlist=frozenset(allow),
         groups=groups,  # type: ignore[arg-type]
         commands_from=commands_from,  # type: ignore[arg-type]
         daily_budget_usd=budget,
     )
+
+
+def _is_timezone(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 64 or not _TZ_NAME.match(value):
+        return False
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def phone_of(jid: str) -> str:

@@ -420,6 +420,45 @@ class NeonizeBackend(WhatsAppBackend):
             raise SendError(f"WhatsApp refused the message to {chat_id}: {exc}") from exc
         return text_of(response.ID)
 
+    async def send_reaction(self, chat_id: str, message: IncomingMessage, emoji: str) -> None:
+        """``build_reaction`` (chat, the reacted message's sender and id) + ``send_message``."""
+        client = self._client
+        if client is None or not self._connected:
+            raise SendError("WhatsApp is not connected")
+        api = self._api(client)
+        chat, sender = self._jid(api, chat_id), self._jid(api, message.sender)
+
+        def _send() -> Any:
+            return client.send_message(chat, client.build_reaction(chat, sender, message.wa_id,
+                                                                   emoji))
+
+        await self._call_send(_send, chat_id)
+
+    async def send_media(self, chat_id: str, kind: str, data: bytes, filename: str, mime: str,
+                         caption: str) -> str:
+        """``send_document`` / ``send_image``: neonize uploads the bytes (encrypted) to
+        WhatsApp's media servers, then sends the message that points at them."""
+        client = self._client
+        if client is None or not self._connected:
+            raise SendError("WhatsApp is not connected")
+        to = self._jid(self._api(client), chat_id)
+
+        def _send() -> Any:
+            if kind == "image":
+                return client.send_image(to, data, caption=caption or None)
+            return client.send_document(to, data, caption=caption or None, title=filename,
+                                        filename=filename, mimetype=mime)
+
+        return text_of((await self._call_send(_send, chat_id)).ID)
+
+    async def _call_send(self, send: Callable[[], Any], chat_id: str) -> Any:
+        try:
+            return await _await_thread(send, self._send_timeout, "neonize-send")
+        except TimeoutError as exc:
+            raise SendError(f"sending to {chat_id} timed out") from exc
+        except Exception as exc:
+            raise SendError(f"WhatsApp refused the message to {chat_id}: {exc}") from exc
+
     async def set_typing(self, chat_id: str, typing: bool) -> None:
         client = self._client
         if client is None or not self._connected:

@@ -1,0 +1,265 @@
+"""Claude's wabridge tools (issue 16): the real CLI runs the real MCP server (agent.mcp_server)
+against the fake API, which asks for tool calls; the worker's side (agent.tools.Toolbox)
+does them on a real SQLite store. Plus the pure parts as tables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from fakes.anthropic_api import FakeAnthropicAPI
+from fakes.quiet_whatsapp import QuietWhatsApp
+
+from agent import commands, policy, scheduling
+from agent.claude import ClaudeSession, ClaudeSettings
+from agent.policy import InvalidSetting
+from agent.store import Store
+from agent.tools import Toolbox, ToolRefused, workspace_file
+from agent.whatsapp.events import IncomingMessage
+from wabridge.claude_cli import bundled_cli
+from wabridge.config import ToolsConfig
+
+CLI = bundled_cli()
+requires_cli = pytest.mark.skipif(CLI is None or not CLI.is_file(),
+                                  reason="claude-agent-sdk's bundled CLI missing")
+CHAT = "5511988887777@s.whatsapp.net"
+NOW = 1_780_000_000.0  # 2026-05-28T20:26:40Z
+
+
+class RecordingWhatsApp(QuietWhatsApp):
+    def __init__(self) -> None:
+        self.reactions: list[tuple[str, str, str]] = []
+        self.media: list[tuple[str, str, bytes, str, str, str]] = []
+
+    async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None,
+                        msg_id: str | None = None, expiration: int = 0) -> str:
+        return msg_id or "x"
+
+    async def send_reaction(self, chat_id: str, message: IncomingMessage, emoji: str) -> None:
+        self.reactions.append((chat_id, message.wa_id, emoji))
+
+    async def send_media(self, chat_id: str, kind: str, data: bytes, filename: str, mime: str,
+                         caption: str) -> str:
+        self.media.append((chat_id, kind, data, filename, mime, caption))
+        return "3EB0MEDIA"
+
+
+# ---- pure parts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("when", "tz", "expected"), [
+    ("in 5 seconds", "UTC", NOW + 5),
+    ("in 10 minutes", "UTC", NOW + 600),
+    ("in 2 hours", "Europe/Berlin", NOW + 7200),
+    ("in 1 day", "UTC", NOW + 86400),
+    ("2026-05-29T09:00:00", "UTC", 1_780_045_200.0),
+    ("2026-05-29T09:00:00", "Europe/Berlin", 1_780_045_200.0 - 7200),  # CEST, +02:00
+    ("2026-05-29T09:00:00+00:00", "Europe/Berlin", 1_780_045_200.0),
+])
+def test_when_is_understood(when: str, tz: str, expected: float) -> None:
+    assert scheduling.due_at(when, NOW, tz) == expected
+
+
+@pytest.mark.parametrize(("when", "problem"), [
+    ("tomorrow-ish", "is not a time"),
+    ("2020-01-01T00:00:00", "in the past"),
+    ("in 400 days", "at most 366 days"),
+])
+def test_bad_when_is_refused_with_the_reason(when: str, problem: str) -> None:
+    with pytest.raises(scheduling.BadWhen, match=problem):
+        scheduling.due_at(when, NOW, "UTC")
+
+
+@pytest.mark.parametrize(("pending", "today", "refused"), [
+    (0, 0, None), (19, 49, None), (20, 0, "already has 20"), (0, 50, "at most 50 a day")])
+def test_scheduling_limits(pending: int, today: int, refused: str | None) -> None:
+    why = scheduling.refusal(pending, today, per_chat=20, per_day=50)
+    assert (why is None) if refused is None else (refused in (why or ""))
+
+
+@pytest.mark.parametrize(("settings", "tools", "tz", "bad_key"), [
+    ({}, "none", "UTC", None),
+    ({"tools": "wabridge", "timezone": "America/Sao_Paulo"}, "wabridge", "America/Sao_Paulo",
+     None),
+    ({"tools": "all"}, None, None, "settings.tools"),
+    ({"timezone": "Mars/Olympus"}, None, None, "settings.timezone"),
+    ({"timezone": "../../etc/passwd"}, None, None, "settings.timezone"),
+    ({"timezone": 2}, None, None, "settings.timezone"),
+])
+def test_tools_and_timezone_settings(settings: dict[str, Any], tools: str | None,
+                                     tz: str | None, bad_key: str | None) -> None:
+    if bad_key is not None:
+        with pytest.raises(InvalidSetting) as err:
+            policy.parse(settings)
+        assert err.value.key == bad_key
+        return
+    parsed = policy.parse(settings)
+    assert (parsed.tools, parsed.timezone) == (tools, tz)
+
+
+def test_workspace_file_refuses_everything_outside(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "report.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "secret.txt").write_text("secret")
+    (work / "out").symlink_to(tmp_path / "secret.txt")
+    (work / "dirlink").symlink_to(tmp_path)
+    assert workspace_file(work, "sub/report.pdf") == (work / "sub" / "report.pdf").resolve()
+    for bad, why in [("../../etc/passwd", "'..'"), ("/etc/passwd", "absolute"),
+                     ("out", "outside"), ("dirlink/secret.txt", "outside"),
+                     ("sub/../../secret.txt", "'..'"), ("missing.txt", "no such file"),
+                     ("sub", "no such file"), ("", "give the path")]:
+        with pytest.raises(ToolRefused, match=why):
+            workspace_file(work, bad)
+
+
+def test_owner_texts() -> None:
+    assert commands.parse("/scheduled cancel 3") == commands.ChatCommand("scheduled", "cancel 3")
+    assert commands.parse("/memory") is not None and commands.parse("/memory").known  # type: ignore[union-attr]
+    assert "#3 tomorrow to c@s: hi" in commands.scheduled_text([(3, "c@s", "tomorrow", "hi")])
+    assert commands.memory_text([]) == "No notes."
+
+
+# ---- the store --------------------------------------------------------------------------------
+
+def test_due_messages_move_to_the_outbox_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    first = store.schedule(CHAT, NOW + 5, "call mom", "2026-05-28")
+    later = store.schedule(CHAT, NOW + 500, "later", "2026-05-28")
+    gone = store.schedule(CHAT, NOW + 1, "cancelled", "2026-05-28")
+    assert store.cancel_scheduled(gone, "other@s.whatsapp.net") is False  # another chat's id
+    assert store.cancel_scheduled(gone, CHAT) is True
+    assert store.release_due(NOW + 4) == []
+    due = store.release_due(NOW + 6)
+    assert [r.text for r in due] == ["call mom"]
+    assert store.release_due(NOW + 7) == []  # queued once
+    store.close()
+    reopened = Store(tmp_path / "agent.db")  # a restart: the outbox row and the rest survive
+    assert [r.text for r in reopened.pending_replies()] == ["call mom"]
+    assert [s.id for s in reopened.scheduled(CHAT)] == [later]
+    assert reopened.scheduled_on("2026-05-28") == 3
+    assert first != later
+
+
+# ---- the real CLI, the real MCP server ------------------------------------------------------
+
+@pytest_asyncio.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    assert CLI is not None
+    with FakeAnthropicAPI() as api:
+        store = Store(tmp_path / "agent.db")
+        backend = RecordingWhatsApp()
+        box = Toolbox(store, backend, tmp_path, ToolsConfig(notes_per_chat=2),
+                      max_tool_calls=3, clock=lambda: NOW)
+        sessions: list[ClaudeSession] = []
+        work = tmp_path / "chats" / "c"
+        work.mkdir(parents=True)
+
+        async def open_session(enabled: bool = True) -> ClaudeSession:
+            box.enabled = enabled
+            flags = await box.launch(CHAT, work)
+            settings = ClaudeSettings(
+                cli_path=CLI, model=None, system_prompt="You answer WhatsApp messages.",
+                turn_timeout=30.0, tool_flags=flags,
+                extra_env={"ANTHROPIC_BASE_URL": api.base_url, "ANTHROPIC_API_KEY": "sk-t"})
+            session = await ClaudeSession.open(settings=settings, workdir=work,
+                                               config_dir=tmp_path / "home" / ".claude",
+                                               resume_session_id=None)
+            sessions.append(session)
+            return session
+
+        yield {"api": api, "store": store, "box": box, "backend": backend, "work": work,
+               "open": open_session}
+        for session in sessions:
+            await session.close()
+        await box.close()
+        store.close()
+
+
+def _msg(text: str) -> IncomingMessage:
+    return IncomingMessage(chat_id=CHAT, sender="5511988887777@s.whatsapp.net", wa_id="3AWA1",
+                           text=text, timestamp=NOW)
+
+
+async def _turn(rig: dict[str, Any], text: str) -> str:
+    session = await rig["open"]() if not rig.get("session") else rig["session"]
+    rig["session"] = session
+    rig["box"].begin_turn(CHAT, _msg(text))
+    result = await session.turn(text)
+    rig["box"].end_turn(CHAT)
+    assert not result.is_error, result.error
+    return str(result.text)
+
+
+@requires_cli
+@pytest.mark.asyncio
+@pytest.mark.timeout(90)
+async def test_schedule_list_cancel_through_the_cli(rig: dict[str, Any]) -> None:
+    said = await _turn(rig, 'remind me [[tool schedule_message {"when": "in 5 seconds", '
+                            '"text": "time to call mom"}]]')
+    assert said.startswith("tool schedule_message said: scheduled #1 for")
+    store: Store = rig["store"]
+    [item] = store.scheduled(CHAT)
+    assert (item.due_at, item.text) == (NOW + 5, "time to call mom")
+    said = await _turn(rig, '[[tool schedule_message {"when": "yesterday", "text": "x"}]]')
+    assert said.startswith("tool schedule_message failed:") and "is not a time" in said
+    assert "time to call mom" in await _turn(rig, "[[tool list_scheduled]]")
+    assert "cancelled #1" in await _turn(rig, '[[tool cancel_scheduled {"id": 1}]]')
+    assert store.scheduled(CHAT) == []
+    tools = [t["name"] for t in rig["api"].message_requests()[0].json["tools"]]
+    assert "mcp__wabridge__schedule_message" in tools
+    assert not [t for t in tools if not t.startswith("mcp__wabridge__")]  # no built-in tool
+    assert store.counters()["tool_calls"] == 4
+
+
+@requires_cli
+@pytest.mark.asyncio
+@pytest.mark.timeout(90)
+async def test_react_notes_and_files_through_the_cli(rig: dict[str, Any]) -> None:
+    backend: RecordingWhatsApp = rig["backend"]
+    assert "reacted" in await _turn(rig, '[[tool react {"emoji": "👍"}]]')
+    assert backend.reactions == [(CHAT, "3AWA1", "👍")]
+    assert "note #1" in await _turn(rig, '[[tool remember {"note": "likes jazz"}]]')
+    await _turn(rig, '[[tool remember {"note": "lives in Recife"}]]')
+    assert "already has 2 notes" in await _turn(rig, '[[tool remember {"note": "third"}]]')
+    assert "#1: likes jazz" in await _turn(rig, "[[tool recall]]")
+    (rig["work"] / "report.txt").write_text("the report")
+    said = await _turn(rig, '[[tool send_file {"path": "report.txt", "caption": "here"}]]')
+    assert "sent report.txt" in said
+    assert backend.media == [(CHAT, "document", b"the report", "report.txt", "text/plain",
+                              "here")]
+    said = await _turn(rig, '[[tool send_file {"path": "../../etc/passwd"}]]')
+    assert "tool send_file failed:" in said and "'..'" in said
+    said = await _turn(rig, '[[tool send_image {"path": "report.txt"}]]')
+    assert "not a PNG, JPEG or WebP image" in said
+    assert len(backend.media) == 1
+
+
+@requires_cli
+@pytest.mark.asyncio
+@pytest.mark.timeout(90)
+async def test_a_turn_makes_at_most_max_tool_calls(rig: dict[str, Any]) -> None:
+    four = " ".join(f'[[tool remember {{"note": "n{i}"}}]]' for i in range(4))
+    rig["box"]._cfg = ToolsConfig(notes_per_chat=10)
+    said = await _turn(rig, four)
+    assert said.count("said: remembered") == 3
+    assert "at most 3 tool calls per message" in said
+    assert len(rig["store"].notes(CHAT)) == 3
+
+
+@requires_cli
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_tools_none_requests_carry_no_tools(rig: dict[str, Any]) -> None:
+    session = await rig["open"](enabled=False)
+    result = await session.turn('[[tool schedule_message {"when": "in 5 seconds", "text": "x"}]]')
+    assert result.text == "no tool schedule_message"
+    assert [r.json["tools"] for r in rig["api"].message_requests()] == [[]]
+    assert rig["store"].scheduled(CHAT) == []
+    assert not (rig["work"].parent.parent / "tools").exists() or not os.listdir(
+        rig["work"].parent.parent / "tools")
+
+
