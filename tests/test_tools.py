@@ -4,6 +4,7 @@ does them on a real SQLite store. Plus the pure parts as tables."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from fakes.anthropic_api import FakeAnthropicAPI
 from fakes.quiet_whatsapp import QuietWhatsApp
 
 from agent import commands, policy, scheduling
-from agent.claude import ClaudeSession, ClaudeSettings
+from agent.claude import ClaudeSession, ClaudeSettings, ToolFlags, build_command
 from agent.policy import InvalidSetting
 from agent.store import Store
 from agent.tools import Toolbox, ToolRefused, workspace_file
@@ -263,3 +264,17 @@ async def test_tools_none_requests_carry_no_tools(rig: dict[str, Any]) -> None:
         rig["work"].parent.parent / "tools")
 
 
+
+
+def test_the_cli_gets_the_chat_tools_and_only_allowed_builtins(tmp_path: Path) -> None:
+    flags = ToolFlags(mcp_config='{"mcpServers": {}}', allowed=("mcp__wabridge__react",
+                                                                "WebSearch"),
+                      builtin=("WebSearch", "WebFetch"))
+    base = ClaudeSettings(cli_path=tmp_path / "claude", model=None, system_prompt=None)
+    plain = build_command(base, None)
+    assert plain[plain.index("--tools") + 1] == "" and "--mcp-config" not in plain
+    cmd = build_command(dataclasses.replace(base, tool_flags=flags), None)
+    assert cmd[cmd.index("--tools") + 1] == "WebSearch,WebFetch"
+    assert cmd[cmd.index("--mcp-config") + 1] == '{"mcpServers": {}}'
+    assert cmd[cmd.index("--allowedTools") + 1] == "mcp__wabridge__react,WebSearch"
+    assert "--strict-mcp-config" in cmd  # never the chat directory's own MCP servers

@@ -21,6 +21,12 @@ noted as `` [image <media_type>]``). Replace per test with
 a delay, a hang (until :meth:`FakeAnthropicAPI.release` or stop), token counts
 and the number of ``text_delta`` chunks.
 
+Tool use: ``[[tool NAME {json input}]]`` in the last user text makes the fake answer with
+``tool_use`` blocks (stop reason ``tool_use``) for the listed tool named NAME or ending in
+``__NAME``; the request that brings the ``tool_result`` back is answered ``tool NAME said:
+<result>`` (``failed:`` for an error). So the real CLI runs the real MCP server in tests
+(:func:`tool_responder`; a :class:`Reply` may also carry ``tool_uses``).
+
 What Claude Code CLI 2.1.331 sends (observed against this fake, driven as agent/claude.py
 drives it: ``-p --input-format stream-json --bare --tools ""``):
 
@@ -247,16 +253,18 @@ def _result_text(block: Mapping[str, Any]) -> str:
 def tool_responder(body: Any) -> Reply | None:
     """The tool-use part of the default responder (None: no marker, answer normally)."""
     results = tool_results(body)
+    names: dict[Any, str] = {}
     if results:
-        names = {}
         for msg in body.get("messages", []):
             if isinstance(msg, Mapping) and msg.get("role") == "assistant":
                 for b in _blocks(msg.get("content")):
                     if b.get("type") == "tool_use":
                         names[b.get("id")] = str(b.get("name", "")).rpartition("__")[2]
+        results = [r for r in results if r.get("tool_use_id") in names]  # answers to us
+    if results:
         said = []
         for r in results:
-            name = names.get(r.get("tool_use_id"), "?")
+            name = names[r.get("tool_use_id")]
             verb = "failed" if r.get("is_error") else "said"
             said.append(f"tool {name} {verb}: {_result_text(r)}")
         return Reply(text="\n".join(said))
