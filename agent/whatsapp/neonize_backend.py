@@ -28,8 +28,9 @@ What this module relies on, read from the installed neonize source:
 The pure translation of library events into :mod:`agent.whatsapp.events` is
 :mod:`agent.whatsapp.neonize_translate`; importing neonize and opening its store is
 :mod:`agent.whatsapp.neonize_import`. This module is the runtime: the client, its threads and
-timeouts. It is near 600 lines because it is one state machine around one library client
-(connect, QR/pairing, events, sending, stopping); its parts share the client's lock and state.
+timeouts. Over 600 lines because it is one state machine around one library client
+(connect, QR/pairing, events, sending texts, reactions and media, stopping); its parts share
+the client's lock and state.
 """
 
 from __future__ import annotations
@@ -412,13 +413,7 @@ class NeonizeBackend(WhatsAppBackend):
             def _send() -> Any:
                 return client.reply_message(body, quoted=quoted, to=to)
 
-        try:
-            response = await _await_thread(_send, self._send_timeout, "neonize-send")
-        except TimeoutError as exc:
-            raise SendError(f"sending to {chat_id} timed out") from exc
-        except Exception as exc:
-            raise SendError(f"WhatsApp refused the message to {chat_id}: {exc}") from exc
-        return text_of(response.ID)
+        return text_of((await self._call_send(_send, chat_id)).ID)
 
     async def send_reaction(self, chat_id: str, message: IncomingMessage, emoji: str) -> None:
         """``build_reaction`` (chat, the reacted message's sender and id) + ``send_message``."""
