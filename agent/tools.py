@@ -45,8 +45,6 @@ _SOURCE_ROOT: Final = Path(__file__).resolve().parent.parent
 #: Our tools, as the MCP server names them (``mcp__wabridge__<name>`` for the CLI).
 NAMES: Final = ("schedule_message", "list_scheduled", "cancel_scheduled", "react", "send_file",
                 "send_image", "remember", "forget", "recall")
-#: Claude's own tools an operator may allow (``tools.web``).
-WEB_TOOLS: Final = ("WebSearch", "WebFetch")
 
 #: What ``send_file`` sends, by file name extension.
 DOCUMENT_TYPES: Final = {
@@ -131,8 +129,7 @@ class Toolbox:
         """The tool names a chat's CLI may use (``--allowedTools``); empty: no tools."""
         if not self.enabled:
             return []
-        names = [f"mcp__wabridge__{n}" for n in NAMES]
-        return names + list(WEB_TOOLS) if self._cfg.web else names
+        return [f"mcp__wabridge__{n}" for n in NAMES]
 
     async def launch(self, chat_id: str, workdir: Path) -> ToolFlags | None:
         """The CLI flags that give ``chat_id``'s process its tools (None: no tools at all);
@@ -154,8 +151,7 @@ class Toolbox:
             "env": {"PYTHONPATH": str(_SOURCE_ROOT),
                     "PYTHONDONTWRITEBYTECODE": "1"},
         }}}
-        return ToolFlags(mcp_config=json.dumps(config), allowed=tuple(self.allowed()),
-                         builtin=WEB_TOOLS if self._cfg.web else ())
+        return ToolFlags(mcp_config=json.dumps(config), allowed=tuple(self.allowed()))
 
     async def close(self) -> None:
         for server in self._servers.values():

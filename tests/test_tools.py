@@ -266,15 +266,14 @@ async def test_tools_none_requests_carry_no_tools(rig: dict[str, Any]) -> None:
 
 
 
-def test_the_cli_gets_the_chat_tools_and_only_allowed_builtins(tmp_path: Path) -> None:
-    flags = ToolFlags(mcp_config='{"mcpServers": {}}', allowed=("mcp__wabridge__react",
-                                                                "WebSearch"),
-                      builtin=("WebSearch", "WebFetch"))
+def test_the_cli_gets_the_chat_tools_and_no_builtin_tool(tmp_path: Path) -> None:
+    flags = ToolFlags(mcp_config='{"mcpServers": {}}', allowed=("mcp__wabridge__react",))
     base = ClaudeSettings(cli_path=tmp_path / "claude", model=None, system_prompt=None)
     plain = build_command(base, None)
     assert plain[plain.index("--tools") + 1] == "" and "--mcp-config" not in plain
     cmd = build_command(dataclasses.replace(base, tool_flags=flags), None)
-    assert cmd[cmd.index("--tools") + 1] == "WebSearch,WebFetch"
+    assert cmd[cmd.index("--tools") + 1] == ""
     assert cmd[cmd.index("--mcp-config") + 1] == '{"mcpServers": {}}'
-    assert cmd[cmd.index("--allowedTools") + 1] == "mcp__wabridge__react,WebSearch"
+    assert cmd[cmd.index("--allowedTools") + 1] == "mcp__wabridge__react"
     assert "--strict-mcp-config" in cmd  # never the chat directory's own MCP servers
+

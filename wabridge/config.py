@@ -342,10 +342,6 @@ class LimitsConfig:
 class ToolsConfig:
     """Claude's wabridge tools, for users whose `tools` setting is `wabridge`."""
 
-    web: bool = _opt(
-        False, "Also allow Claude's own WebSearch and WebFetch tools (requests leave the host "
-        "on the model's initiative).",
-    )
     scheduled_per_chat: int = _opt(
         20, "Scheduled messages one chat may have pending.", check=_between(1, 1000)
     )
