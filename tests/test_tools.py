@@ -4,9 +4,13 @@ does them on a real SQLite store. Plus the pure parts as tables."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import os
-from collections.abc import AsyncIterator
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +21,14 @@ from fakes.quiet_whatsapp import QuietWhatsApp
 
 from agent import commands, policy, scheduling
 from agent.claude import ClaudeSession, ClaudeSettings, ToolFlags, build_command
+from agent.engine import Engine
 from agent.policy import InvalidSetting
+from agent.pool import ClaudePool
 from agent.store import Store
-from agent.tools import Toolbox, ToolRefused, workspace_file
+from agent.tools import Toolbox, ToolRefused, socket_path, workspace_file
 from agent.whatsapp.events import IncomingMessage
 from wabridge.claude_cli import bundled_cli
-from wabridge.config import ToolsConfig
+from wabridge.config import ConversationConfig, LimitsConfig, ToolsConfig
 
 CLI = bundled_cli()
 requires_cli = pytest.mark.skipif(CLI is None or not CLI.is_file(),
@@ -277,3 +283,132 @@ def test_the_cli_gets_the_chat_tools_and_no_builtin_tool(tmp_path: Path) -> None
     assert cmd[cmd.index("--allowedTools") + 1] == "mcp__wabridge__react"
     assert "--strict-mcp-config" in cmd  # never the chat directory's own MCP servers
 
+
+
+# ---- the engine with tools: settings, turns, the outbox, fresh sessions ----------------------
+
+class EngineWhatsApp(RecordingWhatsApp):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, str, str | None]] = []
+
+    async def send_text(self, chat_id: str, text: str, *, quote: IncomingMessage | None,
+                        msg_id: str | None = None, expiration: int = 0) -> str:
+        self.sent.append((chat_id, text, quote.wa_id if quote else None))
+        return msg_id or "x"
+
+    def is_connected(self) -> bool:
+        return True
+
+
+async def _until(pred: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (got := pred()):
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return got
+
+
+@requires_cli
+@pytest.mark.asyncio
+@pytest.mark.timeout(90)
+async def test_the_engine_wires_settings_turns_outbox_and_notes(tmp_path: Path) -> None:
+    assert CLI is not None
+    with FakeAnthropicAPI() as api:
+        store = Store(tmp_path / "agent.db")
+        wa = EngineWhatsApp()
+        box = Toolbox(store, wa, tmp_path, ToolsConfig(), max_tool_calls=5)
+        settings = ClaudeSettings(
+            cli_path=CLI, model=None, system_prompt="You answer WhatsApp messages.",
+            turn_timeout=30.0,
+            extra_env={"ANTHROPIC_BASE_URL": api.base_url, "ANTHROPIC_API_KEY": "sk-t"})
+        pool = ClaudePool(2, 600.0, settings, tmp_path, store, tools=box.launch)
+        conv = ConversationConfig(debounce=0.01)
+        limits = LimitsConfig(daily_budget_usd=0.0, inbound_per_minute=0.0, send_gap=0.0,
+                              send_jitter=0.0)
+        engine = Engine(store, wa, pool, conv, lambda *a: None, limits=limits, tools=box)
+        stop = asyncio.Event()
+        deliver = asyncio.create_task(engine.deliver_forever(stop))
+        engine.set_owner("4915100000001")
+        ids = iter(range(1, 100))
+
+        def incoming(text: str) -> str:
+            wa_id = f"IN{next(ids)}"
+            assert engine.persist(IncomingMessage(wa_id=wa_id, chat_id=CHAT, sender=CHAT,
+                                                  text=text, timestamp=time.time()))
+            engine.wake_chat(CHAT)
+            return wa_id
+
+        def replies_to(wa_id: str) -> list[str]:
+            return [text for _, text, quoted in wa.sent if quoted == wa_id]
+
+        try:
+            assert engine.update_settings({"tools": "wabridge", "timezone": "Asia/Tokyo"}) is None
+            assert box.enabled and box.timezone == "Asia/Tokyo"
+            asked = incoming('[[tool schedule_message {"when": "in 1 seconds", "text": "ping!"}]]')
+            [said] = await _until(lambda: replies_to(asked), "the tool's answer")
+            assert said.startswith("tool schedule_message said: scheduled #1") and "Tokyo" in said
+            await _until(lambda: [t for _, t, _ in wa.sent if t == "ping!"], "the reminder")
+            await asyncio.sleep(1.5)
+            assert [(c, q) for c, t, q in wa.sent if t == "ping!"] == [(CHAT, None)]
+            reacted = incoming('[[tool react {"emoji": "❤️"}]]')
+            await _until(lambda: replies_to(reacted), "the react answer")
+            assert wa.reactions == [(CHAT, reacted, "❤️")]  # the message being answered
+            noted = incoming('[[tool remember {"note": "allergic to peanuts"}]]')
+            await _until(lambda: replies_to(noted), "the remember answer")
+            await engine.reset_chat(CHAT)
+            n = len(api.message_requests())
+            after = incoming("what should I cook?")
+            await _until(lambda: replies_to(after), "the answer after /reset")
+            first = " ".join(api.all_texts(api.message_requests()[n]))
+            assert "allergic to peanuts" in first and "what should I cook?" in first
+            # tools off: the idle process is closed, the next one has no tools at all
+            assert engine.update_settings({"tools": "none"}) is None
+            await _until(lambda: pool.live == 0, "the idle process closed")
+            n = len(api.message_requests())
+            off = incoming('[[tool recall]]')
+            assert await _until(lambda: replies_to(off), "tools off") == ["no tool recall"]
+            assert [r.json["tools"] for r in api.message_requests()[n:]] == [[]]
+        finally:
+            await engine.drain(1.0)
+            await pool.close_all()
+            stop.set()
+            await asyncio.gather(deliver, return_exceptions=True)
+            await box.close()
+            store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_chat_socket_acts_on_its_own_chat_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    box = Toolbox(store, RecordingWhatsApp(), tmp_path, ToolsConfig(), max_tool_calls=5,
+                  clock=lambda: NOW)
+    box.enabled = True
+    other = "5511900000000@s.whatsapp.net"
+    try:
+        for chat in (CHAT, other):
+            assert await box.launch(chat, tmp_path) is not None
+        path = socket_path(tmp_path, CHAT)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+        async def ask(line: bytes) -> dict[str, Any]:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(line + b"\n")
+            answer = json.loads(await reader.readline())
+            writer.close()
+            return dict(answer)
+
+        # whatever the arguments say, the call acts on the socket's chat
+        got = await ask(json.dumps({"tool": "schedule_message", "args": {
+            "when": "in 1 hour", "text": "hi", "chat_id": other}}).encode())
+        assert got == {"ok": True, "text": "scheduled #1 for 2026-05-28 21:26:40 (UTC)"}
+        assert [s.chat_id for s in store.scheduled()] == [CHAT]
+        assert await ask(b"not json") == {"ok": False, "error": "malformed tool request"}
+        got = await ask(b'{"tool": "shell", "args": {}}')
+        assert got == {"ok": False, "error": "unknown tool 'shell'"}
+        got = await ask(b'{"tool": "cancel_scheduled", "args": {"id": "x"}}')
+        assert got["ok"] is False and "bad arguments for cancel_scheduled" in got["error"]
+    finally:
+        await box.close()
+        store.close()
