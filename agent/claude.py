@@ -175,6 +175,10 @@ class ToolFlags:
 
     mcp_config: str  # JSON
     allowed: tuple[str, ...]
+    #: ``--max-turns``: model requests per turn (tool rounds + the answer). At the limit the
+    #: CLI ends the turn with ``is_error`` "Reached maximum number of turns (N)" and stays
+    #: usable; without it a model that keeps calling tools runs until ``turn_timeout``.
+    max_turns: int = 11
 
 
 @dataclass(frozen=True)
@@ -270,7 +274,8 @@ def build_command(
     ]
     if settings.tool_flags is not None:
         cmd += ["--mcp-config", settings.tool_flags.mcp_config,
-                "--allowedTools", ",".join(settings.tool_flags.allowed)]
+                "--allowedTools", ",".join(settings.tool_flags.allowed),
+                "--max-turns", str(settings.tool_flags.max_turns)]
     if settings.model:
         cmd += ["--model", settings.model]
     if settings.system_prompt is not None:

@@ -10,7 +10,9 @@ Rules every tool keeps:
 
 - files are read from the chat's workspace (the CLI's working directory) only: an absolute
   path, ``..``, or a symlink leading out is refused (:func:`workspace_file`);
-- a turn makes at most ``claude.max_tool_calls`` calls; later ones are refused;
+- a turn makes at most ``claude.max_tool_calls`` calls; later ones are refused, and the CLI
+  makes at most that many tool rounds (``--max-turns``): a model that keeps calling tools
+  gets its turn ended (the contact gets the apology) instead of running until the timeout;
 - scheduled messages and notes are bounded (``[tools]`` limits);
 - every call is logged (``tool.call``, with the chat; the worker binds ``user_id``) and
   counted (``tool_calls``); refusals are the model's to read, as a tool error.
@@ -151,7 +153,8 @@ class Toolbox:
             "env": {"PYTHONPATH": str(_SOURCE_ROOT),
                     "PYTHONDONTWRITEBYTECODE": "1"},
         }}}
-        return ToolFlags(mcp_config=json.dumps(config), allowed=tuple(self.allowed()))
+        return ToolFlags(mcp_config=json.dumps(config), allowed=tuple(self.allowed()),
+                         max_turns=self._max_calls + 1)
 
     async def close(self) -> None:
         for server in self._servers.values():

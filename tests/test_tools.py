@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from fakes.anthropic_api import FakeAnthropicAPI
+from fakes.anthropic_api import FakeAnthropicAPI, Reply
 from fakes.quiet_whatsapp import QuietWhatsApp
 
 from agent import commands, policy, scheduling
@@ -259,6 +259,23 @@ async def test_a_turn_makes_at_most_max_tool_calls(rig: dict[str, Any]) -> None:
 
 @requires_cli
 @pytest.mark.asyncio
+@pytest.mark.timeout(90)
+async def test_a_model_that_keeps_calling_tools_is_stopped(rig: dict[str, Any]) -> None:
+    api: FakeAnthropicAPI = rig["api"]
+    api.responder = lambda body: Reply(text="", tool_uses=(("mcp__wabridge__recall", {}),),
+                                       stop_reason="tool_use")
+    session = await rig["open"]()
+    result = await session.turn("loop forever")
+    assert result.is_error and "maximum number of turns (4)" in (result.error or "")
+    assert len(api.message_requests()) == 4  # 3 tool rounds (max_tool_calls) + 1
+    assert rig["store"].counters()["tool_calls"] == 4  # the 4th call was refused
+    api.responder = lambda body: "fine"
+    again = await session.turn("hello")  # the process goes on
+    assert (again.is_error, again.text) == (False, "fine")
+
+
+@requires_cli
+@pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_tools_none_requests_carry_no_tools(rig: dict[str, Any]) -> None:
     session = await rig["open"](enabled=False)
@@ -281,6 +298,7 @@ def test_the_cli_gets_the_chat_tools_and_no_builtin_tool(tmp_path: Path) -> None
     assert cmd[cmd.index("--tools") + 1] == ""
     assert cmd[cmd.index("--mcp-config") + 1] == '{"mcpServers": {}}'
     assert cmd[cmd.index("--allowedTools") + 1] == "mcp__wabridge__react"
+    assert cmd[cmd.index("--max-turns") + 1] == "11"
     assert "--strict-mcp-config" in cmd  # never the chat directory's own MCP servers
 
 
