@@ -121,3 +121,15 @@ def test_tools_none_sends_no_tools_at_all(fleet: Fleet) -> None:
     assert said["text"] == "no tool schedule_message"
     requests = fleet.api.message_requests()[n:]
     assert requests and all(r.json["tools"] == [] for r in requests)
+    # a bad value is named on the document; a good one turns the tools on, live
+    doc = fleet.db.collection("user_sessions").document(user)
+    doc.set({"settings": {"timezone": "Mars/Olympus"}}, merge=True)
+    bad = fleet.wait_doc(user, lambda d: (d.get("error") or {}).get("code") == "bad_setting",
+                         10, "bad_setting")
+    assert "settings.timezone" in bad["error"]["message"]
+    doc.set({"settings": {"timezone": "Asia/Tokyo", "tools": "wabridge"}}, merge=True)
+    fleet.wait_doc(user, lambda d: d.get("error") is None, 10, "the error cleared")
+    said = wait_until(
+        lambda: (r := fleet.ask(contact, phone, '[[tool list_scheduled]]'))["text"]
+        != "no tool list_scheduled" and r, 30, "the tools on", _diag(fleet, user))
+    assert said["text"] == "tool list_scheduled said: nothing scheduled"
