@@ -272,6 +272,8 @@ async def test_a_model_that_keeps_calling_tools_is_stopped(rig: dict[str, Any]) 
     api.responder = lambda body: "fine"
     again = await session.turn("hello")  # the process goes on
     assert (again.is_error, again.text) == (False, "fine")
+    # every request of the tool loop is in the turn's cost (what the daily budget counts)
+    assert result.turn_cost_usd > again.turn_cost_usd > 0  # 4 requests vs 1 (longer) one
 
 
 @requires_cli
