@@ -339,7 +339,7 @@ def _neutralize_slash(block: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _normalize_content(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+def normalize_content(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(content, str):
         blocks: list[dict[str, Any]] = [{"type": "text", "text": content}]
     else:
@@ -493,7 +493,7 @@ class ClaudeSession:
         Raises ``ClaudeError``: ``timeout`` (process killed), ``process_exited``,
         ``protocol`` (unparseable output during the turn; the process stays usable).
         """
-        blocks = _normalize_content(content)
+        blocks = normalize_content(content)
         sealed = self._sealed
         if sealed is not None and self._session_id and self._session_id != sealed[2]:
             # the CLI moved to another session id: its image copies would go elsewhere

@@ -58,13 +58,16 @@ class StatusInfo:
 
 
 def status_text(info: StatusInfo) -> str:
-    window = max(1, info.context_window)
-    pct = round(100 * info.context_tokens / window)
+    if info.context_window > 0:
+        pct = round(100 * info.context_tokens / info.context_window)
+        context = f"{info.context_tokens:,} of {info.context_window:,} tokens ({pct}%)"
+    else:  # a window not known: no share of it
+        context = f"{info.context_tokens:,} tokens"
     budget = (f" of ${info.daily_budget_usd:.2f} daily budget" if info.daily_budget_usd > 0
               else " (no daily budget)")
     return "\n".join([
         "Status",
-        f"Context used: {info.context_tokens:,} of {info.context_window:,} tokens ({pct}%)",
+        f"Context used: {context}",
         f"Turns: {info.session_turns} in this conversation, {info.total_turns} in this chat",
         f"Cost today: ${info.cost_today_usd:.4f}{budget}",
         f"Model: {info.model or 'default'}",

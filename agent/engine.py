@@ -48,8 +48,8 @@ import structlog
 from agent import budget, commands, delivery, policy, rotation, scheduling, shaping
 from agent.claude import ClaudeError, TurnResult
 from agent.commands import ChatCommand
-from agent.policy import InvalidSetting, MessageDecision, Policy
-from agent.pool import ClaudePool
+from agent.conversations import Conversations
+from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
 from agent.tools import Toolbox, notes_seed
 from agent.whatsapp.base import SendError, WhatsAppBackend
@@ -119,7 +119,7 @@ class Engine:
         self,
         store: Store,
         backend: WhatsAppBackend,
-        pool: ClaudePool,
+        pool: Conversations,
         conversation: ConversationConfig,
         report_message: MessageReporter,
         *,
@@ -130,11 +130,19 @@ class Engine:
         on_problem: ProblemReporter = _no_problem,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
-        tools: Toolbox | None = None,
+        api: Conversations | None = None,
+        engine: EngineName = "cli",
+        tools: bool = False,
+        toolbox: Toolbox | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
-        self._pool = pool
+        self._engines: dict[EngineName, Conversations] = {"cli": pool}
+        if api is not None:
+            self._engines["api"] = api
+        self._host_engine: EngineName = engine
+        self._tools = tools
+        self._claude = self._engines[policy.engine_for(None, engine, tools=tools)]
         self._conv = conversation
         self._limits = limits or LimitsConfig()
         self._window = context_window
@@ -144,7 +152,7 @@ class Engine:
         self._on_problem = on_problem
         self._clock = clock  # wall clock: budget days, send retries
         self._rng = rng  # pacing jitter
-        self._tools = tools  # Claude's tools (the user's ``tools`` setting), if wired
+        self._toolbox = toolbox  # wabridge's tools (the user's ``tools`` setting), if wired
         self._policy: Policy = policy.DEFAULT
         self._owner = ""
         self._owner_known = asyncio.Event()
@@ -165,29 +173,60 @@ class Engine:
     def policy(self) -> Policy:
         return self._policy
 
+    @property
+    def conversations(self) -> Conversations:
+        """The engine the user's chats run on now (``claude.engine``, the ``engine``
+        setting)."""
+        return self._claude
+
+    async def reap_idle(self) -> None:
+        for engine in self._engines.values():
+            await engine.reap_idle()
+
+    async def close_conversations(self) -> None:
+        await asyncio.gather(*(e.close_all() for e in self._engines.values()))
+
+    async def _discard(self, chat_id: str) -> None:
+        """End the chat's conversation on every engine (a reset, or the engine changed)."""
+        for engine in self._engines.values():
+            await engine.discard(chat_id)
+
     def update_settings(self, settings: Mapping[str, Any]) -> InvalidSetting | None:
         """Apply the user's settings map. A bad value keeps the previous policy, logs
         ``policy.invalid`` and is returned (to be reported on the user's document)."""
         try:
             new = policy.parse(settings)
+            chosen = self._engine_for(new)
         except InvalidSetting as exc:
             log.warning("policy.invalid", key=exc.key, error=str(exc))
             return exc
+        if self._engines[chosen] is not self._claude:
+            log.info("claude.engine", engine=chosen)
+            self._claude = self._engines[chosen]
         if new != self._policy:
             log.info("policy.updated", reply_to=new.reply_to, groups=new.groups,
                      commands_from=new.commands_from, allowlist=len(new.allowlist),
-                     daily_budget_usd=new.daily_budget_usd, tools=new.tools,
-                     timezone=new.timezone)
-        if self._tools is not None:
-            self._tools.timezone = new.timezone
-            if self._tools.enabled != (new.tools == "wabridge"):
-                self._tools.enabled = new.tools == "wabridge"
-                # processes keep the tools they were started with: idle ones restart
-                task = asyncio.create_task(self._pool.close_idle())
-                self._presence_tasks.add(task)
-                task.add_done_callback(self._presence_tasks.discard)
+                     daily_budget_usd=new.daily_budget_usd, engine=new.engine,
+                     tools=new.tools, timezone=new.timezone)
+        if self._toolbox is not None:
+            self._toolbox.configure(enabled=new.tools == "wabridge", timezone=new.timezone)
         self._policy = new
         return None
+
+    def _engine_for(self, new: Policy) -> EngineName:
+        chosen = policy.engine_for(new.engine, self._host_engine, tools=self._tools)
+        if new.engine == "api" and self._tools:
+            raise InvalidSetting("settings.engine", "api has no tools, and this host runs "
+                                 "Claude with tools (claude.tools = true)", allowed="cli")
+        if new.tools == "wabridge" and chosen != "cli":
+            raise InvalidSetting("settings.tools", "wabridge's tools run on the cli engine "
+                                 "only, and this host runs api (claude.engine)",
+                                 allowed="none (or engine cli)")
+        if chosen not in self._engines:
+            raise InvalidSetting("settings.engine", f"{chosen!r} is not available on this host "
+                                 "(see the worker's journal: claude_api.unavailable)",
+                                 allowed=", ".join(self._engines))
+        return chosen
 
     def set_owner(self, phone_or_jid: str) -> None:
         """The linked account's number (from ``Connected``). Turns wait until it is known,
@@ -350,14 +389,14 @@ class Engine:
     async def reset_chat(self, chat_id: str) -> None:
         """What ``/reset`` does, asked by the operator (``wabridgectl reset``): the chat's
         Claude process is closed and its next message starts a new conversation."""
-        await self._pool.discard(chat_id)
+        await self._discard(chat_id)
         self._store.reset_chat(chat_id)
         log.info("chat.reset", chat_id=chat_id, by="operator")
 
     async def _command(self, chat_id: str, item: PendingInbound, command: ChatCommand) -> None:
         self._report_in(chat_id, [item])
         if command.name == "reset":
-            await self._pool.discard(chat_id)
+            await self._discard(chat_id)
             self._store.reset_chat(chat_id)
             text = commands.RESET_TEXT
         elif command.name == "status":
@@ -402,7 +441,7 @@ class Engine:
             total_turns=row.turns if row else 0,
             cost_today_usd=self._store.cost_on(budget.utc_day(self._clock())),
             daily_budget_usd=self._daily_budget(),
-            model=self._model,
+            model=self._claude.model or self._model,
             summaries=len([s for s in self._store.summaries(chat_id) if not s.archived]),
         )
 
@@ -424,13 +463,13 @@ class Engine:
         content = turn_content(batch)
         self._typing(chat_id, on=True)
         self.turns_in_flight[chat_id] = time.monotonic()
-        if self._tools is not None:
-            self._tools.begin_turn(chat_id, batch[-1].message)
+        if self._toolbox is not None:
+            self._toolbox.begin_turn(chat_id, batch[-1].message)
         try:
             text, result = await self._ask(chat_id, content)
         finally:
-            if self._tools is not None:
-                self._tools.end_turn(chat_id)
+            if self._toolbox is not None:
+                self._toolbox.end_turn(chat_id)
             self.turns_in_flight.pop(chat_id, None)
             self._typing(chat_id, on=False)
         replies = shaping.split(shaping.to_whatsapp(text), self._conv.reply_limit)
@@ -456,9 +495,13 @@ class Engine:
 
     async def _ask(self, chat_id: str, content: str | list[dict[str, Any]]
                    ) -> tuple[str, TurnResult | None]:
+        claude = self._claude  # a settings change mid-turn applies from the next turn
+        for other in self._engines.values():
+            if other is not claude:  # the engine changed: the chat's conversation moves
+                await other.discard(chat_id)  # (its CLI process, if any, is closed now)
         for attempt in (1, 2):
             try:
-                session = await self._pool.acquire(chat_id)
+                session = await claude.acquire(chat_id)
             except ClaudeError as exc:
                 log.error("claude.unavailable", code=exc.code, error=str(exc))
                 return self._conv.apology, None
@@ -474,7 +517,7 @@ class Engine:
             try:
                 result = await session.turn(first)
             except ClaudeError as exc:
-                await self._pool.discard(chat_id)
+                await claude.discard(chat_id)
                 if exc.code == "process_exited" and attempt == 1:
                     log.warning("claude.turn_failed", code=exc.code, error=str(exc),
                                 attempt=attempt, retry=True)
@@ -482,7 +525,7 @@ class Engine:
                 log.error("claude.turn_failed", code=exc.code, error=str(exc), attempt=attempt,
                           retry=False)
                 return self._conv.apology, None
-            await self._pool.release(chat_id)
+            await claude.release(chat_id)
             if result.is_error:
                 log.error("claude.api_error", error=result.error)
                 return self._conv.apology, result
@@ -517,8 +560,9 @@ class Engine:
                  session_turns=row.session_turns, window=self._window)
         summary: str | None = None
         cost = 0.0
+        claude = self._claude
         try:
-            session = await self._pool.acquire(chat_id)
+            session = await claude.acquire(chat_id)
         except ClaudeError as exc:
             log.warning("context.summary_failed", code=exc.code, error=str(exc))
         else:
@@ -535,7 +579,7 @@ class Engine:
             except ClaudeError as exc:
                 log.warning("context.summary_failed", code=exc.code, error=str(exc))
             finally:
-                await self._pool.discard(chat_id)
+                await claude.discard(chat_id)
         number = self._store.rotate(chat_id, summary, cost_delta=cost,
                                      day=budget.utc_day(self._clock()))
         log.info("context.rotated", number=number, chars=len(summary or ""),

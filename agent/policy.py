@@ -19,6 +19,7 @@ key                 values                                          default
                     :mod:`agent.tools`)
 ``timezone``        an IANA time zone name (``Europe/Berlin``),       UTC
                     for the times of scheduled messages
+``engine``          ``cli`` | ``api`` (how chats talk to Claude)    [claude]
 ==================  ==============================================  ===========
 
 :func:`decide` (pure) says what to do with one message, in this order:
@@ -60,6 +61,7 @@ ReplyTo = Literal["everyone", "allowlist", "self"]
 Groups = Literal["off", "mention", "all"]
 CommandsFrom = Literal["owner", "everyone"]
 Tools = Literal["none", "wabridge"]
+EngineName = Literal["cli", "api"]
 Action = Literal["answer", "command", "skip"]
 
 _REPLY_TO: tuple[ReplyTo, ...] = ("everyone", "allowlist", "self")
@@ -67,6 +69,7 @@ _GROUPS: tuple[Groups, ...] = ("off", "mention", "all")
 _COMMANDS_FROM: tuple[CommandsFrom, ...] = ("owner", "everyone")
 _TOOLS: tuple[Tools, ...] = ("none", "wabridge")
 _TZ_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
+_ENGINES: tuple[EngineName, ...] = ("cli", "api")
 # whatsmeow's ``JID.IsBot``: the ``bot`` server, or these phone numbers (Meta AI and its kin)
 _BOT_PHONE = re.compile(r"^1313555\d{4}$|^131655500\d{2}$")
 
@@ -90,6 +93,7 @@ class Policy:
     daily_budget_usd: float | None = None  # None: the configured default
     tools: Tools = "none"
     timezone: str = "UTC"
+    engine: EngineName | None = None  # None: claude.engine
 
 
 DEFAULT = Policy()
@@ -110,6 +114,7 @@ def parse(settings: Mapping[str, Any]) -> Policy:
     reply_to = _choice(settings, "reply_to", _REPLY_TO, "everyone")
     groups = _choice(settings, "groups", _GROUPS, "mention")
     commands_from = _choice(settings, "commands_from", _COMMANDS_FROM, "owner")
+    engine = _choice(settings, "engine", _ENGINES, "") or None
 
     raw_list = settings.get("allowlist")
     allow: set[str] = set()
@@ -146,6 +151,10 @@ def parse(settings: Mapping[str, Any]) -> Policy:
         raise InvalidSetting("settings.timezone", f"{timezone!r} is not a time zone",
                              allowed="an IANA time zone name like Europe/Berlin or UTC")
 
+    if tools == "wabridge" and engine == "api":
+        raise InvalidSetting("settings.tools", "wabridge's tools run on the cli engine only, "
+                             "and engine is api", allowed="none (or engine cli)")
+
     return Policy(
         tools=tools,  # type: ignore[arg-type]  # checked by _choice
         timezone=timezone,
@@ -154,6 +163,7 @@ def parse(settings: Mapping[str, Any]) -> Policy:
         groups=groups,  # type: ignore[arg-type]
         commands_from=commands_from,  # type: ignore[arg-type]
         daily_budget_usd=budget,
+        engine=engine,  # type: ignore[arg-type]
     )
 
 
@@ -165,6 +175,12 @@ def _is_timezone(value: Any) -> bool:
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         return False
     return True
+def engine_for(user: EngineName | None, host: EngineName, *, tools: bool) -> EngineName:
+    """The engine a user's chats run on: the user's ``engine`` setting, else the host's
+    ``claude.engine``; always ``cli`` when tools are on (the ``api`` engine has none)."""
+    if tools:
+        return "cli"
+    return user or host
 
 
 def phone_of(jid: str) -> str:

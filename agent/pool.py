@@ -60,6 +60,10 @@ class ClaudePool:
         return len(self._live)
 
     @property
+    def model(self) -> str:
+        return self._settings.model or ""
+
+    @property
     def config_dir(self) -> Path:
         return self._root / "claude"
 

@@ -170,6 +170,26 @@ def _v4(db: sqlite3.Connection) -> None:
 
 @migration
 def _v5(db: sqlite3.Connection) -> None:
+    """The ``api`` engine's conversations: one row per message of a session, in order (the
+    CLI engine keeps its own transcripts)."""
+    database.run_script(
+        db,
+        """
+        CREATE TABLE api_messages (
+            session_id TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            chat_id TEXT NOT NULL,
+            role TEXT NOT NULL,                       -- user | assistant
+            content TEXT NOT NULL,                    -- JSON list of content blocks
+            PRIMARY KEY (session_id, n)
+        );
+        CREATE INDEX api_messages_chat ON api_messages (chat_id)
+        """
+    )
+
+
+@migration
+def _v6(db: sqlite3.Connection) -> None:
     """Claude's tools: scheduled messages and per-contact notes (issue 16)."""
     database.run_script(
         db,
@@ -743,6 +763,36 @@ class Store:
             text = message.text if message is not None else str(r[2])
             out.append(HistoryItem(r[0], message, text, float(r[3])))
         return out
+
+    # --- the api engine's conversations -----------------------------------------------
+    def api_messages(self, session_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
+        """A session's messages (role, content blocks), oldest first."""
+        rows = self._conn().execute(
+            "SELECT role, content FROM api_messages WHERE session_id = ? ORDER BY n",
+            (session_id,),
+        ).fetchall()
+        return [(str(r[0]), json.loads(r[1])) for r in rows]
+
+    def has_api_session(self, session_id: str) -> bool:
+        return self._conn().execute(
+            "SELECT 1 FROM api_messages WHERE session_id = ? LIMIT 1", (session_id,)
+        ).fetchone() is not None
+
+    def add_api_message(self, chat_id: str, session_id: str, role: str,
+                        content: list[dict[str, Any]]) -> None:
+        self._conn().execute(
+            "INSERT INTO api_messages (session_id, n, chat_id, role, content) VALUES "
+            "(?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM api_messages WHERE session_id = ?1), "
+            "?2, ?3, ?4)", (session_id, chat_id, role, json.dumps(content)),
+        )
+
+    def drop_api_sessions(self, chat_id: str, keep: str | None) -> int:
+        """Forget the chat's api conversations except ``keep`` (ended by a rotation or a
+        reset: their summary, if any, is stored). Returns the messages removed."""
+        cur = self._conn().execute(
+            "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS NOT ?", (chat_id, keep)
+        )
+        return cur.rowcount
 
     # --- daily budget -------------------------------------------------------------------
     def cost_on(self, day: str) -> float:

@@ -26,7 +26,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -122,9 +122,29 @@ class Toolbox:
         self._clock = clock
         self.enabled = False  # the user's ``tools`` setting is ``wabridge``
         self.timezone = "UTC"  # the user's ``timezone`` setting
+        self._restart: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._servers: dict[str, asyncio.Server] = {}
         self._answering: dict[str, IncomingMessage] = {}
         self._calls: dict[str, int] = {}
+
+    # --- the user's settings ---------------------------------------------------------------
+    def on_change(self, restart_idle: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """What closes the idle Claude processes when the tools are switched (a process keeps
+        the tools it was started with; its chat's next turn starts one with the new ones)."""
+        self._restart = restart_idle
+
+    def configure(self, *, enabled: bool, timezone: str) -> None:
+        """The user's ``tools`` and ``timezone`` settings (loop thread)."""
+        self.timezone = timezone
+        if enabled == self.enabled:
+            return
+        self.enabled = enabled
+        log.info("tools.switched", enabled=enabled)
+        if self._restart is not None:
+            task = asyncio.create_task(self._restart())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     # --- the CLI's side ------------------------------------------------------------------
     def allowed(self) -> list[str]:

@@ -12,6 +12,9 @@ import controller
 import wabridge
 from agent.claude import EXPLANATIONS, ClaudeError
 from agent.whatsapp.base import SendError
+from controller.admin import ADMIN_EXPLANATIONS, AdminError
+from controller.ctl import USAGE, CtlError
+from controller.unit_manager import SystemdError
 from wabridge import errors
 from wabridge.errors import NO_RESTART_EXIT_CODES, ExitCode, SchemaTooNew, WabridgeError
 
@@ -47,6 +50,27 @@ def test_agent_and_kernel_errors_are_in_the_tree_with_a_code_and_an_explanation(
         if cls.__module__.startswith(("agent", "wabridge")) and cls is not ClaudeError:
             assert cls.code != WabridgeError.code, cls
             assert cls.explanation, f"{cls.__name__} has no explanation for operators"
+
+
+def test_controller_errors_are_in_the_tree_with_a_code_and_an_explanation(
+        tree: set[type]) -> None:
+    names = {c.__name__ for c in tree}
+    assert {"AdminError", "CtlError", "PlaneError", "PlaneUnavailable", "PlaneDenied",
+            "SystemdError"} <= names
+    for cls in tree:
+        if cls.__module__.startswith("controller"):
+            assert cls.code != WabridgeError.code, cls
+            assert cls.explanation, f"{cls.__name__} has no explanation for operators"
+
+
+def test_per_instance_codes_explain_themselves() -> None:
+    for code in ADMIN_EXPLANATIONS:
+        exc = AdminError(code, "m")
+        assert (exc.code, str(exc), exc.explanation) == (code, "m", ADMIN_EXPLANATIONS[code])
+    usage = CtlError(USAGE, "bad_user_id", "m")
+    assert (usage.exit_status, usage.code, str(usage)) == (USAGE, "bad_user_id", "m")
+    assert "--help" in usage.explanation
+    assert SystemdError("unavailable", "m").explanation.startswith("systemd's D-Bus API")
 
 
 @pytest.mark.parametrize("code", sorted(EXPLANATIONS))

@@ -6,7 +6,7 @@ import pytest
 
 from agent import policy
 from controller import admin
-from controller.plane import parse_session
+from controller.plane import parse_account
 from controller.reconcile import Claim, SetError, for_doc
 from wabridge.errors import PolicyError
 from wabridge.phone import is_phone, normalize_phone
@@ -56,7 +56,7 @@ def test_every_entry_point_follows_the_one_rule(raw: str, expected: str | None) 
             admin.pairing_phone(digits)
     else:
         assert admin.pairing_phone(digits) == digits
-    doc = parse_session("alice", {"status": DocStatus.PAIRING_REQUESTED.value,
+    doc = parse_account("alice", {"status": DocStatus.PAIRING_REQUESTED.value,
                                   "pairingPhone": digits})
     first = for_doc(doc, None)[0]
     assert isinstance(first, Claim if expected is not None else SetError)

@@ -57,6 +57,9 @@ def msg(text: str = "hi", *, sender: str = ALICE, chat: str | None = None, group
         ({"commands_from": "everyone"}, Policy(commands_from="everyone")),
         ({"daily_budget_usd": 2}, Policy(daily_budget_usd=2.0)),
         ({"daily_budget_usd": 0.0}, Policy(daily_budget_usd=0.0)),
+        ({"engine": "api"}, Policy(engine="api")),
+        ({"engine": "cli"}, Policy(engine="cli")),
+        ({"engine": None}, Policy()),
     ],
 )
 def test_parse_valid(settings: dict[str, Any], expected: Policy) -> None:
@@ -80,6 +83,8 @@ def test_parse_valid(settings: dict[str, Any], expected: Policy) -> None:
         ({"daily_budget_usd": "5"}, "settings.daily_budget_usd", "'5' is not a number"),
         ({"daily_budget_usd": True}, "settings.daily_budget_usd", "is not a number"),
         ({"daily_budget_usd": float("nan")}, "settings.daily_budget_usd", "not a number"),
+        ({"engine": "claude"}, "settings.engine", "'claude' is not one of cli, api"),
+        ({"engine": ""}, "settings.engine", "'' is not one of cli, api"),
     ],
 )
 def test_parse_invalid_names_the_key(settings: dict[str, Any], key: str, fragment: str) -> None:
@@ -89,6 +94,22 @@ def test_parse_invalid_names_the_key(settings: dict[str, Any], key: str, fragmen
     assert key in str(info.value)
     assert fragment in str(info.value)
     assert isinstance(info.value, PolicyError) and info.value.code == "bad_setting"
+
+
+@pytest.mark.parametrize(
+    ("user", "host", "tools", "expected"),
+    [
+        (None, "cli", False, "cli"),
+        (None, "api", False, "api"),
+        ("api", "cli", False, "api"),
+        ("cli", "api", False, "cli"),
+        ("api", "cli", True, "cli"),  # the api engine has no tools
+        (None, "api", True, "cli"),
+    ],
+)
+def test_engine_for(user: policy.EngineName | None, host: policy.EngineName, tools: bool,
+                    expected: str) -> None:
+    assert policy.engine_for(user, host, tools=tools) == expected
 
 
 def test_policy_is_frozen() -> None:

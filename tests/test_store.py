@@ -431,7 +431,7 @@ def test_sessions_and_kv(store: Store) -> None:
     assert store.get_kv("k") == "v2"
 
 
-# --- issue 5: policy, commands, budgets, rotation (schema v2) -------------------------------
+# --- policy, commands, budgets, rotation (schema v2) -------------------------------
 
 
 def test_v1_file_is_upgraded_in_place(db_path: Path) -> None:

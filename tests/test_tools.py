@@ -92,6 +92,7 @@ def test_scheduling_limits(pending: int, today: int, refused: str | None) -> Non
     ({"tools": "wabridge", "timezone": "America/Sao_Paulo"}, "wabridge", "America/Sao_Paulo",
      None),
     ({"tools": "all"}, None, None, "settings.tools"),
+    ({"tools": "wabridge", "engine": "api"}, None, None, "settings.tools"),  # cli only
     ({"timezone": "Mars/Olympus"}, None, None, "settings.timezone"),
     ({"timezone": "../../etc/passwd"}, None, None, "settings.timezone"),
     ({"timezone": 2}, None, None, "settings.timezone"),
@@ -346,7 +347,8 @@ async def test_the_engine_wires_settings_turns_outbox_and_notes(tmp_path: Path) 
         conv = ConversationConfig(debounce=0.01)
         limits = LimitsConfig(daily_budget_usd=0.0, inbound_per_minute=0.0, send_gap=0.0,
                               send_jitter=0.0)
-        engine = Engine(store, wa, pool, conv, lambda *a: None, limits=limits, tools=box)
+        box.on_change(pool.close_idle)
+        engine = Engine(store, wa, pool, conv, lambda *a: None, limits=limits, toolbox=box)
         stop = asyncio.Event()
         deliver = asyncio.create_task(engine.deliver_forever(stop))
         engine.set_owner("4915100000001")

@@ -198,7 +198,7 @@ async def test_the_owners_phone_writes_as_the_account(
 ) -> None:
     """What the owner writes on the phone reaches the linked device as the account's own
     message, and the policy reads it as the owner: in the self chat (``reply_to: self``)
-    and in a contact's chat (not answered as the contact, issue 15's takeover signal)."""
+    and in a contact's chat (not answered as the contact, the takeover signal)."""
     _backend, events = await backends.linked()
     to = CONTACT if where == "contact_chat" else None
     wa_id = await driver.owner_sends("from my phone", to=to)

@@ -21,16 +21,19 @@
     ├── NeonizeStoreError         agent.whatsapp.neonize_import
     │                                                   whatsapp_store: the session store cannot
     │                                                   be opened or created
-    ├── SystemdError              controller.systemd    no_such_unit, unavailable, failed
-    └── PlaneError                controller.firestore  plane_error
-        ├── PlaneUnavailable      controller.firestore  plane_unavailable (retry later)
-        └── PlaneDenied           controller.firestore  plane_denied (credentials; no retry)
+    ├── SystemdError              controller.unit_manager
+    │                                                   code per instance: no_such_unit,
+    │                                                   unavailable, failed
+    ├── PlaneError                controller.plane      plane_error
+    │   ├── PlaneUnavailable      controller.plane      plane_unavailable (retry later)
+    │   └── PlaneDenied           controller.plane      plane_denied (credentials; no retry)
+    ├── AdminError                controller.admin      code per instance (ADMIN_EXPLANATIONS):
+    │                                                   an admin-socket error answer
+    └── CtlError                  controller.ctl        code per instance; exit_status is
+                                                        wabridgectl's exit status (0-5)
 
-Not yet under ``WabridgeError`` (each carries a ``code`` of its own; moving them is the
-controller's and the simulator's work): ``controller.admin.AdminError`` (admin-socket answers),
-``controller.ctl.CtlError`` (wabridgectl's exit code and message), ``sim.world.WorldError``
-(the simulator's HTTP errors). ``agent.whatsapp.sim._Terminal`` is internal control flow, never
-seen outside its module.
+Not yet under ``WabridgeError``: ``sim.world.WorldError`` (the simulator's HTTP errors).
+``agent.whatsapp.sim._Terminal`` is internal control flow, never seen outside its module.
 
 Every error carries a stable ``code`` (what scripts and documents match on) and an
 ``explanation`` telling the operator what to do: a class states the usual one, a raise may
@@ -47,8 +50,10 @@ class ExitCode(IntEnum):
     """Exit codes of wabridge processes.
 
     Codes from 10 up are "do not restart" outcomes: the worker unit lists them in
-    ``RestartPreventExitStatus=`` so systemd leaves the unit stopped, like an OTP transient
-    child that ended normally. Keep this table in step with ``systemd/wabridge-worker@.service``.
+    ``RestartPreventExitStatus=`` (``NO_RESTART_EXIT_CODES``) so systemd leaves the unit
+    stopped, like an OTP transient child that ended normally; the account outcomes among
+    them (10-14) and their document statuses are ``wabridge.status.EXIT_OUTCOMES``.
+    tests/test_exit_codes.py checks both unit files against these tables.
     """
 
     OK = 0
