@@ -192,13 +192,12 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir)
         self.backend = make_backend(cfg, ctx)
-        self.tools = Toolbox(store, self.backend, state_dir, cfg.tools,
-                             max_tool_calls=cfg.claude.max_tool_calls)
+        self.tools = Toolbox(store, self.backend, state_dir, cfg.tools, cfg.claude.max_tool_calls,
+                             restart_idle=lambda: self.pool.close_idle())  # noqa: PLW0108 -- the pool comes next
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
                                resume_max_bytes=cfg.conversation.resume_max_bytes,
                                tools=self.tools.launch)
-        self.tools.on_change(self.pool.close_idle)
         api = None
         if not cfg.claude.tools:
             try:

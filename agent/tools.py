@@ -113,7 +113,9 @@ class Toolbox:
     """The tools of one worker's chats. Loop thread only."""
 
     def __init__(self, store: Store, backend: WhatsAppBackend, root: Path, cfg: ToolsConfig,
-                 *, max_tool_calls: int, clock: Callable[[], float] = time.time) -> None:
+                 max_tool_calls: int, *,
+                 restart_idle: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._backend = backend
         self._root = root
@@ -122,18 +124,15 @@ class Toolbox:
         self._clock = clock
         self.enabled = False  # the user's ``tools`` setting is ``wabridge``
         self.timezone = "UTC"  # the user's ``timezone`` setting
-        self._restart: Callable[[], Coroutine[Any, Any, None]] | None = None
+        # closes the idle Claude processes when the tools are switched (a process keeps the
+        # tools it was started with; its chat's next turn starts one with the new ones)
+        self._restart = restart_idle
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: dict[str, asyncio.Server] = {}
         self._answering: dict[str, IncomingMessage] = {}
         self._calls: dict[str, int] = {}
 
     # --- the user's settings ---------------------------------------------------------------
-    def on_change(self, restart_idle: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """What closes the idle Claude processes when the tools are switched (a process keeps
-        the tools it was started with; its chat's next turn starts one with the new ones)."""
-        self._restart = restart_idle
-
     def configure(self, *, enabled: bool, timezone: str) -> None:
         """The user's ``tools`` and ``timezone`` settings (loop thread)."""
         self.timezone = timezone

@@ -338,7 +338,9 @@ async def test_the_engine_wires_settings_turns_outbox_and_notes(tmp_path: Path) 
     with FakeAnthropicAPI() as api:
         store = Store(tmp_path / "agent.db")
         wa = EngineWhatsApp()
-        box = Toolbox(store, wa, tmp_path, ToolsConfig(), max_tool_calls=5)
+        pool: ClaudePool | None = None
+        box = Toolbox(store, wa, tmp_path, ToolsConfig(), max_tool_calls=5,
+                      restart_idle=lambda: pool.close_idle() if pool else asyncio.sleep(0))
         settings = ClaudeSettings(
             cli_path=CLI, model=None, system_prompt="You answer WhatsApp messages.",
             turn_timeout=30.0,
@@ -347,7 +349,6 @@ async def test_the_engine_wires_settings_turns_outbox_and_notes(tmp_path: Path) 
         conv = ConversationConfig(debounce=0.01)
         limits = LimitsConfig(daily_budget_usd=0.0, inbound_per_minute=0.0, send_gap=0.0,
                               send_jitter=0.0)
-        box.on_change(pool.close_idle)
         engine = Engine(store, wa, pool, conv, lambda *a: None, limits=limits, toolbox=box)
         stop = asyncio.Event()
         deliver = asyncio.create_task(engine.deliver_forever(stop))
