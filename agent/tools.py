@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -43,6 +44,9 @@ log = logs.get("agent.tools")
 #: Where ``agent`` is imported from: the MCP server (``python -m agent.mcp_server``) must
 #: import the same code, whatever the CLI's working directory.
 _SOURCE_ROOT: Final = Path(__file__).resolve().parent.parent
+
+#: coreutils' env(1), to start the MCP server with a clean environment.
+_ENV: Final = shutil.which("env") or "/usr/bin/env"
 
 #: Our tools, as the MCP server names them (``mcp__wabridge__<name>`` for the CLI).
 NAMES: Final = ("schedule_message", "list_scheduled", "cancel_scheduled", "react", "send_file",
@@ -167,10 +171,11 @@ class Toolbox:
             self._servers[chat_id] = await asyncio.start_unix_server(serve, path=str(path))
             _private(path)
         config = {"mcpServers": {"wabridge": {
-            "type": "stdio", "command": sys.executable,
-            "args": ["-m", "agent.mcp_server", str(path)],
-            "env": {"PYTHONPATH": str(_SOURCE_ROOT),
-                    "PYTHONDONTWRITEBYTECODE": "1"},
+            # The CLI hands a server its own whole environment (the API key included):
+            # ``env -i`` starts ours with only what it needs.
+            "type": "stdio", "command": _ENV,
+            "args": ["-i", f"PYTHONPATH={_SOURCE_ROOT}", "PYTHONDONTWRITEBYTECODE=1",
+                     "LANG=C.UTF-8", sys.executable, "-m", "agent.mcp_server", str(path)],
         }}}
         return ToolFlags(mcp_config=json.dumps(config), allowed=tuple(self.allowed()),
                          max_turns=self._max_calls + 1)

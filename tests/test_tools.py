@@ -221,6 +221,26 @@ async def test_schedule_list_cancel_through_the_cli(rig: dict[str, Any]) -> None
     assert "mcp__wabridge__schedule_message" in tools
     assert not [t for t in tools if not t.startswith("mcp__wabridge__")]  # no built-in tool
     assert store.counters()["tool_calls"] == 4
+    # the MCP server runs beside the CLI without the CLI's environment (no API key)
+    [server] = [p for p in _children(rig["session"].pid) if b"agent.mcp_server" in p[1]]
+    assert b"ANTHROPIC_API_KEY" not in server[2] and b"sk-t" not in server[2]
+    assert server[2].startswith(b"PYTHONPATH=")
+
+
+def _children(pid: int | None) -> list[tuple[int, bytes, bytes]]:
+    """(pid, cmdline, environ) of ``pid``'s children."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out.append((int(entry.name), (entry / "cmdline").read_bytes(),
+                            (entry / "environ").read_bytes()))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 @requires_cli
