@@ -5,6 +5,7 @@ does them on a real SQLite store. Plus the pure parts as tables."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import os
@@ -34,6 +35,8 @@ CLI = bundled_cli()
 requires_cli = pytest.mark.skipif(CLI is None or not CLI.is_file(),
                                   reason="claude-agent-sdk's bundled CLI missing")
 CHAT = "5511988887777@s.whatsapp.net"
+PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP8z4AATAxEcQAz0QEHOoQ+uAAAAABJRU5E"
+       "rkJggg==")  # a 4x4 red PNG
 NOW = 1_780_000_000.0  # 2026-05-28T20:26:40Z
 
 
@@ -264,6 +267,10 @@ async def test_react_notes_and_files_through_the_cli(rig: dict[str, Any]) -> Non
     said = await _turn(rig, '[[tool send_image {"path": "report.txt"}]]')
     assert "not a PNG, JPEG or WebP image" in said
     assert len(backend.media) == 1
+    png = base64.b64decode(PNG)
+    (rig["work"] / "chart.dat").write_bytes(png)  # the type is read from the bytes
+    assert "sent chart.dat" in await _turn(rig, '[[tool send_image {"path": "chart.dat"}]]')
+    assert backend.media[-1][1:5] == ("image", png, "chart.dat", "image/png")
 
 
 @requires_cli
