@@ -17,8 +17,8 @@ Rules every tool keeps:
 - every call is logged (``tool.call``, with the chat; the worker binds ``user_id``) and
   counted (``tool_calls``); refusals are the model's to read, as a tool error.
 
-Cost (2 vCPU VM shared with other jobs, CLI 2.1.331, fake API, 3 runs each of
-/tmp-style probe: open, a turn, a second turn; PSS from ``/proc/PID/smaps_rollup``): the MCP
+Cost (2 vCPU VM shared with other jobs, CLI 2.1.331, fake API; 3 runs each with and without
+tools of: open, a turn, a second turn; PSS from ``/proc/PID/smaps_rollup``): the MCP
 server is a second process per live chat, 55-58 MB PSS (the ``mcp`` package and pydantic),
 and the CLI waits for it, so a chat's first answer takes 1.9-3.7 s instead of 0.5-1.5 s;
 later turns are unchanged (a tool round adds one API request and ~50 ms).
