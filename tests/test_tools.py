@@ -35,8 +35,8 @@ CLI = bundled_cli()
 requires_cli = pytest.mark.skipif(CLI is None or not CLI.is_file(),
                                   reason="claude-agent-sdk's bundled CLI missing")
 CHAT = "5511988887777@s.whatsapp.net"
-PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP8z4AATAxEcQAz0QEHOoQ+uAAAAABJRU5E"
-       "rkJggg==")  # a 4x4 red PNG
+PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP8z4AATAxEcQAz0QEHOoQ+uAAA"
+       "AABJRU5ErkJggg==")  # a 4x4 red PNG
 NOW = 1_780_000_000.0  # 2026-05-28T20:26:40Z
 
 
