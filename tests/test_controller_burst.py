@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import socket
 import time
 import uuid
@@ -27,8 +28,10 @@ from pathlib import Path
 
 import pytest
 from fakes.units import ScriptedSystemd
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import firestore
 
-from controller.firestore import FirestorePlane
+from controller.firestore import FirestorePlane, _by_path
 from controller.main import Controller
 from controller.systemd import UnitState
 from wabridge import config, protocol
@@ -39,7 +42,6 @@ N = 100
 ACT_WITHIN = 5.0
 USERS = [f"user{i:03d}" for i in range(N)]
 
-pytestmark = pytest.mark.firestore
 
 
 @pytest.fixture(autouse=True)
@@ -203,6 +205,7 @@ async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) 
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.firestore
 @pytest.mark.parametrize("how", ["batch", "concurrent"])
 async def test_100_stop_then_100_start_requests_at_once_are_acted_on_within_5_s(
         burst: Burst, how: str) -> None:
@@ -219,3 +222,16 @@ async def test_100_stop_then_100_start_requests_at_once_are_acted_on_within_5_s(
     await acted_on(written, burst.fleet.started, burst.task, "create_requested")
     for doc in await burst.client.list_sessions():
         assert doc.status is not DocStatus.CREATE_REQUESTED  # claimed: starting, or further
+
+
+def test_the_listener_orders_documents_as_the_sdk_does() -> None:
+    """``_by_path`` replaces the SDK's ``Query._comparator`` for the plane's query (no
+    ``order_by``): the same order, or the SDK's document tree would misplace documents."""
+    client = firestore.Client(project="demo-order", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
+    query = firestore.Query(client.collection("sessions"))
+    ids = ["b", "a", "a b", "A", "a0", "\u00e9", "Z", "10", "9", "a_", "user000", "\U0001f600"]
+    docs = [firestore.DocumentSnapshot(client.collection("sessions").document(i), {}, True,
+                                       None, None, None) for i in ids]
+    sdk = sorted(docs, key=functools.cmp_to_key(query._comparator))
+    ours = sorted(docs, key=functools.cmp_to_key(_by_path))
+    assert [d.id for d in ours] == [d.id for d in sdk]
