@@ -9,12 +9,17 @@
   sends (reduces the risk that WhatsApp flags the account as a bot).
 - ``over_budget`` / ``effective_budget`` / ``utc_day``: the daily cost cap per user, summed
   per UTC day from each turn's ``turn_cost_usd``.
+- ``usage_cost``: a turn's cost from its token usage and the model's price (the ``api``
+  engine; the CLI reports its own).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from wabridge.prices import Price
 
 
 @dataclass(frozen=True)
@@ -94,3 +99,11 @@ def over_budget(spent: float, budget: float) -> bool:
 def utc_day(ts: float) -> str:
     """``YYYY-MM-DD`` of an epoch timestamp in UTC (the budget day)."""
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def usage_cost(usage: Mapping[str, int], price: Price) -> float:
+    """USD for one request's ``usage`` at ``price`` (per million tokens)."""
+    return (usage.get("input_tokens", 0) * price.input
+            + usage.get("output_tokens", 0) * price.output
+            + usage.get("cache_creation_input_tokens", 0) * price.cache_write
+            + usage.get("cache_read_input_tokens", 0) * price.cache_read) / 1_000_000

@@ -1,5 +1,8 @@
 """One persistent Claude Code process per WhatsApp chat.
 
+Over 600 lines because it is one adapter around one child process and its stream-JSON
+protocol: start-up, turns, timeouts and exit all read the same stdout state.
+
 Driver
 ======
 The bundled Claude Code CLI (``claude_agent_sdk/_bundled/claude``, 2.1.331) is driven
@@ -123,11 +126,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import structlog
+from wabridge import claude_cli, logs
+from wabridge.errors import WabridgeError
 
-from wabridge import claude_cli
-
-log = structlog.get_logger(__name__)
+log = logs.get("agent.claude")
 
 ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "resume_failed"]
 
@@ -183,12 +185,29 @@ class TurnResult:
     turn_cost_usd: float = 0.0  # this turn only (compaction included); use this for accounting
 
 
-class ClaudeError(Exception):
-    """A turn or a session could not be run. ``code`` says why."""
+#: What an operator does about each :class:`ClaudeError` code.
+EXPLANATIONS: Final[Mapping[ErrorCode, str]] = {
+    "timeout": "the turn took longer than claude.turn_timeout; the process was stopped and "
+    "the sender got conversation.apology",
+    "process_exited": "the Claude Code CLI ended; its last stderr lines are in the worker's "
+    "journal (an API key or network problem shows there)",
+    "protocol": "the CLI wrote output this wabridge cannot read; use the Claude Code version "
+    "wabridge was released with (claude.cli_path)",
+    "not_configured": "set claude.cli_path to an executable Claude Code CLI, and "
+    "ANTHROPIC_API_KEY in /etc/wabridge/worker.env",
+    "resume_failed": "the chat's stored conversation could not be resumed; a fresh one is "
+    "started, seeded with the chat's recent messages",
+}
+
+
+class ClaudeError(WabridgeError):
+    """A turn or a session could not be run. ``code`` (one of :data:`ErrorCode`, stable)
+    says why."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
+        self.explanation = EXPLANATIONS[code]
 
     def __str__(self) -> str:
         return f"[{self.code}] {self.args[0]}"
@@ -297,7 +316,7 @@ def _neutralize_slash(block: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _normalize_content(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+def normalize_content(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(content, str):
         blocks: list[dict[str, Any]] = [{"type": "text", "text": content}]
     else:
@@ -451,7 +470,7 @@ class ClaudeSession:
         Raises ``ClaudeError``: ``timeout`` (process killed), ``process_exited``,
         ``protocol`` (unparseable output during the turn; the process stays usable).
         """
-        blocks = _normalize_content(content)
+        blocks = normalize_content(content)
         sealed = self._sealed
         if sealed is not None and self._session_id and self._session_id != sealed[2]:
             # the CLI moved to another session id: its image copies would go elsewhere

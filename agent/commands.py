@@ -26,7 +26,7 @@ RESET_TEXT = "New conversation started. I have forgotten our earlier messages."
 
 
 @dataclass(frozen=True)
-class Command:
+class ChatCommand:
     name: str  # lower case, without the slash
     args: str = ""
 
@@ -35,12 +35,12 @@ class Command:
         return self.name in KNOWN
 
 
-def parse(text: str) -> Command | None:
+def parse(text: str) -> ChatCommand | None:
     """The command in ``text``, or None when it is an ordinary message."""
     m = _COMMAND.match(text.strip())
     if m is None:
         return None
-    return Command(m.group(1).lower(), (m.group(2) or "").strip())
+    return ChatCommand(m.group(1).lower(), (m.group(2) or "").strip())
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,16 @@ class StatusInfo:
 
 
 def status_text(info: StatusInfo) -> str:
-    window = max(1, info.context_window)
-    pct = round(100 * info.context_tokens / window)
+    if info.context_window > 0:
+        pct = round(100 * info.context_tokens / info.context_window)
+        context = f"{info.context_tokens:,} of {info.context_window:,} tokens ({pct}%)"
+    else:  # a window not known: no share of it
+        context = f"{info.context_tokens:,} tokens"
     budget = (f" of ${info.daily_budget_usd:.2f} daily budget" if info.daily_budget_usd > 0
               else " (no daily budget)")
     return "\n".join([
         "Status",
-        f"Context used: {info.context_tokens:,} of {info.context_window:,} tokens ({pct}%)",
+        f"Context used: {context}",
         f"Turns: {info.session_turns} in this conversation, {info.total_turns} in this chat",
         f"Cost today: ${info.cost_today_usd:.4f}{budget}",
         f"Model: {info.model or 'default'}",
@@ -70,5 +73,5 @@ def status_text(info: StatusInfo) -> str:
     ])
 
 
-def unknown_text(command: Command) -> str:
+def unknown_text(command: ChatCommand) -> str:
     return f"Unknown command /{command.name}.\n\n{HELP_TEXT}"

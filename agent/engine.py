@@ -1,5 +1,8 @@
 """The conversation engine: durable inbox -> policy -> Claude turn -> durable outbox -> WhatsApp.
 
+Over 600 lines because the steps below share the engine's per-chat state (turn loops, token
+buckets, the loop guard, the send lock); the decisions themselves are pure modules.
+
 One turn at a time per chat, chats concurrently. Messages of a burst (within ``debounce``)
 are answered in one turn; messages arriving during a turn wait for the next one. A turn's
 reply is committed together with marking its messages done (:meth:`Store.complete_turn`),
@@ -23,7 +26,7 @@ Per step of a chat (all decisions are pure functions in :mod:`agent.policy`,
 5. otherwise one Claude turn answers the run of messages. A fresh session (first ever, after
    a rotation, or after a failed resume) gets its seed in front of the first turn;
 6. after a turn, a conversation near the context window (or at the turn cap) is rotated: a
-   summary turn (not sent), a stored versioned summary, the process closed, the session
+   summary turn (not sent), a stored numbered summary, the process closed, the session
    forgotten; the next turn starts a fresh session seeded with the summary.
 
 Turn failures: a timeout kills the process (ClaudeSession) and answers with the apology; a
@@ -33,20 +36,20 @@ process exit mid-turn is retried once on a resumed session, then the apology.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import budget, commands, delivery, policy, rotation, shaping
-from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, TurnResult
-from agent.commands import Command
-from agent.policy import Decision, InvalidSetting, Policy
+from agent.claude import ClaudeError, TurnResult
+from agent.commands import ChatCommand
+from agent.conversations import Conversations
+from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
 from agent.whatsapp.base import SendError, WhatsAppBackend
 from agent.whatsapp.events import (
@@ -62,7 +65,7 @@ from wabridge.config import ConversationConfig, LimitsConfig
 log = logs.get("agent.engine")
 
 MessageReporter = Callable[[str, str, str, str, str], None]  # direction, chat, sender, text, id
-SummaryReporter = Callable[[str, int, str], None]  # chat, version, text
+SummaryReporter = Callable[[str, int, str], None]  # chat, number, text
 ProblemReporter = Callable[[str, str], None]  # stable code, message for the owner
 
 BUDGET_NOTICE = ("I have reached my daily budget and cannot answer more messages today. "
@@ -71,33 +74,12 @@ SLOW_DOWN_NOTICE = ("You are sending messages faster than I can answer them. Ple
                     "down a little; messages sent too quickly are not answered.")
 
 
-def _no_summary(chat_id: str, version: int, text: str) -> None:
-    del chat_id, version, text
+def _no_summary(chat_id: str, number: int, text: str) -> None:
+    del chat_id, number, text
 
 
 def _no_problem(code: str, message: str) -> None:
     del code, message
-
-
-def payload_of(message: IncomingMessage) -> dict[str, Any]:
-    """What the inbox keeps of a message (images are kept base64-free: bytes -> hex)."""
-    data = asdict(message)
-    data["images"] = [
-        {"mime_type": i.mime_type, "data": i.data.hex(), "caption": i.caption}
-        for i in message.images
-    ]
-    return data
-
-
-def message_of(payload: Mapping[str, Any]) -> IncomingMessage:
-    from agent.whatsapp.events import Image  # noqa: PLC0415
-
-    data = dict(payload)
-    data["images"] = tuple(
-        Image(i["mime_type"], bytes.fromhex(i["data"]), i.get("caption", ""))
-        for i in data.get("images", [])
-    )
-    return IncomingMessage(**data)
 
 
 def message_line(msg: IncomingMessage) -> str:
@@ -115,12 +97,10 @@ def message_line(msg: IncomingMessage) -> str:
 
 def turn_content(batch: list[PendingInbound]) -> str | list[dict[str, Any]]:
     """The user turn Claude sees for a batch of messages (pure; never empty)."""
-    import base64  # noqa: PLC0415
-
     texts: list[str] = []
     images: list[dict[str, Any]] = []
     for item in batch:
-        msg = message_of(item.payload)
+        msg = item.message
         texts.append(message_line(msg))
         images.extend(
             {"type": "image", "source": {"type": "base64", "media_type": img.mime_type,
@@ -133,187 +113,12 @@ def turn_content(batch: list[PendingInbound]) -> str | list[dict[str, Any]]:
     return [*images, {"type": "text", "text": joined or "(image)"}]
 
 
-def transcript_path(config_dir: Path, session_id: str) -> Path | None:
-    """Where the CLI keeps a session's transcript: ``$CLAUDE_CONFIG_DIR/projects/<slug of the
-    cwd>/<session id>.jsonl`` (the slug is the cwd with every non-alphanumeric character
-    replaced by ``-``; found by globbing, so a changed slug rule does not matter). None when
-    absent (never had a turn, or deleted)."""
-    if not session_id or "/" in session_id or session_id.startswith("."):
-        return None
-    for path in (config_dir / "projects").glob(f"*/{session_id}.jsonl"):
-        return path
-    return None
-
-
-class ClaudePool:
-    """At most ``size`` live Claude processes; least recently used idle ones close first.
-
-    Processes being started count against ``size`` too. Opening a chat resumes its stored
-    session unless its transcript is larger than ``resume_max_bytes``; when the transcript is
-    too large or ``--resume`` fails (transcript missing), the chat's session is forgotten with
-    seed ``recovery`` and a fresh session is started (the engine seeds its first turn).
-    """
-
-    def __init__(self, size: int, idle_timeout: float, settings: ClaudeSettings, root: Path,
-                 store: Store, *, resume_max_bytes: int = 10_000_000) -> None:
-        self._size = size
-        self._idle = idle_timeout
-        self._settings = settings
-        self._root = root
-        self._store = store
-        self._resume_max_bytes = resume_max_bytes
-        self._live: dict[str, tuple[ClaudeSession, float]] = {}
-        self._busy: set[str] = set()
-        self._opening: set[str] = set()
-        self._closing: set[str] = set()  # taken out of _live, process still closing
-        self._cond = asyncio.Condition()
-        self.peak = 0  # most processes live at once (diagnostics, tests)
-
-    @property
-    def live(self) -> int:
-        return len(self._live)
-
-    @property
-    def config_dir(self) -> Path:
-        return self._root / "claude"
-
-    def pid(self, chat_id: str) -> int | None:
-        """The chat's live Claude process id, if any."""
-        entry = self._live.get(chat_id)
-        return entry[0].pid if entry else None
-
-    async def acquire(self, chat_id: str) -> ClaudeSession:
-        while True:
-            async with self._cond:
-                step = await self._reserve(chat_id)
-            if isinstance(step, ClaudeSession):
-                return step
-            if step is None:
-                break
-            # Closed outside the lock: other chats keep acquiring and releasing their own
-            # processes meanwhile. The slot stays taken (``_closing``) until the process is
-            # gone, so at most ``size`` processes ever live.
-            await self._finish_close(*step)
-        try:
-            session = await self._open(chat_id)
-        except BaseException:
-            async with self._cond:
-                self._busy.discard(chat_id)
-                self._opening.discard(chat_id)
-                self._cond.notify_all()
-            raise
-        self._opening.discard(chat_id)
-        self._live[chat_id] = (session, time.monotonic())
-        self.peak = max(self.peak, len(self._live))
-        return session
-
-    async def _reserve(self, chat_id: str) -> ClaudeSession | tuple[str, ClaudeSession] | None:
-        """Under the lock: the chat's live process; or a process to close first (the chat's
-        dead one, or the least recently used idle one), taken out of ``_live``; or None once a
-        slot is reserved for opening the chat's process."""
-        while True:
-            if chat_id in self._closing:
-                # its previous process is still closing: never two on one session
-                await self._cond.wait()
-                continue
-            entry = self._live.get(chat_id)
-            if entry and entry[0].alive:
-                self._busy.add(chat_id)
-                return entry[0]
-            if entry:
-                return chat_id, self._take(chat_id)
-            if len(self._live) + len(self._opening) + len(self._closing) < self._size:
-                self._busy.add(chat_id)
-                self._opening.add(chat_id)
-                return None
-            idle = [c for c in self._live if c not in self._busy]
-            if idle:
-                victim = min(idle, key=lambda c: self._live[c][1])
-                return victim, self._take(victim)
-            await self._cond.wait()
-
-    async def _open(self, chat_id: str) -> ClaudeSession:
-        safe = "".join(c if c.isalnum() else "_" for c in chat_id)[:80]
-        workdir = self._root / "chats" / safe
-        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        config_dir = self.config_dir
-        config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        row = self._store.chat(chat_id)
-        resume = row.session_id if row else None
-        if resume:
-            transcript = transcript_path(config_dir, resume)
-            size = transcript.stat().st_size if transcript else 0
-            if size > self._resume_max_bytes:
-                log.warning("claude.transcript_too_large", chat_id=chat_id, session_id=resume,
-                            bytes=size, limit=self._resume_max_bytes)
-                self._store.set_session(chat_id, None, seed="recovery")
-                resume = None
-        try:
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
-                                               config_dir=config_dir, resume_session_id=resume)
-        except ClaudeError as exc:
-            if exc.code != "resume_failed":
-                raise
-            log.warning("claude.resume_failed", chat_id=chat_id, session_id=resume,
-                        error=str(exc))
-            self._store.set_session(chat_id, None, seed="recovery")
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
-                                               config_dir=config_dir, resume_session_id=None)
-        log.info("claude.started", chat_id=chat_id, pid=session.pid, resumed=bool(resume))
-        return session
-
-    async def release(self, chat_id: str) -> None:
-        async with self._cond:
-            self._busy.discard(chat_id)
-            if chat_id in self._live:
-                self._live[chat_id] = (self._live[chat_id][0], time.monotonic())
-            self._cond.notify_all()
-
-    async def discard(self, chat_id: str) -> None:
-        """Close the chat's process (if any) and let others use its slot."""
-        async with self._cond:
-            session = self._take(chat_id) if chat_id in self._live else None
-            self._busy.discard(chat_id)
-            self._cond.notify_all()
-        if session is not None:
-            await self._finish_close(chat_id, session)
-
-    def _take(self, chat_id: str) -> ClaudeSession:
-        """Under the lock: move a live process to ``_closing`` (it keeps its slot)."""
-        session = self._live.pop(chat_id)[0]
-        self._closing.add(chat_id)
-        return session
-
-    async def _finish_close(self, chat_id: str, session: ClaudeSession) -> None:
-        try:
-            await session.close()
-            log.info("claude.closed", chat_id=chat_id)
-        finally:
-            async with self._cond:
-                self._closing.discard(chat_id)
-                self._cond.notify_all()
-
-    async def reap_idle(self) -> None:
-        now = time.monotonic()
-        async with self._cond:
-            idle = [(c, self._take(c)) for c, (_, used) in list(self._live.items())
-                    if c not in self._busy and now - used > self._idle]
-        for chat_id, _ in idle:
-            log.info("claude.idle", chat_id=chat_id)
-        await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
-
-    async def close_all(self) -> None:
-        entries = list(self._live.items())
-        self._live.clear()
-        await asyncio.gather(*(s.close() for _, (s, _) in entries), return_exceptions=True)
-
-
 class Engine:
     def __init__(
         self,
         store: Store,
         backend: WhatsAppBackend,
-        pool: ClaudePool,
+        pool: Conversations,
         conversation: ConversationConfig,
         report_message: MessageReporter,
         *,
@@ -324,10 +129,18 @@ class Engine:
         on_problem: ProblemReporter = _no_problem,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        api: Conversations | None = None,
+        engine: EngineName = "cli",
+        tools: bool = False,
     ) -> None:
         self._store = store
         self._backend = backend
-        self._pool = pool
+        self._engines: dict[EngineName, Conversations] = {"cli": pool}
+        if api is not None:
+            self._engines["api"] = api
+        self._host_engine: EngineName = engine
+        self._tools = tools
+        self._claude = self._engines[policy.engine_for(None, engine, tools=tools)]
         self._conv = conversation
         self._limits = limits or LimitsConfig()
         self._window = context_window
@@ -357,20 +170,53 @@ class Engine:
     def policy(self) -> Policy:
         return self._policy
 
+    @property
+    def conversations(self) -> Conversations:
+        """The engine the user's chats run on now (``claude.engine``, the ``engine``
+        setting)."""
+        return self._claude
+
+    async def reap_idle(self) -> None:
+        for engine in self._engines.values():
+            await engine.reap_idle()
+
+    async def close_conversations(self) -> None:
+        await asyncio.gather(*(e.close_all() for e in self._engines.values()))
+
+    async def _discard(self, chat_id: str) -> None:
+        """End the chat's conversation on every engine (a reset, or the engine changed)."""
+        for engine in self._engines.values():
+            await engine.discard(chat_id)
+
     def update_settings(self, settings: Mapping[str, Any]) -> InvalidSetting | None:
         """Apply the user's settings map. A bad value keeps the previous policy, logs
         ``policy.invalid`` and is returned (to be reported on the user's document)."""
         try:
             new = policy.parse(settings)
+            chosen = self._engine_for(new)
         except InvalidSetting as exc:
             log.warning("policy.invalid", key=exc.key, error=str(exc))
             return exc
+        if self._engines[chosen] is not self._claude:
+            log.info("claude.engine", engine=chosen)
+            self._claude = self._engines[chosen]
         if new != self._policy:
             log.info("policy.updated", reply_to=new.reply_to, groups=new.groups,
                      commands_from=new.commands_from, allowlist=len(new.allowlist),
-                     daily_budget_usd=new.daily_budget_usd)
+                     daily_budget_usd=new.daily_budget_usd, engine=new.engine)
         self._policy = new
         return None
+
+    def _engine_for(self, new: Policy) -> EngineName:
+        chosen = policy.engine_for(new.engine, self._host_engine, tools=self._tools)
+        if new.engine == "api" and self._tools:
+            raise InvalidSetting("settings.engine", "api has no tools, and this host runs "
+                                 "Claude with tools (claude.tools = true)", allowed="cli")
+        if chosen not in self._engines:
+            raise InvalidSetting("settings.engine", f"{chosen!r} is not available on this host "
+                                 "(see the worker's journal: claude_api.unavailable)",
+                                 allowed=", ".join(self._engines))
+        return chosen
 
     def set_owner(self, phone_or_jid: str) -> None:
         """The linked account's number (from ``Connected``). Turns wait until it is known,
@@ -381,8 +227,7 @@ class Engine:
     # --- inbound -----------------------------------------------------------------------
     def persist(self, message: IncomingMessage) -> bool:
         """Called on the backend's thread: commit before anything else. False: duplicate."""
-        fresh = self._store.add_inbound(message.chat_id, message.sender, message.wa_id,
-                                        payload_of(message))
+        fresh = self._store.add_inbound(message)
         if not fresh:
             log.info("message.duplicate", chat_id=message.chat_id, wa_id=message.wa_id)
         if message.expiration is not None:
@@ -449,18 +294,18 @@ class Engine:
                     if failures >= 3:
                         self._store.skip_with_notice(chat_id, [i.id for i in batch], "error",
                                                      self._conv.apology,
-                                                     quote=batch[-1].payload)
+                                                     quote=batch[-1].message)
                         self._outbox_wake.set()
                         failures = 0
                     await asyncio.sleep(1.0)
 
     async def _step(self, chat_id: str, batch: list[PendingInbound]) -> None:
         """Decide the pending messages; then run one command or one turn."""
-        segment: list[tuple[PendingInbound, IncomingMessage, Decision]] = []
+        segment: list[tuple[PendingInbound, IncomingMessage, MessageDecision]] = []
         for item in batch:
-            msg = message_of(item.payload)
+            msg = item.message
             if self._store.is_own_reply(item.wa_id):
-                decision = Decision("skip", "own_reply")
+                decision = MessageDecision("skip", "own_reply")
             else:
                 decision = policy.decide(msg, self._policy, self._owner)
             if decision.action == "skip":
@@ -527,21 +372,21 @@ class Engine:
     def _report_in(self, chat_id: str, batch: list[PendingInbound]) -> None:
         for item in batch:
             log.info("message.received", wa_id=item.wa_id, sender=item.sender)
-            self._report("in", chat_id, item.sender, str(item.payload.get("text", "")),
+            self._report("in", chat_id, item.sender, item.message.text,
                          item.wa_id)
 
     # --- commands ----------------------------------------------------------------------
     async def reset_chat(self, chat_id: str) -> None:
         """What ``/reset`` does, asked by the operator (``wabridgectl reset``): the chat's
         Claude process is closed and its next message starts a new conversation."""
-        await self._pool.discard(chat_id)
+        await self._discard(chat_id)
         self._store.reset_chat(chat_id)
         log.info("chat.reset", chat_id=chat_id, by="operator")
 
-    async def _command(self, chat_id: str, item: PendingInbound, command: Command) -> None:
+    async def _command(self, chat_id: str, item: PendingInbound, command: ChatCommand) -> None:
         self._report_in(chat_id, [item])
         if command.name == "reset":
-            await self._pool.discard(chat_id)
+            await self._discard(chat_id)
             self._store.reset_chat(chat_id)
             text = commands.RESET_TEXT
         elif command.name == "status":
@@ -551,7 +396,7 @@ class Engine:
         else:
             text = commands.unknown_text(command)
         self._store.answer_locally(chat_id, [item.id],
-                                   shaping.split(text, self._conv.reply_limit), item.payload)
+                                   shaping.split(text, self._conv.reply_limit), item.message)
         log.info("command.done", command=command.name, known=command.known)
         self._outbox_wake.set()
 
@@ -568,7 +413,7 @@ class Engine:
             total_turns=row.turns if row else 0,
             cost_today_usd=self._store.cost_on(budget.utc_day(self._clock())),
             daily_budget_usd=self._daily_budget(),
-            model=self._model,
+            model=self._claude.model or self._model,
             summaries=len([s for s in self._store.summaries(chat_id) if not s.archived]),
         )
 
@@ -581,14 +426,13 @@ class Engine:
         spent = self._store.cost_on(day)
         if budget.over_budget(spent, cap):
             queued = self._store.skip_with_notice(chat_id, ids, "budget", BUDGET_NOTICE,
-                                                  quote=batch[-1].payload,
+                                                  quote=batch[-1].message,
                                                   once_key=("budget", day))
             log.warning("budget.exceeded", spent_usd=round(spent, 6), budget_usd=cap,
                         notice=bool(queued))
             self._outbox_wake.set()
             return
         content = turn_content(batch)
-        last = message_of(batch[-1].payload)
         self._typing(chat_id, on=True)
         self.turns_in_flight[chat_id] = time.monotonic()
         try:
@@ -603,7 +447,7 @@ class Engine:
         cost = result.turn_cost_usd if result else 0.0
         usage = result.usage if result else {}
         queued = self._store.complete_turn(
-            chat_id, ids, replies, payload_of(last),
+            chat_id, ids, replies, batch[-1].message,
             session_id=result.session_id if result and result.session_id else None,
             cost_delta=cost,
             input_tokens=int(usage.get("input_tokens", 0)),
@@ -619,9 +463,13 @@ class Engine:
 
     async def _ask(self, chat_id: str, content: str | list[dict[str, Any]]
                    ) -> tuple[str, TurnResult | None]:
+        claude = self._claude  # a settings change mid-turn applies from the next turn
+        for other in self._engines.values():
+            if other is not claude:  # the engine changed: the chat's conversation moves
+                await other.discard(chat_id)  # (its CLI process, if any, is closed now)
         for attempt in (1, 2):
             try:
-                session = await self._pool.acquire(chat_id)
+                session = await claude.acquire(chat_id)
             except ClaudeError as exc:
                 log.error("claude.unavailable", code=exc.code, error=str(exc))
                 return self._conv.apology, None
@@ -635,7 +483,7 @@ class Engine:
             try:
                 result = await session.turn(first)
             except ClaudeError as exc:
-                await self._pool.discard(chat_id)
+                await claude.discard(chat_id)
                 if exc.code == "process_exited" and attempt == 1:
                     log.warning("claude.turn_failed", code=exc.code, error=str(exc),
                                 attempt=attempt, retry=True)
@@ -643,7 +491,7 @@ class Engine:
                 log.error("claude.turn_failed", code=exc.code, error=str(exc), attempt=attempt,
                           retry=False)
                 return self._conv.apology, None
-            await self._pool.release(chat_id)
+            await claude.release(chat_id)
             if result.is_error:
                 log.error("claude.api_error", error=result.error)
                 return self._conv.apology, result
@@ -658,7 +506,7 @@ class Engine:
         recent: list[rotation.HistoryLine] = []
         if row.seed == "recovery":
             for h in self._store.history(chat_id, self._conv.recovery_messages, row.reset_at):
-                text = message_line(message_of(h.payload)) if h.payload is not None else h.text
+                text = message_line(h.message) if h.message is not None else h.text
                 recent.append(rotation.HistoryLine(h.role, text))
         return rotation.seed_text(summary.text if summary else None, recent)
 
@@ -678,8 +526,9 @@ class Engine:
                  session_turns=row.session_turns, window=self._window)
         summary: str | None = None
         cost = 0.0
+        claude = self._claude
         try:
-            session = await self._pool.acquire(chat_id)
+            session = await claude.acquire(chat_id)
         except ClaudeError as exc:
             log.warning("context.summary_failed", code=exc.code, error=str(exc))
         else:
@@ -696,14 +545,14 @@ class Engine:
             except ClaudeError as exc:
                 log.warning("context.summary_failed", code=exc.code, error=str(exc))
             finally:
-                await self._pool.discard(chat_id)
-        version = self._store.rotate(chat_id, summary, cost_delta=cost,
+                await claude.discard(chat_id)
+        number = self._store.rotate(chat_id, summary, cost_delta=cost,
                                      day=budget.utc_day(self._clock()))
-        log.info("context.rotated", version=version, chars=len(summary or ""),
+        log.info("context.rotated", number=number, chars=len(summary or ""),
                  seed="summary" if summary else "recovery")
-        if version is not None and summary is not None:
+        if number is not None and summary is not None:
             try:
-                self._on_summary(chat_id, version, summary)
+                self._on_summary(chat_id, number, summary)
             except Exception:
                 log.exception("context.summary_report_failed")
 
@@ -759,11 +608,10 @@ class Engine:
         """One try: ``sent``, ``retry`` (later), ``failed`` (for good) or ``wait`` (link down).
         The ``sending`` mark is committed before the library call: a crash during it leaves
         the reply uncertain (see :meth:`_settle_uncertain`), never silently pending."""
-        quote = message_of(reply.quote) if reply.quote else None
         expiration = self._store.expiration(reply.chat_id)
         self._store.mark_sending(reply.id)
         try:
-            wa_id = await self._backend.send_text(reply.chat_id, reply.text, quote=quote,
+            wa_id = await self._backend.send_text(reply.chat_id, reply.text, quote=reply.quote,
                                                   msg_id=reply.wa_id, expiration=expiration)
         except SendError as exc:
             step = delivery.after_send_error(

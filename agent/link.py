@@ -90,7 +90,7 @@ class ControllerLink:
                     asyncio.LimitOverrunError) as exc:
                 error = link_error(exc, self._path)
                 if self.connected or self.last_error != error:
-                    log.warning("controller.link_down", error=error)
+                    log.warning("link.controller_disconnected", error=error)
                 self.last_error = error
             finally:
                 self.connected = False
@@ -111,7 +111,7 @@ class ControllerLink:
                 raise ProtocolError(f"expected welcome, got {first.TYPE}")
             self.connected = True
             self.last_error = ""
-            log.info("controller.link_up")
+            log.info("link.controller_connected")
             self._on_settings(first.settings)
             receiver = asyncio.create_task(self._receive(reader))
             try:

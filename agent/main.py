@@ -54,16 +54,19 @@ from typing import Any
 
 import sdnotify
 
-from agent import outcomes, qr
+from agent import outcomes
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
-from agent.engine import ClaudePool, Engine
+from agent.claude_api import ApiConversations, ApiSettings
+from agent.engine import Engine
 from agent.link import ControllerLink
+from agent.pool import ClaudePool
 from agent.store import Store
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
-from wabridge import __version__, claude_cli, config, logs, protocol, units
+from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
+from wabridge.prices import parse_prices
 from wabridge.status import WorkerState
 
 log = logs.get("agent")
@@ -111,6 +114,23 @@ def claude_settings(cfg: config.Config) -> ClaudeSettings:
         tools_enabled=cfg.claude.tools,
         turn_timeout=cfg.claude.turn_timeout,
         extra_env=env,
+    )
+
+
+def api_settings(cfg: config.Config) -> ApiSettings:
+    """The ``api`` engine's settings: the same key and base URL the CLI gets (the user's own
+    key first)."""
+    model = config.api_model(cfg.claude)
+    price = parse_prices(cfg.claude.api_prices).get(model)
+    if price is None:
+        raise ConfigError("claude.api_prices", f"has no price for the model {model!r}",
+                          allowed="model=input/output, comma separated")
+    return ApiSettings(
+        model=model, price=price, system_prompt=cfg.claude.system_prompt or None,
+        max_tokens=cfg.claude.api_max_tokens, turn_timeout=cfg.claude.turn_timeout,
+        max_retries=cfg.claude.max_retries,
+        api_key=claude_cli.credential_api_key() or os.environ.get("ANTHROPIC_API_KEY") or None,
+        base_url=os.environ.get("ANTHROPIC_BASE_URL") or None,
     )
 
 
@@ -174,10 +194,18 @@ class Worker:
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
                                resume_max_bytes=cfg.conversation.resume_max_bytes)
+        api = None
+        if not cfg.claude.tools:
+            try:
+                api = ApiConversations(api_settings(cfg), store)
+            except ConfigError as exc:  # only a user asking for engine = api will miss it
+                log.warning("claude_api.unavailable", key=exc.key, error=str(exc))
         self.engine = Engine(store, self.backend, self.pool, cfg.conversation,
                              self._report_message, limits=cfg.limits,
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
-                             on_summary=self._report_summary, on_problem=self._report_problem)
+                             on_summary=self._report_summary, on_problem=self._report_problem,
+                             api=api, engine="api" if cfg.claude.engine == "api" else "cli",
+                             tools=cfg.claude.tools)
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -336,7 +364,7 @@ class Worker:
             if now - last_metrics > self.cfg.controller.metrics_interval:
                 last_metrics = now
                 self._report_metrics()
-            await self.pool.reap_idle()
+            await self.engine.reap_idle()
             if now - last_checkpoint > CHECKPOINT_INTERVAL:
                 last_checkpoint = now
                 try:
@@ -487,7 +515,7 @@ class Worker:
         await self.engine.drain(timeout=2.0)
         self.notifier.notify("STATUS=stopping: closing Claude processes")
         try:
-            await asyncio.wait_for(self.pool.close_all(),
+            await asyncio.wait_for(self.engine.close_conversations(),
                                    max(0.2, deadline - 1.0 - time.monotonic()))
         except TimeoutError:  # systemd's SIGKILL (KillMode=control-group) finishes them
             log.warning("worker.claude_close_timed_out")

@@ -18,7 +18,7 @@ from wabridge.status import WorkerState
 
 
 @dataclass(frozen=True)
-class Decision:
+class Outcome:
     state: WorkerState | None  # None: nothing to report
     detail: str = ""
     exit_code: ExitCode | None = None  # set: stop the worker with this code
@@ -43,20 +43,20 @@ BANNED_CODES = frozenset({"temp_banned"})
 # so the worker stops instead of re-dialling WhatsApp in a loop.
 
 
-def decide(event: ev.Event) -> Decision:
+def decide(event: ev.Event) -> Outcome:
     match event:
         case ev.QrCode():
-            return Decision(WorkerState.WAITING_QR, "waiting for QR scan")
+            return Outcome(WorkerState.WAITING_QR, "waiting for QR scan")
         case ev.PairingCode(code=code):
-            return Decision(WorkerState.PAIRING, f"enter pairing code {code} on the phone")
+            return Outcome(WorkerState.PAIRING, f"enter pairing code {code} on the phone")
         case ev.Connected(phone=phone):
-            return Decision(WorkerState.CONNECTED, f"connected as +{phone}",
+            return Outcome(WorkerState.CONNECTED, f"connected as +{phone}",
                             stop_reconnect_clock=True)
         case ev.Disconnected(reason=reason):
-            return Decision(WorkerState.DISCONNECTED, f"reconnecting: {reason}",
+            return Outcome(WorkerState.DISCONNECTED, f"reconnecting: {reason}",
                             start_reconnect_clock=True)
         case ev.LoggedOut(reason=reason):
-            return Decision(
+            return Outcome(
                 WorkerState.LOGGED_OUT,
                 "logged out from the phone" + (f": {reason}" if reason else "")
                 + "; link again with a new QR scan",
@@ -64,35 +64,35 @@ def decide(event: ev.Event) -> Decision:
                 wipe_session=True,
             )
         case ev.StreamReplaced():
-            return Decision(
+            return Outcome(
                 WorkerState.REPLACED,
                 "another client took over this WhatsApp session; not reconnecting",
                 ExitCode.REPLACED,
             )
         case ev.TemporaryBan(reason=reason, expires_at=expires):
-            return Decision(
+            return Outcome(
                 WorkerState.BANNED,
                 f"temporarily banned by WhatsApp ({reason}) until {_when(expires)}",
                 ExitCode.BANNED,
             )
         case ev.ClientOutdated():
-            return Decision(
+            return Outcome(
                 WorkerState.OUTDATED,
                 "WhatsApp rejected this client version (405): upgrade wabridge",
                 ExitCode.OUTDATED,
             )
         case ev.ConnectFailure(reason=reason, code=code) if code in OUTDATED_CODES:
-            return Decision(
+            return Outcome(
                 WorkerState.OUTDATED,
                 f"WhatsApp rejected this client ({reason}): upgrade wabridge; the session is "
                 "kept",
                 ExitCode.OUTDATED,
             )
         case ev.ConnectFailure(reason=reason, code=code) if code in BANNED_CODES:
-            return Decision(WorkerState.BANNED, f"temporarily banned by WhatsApp ({reason})",
+            return Outcome(WorkerState.BANNED, f"temporarily banned by WhatsApp ({reason})",
                             ExitCode.BANNED)
         case ev.ConnectFailure(reason=reason, code=code) if code == ev.LIBRARY_STOPPED:
-            return Decision(
+            return Outcome(
                 WorkerState.BANNED,
                 "WhatsApp ended the connection with an event this client cannot read "
                 f"(often a ban): {reason}; not reconnecting: check the phone, then restart "
@@ -100,15 +100,15 @@ def decide(event: ev.Event) -> Decision:
                 ExitCode.BANNED,
             )
         case ev.ConnectFailure(reason=reason, permanent=True):
-            return Decision(WorkerState.LOGGED_OUT, f"connection refused for good: {reason}",
+            return Outcome(WorkerState.LOGGED_OUT, f"connection refused for good: {reason}",
                             ExitCode.LOGGED_OUT, wipe_session=True)
         case ev.ConnectFailure(reason=reason):
-            return Decision(WorkerState.DISCONNECTED, f"connect failed: {reason}",
+            return Outcome(WorkerState.DISCONNECTED, f"connect failed: {reason}",
                             start_reconnect_clock=True)
         case ev.QrExpired():
-            return Decision(WorkerState.QR_EXPIRED,
+            return Outcome(WorkerState.QR_EXPIRED,
                             "no QR code was scanned in time; request the link again",
                             ExitCode.QR_EXPIRED)
         case ev.IncomingMessage():
-            return Decision(None)
-    return Decision(None)
+            return Outcome(None)
+    return Outcome(None)

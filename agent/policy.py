@@ -15,6 +15,7 @@ key                 values                                          default
 ``groups``          ``off`` | ``mention`` | ``all``                 mention
 ``commands_from``   ``owner`` | ``everyone``                        owner
 ``daily_budget_usd``number >= 0 (0: no cap)                         [limits]
+``engine``          ``cli`` | ``api`` (how chats talk to Claude)    [claude]
 ==================  ==============================================  ===========
 
 :func:`decide` (pure) says what to do with one message, in this order:
@@ -46,19 +47,21 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from agent import commands
-from agent.commands import Command
+from agent.commands import ChatCommand
 from agent.whatsapp.events import IncomingMessage
 from wabridge.errors import PolicyError
+from wabridge.phone import PHONE_RULE, normalize_phone
 
 ReplyTo = Literal["everyone", "allowlist", "self"]
 Groups = Literal["off", "mention", "all"]
 CommandsFrom = Literal["owner", "everyone"]
+EngineName = Literal["cli", "api"]
 Action = Literal["answer", "command", "skip"]
 
 _REPLY_TO: tuple[ReplyTo, ...] = ("everyone", "allowlist", "self")
 _GROUPS: tuple[Groups, ...] = ("off", "mention", "all")
 _COMMANDS_FROM: tuple[CommandsFrom, ...] = ("owner", "everyone")
-_PHONE = re.compile(r"^\d{6,15}$")
+_ENGINES: tuple[EngineName, ...] = ("cli", "api")
 # whatsmeow's ``JID.IsBot``: the ``bot`` server, or these phone numbers (Meta AI and its kin)
 _BOT_PHONE = re.compile(r"^1313555\d{4}$|^131655500\d{2}$")
 
@@ -80,16 +83,10 @@ class Policy:
     groups: Groups = "mention"
     commands_from: CommandsFrom = "owner"
     daily_budget_usd: float | None = None  # None: the configured default
+    engine: EngineName | None = None  # None: claude.engine
 
 
 DEFAULT = Policy()
-
-
-def normalize_phone(value: str) -> str | None:
-    """Digits with country code, or None when ``value`` is not a phone number."""
-    digits = re.sub(r"[\s\-()]", "", value)
-    digits = digits.removeprefix("+")
-    return digits if _PHONE.match(digits) else None
 
 
 def _choice(settings: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
@@ -107,6 +104,7 @@ def parse(settings: Mapping[str, Any]) -> Policy:
     reply_to = _choice(settings, "reply_to", _REPLY_TO, "everyone")
     groups = _choice(settings, "groups", _GROUPS, "mention")
     commands_from = _choice(settings, "commands_from", _COMMANDS_FROM, "owner")
+    engine = _choice(settings, "engine", _ENGINES, "") or None
 
     raw_list = settings.get("allowlist")
     allow: set[str] = set()
@@ -120,7 +118,7 @@ def parse(settings: Mapping[str, Any]) -> Policy:
             if phone is None:
                 raise InvalidSetting(f"settings.allowlist[{idx}]",
                                      f"{item!r} is not a phone number",
-                                     allowed="digits with country code, e.g. 4915112345678")
+                                     allowed=f"{PHONE_RULE}, e.g. 4915112345678")
             allow.add(phone)
     if reply_to == "allowlist" and not allow:
         raise InvalidSetting("settings.allowlist", "is empty but reply_to is allowlist",
@@ -141,7 +139,16 @@ def parse(settings: Mapping[str, Any]) -> Policy:
         groups=groups,  # type: ignore[arg-type]
         commands_from=commands_from,  # type: ignore[arg-type]
         daily_budget_usd=budget,
+        engine=engine,  # type: ignore[arg-type]
     )
+
+
+def engine_for(user: EngineName | None, host: EngineName, *, tools: bool) -> EngineName:
+    """The engine a user's chats run on: the user's ``engine`` setting, else the host's
+    ``claude.engine``; always ``cli`` when tools are on (the ``api`` engine has none)."""
+    if tools:
+        return "cli"
+    return user or host
 
 
 def phone_of(jid: str) -> str:
@@ -184,42 +191,42 @@ def owner_wrote(msg: IncomingMessage, owner_phone: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Decision:
+class MessageDecision:
     action: Action
     reason: str = ""  # why skipped (stored with the message), or what was decided
-    command: Command | None = None
+    command: ChatCommand | None = None
 
 
-def _reply_rules(msg: IncomingMessage, policy: Policy, owner_phone: str) -> Decision:
+def _reply_rules(msg: IncomingMessage, policy: Policy, owner_phone: str) -> MessageDecision:
     if msg.from_me:
         if policy.reply_to == "self" and is_self_chat(msg, owner_phone):
-            return Decision("answer", "self_chat")
-        return Decision("skip", "from_me")
+            return MessageDecision("answer", "self_chat")
+        return MessageDecision("skip", "from_me")
     if policy.reply_to == "self":
-        return Decision("skip", "not_self_chat")
+        return MessageDecision("skip", "not_self_chat")
     if msg.is_group:
         if policy.groups == "off":
-            return Decision("skip", "groups_off")
+            return MessageDecision("skip", "groups_off")
         if policy.groups == "mention" and not msg.mentioned:
-            return Decision("skip", "not_mentioned")
+            return MessageDecision("skip", "not_mentioned")
     if policy.reply_to == "allowlist" and phone_of(msg.sender) not in policy.allowlist:
-        return Decision("skip", "not_allowlisted")
-    return Decision("answer", "group" if msg.is_group else "direct")
+        return MessageDecision("skip", "not_allowlisted")
+    return MessageDecision("answer", "group" if msg.is_group else "direct")
 
 
-def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> Decision:
+def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> MessageDecision:
     """What to do with one message (pure). ``owner_phone``: the account's digits, or ""."""
     if is_empty(msg):
-        return Decision("skip", "empty")
+        return MessageDecision("skip", "empty")
     if not msg.from_me and (is_bot(msg.sender) or (not msg.is_group and is_bot(msg.chat_id))):
-        return Decision("skip", "bot")
+        return MessageDecision("skip", "bot")
     command = commands.parse(msg.text) if not msg.images else None
     rules = _reply_rules(msg, policy, owner_phone)
     if command is not None:
         if is_owner(msg, owner_phone):
-            return Decision("command", "owner", command)
+            return MessageDecision("command", "owner", command)
         if policy.commands_from == "everyone" and rules.action == "answer":
-            return Decision("command", "everyone", command)
+            return MessageDecision("command", "everyone", command)
     return rules
 
 

@@ -2,7 +2,7 @@
 
 A chat's Claude conversation grows with every turn. Before it reaches the model's window
 (where the CLI would auto-compact on its own terms), the engine rotates it: it asks the
-session for a summary (a special turn whose text never reaches WhatsApp), stores it versioned,
+session for a summary (a special turn whose text never reaches WhatsApp), stores it numbered,
 closes the process and starts a fresh session whose first turn carries the summary.
 
 The same seed format serves recovery: when a stored session cannot be resumed (transcript

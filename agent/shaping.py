@@ -20,6 +20,7 @@ _TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 _CODE_SPAN = re.compile(r"`[^`\n]+`")
 _URL = re.compile(r"https?://[^\s()]+")
 _HOLE = re.compile("\ue000(\\d+)\ue001")  # placeholder for text that must stay verbatim
+_PLACEHOLDER_CHARS = re.compile("[\ue000\ue001]")
 
 
 def _inline(line: str) -> str:
@@ -30,6 +31,7 @@ def _inline(line: str) -> str:
         kept.append(m.group(0))
         return f"\ue000{len(kept) - 1}\ue001"
 
+    line = _PLACEHOLDER_CHARS.sub(hold, line)  # the text's own U+E000/U+E001 come back as is
     line = _CODE_SPAN.sub(hold, line)
     line = _LINK.sub(lambda m: m.group(1) if m.group(1) == m.group(2) else
                      f"{m.group(1)} ({m.group(2)})", line)
@@ -49,11 +51,11 @@ def to_whatsapp(markdown: str) -> str:
     out: list[str] = []
     in_code = False
     header: list[str] | None = None
-    rows = 0  # body rows of the current table
+    has_rows = False  # the current table has body rows
 
     def end_table() -> None:
         nonlocal header
-        if header is not None and rows == 0:  # a header alone: keep its text
+        if header is not None and not has_rows:  # a header alone: keep its text
             out.append("• " + ", ".join(header))
         header = None
 
@@ -72,16 +74,19 @@ def to_whatsapp(markdown: str) -> str:
                 continue
             cells = [_inline(c) for c in _table_row(stripped)]
             if header is None:
-                header, rows = cells, 0
+                header, has_rows = cells, False
                 continue
+            # a row shorter than its header prints what it has; cells past the header are
+            # kept bare (nothing a reply says is dropped)
             pairs = [f"{h}: {c}" if h else c for h, c in zip(header, cells, strict=False)]
-            out.append("• " + ", ".join(pairs))
-            rows += 1
+            out.append("• " + ", ".join([*pairs, *cells[len(header):]]))
+            has_rows = True
             continue
         end_table()
         heading = _HEADING.match(line)
         if heading:
-            out.append(f"*{_inline(heading.group(1)).replace('*', '')}*")
+            text = _inline(heading.group(1)).replace("*", "")
+            out.append(f"*{text}*" if text else "")  # an empty heading: not a lone "**"
             continue
         out.append(_inline(line))
     end_table()
@@ -133,8 +138,8 @@ def _chop(text: str, width: int) -> list[str]:
 def _split_code(unit: str, limit: int) -> list[str]:
     lines = unit.split("\n")
     opening = lines[0].strip()
-    closed = len(lines) > 1 and _is_fence(lines[-1])
-    body = lines[1:-1] if closed else lines[1:]
+    # (a lone opening fence counts as closed by itself: no body either way)
+    body = lines[1:-1] if _is_fence(lines[-1]) else lines[1:]
     if len(opening) + 5 > limit // 2:  # an absurd language tag: drop it
         opening = "```"
     width = max(1, limit - len(opening) - 5)  # opening + "\n" + body + "\n```"
@@ -146,7 +151,7 @@ def _split_code(unit: str, limit: int) -> list[str]:
                 pieces.append(f"{opening}\n" + "\n".join(chunk) + "\n```")
                 chunk = []
             chunk.append(line)
-    if chunk:
+    if chunk or not pieces:  # an empty block is still a block
         pieces.append(f"{opening}\n" + "\n".join(chunk) + "\n```")
     return pieces
 
@@ -184,7 +189,7 @@ def split(text: str, limit: int) -> list[str]:
     for unit in _units(text):
         if len(unit) <= limit:
             pieces.append(unit)
-        elif _is_fence(unit.split("\n", 1)[0]):
+        elif _is_fence(unit):  # its first line opens a code block
             pieces.extend(_split_code(unit, limit))
         else:
             pieces.extend(_split_prose(unit, limit))

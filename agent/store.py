@@ -1,5 +1,8 @@
 """The worker's durable state: one SQLite file in the user's state directory.
 
+Over 600 lines because it is the one owner of the schema: every method is a transaction on
+tables whose invariants (below) span each other; split, a reader would lose them.
+
 Invariants the conversation engine relies on:
 - An inbound message is committed (unique per chat, sender and WhatsApp id) before anything
   else happens with it; a second delivery of the same id is ignored (``add_inbound`` -> False).
@@ -21,12 +24,13 @@ Invariants the conversation engine relies on:
   marking their message done/skipped, so they are delivered like replies (see above). A
   notice keyed ``(chat, kind, day)`` is queued at most once (``notices``).
 - Each Claude turn's cost is logged per UTC day (``usage_log``) for the daily budget.
-- Conversation summaries are versioned per chat (``summaries``); a rotation stores one and
+- Conversation summaries are numbered per chat (``summaries.number``, the ``number`` of the
+  controller's summary frame); a rotation stores one and
   forgets the session id in the same transaction.
 
-Pragmas: WAL, ``synchronous=NORMAL``, ``busy_timeout``; read-then-write uses
-``BEGIN IMMEDIATE``. Migrations are registered steps, each in its own transaction; a schema
-newer than the code is refused.
+Opening, transactions and migrations are :mod:`wabridge.database`'s (WAL, ``BEGIN
+IMMEDIATE`` for read-then-write, numbered steps each in its own transaction, a newer schema
+refused with the do-not-restart exit code); here: no automatic checkpoint (see ``_conn``).
 """
 
 from __future__ import annotations
@@ -36,16 +40,17 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, suppress
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from wabridge.errors import SchemaTooNew
+from agent.whatsapp.events import Image, IncomingMessage
+from wabridge import database
+from wabridge.database import Migration
 
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = []
+MIGRATIONS: list[Migration] = []  # step n (1-based) makes schema version n
 
 
 def migration(fn: Migration) -> Migration:
@@ -53,20 +58,9 @@ def migration(fn: Migration) -> Migration:
     return fn
 
 
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    """Run ``;``-separated DDL inside the caller's transaction.
-
-    Not ``executescript``: it COMMITs a pending transaction first, so a migration would not be
-    atomic and ``Store._tx`` would then fail with "cannot commit - no transaction is active".
-    """
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
-
-
 @migration
 def _v1(db: sqlite3.Connection) -> None:
-    _run_script(
+    database.run_script(
         db,
         """
         CREATE TABLE inbox (
@@ -111,8 +105,8 @@ def _v1(db: sqlite3.Connection) -> None:
 
 @migration
 def _v2(db: sqlite3.Connection) -> None:
-    """Policy, commands, budgets and context rotation (issue 5)."""
-    _run_script(
+    """Policy, commands, budgets and context rotation."""
+    database.run_script(
         db,
         """
         ALTER TABLE inbox ADD COLUMN reason TEXT;          -- why skipped, or 'command'
@@ -152,8 +146,8 @@ def _v2(db: sqlite3.Connection) -> None:
 
 @migration
 def _v3(db: sqlite3.Connection) -> None:
-    """Outbox attempts and failures, the send mark, disappearing timers, counters (issue 11)."""
-    _run_script(
+    """Outbox attempts and failures, the send mark, disappearing timers, counters."""
+    database.run_script(
         db,
         """
         -- outbox.state: pending | sending (handed to the library, outcome unknown) | sent |
@@ -168,17 +162,73 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def _v4(db: sqlite3.Connection) -> None:
+    """A summary's number is ``number`` everywhere (the protocol's summary frame calls it so)."""
+    db.execute("ALTER TABLE summaries RENAME COLUMN version TO number")
+
+
+@migration
+def _v5(db: sqlite3.Connection) -> None:
+    """The ``api`` engine's conversations: one row per message of a session, in order (the
+    CLI engine keeps its own transcripts)."""
+    database.run_script(
+        db,
+        """
+        CREATE TABLE api_messages (
+            session_id TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            chat_id TEXT NOT NULL,
+            role TEXT NOT NULL,                       -- user | assistant
+            content TEXT NOT NULL,                    -- JSON list of content blocks
+            PRIMARY KEY (session_id, n)
+        );
+        CREATE INDEX api_messages_chat ON api_messages (chat_id)
+        """
+    )
+
+
 Seed = Literal["summary", "recovery"]
+
+
+def encode_message(message: IncomingMessage) -> str:
+    """The JSON the inbox keeps of a message (image bytes as hex). Only the store reads and
+    writes it: everything outside gets :class:`IncomingMessage` back."""
+    data = asdict(message)
+    data["images"] = [
+        {"mime_type": i.mime_type, "data": i.data.hex(), "caption": i.caption}
+        for i in message.images
+    ]
+    return json.dumps(data)
+
+
+def decode_message(text: str) -> IncomingMessage:
+    """The message :func:`encode_message` stored (fields added later take their defaults)."""
+    data: dict[str, Any] = json.loads(text)
+    data["images"] = tuple(
+        Image(i["mime_type"], bytes.fromhex(i["data"]), i.get("caption", ""))
+        for i in data.get("images", [])
+    )
+    return IncomingMessage(**data)
 
 
 @dataclass(frozen=True)
 class PendingInbound:
     id: int
-    chat_id: str
-    sender: str
-    wa_id: str
-    payload: dict[str, Any]
+    message: IncomingMessage
     received_at: float = 0.0
+
+    @property
+    def chat_id(self) -> str:
+        return self.message.chat_id
+
+    @property
+    def sender(self) -> str:
+        return self.message.sender
+
+    @property
+    def wa_id(self) -> str:
+        return self.message.wa_id
 
 
 @dataclass(frozen=True)
@@ -187,7 +237,7 @@ class PendingReply:
     chat_id: str
     wa_id: str
     text: str
-    quote: dict[str, Any] | None
+    quote: IncomingMessage | None  # the inbound message the reply quotes (first part only)
     attempts: int = 0  # sends tried so far
     next_try: float = 0.0  # epoch seconds: not before (backoff after a failure)
 
@@ -209,7 +259,7 @@ class ChatRow:
 @dataclass(frozen=True)
 class Summary:
     chat_id: str
-    version: int
+    number: int  # 1, 2, ... per chat, in order of rotation
     text: str
     created_at: float
     archived: bool
@@ -218,7 +268,7 @@ class Summary:
 @dataclass(frozen=True)
 class HistoryItem:
     role: Literal["user", "assistant"]
-    payload: dict[str, Any] | None  # inbound message payload (user)
+    message: IncomingMessage | None  # the inbound message (user)
     text: str  # reply text (assistant) or the inbound text
     at: float
 
@@ -234,49 +284,18 @@ class Store:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
             # no checkpoint on commit: commits happen on the event loop (and on neonize's
             # thread, which must only persist and enqueue); ``checkpoint`` runs in a thread
-            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn = database.connect(self.path, auto_checkpoint=False)
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return database.immediate(self._conn())
 
     def _migrate(self) -> None:
-        db = self._conn()
-        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        while True:
-            # The version is read inside the write transaction, so two processes opening a
-            # fresh file at once cannot both run the same step.
-            with self._tx() as tx:
-                row = tx.execute("SELECT version FROM schema_version").fetchone()
-                current = row[0] if row else 0
-                if current > len(MIGRATIONS):
-                    raise SchemaTooNew(
-                        f"{self.path} has schema version {current}, "
-                        f"this wabridge knows {len(MIGRATIONS)}",
-                        explanation="a newer wabridge wrote this state; upgrade instead of "
-                        "downgrading",
-                    )
-                if current == len(MIGRATIONS):
-                    return
-                MIGRATIONS[current](tx)
-                tx.execute("DELETE FROM schema_version")
-                tx.execute("INSERT INTO schema_version VALUES (?)", (current + 1,))
+        database.migrate(self._conn(), MIGRATIONS, name=str(self.path))
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the write-ahead log back into the database without waiting for writers
@@ -294,13 +313,14 @@ class Store:
             self._local.conn = None
 
     # --- inbox -------------------------------------------------------------------------
-    def add_inbound(self, chat_id: str, sender: str, wa_id: str, payload: dict[str, Any]) -> bool:
+    def add_inbound(self, message: IncomingMessage) -> bool:
         """Commit an inbound message; False when this id was seen before (duplicate).
 
         A sender named by its LID (``…@lid``: its phone number was not known then) and one
         named by its phone number are the same person when the WhatsApp id is the same:
         WhatsApp delivered the message again under the other addressing, and it must not run
         a second turn."""
+        chat_id, sender, wa_id = message.chat_id, message.sender, message.wa_id
         if self._conn().execute(
             "SELECT 1 FROM inbox WHERE wa_id = ?1 AND (?2 LIKE '%@lid' OR sender LIKE '%@lid') "
             "LIMIT 1", (wa_id, sender),
@@ -309,7 +329,7 @@ class Store:
         cur = self._conn().execute(
             "INSERT OR IGNORE INTO inbox (chat_id, sender, wa_id, payload, received_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (chat_id, sender, wa_id, json.dumps(payload), time.time()),
+            (chat_id, sender, wa_id, encode_message(message), time.time()),
         )
         return cur.rowcount == 1
 
@@ -321,14 +341,12 @@ class Store:
 
     def pending_inbound(self, chat_id: str, limit: int = 20) -> list[PendingInbound]:
         rows = self._conn().execute(
-            "SELECT id, chat_id, sender, wa_id, payload, received_at FROM inbox "
+            "SELECT id, payload, received_at FROM inbox "
             "WHERE state = 'pending' AND chat_id = ? ORDER BY id LIMIT ?",
             (chat_id, limit),
         ).fetchall()
         return [
-            PendingInbound(r["id"], r["chat_id"], r["sender"], r["wa_id"],
-                           json.loads(r["payload"]), r["received_at"])
-            for r in rows
+            PendingInbound(r["id"], decode_message(r["payload"]), r["received_at"]) for r in rows
         ]
 
     def skip_inbound(self, ids: list[int], reason: str = "") -> None:
@@ -356,7 +374,7 @@ class Store:
         chat_id: str,
         inbound_ids: list[int],
         replies: Iterable[str],
-        quote: dict[str, Any] | None,
+        quote: IncomingMessage | None,
         *,
         session_id: str | None = None,
         cost_delta: float = 0.0,
@@ -401,7 +419,7 @@ class Store:
 
     @staticmethod
     def _queue(tx: sqlite3.Connection, chat_id: str, replies: Iterable[str],
-               quote: dict[str, Any] | None, kind: str, now: float) -> list[PendingReply]:
+               quote: IncomingMessage | None, kind: str, now: float) -> list[PendingReply]:
         out: list[PendingReply] = []
         for idx, text in enumerate(replies):
             wa_id = "3EB0" + secrets.token_hex(8).upper()
@@ -409,13 +427,13 @@ class Store:
             cur = tx.execute(
                 "INSERT INTO outbox (chat_id, wa_id, text, quote, created_at, kind) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (chat_id, wa_id, text, json.dumps(q) if q else None, now, kind),
+                (chat_id, wa_id, text, encode_message(q) if q else None, now, kind),
             )
             out.append(PendingReply(int(cur.lastrowid or 0), chat_id, wa_id, text, q))
         return out
 
     def answer_locally(self, chat_id: str, inbound_ids: list[int], replies: list[str],
-                       quote: dict[str, Any] | None, *, reason: str = "command"
+                       quote: IncomingMessage | None, *, reason: str = "command"
                        ) -> list[PendingReply]:
         """Atomically mark messages done (``reason``, e.g. ``command``) and queue the replies
         the worker itself wrote (no Claude turn, no turn counted)."""
@@ -426,7 +444,7 @@ class Store:
             return self._queue(tx, chat_id, replies, quote, "command", now)
 
     def skip_with_notice(self, chat_id: str, inbound_ids: list[int], reason: str,
-                         notice: str | None, *, quote: dict[str, Any] | None = None,
+                         notice: str | None, *, quote: IncomingMessage | None = None,
                          once_key: tuple[str, str] | None = None) -> list[PendingReply]:
         """Atomically mark messages skipped and queue ``notice`` (if any).
 
@@ -456,7 +474,7 @@ class Store:
         return [
             PendingReply(
                 r["id"], r["chat_id"], r["wa_id"], r["text"],
-                json.loads(r["quote"]) if r["quote"] else None, r["attempts"], r["next_try"],
+                decode_message(r["quote"]) if r["quote"] else None, r["attempts"], r["next_try"],
             )
             for r in rows
         ]
@@ -508,7 +526,7 @@ class Store:
                 "WHERE state = 'sending'", ("pending" if resend else "dropped",),
             )
         return [
-            PendingReply(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5], r[6])
+            PendingReply(r[0], r[1], r[2], r[3], decode_message(r[4]) if r[4] else None, r[5], r[6])
             for r in rows
         ]
 
@@ -581,18 +599,18 @@ class Store:
     # --- summaries (context rotation) ---------------------------------------------------
     def rotate(self, chat_id: str, summary: str | None, *, cost_delta: float = 0.0,
                day: str | None = None) -> int | None:
-        """Atomically end the chat's session: store ``summary`` as its next version (seed
+        """Atomically end the chat's session: store ``summary`` under its next number (seed
         ``summary``), or without one seed ``recovery``; forget the session id; log the
-        summary turn's cost. Returns the new version, or None without a summary."""
+        summary turn's cost. Returns the new number, or None without a summary."""
         now = time.time()
-        version: int | None = None
+        number: int | None = None
         with self._tx() as tx:
             if summary is not None:
-                row = tx.execute("SELECT COALESCE(MAX(version), 0) FROM summaries "
+                row = tx.execute("SELECT COALESCE(MAX(number), 0) FROM summaries "
                                  "WHERE chat_id = ?", (chat_id,)).fetchone()
-                version = int(row[0]) + 1
-                tx.execute("INSERT INTO summaries (chat_id, version, text, created_at) "
-                           "VALUES (?, ?, ?, ?)", (chat_id, version, summary, now))
+                number = int(row[0]) + 1
+                tx.execute("INSERT INTO summaries (chat_id, number, text, created_at) "
+                           "VALUES (?, ?, ?, ?)", (chat_id, number, summary, now))
             tx.execute(
                 "INSERT INTO chats (chat_id) VALUES (?) ON CONFLICT (chat_id) DO NOTHING",
                 (chat_id,),
@@ -607,12 +625,12 @@ class Store:
                     "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
                     "VALUES (?, ?, ?, 'summary', ?)", (chat_id, day, now, cost_delta),
                 )
-        return version
+        return number
 
     def summaries(self, chat_id: str) -> list[Summary]:
         rows = self._conn().execute(
-            "SELECT chat_id, version, text, created_at, archived FROM summaries "
-            "WHERE chat_id = ? ORDER BY version", (chat_id,),
+            "SELECT chat_id, number, text, created_at, archived FROM summaries "
+            "WHERE chat_id = ? ORDER BY number", (chat_id,),
         ).fetchall()
         return [Summary(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
@@ -639,10 +657,40 @@ class Store:
         ).fetchall()
         out = []
         for r in reversed(rows):
-            payload = json.loads(r[1]) if r[1] is not None else None
-            text = str(payload.get("text", "")) if payload is not None else str(r[2])
-            out.append(HistoryItem(r[0], payload, text, float(r[3])))
+            message = decode_message(r[1]) if r[1] is not None else None
+            text = message.text if message is not None else str(r[2])
+            out.append(HistoryItem(r[0], message, text, float(r[3])))
         return out
+
+    # --- the api engine's conversations -----------------------------------------------
+    def api_messages(self, session_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
+        """A session's messages (role, content blocks), oldest first."""
+        rows = self._conn().execute(
+            "SELECT role, content FROM api_messages WHERE session_id = ? ORDER BY n",
+            (session_id,),
+        ).fetchall()
+        return [(str(r[0]), json.loads(r[1])) for r in rows]
+
+    def has_api_session(self, session_id: str) -> bool:
+        return self._conn().execute(
+            "SELECT 1 FROM api_messages WHERE session_id = ? LIMIT 1", (session_id,)
+        ).fetchone() is not None
+
+    def add_api_message(self, chat_id: str, session_id: str, role: str,
+                        content: list[dict[str, Any]]) -> None:
+        self._conn().execute(
+            "INSERT INTO api_messages (session_id, n, chat_id, role, content) VALUES "
+            "(?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM api_messages WHERE session_id = ?1), "
+            "?2, ?3, ?4)", (session_id, chat_id, role, json.dumps(content)),
+        )
+
+    def drop_api_sessions(self, chat_id: str, keep: str | None) -> int:
+        """Forget the chat's api conversations except ``keep`` (ended by a rotation or a
+        reset: their summary, if any, is stored). Returns the messages removed."""
+        cur = self._conn().execute(
+            "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS NOT ?", (chat_id, keep)
+        )
+        return cur.rowcount
 
     # --- daily budget -------------------------------------------------------------------
     def cost_on(self, day: str) -> float:

@@ -76,11 +76,12 @@ for _path in (str(REPO), str(REPO / "tests")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import firestore_emulator  # noqa: E402
-from fakes.anthropic_api import Reply, default_responder, request_texts  # noqa: E402
-from fleet import Fleet, wait_until  # noqa: E402
+import firestore_emulator  # noqa: E402 - after the sys.path set-up above
+from fakes.anthropic_api import Reply, default_responder, request_texts  # noqa: E402 - after the sys.path set-up above
+from fleet import Fleet  # noqa: E402 - after the sys.path set-up above
+from harness.wait import wait_until  # noqa: E402 - after the sys.path set-up above
 
-from wabridge.units import worker_unit  # noqa: E402
+from wabridge.units import worker_unit  # noqa: E402 - after the sys.path set-up above
 
 CTL = "wabridge-controller.service"
 # Workers are killed on purpose: restart fast and never hit the start limit.
@@ -144,7 +145,7 @@ def _contact(n: int, chat: int) -> str:
 
 def _hooks_available() -> bool:
     try:
-        from agent import main as worker_main  # noqa: PLC0415
+        from agent import main as worker_main  # noqa: PLC0415 - loaded only when this path runs
     except Exception:  # noqa: BLE001 - an import problem just means "no hooks"
         return False
     return "alloc" in getattr(worker_main, "TEST_FAULTS", ())
@@ -172,7 +173,7 @@ class Chaos:
         self.events: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self.api_mode = "normal"
-        self.api_rng = random.Random(opts.seed + 1)  # noqa: S311
+        self.api_rng = random.Random(opts.seed + 1)  # noqa: S311 - a seeded, reproducible fault plan, not a secret
         self.logged_out: dict[str, float] = {}  # user -> time.time() of the logout
         self.relinked: dict[str, float] = {}  # user -> time.time() it was connected again
         self.expected_repairs: set[str] = set()
@@ -270,7 +271,7 @@ class Chaos:
 
     # --- load -----------------------------------------------------------------------------
     def load(self) -> None:
-        rng = random.Random(self.opts.seed + 2)  # noqa: S311
+        rng = random.Random(self.opts.seed + 2)  # noqa: S311 - a seeded, reproducible fault plan, not a secret
         n = 0
         next_at = time.monotonic()
         end = self.t0 + self.opts.duration
@@ -283,7 +284,7 @@ class Chaos:
                 item = self.send(user, self.contacts[user][chat], text)
                 with self.lock:
                     self.sent.append(item)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any failure is recorded as a failed send
                 self.event("send", user, ok=False, error=repr(exc)[:300])
             n += 1
             next_at += rng.expovariate(self.opts.rate)
@@ -515,8 +516,10 @@ class Chaos:
                                                              min(10.0, 0.15 * d))))
         if "controller_kill" in faults:
             for when in (0.5 * d, 0.9 * d) if d >= 60 else (0.5 * d,):
-                plan.append(("controller_kill", lambda w=when: self.at(
-                    w, "controller_kill", CTL, self.kill_controller)))
+                def kill_controller_at(w: float = when) -> None:
+                    self.at(w, "controller_kill", CTL, self.kill_controller)
+
+                plan.append(("controller_kill", kill_controller_at))
         if "logout" in faults:
             user = dedicated["logout"]
             plan.append(("logout", lambda: self.at(0.25 * d, "logout", user,

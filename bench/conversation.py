@@ -100,9 +100,9 @@ def serve_peers(sock_path: str) -> int:
     """Run in the helper subprocess (``--serve-peers SOCK``): print the API's URL, serve until
     stdin closes."""
     sys.path.insert(0, str(REPO / "tests"))
-    from fakes.anthropic_api import FakeAnthropicAPI  # noqa: PLC0415
+    from fakes.anthropic_api import FakeAnthropicAPI  # noqa: PLC0415 - loaded only when this path runs
 
-    from wabridge import protocol  # noqa: PLC0415
+    from wabridge import protocol  # noqa: PLC0415 - loaded only when this path runs
 
     async def controller(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -139,7 +139,7 @@ class Peers:
             [sys.executable, "-m", "bench.conversation", "--serve-peers", self.sock],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO, text=True,
         )
-        assert self.proc.stdout is not None  # noqa: S101
+        assert self.proc.stdout is not None  # noqa: S101 - narrows the type; a benchmark, never run with -O
         self.base_url = self.proc.stdout.readline().strip()
         if not self.base_url.startswith("http"):
             self.close()
@@ -219,9 +219,9 @@ def tag_of(value: Any) -> tuple[int, int] | None:
 @contextlib.contextmanager
 def hooks() -> Iterator[None]:
     """Timing wrappers on product classes, in this process only (nothing is edited)."""
-    from agent.claude import ClaudeSession  # noqa: PLC0415
-    from agent.engine import Engine  # noqa: PLC0415
-    from agent.store import Store  # noqa: PLC0415
+    from agent.claude import ClaudeSession  # noqa: PLC0415 - loaded only when this path runs
+    from agent.engine import Engine  # noqa: PLC0415 - loaded only when this path runs
+    from agent.store import Store  # noqa: PLC0415 - loaded only when this path runs
 
     saved: list[tuple[Any, str, Any]] = []
 
@@ -256,7 +256,7 @@ def hooks() -> Iterator[None]:
         self._bench_tag = None
         self._bench_result_ns = 0
 
-    async def open_(cls: Any, **kwargs: Any) -> Any:
+    async def open_(cls: Any, /, **kwargs: Any) -> Any:
         started = time.perf_counter_ns()
         session = await orig_open(cls, **kwargs)
         session._bench_resumed = kwargs.get("resume_session_id") is not None
@@ -487,8 +487,8 @@ def chat_jid(chat: int) -> str:
 
 
 def make_backend_class() -> type:
-    from agent.whatsapp import events as ev  # noqa: PLC0415
-    from agent.whatsapp.base import WhatsAppBackend  # noqa: PLC0415
+    from agent.whatsapp import events as ev  # noqa: PLC0415 - loaded only when this path runs
+    from agent.whatsapp.base import WhatsAppBackend  # noqa: PLC0415 - loaded only when this path runs
 
     class BenchWhatsApp(WhatsAppBackend):
         """In memory; inbound messages reach the sink on this backend's own thread."""
@@ -523,10 +523,10 @@ def make_backend_class() -> type:
                 event = self._q.get()
                 if event is None:
                     return
-                assert self._sink is not None  # noqa: S101
+                assert self._sink is not None  # noqa: S101 - narrows the type; a benchmark, never run with -O
                 if isinstance(event, ev.IncomingMessage):
                     key = tag_of(event.text)
-                    assert key is not None  # noqa: S101
+                    assert key is not None  # noqa: S101 - narrows the type; a benchmark, never run with -O
                     self.rec.inflight[event.chat_id] = key
                     self.rec.sample(key).t_in = time.perf_counter_ns()
                 self._sink(event)
@@ -591,7 +591,7 @@ def make_backend_class() -> type:
 
 
 def bench_config(pool_size: int, ctl_sock: str) -> Any:
-    from wabridge import config  # noqa: PLC0415
+    from wabridge import config  # noqa: PLC0415 - loaded only when this path runs
 
     return config.Config(
         controller=dataclasses.replace(config.ControllerConfig(), socket=ctl_sock),
@@ -632,10 +632,12 @@ class Outcome:
 
 async def run_scenario(name: str, root: Path, peers: Peers, *, chats: int, pool: int,
                        plan: Plan, send_latency: float, sample_every: float | None) -> Outcome:
-    global ACTIVE  # noqa: PLW0603
-    from agent import main as agent_main  # noqa: PLC0415
-    from agent.store import Store  # noqa: PLC0415
-    from wabridge.status import WorkerState  # noqa: PLC0415
+    global ACTIVE  # noqa: PLW0603 - the running scenario, read by the hooks patched into the worker
+    import sdnotify  # noqa: PLC0415 - the worker's modules load only when a scenario runs
+
+    from agent import main as agent_main  # noqa: PLC0415 - as above
+    from agent.store import Store  # noqa: PLC0415 - as above
+    from wabridge.status import WorkerState  # noqa: PLC0415 - as above
 
     state_dir = root / name
     state_dir.mkdir(mode=0o700)
@@ -645,17 +647,17 @@ async def run_scenario(name: str, root: Path, peers: Peers, *, chats: int, pool:
     store = Store(state_dir / "agent.db")
     saved_env = {k: os.environ.get(k) for k in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")}
     saved_make = agent_main.make_backend
-    saved_notifier = agent_main.sdnotify.SystemdNotifier
+    saved_notifier = sdnotify.SystemdNotifier
     os.environ["ANTHROPIC_BASE_URL"] = peers.base_url
     os.environ["ANTHROPIC_API_KEY"] = "sk-ant-bench"
-    agent_main.make_backend = lambda cfg, ctx: backend  # type: ignore[assignment]
+    agent_main.make_backend = lambda cfg, ctx: backend
     # not under systemd: sdnotify would leak a socket (ResourceWarning) without NOTIFY_SOCKET
-    agent_main.sdnotify.SystemdNotifier = NullNotifier
+    sdnotify.SystemdNotifier = NullNotifier
     try:
         worker = agent_main.Worker("bench", bench_config(pool, peers.sock), state_dir, store)
     finally:
-        agent_main.make_backend = saved_make  # type: ignore[assignment]
-        agent_main.sdnotify.SystemdNotifier = saved_notifier
+        agent_main.make_backend = saved_make
+        sdnotify.SystemdNotifier = saved_notifier
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -787,7 +789,7 @@ def store_figures(rec: Recorder, turns: int) -> dict[str, Any]:
             mine = [(a, b) for a, b, loop in calls if loop == on_loop]
             if not mine:
                 continue
-            d = dist([(b - a) / NS for a, b in mine])
+            d: dict[str, float | None] = {**dist([(b - a) / NS for a, b in mine])}
             d["per_turn"] = round(len(mine) / max(1, turns), 2)
             crossed = [(b - a) / NS for a, b in mine if overlaps(a, b, on_loop)]
             d["overlapping_other_thread"] = len(crossed)
@@ -936,7 +938,10 @@ def report_warm(w: dict[str, Any]) -> None:
     row("  bridge, precise (stdin / result line)", lambda d: pp(d["bridge_precise_ms"]))
     row("  max", lambda d: f(d["bridge_ms"]["max"]))
     for step in ("persist", "to_pump", "to_turn", "to_commit", "to_send"):
-        row(f"    step {step}", lambda d, s=step: pp(d["steps_ms"][s]))
+        def step_ms(d: dict[str, Any], s: str = step) -> str:
+            return pp(d["steps_ms"][s])
+
+        row(f"    step {step}", step_ms)
     row("claude turn (CLI + fake API)", lambda d: pp(d["claude_turn_ms"]))
     row("end to end", lambda d: pp(d["end_to_end_ms"]))
     row("cold first turns e2e p50 / p99 (at once)", lambda d: pp(d["cold_end_to_end_ms"]))
@@ -1000,11 +1005,11 @@ def configure_logging(path: Path) -> Callable[[], None]:
     """Production-like logging (``wabridge.logs.setup`` at ``info`` with JSON lines) into
     ``path`` instead of stderr/journald; the stdlib root logger is left alone. Returns the
     undo (the previous structlog configuration)."""
-    import logging  # noqa: PLC0415
+    import logging  # noqa: PLC0415 - loaded only when this path runs
 
-    import structlog  # noqa: PLC0415
+    import structlog  # noqa: PLC0415 - loaded only when this path runs
 
-    from wabridge import logs  # noqa: PLC0415
+    from wabridge import logs  # noqa: PLC0415 - loaded only when this path runs
 
     saved = structlog.get_config()
     stream = path.open("a", buffering=1)
@@ -1054,7 +1059,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def turns_for(args: argparse.Namespace, chats: int) -> int:
     if args.turns:
-        return args.turns
+        return int(args.turns)
     return max(6, 60 // chats) if args.quick else max(30, 200 // chats)
 
 
@@ -1106,7 +1111,7 @@ async def amain(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def cli_version() -> str:
-    from agent.main import default_cli_path  # noqa: PLC0415
+    from agent.main import default_cli_path  # noqa: PLC0415 - loaded only when this path runs
 
     try:
         return (default_cli_path().parent / "claude.version").read_text().strip()

@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-import firestore_emulator  # noqa: E402
-from fleet import Fleet, wait_until  # noqa: E402
+import firestore_emulator  # noqa: E402 - after the sys.path set-up above
+from fleet import Fleet  # noqa: E402 - after the sys.path set-up above
+from harness.wait import wait_until  # noqa: E402 - after the sys.path set-up above
 
 MB = 1 << 20
 CTL = "wabridge-controller.service"
@@ -92,9 +93,14 @@ def measure_latency(fleet: Fleet, samples: int) -> dict[str, Any]:
         unit = fleet.unit(user)
         t0 = time.monotonic()  # CLOCK_MONOTONIC: the same inside the namespace
         fleet.request(user, "create_requested")
-        seen = wait_until(lambda u=user: fleet.doc(u).get("qrRaw") and time.monotonic(), 60,
-                          f"{user}: QR", lambda u=user: f"{fleet.doc(u)}\n"  # type: ignore[misc]
-                          + fleet.journal(CTL)[-3000:] + fleet.journal(fleet.unit(u))[-3000:])
+        def qr_shown(u: str = user) -> float | None:
+            return time.monotonic() if fleet.doc(u).get("qrRaw") else None
+
+        def diagnostics(u: str = user) -> str:
+            return (f"{fleet.doc(u)}\n" + fleet.journal(CTL)[-3000:]
+                    + fleet.journal(fleet.unit(u))[-3000:])
+
+        seen = wait_until(qr_shown, 60, f"{user}: QR", diagnostics)
         fleet.wait_unit(unit, "active", 60)
         left_inactive = usec(fleet, unit, "InactiveExitTimestampMonotonic")
         became_active = usec(fleet, unit, "ActiveEnterTimestampMonotonic")

@@ -1,5 +1,9 @@
 """The controller's admin socket: what ``wabridgectl`` (``controller/ctl.py``) talks to.
 
+Over 600 lines because the admin protocol is one contract: the table below, the server that
+enforces who may connect, and the answers it gives (status rows, watch events) change
+together; about a tenth is this documentation.
+
 Socket and access
 -----------------
 A Unix stream socket at ``controller.admin_socket`` (``/run/wabridge/admin.sock``), mode
@@ -19,10 +23,11 @@ one after the other; a bad line is answered with an error frame and the connecti
 ======================================  ==================================================
 ``{"op": "ping"}``                      ``{"ok", "host", "plane", "sessions", "linked"}``
 ``{"op": "link", "user", "phone"?,      request a worker: ``create_requested``, or
-``"follow"?}``                          ``pairing_requested`` with ``pairingPhone`` (digits,
-                                        8-15). Clears a stale ``qrRaw``/``pairingCode``/
-                                        ``error`` first. ``"already_connected": true`` when
-                                        the account is connected and its unit active.
+``"follow"?}``                          ``pairing_requested`` with ``pairingPhone``
+                                        (``wabridge.phone``). Clears a stale ``qrRaw``/
+                                        ``pairingCode``/``error`` first.
+                                        ``"already_connected": true`` when the account is
+                                        connected and its unit active.
                                         With ``follow``, the answer is followed by ``watch``
                                         events (subscribed before the request: none missed).
 ``{"op": "unlink", "user"}``            ``destroy_requested``
@@ -44,7 +49,7 @@ Where the answers come from
 ---------------------------
 :class:`AdminServer` only sees an :class:`AdminFacade` (tests use a fake one).
 :class:`ControllerFacade` is the real one: the controller's own view of each document
-(``SessionDoc``: status, detail, raw QR, pairing code, phone, error, metrics; the change
+(``AccountDoc``: status, detail, raw QR, pairing code, phone, error, metrics; the change
 feed's copy with the controller's own writes merged in), its units, its worker link, and its
 :class:`DocWatchers`. Nothing wraps the control plane.
 
@@ -68,10 +73,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.plane import ControlPlane, SessionDoc
+from controller.plane import AccountDoc, ControlPlane
 from controller.server import WorkerServer
+from controller.unit_manager import RUNNING_UNIT_STATES
 from wabridge import logs, protocol
-from wabridge.errors import UserIdError
+from wabridge.errors import UserIdError, WabridgeError
+from wabridge.phone import PHONE_RULE, is_phone
 from wabridge.status import DocStatus
 from wabridge.units import validate_user_id
 
@@ -79,17 +86,33 @@ log = logs.get("controller.admin")
 
 MAX_REQUEST = 64 * 1024
 MAX_CHAT_MESSAGES = 1000  # messages read from the log to build the chat list
-_RUNNING_UNIT = ("active", "activating", "reloading")
 _CHAT_SUFFIXES = ("@s.whatsapp.net", "@g.us", "@lid")
 
-Watcher = Callable[[SessionDoc | None], None]  # None: the document was deleted
+Watcher = Callable[[AccountDoc | None], None]  # None: the document was deleted
 
 
-class AdminError(Exception):
+#: What an operator does about each answer code of the admin socket.
+ADMIN_EXPLANATIONS = {
+    "bad_request": "the request is malformed: wabridgectl --help shows the commands",
+    "bad_user_id": "use a user id of printable ASCII without spaces",
+    "unknown_op": "the controller does not know this operation: same wabridge version?",
+    "unknown_user": "no account document for this user: wabridgectl status lists them",
+    "not_connected": "the user's worker is not running or not linked: wabridgectl restart",
+    "internal": "the controller failed the request; its journal says why",
+}
+
+
+class AdminError(WabridgeError):
+    """A request the admin socket answers with an error frame (``code``: one of
+    ``ADMIN_EXPLANATIONS``); the connection stays open."""
+
+    code = "admin_error"
+    explanation = "the controller refused the request; the message says why"
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
+        self.explanation = ADMIN_EXPLANATIONS.get(code, type(self).explanation)
 
 
 def error_frame(code: str, message: str) -> dict[str, Any]:
@@ -128,7 +151,7 @@ class DocWatchers:
     def watching(self) -> int:
         return sum(len(c) for c in self._watchers.values())
 
-    def changed(self, user_id: str, old: SessionDoc | None, new: SessionDoc | None) -> None:
+    def changed(self, user_id: str, old: AccountDoc | None, new: AccountDoc | None) -> None:
         if user_id not in self._watchers:
             return
         if (old is None) == (new is None) and watched(old) == watched(new):
@@ -140,7 +163,7 @@ class DocWatchers:
                 log.error("admin.watcher_failed", user_id=user_id, error=repr(exc))
 
 
-def watched(doc: SessionDoc | None) -> dict[str, Any]:
+def watched(doc: AccountDoc | None) -> dict[str, Any]:
     """The fields a ``watch`` reports, under the names it reports them."""
     if doc is None:
         return {}
@@ -175,7 +198,7 @@ class AdminFacade(Protocol):
     def user_ids(self) -> Iterable[str]:
         """Every user with a document or a loaded worker unit."""
 
-    def doc(self, user_id: str) -> SessionDoc | None: ...
+    def doc(self, user_id: str) -> AccountDoc | None: ...
 
     def unit(self, user_id: str) -> UnitInfo | None: ...
 
@@ -192,14 +215,15 @@ class AdminFacade(Protocol):
     async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]: ...
 
     def info(self) -> dict[str, Any]:
-        """Host-wide facts for ``ping``: host, plane, sessions, linked."""
+        """Host-wide facts for ``ping``: host, plane, sessions (how many account documents;
+        the key is the admin protocol's), linked."""
 
 
 class ControllerView(Protocol):
     """The parts of ``controller.main.Controller`` that :class:`ControllerFacade` reads."""
 
     @property
-    def docs(self) -> Mapping[str, SessionDoc]: ...
+    def docs(self) -> Mapping[str, AccountDoc]: ...
     @property
     def units(self) -> Mapping[str, UnitInfo]: ...
     @property
@@ -219,7 +243,7 @@ class ControllerFacade:
     def user_ids(self) -> Iterable[str]:
         return set(self._c.docs) | set(self._c.units)
 
-    def doc(self, user_id: str) -> SessionDoc | None:
+    def doc(self, user_id: str) -> AccountDoc | None:
         return self._c.docs.get(user_id)
 
     def unit(self, user_id: str) -> UnitInfo | None:
@@ -249,12 +273,12 @@ class ControllerFacade:
 
 
 def status_row(
-    user_id: str, doc: SessionDoc | None, unit: UnitInfo | None, linked: bool
+    user_id: str, doc: AccountDoc | None, unit: UnitInfo | None, linked: bool
 ) -> dict[str, Any]:
     """One user's line of ``status`` (keys are stable: wabridgectl --json prints them)."""
     shown = watched(doc)
     metrics = doc.metrics if doc is not None else {}
-    running = unit is not None and unit.active_state in _RUNNING_UNIT
+    running = unit is not None and unit.active_state in RUNNING_UNIT_STATES
     live = metrics.get("claudeProcesses")
     return {
         "user": user_id,
@@ -295,7 +319,7 @@ def chat_rows(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(chats.values(), key=lambda r: r["last_ts"] or 0.0, reverse=True)
 
 
-def watch_event(kind: str, user_id: str, doc: SessionDoc | None) -> dict[str, Any]:
+def watch_event(kind: str, user_id: str, doc: AccountDoc | None) -> dict[str, Any]:
     if doc is None:
         return {"ok": True, "event": "removed", "user": user_id}
     return {"ok": True, "event": kind, "user": user_id, **watched(doc)}
@@ -313,10 +337,8 @@ def normalize_chat(chat: str) -> str:
 
 
 def pairing_phone(value: object) -> str:
-    if not (isinstance(value, str) and value.isascii() and value.isdigit()
-            and 8 <= len(value) <= 15):
-        raise AdminError("bad_request", f"phone {value!r} must be 8-15 digits with country "
-                         "code, no '+'")
+    if not is_phone(value):
+        raise AdminError("bad_request", f"phone {value!r} must be {PHONE_RULE}")
     return value
 
 
@@ -534,7 +556,7 @@ class AdminServer:
             phone = pairing_phone(phone)
         doc, unit = f.doc(user), f.unit(user)
         if (doc is not None and doc.status is DocStatus.CONNECTED and unit is not None
-                and unit.active_state in _RUNNING_UNIT):
+                and unit.active_state in RUNNING_UNIT_STATES):
             return {"ok": True, "user": user, "status": DocStatus.CONNECTED.value,
                     "already_connected": True, "phone": doc.phone}
         new = DocStatus.PAIRING_REQUESTED if phone else DocStatus.CREATE_REQUESTED
@@ -576,7 +598,7 @@ class AdminServer:
         user = _user(request)
         f = self._facade
         if f.doc(user) is None and f.unit(user) is None:
-            raise AdminError("unknown_user", f"no session for user {user!r} "
+            raise AdminError("unknown_user", f"no account for user {user!r} "
                              "(wabridgectl status lists them)")
         return user
 

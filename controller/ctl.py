@@ -43,37 +43,48 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import socket
-import sqlite3
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from wabridge import claude_cli, config, qr
-from wabridge.errors import ConfigError, UserIdError
+from controller import doctor
+from controller.doctor import human_bytes
+from wabridge import config, qr
+from wabridge.errors import ConfigError, UserIdError, WabridgeError
+from wabridge.phone import PHONE_RULE, normalize_phone
+from wabridge.status import OUTCOME_STATUSES, DocStatus
 from wabridge.units import validate_user_id, worker_unit
 
 OK, FAILED, USAGE, UNREACHABLE, FORBIDDEN, TIMEOUT = 0, 1, 2, 3, 4, 5
 
-DEFAULT_WORKER_ENV = "/etc/wabridge/worker.env"
-STATE_DIR = "/var/lib/wabridge"
-MIN_FREE_BYTES = 1 << 30
 CALL_TIMEOUT = 30.0
 #: Statuses after which ``link`` has nothing more to wait for.
-LINK_FAILED = frozenset({"logged_out", "banned", "replaced", "outdated", "qr_expired",
-                         "crashed", "stopping", "stopped", "error", "destroy_requested"})
-class CtlError(Exception):
-    def __init__(self, exit_code: int, code: str, message: str) -> None:
+LINK_FAILED = frozenset(s.value for s in OUTCOME_STATUSES | {
+    DocStatus.CRASHED, DocStatus.STOPPING, DocStatus.STOPPED, DocStatus.ERROR,
+    DocStatus.DESTROY_REQUESTED})
+class CtlError(WabridgeError):
+    """A command that did not succeed: ``exit_status`` is wabridgectl's exit status (the table
+    above), ``code`` the stable word printed with ``--json``."""
+
+    code = "ctl_error"
+    explanation = "the message says what failed; wabridgectl doctor checks the host"
+
+    def __init__(self, exit_status: int, code: str, message: str) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_status = exit_status
         self.code = code
-        self.message = message
+        self.explanation = _CTL_EXPLANATIONS.get(exit_status, type(self).explanation)
+
+
+_CTL_EXPLANATIONS = {
+    USAGE: "wabridgectl --help shows the commands and their arguments",
+    UNREACHABLE: "is wabridge-controller running? systemctl status wabridge-controller",
+    FORBIDDEN: "run as root or as a member of controller.admin_group",
+    TIMEOUT: "nobody scanned in time: run wabridgectl link again",
+}
 
 
 # --------------------------------------------------------------------------- the client
@@ -189,17 +200,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def human_bytes(value: object) -> str:
-    if not isinstance(value, int) or isinstance(value, bool):
-        return "-"
-    size = float(value)
-    for unit in ("B", "K", "M", "G"):
-        if size < 1024 or unit == "G":
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return "-"  # pragma: no cover
-
-
 def _cell(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
 
@@ -279,10 +279,10 @@ def cmd_link(ctx: Ctx) -> int:
     user = _user(args.user)
     phone = args.pairing_code
     if phone is not None:
-        phone = phone.removeprefix("+").replace(" ", "").replace("-", "")
-        if not (phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15):
+        phone = normalize_phone(phone)
+        if phone is None:
             raise CtlError(USAGE, "bad_request", f"--pairing-code {args.pairing_code!r}: a "
-                           "phone number with country code, 8-15 digits")
+                           f"phone number, {PHONE_RULE}")
     deadline = time.monotonic() + args.timeout
     tty = _out().isatty() and not ctx.json
     request: dict[str, Any] = {"user": user, "follow": True}
@@ -307,7 +307,7 @@ def cmd_link(ctx: Ctx) -> int:
             _out().flush()
         for event in events:
             if event.get("event") == "removed":
-                raise CtlError(FAILED, "removed", f"the session of {user} was deleted")
+                raise CtlError(FAILED, "removed", f"the account document of {user} was deleted")
             status, code, pairing = event.get("status"), event.get("qr"), event.get(
                 "pairing_code")
             if ctx.json:
@@ -367,7 +367,7 @@ def cmd_status(ctx: Ctx) -> int:
         print_json({"users": rows})
         return OK
     if not rows:
-        _out().write("no sessions\n")
+        _out().write("no accounts\n")
         return OK
     _out().write(status_table(rows) + "\n")
     if user:
@@ -435,218 +435,13 @@ def cmd_logs(ctx: Ctx) -> int:
 # --------------------------------------------------------------------------- doctor
 
 
-@dataclass
-class Check:
-    name: str
-    status: str  # ok, warn, fail, skip
-    message: str
-    fix: str = ""
-
-    def as_json(self) -> dict[str, str]:
-        return {"name": self.name, "status": self.status, "message": self.message,
-                "fix": self.fix}
-
-
-def _run(argv: list[str], timeout: float = 10.0, env: Mapping[str, str] | None = None
-         ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                          env=None if env is None else dict(env))
-
-
-def check_systemd() -> Check:
-    fix = ("wabridge needs systemd as PID 1 with its D-Bus API (not a container without "
-           "systemd); check `systemctl status`")
-    try:
-        proc = _run(["systemctl", "show", "--property=Version", "--value"])
-    except FileNotFoundError:
-        return Check("systemd", "fail", "systemctl not found", fix)
-    except subprocess.TimeoutExpired:
-        return Check("systemd", "fail", "systemctl did not answer within 10 s", fix)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        why = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
-        return Check("systemd", "fail", f"systemd unreachable over D-Bus: {why}", fix)
-    return Check("systemd", "ok", f"systemd {proc.stdout.strip()} reachable over D-Bus")
-
-
-def check_controller_unit(systemd_ok: bool) -> Check:
-    unit = "wabridge-controller.service"
-    if not systemd_ok:
-        return Check("controller", "skip", f"cannot tell whether {unit} runs: no systemd")
-    fix = (f"systemctl enable --now {unit}; if it keeps failing: "
-           f"journalctl -u {unit} -n 50")
-    try:
-        proc = _run(["systemctl", "is-active", unit])
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check("controller", "fail", f"systemctl is-active failed: {exc}", fix)
-    state = proc.stdout.strip() or "unknown"
-    if state != "active":
-        return Check("controller", "fail", f"{unit} is {state}", fix)
-    return Check("controller", "ok", f"{unit} is active")
-
-
-def check_config() -> tuple[Check, config.Config]:
-    where = os.environ.get("WABRIDGE_CONFIG", str(config.DEFAULT_PATH))
-    try:
-        cfg = config.load()
-    except ConfigError as exc:
-        return Check("config", "fail", f"{where}: {exc}",
-                     f"fix {where} (`python3 -m wabridge.config` prints every key with its "
-                     "default); the other checks use the defaults"), config.Config()
-    return Check("config", "ok", f"{where} is valid"), cfg
-
-
-def check_plane(cfg: config.Config, plane: str | None) -> Check:
-    """``plane``: what the controller says it uses (None: unknown, guess from the config)."""
-    choice = plane or cfg.controller.control_plane
-    if choice == "auto":
-        emulator = cfg.firebase.emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST", "")
-        choice = "firestore" if emulator or cfg.firebase.credentials else "local"
-    if choice == "local":
-        db = Path(cfg.controller.local_db)
-        fix = ("the controller creates it when it starts with the local control plane: "
-               "systemctl restart wabridge-controller")
-        if not db.exists():
-            return Check("control_plane", "fail", f"local store {db} does not exist", fix)
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
-                                                    timeout=5)) as conn:
-                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.Error as exc:
-            return Check("control_plane", "fail", f"local store {db} unreadable: {exc}",
-                         f"move the broken file aside and restart the controller; {fix}")
-        return Check("control_plane", "ok", f"local store {db} readable ({tables} tables)")
-    emulator = cfg.firebase.emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST", "")
-    target = emulator or "firestore.googleapis.com:443"
-    host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
-    except (OSError, ValueError) as exc:
-        return Check("control_plane", "fail", f"Firestore at {target} unreachable: {exc}",
-                     "check the network/proxy, or firebase.emulator_host")
-    return Check("control_plane", "ok", f"Firestore at {target} reachable (credentials are "
-                 "checked by the controller: wabridgectl status shows its errors)")
-
-
-def claude_path(cfg: config.Config) -> Path | None:
-    return claude_cli.cli_path(cfg.claude.cli_path)
-
-
-def check_claude(cfg: config.Config) -> Check:
-    path = claude_path(cfg)
-    fix = "set claude.cli_path to the Claude Code binary, or empty for the bundled one"
-    if path is None:
-        return Check("claude", "fail", "claude_agent_sdk is not installed and "
-                     "claude.cli_path is empty", f"reinstall wabridge, or {fix}")
-    if not path.is_file():
-        return Check("claude", "fail", f"Claude Code binary {path} does not exist", fix)
-    if not os.access(path, os.X_OK):
-        return Check("claude", "fail", f"Claude Code binary {path} is not executable",
-                     f"chmod a+rx {path}, or {fix}")
-    with tempfile.TemporaryDirectory(prefix="wabridgectl-claude-") as home:
-        env = {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
-               "HOME": home, "LANG": "C.UTF-8", **claude_cli.OFFLINE_ENV,
-               "CLAUDE_CONFIG_DIR": home, "TMPDIR": home}
-        try:
-            proc = _run([str(path), "--version"], timeout=30, env=env)
-        except subprocess.TimeoutExpired:
-            return Check("claude", "fail", f"{path} --version did not finish in 30 s", fix)
-        except OSError as exc:
-            return Check("claude", "fail", f"{path} cannot run: {exc.strerror or exc}", fix)
-    version = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
-    if proc.returncode != 0 or not version[:1].isdigit():
-        why = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}")[:200]
-        return Check("claude", "fail", f"{path} --version failed: {why}", fix)
-    return Check("claude", "ok", f"{path}: {version}")
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes)."""
-    out: dict[str, str] = {}
-    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        if not sep:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        out[key.strip()] = value
-    return out
-
-
-def check_api_key() -> Check:
-    path = Path(os.environ.get("WABRIDGE_WORKER_ENV", DEFAULT_WORKER_ENV))
-    fix = (f"add ANTHROPIC_API_KEY=sk-ant-... to {path} (mode 0600), then "
-           "wabridgectl restart <user> for running workers")
-    try:
-        values = read_env_file(path)
-    except FileNotFoundError:
-        values, where = {}, f"{path} does not exist"
-    except OSError as exc:
-        return Check("api_key", "fail", f"{path} unreadable: {exc.strerror}", fix)
-    else:
-        where = f"{path} has none"
-    if values.get("ANTHROPIC_API_KEY", "").strip():
-        return Check("api_key", "ok", f"ANTHROPIC_API_KEY set in {path}")
-    if os.environ.get("ANTHROPIC_API_KEY", "").strip():
-        return Check("api_key", "ok", f"ANTHROPIC_API_KEY set in the environment ({where}; "
-                     "workers only see it if their unit passes it on)")
-    return Check("api_key", "fail", f"no ANTHROPIC_API_KEY: {where} and the environment has "
-                 "none", fix)
-
-
-def check_disk(path: str = STATE_DIR) -> Check:
-    target = Path(path)
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    try:
-        free = shutil.disk_usage(target).free
-    except OSError as exc:
-        return Check("disk", "fail", f"cannot stat {target}: {exc.strerror}", "")
-    text = f"{human_bytes(free)} free for {path}"
-    if free < MIN_FREE_BYTES:
-        return Check("disk", "warn", f"only {text}",
-                     "free space there: every account keeps its WhatsApp keys and "
-                     "conversations under it")
-    return Check("disk", "ok", text)
-
-
-def check_admin(client: AdminClient) -> tuple[Check, dict[str, Any] | None]:
-    try:
-        info = client.call("ping")
-    except CtlError as exc:
-        fix = ("run as root or join the admin group: usermod -aG wabridge-admin $USER, "
-               "then log in again") if exc.exit_code == FORBIDDEN else (
-            "systemctl start wabridge-controller; see journalctl -u wabridge-controller")
-        return Check("admin_socket", "fail", exc.message, fix), None
-    return Check("admin_socket", "ok", f"{client.path}: controller on {info.get('host')}, "
-                 f"{info.get('sessions')} sessions, {info.get('linked')} workers linked, "
-                 f"plane {info.get('plane')}"), info
-
-
 def cmd_doctor(ctx: Ctx) -> int:
-    systemd = check_systemd()
-    controller = check_controller_unit(systemd.status == "ok")
-    conf, cfg = check_config()
-    if ctx.args.socket is None:
-        ctx.client.path = cfg.controller.admin_socket
-    admin, info = check_admin(ctx.client)
-    plane = check_plane(cfg, str(info["plane"]) if info and info.get("plane") else None)
-    checks = [systemd, controller, conf, plane, check_claude(cfg), check_api_key(),
-              check_disk(), admin]
+    checks = doctor.run(ctx.client, configured_socket=ctx.args.socket is None)
     failed = any(c.status == "fail" for c in checks)
     if ctx.json:
         print_json({"ok": not failed, "checks": [c.as_json() for c in checks]})
     else:
-        marks = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
-        width = max(len(c.name) for c in checks)
-        for c in checks:
-            _out().write(f"{marks[c.status]} {c.name.ljust(width)}  {c.message}\n")
-            if c.fix and c.status in ("fail", "warn"):
-                _out().write(f"       {' ' * width}  fix: {c.fix}\n")
+        _out().write(doctor.text(checks))
     return FAILED if failed else OK
 
 
@@ -735,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             print_json({"error": {"code": exc.code, "message": exc.message}})
         else:
             sys.stderr.write(f"wabridgectl: {exc.message}\n")
-        return exc.exit_code
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -1,5 +1,9 @@
 """The Firestore control plane (``controller.control_plane = "firestore"``).
 
+Over 600 lines because it is the one adapter of the Firestore SDK: the error mapping, the
+listener's workarounds and their supervisor change together with the SDK, and the notes
+below record what each works around.
+
 Client: ``google.cloud.firestore.Client`` directly, not ``firebase_admin``. firebase-admin only
 wraps that same client (``firebase_admin.firestore.client`` builds one from the app's
 credential), but its credential classes cannot express "anonymous", which the emulator needs,
@@ -83,15 +87,18 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.oauth2 import service_account
 
 from controller.plane import (
+    AccountDoc,
     Change,
     ChangeCallback,
     ControlPlane,
+    PlaneDenied,
+    PlaneError,
+    PlaneUnavailable,
     Removed,
-    SessionDoc,
     check_doc_id,
     message_doc_id,
     message_fields,
-    parse_session,
+    parse_account,
     summary_doc_id,
     summary_fields,
 )
@@ -103,7 +110,7 @@ from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 log = logs.get("controller.firestore")
 
-SESSIONS = "sessions"
+LINK_RECORDS = "sessions"  # the link records (see controller.plane); the name is the contract
 MESSAGES = "messages"
 SUMMARIES = "summaries"
 DEFAULT_DEADLINE = 30.0
@@ -114,24 +121,6 @@ RECOVER_BUDGET = 6
 RECOVER_WINDOW = 10.0
 
 T = TypeVar("T")
-
-
-class PlaneError(WabridgeError):
-    """The control plane's backend refused or failed a request."""
-
-    code = "plane_error"
-
-
-class PlaneUnavailable(PlaneError):
-    """The backend is unreachable or overloaded; retrying later may succeed."""
-
-    code = "plane_unavailable"
-
-
-class PlaneDenied(PlaneError):
-    """The backend rejected our credentials or denied access; retrying will not help."""
-
-    code = "plane_denied"
 
 
 _UNAVAILABLE = (
@@ -286,8 +275,10 @@ class _Listener(watch_module.Watch):
     helper thread.
 
     Overrides private methods of google-cloud-firestore 2.x's ``Watch`` (``_init_stream``,
-    ``_on_rpc_done``, ``on_snapshot`` for the end-of-stream ``None``); the rest of the class
-    (snapshot assembly, resume tokens, resets) is used as is.
+    ``_on_rpc_done``, ``on_snapshot`` for the end-of-stream ``None`` and for documents sent
+    again unchanged), replaces its comparator (``_by_path``) and reads its ``doc_map`` /
+    ``change_map``; the rest of the class (snapshot assembly, resume tokens, resets) is used
+    as is.
     """
 
     terminal_error: BaseException | None = None
@@ -466,7 +457,7 @@ class FirestorePlane(ControlPlane):
             sub.first = False
             items: list[Change]
             if full:
-                items = [parse_session(d.id, d.to_dict() or {}) for d in docs]
+                items = [parse_account(d.id, d.to_dict() or {}) for d in docs]
             else:
                 items = []
                 for change in changes:
@@ -474,7 +465,7 @@ class FirestorePlane(ControlPlane):
                     if change.type == watch_module.ChangeType.REMOVED:
                         items.append(Removed(snap.id))
                     else:
-                        items.append(parse_session(snap.id, snap.to_dict() or {}))
+                        items.append(parse_account(snap.id, snap.to_dict() or {}))
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._deliver, sub, full, items)
@@ -540,14 +531,14 @@ class FirestorePlane(ControlPlane):
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def list_sessions(self) -> list[SessionDoc]:
+    async def list_accounts(self) -> list[AccountDoc]:
         snaps = await self._call(self._col.get, **self._rpc())
-        return [parse_session(s.id, s.to_dict() or {}) for s in snaps]
+        return [parse_account(s.id, s.to_dict() or {}) for s in snaps]
 
-    async def pending_requests(self) -> list[SessionDoc]:
+    async def pending_requests(self) -> list[AccountDoc]:
         query = self._col.where(filter=FieldFilter("status", "in", sorted(REQUEST_VALUES)))
         snaps = await self._call(query.get, **self._rpc())
-        return [parse_session(s.id, s.to_dict() or {}) for s in snaps]
+        return [parse_account(s.id, s.to_dict() or {}) for s in snaps]
 
     async def rewatch(self) -> None:
         """Close the listener; the supervisor sees it inactive and subscribes afresh."""
@@ -557,14 +548,14 @@ class FirestorePlane(ControlPlane):
                         reason="a pending request was not delivered")
             await asyncio.to_thread(listener.close)
 
-    async def get(self, user_id: str) -> SessionDoc | None:
+    async def get(self, user_id: str) -> AccountDoc | None:
         ref = self._col.document(check_doc_id(user_id))
         snap = await self._call(ref.get, **self._rpc())
-        return parse_session(snap.id, snap.to_dict() or {}) if snap.exists else None
+        return parse_account(snap.id, snap.to_dict() or {}) if snap.exists else None
 
-    async def session_info(self, user_id: str) -> dict[str, Any] | None:
-        """``sessions/{userId}`` as stored, or None (wabridgectl, tests)."""
-        ref = self._client.collection(SESSIONS).document(check_doc_id(user_id))
+    async def link_record(self, user_id: str) -> dict[str, Any] | None:
+        """The link record ``sessions/{userId}`` as stored, or None (tests)."""
+        ref = self._client.collection(LINK_RECORDS).document(check_doc_id(user_id))
         snap = await self._call(ref.get, **self._rpc())
         return dict(snap.to_dict() or {}) if snap.exists else None
 
@@ -650,8 +641,8 @@ class FirestorePlane(ControlPlane):
         ref = self._client.collection(MESSAGES).document(message_doc_id(user_id, event.event_id))
         await self._call(self._put_owned, ref, user_id, message_fields(user_id, event))
 
-    async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
-        ref = self._client.collection(SESSIONS).document(check_doc_id(user_id))
+    async def put_link_record(self, user_id: str, fields: Mapping[str, Any]) -> None:
+        ref = self._client.collection(LINK_RECORDS).document(check_doc_id(user_id))
         await self._call(ref.set, _delete_none(fields), merge=True, **self._rpc())
 
     async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:

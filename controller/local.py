@@ -12,7 +12,7 @@ file (``controller.local_db``), so everything that Firestore gives for free is b
   pair ``(user_id, event_id)`` / the triple ``(user_id, chat_id, number)``, so a write can
   only ever reach the speaking user's own row (schema 3; before it they were keyed by a
   ``{userId}__{eventId}`` string, which two users could share: see ``message_doc_id``).
-- Semantics identical to ``FirestorePlane``: ``update``/``put_session_info`` behave like
+- Semantics identical to ``FirestorePlane``: ``update``/``put_link_record`` behave like
   Firestore's ``set(..., merge=True)`` (nested maps merge key by key, an empty map or any
   other value replaces, a top-level ``None`` deletes the field, a nested ``None`` is stored as
   null); ``updatedAt``/``claimedAt`` are Unix times (float seconds) where Firestore stores
@@ -46,19 +46,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controller.plane import (
+    AccountDoc,
     Change,
     ChangeCallback,
     ControlPlane,
     Removed,
-    SessionDoc,
     check_doc_id,
     merge_fields,
     message_fields,
-    parse_session,
+    parse_account,
     summary_fields,
 )
 from wabridge import logs
-from wabridge.config import ControllerConfig
 from wabridge.errors import ConfigError, SchemaTooNew
 from wabridge.protocol import MessageEvent
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
@@ -176,10 +175,6 @@ class LocalPlane(ControlPlane):
         self._watcher: asyncio.Task[None] | None = None
         self._on_change: ChangeCallback | None = None
         self._closed = False
-
-    @classmethod
-    def from_config(cls, config: ControllerConfig) -> LocalPlane:
-        return cls(config.local_db)
 
     @property
     def path(self) -> Path:
@@ -303,13 +298,13 @@ class LocalPlane(ControlPlane):
     def feed_alive(self) -> bool:
         return self._watcher is None or not self._watcher.done()
 
-    def _snapshot(self) -> tuple[int, list[SessionDoc]]:
+    def _snapshot(self) -> tuple[int, list[AccountDoc]]:
         with _deferred(self._db):
             last = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()[0]
             rows = self._db.execute(
                 "SELECT user_id, fields FROM user_sessions ORDER BY user_id"
             ).fetchall()
-        return int(last), [parse_session(uid, _loads(text)) for uid, text in rows]
+        return int(last), [parse_account(uid, _loads(text)) for uid, text in rows]
 
     def _latest(self) -> int:
         row = self._db.execute("SELECT MAX(id) FROM changes").fetchone()
@@ -332,7 +327,7 @@ class LocalPlane(ControlPlane):
             ).fetchall()
             return int(high), False, [(uid, text) for uid, text in rows]
 
-    async def _poll(self, on_change: ChangeCallback, last: int, docs: list[SessionDoc]) -> None:
+    async def _poll(self, on_change: ChangeCallback, last: int, docs: list[AccountDoc]) -> None:
         known: set[str] = set()
 
         def deliver(item: Change) -> None:
@@ -366,17 +361,17 @@ class LocalPlane(ControlPlane):
             delay = POLL_INTERVAL
             present = {uid for uid, text in rows if text is not None}
             for uid, text in rows:
-                deliver(parse_session(uid, _loads(text)) if text is not None else Removed(uid))
+                deliver(parse_account(uid, _loads(text)) if text is not None else Removed(uid))
             if full:
                 for uid in sorted(known - present):
                     deliver(Removed(uid))
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def list_sessions(self) -> list[SessionDoc]:
+    async def list_accounts(self) -> list[AccountDoc]:
         return (await self._run(self._snapshot))[1]
 
-    async def pending_requests(self) -> list[SessionDoc]:
+    async def pending_requests(self) -> list[AccountDoc]:
         """The documents holding a request, by an indexed-free scan of one JSON field (the
         local plane holds one host's users: a few hundred rows at most)."""
         values = sorted(status.value for status in REQUESTS)
@@ -384,19 +379,19 @@ class LocalPlane(ControlPlane):
         query = ("SELECT user_id, fields FROM user_sessions WHERE json_extract(fields, "  # noqa: S608
                  f"'$.status') IN ({', '.join('?' * len(values))}) ORDER BY user_id")
 
-        def read() -> list[SessionDoc]:
+        def read() -> list[AccountDoc]:
             with _deferred(self._db):
                 rows = self._db.execute(query, values).fetchall()
-            return [parse_session(uid, _loads(text)) for uid, text in rows]
+            return [parse_account(uid, _loads(text)) for uid, text in rows]
 
         return await self._run(read)
 
-    async def get(self, user_id: str) -> SessionDoc | None:
+    async def get(self, user_id: str) -> AccountDoc | None:
         data = await self._run(self._read_doc, "user_sessions", check_doc_id(user_id))
-        return parse_session(user_id, data) if data is not None else None
+        return parse_account(user_id, data) if data is not None else None
 
-    async def session_info(self, user_id: str) -> dict[str, Any] | None:
-        """``sessions/{userId}`` as stored, or None (wabridgectl, tests)."""
+    async def link_record(self, user_id: str) -> dict[str, Any] | None:
+        """The link record ``sessions/{userId}`` as stored, or None (tests)."""
         return await self._run(self._read_doc, "sessions", check_doc_id(user_id))
 
     async def messages(self, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -460,7 +455,7 @@ class LocalPlane(ControlPlane):
 
         await self._run(put)
 
-    async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
+    async def put_link_record(self, user_id: str, fields: Mapping[str, Any]) -> None:
         await self._run(self._merge_doc, "sessions", check_doc_id(user_id), dict(fields))
 
     async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:

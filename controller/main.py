@@ -3,6 +3,10 @@
 Workers are not children of the controller: they are units of their own, so a controller
 restart leaves them running; at start-up the controller rebuilds its view from systemd and the
 control plane and reconciles (``controller.reconcile``).
+
+The core reads as: an event (a document change, a unit state, a worker frame) updates the
+user's ``UserState``; a pure function of ``controller.reconcile`` plans from that state; the
+controller carries the plan out, one user at a time (``execute``).
 """
 
 from __future__ import annotations
@@ -10,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import signal
 import socket
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sdnotify
@@ -25,17 +27,12 @@ import sdnotify
 from controller import admin  # wabridgectl's admin socket
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
-from controller.plane import CONTROLLER, WORKER, ControlPlane, Removed, SessionDoc, error_field
+from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
+from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
-from controller.systemd import (
-    EXIT_REPORTS,
-    Systemd,
-    SystemdError,
-    UnitState,
-    api_key_file,
-    read_exit_report,
-    worker_dropin,
-)
+from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
+from controller.unit_manager import RUNNING_UNIT_STATES, SystemdError, UnitManager, UnitState
+from controller.users import Column, UserState
 from wabridge import config, logs, protocol
 from wabridge.errors import ConfigError, ExitCode, PolicyError, WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus, doc_status_for
@@ -45,57 +42,6 @@ log = logs.get("controller")
 START_SLOT_TIMEOUT = 90.0  # a start slot is given back by then even if no state arrives
 
 
-def choose_plane(cfg: config.Config) -> ControlPlane:
-    choice = cfg.controller.control_plane
-    if choice == "auto":
-        creds_dir = os.environ.get("CREDENTIALS_DIRECTORY", "")
-        has_firebase = bool(
-            cfg.firebase.emulator_host or cfg.firebase.credentials
-            or os.environ.get("FIRESTORE_EMULATOR_HOST")
-            or (creds_dir and (Path(creds_dir) / "firebase").exists())
-        )
-        choice = "firestore" if has_firebase else "local"
-    if choice == "firestore":
-        from controller.firestore import FirestorePlane  # noqa: PLC0415
-
-        firebase = cfg.firebase
-        env_host = os.environ.get("FIRESTORE_EMULATOR_HOST", "")
-        if env_host and not firebase.emulator_host:  # the SDK's own convention, honoured once
-            firebase = dataclasses.replace(firebase, emulator_host=env_host)
-        return FirestorePlane(firebase)
-    from controller.local import LocalPlane  # noqa: PLC0415
-
-    return LocalPlane(Path(cfg.controller.local_db))
-
-
-def view_of(state: UnitState) -> rc.UnitView:
-    # cgroup v1: an OOM kill is a SIGKILL (Result=signal) plus the memory cgroup's oom_kill
-    # counter in the invocation's exit report (see controller/systemd.py "Exit reports")
-    oom = (bool(state.oom_kills) and state.exec_main_code == rc.CLD_KILLED
-           and state.exec_main_status == signal.SIGKILL and state.result in ("signal", "oom-kill"))
-    active = state.active_state
-    if state.job_pending and active in ("inactive", "failed"):
-        # StartUnit loaded the unit and queued its job, which has not run yet (a busy
-        # systemd): it is starting, not stopped
-        active = "activating"
-    return rc.UnitView(
-        active_state=active, sub_state=state.sub_state, result=state.result,
-        n_restarts=state.n_restarts, exec_main_code=state.exec_main_code,
-        exec_main_status=state.exec_main_status, oom=oom,
-        start_limit_burst=state.start_limit_burst,
-    )
-
-
-def start_settled(state: UnitState) -> bool:
-    """Whether a start is over for ``controller.max_starting``: running (READY=1 sent),
-    failed, waiting for an automatic restart, or stopped with no job queued."""
-    if state.active_state in ("active", "failed", "deactivating"):
-        return True
-    if state.sub_state == "auto-restart":
-        return True
-    return state.active_state == "inactive" and not state.job_pending
-
-
 def worker_limits(cfg: config.Config) -> dict[str, str]:
     """Resource settings of every worker unit, from ``worker.*`` (empty: the unit file's)."""
     return {"MemoryMax": cfg.worker.memory_max, "MemoryHigh": cfg.worker.memory_high,
@@ -103,14 +49,14 @@ def worker_limits(cfg: config.Config) -> dict[str, str]:
 
 
 class Controller:
-    def __init__(self, cfg: config.Config, plane: ControlPlane, systemd: Systemd) -> None:
+    def __init__(self, cfg: config.Config, plane: ControlPlane, systemd: UnitManager) -> None:
         self.cfg = cfg
         self.plane = plane
         self.systemd = systemd
         self.host = cfg.controller.host_id or socket.gethostname()
-        self.docs: dict[str, SessionDoc] = {}
-        self.units: dict[str, UnitState] = {}
-        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.users: dict[str, UserState] = {}
+        self.docs: Mapping[str, AccountDoc] = Column(self.users, lambda s: s.doc)
+        self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
                                    self.settings_for)
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
@@ -122,18 +68,16 @@ class Controller:
         self.notifier = sdnotify.SystemdNotifier()
         self.stop = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.last_process_write: dict[str, float] = {}
-        self.last_process_key: dict[str, tuple[int, str, int]] = {}
-        self.reported: dict[str, dict[str, float]] = {}  # latest metrics frame per user
         self.metrics_server: MetricsServer | None = None
         # at most controller.max_starting units activating at once (see start_slot)
         self.start_slots = asyncio.Semaphore(cfg.controller.max_starting)
-        self.starting: dict[str, asyncio.Event] = {}
-        self.unit_events: defaultdict[str, int] = defaultdict(int)  # states delivered per user
-        self.start_mark: dict[str, int] = {}  # unit_events when our last start was queued
         self.loaded = False  # documents read and reconciled: unit events may act
-        self.requested_at: dict[str, float] = {}  # user -> monotonic time of a claimed (re)start
-        self.worker_status: dict[str, DocStatus] = {}  # user -> what its worker last reported
+
+    def user(self, user_id: str) -> UserState:
+        state = self.users.get(user_id)
+        if state is None:
+            state = self.users[user_id] = UserState(user_id)
+        return state
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -175,12 +119,11 @@ class Controller:
         return None
 
     # --- the controller's view of documents ----------------------------------------------
-    def set_doc(self, user_id: str, doc: SessionDoc | None) -> SessionDoc | None:
+    def set_doc(self, user_id: str, doc: AccountDoc | None) -> AccountDoc | None:
         """Replace (None: drop) the view of one document; tells its admin watchers. Returns
         the previous view."""
-        old = self.docs.pop(user_id, None) if doc is None else self.docs.get(user_id)
-        if doc is not None:
-            self.docs[user_id] = doc
+        state = self.user(user_id)
+        old, state.doc = state.doc, doc
         self.watchers.changed(user_id, old, doc)
         return old
 
@@ -193,15 +136,14 @@ class Controller:
             self.set_doc(user_id, doc.merged(fields))
 
     # --- events ------------------------------------------------------------------------
-    def on_change(self, change: SessionDoc | Removed) -> None:
+    def on_change(self, change: AccountDoc | Removed) -> None:
         if isinstance(change, Removed):
             self.set_doc(change.user_id, None)
             if change.user_id in self.units:
                 self.spawn(self.execute(change.user_id, self.plan_unit))
             return
         old = self.set_doc(change.user_id, change)
-        unit = self.units.get(change.user_id)
-        settings = rc.for_settings(old, change, view_of(unit) if unit else None)
+        settings = rc.for_settings(old, change, self.users[change.user_id].view)
         if settings:
             self.spawn(self.execute(change.user_id, lambda _uid: settings))
         self.spawn(self.handle_doc(change.user_id))
@@ -210,108 +152,48 @@ class Controller:
         await self.execute(user_id, self.plan_doc)
 
     def plan_doc(self, user_id: str) -> list[rc.Action]:
-        doc = self.docs.get(user_id)
-        if doc is None:
+        user = self.user(user_id)
+        if user.doc is None:
             return []
-        unit = self.units.get(user_id)
-        return rc.for_doc(doc, view_of(unit) if unit else None)
+        return rc.for_doc(user.doc, user.view)
 
     def plan_unit(self, user_id: str) -> list[rc.Action]:
-        unit = self.units.get(user_id)
-        if unit is None:
+        user = self.user(user_id)
+        if user.unit is None or rc.predates_start(user.start_mark, user.unit_events):
             return []
-        if self.start_mark.get(user_id) == self.unit_events[user_id]:
-            # No state has been read since this controller's last StartUnit/RestartUnit for
-            # the unit returned: what is known predates the start (e.g. the "inactive" of the
-            # ResetFailedUnit just before it) and must not mark the document stopped or
-            # crashed. The start's own state change follows.
-            return []
-        return rc.for_unit(self.docs.get(user_id), user_id, view_of(unit))
+        return rc.for_unit(user.doc, user_id, rc.view_of(user.unit))
 
     def on_unit(self, state: UnitState) -> None:
-        self.units[state.user_id] = state
-        self.unit_events[state.user_id] += 1
-        waiting = self.starting.get(state.user_id)
-        if waiting is not None and start_settled(state):
-            waiting.set()
+        user = self.user(state.user_id)
+        user.unit = state
+        user.unit_events += 1
+        if user.starting is not None and rc.start_settled(state):
+            user.starting.set()
         if not self.loaded:
             # Documents are not read yet: a unit without a known document is not an orphan
             # until they are. The start-up reconcile sees this state.
             return
         self.spawn(self.execute(state.user_id, self.plan_unit))
         key = (state.main_pid, state.active_state, state.n_restarts)
-        self.spawn(self.write_process(state, force=self.last_process_key.get(state.user_id) != key))
+        self.spawn(self.write_process(state, force=user.process_key != key))
 
     async def execute(self, user_id: str, plan: Callable[[str], list[rc.Action]]) -> None:
         """Run the actions ``plan(user_id)`` decides, one user at a time. The plan is made
         under the user's lock, from the documents and unit states known *then*: actions
         decided from an event that a later event (or an action of the previous holder of
         the lock) has made stale are never carried out."""
-        async with self.locks[user_id]:
+        async with self.user(user_id).lock:
             for action in plan(user_id):
                 if not await self._do(action):
                     return
 
     async def _do(self, action: rc.Action) -> bool:
+        """Carry one action out; False: the rest of the plan must not be."""
         match action:
             case rc.Claim(user_id=uid, expect=expect, new=new):
-                ok = await self.claim(uid, expect, new)
-                if ok:
-                    log.info("session.claimed", user_id=uid, status=new.value)
-                    unit_state = self.units.get(uid)
-                    running = unit_state is not None and unit_state.active_state in (
-                        "active", "activating", "reloading")
-                    if new is DocStatus.STARTING and (
-                            not running or DocStatus.RESTART_REQUESTED in expect):
-                        # a new worker process will answer this request; what the old one
-                        # still says while it stops is stale
-                        self.requested_at[uid] = time.monotonic()
-                    elif new is DocStatus.STARTING and uid in self.worker_status:
-                        # the worker already runs and keeps running: say what it last said
-                        # (unless a client's new request got there first)
-                        await self.set_status(uid, self.worker_status[uid],
-                                              frozenset({DocStatus.STARTING}))
-                return ok
+                return await self._claim(uid, expect, new)
             case rc.Start(user_id=uid, reset_failed=reset, restart=restart):
-                unit = worker_unit(uid)
-                try:
-                    if reset:
-                        with contextlib.suppress(SystemdError):
-                            await self.systemd.reset_failed(unit)
-                    # the user's own dynamic user, the resource limits and the backend the
-                    # document asks for; fails closed
-                    try:
-                        dropin = self.dropin_for(uid)
-                    except PolicyError as exc:
-                        log.warning("session.error", user_id=uid, code=exc.code, error=str(exc))
-                        await self.write(uid, {"status": DocStatus.ERROR.value,
-                                               "error": error_field(exc.code, str(exc))})
-                        return False
-                    await self.systemd.install_dropin(unit, dropin)
-                    # a start slot, unless this start is a no-op: one is already under way
-                    # (a second Start from the document's echo) or the unit runs
-                    known = self.units.get(uid)
-                    busy = uid in self.starting or (known is not None
-                                                    and view_of(known).running)
-                    settled = await self.start_slot(uid) if restart or not busy else None
-                    try:
-                        await (self.systemd.restart(unit) if restart
-                               else self.systemd.start(unit))
-                    except SystemdError:
-                        if settled is not None:
-                            settled.set()
-                        raise
-                    if settled is not None:
-                        # a state change is coming (see plan_unit); states delivered from
-                        # now on were read after the job was queued (one FIFO D-Bus thread)
-                        self.start_mark[uid] = self.unit_events[uid]
-                except SystemdError as exc:
-                    await self.write(uid, {"status": DocStatus.ERROR.value,
-                                           "error": error_field("start_failed", str(exc))})
-                    return False
-                log.info("unit.start", user_id=uid, unit=unit)
-                if rc.clears_error(self.docs.get(uid), CONTROLLER):
-                    await self.write(uid, {"error": None})
+                return await self._start(uid, reset=reset, restart=restart)
             case rc.Stop(user_id=uid):
                 log.info("unit.stop", user_id=uid)
                 with contextlib.suppress(SystemdError):
@@ -328,7 +210,7 @@ class Controller:
                 if rest:
                     await self.write(uid, rest)
             case rc.SetError(user_id=uid, code=code, message=message, reason=reason):
-                log.warning("session.error", user_id=uid, code=code, message=message,
+                log.warning("account.error", user_id=uid, code=code, message=message,
                             reason=reason)
                 error = error_field(code, message)
                 if reason:
@@ -338,6 +220,58 @@ class Controller:
                 if await self.server.send(uid, protocol.Settings(
                         settings=await self.settings_for(uid))):
                     log.info("worker.settings_sent", user_id=uid)
+        return True
+
+    async def _claim(self, uid: str, expect: frozenset[DocStatus], new: DocStatus) -> bool:
+        ok = await self.claim(uid, expect, new)
+        if ok:
+            log.info("account.claimed", user_id=uid, status=new.value)
+            user = self.user(uid)
+            active = user.unit.active_state if user.unit is not None else None
+            if rc.awaits_new_worker(new, expect, active):
+                user.requested_at = time.monotonic()
+            replay = rc.replayed_status(new, expect, active, user.last_report)
+            if replay is not None:  # unless a client's new request got there first
+                await self.set_status(uid, replay, frozenset({DocStatus.STARTING}))
+        return ok
+
+    async def _start(self, uid: str, *, reset: bool, restart: bool) -> bool:
+        unit = worker_unit(uid)
+        user = self.user(uid)
+        try:
+            if reset:
+                with contextlib.suppress(SystemdError):
+                    await self.systemd.reset_failed(unit)
+            # the user's own dynamic user, the resource limits and the backend the document
+            # asks for; fails closed
+            try:
+                dropin = self.dropin_for(uid)
+            except PolicyError as exc:
+                log.warning("account.error", user_id=uid, code=exc.code, error=str(exc))
+                await self.write(uid, {"status": DocStatus.ERROR.value,
+                                       "error": error_field(exc.code, str(exc))})
+                return False
+            await self.systemd.install_dropin(unit, dropin)
+            settled = (await self.start_slot(uid)
+                       if rc.needs_start_slot(restart, user.starting is not None, user.view)
+                       else None)
+            try:
+                await (self.systemd.restart(unit) if restart else self.systemd.start(unit))
+            except SystemdError:
+                if settled is not None:
+                    settled.set()
+                raise
+            if settled is not None:
+                # a state change is coming (see plan_unit); states delivered from now on
+                # were read after the job was queued (one FIFO D-Bus thread)
+                user.start_mark = user.unit_events
+        except SystemdError as exc:
+            await self.write(uid, {"status": DocStatus.ERROR.value,
+                                   "error": error_field("start_failed", str(exc))})
+            return False
+        log.info("unit.start", user_id=uid, unit=unit)
+        if rc.clears_error(user.doc, CONTROLLER):
+            await self.write(uid, {"error": None})
         return True
 
     async def claim(self, user_id: str, expect: frozenset[DocStatus], new: DocStatus) -> bool:
@@ -374,18 +308,18 @@ class Controller:
         stopped) or after ``START_SLOT_TIMEOUT``; the caller does not wait for that."""
         await self.start_slots.acquire()
         settled = asyncio.Event()
-        previous = self.starting.get(user_id)
-        if previous is not None:
-            previous.set()
-        self.starting[user_id] = settled
+        user = self.user(user_id)
+        if user.starting is not None:
+            user.starting.set()
+        user.starting = settled
 
         async def give_back() -> None:
             try:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(settled.wait(), START_SLOT_TIMEOUT)
             finally:
-                if self.starting.get(user_id) is settled:
-                    del self.starting[user_id]
+                if user.starting is settled:
+                    user.starting = None
                 self.start_slots.release()
 
         self.spawn(give_back())
@@ -398,7 +332,7 @@ class Controller:
         made (and that the controller has not seen yet) is never overwritten."""
         ok = await self.claim(user_id, expect, new)
         if not ok:
-            log.info("session.status_not_written", user_id=user_id, status=new.value)
+            log.info("account.status_not_written", user_id=user_id, status=new.value)
         return ok
 
     def dropin_for(self, user_id: str) -> str:
@@ -413,38 +347,39 @@ class Controller:
         """The document's ``process`` field: on every change of PID/state/restarts, else at
         most once per ``controller.metrics_interval`` (Firestore: ~1 write/s per document)."""
         now = time.monotonic()
-        last = self.last_process_write.get(state.user_id, 0.0)
-        if not force and now - last < self.cfg.controller.metrics_interval:
+        user = self.user(state.user_id)
+        if not force and now - user.process_written_at < self.cfg.controller.metrics_interval:
             return
-        if state.user_id not in self.docs:
+        if user.doc is None:
             return
-        self.last_process_write[state.user_id] = now
-        self.last_process_key[state.user_id] = (state.main_pid, state.active_state,
-                                                state.n_restarts)
-        # systemd keeps a stopped unit's last STATUS= line ("stopping: ..."): it describes
-        # a process that is gone
-        running = state.active_state in ("active", "activating", "reloading", "deactivating")
-        await self.write(state.user_id, {"process": {
-            "pid": state.main_pid, "state": state.active_state, "restarts": state.n_restarts,
-            "memoryBytes": state.memory_bytes,
-            "status": state.status_text if running else None,
-            "cpuSeconds": (state.cpu_nsec or 0) / 1e9, "since": state.since_usec / 1e6,
-        }})
+        user.process_written_at = now
+        user.process_key = (state.main_pid, state.active_state, state.n_restarts)
+        await self.write(state.user_id, {"process": rc.process_fields(state)})
 
     # --- worker frames -----------------------------------------------------------------
     async def settings_for(self, user_id: str) -> dict[str, Any]:
         return rc.worker_settings(self.docs.get(user_id))
 
+    def _may_report(self, user_id: str, what: str) -> bool:
+        doc = self.docs.get(user_id)
+        status = doc.status if doc is not None else None
+        if rc.worker_may_report(status):
+            return True
+        log.info("worker.late_report", user_id=user_id, report=what,
+                 status=status.value if status else None)
+        return False
+
     async def on_frame(self, user_id: str, frame: protocol.SequencedFrame) -> None:
         match frame:
             case protocol.State(state=state, detail=detail, phone=phone):
-                if (self.server.connected_since.get(user_id, 0.0)
-                        < self.requested_at.get(user_id, 0.0)):
-                    # The old process, still stopping after a new request: its last words
-                    # ("replaced", "logged out") must not undo the request.
+                user = self.user(user_id)
+                if rc.stale_report(self.server.connected_since.get(user_id, 0.0),
+                                   user.requested_at):
                     log.info("worker.stale_state", user_id=user_id, state=state.value)
                     return
-                self.worker_status[user_id] = doc_status_for(state)
+                user.last_report = doc_status_for(state)
+                if not self._may_report(user_id, "state"):
+                    return
                 new = rc.status_from_worker(state)  # written only from WORKER_MAY_SET, below
                 # The facts first, then the status: whoever watches the document and sees
                 # "connected" also sees the phone and the detail.
@@ -457,7 +392,7 @@ class Controller:
                     new = None  # a request or a stop got there first: leave it be
                 if new is DocStatus.CONNECTED:
                     await self.write(user_id, {"qrCode": None, "qrRaw": None})
-                    await self.plane.put_session_info(user_id, {
+                    await self.plane.put_link_record(user_id, {
                         "phone": phone, "connectedAt": time.time()})
                 log.info("worker.state", user_id=user_id, state=state.value, detail=detail)
             case protocol.Qr(code=code, data_url=data_url):
@@ -478,7 +413,9 @@ class Controller:
                     log.info("worker.problem_cleared", user_id=user_id, code=code)
                     await self.write(user_id, {"error": None})
             case protocol.Metrics():
-                self.reported[user_id] = {
+                if not self._may_report(user_id, "metrics"):
+                    return
+                self.user(user_id).reported = {
                     "chats": frame.chats, "claude_processes": frame.claude_processes,
                     "turns": frame.turns, "messages_in": frame.messages_in,
                     "messages_out": frame.messages_out, "input_tokens": frame.input_tokens,
@@ -505,22 +442,23 @@ class Controller:
                 except SystemdError as exc:
                     log.debug("metrics.read_failed", user_id=user_id, error=str(exc))
                     continue
-                current = self.units.get(user_id)
+                user = self.user(user_id)
+                current = user.unit
                 if fresh is None or current is None or (
                         fresh.invocation_id != current.invocation_id):
                     continue  # changed meanwhile: the unit signal brings the new state
                 merged = dataclasses.replace(current, memory_bytes=fresh.memory_bytes,
                                              cpu_nsec=fresh.cpu_nsec, tasks=fresh.tasks)
-                self.units[user_id] = merged
+                user.unit = merged
                 self.spawn(self.write_process(merged))
 
     def snapshot(self) -> FleetSnapshot:
         """What ``GET /metrics`` shows (controller.metrics.render)."""
-        users = set(self.docs) | set(self.units)
         workers = []
-        for uid in users:
-            unit = self.units.get(uid)
-            doc = self.docs.get(uid)
+        for uid, user in list(self.users.items()):
+            if not user.known:
+                continue
+            unit, doc = user.unit, user.doc
             workers.append(WorkerFigures(
                 user_id=uid,
                 unit_state=unit.active_state if unit else None,
@@ -532,7 +470,7 @@ class Controller:
                 tasks=unit.tasks if unit else None,
                 status=doc.status.value if doc and doc.status else None,
                 linked=uid in self.server.connections,
-                reported=self.reported.get(uid, {}),
+                reported=user.reported,
             ))
         return FleetSnapshot(workers=tuple(workers), controller_memory_bytes=own_rss_bytes(),
                              plane=self.plane.name)
@@ -555,7 +493,7 @@ class Controller:
         for uid, doc in self.docs.items():
             unit = self.units.get(uid)
             if doc.status not in RUNNING_STATUSES or (unit is not None and unit.active_state
-                                                      in ("active", "activating")):
+                                                      in RUNNING_UNIT_STATES):
                 continue
             try:
                 report = read_exit_report(EXIT_REPORTS, worker_unit(uid))
@@ -577,10 +515,10 @@ class Controller:
         await self.admin.start()  # wabridgectl (controller/admin.py): reads our own view
         await self.server.start()
         for state in await self.systemd.list_workers():
-            self.units[state.user_id] = state
-        for doc in await self.plane.list_sessions():
+            self.user(state.user_id).unit = state
+        for doc in await self.plane.list_accounts():
             self.set_doc(doc.user_id, doc)
-        actions = rc.reconcile(self.docs, {u: view_of(s) for u, s in self.units.items()},
+        actions = rc.reconcile(self.docs, {u: rc.view_of(s) for u, s in self.units.items()},
                                self.exits_while_away())
         self.loaded = True
         log.info("controller.reconcile", documents=len(self.docs), units=len(self.units),
@@ -603,7 +541,7 @@ class Controller:
                 log.error("watchdog.unhealthy", problem=problem)
             self.unhealthy = problem or ""
             running = sum(1 for s in self.units.values() if s.active_state == "active")
-            line = (f"{len(self.docs)} sessions - {running} workers active - "
+            line = (f"{len(self.docs)} accounts - {running} workers active - "
                     f"{len(self.server.connections)} linked - plane {self.plane.name}")
             self.notifier.notify(f"STATUS={'unhealthy: ' + problem + ' - ' if problem else ''}"
                                  f"{line}")

@@ -124,7 +124,7 @@ def render(snapshot: FleetSnapshot) -> str:
     for state in sorted(set(UNIT_STATES) | set(states)):
         out.sample("wabridge_units", [f'state="{escape_label(state)}"'], states.get(state, 0))
 
-    out.declare("wabridge_sessions", "Session documents by status", "gauge")
+    out.declare("wabridge_sessions", "Account documents (user_sessions) by status", "gauge")
     statuses = Counter(w.status for w in workers if w.status is not None)
     for status in sorted(statuses):
         out.sample("wabridge_sessions", [f'status="{escape_label(status)}"'], statuses[status])

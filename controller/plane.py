@@ -1,4 +1,14 @@
-"""The control plane: where sessions are requested and where the fleet reports.
+"""The control plane: where accounts are requested and where the fleet reports.
+
+"Session" names three things in this project; the code says which. The collection names are
+the external contract (apps read and write them) and stay as they are:
+
+- an **account document** (``AccountDoc``): ``user_sessions/{userId}``, one WhatsApp account
+  a client asked for and what the controller says about it (status, QR, errors, process);
+- a **link record**: ``sessions/{userId}``, the facts of the account's WhatsApp link once it
+  connected (``put_link_record``);
+- a **Claude session**: the worker's conversation with Claude for one chat (``agent/``),
+  never stored here.
 
 Two implementations behind :class:`ControlPlane`: Firestore (``controller/firestore.py``) and a
 local SQLite store (``controller/local.py``), chosen by ``controller.control_plane``. One
@@ -15,11 +25,12 @@ Layout (same names in both backends, after the seed's collections):
   rotation (userId, chatId, number, text, createdAt). In composite ids each part has ``%``,
   ``/`` and ``_`` percent-encoded, so ids are injective (``controller.local.message_doc_id``);
   a write never replaces a record whose ``userId`` is another user's (``ForeignRecordError``).
-- ``sessions/{userId}``: WhatsApp session facts (jid, phone, pushName, connectedAt).
+- ``sessions/{userId}``: the link record, WhatsApp link facts (jid, phone, pushName,
+  connectedAt).
 - ``messages/{userId}__{eventId}``: processed messages (userId, chatId, direction, sender,
   text, ts), written idempotently: re-sending a frame rewrites the same document.
 
-Documents are parsed into :class:`SessionDoc` here at the boundary; the controller core never
+Documents are parsed into :class:`AccountDoc` here at the boundary; the controller core never
 sees a raw dict.
 """
 
@@ -32,13 +43,36 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wabridge.errors import UserIdError
+from wabridge.errors import UserIdError, WabridgeError
 from wabridge.protocol import MessageEvent
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 
+class PlaneError(WabridgeError):
+    """The control plane's backend refused or failed a request."""
+
+    code = "plane_error"
+    explanation = "the control plane failed a request; the controller's journal says which"
+
+
+class PlaneUnavailable(PlaneError):
+    """The backend is unreachable or overloaded; retrying later may succeed."""
+
+    code = "plane_unavailable"
+    explanation = ("Firestore is unreachable or overloaded; the controller retries with back-off "
+                   "(check the network, a proxy, or firebase.emulator_host)")
+
+
+class PlaneDenied(PlaneError):
+    """The backend rejected our credentials or denied access; retrying will not help."""
+
+    code = "plane_denied"
+    explanation = ("Firestore refused the credentials: check firebase.credentials (or the "
+                   "'firebase' systemd credential) and the service account's roles")
+
+
 @dataclass(frozen=True)
-class SessionDoc:
+class AccountDoc:
     """One ``user_sessions`` document as the controller knows it: what its decisions read and
     what ``wabridgectl status``/``watch`` show (the admin socket reads this, nothing else).
 
@@ -63,11 +97,11 @@ class SessionDoc:
     process: Mapping[str, Any] = field(default_factory=dict)
     data: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def merged(self, fields: Mapping[str, Any]) -> SessionDoc:
+    def merged(self, fields: Mapping[str, Any]) -> AccountDoc:
         """This document after ``ControlPlane.update(fields)`` (the same merge rules)."""
         data = copy.deepcopy(dict(self.data))
         merge_fields(data, fields)
-        return parse_session(self.user_id, data)
+        return parse_account(self.user_id, data)
 
 
 @dataclass(frozen=True)
@@ -77,12 +111,12 @@ class Removed:
     user_id: str
 
 
-Change = SessionDoc | Removed
+Change = AccountDoc | Removed
 ChangeCallback = Callable[[Change], None]
 
 
-def parse_session(user_id: str, data: Mapping[str, Any]) -> SessionDoc:
-    """Turn a raw document into a ``SessionDoc``; never raises (odd fields become None)."""
+def parse_account(user_id: str, data: Mapping[str, Any]) -> AccountDoc:
+    """Turn a raw document into a ``AccountDoc``; never raises (odd fields become None)."""
     raw_status = data.get("status")
     settings = data.get("settings")
     phone = data.get("pairingPhone")
@@ -90,7 +124,7 @@ def parse_session(user_id: str, data: Mapping[str, Any]) -> SessionDoc:
     error = data.get("error")
     error = error if isinstance(error, Mapping) else {}
     unit = data.get("unit")
-    return SessionDoc(
+    return AccountDoc(
         user_id=user_id,
         status=parse_doc_status(raw_status),
         raw_status=raw_status,
@@ -120,7 +154,7 @@ def _map(value: object) -> dict[str, Any]:
 
 
 def merge_fields(target: dict[str, Any], fields: Mapping[str, Any], *, top: bool = True) -> None:
-    """Firestore's ``set(merge=True)``, as every plane (and ``SessionDoc.merged``) applies it:
+    """Firestore's ``set(merge=True)``, as every plane (and ``AccountDoc.merged``) applies it:
     non-empty maps merge key by key, anything else (including an empty map) replaces with a
     copy; at the top level ``None`` deletes the field."""
     for key, value in fields.items():
@@ -211,14 +245,14 @@ class ControlPlane(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def list_sessions(self) -> list[SessionDoc]:
-        """Every session document, parsed."""
+    async def list_accounts(self) -> list[AccountDoc]:
+        """Every account document, parsed."""
 
-    async def pending_requests(self) -> list[SessionDoc]:
+    async def pending_requests(self) -> list[AccountDoc]:
         """Documents whose status is a client's request (``*_requested``): the controller's
         check that the change feed missed nothing (``Controller.resync``). This default reads
         every document; a backend that can query by status should."""
-        return [doc for doc in await self.list_sessions() if doc.status in REQUESTS]
+        return [doc for doc in await self.list_accounts() if doc.status in REQUESTS]
 
     async def rewatch(self) -> None:  # noqa: B027 - a no-op unless a feed can go quiet
         """Re-open the change feed after it was found to have missed a change. The fresh feed
@@ -231,8 +265,8 @@ class ControlPlane(abc.ABC):
         return True
 
     @abc.abstractmethod
-    async def get(self, user_id: str) -> SessionDoc | None:
-        """One session document, or None."""
+    async def get(self, user_id: str) -> AccountDoc | None:
+        """One account document, or None."""
 
     @abc.abstractmethod
     async def claim(
@@ -252,7 +286,7 @@ class ControlPlane(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, user_id: str) -> None:
-        """Delete the session document (clients; tests)."""
+        """Delete the account document (clients; tests)."""
 
     @abc.abstractmethod
     async def add_message(self, user_id: str, event: MessageEvent) -> None:
@@ -263,8 +297,8 @@ class ControlPlane(abc.ABC):
         """The latest recorded messages of a user, oldest first (for wabridgectl and tests)."""
 
     @abc.abstractmethod
-    async def put_session_info(self, user_id: str, fields: Mapping[str, Any]) -> None:
-        """Merge WhatsApp session facts into ``sessions/{userId}``."""
+    async def put_link_record(self, user_id: str, fields: Mapping[str, Any]) -> None:
+        """Merge WhatsApp link facts into the link record ``sessions/{userId}``."""
 
     @abc.abstractmethod
     async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.plane import CONTROLLER, SessionDoc
+from controller.plane import CONTROLLER, AccountDoc
+from controller.unit_manager import PROCESS_UNIT_STATES, RUNNING_UNIT_STATES, UnitState
 from wabridge.errors import (
     EXIT_EXPLANATIONS,
     NO_RESTART_EXIT_CODES,
@@ -22,7 +23,16 @@ from wabridge.errors import (
     PolicyError,
     UserIdError,
 )
-from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState, doc_status_for
+from wabridge.phone import PHONE_RULE, is_phone
+from wabridge.status import (
+    EXIT_OUTCOMES,
+    OUTCOME_STATUSES,
+    REQUESTS,
+    RUNNING_STATUSES,
+    DocStatus,
+    WorkerState,
+    doc_status_for,
+)
 from wabridge.units import validate_user_id
 
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
@@ -30,7 +40,7 @@ CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
 @dataclass(frozen=True)
 class UnitView:
-    """What the decisions need of a unit's state (built from ``controller.systemd.UnitState``)."""
+    """What the decisions need of a unit's state (``view_of`` a ``UnitState``)."""
 
     active_state: str  # active, activating, deactivating, inactive, failed, reloading
     sub_state: str = ""
@@ -43,12 +53,30 @@ class UnitView:
 
     @property
     def running(self) -> bool:
-        return self.active_state in ("active", "activating", "reloading")
+        return self.active_state in RUNNING_UNIT_STATES
 
     @property
     def restarting(self) -> bool:
         """Between a failure and systemd's automatic restart (``RestartSec=``)."""
         return self.sub_state == "auto-restart"
+
+
+def view_of(state: UnitState) -> UnitView:
+    # cgroup v1: an OOM kill is a SIGKILL (Result=signal) plus the memory cgroup's oom_kill
+    # counter in the invocation's exit report (see controller/systemd.py "Exit reports")
+    oom = (bool(state.oom_kills) and state.exec_main_code == CLD_KILLED
+           and state.exec_main_status == signal.SIGKILL and state.result in ("signal", "oom-kill"))
+    active = state.active_state
+    if state.job_pending and active in ("inactive", "failed"):
+        # StartUnit loaded the unit and queued its job, which has not run yet (a busy
+        # systemd): it is starting, not stopped
+        active = "activating"
+    return UnitView(
+        active_state=active, sub_state=state.sub_state, result=state.result,
+        n_restarts=state.n_restarts, exec_main_code=state.exec_main_code,
+        exec_main_status=state.exec_main_status, oom=oom,
+        start_limit_burst=state.start_limit_burst,
+    )
 
 
 @dataclass(frozen=True)
@@ -94,17 +122,6 @@ class PushSettings:
 Action = Claim | Start | Stop | Update | SetError | PushSettings
 
 KNOWN = ", ".join(s.value for s in DocStatus)
-# Outcomes a worker reports just before it exits by itself with a do-not-restart code:
-# stopping it as well would race its exit and hide the exit code.
-_WORKER_EXITS_ITSELF = frozenset({DocStatus.LOGGED_OUT, DocStatus.BANNED, DocStatus.REPLACED,
-                                  DocStatus.OUTDATED, DocStatus.QR_EXPIRED})
-_TERMINAL_FROM_EXIT = {
-    ExitCode.LOGGED_OUT: DocStatus.LOGGED_OUT,
-    ExitCode.BANNED: DocStatus.BANNED,
-    ExitCode.REPLACED: DocStatus.REPLACED,
-    ExitCode.OUTDATED: DocStatus.OUTDATED,
-    ExitCode.QR_EXPIRED: DocStatus.QR_EXPIRED,
-}
 
 
 def _shown(value: object, limit: int = 120) -> str:
@@ -114,7 +131,7 @@ def _shown(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
+def for_doc(doc: AccountDoc, unit: UnitView | None) -> list[Action]:
     """What a document asks for, given its unit's state (None: no such unit loaded)."""
     uid = doc.user_id
     try:
@@ -138,10 +155,9 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
                 Start(uid, reset_failed=True, restart=running)]
     if status is DocStatus.PAIRING_REQUESTED:
         phone = doc.pairing_phone or ""
-        if not (phone.isascii() and phone.isdigit() and 8 <= len(phone) <= 15):
+        if not is_phone(phone):
             return [SetError(uid, "bad_pairing_phone",
-                             f"pairingPhone {phone!r} must be digits with country code "
-                             "(8-15 digits, no '+')"),
+                             f"pairingPhone {phone!r} must be {PHONE_RULE}"),
                     Update(uid, stopped_fields() if not running
                            else {"status": DocStatus.STARTING.value})]
         return [Claim(uid, frozenset({status}), DocStatus.PAIRING),
@@ -158,7 +174,10 @@ def for_doc(doc: SessionDoc, unit: UnitView | None) -> list[Action]:
         return []
     if status in REQUESTS:  # pragma: no cover - every request is handled above
         return []
-    if running and status not in _WORKER_EXITS_ITSELF and status is not DocStatus.STOPPING:
+    # an outcome a worker reports just before it exits by itself with its do-not-restart
+    # code (wabridge.status.EXIT_OUTCOMES): stopping it as well would race its exit and hide
+    # the exit code
+    if running and status not in OUTCOME_STATUSES and status is not DocStatus.STOPPING:
         return [Stop(uid)]
     return []
 
@@ -251,7 +270,7 @@ def exit_facts(unit: UnitView) -> dict[str, Any]:
     }
 
 
-def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Action]:
+def for_unit(doc: AccountDoc | None, user_id: str, unit: UnitView) -> list[Action]:
     """Mirror a unit's state into its document, and name crashes."""
     if doc is None:
         return [Stop(user_id)] if unit.running else []
@@ -273,7 +292,7 @@ def for_unit(doc: SessionDoc | None, user_id: str, unit: UnitView) -> list[Actio
         # "failed" here: a stop that ended badly (TimeoutStopSec=, SIGKILL); still stopped.
         terminal = None
         if unit.exec_main_code == CLD_EXITED and unit.exec_main_status in NO_RESTART_EXIT_CODES:
-            terminal = _TERMINAL_FROM_EXIT.get(ExitCode(unit.exec_main_status))
+            terminal = EXIT_OUTCOMES.get(ExitCode(unit.exec_main_status))
         if terminal is not None and status in RUNNING_STATUSES:
             actions.append(Update(user_id, {"status": terminal.value}))
         elif status in RUNNING_STATUSES or status is DocStatus.STOPPING:
@@ -296,6 +315,20 @@ def worker_may_move(new: DocStatus) -> frozenset[DocStatus]:
     return WORKER_MAY_SET
 
 
+#: Document statuses during which a worker's reports (its detail, phone and figures) describe
+#: the account: the worker runs, or is being stopped. Once the document says ``stopped``,
+#: ``crashed``, ``error``, an outcome, or holds a client's request, a report still in flight
+#: from the old process (its "stopping", its last Claude process count) is stale: written, it
+#: would contradict the status.
+WORKER_MAY_REPORT = WORKER_MAY_SET | {DocStatus.STOPPING}
+
+
+def worker_may_report(status: DocStatus | None) -> bool:
+    """Whether a worker's report may be written on a document whose status is ``status``
+    (None: the document is gone or has no status)."""
+    return status in WORKER_MAY_REPORT
+
+
 def status_from_worker(state: WorkerState) -> DocStatus | None:
     """The document status a worker's report asks for; None: none ("stopping" is the
     controller's to say).
@@ -315,13 +348,13 @@ def status_from_worker(state: WorkerState) -> DocStatus | None:
 class Resync:
     """What one resync check decided (``missed_requests``)."""
 
-    handle: list[SessionDoc]  # requests to handle now
+    handle: list[AccountDoc]  # requests to handle now
     missed: list[str]  # users among them whose request the feed never delivered: re-open it
     seen: dict[str, DocStatus | None]  # the pending requests, for the next check
 
 
-def missed_requests(previous: Mapping[str, DocStatus | None], pending: Sequence[SessionDoc],
-                    known: Mapping[str, SessionDoc]) -> Resync:
+def missed_requests(previous: Mapping[str, DocStatus | None], pending: Sequence[AccountDoc],
+                    known: Mapping[str, AccountDoc]) -> Resync:
     """The controller's check under the change feed (``controller.resync_interval``).
 
     ``pending`` holds the documents with a ``*_requested`` status now, ``previous`` what the
@@ -337,7 +370,7 @@ def missed_requests(previous: Mapping[str, DocStatus | None], pending: Sequence[
     return Resync(handle, missed, {doc.user_id: doc.status for doc in pending})
 
 
-def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],
+def reconcile(docs: Mapping[str, AccountDoc], units: Mapping[str, UnitView],
               last_exit: Mapping[str, int] | None = None) -> list[Action]:
     """Start-up: bring units in line with documents, and stop units without a document.
 
@@ -350,8 +383,8 @@ def reconcile(docs: Mapping[str, SessionDoc], units: Mapping[str, UnitView],
         unit = units.get(uid)
         code = (last_exit or {}).get(uid)
         if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)
-                and code is not None and code in _TERMINAL_FROM_EXIT):
-            terminal = _TERMINAL_FROM_EXIT[ExitCode(code)]
+                and code is not None and code in EXIT_OUTCOMES):
+            terminal = EXIT_OUTCOMES[ExitCode(code)]
             actions.append(Update(uid, {
                 "status": terminal.value,
                 "statusDetail": f"the worker ended ({terminal.value}, exit code {code}) "
@@ -373,7 +406,7 @@ _SIM_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%-]+\Z")
 _PAIRING = frozenset({DocStatus.PAIRING_REQUESTED, DocStatus.PAIRING})
 
 
-def worker_settings(doc: SessionDoc | None) -> dict[str, Any]:
+def worker_settings(doc: AccountDoc | None) -> dict[str, Any]:
     """What the worker is told (``Welcome``/``Settings``): the document's ``settings``, and
     the phone to pair with while a pairing is asked for."""
     if doc is None:
@@ -384,7 +417,7 @@ def worker_settings(doc: SessionDoc | None) -> dict[str, Any]:
     return settings
 
 
-def for_settings(old: SessionDoc | None, new: SessionDoc, unit: UnitView | None) -> list[Action]:
+def for_settings(old: AccountDoc | None, new: AccountDoc, unit: UnitView | None) -> list[Action]:
     """A document changed: does its running worker need to hear about it? Any change of what
     ``worker_settings`` says is pushed at once (the worker checks it, reports a bad value and
     keeps its previous settings); a new ``backend``/``simUrl`` restarts a running worker,
@@ -421,7 +454,7 @@ def worker_environment(settings: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-def clears_error(doc: SessionDoc | None, source: str, code: str | None = None) -> bool:
+def clears_error(doc: AccountDoc | None, source: str, code: str | None = None) -> bool:
     """Whether ``source`` may clear the document's error now. Each error belongs to the
     source that reported it (``error.source``; none: written before sources, the
     controller's) and only that source clears it: a worker when the cause of ``code`` is
@@ -439,3 +472,74 @@ def stopped_fields() -> dict[str, Any]:
     process that was (its last detail, STATUS= line or live Claude processes)."""
     return {"status": DocStatus.STOPPED.value, "statusDetail": "stopped",
             "metrics": {"claudeProcesses": 0}}
+
+
+# --- ordering: which events and reports are stale ----------------------------------------
+# The controller carries actions out while other events arrive; these decide, from counters
+# and times it keeps per user (``controller.main.UserState``), what an event still means.
+
+
+def start_settled(state: UnitState) -> bool:
+    """Whether a start is over for ``controller.max_starting`` (its start slot is given
+    back): running (READY=1 sent), failed, waiting for an automatic restart, or stopped with
+    no job queued."""
+    if state.active_state in ("active", "failed", "deactivating"):
+        return True
+    if state.sub_state == "auto-restart":
+        return True
+    return state.active_state == "inactive" and not state.job_pending
+
+
+def needs_start_slot(restart: bool, start_under_way: bool, unit: UnitView | None) -> bool:
+    """Whether a ``Start`` takes one of the ``controller.max_starting`` slots: a restart
+    does; a start does unless it is a no-op, because one is already under way (a second
+    Start from the document's echo) or the unit runs."""
+    return restart or not (start_under_way or (unit is not None and unit.running))
+
+
+def predates_start(start_mark: int | None, delivered: int) -> bool:
+    """Whether the unit's known state was read before this controller's last
+    StartUnit/RestartUnit returned: ``start_mark`` is the count of states delivered then,
+    ``delivered`` the count now. Such a state (e.g. the "inactive" of the ResetFailedUnit
+    just before the start) must not mark the document stopped or crashed; the start's own
+    state change follows. States are read on one FIFO D-Bus thread, so every state
+    delivered after the start returned was read after the job was queued."""
+    return start_mark == delivered
+
+
+def awaits_new_worker(new: DocStatus, expect: frozenset[DocStatus],
+                      unit_active_state: str | None) -> bool:
+    """After a claim to ``new``: will a new worker process answer the request? Then
+    whatever the old process still says while it stops is stale (``stale_report``). True
+    for a claim to ``starting`` of a unit not running, or of a restart request."""
+    running = unit_active_state in RUNNING_UNIT_STATES
+    return new is DocStatus.STARTING and (not running or DocStatus.RESTART_REQUESTED in expect)
+
+
+def replayed_status(new: DocStatus, expect: frozenset[DocStatus], unit_active_state: str | None,
+                    last_report: DocStatus | None) -> DocStatus | None:
+    """After a claim to ``starting`` of a worker that runs and keeps running (a second
+    create request): the status it last reported, to say again (None: nothing to say)."""
+    if new is not DocStatus.STARTING or awaits_new_worker(new, expect, unit_active_state):
+        return None
+    return last_report
+
+
+def stale_report(connected_since: float, requested_at: float) -> bool:
+    """Whether a worker's state report comes from a process that connected before the last
+    claimed (re)start (monotonic times): the old process, still stopping, whose last words
+    ("replaced", "logged out") must not undo the request."""
+    return connected_since < requested_at
+
+
+def process_fields(state: UnitState) -> dict[str, Any]:
+    """The document's ``process``: the unit's main process as systemd accounts it."""
+    # systemd keeps a stopped unit's last STATUS= line ("stopping: ..."): it describes a
+    # process that is gone
+    has_process = state.active_state in PROCESS_UNIT_STATES
+    return {
+        "pid": state.main_pid, "state": state.active_state, "restarts": state.n_restarts,
+        "memoryBytes": state.memory_bytes,
+        "status": state.status_text if has_process else None,
+        "cpuSeconds": (state.cpu_nsec or 0) / 1e9, "since": state.since_usec / 1e6,
+    }

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.plane import ControlPlane, SessionDoc
-from controller.systemd import Systemd, SystemdError, UnitState
+from controller.plane import AccountDoc, ControlPlane
+from controller.systemd import Systemd
+from controller.unit_manager import SystemdError, UnitManager, UnitState
 from wabridge import config, logs
 from wabridge.errors import WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus
@@ -65,7 +66,7 @@ class Retirement:
     fields: dict[str, Any]  # merged after the status is claimed
 
 
-def plan(docs: Iterable[SessionDoc], host: str, units: Iterable[str],
+def plan(docs: Iterable[AccountDoc], host: str, units: Iterable[str],
          reason: str) -> list[Retirement]:
     """Which documents to mark ``stopped`` (pure): those this host owned (its name as their
     ``host``, or a worker unit here) whose status still claims a running worker. Documents
@@ -81,7 +82,7 @@ def plan(docs: Iterable[SessionDoc], host: str, units: Iterable[str],
     ]
 
 
-async def stop_workers(systemd: Systemd, timeout: float = STOP_WAIT) -> list[UnitState]:
+async def stop_workers(systemd: UnitManager, timeout: float = STOP_WAIT) -> list[UnitState]:
     """Stop every worker unit and wait (up to ``timeout``) until none runs; returns the
     worker units systemd knew before."""
     known = await systemd.list_workers()
@@ -115,11 +116,11 @@ async def mark_stopped(plane: ControlPlane, host: str, todo: list[Retirement]) -
     return done
 
 
-async def retire(systemd: Systemd, plane: ControlPlane, host: str, reason: str) -> int:
+async def retire(systemd: UnitManager, plane: ControlPlane, host: str, reason: str) -> int:
     """Stop the host's workers, then mark their documents ``stopped``; returns how many
     documents were marked."""
     units = await stop_workers(systemd)
-    todo = plan(await plane.list_sessions(), host, (s.user_id for s in units if s.user_id),
+    todo = plan(await plane.list_accounts(), host, (s.user_id for s in units if s.user_id),
                 reason)
     done = await mark_stopped(plane, host, todo)
     log.info("retire.done", host=host, reason=reason, workers=len(units), documents=done)
@@ -127,7 +128,7 @@ async def retire(systemd: Systemd, plane: ControlPlane, host: str, reason: str) 
 
 
 async def retire_if_requested(cfg: config.Config, make_plane: Callable[[], ControlPlane],
-                              make_systemd: Callable[[], Systemd] = Systemd,
+                              make_systemd: Callable[[], UnitManager] = Systemd,
                               request: Path = REQUEST) -> bool:
     """The controller's last step, after its own shutdown (it no longer reacts to documents
     or units; its clients are closed, so fresh ones are made): retire the host when prerm

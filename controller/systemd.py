@@ -1,7 +1,13 @@
 """The controller's systemd adapter: start/stop worker units and watch their state over D-Bus.
 
-This is the only module of the controller that imports pystemd. Everything it hands out is
-plain Python (``UnitState``, ``SystemdError``), so the core never sees sd-bus types.
+Over 600 lines because it is the one adapter of pystemd: the thread-confined call bus, the
+signal bus and its coalescing, exit reports and drop-ins all live with the binding's pitfalls
+recorded below (about 120 lines of this docstring), and change together when it does.
+
+This is the only module of the controller that imports pystemd. ``Systemd`` implements the
+unit-manager boundary (``controller.unit_manager.UnitManager``); everything it hands out is
+plain Python (``UnitState``, ``SystemdError``, defined there), so the core never sees sd-bus
+types.
 
 Threads and buses
 -----------------
@@ -110,15 +116,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 from pystemd import dbusexc
 from pystemd.dbuslib import DBus, DBusAddress, apply_signature, path_decode, path_encode
 
-from wabridge import claude_cli
-from wabridge.errors import PolicyError, WabridgeError
+from controller.unit_manager import FAILED, NO_SUCH_UNIT, UNAVAILABLE, SystemdError, UnitState
+from wabridge import claude_cli, logs
+from wabridge.errors import PolicyError
 from wabridge.units import WORKER_PREFIX, WORKER_SUFFIX, user_of_unit
 
-log = structlog.get_logger(__name__)
+log = logs.get("controller.systemd")
 
 T = TypeVar("T")
 
@@ -166,16 +172,6 @@ EXIT_REPORTS = Path("/run/wabridge/exits")  # written by the worker unit's ExecS
 RUNTIME_UNIT_DIR = Path("/run/systemd/system")
 WORKER_DROPIN = "50-wabridge.conf"
 
-NO_SUCH_UNIT = "no_such_unit"
-UNAVAILABLE = "unavailable"
-FAILED = "failed"
-
-_EXPLAIN = {
-    NO_SUCH_UNIT: "is the wabridge-worker@.service template installed? (systemctl daemon-reload)",
-    UNAVAILABLE: "systemd's D-Bus API is not reachable: is the system bus running?",
-    FAILED: "systemd refused the request; see the journal of the unit",
-}
-
 # Errors meaning "the bus or systemd is not there", as pystemd classes and as errnos (pystemd
 # raises a plain DBusBaseError for socket-level failures).
 _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
@@ -203,52 +199,6 @@ _UNAVAILABLE_ERRNOS = frozenset(
         errno.EBADF,
     }
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitState:
-    """A snapshot of one unit, read from systemd."""
-
-    unit: str
-    user_id: str  # "" for a unit that is not a worker unit
-    active_state: str  # active, activating, deactivating, inactive, failed, reloading
-    sub_state: str
-    main_pid: int  # in systemd's PID namespace; 0 if none
-    n_restarts: int
-    result: str  # success, exit-code, signal, timeout, core-dump, watchdog, start-limit-hit, ...
-    exec_main_code: int  # CLD_EXITED=1, CLD_KILLED=2, CLD_DUMPED=3 (0: not exited yet)
-    exec_main_status: int  # exit code or signal number
-    status_text: str  # what the worker last sent with STATUS=
-    memory_bytes: int | None  # MemoryCurrent; None when not accounted
-    cpu_nsec: int | None  # CPUUsageNSec
-    tasks: int | None  # TasksCurrent
-    since_usec: int  # realtime usec: ActiveEnterTimestamp if active, else StateChangeTimestamp
-    load_state: str = "loaded"  # systemd's LoadState, or UNLOADED (see module doc)
-    invocation_id: str = ""  # hex; a new one per start (automatic restarts included)
-    start_limit_burst: int = 0  # StartLimitBurst= (see reconcile.hit_start_limit)
-    # From the exit report of the invocation (see "Exit reports" in the module doc); None when
-    # there is none for this invocation (running, or the report could not be read).
-    oom_kills: int | None = None
-    control_group: str = ""  # e.g. /wabridge.slice/wabridge-worker@alice.service
-    job_pending: bool = False  # a job is queued for the unit (e.g. StartUnit not yet run)
-
-
-class SystemdError(WabridgeError):
-    """A systemd request that did not succeed.
-
-    ``code`` is one of ``no_such_unit`` (no such unit file / unit not loaded), ``unavailable``
-    (the bus or systemd cannot be reached; retry later) and ``failed`` (anything else).
-    """
-
-    code = FAILED
-
-    def __init__(
-        self, code: str, message: str, *, unit: str | None = None, dbus_error: str = ""
-    ) -> None:
-        super().__init__(message, explanation=_EXPLAIN.get(code, ""))
-        self.code = code
-        self.unit = unit
-        self.dbus_error = dbus_error
 
 
 def _text(value: object) -> str:
@@ -768,14 +718,6 @@ class Systemd:
         if changed and await self._call("need-reload", unit, _w_need_reload, unit):
             await self.daemon_reload()
         return changed
-
-    async def remove_dropin(self, unit: str) -> None:
-        """Forget the unit's runtime drop-in (after its user is gone); no reload."""
-        path = self.dropin_path(unit)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()
 
     async def daemon_reload(self) -> None:
         """Manager.Reload, coalesced: returns once a reload that began after the call ended."""

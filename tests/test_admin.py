@@ -16,7 +16,7 @@ from fakes.admin_facade import FakeFacade, FakeUnit, socket_dir
 
 from controller import admin
 from controller.admin import AdminServer, ControllerFacade, DocWatchers
-from controller.plane import ControlPlane, SessionDoc, parse_session
+from controller.plane import AccountDoc, ControlPlane, parse_account
 from controller.server import WorkerServer
 from wabridge import protocol
 from wabridge.status import DocStatus
@@ -153,7 +153,7 @@ async def test_status_one_and_unknown(client: Client) -> None:
     assert [r["user"] for r in answer["users"]] == ["bob"]
     assert await client.call(op="status", user="carol") == {
         "ok": False, "code": "unknown_user",
-        "message": "no session for user 'carol' (wabridgectl status lists them)"}
+        "message": "no account for user 'carol' (wabridgectl status lists them)"}
     bad = await client.call(op="status", user="a b")
     assert (bad["ok"], bad["code"]) == (False, "bad_user_id")
 
@@ -186,7 +186,7 @@ async def test_link_with_phone_requests_pairing(client: Client, facade: FakeFaca
                                                       "15550003333")
     bad = await client.call(op="link", user="carol", phone="+1 555")
     assert (bad["ok"], bad["code"]) == (False, "bad_request")
-    assert "8-15 digits" in bad["message"]
+    assert "7-15 digits" in bad["message"]
 
 
 async def test_link_of_a_connected_account_does_nothing(
@@ -435,10 +435,10 @@ class RecordingPlane(ControlPlane):
     async def watch(self, on_change: Any) -> None:
         return None
 
-    async def list_sessions(self) -> list[SessionDoc]:
+    async def list_accounts(self) -> list[AccountDoc]:
         return []
 
-    async def get(self, user_id: str) -> SessionDoc | None:
+    async def get(self, user_id: str) -> AccountDoc | None:
         return None
 
     async def claim(self, user_id: str, expect: frozenset[DocStatus], new: DocStatus,
@@ -460,7 +460,7 @@ class RecordingPlane(ControlPlane):
     async def messages(self, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
         return [{"chatId": "c", "limit": limit}]
 
-    async def put_session_info(self, user_id: str, fields: Any) -> None:
+    async def put_link_record(self, user_id: str, fields: Any) -> None:
         return None
 
     async def add_summary(self, user_id: str, chat_id: str, number: int, text: str) -> None:
@@ -485,7 +485,7 @@ async def test_controller_facade_reads_the_controller(tmp_path: Path) -> None:
 
     class Ctl:
         def __init__(self) -> None:
-            self.docs = {"alice": parse_session("alice", {"status": "connected"})}
+            self.docs = {"alice": parse_account("alice", {"status": "connected"})}
             self.units = {"bob": FakeUnit()}
             self.server = WorkerServer(str(tmp_path / "w.sock"), no_unit, no_frames, no_settings)
             self.plane: ControlPlane = RecordingPlane()
@@ -511,7 +511,7 @@ async def test_controller_facade_reads_the_controller(tmp_path: Path) -> None:
 
 
 def test_a_document_merges_like_the_planes() -> None:
-    doc = parse_session("u", {"status": "connected"})
+    doc = parse_account("u", {"status": "connected"})
     doc = doc.merged({"metrics": {"chats": 1, "turns": 2}, "qrRaw": "a"})
     doc = doc.merged({"metrics": {"chats": 3}, "qrRaw": None})
     assert (dict(doc.metrics), doc.qr_raw) == ({"chats": 3, "turns": 2}, None)

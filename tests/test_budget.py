@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from agent import budget, rotation
 from agent.budget import Bucket
 from agent.rotation import HistoryLine
+from wabridge.prices import Price
 
 # --- token bucket --------------------------------------------------------------------------
 
@@ -204,3 +205,18 @@ def test_seed_text_and_with_seed() -> None:
     assert isinstance(blocks, list)
     assert blocks[0] == {"type": "text", "text": f"{only}\n\nNew message:"}
     assert blocks[1:] == [{"type": "image"}, {"type": "text", "text": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({}, 0.0),
+        ({"input_tokens": 1_000_000}, 3.0),
+        ({"output_tokens": 1_000_000}, 15.0),
+        ({"input_tokens": 1000, "output_tokens": 100}, 0.0045),
+        ({"cache_creation_input_tokens": 1_000_000}, 3.75),
+        ({"cache_read_input_tokens": 1_000_000}, 0.3),
+    ],
+)
+def test_usage_cost(usage: dict[str, int], expected: float) -> None:
+    assert budget.usage_cost(usage, Price(3.0, 15.0)) == pytest.approx(expected)

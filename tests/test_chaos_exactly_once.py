@@ -1,4 +1,4 @@
-"""Exactly-once replies across crashes (issue 5): three chats send continuously while the
+"""Exactly-once replies across crashes: three chats send continuously while the
 worker is SIGKILLed at random moments; every inbound message gets exactly one reply, counted
 at the simulated contacts, in per-chat order.
 

@@ -1,4 +1,4 @@
-"""The chaos run's short mode, in CI (issue 8): load and faults against a whole fleet; every
+"""The chaos run's short mode, in CI: load and faults against a whole fleet; every
 figure that must read zero reads zero (see ``bench/chaos.py``).
 
 Plus targeted reproductions of what the chaos run found (all fixed since): an outcome (a

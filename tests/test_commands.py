@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from agent import commands
-from agent.commands import Command, StatusInfo
+from agent.commands import ChatCommand, StatusInfo
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("/reset", Command("reset")),
-        ("  /RESET  ", Command("reset")),
-        ("/status please", Command("status", "please")),
-        ("/help\nme", Command("help", "me")),
-        ("/x", Command("x")),
-        ("/foo-bar_2 a b", Command("foo-bar_2", "a b")),
+        ("/reset", ChatCommand("reset")),
+        ("  /RESET  ", ChatCommand("reset")),
+        ("/status please", ChatCommand("status", "please")),
+        ("/help\nme", ChatCommand("help", "me")),
+        ("/x", ChatCommand("x")),
+        ("/foo-bar_2 a b", ChatCommand("foo-bar_2", "a b")),
         ("reset", None),
         ("hello /reset", None),
         ("/", None),
@@ -28,14 +28,14 @@ from agent.commands import Command, StatusInfo
         ("/" + "a" * 40, None),  # not a command word, an ordinary message
     ],
 )
-def test_parse(text: str, expected: Command | None) -> None:
+def test_parse(text: str, expected: ChatCommand | None) -> None:
     assert commands.parse(text) == expected
 
 
 def test_known_and_unknown() -> None:
-    assert all(Command(n).known for n in ("reset", "status", "help"))
-    assert not Command("x").known
-    text = commands.unknown_text(Command("x"))
+    assert all(ChatCommand(n).known for n in ("reset", "status", "help"))
+    assert not ChatCommand("x").known
+    text = commands.unknown_text(ChatCommand("x"))
     assert text.startswith("Unknown command /x.")
     assert commands.HELP_TEXT in text
 

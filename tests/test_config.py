@@ -12,6 +12,7 @@ import pytest
 from wabridge import config
 from wabridge.config import Config, load
 from wabridge.errors import ConfigError, ExitCode
+from wabridge.prices import Price, parse_prices
 
 
 @pytest.fixture
@@ -165,6 +166,15 @@ def test_wrong_types(tmp_path: Path, text: str, key: str, problem: str) -> None:
          "is not HOST:PORT"),
         ("[controller]\nmetrics_listen = 'h:0'", "controller.metrics_listen", "is not HOST:PORT"),
         ("[log]\nlevel = 'trace'", "log.level", "is not one of debug"),
+        ("[claude]\nengine = 'sdk'", "claude.engine", "'sdk' is not one of cli, api"),
+        ("[claude]\nengine = 'api'\ntools = true", "claude.engine", "api has no tools"),
+        ("[claude]\nengine = 'api'\nmodel = 'claude-new'", "claude.api_prices",
+         "no price for the model 'claude-new'"),
+        ("[claude]\napi_prices = 'm=3'", "claude.api_prices", "'m=3' is not model=input/output"),
+        ("[claude]\napi_prices = 'm=3/x'", "claude.api_prices", "is not model=input/output"),
+        ("[claude]\napi_prices = '=3/15'", "claude.api_prices", "is not model=input/output"),
+        ("[claude]\napi_prices = 'm=-1/15'", "claude.api_prices", "is not model=input/output"),
+        ("[claude]\napi_max_tokens = 0", "claude.api_max_tokens", "not within 1..128000"),
     ],
 )
 def test_out_of_range(tmp_path: Path, text: str, key: str, problem: str) -> None:
@@ -323,3 +333,18 @@ def test_reference_markdown_lists_every_key() -> None:
     assert "| `worker.backend` | `'neonize'` | neonize, sim |" in text
     for row in rows:
         assert row.count("|") == 5, row  # no doc string breaks the table
+
+
+def test_api_prices_are_parsed_per_model() -> None:
+    prices = parse_prices(" claude-a=3/15, claude-b = 0.8/4 ,")
+    assert prices == {"claude-a": Price(3.0, 15.0), "claude-b": Price(0.8, 4.0)}
+    assert prices["claude-a"].cache_write == pytest.approx(3.75)
+    assert prices["claude-a"].cache_read == pytest.approx(0.3)
+    default = Config().claude
+    assert config.api_model(default) in parse_prices(default.api_prices)
+
+
+def test_the_api_engine_uses_claude_model_when_set(tmp_path: Path) -> None:
+    cfg = load(_write(tmp_path, "[claude]\nengine = 'api'\nmodel = 'x'\n"
+                                "api_prices = 'x=1/2'"), environ={})
+    assert config.api_model(cfg.claude) == "x"

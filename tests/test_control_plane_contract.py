@@ -24,15 +24,18 @@ import pytest
 import pytest_asyncio
 
 from controller import firestore as firestore_plane
-from controller.firestore import (
-    FirestorePlane,
+from controller.firestore import FirestorePlane, map_error
+from controller.local import SCHEMA_VERSION, LocalPlane
+from controller.plane import (
+    AccountDoc,
+    Change,
+    ControlPlane,
     PlaneDenied,
     PlaneError,
     PlaneUnavailable,
-    map_error,
+    Removed,
+    message_doc_id,
 )
-from controller.local import SCHEMA_VERSION, LocalPlane
-from controller.plane import Change, ControlPlane, Removed, SessionDoc, message_doc_id
 from wabridge.config import FirebaseConfig
 from wabridge.errors import ConfigError, ExitCode, ForeignRecordError, SchemaTooNew, UserIdError
 from wabridge.protocol import MessageEvent
@@ -161,7 +164,7 @@ class Collector:
 def doc_of(user_id: str, status: DocStatus | None = None) -> Callable[[Change], bool]:
     def match(change: Change) -> bool:
         return (
-            isinstance(change, SessionDoc)
+            isinstance(change, AccountDoc)
             and change.user_id == user_id
             and (status is None or change.status == status)
         )
@@ -190,9 +193,9 @@ async def test_watch_delivers_existing_documents_then_changes(store: Store) -> N
     await plane.watch(seen)
 
     first = [await seen.next(FIRST_TIMEOUT), await seen.next(FIRST_TIMEOUT)]
-    assert all(isinstance(c, SessionDoc) for c in first)
+    assert all(isinstance(c, AccountDoc) for c in first)
     assert {c.user_id for c in first} == {"alice", "bob"}
-    assert {c.user_id: c.status for c in first if isinstance(c, SessionDoc)} == {
+    assert {c.user_id: c.status for c in first if isinstance(c, AccountDoc)} == {
         "alice": DocStatus.CREATE_REQUESTED,
         "bob": DocStatus.CONNECTED,
     }
@@ -201,7 +204,7 @@ async def test_watch_delivers_existing_documents_then_changes(store: Store) -> N
     await seen.until(doc_of("carol", DocStatus.CREATE_REQUESTED))
     await other.update("alice", {"status": DocStatus.STARTING.value})
     changed = await seen.until(doc_of("alice", DocStatus.STARTING))
-    assert isinstance(changed, SessionDoc)
+    assert isinstance(changed, AccountDoc)
     await other.delete("bob")
     await seen.until(removed("bob"))
     assert Removed("alice") not in seen.all and Removed("carol") not in seen.all
@@ -271,7 +274,7 @@ async def test_odd_documents_parse_without_raising(store: Store) -> None:
     )
     await plane.update("nostatus", {"phone": "+1"})
 
-    docs = {d.user_id: d for d in await plane.list_sessions()}
+    docs = {d.user_id: d for d in await plane.list_accounts()}
     assert set(docs) == {"n42", "unknown", "weird", "nostatus"}
     assert docs["n42"].status is None and docs["n42"].raw_status == 42
     assert docs["unknown"].status is None and docs["unknown"].raw_status == "zombie"
@@ -372,7 +375,7 @@ async def test_request_creates_the_document(store: Store) -> None:
     doc = await plane.get("alice")
     assert doc is not None
     assert doc.status == DocStatus.DESTROY_REQUESTED and doc.pairing_phone == "+4912345"
-    assert [d.user_id for d in await plane.list_sessions()] == ["alice"]
+    assert [d.user_id for d in await plane.list_accounts()] == ["alice"]
 
 
 async def test_pending_requests_are_the_documents_holding_a_request(store: Store) -> None:
@@ -399,7 +402,7 @@ async def test_delete_is_idempotent(store: Store) -> None:
     await plane.delete("alice")
     await plane.delete("alice")
     assert await plane.get("alice") is None
-    assert await plane.list_sessions() == []
+    assert await plane.list_accounts() == []
 
 
 async def test_add_message_is_idempotent_and_ordered(store: Store) -> None:
@@ -435,18 +438,18 @@ async def test_add_message_is_idempotent_and_ordered(store: Store) -> None:
     ]
 
 
-async def test_put_session_info_merges(store: Store) -> None:
+async def test_put_link_record_merges(store: Store) -> None:
     plane = store.open()
-    info_of = plane.session_info  # type: ignore[attr-defined]
+    info_of = plane.link_record  # type: ignore[attr-defined]
     assert await info_of("alice") is None
-    await plane.put_session_info("alice", {"jid": "1@s.whatsapp.net", "phone": "+1"})
-    await plane.put_session_info("alice", {"pushName": "Alice", "phone": "+2"})
+    await plane.put_link_record("alice", {"jid": "1@s.whatsapp.net", "phone": "+1"})
+    await plane.put_link_record("alice", {"pushName": "Alice", "phone": "+2"})
     assert await info_of("alice") == {
         "jid": "1@s.whatsapp.net",
         "phone": "+2",
         "pushName": "Alice",
     }
-    await plane.put_session_info("alice", {"pushName": None})
+    await plane.put_link_record("alice", {"pushName": None})
     assert await info_of("alice") == {"jid": "1@s.whatsapp.net", "phone": "+2"}
     assert await plane.get("alice") is None  # a different collection
 
@@ -508,7 +511,7 @@ async def test_user_ids_that_cannot_name_a_document_are_refused(store: Store) ->
             await plane.update(bad, {"status": "x"})
     odd = "a b:c@d.e%f"
     await plane.request(odd, DocStatus.CREATE_REQUESTED)
-    assert [d.user_id for d in await plane.list_sessions()] == [odd]
+    assert [d.user_id for d in await plane.list_accounts()] == [odd]
 
 
 # -- Firestore specifics --------------------------------------------------------------------

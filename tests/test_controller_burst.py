@@ -33,7 +33,7 @@ from google.cloud import firestore
 
 from controller.firestore import FirestorePlane, _by_path
 from controller.main import Controller
-from controller.systemd import UnitState
+from controller.unit_manager import UnitState
 from wabridge import config, protocol
 from wabridge.config import FirebaseConfig
 from wabridge.status import DocStatus
@@ -213,14 +213,14 @@ async def test_100_stop_then_100_start_requests_at_once_are_acted_on_within_5_s(
     await acted_on(written, burst.fleet.stopped, burst.task, "destroy_requested")
 
     async def all_stopped() -> bool:
-        docs = await burst.client.list_sessions()
+        docs = await burst.client.list_accounts()
         return all(doc.status is DocStatus.STOPPED for doc in docs)
 
     await until(all_stopped, 30, "every document to say stopped")
 
     written = await write_at_once(burst.client, DocStatus.CREATE_REQUESTED, how)
     await acted_on(written, burst.fleet.started, burst.task, "create_requested")
-    for doc in await burst.client.list_sessions():
+    for doc in await burst.client.list_accounts():
         assert doc.status is not DocStatus.CREATE_REQUESTED  # claimed: starting, or further
 
 

@@ -18,8 +18,8 @@ from fakes.units import ScriptedSystemd
 
 from controller.local import LocalPlane
 from controller.main import Controller
-from controller.plane import SessionDoc
-from controller.systemd import UnitState
+from controller.plane import AccountDoc
+from controller.unit_manager import UnitState
 from wabridge import config, protocol
 from wabridge.status import DocStatus, WorkerState
 
@@ -65,7 +65,7 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyt
     plane_class: type[LocalPlane] = getattr(request, "param", LocalPlane)
     plane = plane_class(tmp_path / "plane.sqlite")
     systemd = ScriptedSystemd()
-    controller = Controller(cfg, plane, systemd)  # type: ignore[arg-type]
+    controller = Controller(cfg, plane, systemd)
     controller.loaded = True
     yield controller, plane, systemd
     await settle(controller)
@@ -74,7 +74,7 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyt
     await plane.close()
 
 
-async def doc_of(plane: LocalPlane) -> SessionDoc:
+async def doc_of(plane: LocalPlane) -> AccountDoc:
     doc = await plane.get("alice")
     assert doc is not None
     return doc
@@ -87,7 +87,7 @@ async def test_a_stale_inactive_state_after_reset_failed_does_not_stop_the_resta
     unit must be started, the document must stay "starting", and nothing may stop it."""
     controller, plane, systemd = world
     await plane.request("alice", DocStatus.CRASHED)
-    controller.docs["alice"] = await doc_of(plane)
+    controller.set_doc("alice", await doc_of(plane))
     controller.on_unit(FAILED_AT_LIMIT)
     await settle(controller)
 
@@ -137,7 +137,7 @@ async def test_worker_reports_are_written_even_when_the_cached_document_lags(
     document as it is (an upgrade restarts every worker: the documents must not flap)."""
     controller, plane, _ = world
     await plane.update("alice", {"status": DocStatus.CONNECTED.value})
-    controller.docs["alice"] = await doc_of(plane)  # and no echo is delivered from here on
+    controller.set_doc("alice", await doc_of(plane))  # and no echo is delivered from here on
     for seq, st in enumerate([WorkerState.STARTING, WorkerState.CONNECTED], 1):
         await controller.on_frame("alice", protocol.State(seq=seq, state=st, detail=st.value))
         assert (await doc_of(plane)).status is DocStatus.CONNECTED

@@ -29,10 +29,10 @@ from agent.link import ControllerLink
 from agent.store import Store
 from controller.local import LocalPlane
 from controller.main import Controller
-from controller.plane import SessionDoc
-from controller.systemd import UnitState
+from controller.plane import AccountDoc
+from controller.unit_manager import UnitState
 from wabridge import config, protocol
-from wabridge.status import DocStatus
+from wabridge.status import DocStatus, WorkerState
 
 UNIT = "wabridge-worker@alice.service"
 
@@ -68,7 +68,7 @@ class DeadFeedPlane(LocalPlane):
 class FailingResyncPlane(LocalPlane):
     """The resync's read fails with a bug, not a plane error: the resync task dies."""
 
-    async def pending_requests(self) -> list[SessionDoc]:
+    async def pending_requests(self) -> list[AccountDoc]:
         raise RuntimeError("a bug in the resync")
 
 
@@ -101,7 +101,7 @@ class Running:
                 raise AssertionError(f"timed out waiting for {what}")
             await asyncio.sleep(0.05)
 
-    async def doc(self) -> SessionDoc:
+    async def doc(self) -> AccountDoc:
         doc = await self.plane.get("alice")
         assert doc is not None
         return doc
@@ -128,7 +128,7 @@ async def running(request: pytest.FixtureRequest, tmp_path: Path,
     notify.setblocking(False)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     systemd = ScriptedSystemd()
-    controller = Controller(cfg, plane, systemd)  # type: ignore[arg-type]
+    controller = Controller(cfg, plane, systemd)
     run = Running(controller, plane, systemd, notify)
     yield run
     if run.task is not None and not run.task.done():
@@ -216,6 +216,7 @@ class FakeWorker:
 
     def __init__(self, path: str, store: Store) -> None:
         self.settings: list[dict[str, Any]] = []
+        self.store = store
         self.link = ControllerLink(path, "alice", store, "test", self.on_settings,
                                    lambda _c: None)
         self.stop = asyncio.Event()
@@ -327,7 +328,7 @@ async def test_a_bad_backend_is_named_and_nothing_starts(running: Running) -> No
     await running.plane.request("alice", DocStatus.CREATE_REQUESTED,
                                 settings={"backend": "whatsapp-web"})
 
-    async def errored() -> SessionDoc:
+    async def errored() -> AccountDoc:
         while (doc := await running.doc()).error_code is None:
             await asyncio.sleep(0.05)
         return doc
@@ -376,7 +377,7 @@ async def test_a_stopped_document_keeps_nothing_of_the_process_that_was(
     running.systemd.deliver(unit_state("inactive", "dead",
                                        status_text="stopping: closing Claude processes"))
 
-    async def stopped() -> SessionDoc:
+    async def stopped() -> AccountDoc:
         while (doc := await running.doc()).status is not DocStatus.STOPPED:
             await asyncio.sleep(0.05)
         return doc
@@ -389,3 +390,22 @@ async def test_a_stopped_document_keeps_nothing_of_the_process_that_was(
     assert doc.process["status"] is None and doc.process["state"] == "inactive"
     row = await admin_status(running)
     assert (row["status"], row["detail"], row["claude_processes"]) == ("stopped", "stopped", 0)
+
+
+async def test_a_late_report_of_a_stopped_worker_does_not_undo_stopped(
+        running: Running, worker: FakeWorker) -> None:
+    """The worker's last words ("stopping", its Claude processes) can reach the controller
+    after the unit went inactive and the document said ``stopped``: they are not written."""
+    await running.plane.update("alice", {"status": "stopped", "statusDetail": "stopped",
+                                         "metrics": {"claudeProcesses": 0}})
+    await running.until(lambda: running.controller.docs["alice"].status is DocStatus.STOPPED,
+                        5, "the stopped document")
+    worker.link.report(lambda seq: protocol.State(seq=seq, state=WorkerState.STOPPING,
+                                                  detail="stopping", phone=""))
+    worker.link.report(lambda seq: protocol.Metrics(
+        seq=seq, chats=1, claude_processes=1, turns=1, messages_in=1, messages_out=1,
+        input_tokens=1, output_tokens=1, cost_today_usd=0.0))
+    await running.until(lambda: not worker.store.unacked_frames(), 5, "frames handled")
+    doc = await running.doc()
+    assert (doc.status, doc.status_detail) == (DocStatus.STOPPED, "stopped")
+    assert doc.metrics == {"claudeProcesses": 0}

@@ -18,6 +18,7 @@ from fakes.admin_facade import FakeFacade, FakeUnit, ThreadedAdmin, socket_dir
 from PIL import Image
 
 from controller import ctl
+from controller import doctor as host_checks
 from wabridge import config, qr
 from wabridge.status import DocStatus
 
@@ -148,12 +149,12 @@ def test_status_of_an_unknown_user_fails(
 ) -> None:
     code, out, err = run(capsys, *sock(served), "status", "carol")
     assert code == ctl.FAILED
-    assert err == "wabridgectl: no session for user 'carol' (wabridgectl status lists them)\n"
+    assert err == "wabridgectl: no account for user 'carol' (wabridgectl status lists them)\n"
     code, out, err = run(capsys, *sock(served), "status", "carol", "--json")
     assert code == ctl.FAILED
     assert json.loads(out) == {"error": {
         "code": "unknown_user",
-        "message": "no session for user 'carol' (wabridgectl status lists them)"}}
+        "message": "no account for user 'carol' (wabridgectl status lists them)"}}
 
 
 def test_unlink_restart_reset_chats(
@@ -191,7 +192,7 @@ def test_usage_errors_exit_2(served: ThreadedAdmin, capsys: pytest.CaptureFixtur
     code, _, err = run(capsys, *sock(served), "status", "a b")
     assert code == ctl.USAGE and "contains ' '" in err
     code, _, err = run(capsys, *sock(served), "link", "erin", "--pairing-code", "12")
-    assert code == ctl.USAGE and "8-15 digits" in err
+    assert code == ctl.USAGE and "7-15 digits" in err
 
 
 def test_unreachable_controller_exits_3(
@@ -468,10 +469,10 @@ def test_doctor_on_a_healthy_host(
     assert checks["control_plane"]["message"] == f"local store {host['db']} readable (1 tables)"
     assert checks["api_key"]["message"] == f"ANTHROPIC_API_KEY set in {host['env']}"
     assert checks["admin_socket"]["status"] == "ok"
-    assert "controller on testhost, 2 sessions, 1 workers linked" in checks[
+    assert "controller on testhost, 2 accounts, 1 workers linked" in checks[
         "admin_socket"]["message"]
     assert checks["disk"]["status"] in ("ok", "warn")
-    claude = ctl.claude_path(config.load())
+    claude = host_checks.claude_path(config.load())
     if claude is not None and claude.is_file():
         assert checks["claude"]["status"] == "ok", checks["claude"]
         assert "(Claude Code)" in checks["claude"]["message"]
@@ -579,7 +580,7 @@ def test_doctor_claude_runs_with_the_offline_env(
                     '$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC ${ANTHROPIC_API_KEY:-nokey}"\n')
     path.chmod(0o755)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "must-not-leak")
-    check = ctl.check_claude(config.Config(claude=config.ClaudeConfig(cli_path=str(path))))
+    check = host_checks.check_claude(config.Config(claude=config.ClaudeConfig(cli_path=str(path))))
     assert check.status == "ok"
     assert check.message == f"{path}: 9.9.9 (Claude Code) 1 1 nokey"
 
@@ -593,11 +594,34 @@ def test_doctor_missing_local_store(
     assert checks["control_plane"]["message"] == f"local store {host['db']} does not exist"
 
 
+def test_doctor_guesses_the_plane_as_the_controller_chooses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the controller unreachable, ``doctor`` checks the plane the controller would
+    choose: a ``firebase`` credential (systemd's ``LoadCredential=``) means Firestore."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "firebase").write_text("{}")
+    for name in ("FIRESTORE_EMULATOR_HOST", "WABRIDGE__FIREBASE__EMULATOR_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    dialled: list[Any] = []
+
+    def no_network(address: Any, timeout: float) -> None:
+        dialled.append(address)
+        raise OSError("not in tests")
+
+    monkeypatch.setattr(host_checks.socket, "create_connection", no_network)
+    check = host_checks.check_plane(config.Config(), None)
+    assert dialled == [("firestore.googleapis.com", 443)]
+    assert check.message.startswith("Firestore at firestore.googleapis.com:443 unreachable")
+
+
 def test_doctor_disk_space_below_a_gigabyte_is_a_warning(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ctl, "MIN_FREE_BYTES", 1 << 62)
-    check = ctl.check_disk("/var/lib/wabridge-does-not-exist/x")
+    monkeypatch.setattr(host_checks, "MIN_FREE_BYTES", 1 << 62)
+    check = host_checks.check_disk("/var/lib/wabridge-does-not-exist/x")
     assert check.status == "warn" and check.message.startswith("only ")
     assert check.message.endswith("free for /var/lib/wabridge-does-not-exist/x")
 
@@ -605,4 +629,4 @@ def test_doctor_disk_space_below_a_gigabyte_is_a_warning(
 def test_read_env_file(tmp_path: Path) -> None:
     path = tmp_path / "env"
     path.write_text('# c\n; c\nexport A=1\nB="two words"\nC=\'3\'\nbroken\n\nD = 4\n')
-    assert ctl.read_env_file(path) == {"A": "1", "B": "two words", "C": "3", "D": "4"}
+    assert host_checks.read_env_file(path) == {"A": "1", "B": "two words", "C": "3", "D": "4"}

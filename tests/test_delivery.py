@@ -25,7 +25,8 @@ from structlog.testing import capture_logs
 
 from agent import delivery
 from agent.claude import ClaudeSettings
-from agent.engine import ClaudePool, Engine
+from agent.engine import Engine
+from agent.pool import ClaudePool
 from agent.store import Store
 from agent.whatsapp.base import SendError
 from agent.whatsapp.events import ChatExpiration, IncomingMessage, StreamError, Undecryptable

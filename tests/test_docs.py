@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from wabridge import config
@@ -22,3 +23,22 @@ def test_every_config_key_is_documented() -> None:
     for line in config.reference_markdown().splitlines()[2:]:
         key = line.split("|")[1].strip()
         assert key in text
+
+
+def test_the_architecture_page_names_files_that_exist() -> None:
+    """docs/architecture.md matches the code: every module, test and unit file it names is
+    there (a rename that forgets the page fails here)."""
+    text = (DOCS / "architecture.md").read_text()
+    root = DOCS.parent
+    named = set(re.findall(r"`((?:agent|controller|wabridge|sim|tests)/[\w/]+\.py)", text))
+    assert len(named) > 20
+    missing = sorted(p for p in named if not (root / p).exists())
+    assert missing == []
+    for symbol, module in [("AccountDoc", "controller/plane.py"),
+                           ("UnitManager", "controller/unit_manager.py"),
+                           ("UserState", "controller/users.py"),
+                           ("WhatsAppBackend", "agent/whatsapp/base.py"),
+                           ("ClaudePool", "agent/pool.py"),
+                           ("EXIT_OUTCOMES", "wabridge/status.py"),
+                           ("put_link_record", "controller/plane.py")]:
+        assert symbol in text and symbol in (root / module).read_text(), symbol

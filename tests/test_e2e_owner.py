@@ -1,5 +1,5 @@
 """The account's owner, played by the simulator's owner's phone, end to end through real
-systemd (issue 18): ``reply_to: self`` answers the self chat and nothing else, owner commands
+systemd: ``reply_to: self`` answers the self chat and nothing else, owner commands
 answer the owner only, and the owner writing in a contact's chat is seen as the owner."""
 
 from __future__ import annotations

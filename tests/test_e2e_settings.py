@@ -83,6 +83,26 @@ def test_a_settings_change_takes_effect_on_the_next_message(fleet: Fleet) -> Non
     assert fleet.prop(fleet.unit("alice"), "MainPID") == pid  # no restart was needed
 
 
+def test_engine_api_answers_from_the_worker_itself(fleet: Fleet) -> None:
+    """``engine: api``: the worker calls the Messages API through the SDK, with the key and
+    base URL of worker.env, and the chat keeps its memory across the switch."""
+    unit = fleet.unit("alice")
+    pid = fleet.prop(unit, "MainPID")
+    set_settings(fleet, sim_settings(fleet, reply_to="allowlist", allowlist=[OTHER],
+                                     engine="api"))
+    wait_until(lambda: "engine=api" in fleet.journal(unit), 5, "the worker to switch engines")
+    text = fleet.ask(OTHER, ALICE, "tea please")["text"]
+    # the CLI's conversation is continued from the stored messages (the recovery seed)
+    assert text.startswith("echo: ") and "User: allowed" in text and "tea please" in text
+    req = fleet.api.message_requests()[-1]
+    assert "claude-cli" not in req.headers.get("user-agent", "")  # the SDK, not the CLI
+    # worker.env's key, as the CLI gets it (SDK 2.x sends an API key as a bearer token)
+    key = (req.headers.get("x-api-key")
+           or req.headers.get("authorization", "").removeprefix("Bearer "))
+    assert key == "test-key"
+    assert fleet.prop(unit, "MainPID") == pid
+
+
 def test_a_bad_setting_is_reported_within_2s_and_a_corrected_one_clears_it(
         fleet: Fleet) -> None:
     written = set_settings(fleet, sim_settings(fleet, reply_to=7))

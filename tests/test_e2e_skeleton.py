@@ -1,4 +1,4 @@
-"""The walking skeleton, end to end through a real systemd (issue 2).
+"""The walking skeleton, end to end through a real systemd.
 
 A Firestore document becomes a worker unit; the sim phone scans its QR; a contact's message is
 answered by the real Claude Code CLI through the fake Anthropic API, quoting the original.

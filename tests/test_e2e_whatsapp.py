@@ -1,4 +1,4 @@
-"""WhatsApp outcomes end to end through real systemd (issue 4).
+"""WhatsApp outcomes end to end through real systemd.
 
 Each account is linked through the simulator, then the sim plays what WhatsApp does: logouts,
 another client taking over, bans, an outdated client, dropped connections, duplicate delivery,
@@ -127,7 +127,7 @@ def test_image_reaches_claude_as_an_image_block(fleet: Fleet) -> None:
                                 if m.get("quoted_id") == wa_id], 30, "the reply")[0]
     assert "[image image/png]" in reply["text"]
     assert "what colour is this?" in reply["text"]
-    # no path of the worker's host reaches the model (the CLI's image copies, issue 18)
+    # no path of the worker's host reaches the model (the CLI's image copies)
     bodies = [json.dumps(r.json) for r in fleet.api.message_requests()]
     assert any("what colour is this?" in b for b in bodies)
     assert not [b for b in bodies if "/var/lib" in b or "[Image: source" in b]

@@ -33,12 +33,16 @@ from structlog.testing import capture_logs
 
 from agent import commands, rotation
 from agent.claude import ClaudeSettings
-from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, ClaudePool, Engine, transcript_path
+from agent.claude_api import ApiConversations, ApiSettings
+from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, Engine
+from agent.policy import EngineName
+from agent.pool import ClaudePool, transcript_path
 from agent.store import Store
 from agent.whatsapp.base import SendError
 from agent.whatsapp.events import IncomingMessage
 from wabridge.claude_cli import bundled_cli
 from wabridge.config import ConversationConfig, LimitsConfig
+from wabridge.prices import Price
 
 CLI = bundled_cli()
 if CLI is not None and not CLI.is_file():
@@ -57,6 +61,7 @@ GROUP = "120363000000000001@g.us"
 CONV = ConversationConfig(debounce=0.05, max_batch=20, reply_limit=4000,
                           apology="SORRY-APOLOGY", rotate_at=0.7, rotate_after_turns=50,
                           recovery_messages=10, resume_max_bytes=10_000_000)
+API_PRICE = Price(3.0, 15.0)  # the api engine's model in these tests, USD per million tokens
 LIMITS = LimitsConfig(daily_budget_usd=0.0, inbound_per_minute=0.0, inbound_burst=5,
                       send_gap=0.0, send_jitter=0.0)
 
@@ -107,7 +112,8 @@ class Rig:
                  idle_timeout: float = 600.0, turn_timeout: float = 20.0,
                  resume_max_bytes: int = 10_000_000, conv: ConversationConfig = CONV,
                  limits: LimitsConfig = LIMITS, clock: Callable[[], float] = time.time,
-                 rng: Callable[[], float] = lambda: 0.0) -> None:
+                 rng: Callable[[], float] = lambda: 0.0, engine: EngineName = "cli",
+                 api_key: str | None = "sk-ant-test") -> None:
         assert CLI is not None
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -120,13 +126,18 @@ class Rig:
         )
         self.pool = ClaudePool(pool_size, idle_timeout, settings, root, self.store,
                                resume_max_bytes=resume_max_bytes)
+        self.api = ApiConversations(
+            ApiSettings(model="claude-test", price=API_PRICE,
+                        system_prompt="You answer WhatsApp messages.", max_tokens=1024,
+                        turn_timeout=turn_timeout, api_key=api_key,
+                        base_url=api.base_url), self.store)
         self.summaries: list[tuple[str, int, str]] = []
         self.reports: list[tuple[str, str, str, str, str]] = []
         self.engine = Engine(
             self.store, self.wa, self.pool, conv,
             lambda *a: self.reports.append(a), limits=limits, context_window=200_000,
             model="test-model", on_summary=lambda *a: self.summaries.append(a), clock=clock,
-            rng=rng,
+            rng=rng, api=self.api, engine=engine,
         )
         self._stop = asyncio.Event()
         self._deliver: asyncio.Task[None] | None = None
@@ -168,7 +179,7 @@ class Rig:
             return
         self.closed = True
         await self.engine.drain(1.0)
-        await self.pool.close_all()
+        await self.engine.close_conversations()
         self._stop.set()
         if self._deliver is not None:
             self._deliver.cancel()
@@ -193,12 +204,20 @@ def api() -> Any:
 MakeRig = Callable[..., Awaitable[Rig]]
 
 
+@pytest.fixture
+def engine() -> str:
+    """The Claude engine rigs use (tests/test_claude_engines.py runs both)."""
+    return "cli"
+
+
 @pytest_asyncio.fixture
-async def make_rig(tmp_path: Path, api: FakeAnthropicAPI) -> AsyncIterator[MakeRig]:
+async def make_rig(tmp_path: Path, api: FakeAnthropicAPI, engine: EngineName
+                   ) -> AsyncIterator[MakeRig]:
     made: list[Rig] = []
 
     async def make(name: str = "user1", **kwargs: Any) -> Rig:
         owner = kwargs.pop("owner", OWNER)
+        kwargs.setdefault("engine", engine)
         rig = Rig(tmp_path / name, api, **kwargs)
         made.append(rig)
         return await rig.start(owner)
@@ -439,7 +458,7 @@ async def test_rotation_at_the_context_threshold(make_rig: MakeRig,
     await until(lambda: bool(rig.summaries), 15, "the summary")
     assert rig.summaries == [(chat, 1, SUMMARY)]
     (summary,) = rig.store.summaries(chat)
-    assert (summary.version, summary.text, summary.archived) == (1, SUMMARY, False)
+    assert (summary.number, summary.text, summary.archived) == (1, SUMMARY, False)
     row = rig.store.chat(chat)
     assert row is not None and row.session_id is None and row.seed == "summary"
     assert old_pid is not None and not Path(f"/proc/{old_pid}").exists()

@@ -16,9 +16,10 @@ from agent import main as worker_main
 from agent.store import MIGRATIONS, Store
 from controller import main as controller_main
 from controller.local import SCHEMA_VERSION, LocalPlane
-from controller.plane import parse_session
+from controller.plane import parse_account
 from controller.reconcile import CLD_EXITED, UnitView, for_unit
 from wabridge.errors import NO_RESTART_EXIT_CODES, ExitCode
+from wabridge.status import EXIT_OUTCOMES
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 
@@ -69,10 +70,21 @@ def test_both_units_leave_it_stopped(unit: str, codes: set[int]) -> None:
     assert {int(c) for c in listed.group(1).split()} == {int(c) for c in codes}
 
 
+def test_the_worker_unit_counts_each_account_outcome_a_success() -> None:
+    """``SuccessExitStatus=`` of the worker unit is the outcome table's codes: a logout is a
+    normal end (the unit is "inactive", not "failed"), and every such code also prevents a
+    restart."""
+    text = (UNITS / "wabridge-worker@.service").read_text()
+    listed = re.search(r"^SuccessExitStatus=(.*)$", text, re.M)
+    assert listed is not None
+    assert {int(c) for c in listed.group(1).split()} == {int(c) for c in EXIT_OUTCOMES}
+    assert set(EXIT_OUTCOMES) <= set(NO_RESTART_EXIT_CODES)
+
+
 def test_the_document_says_what_to_do() -> None:
     unit = UnitView("failed", "failed", "exit-code", 0, exec_main_code=CLD_EXITED,
                     exec_main_status=ExitCode.SCHEMA_TOO_NEW)
-    actions = for_unit(parse_session("alice", {"status": "connected"}), "alice", unit)
+    actions = for_unit(parse_account("alice", {"status": "connected"}), "alice", unit)
     errors = [a for a in actions if type(a).__name__ == "SetError"]
     assert len(errors) == 1
     message = errors[0].message  # type: ignore[union-attr]

@@ -1,7 +1,7 @@
-"""Bad input, generated (issue 8): property-based fuzzing of every boundary that reads
+"""Bad input, generated: property-based fuzzing of every boundary that reads
 something another party wrote. Fast, no systemd: runs in ``make test-fast``.
 
-- Firestore documents: ``controller.plane.parse_session`` + ``controller.reconcile`` never
+- Firestore documents: ``controller.plane.parse_account`` + ``controller.reconcile`` never
   raise, whatever the types, statuses or sizes; every rejection is a ``SetError`` naming the
   problem.
 - Worker -> controller frames: random lines to a real ``controller.server.WorkerServer`` never
@@ -40,9 +40,9 @@ from hypothesis import strategies as st
 
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, TurnResult
 from agent.whatsapp import events as wa_events
-from agent.whatsapp.neonize_backend import LoginStatus, Me, translate
+from agent.whatsapp.neonize_translate import LoginStatus, Me, translate
 from controller import reconcile as rc
-from controller.plane import SessionDoc, parse_session
+from controller.plane import AccountDoc, parse_account
 from controller.reconcile import SetError, UnitView
 from controller.server import WorkerServer
 from wabridge import config, protocol
@@ -77,7 +77,7 @@ _firestore_values = st.recursive(
 )
 
 # --------------------------------------------------------------------------------------------
-# 1. Firestore documents -> parse_session -> for_doc / for_unit / reconcile
+# 1. Firestore documents -> parse_account -> for_doc / for_unit / reconcile
 
 _ok_user_ids = st.text(
     alphabet=string.ascii_letters + string.digits + "_.:-@+=", min_size=1, max_size=20
@@ -127,7 +127,7 @@ _unit_views = st.builds(
 MAX_ERROR_MESSAGE = 2000
 
 
-def _check_parsed(doc: SessionDoc, user_id: str, raw: Mapping[str, Any]) -> None:
+def _check_parsed(doc: AccountDoc, user_id: str, raw: Mapping[str, Any]) -> None:
     assert doc.user_id == user_id
     assert doc.status is None or isinstance(doc.status, DocStatus)
     assert doc.raw_status is raw.get("status")
@@ -153,7 +153,7 @@ def _check_actions(actions: list[rc.Action], user_id: str) -> None:
 def test_any_document_is_parsed_and_decided_without_raising(
     user_id: str, raw: dict[str, Any], unit: UnitView | None
 ) -> None:
-    doc = parse_session(user_id, raw)
+    doc = parse_account(user_id, raw)
     _check_parsed(doc, user_id, raw)
     actions = rc.for_doc(doc, unit)
     _check_actions(actions, user_id)
@@ -192,7 +192,7 @@ def test_any_document_is_parsed_and_decided_without_raising(
 def test_any_unit_state_is_mirrored_without_raising(
     user_id: str, raw: dict[str, Any] | None, unit: UnitView
 ) -> None:
-    doc = None if raw is None else parse_session(user_id, raw)
+    doc = None if raw is None else parse_account(user_id, raw)
     _check_actions(rc.for_unit(doc, user_id, unit), user_id)
     kind = rc.exit_kind(unit)
     assert isinstance(kind, str)
@@ -207,7 +207,7 @@ def test_any_unit_state_is_mirrored_without_raising(
 def test_reconcile_of_any_picture_does_not_raise(
     docs: dict[str, dict[str, Any]], units: dict[str, UnitView]
 ) -> None:
-    parsed = {uid: parse_session(uid, raw) for uid, raw in docs.items()}
+    parsed = {uid: parse_account(uid, raw) for uid, raw in docs.items()}
     actions = rc.reconcile(parsed, units)
     for action in actions:
         assert action.user_id in parsed or action.user_id in units
@@ -216,7 +216,7 @@ def test_reconcile_of_any_picture_does_not_raise(
 @settings(max_examples=20, deadline=None)
 @given(st.integers(min_value=MAX_ERROR_MESSAGE, max_value=1_000_000))
 def test_errors_about_huge_fields_fit_on_the_document(size: int) -> None:
-    doc = parse_session("alice", {"status": "s" * size})
+    doc = parse_account("alice", {"status": "s" * size})
     (error,) = [a for a in rc.for_doc(doc, None) if isinstance(a, SetError)]
     assert len(error.message) <= MAX_ERROR_MESSAGE
 

@@ -371,7 +371,7 @@ async def test_why_the_link_is_down_is_said_in_an_operators_words(
     assert "bytes read" not in worker.link.last_error
 
 
-# --- accept-time authentication (issue 19) ----------------------------------------------------
+# --- accept-time authentication ----------------------------------------------------
 
 @pytest.mark.parametrize(("uid", "pending", "refused"), [
     (0, {}, None),  # root: admitted, then identified by its unit

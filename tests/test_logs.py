@@ -128,6 +128,7 @@ def test_journal_renderer_sends_fields(
     assert fields["EVENT"] == b"outbox.delivered"
     assert fields["SYSLOG_IDENTIFIER"] == b"wabridge-worker"
     assert fields["WA_ID"] == b"3EB0"
+    assert fields["LOGGER"] == b"test"
     message = fields["MESSAGE"].decode()
     assert message.startswith("outbox.delivered ")
     assert "user_id=alice" in message
@@ -213,6 +214,7 @@ def test_json_mode_includes_bound_user_id(
     logs.get("test").info("after")
     first, second = _json_lines(capsys.readouterr().err)
     assert first["event"] == "link.worker_connected"
+    assert first["logger"] == "test"  # which part logged it
     assert first["user_id"] == "alice"
     assert first["level"] == "info"
     assert first["n"] == 1

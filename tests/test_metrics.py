@@ -18,13 +18,13 @@ from controller.metrics import (
     worker_uid,
 )
 from controller.systemd import (
-    UnitState,
     api_key_file,
     proc_cpu_nsec,
     read_exit_report,
     with_exit_report,
     worker_dropin,
 )
+from controller.unit_manager import UnitState
 from wabridge.errors import PolicyError
 
 ALICE = WorkerFigures(
@@ -196,7 +196,7 @@ def test_fault_hooks_need_the_switch() -> None:
 
 
 def test_view_of_a_unit_with_a_queued_start_is_activating() -> None:
-    from controller.main import view_of  # noqa: PLC0415
+    from controller.reconcile import view_of  # noqa: PLC0415
 
     queued = dataclasses.replace(STATE, active_state="inactive", sub_state="dead",
                                  job_pending=True)
@@ -222,7 +222,7 @@ def test_view_of_a_unit_with_a_queued_start_is_activating() -> None:
 )
 def test_start_slot_is_given_back_when_the_start_is_over(
         active: str, sub: str, job: bool, settled: bool) -> None:
-    from controller.main import start_settled  # noqa: PLC0415
+    from controller.reconcile import start_settled  # noqa: PLC0415
 
     state = dataclasses.replace(STATE, active_state=active, sub_state=sub, job_pending=job)
     assert start_settled(state) is settled

@@ -26,7 +26,6 @@ import pytest
 from fakes import fake_neonize as fn
 
 from agent import outcomes, policy
-from agent.engine import payload_of
 from agent.store import Store
 from agent.whatsapp import neonize_backend
 from agent.whatsapp.base import BackendContext, SendError
@@ -49,11 +48,10 @@ from agent.whatsapp.events import (
     TemporaryBan,
     Undecryptable,
 )
-from agent.whatsapp.neonize_backend import (
-    STORE_FILE,
+from agent.whatsapp.neonize_backend import STORE_FILE, NeonizeBackend
+from agent.whatsapp.neonize_translate import (
     LoginStatus,
     Me,
-    NeonizeBackend,
     connect_ended,
     me_from_device,
     translate,
@@ -778,9 +776,9 @@ async def test_invalid_utf8_from_go_is_decoded_not_lost(linked: Linked, tmp_path
     assert msg.sender_name == "Jo \ufffd\ufffd\ufffd("
     store = Store(tmp_path / "agent.db")  # what the worker's sink does first
     try:
-        assert store.add_inbound(msg.chat_id, msg.sender, msg.wa_id, payload_of(msg))
+        assert store.add_inbound(msg)
         (kept,) = store.pending_inbound(msg.chat_id)
-        assert kept.payload["text"] == msg.text
+        assert kept.message == msg
     finally:
         store.close()
 
@@ -822,8 +820,8 @@ async def test_same_message_first_with_alt_then_lid_only_is_one_message(
     assert (two.chat_id, two.sender, two.wa_id) == (one.chat_id, one.sender, one.wa_id)
     store = Store(tmp_path / "agent.db")
     try:
-        assert store.add_inbound(one.chat_id, one.sender, one.wa_id, payload_of(one))
-        assert not store.add_inbound(two.chat_id, two.sender, two.wa_id, payload_of(two))
+        assert store.add_inbound(one)
+        assert not store.add_inbound(two)
     finally:
         store.close()
 
@@ -882,27 +880,6 @@ async def test_typing_presence(linked: Linked) -> None:
     assert linked.client.presences == [
         (chat, presence.CHAT_PRESENCE_COMPOSING, media),
         (chat, presence.CHAT_PRESENCE_PAUSED, media),
-    ]
-
-
-async def test_mark_read_uses_the_jids_whatsapp_used(linked: Linked) -> None:
-    msg = await linked.receive(
-        inbound(
-            fn.text("read me"),
-            chat=contact_lid(),
-            sender=contact_lid(device=2),
-            sender_alt=fn.jid(CONTACT),
-            addressing="LID",
-        )
-    )
-    await linked.backend.mark_read(msg)
-    assert linked.client.reads == [
-        {
-            "ids": [msg.wa_id],
-            "chat": f"{CONTACT_LID}@lid",
-            "sender": f"{CONTACT_LID}@lid",
-            "receipt": fn.ENUM.ReceiptType.READ,
-        }
     ]
 
 
@@ -1122,7 +1099,8 @@ root.addHandler(mine)
 root.setLevel(logging.WARNING)
 before = (list(root.handlers), root.level)
 
-import agent.whatsapp.neonize_backend as nb
+import agent.whatsapp.neonize_backend
+import agent.whatsapp.neonize_import as nb
 after_module = (list(root.handlers), root.level)
 lazy = "neonize" not in sys.modules and "neonize.client" not in sys.modules
 
@@ -1154,7 +1132,7 @@ REAL_CLIENT_SMOKE = r"""
 import json, sqlite3, sys
 from pathlib import Path
 
-from agent.whatsapp.neonize_backend import default_client_factory, ensure_store
+from agent.whatsapp.neonize_import import default_client_factory, ensure_store
 
 db = Path(sys.argv[1]) / "state" / "whatsapp.db"
 client = default_client_factory(db)

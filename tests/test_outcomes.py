@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from agent.outcomes import Decision, decide
+from agent.outcomes import Outcome, decide
 from agent.whatsapp import events as ev
 from wabridge.errors import NO_RESTART_EXIT_CODES, ExitCode
 from wabridge.status import WorkerState
@@ -77,7 +77,7 @@ def test_banned_detail_names_the_reason() -> None:
 
 def test_incoming_message_is_nothing() -> None:
     msg = ev.IncomingMessage(wa_id="w", chat_id="c", sender="s", text="hi", timestamp=1.0)
-    assert decide(msg) == Decision(None)
+    assert decide(msg) == Outcome(None)
 
 
 def test_no_stopping_outcome_starts_the_reconnect_clock() -> None:

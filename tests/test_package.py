@@ -258,7 +258,7 @@ def test_lintian_reports_no_errors(deb: Path) -> None:
     assert not warnings, "new lintian warnings: explain or fix them\n" + "\n".join(warnings)
 
 
-# --- the flow: Firestore, link, answer, upgrade, remove, purge ----------------------
+# --- the whole flow: Firestore, link, answer, upgrade, remove, purge ----------------------
 
 ACCOUNTS = {"alice": "5511999990701", "bob": "5511999990702"}
 CONTACT = "5511988880701"

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import policy
-from agent.commands import Command
-from agent.policy import Decision, InvalidSetting, Policy
+from agent.commands import ChatCommand
+from agent.policy import InvalidSetting, MessageDecision, Policy
 from agent.whatsapp.events import Image, IncomingMessage
 from wabridge.errors import PolicyError
 
@@ -57,6 +57,9 @@ def msg(text: str = "hi", *, sender: str = ALICE, chat: str | None = None, group
         ({"commands_from": "everyone"}, Policy(commands_from="everyone")),
         ({"daily_budget_usd": 2}, Policy(daily_budget_usd=2.0)),
         ({"daily_budget_usd": 0.0}, Policy(daily_budget_usd=0.0)),
+        ({"engine": "api"}, Policy(engine="api")),
+        ({"engine": "cli"}, Policy(engine="cli")),
+        ({"engine": None}, Policy()),
     ],
 )
 def test_parse_valid(settings: dict[str, Any], expected: Policy) -> None:
@@ -80,6 +83,8 @@ def test_parse_valid(settings: dict[str, Any], expected: Policy) -> None:
         ({"daily_budget_usd": "5"}, "settings.daily_budget_usd", "'5' is not a number"),
         ({"daily_budget_usd": True}, "settings.daily_budget_usd", "is not a number"),
         ({"daily_budget_usd": float("nan")}, "settings.daily_budget_usd", "not a number"),
+        ({"engine": "claude"}, "settings.engine", "'claude' is not one of cli, api"),
+        ({"engine": ""}, "settings.engine", "'' is not one of cli, api"),
     ],
 )
 def test_parse_invalid_names_the_key(settings: dict[str, Any], key: str, fragment: str) -> None:
@@ -91,20 +96,27 @@ def test_parse_invalid_names_the_key(settings: dict[str, Any], key: str, fragmen
     assert isinstance(info.value, PolicyError) and info.value.code == "bad_setting"
 
 
+@pytest.mark.parametrize(
+    ("user", "host", "tools", "expected"),
+    [
+        (None, "cli", False, "cli"),
+        (None, "api", False, "api"),
+        ("api", "cli", False, "api"),
+        ("cli", "api", False, "cli"),
+        ("api", "cli", True, "cli"),  # the api engine has no tools
+        (None, "api", True, "cli"),
+    ],
+)
+def test_engine_for(user: policy.EngineName | None, host: policy.EngineName, tools: bool,
+                    expected: str) -> None:
+    assert policy.engine_for(user, host, tools=tools) == expected
+
+
 def test_policy_is_frozen() -> None:
     p = policy.parse({"allowlist": [ALICE]})
     with pytest.raises(AttributeError):
         p.reply_to = "self"  # type: ignore[misc]
     assert isinstance(p.allowlist, frozenset)
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [("4915112345678", "4915112345678"), ("+49 151 1234-5678", "4915112345678"),
-     ("(030) 1234567", "0301234567"), ("49151abc", None), ("+", None), ("1" * 16, None)],
-)
-def test_normalize_phone(raw: str, expected: str | None) -> None:
-    assert policy.normalize_phone(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -122,75 +134,77 @@ def test_phone_of(value: str, expected: str) -> None:
 EVERYONE = Policy()
 ALLOW = Policy(reply_to="allowlist", allowlist=frozenset({ALICE}))
 SELF = Policy(reply_to="self")
-RESET = Command("reset")
+D = MessageDecision  # the tables below read better short
+
+RESET = ChatCommand("reset")
 
 
 @pytest.mark.parametrize(
     ("pol", "message", "expected"),
     [
         # everyone: direct chats answered, own messages ignored
-        (EVERYONE, msg(), Decision("answer", "direct")),
-        (EVERYONE, msg(sender=BOB), Decision("answer", "direct")),
-        (EVERYONE, msg(sender=OWNER, chat=jid(ALICE), from_me=True), Decision("skip", "from_me")),
-        (EVERYONE, msg(sender=OWNER, chat=jid(OWNER), from_me=True), Decision("skip", "from_me")),
+        (EVERYONE, msg(), D("answer", "direct")),
+        (EVERYONE, msg(sender=BOB), D("answer", "direct")),
+        (EVERYONE, msg(sender=OWNER, chat=jid(ALICE), from_me=True), D("skip", "from_me")),
+        (EVERYONE, msg(sender=OWNER, chat=jid(OWNER), from_me=True), D("skip", "from_me")),
         # groups: mention (default), off, all
-        (EVERYONE, msg(group=True), Decision("skip", "not_mentioned")),
-        (EVERYONE, msg(group=True, mentioned=True), Decision("answer", "group")),
-        (Policy(groups="off"), msg(group=True, mentioned=True), Decision("skip", "groups_off")),
-        (Policy(groups="all"), msg(group=True), Decision("answer", "group")),
+        (EVERYONE, msg(group=True), D("skip", "not_mentioned")),
+        (EVERYONE, msg(group=True, mentioned=True), D("answer", "group")),
+        (Policy(groups="off"), msg(group=True, mentioned=True), D("skip", "groups_off")),
+        (Policy(groups="all"), msg(group=True), D("answer", "group")),
         # allowlist: listed senders only, in groups too
-        (ALLOW, msg(), Decision("answer", "direct")),
-        (ALLOW, msg(sender=BOB), Decision("skip", "not_allowlisted")),
-        (ALLOW, msg(group=True, mentioned=True), Decision("answer", "group")),
-        (ALLOW, msg(sender=BOB, group=True, mentioned=True), Decision("skip", "not_allowlisted")),
-        (ALLOW, msg(group=True), Decision("skip", "not_mentioned")),
+        (ALLOW, msg(), D("answer", "direct")),
+        (ALLOW, msg(sender=BOB), D("skip", "not_allowlisted")),
+        (ALLOW, msg(group=True, mentioned=True), D("answer", "group")),
+        (ALLOW, msg(sender=BOB, group=True, mentioned=True), D("skip", "not_allowlisted")),
+        (ALLOW, msg(group=True), D("skip", "not_mentioned")),
         # self: only the owner's own chat, only the owner's messages
-        (SELF, msg(sender=OWNER, chat=jid(OWNER), from_me=True), Decision("answer", "self_chat")),
+        (SELF, msg(sender=OWNER, chat=jid(OWNER), from_me=True), D("answer", "self_chat")),
         (SELF, msg(sender=OWNER, chat=f"{OWNER}:7@s.whatsapp.net", from_me=True),
-         Decision("answer", "self_chat")),
-        (SELF, msg(sender=OWNER, chat=jid(ALICE), from_me=True), Decision("skip", "from_me")),
-        (SELF, msg(), Decision("skip", "not_self_chat")),
+         D("answer", "self_chat")),
+        (SELF, msg(sender=OWNER, chat=jid(ALICE), from_me=True), D("skip", "from_me")),
+        (SELF, msg(), D("skip", "not_self_chat")),
         (SELF, msg(sender=OWNER, chat=GROUP, group=True, from_me=True, mentioned=True),
-         Decision("skip", "from_me")),
-        (SELF, msg(group=True, mentioned=True), Decision("skip", "not_self_chat")),
+         D("skip", "from_me")),
+        (SELF, msg(group=True, mentioned=True), D("skip", "not_self_chat")),
         # commands: the owner's anywhere; others' are ordinary messages unless everyone
         (EVERYONE, msg("/reset", sender=OWNER, chat=jid(ALICE), from_me=True),
-         Decision("command", "owner", RESET)),
+         D("command", "owner", RESET)),
         (SELF, msg("/reset", sender=OWNER, chat=jid(OWNER), from_me=True),
-         Decision("command", "owner", RESET)),
-        (EVERYONE, msg("/reset"), Decision("answer", "direct")),
+         D("command", "owner", RESET)),
+        (EVERYONE, msg("/reset"), D("answer", "direct")),
         (Policy(commands_from="everyone"), msg("  /Reset now "),
-         Decision("command", "everyone", Command("reset", "now"))),
+         D("command", "everyone", ChatCommand("reset", "now"))),
         (Policy(commands_from="everyone"), msg("/status", group=True),
-         Decision("skip", "not_mentioned")),
+         D("skip", "not_mentioned")),
         (Policy(commands_from="everyone", reply_to="allowlist", allowlist=frozenset({ALICE})),
-         msg("/help", sender=BOB), Decision("skip", "not_allowlisted")),
+         msg("/help", sender=BOB), D("skip", "not_allowlisted")),
         (Policy(commands_from="everyone"), msg("/xyz"),
-         Decision("command", "everyone", Command("xyz"))),
+         D("command", "everyone", ChatCommand("xyz"))),
         (EVERYONE, msg("/usr/bin is a path", sender=OWNER, from_me=True, chat=jid(OWNER)),
-         Decision("skip", "from_me")),
+         D("skip", "from_me")),
         (EVERYONE, msg("/reset", sender=OWNER, from_me=True, image=True),
-         Decision("skip", "from_me")),
+         D("skip", "from_me")),
         # the owner's number writing from another device counts as the owner
         (EVERYONE, msg("/status", sender=OWNER, chat=jid(OWNER)),
-         Decision("command", "owner", Command("status"))),
+         D("command", "owner", ChatCommand("status"))),
         # nothing to answer: whitespace only
-        (EVERYONE, msg(" \n\t "), Decision("skip", "empty")),
-        (EVERYONE, msg(""), Decision("skip", "empty")),
-        (EVERYONE, replace(msg(""), unsupported_media="poll"), Decision("answer", "direct")),
-        (EVERYONE, msg("", image=True), Decision("answer", "direct")),
+        (EVERYONE, msg(" \n\t "), D("skip", "empty")),
+        (EVERYONE, msg(""), D("skip", "empty")),
+        (EVERYONE, replace(msg(""), unsupported_media="poll"), D("answer", "direct")),
+        (EVERYONE, msg("", image=True), D("answer", "direct")),
         # bots are never answered (Meta AI by its @bot JID or its phone numbers), in any mode
         (EVERYONE, replace(msg(), sender="867051314767696@bot", chat_id="867051314767696@bot"),
-         Decision("skip", "bot")),
-        (EVERYONE, msg(sender=META_AI), Decision("skip", "bot")),
-        (Policy(groups="all"), msg(sender=META_AI, group=True), Decision("skip", "bot")),
-        (Policy(commands_from="everyone"), msg("/reset", sender=META_AI), Decision("skip", "bot")),
+         D("skip", "bot")),
+        (EVERYONE, msg(sender=META_AI), D("skip", "bot")),
+        (Policy(groups="all"), msg(sender=META_AI, group=True), D("skip", "bot")),
+        (Policy(commands_from="everyone"), msg("/reset", sender=META_AI), D("skip", "bot")),
         (Policy(reply_to="allowlist", allowlist=frozenset({META_AI})), msg(sender=META_AI),
-         Decision("skip", "bot")),
-        (EVERYONE, msg(sender="1313555000"), Decision("answer", "direct")),  # not a bot number
+         D("skip", "bot")),
+        (EVERYONE, msg(sender="1313555000"), D("answer", "direct")),  # not a bot number
     ],
 )
-def test_decide(pol: Policy, message: IncomingMessage, expected: Decision) -> None:
+def test_decide(pol: Policy, message: IncomingMessage, expected: MessageDecision) -> None:
     assert policy.decide(message, pol, OWNER) == expected
 
 
@@ -262,9 +276,9 @@ def test_owner_wrote(message: IncomingMessage, expected: bool) -> None:
 
 def test_unknown_owner_never_matches_self_chat() -> None:
     m = msg(sender=OWNER, chat=jid(OWNER), from_me=True)
-    assert policy.decide(m, SELF, "") == Decision("skip", "from_me")
+    assert policy.decide(m, SELF, "") == D("skip", "from_me")
     assert policy.decide(msg("/status", sender=OWNER, chat=jid(OWNER)), EVERYONE, "") == \
-        Decision("answer", "direct")
+        D("answer", "direct")
 
 
 messages = st.builds(

@@ -57,7 +57,6 @@ EVERY_FRAME: list[protocol.Frame] = [
     Welcome(),
     Settings(settings={"model": "m"}),
     Command(name="pair_phone", args={"phone": "4915123456"}),
-    Command(name="logout"),
     Command(name="reset_chat", args={"chat_id": "c"}),
 ]
 
@@ -164,7 +163,9 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("settings as list", _line(v=1, type="welcome", settings=[]),
      "field 'settings' must be dict, got list"),
     ("unknown command", _line(v=1, type="command", name="reboot"), "unknown command 'reboot'"),
-    ("command args not strings", _line(v=1, type="command", name="logout", args={"a": 1}),
+    # no worker ever acted on it: a controller sending it is told, not silently ignored
+    ("logout command", _line(v=1, type="command", name="logout"), "unknown command 'logout'"),
+    ("command args not strings", _line(v=1, type="command", name="reset_chat", args={"a": 1}),
      "'args' must map names to strings"),
     ("oversize", b'{"v":1,"type":"ack","seq":1,"pad":"' + b"x" * MAX_FRAME + b'"}', "exceeds"),
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controller.plane import SessionDoc, parse_session
+from controller.plane import AccountDoc, parse_account
 from controller.reconcile import (
     CLD_DUMPED,
     CLD_EXITED,
@@ -22,6 +22,7 @@ from controller.reconcile import (
     Stop,
     UnitView,
     Update,
+    awaits_new_worker,
     clears_error,
     crash_reason,
     exit_facts,
@@ -31,12 +32,19 @@ from controller.reconcile import (
     for_unit,
     hit_start_limit,
     missed_requests,
+    needs_start_slot,
+    predates_start,
+    process_fields,
     reconcile,
+    replayed_status,
+    stale_report,
     status_from_worker,
     worker_environment,
     worker_may_move,
+    worker_may_report,
     worker_settings,
 )
+from controller.unit_manager import UnitState
 from wabridge.errors import ExitCode, PolicyError
 from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, WorkerState
 
@@ -53,11 +61,11 @@ INACTIVE = UnitView("inactive", "dead")
 UNITS = {"none": NONE, "active": ACTIVE, "failed": FAILED, "inactive": INACTIVE}
 
 
-def doc(status: DocStatus | str | None, **fields: object) -> SessionDoc:
+def doc(status: DocStatus | str | None, **fields: object) -> AccountDoc:
     data: dict[str, object] = dict(fields)
     if status is not None:
         data["status"] = str(status)
-    return parse_session(U, data)
+    return parse_account(U, data)
 
 
 def claim(frm: DocStatus, to: DocStatus) -> Claim:
@@ -175,7 +183,7 @@ def test_pairing_with_a_valid_phone(phone: str, unit: str) -> None:
 
 @pytest.mark.parametrize(
     "phone",
-    [None, "", "+4915123456789", "1234567", "1234567890123456", "49 151 234567",
+    [None, "", "+4915123456789", "123456", "1234567890123456", "49 151 234567",
      "4915-123456", "49151234567a", "\u0664\u0669\u0661\u0665\u0661\u0662\u0663\u0664",
      "\u00b2\u00b3\u00b2\u00b3\u00b2\u00b3\u00b2\u00b3", 4915123456789],
 )
@@ -188,7 +196,7 @@ def test_pairing_with_a_bad_phone(phone: object, unit: str, back_to: DocStatus) 
     error, update = actions
     assert isinstance(error, SetError)
     assert error.code == "bad_pairing_phone"
-    assert "8-15 digits" in error.message
+    assert "7-15 digits" in error.message
     assert update == status_update(back_to)
 
 
@@ -208,7 +216,7 @@ def test_unknown_status_is_reported_once() -> None:
 
 
 def test_status_of_the_wrong_type_is_unknown() -> None:
-    actions = for_doc(parse_session(U, {"status": 42}), None)
+    actions = for_doc(parse_account(U, {"status": 42}), None)
     assert [type(a) for a in actions] == [SetError]
 
 
@@ -219,14 +227,14 @@ def test_absent_status_is_ignored() -> None:
 
 @pytest.mark.parametrize("bad", ["", "has space", "caf\u00e9", "x" * 129, "a/b"])
 def test_invalid_user_id_is_reported_once(bad: str) -> None:
-    d = parse_session(bad, {"status": "create_requested"})
+    d = parse_account(bad, {"status": "create_requested"})
     actions = for_doc(d, None)
     assert len(actions) == 1
     assert isinstance(actions[0], SetError)
     assert actions[0].user_id == bad
     assert actions[0].code == "bad_user_id"
     assert "cannot name a worker unit" in actions[0].message
-    reported = parse_session(bad, {"status": "create_requested",
+    reported = parse_account(bad, {"status": "create_requested",
                                    "error": {"code": "bad_user_id"}})
     assert for_doc(reported, None) == []
 
@@ -286,7 +294,7 @@ def test_crash_reason(unit: UnitView, words: str) -> None:
     assert words in actions[-1].message
 
 
-# --- restart limits, OOM, watchdog (issue 3) ------------------------------------------------
+# --- restart limits, OOM, watchdog ------------------------------------------------
 
 KILLED9 = {"exec_main_code": CLD_KILLED, "exec_main_status": signal.SIGKILL}
 EXIT1 = {"exec_main_code": CLD_EXITED, "exec_main_status": 1}
@@ -460,6 +468,19 @@ def test_worker_report_asks_for_its_status(state: WorkerState) -> None:
     assert status_from_worker(state) == S(state.value)
 
 
+@pytest.mark.parametrize(("status", "reported"), [
+    (S.STARTING, True), (S.WAITING_QR, True), (S.PAIRING, True), (S.CONNECTED, True),
+    (S.DISCONNECTED, True), (S.PAIRING_REQUESTED, True),
+    (S.STOPPING, True),  # the worker's own "stopping: closing Claude processes"
+    (S.STOPPED, False), (S.CRASHED, False), (S.ERROR, False), (S.LOGGED_OUT, False),
+    (S.BANNED, False), (S.REPLACED, False), (S.OUTDATED, False), (S.QR_EXPIRED, False),
+    (S.CREATE_REQUESTED, False), (S.DESTROY_REQUESTED, False), (S.RESTART_REQUESTED, False),
+    (None, False),
+])
+def test_worker_may_report(status: DocStatus | None, reported: bool) -> None:
+    assert worker_may_report(status) is reported
+
+
 def test_worker_stopping_is_never_written() -> None:
     assert status_from_worker(WorkerState.STOPPING) is None
 
@@ -474,11 +495,11 @@ def test_requests_are_never_worker_outputs() -> None:
 
 def test_reconcile_starts_missing_workers_and_stops_orphans() -> None:
     docs = {
-        "a": parse_session("a", {"status": "connected"}),  # no unit: start
-        "b": parse_session("b", {"status": "connected"}),  # running: fine
-        "c": parse_session("c", {"status": "stopped"}),  # stopped, unit running: stop
-        "d": parse_session("d", {"status": "waiting_qr"}),  # unit inactive: start
-        "e": parse_session("e", {"status": "logged_out"}),  # nothing
+        "a": parse_account("a", {"status": "connected"}),  # no unit: start
+        "b": parse_account("b", {"status": "connected"}),  # running: fine
+        "c": parse_account("c", {"status": "stopped"}),  # stopped, unit running: stop
+        "d": parse_account("d", {"status": "waiting_qr"}),  # unit inactive: start
+        "e": parse_account("e", {"status": "logged_out"}),  # nothing
     }
     units = {
         "b": ACTIVE,
@@ -529,8 +550,8 @@ def test_missed_requests(previous: dict[str, DocStatus], pending: list[DocStatus
 RUNNING_DOC = {"status": "connected", "settings": {"reply_to": "everyone"}}
 
 
-def with_settings(settings: dict[str, Any], **fields: Any) -> SessionDoc:
-    return parse_session(U, {**RUNNING_DOC, **fields, "settings": settings})
+def with_settings(settings: dict[str, Any], **fields: Any) -> AccountDoc:
+    return parse_account(U, {**RUNNING_DOC, **fields, "settings": settings})
 
 
 @pytest.mark.parametrize(("old", "new", "unit", "expected"), [
@@ -560,7 +581,7 @@ def with_settings(settings: dict[str, Any], **fields: Any) -> SessionDoc:
     (with_settings({}), with_settings({"backend": "sim"}, status="restart_requested"), ACTIVE,
      [PushSettings(U)]),
 ])
-def test_for_settings(old: SessionDoc | None, new: SessionDoc, unit: UnitView | None,
+def test_for_settings(old: AccountDoc | None, new: AccountDoc, unit: UnitView | None,
                       expected: list[Action]) -> None:
     assert for_settings(old, new, unit) == expected
 
@@ -601,16 +622,16 @@ def test_a_bad_backend_setting_is_named(settings: dict[str, Any], named: str) ->
     assert named in str(info.value) and info.value.code == "bad_setting"
 
 
-def err(code: str, source: str | None = None) -> SessionDoc:
+def err(code: str, source: str | None = None) -> AccountDoc:
     error: dict[str, Any] = {"code": code, "message": "m"}
     if source is not None:
         error["source"] = source
-    return parse_session(U, {"status": "connected", "error": error})
+    return parse_account(U, {"status": "connected", "error": error})
 
 
 @pytest.mark.parametrize(("doc", "source", "code", "clears"), [
     (None, "worker", "bad_setting", False),
-    (parse_session(U, {"status": "connected"}), "worker", "bad_setting", False),
+    (parse_account(U, {"status": "connected"}), "worker", "bad_setting", False),
     # a worker clears its own problem, of that code only
     (err("bad_setting", "worker"), "worker", "bad_setting", True),
     (err("bot_loop", "worker"), "worker", "bad_setting", False),
@@ -624,6 +645,91 @@ def err(code: str, source: str | None = None) -> SessionDoc:
     (err("bad_setting", "worker"), "controller", None, False),
     (err("undecryptable", "worker"), "controller", None, False),
 ])
-def test_clears_error(doc: SessionDoc | None, source: str, code: str | None,
+def test_clears_error(doc: AccountDoc | None, source: str, code: str | None,
                       clears: bool) -> None:
     assert clears_error(doc, source, code) is clears
+
+
+# --- ordering: the decisions the controller once made while carrying actions out -----------
+
+_CREATE = frozenset({DocStatus.CREATE_REQUESTED})
+_RESTART = frozenset({DocStatus.RESTART_REQUESTED})
+
+
+@pytest.mark.parametrize(("new", "expect", "active", "report", "awaits", "replay"), [
+    # no unit, or a stopped one: a new process answers; the old one's words are stale
+    (DocStatus.STARTING, _CREATE, None, None, True, None),
+    (DocStatus.STARTING, _CREATE, "inactive", DocStatus.CONNECTED, True, None),
+    (DocStatus.STARTING, _CREATE, "failed", DocStatus.LOGGED_OUT, True, None),
+    (DocStatus.STARTING, _CREATE, "deactivating", DocStatus.REPLACED, True, None),
+    # a restart always gets a new process, running or not
+    (DocStatus.STARTING, _RESTART, "active", DocStatus.CONNECTED, True, None),
+    # a create request while the worker runs: it keeps running; say what it last said
+    (DocStatus.STARTING, _CREATE, "active", DocStatus.CONNECTED, False, DocStatus.CONNECTED),
+    (DocStatus.STARTING, _CREATE, "activating", DocStatus.WAITING_QR, False,
+     DocStatus.WAITING_QR),
+    (DocStatus.STARTING, _CREATE, "active", None, False, None),  # it has said nothing yet
+    # other claims: neither
+    (DocStatus.PAIRING, frozenset({DocStatus.PAIRING_REQUESTED}), None, None, False, None),
+    (DocStatus.PAIRING, frozenset({DocStatus.PAIRING_REQUESTED}), "active",
+     DocStatus.CONNECTED, False, None),
+    (DocStatus.STOPPING, frozenset({DocStatus.DESTROY_REQUESTED}), "active",
+     DocStatus.CONNECTED, False, None),
+])
+def test_after_a_claim(new: DocStatus, expect: frozenset[DocStatus], active: str | None,
+                       report: DocStatus | None, awaits: bool, replay: DocStatus | None) -> None:
+    assert awaits_new_worker(new, expect, active) is awaits
+    assert replayed_status(new, expect, active, report) is replay
+
+
+@pytest.mark.parametrize(("restart", "under_way", "unit", "slot"), [
+    (False, False, None, True),  # a first start
+    (False, False, UnitView("inactive"), True),
+    (False, False, UnitView("failed"), True),
+    (False, True, None, False),  # the echo's second Start while one is under way
+    (False, False, UnitView("active"), False),  # already running: StartUnit is a no-op
+    (False, False, UnitView("activating"), False),
+    (True, True, UnitView("active"), True),  # a restart always takes one
+    (True, False, None, True),
+])
+def test_needs_start_slot(restart: bool, under_way: bool, unit: UnitView | None,
+                          slot: bool) -> None:
+    assert needs_start_slot(restart, under_way, unit) is slot
+
+
+@pytest.mark.parametrize(("mark", "delivered", "stale"), [
+    (None, 0, False),  # never started by this controller
+    (None, 5, False),
+    (3, 3, True),  # nothing read since the start returned (a ResetFailedUnit's "inactive")
+    (3, 4, False),  # the first state read after the start
+])
+def test_predates_start(mark: int | None, delivered: int, stale: bool) -> None:
+    assert predates_start(mark, delivered) is stale
+
+
+@pytest.mark.parametrize(("connected", "requested", "stale"), [
+    (0.0, 0.0, False),  # never requested
+    (10.0, 5.0, False),  # connected after the request: the new process
+    (5.0, 10.0, True),  # the old process, still stopping
+    (0.0, 10.0, True),  # not connected at all (a frame racing its disconnect)
+])
+def test_stale_report(connected: float, requested: float, stale: bool) -> None:
+    assert stale_report(connected, requested) is stale
+
+
+def _unit_state(active: str, status_text: str = "serving") -> UnitState:
+    return UnitState(unit="wabridge-worker@u.service", user_id="u", active_state=active,
+                     sub_state="", main_pid=7, n_restarts=2, result="success",
+                     exec_main_code=0, exec_main_status=0, status_text=status_text,
+                     memory_bytes=1024, cpu_nsec=2_500_000_000, tasks=3,
+                     since_usec=1_700_000_000_000_000)
+
+
+@pytest.mark.parametrize(("active", "status"), [
+    ("active", "serving"), ("activating", "serving"), ("deactivating", "serving"),
+    ("inactive", None), ("failed", None),  # systemd keeps a gone process's STATUS= line
+])
+def test_process_fields(active: str, status: str | None) -> None:
+    assert process_fields(_unit_state(active)) == {
+        "pid": 7, "state": active, "restarts": 2, "memoryBytes": 1024, "status": status,
+        "cpuSeconds": 2.5, "since": 1_700_000_000.0}

@@ -14,16 +14,16 @@ import pytest
 
 from controller import retire
 from controller.local import LocalPlane
-from controller.plane import SessionDoc
-from controller.systemd import UnitState
+from controller.plane import AccountDoc
+from controller.unit_manager import UnitState
 from wabridge import config
 from wabridge.status import DocStatus
 
 HOST = "host-a"
 
 
-def doc(user: str, status: DocStatus | None, host: str | None = HOST) -> SessionDoc:
-    return SessionDoc(user_id=user, status=status, raw_status=status.value if status else None,
+def doc(user: str, status: DocStatus | None, host: str | None = HOST) -> AccountDoc:
+    return AccountDoc(user_id=user, status=status, raw_status=status.value if status else None,
                       host=host)
 
 
@@ -44,7 +44,7 @@ def doc(user: str, status: DocStatus | None, host: str | None = HOST) -> Session
         (doc("a", None), ["a"], False),
     ],
 )
-def test_plan(document: SessionDoc, units: list[str], retired: bool) -> None:
+def test_plan(document: AccountDoc, units: list[str], retired: bool) -> None:
     todo = retire.plan([document], HOST, units, "removed")
     assert [t.user_id for t in todo] == (["a"] if retired else [])
     if retired:

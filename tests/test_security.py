@@ -1,4 +1,4 @@
-"""Security properties end to end through a real systemd (issue 8).
+"""Security properties end to end through a real systemd.
 
 - Identity on the controller socket comes from the unit, never from what ``hello`` claims: a
   transient unit, a process in no unit, and a process inside bob's unit all fail to speak for
@@ -190,7 +190,7 @@ def _child_of(pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
-# --- a flood of idle connections (issue 19) ------------------------------------------------
+# --- a flood of idle connections ------------------------------------------------
 
 # Run as root inside the namespace: raises its own descriptor limit, becomes nobody, opens
 # argv[2] connections to argv[1] (retrying while the listen backlog is full, for at most

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent import store as store_mod
-from agent.store import MIGRATIONS, SchemaTooNew, Store
+from agent.store import MIGRATIONS, Store, encode_message
+from agent.whatsapp.events import Image, IncomingMessage
+from wabridge.errors import ExitCode, SchemaTooNew
 
 
 @pytest.fixture
@@ -28,6 +30,11 @@ def store(db_path: Path) -> Iterator[Store]:
     s = Store(db_path)
     yield s
     s.close()
+
+
+def _msg(chat_id: str, sender: str, wa_id: str, text: str = "") -> IncomingMessage:
+    return IncomingMessage(wa_id=wa_id, chat_id=chat_id, sender=sender, text=text,
+                           timestamp=1.0)
 
 
 def _raw(path: Path) -> sqlite3.Connection:
@@ -56,7 +63,7 @@ def test_migrates_an_empty_file(db_path: Path) -> None:
 
 def test_reopening_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
     s = Store(db_path)
-    assert s.add_inbound("c", "s", "w1", {"text": "hi"})
+    assert s.add_inbound(_msg("c", "s", "w1", "hi"))
     s.close()
     s2 = Store(db_path)
     assert [p.wa_id for p in s2.pending_inbound("c")] == ["w1"]
@@ -74,6 +81,7 @@ def test_refuses_a_newer_schema(db_path: Path) -> None:
     assert f"knows {len(MIGRATIONS)}" in str(info.value)
     assert "upgrade" in str(info.value)
     assert info.value.code == "schema_too_new"
+    assert info.value.exit_code == ExitCode.SCHEMA_TOO_NEW  # do not restart: only an upgrade helps
     # and it left the file alone
     assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
 
@@ -135,29 +143,46 @@ def test_two_stores_opening_a_fresh_file_at_once(db_path: Path) -> None:
 
 
 def test_add_inbound_dedups(store: Store) -> None:
-    assert store.add_inbound("c1", "s1", "w1", {"text": "a"}) is True
-    assert store.add_inbound("c1", "s1", "w1", {"text": "changed"}) is False
+    assert store.add_inbound(_msg("c1", "s1", "w1", "a")) is True
+    assert store.add_inbound(_msg("c1", "s1", "w1", "changed")) is False
     # the same WhatsApp id from another sender or chat is another message
-    assert store.add_inbound("c1", "s2", "w1", {"text": "b"}) is True
-    assert store.add_inbound("c2", "s1", "w1", {"text": "c"}) is True
+    assert store.add_inbound(_msg("c1", "s2", "w1", "b")) is True
+    assert store.add_inbound(_msg("c2", "s1", "w1", "c")) is True
     pending = store.pending_inbound("c1")
-    assert [(p.sender, p.wa_id, p.payload) for p in pending] == [
-        ("s1", "w1", {"text": "a"}),  # the first delivery wins
-        ("s2", "w1", {"text": "b"}),
+    assert [(p.sender, p.wa_id, p.message.text) for p in pending] == [
+        ("s1", "w1", "a"),  # the first delivery wins
+        ("s2", "w1", "b"),
     ]
+
+
+def test_inbound_messages_come_back_typed_and_whole(store: Store) -> None:
+    """The store owns the (de)serialisation: what goes in is what comes out, images too."""
+    sent = IncomingMessage(
+        wa_id="w1", chat_id="g@g.us", sender="4915@s.whatsapp.net", text="look",
+        timestamp=12.5, sender_name="Jo", is_group=True, mentioned=True, quoted_text="q",
+        images=(Image("image/jpeg", b"\x00\xffjpeg", "cap"),), unsupported_media="audio",
+        expiration=86400)
+    assert store.add_inbound(sent)
+    (pending,) = store.pending_inbound("g@g.us")
+    assert pending.message == sent
+    (reply,) = store.complete_turn("g@g.us", [pending.id], ["answer"], pending.message)
+    assert reply.quote == sent
+    assert store.pending_replies()[0].quote == sent
+    (user, _) = store.history("g@g.us", 10)
+    assert user.message == sent and user.text == "look"
 
 
 def test_pending_inbound_order_and_limit(store: Store) -> None:
     for i in range(5):
-        store.add_inbound("c", "s", f"w{i}", {"i": i})
-    assert [p.payload["i"] for p in store.pending_inbound("c", limit=3)] == [0, 1, 2]
+        store.add_inbound(_msg("c", "s", f"w{i}", str(i)))
+    assert [p.message.text for p in store.pending_inbound("c", limit=3)] == ["0", "1", "2"]
     assert store.pending_inbound("other") == []
 
 
 def test_pending_chats_oldest_waiting_first(store: Store) -> None:
     ids = {}
     for chat, wa in [("a", "1"), ("b", "2"), ("a", "3"), ("c", "4"), ("b", "5")]:
-        store.add_inbound(chat, "s", wa, {})
+        store.add_inbound(_msg(chat, "s", wa))
     for p in store.pending_inbound("a"):
         ids[p.wa_id] = p.id
     assert store.pending_chats() == ["a", "b", "c"]
@@ -167,12 +192,12 @@ def test_pending_chats_oldest_waiting_first(store: Store) -> None:
 
 
 def test_skip_inbound(store: Store) -> None:
-    store.add_inbound("c", "s", "w1", {})
-    store.add_inbound("c", "s", "w2", {})
+    store.add_inbound(_msg("c", "s", "w1"))
+    store.add_inbound(_msg("c", "s", "w2"))
     first = store.pending_inbound("c")[0]
     store.skip_inbound([first.id])
     assert [p.wa_id for p in store.pending_inbound("c")] == ["w2"]
-    assert store.add_inbound("c", "s", "w1", {}) is False  # skipped still dedups
+    assert store.add_inbound(_msg("c", "s", "w1")) is False  # skipped still dedups
 
 
 # --- turns ---------------------------------------------------------------------------------
@@ -181,11 +206,11 @@ def test_skip_inbound(store: Store) -> None:
 def test_complete_turn_marks_done_and_queues_replies_in_one_commit(
     store: Store, db_path: Path
 ) -> None:
-    store.add_inbound("c", "s", "w1", {"text": "q1"})
-    store.add_inbound("c", "s", "w2", {"text": "q2"})
-    store.add_inbound("c", "s", "w3", {"text": "later"})
+    store.add_inbound(_msg("c", "s", "w1", "q1"))
+    store.add_inbound(_msg("c", "s", "w2", "q2"))
+    store.add_inbound(_msg("c", "s", "w3", "later"))
     p1, p2, _ = store.pending_inbound("c")
-    quote = {"wa_id": "w2", "text": "q2"}
+    quote = p2.message
     replies = store.complete_turn(
         "c", [p1.id, p2.id], ["part one", "part two"], quote,
         session_id="sess-1", cost_delta=0.5, input_tokens=10, output_tokens=20,
@@ -223,11 +248,14 @@ def test_complete_turn_accumulates_per_chat(store: Store) -> None:
 
 
 def test_complete_turn_failing_midway_changes_nothing(store: Store) -> None:
-    store.add_inbound("c", "s", "w1", {})
+    store.add_inbound(_msg("c", "s", "w1"))
     (p,) = store.pending_inbound("c")
-    unserialisable_quote = {"obj": object()}
-    with pytest.raises(TypeError):
-        store.complete_turn("c", [p.id], ["reply"], unserialisable_quote)
+    def replies() -> Iterator[str]:
+        yield "first part"
+        raise RuntimeError("the second part cannot be made")
+
+    with pytest.raises(RuntimeError):
+        store.complete_turn("c", [p.id], replies(), None)
     assert [x.id for x in store.pending_inbound("c")] == [p.id]
     assert store.pending_replies() == []
     assert store.chat("c") is None
@@ -238,7 +266,7 @@ def test_complete_turn_failing_midway_changes_nothing(store: Store) -> None:
 
 def test_complete_turn_survives_a_process_crash_midway(db_path: Path) -> None:
     s = Store(db_path)
-    s.add_inbound("c", "s", "w1", {})
+    s.add_inbound(_msg("c", "s", "w1"))
     (p,) = s.pending_inbound("c")
     s.close()
     # The child dies (os._exit: no cleanup, no rollback) after the inbound row was updated
@@ -268,10 +296,10 @@ def test_complete_turn_survives_a_process_crash_midway(db_path: Path) -> None:
 
 def test_pending_replies_in_order_and_mark_sent(store: Store) -> None:
     a = store.complete_turn("c1", [], ["a1", "a2"], None)
-    b = store.complete_turn("c2", [], ["b1"], {"q": 1})
+    b = store.complete_turn("c2", [], ["b1"], _msg("c2", "s", "q"))
     pending = store.pending_replies()
     assert [r.text for r in pending] == ["a1", "a2", "b1"]
-    assert pending[2].quote == {"q": 1}
+    assert pending[2].quote == _msg("c2", "s", "q")
     store.mark_sent(a[1].id)
     assert [r.text for r in store.pending_replies()] == ["a1", "b1"]
     store.mark_sent(a[0].id)
@@ -341,7 +369,7 @@ def test_concurrent_add_inbound_loses_and_duplicates_nothing(store: Store) -> No
             for i in range(per_thread):
                 # every id is delivered by two threads
                 wa = f"w{(n // 2) * per_thread + i}"
-                results[n].append(store.add_inbound(f"chat{i % 5}", "s", wa, {"n": n}))
+                results[n].append(store.add_inbound(_msg(f"chat{i % 5}", "s", wa, str(n))))
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -362,21 +390,21 @@ def test_concurrent_add_inbound_loses_and_duplicates_nothing(store: Store) -> No
 
 def test_a_message_again_under_its_lid_is_a_duplicate(store: Store) -> None:
     # first under the phone number (the event had the alt), then LID-only (it had not)
-    assert store.add_inbound("4915@s.whatsapp.net", "4915@s.whatsapp.net", "3A01", {})
-    assert not store.add_inbound("2718@lid", "2718@lid", "3A01", {})
+    assert store.add_inbound(_msg("4915@s.whatsapp.net", "4915@s.whatsapp.net", "3A01"))
+    assert not store.add_inbound(_msg("2718@lid", "2718@lid", "3A01"))
     assert store.pending_chats() == ["4915@s.whatsapp.net"]
     # a LID-only message with a new id is a message; the same one again under the phone is not
-    assert store.add_inbound("2718@lid", "2718@lid", "3A02", {})
-    assert not store.add_inbound("4915@s.whatsapp.net", "4915@s.whatsapp.net", "3A02", {})
+    assert store.add_inbound(_msg("2718@lid", "2718@lid", "3A02"))
+    assert not store.add_inbound(_msg("4915@s.whatsapp.net", "4915@s.whatsapp.net", "3A02"))
 
 
 def test_totals(store: Store) -> None:
     assert store.totals() == {"turns": 0, "cost_usd": 0, "input_tokens": 0,
                               "output_tokens": 0, "messages_in": 0, "messages_out": 0,
                               "replies_failed": 0}
-    store.add_inbound("a", "s", "1", {})
-    store.add_inbound("b", "s", "2", {})
-    store.add_inbound("b", "s", "2", {})  # duplicate: not counted
+    store.add_inbound(_msg("a", "s", "1"))
+    store.add_inbound(_msg("b", "s", "2"))
+    store.add_inbound(_msg("b", "s", "2"))  # duplicate: not counted
     (r,) = store.complete_turn("a", [], ["x"], None, cost_delta=0.1, input_tokens=5,
                                output_tokens=7)
     store.complete_turn("b", [], ["y"], None, cost_delta=0.2, input_tokens=1, output_tokens=1)
@@ -403,7 +431,7 @@ def test_sessions_and_kv(store: Store) -> None:
     assert store.get_kv("k") == "v2"
 
 
-# --- issue 5: policy, commands, budgets, rotation (schema v2) -------------------------------
+# --- policy, commands, budgets, rotation (schema v2) -------------------------------
 
 
 def test_v1_file_is_upgraded_in_place(db_path: Path) -> None:
@@ -413,13 +441,14 @@ def test_v1_file_is_upgraded_in_place(db_path: Path) -> None:
         MIGRATIONS[0](conn)
         conn.execute("INSERT INTO schema_version VALUES (1)")
         conn.execute("INSERT INTO inbox (chat_id, sender, wa_id, payload, received_at) "
-                     "VALUES ('c', 's', 'w1', '{\"text\": \"old\"}', 1.0)")
+                     "VALUES ('c', 's', 'w1', ?, 1.0)",
+                     (encode_message(_msg("c", "s", "w1", "old")),))
         conn.execute("INSERT INTO chats (chat_id, session_id, turns) VALUES ('c', 'sid', 3)")
         conn.execute("COMMIT")
     s = Store(db_path)
     assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) >= 2
     (p,) = s.pending_inbound("c")
-    assert (p.wa_id, p.payload, p.received_at) == ("w1", {"text": "old"}, 1.0)
+    assert (p.wa_id, p.message.text, p.received_at) == ("w1", "old", 1.0)
     row = s.chat("c")
     assert row is not None
     assert (row.session_id, row.turns, row.session_turns, row.context_tokens, row.seed) == (
@@ -430,15 +459,15 @@ def test_v1_file_is_upgraded_in_place(db_path: Path) -> None:
 
 def test_skip_with_reason_and_notice_once_per_key(store: Store) -> None:
     for w in ("w1", "w2", "w3"):
-        store.add_inbound("c", "s", w, {"text": w})
+        store.add_inbound(_msg("c", "s", w, w))
     p1, p2, p3 = store.pending_inbound("c")
     store.skip_inbound([p1.id], "not_allowlisted")
     assert store.inbound_state("c", "w1") == ("skipped", "not_allowlisted")
-    first = store.skip_with_notice("c", [p2.id], "budget", "no money", quote={"q": 1},
+    first = store.skip_with_notice("c", [p2.id], "budget", "no money", quote=p2.message,
                                    once_key=("budget", "2024-01-01"))
     again = store.skip_with_notice("c", [p3.id], "budget", "no money",
                                    once_key=("budget", "2024-01-01"))
-    assert [r.text for r in first] == ["no money"] and first[0].quote == {"q": 1}
+    assert [r.text for r in first] == ["no money"] and first[0].quote == p2.message
     assert again == []
     assert store.inbound_state("c", "w3") == ("skipped", "budget")
     other_chat = store.skip_with_notice("d", [], "budget", "no money",
@@ -451,10 +480,10 @@ def test_skip_with_reason_and_notice_once_per_key(store: Store) -> None:
 
 
 def test_answer_locally_is_not_a_turn_nor_history(store: Store) -> None:
-    store.add_inbound("c", "s", "w1", {"text": "/help"})
+    store.add_inbound(_msg("c", "s", "w1", "/help"))
     (p,) = store.pending_inbound("c")
-    (r,) = store.answer_locally("c", [p.id], ["help text"], p.payload)
-    assert r.quote == p.payload
+    (r,) = store.answer_locally("c", [p.id], ["help text"], p.message)
+    assert r.quote == p.message
     assert store.inbound_state("c", "w1") == ("done", "command")
     assert store.chat("c") is None  # no turn counted
     assert store.history("c", 10) == []
@@ -481,7 +510,7 @@ def test_session_turns_context_and_daily_cost(store: Store) -> None:
     assert (row.session_id, row.session_turns, row.seed, row.context_tokens) == ("s2", 1, None, 5)
 
 
-def test_rotate_versions_and_reset_archives(store: Store) -> None:
+def test_rotate_numbers_and_reset_archives(store: Store) -> None:
     store.complete_turn("c", [], ["a"], None, session_id="s1", context_tokens=900)
     assert store.rotate("c", "first summary", cost_delta=0.1, day="2024-01-01") == 1
     row = store.chat("c")
@@ -490,27 +519,27 @@ def test_rotate_versions_and_reset_archives(store: Store) -> None:
         None, 0, 0, "summary")
     assert store.cost_on("2024-01-01") == pytest.approx(0.1)
     assert store.rotate("c", "second summary") == 2
-    assert store.rotate("c", None) is None  # summary failed: recovery seed, no version
+    assert store.rotate("c", None) is None  # summary failed: recovery seed, no number
     assert store.chat("c").seed == "recovery"  # type: ignore[union-attr]
-    assert store.rotate("other", "x") == 1  # versions are per chat
+    assert store.rotate("other", "x") == 1  # numbers are per chat
     latest = store.latest_summary("c")
-    assert latest is not None and (latest.version, latest.text) == (2, "second summary")
+    assert latest is not None and (latest.number, latest.text) == (2, "second summary")
     store.reset_chat("c")
     assert store.latest_summary("c") is None
     assert [s.archived for s in store.summaries("c")] == [True, True]
     row = store.chat("c")
     assert row is not None and row.seed is None and row.reset_at > 0
-    assert store.rotate("c", "third") == 3  # versions keep counting after a reset
+    assert store.rotate("c", "third") == 3  # numbers keep counting after a reset
 
 
 def test_history_is_ordered_limited_and_starts_after_reset(store: Store) -> None:
     def exchange(q: str, a: str) -> None:
-        store.add_inbound("c", "s", q, {"text": q})
+        store.add_inbound(_msg("c", "s", q, q))
         (p,) = store.pending_inbound("c")
         store.complete_turn("c", [p.id], [a], None)
 
     exchange("q1", "a1")
-    store.add_inbound("c", "s", "skipped", {"text": "skipped"})
+    store.add_inbound(_msg("c", "s", "skipped", "skipped"))
     store.skip_inbound([store.pending_inbound("c")[0].id], "from_me")
     store.skip_with_notice("c", [], "budget", "a notice")
     exchange("q2", "a2")
@@ -533,9 +562,8 @@ def test_commits_never_checkpoint_and_checkpoint_runs_from_another_thread(
     would at 1000 pages); the worker's periodic ``checkpoint`` in a thread does, and closing
     leaves an empty log."""
     store = Store(db_path)
-    payload = {"text": "x" * 2000}
     for i in range(3000):
-        assert store.add_inbound("chat@s.whatsapp.net", "s", f"ID{i:05d}", payload)
+        assert store.add_inbound(_msg("chat@s.whatsapp.net", "s", f"ID{i:05d}", "x" * 2000))
     wal = db_path.with_name(db_path.name + "-wal")
     page = store._conn().execute("PRAGMA page_size").fetchone()[0]
     assert wal.stat().st_size > 1000 * page * 1.2, "a commit checkpointed the log"
@@ -549,3 +577,23 @@ def test_commits_never_checkpoint_and_checkpoint_runs_from_another_thread(
     assert wal.stat().st_size == 0
     with closing(sqlite3.connect(db_path)) as db:
         assert db.execute("SELECT count(*) FROM inbox").fetchone()[0] == 3000
+
+
+def test_summaries_written_before_the_rename_keep_their_numbers(db_path: Path) -> None:
+    """Schema 4 renamed ``summaries.version`` to ``number``; a chat's stored summaries (and
+    the next number) survive the upgrade."""
+    with closing(_raw(db_path)) as conn:
+        conn.execute("BEGIN")
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for step in MIGRATIONS[:3]:
+            step(conn)
+        conn.execute("INSERT INTO schema_version VALUES (3)")
+        conn.execute("INSERT INTO summaries (chat_id, version, text, created_at) "
+                     "VALUES ('c', 1, 'first', 1.0), ('c', 2, 'second', 2.0)")
+        conn.execute("COMMIT")
+    s = Store(db_path)
+    try:
+        assert [(x.number, x.text) for x in s.summaries("c")] == [(1, "first"), (2, "second")]
+        assert s.rotate("c", "third") == 3
+    finally:
+        s.close()

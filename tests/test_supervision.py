@@ -1,4 +1,4 @@
-"""systemd as the fleet's supervisor, end to end (issue 3).
+"""systemd as the fleet's supervisor, end to end.
 
 Real systemd 252 in a private namespace, the real worker (Python, the sim backend, the Claude
 Code CLI against the fake API), the controller as a unit, the Firestore emulator. Faults come

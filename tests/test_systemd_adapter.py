@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from harness.systemd_ns import SystemdNamespace, available
 
-from controller.systemd import Systemd, SystemdError, UnitState
+from controller.systemd import Systemd
+from controller.unit_manager import SystemdError, UnitState
 from wabridge.units import worker_unit
 
 _REASON = available()

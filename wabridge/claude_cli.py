@@ -1,7 +1,7 @@
 """The Claude Code CLI as both sides see it: where it is and the environment it runs with.
 
-The worker drives it (``agent/claude.py``); ``wabridgectl check`` runs ``--version`` on it
-(``controller/ctl.py``). Both take the same binary and the same offline settings from here.
+The worker drives it (``agent/claude.py``); ``wabridgectl doctor`` runs ``--version`` on it
+(``controller/doctor.py``). Both take the same binary and the same offline settings from here.
 
 A user's own Anthropic API key (``settings.apiKeyRef``) travels from the controller to that
 user's worker only as a systemd credential named ``API_KEY_CREDENTIAL``: the controller puts

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from wabridge.errors import ConfigError
+from wabridge.prices import parse_prices
 
 DEFAULT_PATH = Path("/etc/wabridge/wabridge.toml")
 ENV_PREFIX = "WABRIDGE__"
@@ -68,6 +69,14 @@ def _matches(pattern: str, what: str) -> Check:
     return check
 
 
+def _prices(value: Any) -> str | None:
+    try:
+        parse_prices(str(value))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _listen_address(value: Any) -> str | None:
     if value == "":
         return None
@@ -81,7 +90,7 @@ def _listen_address(value: Any) -> str | None:
 class ControllerConfig:
     control_plane: str = _opt(
         "auto",
-        "Where user sessions are requested and reported. `auto` picks Firestore when Firebase "
+        "Where accounts are requested and reported. `auto` picks Firestore when Firebase "
         "credentials or an emulator are configured, else the local SQLite store.",
         allowed="auto, firestore, local",
         check=_one_of("auto", "firestore", "local"),
@@ -170,7 +179,7 @@ class WorkerConfig:
         30.0, "Seconds the event loop may stall before the watchdog stops being fed.",
         check=_at_least(1.0),
     )
-    # --- supervision (issue 3): written by the controller into each worker's runtime drop-in
+    # --- supervision: written by the controller into each worker's runtime drop-in
     memory_max: str = _opt(
         "1G",
         "`MemoryMax=` of each worker unit: past it the kernel kills the worker (its document "
@@ -213,19 +222,48 @@ class ClaudeConfig:
         "System prompt for every chat.",
     )
     tools: bool = _opt(False, "Let Claude use its tools (off: answer from the conversation only).")
+    engine: str = _opt(
+        "cli",
+        "How chats talk to Claude: `cli`, one Claude Code process per live chat (~140 MB "
+        "each); `api`, the Messages API from the worker itself (the conversation kept in the "
+        "worker's database; well under 1 MB per live chat, no tools). A user's `engine` "
+        "setting overrides it. With `tools = true` only `cli` is allowed.",
+        allowed="cli, api",
+        check=_one_of("cli", "api"),
+    )
+    api_model: str = _opt(
+        "claude-sonnet-4-5",
+        "Model of the `api` engine when `model` is empty (the API, unlike the CLI, has no "
+        "default model).",
+    )
+    api_max_tokens: int = _opt(
+        4096, "Most tokens one reply of the `api` engine may have.", check=_between(1, 128_000)
+    )
+    api_prices: str = _opt(
+        "claude-sonnet-4-5=3/15, claude-sonnet-4-0=3/15, claude-opus-4-5=5/25, "
+        "claude-opus-4-1=15/75, claude-haiku-4-5=1/5",
+        "USD per million input/output tokens per model, for the `api` engine's cost "
+        "accounting (the CLI reports its own cost). Cache writes are counted at 1.25x, cache "
+        "reads at 0.1x the input price. The `api` engine refuses a model not listed here.",
+        allowed="model=input/output, comma separated",
+        check=_prices,
+    )
     turn_timeout: float = _opt(
-        120.0, "Seconds a turn may take before its process is killed.", check=_at_least(1.0)
+        120.0, "Seconds a turn may take before its process is killed (`api` engine: before "
+        "its request is abandoned).", check=_at_least(1.0)
     )
     max_processes: int = _opt(
-        2, "Live Claude processes per worker (each ~190 MB).", check=_between(1, 64)
+        2, "Live Claude processes per worker (each ~190 MB; the `api` engine has none).",
+        check=_between(1, 64)
     )
     idle_timeout: float = _opt(
         600.0, "Seconds before an idle chat's process is closed.", check=_at_least(1.0)
     )
     max_retries: int = _opt(
-        0, "CLAUDE_CODE_MAX_RETRIES for API errors (0: fail fast).", check=_between(0, 10)
+        0, "Retries of a failed API request: CLAUDE_CODE_MAX_RETRIES for the CLI, the SDK's "
+        "max_retries for the `api` engine (0: fail fast).", check=_between(0, 10)
     )
-    # --- conversation engine (issue 5) ---
+    # --- conversation engine ---
     context_window: int = _opt(
         200_000,
         "Context window of the model in tokens; context rotation is measured against it.",
@@ -248,7 +286,7 @@ class ConversationConfig:
         "Sorry, I could not answer that just now. Please try again in a moment.",
         "Reply sent when a turn fails for good (timeout, API error).",
     )
-    # --- conversation engine (issue 5) ---
+    # --- conversation engine ---
     rotate_at: float = _opt(
         0.7,
         "Fraction of `claude.context_window` a chat's last turn may use before its "
@@ -271,7 +309,7 @@ class ConversationConfig:
         "with the summary and recent messages starts instead.",
         check=_at_least(1000),
     )
-    # --- delivery and loops (issue 11) ---
+    # --- delivery and loops ---
     send_attempts: int = _opt(
         5,
         "Times a reply WhatsApp refuses is tried (waiting `send_retry_base` seconds, doubling "
@@ -307,7 +345,7 @@ class ConversationConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Budgets and rate limits (issue 5)."""
+    """Budgets and rate limits."""
 
     daily_budget_usd: float = _opt(
         5.0,
@@ -466,7 +504,20 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     built: dict[str, Any] = {}
     for name, cls in sections.items():
         built[name] = _build_section(name, cls, data.get(name, {}))
-    return Config(**built)
+    cfg = Config(**built)
+    claude = cfg.claude
+    if claude.engine == "api" and claude.tools:
+        raise ConfigError("claude.engine", "api has no tools but claude.tools is true",
+                          allowed="cli (with tools), or tools = false")
+    if claude.engine == "api" and api_model(claude) not in parse_prices(claude.api_prices):
+        raise ConfigError("claude.api_prices", f"has no price for the model {api_model(claude)!r}"
+                          " the api engine uses", allowed="model=input/output, comma separated")
+    return cfg
+
+
+def api_model(claude: ClaudeConfig) -> str:
+    """The model the ``api`` engine asks for."""
+    return claude.model or claude.api_model
 
 
 def with_overrides(config: Config, section: str, **values: Any) -> Config:
@@ -487,6 +538,14 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def _toml_literal(value: Any) -> str:
+    """A default as TOML writes it: a JSON string is a valid TOML basic string, escapes
+    included; booleans are lower case."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def example_toml() -> str:
     """A fully commented config file (the Debian package's conffile)."""
     out = ["# wabridge configuration. Every option is shown with its default, commented out.",
@@ -497,11 +556,7 @@ def example_toml() -> str:
             out.append(f"# {fdef.metadata['doc']}")
             if fdef.metadata.get("allowed"):
                 out.append(f"# allowed: {fdef.metadata['allowed']}")
-            value = fdef.default
-            # a JSON string is a valid TOML basic string, escapes included
-            rendered = ("true" if value else "false") if isinstance(value, bool) else (
-                json.dumps(value) if isinstance(value, str) else repr(value))
-            out.append(f"#{fdef.name} = {rendered}")
+            out.append(f"#{fdef.name} = {_toml_literal(fdef.default)}")
         out.append("")
     return "\n".join(out)
 

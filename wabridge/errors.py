@@ -1,16 +1,44 @@
-"""One error tree for the whole fleet.
+"""One error tree for the whole fleet, drawn as it is (module, then ``code``).
 
-    WabridgeError                 code, explanation, exit_code
-    ├── ConfigError               a bad configuration value           exit 78 (EX_CONFIG)
-    ├── UserIdError               a user id that cannot name a unit   (reported on the document)
-    ├── ProtocolError             a malformed worker<->controller frame (error frame back)
-    ├── PolicyError               a bad per-user setting (shown on the document)
-    ├── SchemaTooNew              a database newer than this code     exit 16 (no restart)
-    └── ForeignRecordError        a write that would replace another user's record
+    WabridgeError                 wabridge.errors       code, explanation, exit_code
+    ├── ConfigError               wabridge.errors       bad_config: a bad configuration value,
+    │                                                   exit 78 (EX_CONFIG, not restarted)
+    ├── UserIdError               wabridge.errors       bad_user_id: a user id that cannot name
+    │                                                   a unit, exit 15 (not restarted)
+    ├── ProtocolError             wabridge.errors       bad_frame: a malformed worker<->controller
+    │                                                   frame (an error frame goes back)
+    ├── SchemaTooNew              wabridge.errors       schema_too_new: a state file a newer
+    │                                                   wabridge wrote, exit 16 (not restarted)
+    ├── ForeignRecordError        wabridge.errors       not_your_record: a write that would
+    │                                                   replace another user's record (refused)
+    ├── PolicyError               wabridge.errors       bad_setting: a bad per-user setting
+    │   └── InvalidSetting        agent.policy          (shown on the user's document)
+    ├── ClaudeError               agent.claude          code per instance: timeout,
+    │                                                   process_exited, protocol, not_configured,
+    │                                                   resume_failed (answered with the apology)
+    ├── SendError                 agent.whatsapp.base   send_failed: a reply WhatsApp did not
+    │                                                   take (kept in the outbox, retried)
+    ├── NeonizeStoreError         agent.whatsapp.neonize_import
+    │                                                   whatsapp_store: the session store cannot
+    │                                                   be opened or created
+    ├── SystemdError              controller.unit_manager
+    │                                                   code per instance: no_such_unit,
+    │                                                   unavailable, failed
+    ├── PlaneError                controller.plane      plane_error
+    │   ├── PlaneUnavailable      controller.plane      plane_unavailable (retry later)
+    │   └── PlaneDenied           controller.plane      plane_denied (credentials; no retry)
+    ├── AdminError                controller.admin      code per instance (ADMIN_EXPLANATIONS):
+    │                                                   an admin-socket error answer
+    └── CtlError                  controller.ctl        code per instance; exit_status is
+                                                        wabridgectl's exit status (0-5)
+
+Not yet under ``WabridgeError``: ``sim.world.WorldError`` (the simulator's HTTP errors).
+``agent.whatsapp.sim._Terminal`` is internal control flow, never seen outside its module.
 
 Every error carries a stable ``code`` (what scripts and documents match on) and an
-``explanation`` telling the operator what to do. Foreign exceptions are mapped into this tree
-in one place per adapter, never in the core.
+``explanation`` telling the operator what to do: a class states the usual one, a raise may
+state a more precise one (which then also shows in ``str()``). Foreign exceptions are mapped
+into this tree in one place per adapter, never in the core.
 """
 
 from __future__ import annotations
@@ -22,8 +50,10 @@ class ExitCode(IntEnum):
     """Exit codes of wabridge processes.
 
     Codes from 10 up are "do not restart" outcomes: the worker unit lists them in
-    ``RestartPreventExitStatus=`` so systemd leaves the unit stopped, like an OTP transient
-    child that ended normally. Keep this table in step with ``systemd/wabridge-worker@.service``.
+    ``RestartPreventExitStatus=`` (``NO_RESTART_EXIT_CODES``) so systemd leaves the unit
+    stopped, like an OTP transient child that ended normally; the account outcomes among
+    them (10-14) and their document statuses are ``wabridge.status.EXIT_OUTCOMES``.
+    tests/test_exit_codes.py checks both unit files against these tables.
     """
 
     OK = 0
@@ -64,15 +94,18 @@ class WabridgeError(Exception):
 
     code: str = "wabridge_error"
     exit_code: ExitCode = ExitCode.FAILURE
+    #: what an operator does about this kind of error; a raise may say more precisely
+    explanation: str = ""
 
     def __init__(self, message: str, *, explanation: str = "") -> None:
         super().__init__(message)
         self.message = message
-        self.explanation = explanation
+        self._stated = explanation
+        self.explanation = explanation or type(self).explanation
 
     def __str__(self) -> str:
-        if self.explanation:
-            return f"{self.message} ({self.explanation})"
+        if self._stated:
+            return f"{self.message} ({self._stated})"
         return self.message
 
 
@@ -81,6 +114,8 @@ class ConfigError(WabridgeError):
 
     code = "bad_config"
     exit_code = ExitCode.CONFIG
+    explanation = ("fix the key in /etc/wabridge/wabridge.toml (docs/configuration.md lists "
+                   "every key), then start the unit again")
 
     def __init__(self, key: str, problem: str, *, allowed: str = "") -> None:
         message = f"config key {key!r}: {problem}"
@@ -95,27 +130,32 @@ class UserIdError(WabridgeError):
 
     code = "bad_user_id"
     exit_code = ExitCode.BAD_USER
+    explanation = "use a user id of printable ASCII without spaces, short enough for a unit name"
 
 
 class ProtocolError(WabridgeError):
     """A frame on the worker<->controller socket that does not parse."""
 
     code = "bad_frame"
+    explanation = ("the worker and the controller speak different protocol versions: run the "
+                   "same wabridge version on both sides")
+
+
+class SchemaTooNew(WabridgeError):
+    """A state file written by a newer wabridge (its schema version is higher than this code
+    knows): the worker's state, the local control plane. Not restarted (one do-not-restart exit
+    in both units): only an upgrade helps, and an older wabridge must not guess."""
+
+    code = "schema_too_new"
+    exit_code = ExitCode.SCHEMA_TOO_NEW
+    explanation = "a newer wabridge wrote this state; upgrade instead of downgrading"
 
 
 class PolicyError(WabridgeError):
     """A per-user setting on a control-plane document that does not validate."""
 
     code = "bad_setting"
-
-
-class SchemaTooNew(WabridgeError):
-    """A SQLite database (the worker's state, the local control plane) has a schema version
-    newer than this code: a downgrade. Restarting cannot help, so it is a do-not-restart
-    exit in both units."""
-
-    code = "schema_too_new"
-    exit_code = ExitCode.SCHEMA_TOO_NEW
+    explanation = "fix the setting on the user's document; the previous settings stay in force"
 
 
 class ForeignRecordError(WabridgeError):
@@ -123,3 +163,4 @@ class ForeignRecordError(WabridgeError):
     worker's frame is answered with this code (and its ``seq``), so it is not re-sent."""
 
     code = "not_your_record"
+    explanation = "a worker wrote under another user's id; its frame was dropped"

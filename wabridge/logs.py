@@ -21,8 +21,9 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
 
@@ -67,7 +68,9 @@ class JournalRenderer:
         event = str(event_dict.pop("event", ""))
         level = str(event_dict.pop("level", method))
         event_dict.pop("timestamp", None)
-        details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k != "exception")
+        # the logger's name is a field of its own (LOGGER=), not repeated in MESSAGE
+        details = " ".join(f"{k}={v}" for k, v in event_dict.items()
+                           if k not in ("exception", "logger"))
         fields: dict[str, Any] = {
             "MESSAGE": f"{event} {details}".strip(),
             "PRIORITY": _PRIORITY.get(level, 6),
@@ -93,7 +96,7 @@ class JournalRenderer:
 def _format(requested: str) -> str:
     if requested != "auto":
         return requested
-    if os.environ.get("JOURNAL_STREAM") and os.path.exists(JOURNAL_SOCKET):  # noqa: PTH110
+    if os.environ.get("JOURNAL_STREAM") and Path(JOURNAL_SOCKET).exists():
         return "journal"
     return "console" if sys.stderr.isatty() else "json"
 
@@ -103,6 +106,7 @@ def processors(renderer: Any) -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         renderer,
@@ -123,7 +127,7 @@ def setup(identifier: str, level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=processors(renderer),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_named_loggers(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries using stdlib logging (neonize, google, grpc) land in the same stream.
@@ -143,8 +147,34 @@ class _StdlibBridge(logging.Handler):
         )
 
 
-def get(name: str | None = None) -> Any:
+def get(name: str) -> Any:
+    """The logger of one part (``controller.server``, ``agent.link``...): every line it logs
+    carries ``logger=<name>`` (JSON key, console detail, journal field ``LOGGER``), so a reader
+    knows which end of a link spoke. Bound lazily: modules call this at import time, before
+    ``setup`` configures the processors (``add_logger_name`` adds it)."""
     return structlog.get_logger(name)
+
+
+class _NamedLogger(structlog.PrintLogger):
+    """structlog's print logger, knowing the name ``get`` was given."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+def _named_loggers(file: TextIO) -> Callable[..., _NamedLogger]:
+    def factory(*args: Any) -> _NamedLogger:
+        return _NamedLogger(file, str(args[0]) if args else "")
+    return factory
+
+
+def add_logger_name(logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+                    ) -> MutableMapping[str, Any]:
+    name = getattr(logger, "name", "")
+    if name:
+        event_dict.setdefault("logger", name)
+    return event_dict
 
 
 bind = structlog.contextvars.bind_contextvars

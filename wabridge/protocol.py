@@ -86,7 +86,7 @@ class Metrics:
     input_tokens: int
     output_tokens: int
     cost_today_usd: float
-    # since the worker's store was created (issue 11); absent from older workers: 0
+    # since the worker's store was created; absent from older workers: 0
     undecryptable: int = 0  # messages lost to decryption
     stream_errors: int = 0
     replies_failed: int = 0  # replies given up after conversation.send_attempts
@@ -155,7 +155,7 @@ class Settings:
 @dataclass(frozen=True)
 class Command:
     TYPE: ClassVar[str] = "command"
-    name: Literal["pair_phone", "reset_chat", "logout"]
+    name: Literal["pair_phone", "reset_chat"]
     args: dict[str, str] = field(default_factory=dict)
 
 
@@ -277,7 +277,7 @@ def decode(line: bytes) -> Frame:
     if cls is MessageEvent and kwargs["direction"] not in ("in", "out"):
         raise ProtocolError(f"message frame direction must be 'in' or 'out': {raw['direction']!r}")
     if cls is Command:
-        if kwargs["name"] not in ("pair_phone", "reset_chat", "logout"):
+        if kwargs["name"] not in ("pair_phone", "reset_chat"):
             raise ProtocolError(f"unknown command {kwargs['name']!r}")
         if not all(isinstance(v, str) for v in kwargs.get("args", {}).values()):
             raise ProtocolError("command frame field 'args' must map names to strings")

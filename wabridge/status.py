@@ -8,7 +8,11 @@ bridge states). ``doc_status_for`` maps one onto the other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from types import MappingProxyType
+
+from wabridge.errors import ExitCode
 
 
 class DocStatus(StrEnum):
@@ -53,6 +57,22 @@ RUNNING_STATUSES = frozenset(
         DocStatus.DISCONNECTED,
     }
 )
+
+
+#: The outcomes a worker ends with by itself, and the exit code of each: the one table. The
+#: worker exits with the code (``agent.outcomes``); systemd counts it a success and leaves the
+#: unit stopped (``SuccessExitStatus=``/``RestartPreventExitStatus=`` of the worker unit,
+#: checked against this table by tests/test_exit_codes.py); the controller turns the code
+#: back into the document's status (``controller.reconcile``), also for a worker that ended
+#: while the controller was down.
+EXIT_OUTCOMES: Mapping[ExitCode, DocStatus] = MappingProxyType({
+    ExitCode.LOGGED_OUT: DocStatus.LOGGED_OUT,
+    ExitCode.BANNED: DocStatus.BANNED,
+    ExitCode.REPLACED: DocStatus.REPLACED,
+    ExitCode.OUTDATED: DocStatus.OUTDATED,
+    ExitCode.QR_EXPIRED: DocStatus.QR_EXPIRED,
+})
+OUTCOME_STATUSES = frozenset(EXIT_OUTCOMES.values())
 
 
 class WorkerState(StrEnum):

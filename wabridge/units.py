@@ -1,8 +1,9 @@
 """User ids <-> systemd unit names.
 
 A user id becomes the instance of ``wabridge-worker@.service`` by systemd's own escaping
-(``systemd-escape``): ASCII letters, digits, ``_`` and ``.`` (not leading) stay as they are,
-``/`` becomes ``-``, and every other byte becomes ``\\xNN``. The mapping is reversible, so the
+(``systemd-escape``): ASCII letters, digits, ``:``, ``_`` and ``.`` (not leading) stay as they
+are and every other byte becomes ``\\xNN`` (systemd writes ``/`` as ``-``, but a user id never
+contains ``/``, so an instance with ``-`` names no user). The mapping is reversible, so the
 controller can always tell which user a unit belongs to, and simple ids read naturally:
 ``alice`` -> ``wabridge-worker@alice.service``.
 
@@ -19,7 +20,6 @@ import string
 
 from wabridge.errors import UserIdError
 
-WORKER_TEMPLATE = "wabridge-worker@.service"
 WORKER_PREFIX = "wabridge-worker@"
 WORKER_SUFFIX = ".service"
 MAX_USER_ID = 128

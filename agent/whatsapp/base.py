@@ -25,12 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.whatsapp.events import Event, IncomingMessage
+from wabridge.errors import WabridgeError
 
 Sink = Callable[[Event], None]
 
 
-class SendError(Exception):
+class SendError(WabridgeError):
     """A message could not be handed to WhatsApp; the outbox keeps it for a retry."""
+
+    code = "send_failed"
+    explanation = ("the reply stays in the outbox and is retried with backoff, up to "
+                   "conversation.send_attempts; then it is marked failed and the owner is told")
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,6 @@ class WhatsAppBackend(abc.ABC):
     @abc.abstractmethod
     async def set_typing(self, chat_id: str, typing: bool) -> None:
         """Show or clear the "typing…" presence; best effort, never raises."""
-
-    @abc.abstractmethod
-    async def mark_read(self, message: IncomingMessage) -> None:
-        """Send a read receipt; best effort, never raises."""
 
     @abc.abstractmethod
     async def pair_phone(self, phone: str) -> None:

@@ -136,9 +136,6 @@ class SimBackend(WhatsAppBackend):
     async def set_typing(self, chat_id: str, typing: bool) -> None:
         await self._send_quietly({"type": "typing", "to": chat_id, "on": typing})
 
-    async def mark_read(self, message: IncomingMessage) -> None:
-        await self._send_quietly({"type": "read", "chat": message.chat_id, "ids": [message.wa_id]})
-
     async def pair_phone(self, phone: str) -> None:
         self._pair_phone = phone
         self._pair_sent = False

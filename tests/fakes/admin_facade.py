@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.admin import AdminServer, DocWatchers, Watcher
-from controller.plane import SessionDoc, parse_session
+from controller.plane import AccountDoc, parse_account
 from wabridge import protocol
 from wabridge.status import DocStatus
 
@@ -40,7 +40,7 @@ Script = list[tuple[float, dict[str, Any]]]
 @dataclass
 class FakeFacade:
     watchers: DocWatchers = field(default_factory=DocWatchers)
-    docs: dict[str, SessionDoc] = field(default_factory=dict)
+    docs: dict[str, AccountDoc] = field(default_factory=dict)
     units: dict[str, FakeUnit] = field(default_factory=dict)
     linked_users: set[str] = field(default_factory=set)
     requests: list[tuple[str, DocStatus, dict[str, Any]]] = field(default_factory=list)
@@ -54,14 +54,14 @@ class FakeFacade:
     # --- test set-up ---------------------------------------------------------------------
     def put(self, user: str, fields: dict[str, Any], unit: FakeUnit | None = None) -> None:
         """A document as the controller knows it (raw fields) and, optionally, its unit."""
-        self.docs[user] = parse_session(user, fields)
+        self.docs[user] = parse_account(user, fields)
         if unit is not None:
             self.units[user] = unit
 
     def change(self, user: str, fields: dict[str, Any]) -> None:
         """The controller's view changes (a write merged, as ``Controller.write`` does)."""
         old = self.docs.get(user)
-        self.docs[user] = (old or parse_session(user, {})).merged(fields)
+        self.docs[user] = (old or parse_account(user, {})).merged(fields)
         self.watchers.changed(user, old, self.docs[user])
 
     def drop(self, user: str) -> None:
@@ -72,7 +72,7 @@ class FakeFacade:
     def user_ids(self) -> set[str]:
         return set(self.docs) | set(self.units)
 
-    def doc(self, user_id: str) -> SessionDoc | None:
+    def doc(self, user_id: str) -> AccountDoc | None:
         return self.docs.get(user_id)
 
     def unit(self, user_id: str) -> FakeUnit | None:

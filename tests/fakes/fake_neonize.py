@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.whatsapp.neonize_backend import import_neonize
+from agent.whatsapp.neonize_import import import_neonize
 
 API = import_neonize()
 P = API.proto  # neonize.proto.Neonize_pb2
@@ -421,7 +421,6 @@ class FakeNewClient:
         self.handler_threads: list[threading.Thread] = []
         self.qr_codes: list[str] = []
         self.presences: list[tuple[str, Any, Any]] = []
-        self.reads: list[dict[str, Any]] = []
         self.pair_requests: list[str] = []
         self.downloads: list[str] = []
         self.log: list[str] = []  # every call and dispatch, in order
@@ -495,11 +494,6 @@ class FakeNewClient:
     def close(self) -> None:
         self._stopped.set()
         self._queue.put(None)
-
-    def logout(self) -> None:
-        self.log.append("logout")
-        self.store.paired = False
-        self.store.me = None
 
     # -- neonize API: state --------------------------------------------------------------------
 
@@ -599,24 +593,6 @@ class FakeNewClient:
     def send_chat_presence(self, jid: Any, state: Any, media: Any) -> None:
         self.log.append("send_chat_presence")
         self.presences.append((jid_str(jid), state, media))
-
-    def mark_read(
-        self,
-        *message_ids: str,
-        chat: Any,
-        sender: Any,
-        receipt: Any,
-        timestamp: int | None = None,
-    ) -> None:
-        self.log.append("mark_read")
-        self.reads.append(
-            {
-                "ids": list(message_ids),
-                "chat": jid_str(chat),
-                "sender": jid_str(sender),
-                "receipt": receipt,
-            }
-        )
 
     def download_any(self, message: Any, path: str | None = None) -> bytes | None:
         self.log.append("download_any")

@@ -1,11 +1,10 @@
 """The parts of a WhatsApp backend that engine tests do not look at: starting, typing,
-read receipts, pairing and stopping do nothing. Subclasses supply ``send_text`` (and
+pairing and stopping do nothing. Subclasses supply ``send_text`` (and
 ``is_connected``)."""
 
 from __future__ import annotations
 
 from agent.whatsapp.base import Sink, WhatsAppBackend
-from agent.whatsapp.events import IncomingMessage
 
 
 class QuietWhatsApp(WhatsAppBackend):
@@ -15,9 +14,6 @@ class QuietWhatsApp(WhatsAppBackend):
         pass
 
     async def set_typing(self, chat_id: str, typing: bool) -> None:
-        pass
-
-    async def mark_read(self, message: IncomingMessage) -> None:
         pass
 
     async def pair_phone(self, phone: str) -> None:

@@ -1,16 +1,19 @@
-"""An in-memory stand-in for ``controller.systemd.Systemd``: the calls the controller makes
-(recorded, with hooks that run inside them, at the moments a real D-Bus round trip lets other
-tasks run) and what ``Controller.run()`` needs besides (open, subscribe, list, liveness)."""
+"""An in-memory unit manager (``controller.unit_manager.UnitManager``, as the pystemd adapter
+``controller.systemd.Systemd`` is one): the calls the controller makes (recorded, with hooks
+that run inside them, at the moments a real D-Bus round trip lets other tasks run) and what
+``Controller.run()`` needs besides (open, subscribe, list, liveness)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from controller.systemd import UnitState
+from controller.unit_manager import UnitState
 
 
 class ScriptedSystemd:
+    """An in-memory ``controller.unit_manager.UnitManager``."""
+
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.on_call: dict[str, Callable[[], Awaitable[None]]] = {}

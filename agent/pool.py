@@ -1,0 +1,193 @@
+"""The worker's Claude processes: at most ``size`` live at once, one per chat, resumed from the
+chat's stored session (:class:`ClaudePool`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings
+from agent.store import Store
+from wabridge import logs
+
+log = logs.get("agent.pool")
+
+
+def transcript_path(config_dir: Path, session_id: str) -> Path | None:
+    """Where the CLI keeps a session's transcript: ``$CLAUDE_CONFIG_DIR/projects/<slug of the
+    cwd>/<session id>.jsonl`` (the slug is the cwd with every non-alphanumeric character
+    replaced by ``-``; found by globbing, so a changed slug rule does not matter). None when
+    absent (never had a turn, or deleted)."""
+    if not session_id or "/" in session_id or session_id.startswith("."):
+        return None
+    for path in (config_dir / "projects").glob(f"*/{session_id}.jsonl"):
+        return path
+    return None
+
+
+class ClaudePool:
+    """At most ``size`` live Claude processes; least recently used idle ones close first.
+
+    Processes being started count against ``size`` too. Opening a chat resumes its stored
+    session unless its transcript is larger than ``resume_max_bytes``; when the transcript is
+    too large or ``--resume`` fails (transcript missing), the chat's session is forgotten with
+    seed ``recovery`` and a fresh session is started (the engine seeds its first turn).
+    """
+
+    def __init__(self, size: int, idle_timeout: float, settings: ClaudeSettings, root: Path,
+                 store: Store, *, resume_max_bytes: int = 10_000_000) -> None:
+        self._size = size
+        self._idle = idle_timeout
+        self._settings = settings
+        self._root = root
+        self._store = store
+        self._resume_max_bytes = resume_max_bytes
+        self._live: dict[str, tuple[ClaudeSession, float]] = {}
+        self._busy: set[str] = set()
+        self._opening: set[str] = set()
+        self._closing: set[str] = set()  # taken out of _live, process still closing
+        self._cond = asyncio.Condition()
+        self.peak = 0  # most processes live at once (diagnostics, tests)
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    @property
+    def model(self) -> str:
+        return self._settings.model or ""
+
+    @property
+    def config_dir(self) -> Path:
+        return self._root / "claude"
+
+    def pid(self, chat_id: str) -> int | None:
+        """The chat's live Claude process id, if any."""
+        entry = self._live.get(chat_id)
+        return entry[0].pid if entry else None
+
+    async def acquire(self, chat_id: str) -> ClaudeSession:
+        while True:
+            async with self._cond:
+                step = await self._reserve(chat_id)
+            if isinstance(step, ClaudeSession):
+                return step
+            if step is None:
+                break
+            # Closed outside the lock: other chats keep acquiring and releasing their own
+            # processes meanwhile. The slot stays taken (``_closing``) until the process is
+            # gone, so at most ``size`` processes ever live.
+            await self._finish_close(*step)
+        try:
+            session = await self._open(chat_id)
+        except BaseException:
+            async with self._cond:
+                self._busy.discard(chat_id)
+                self._opening.discard(chat_id)
+                self._cond.notify_all()
+            raise
+        self._opening.discard(chat_id)
+        self._live[chat_id] = (session, time.monotonic())
+        self.peak = max(self.peak, len(self._live))
+        return session
+
+    async def _reserve(self, chat_id: str) -> ClaudeSession | tuple[str, ClaudeSession] | None:
+        """Under the lock: the chat's live process; or a process to close first (the chat's
+        dead one, or the least recently used idle one), taken out of ``_live``; or None once a
+        slot is reserved for opening the chat's process."""
+        while True:
+            if chat_id in self._closing:
+                # its previous process is still closing: never two on one session
+                await self._cond.wait()
+                continue
+            entry = self._live.get(chat_id)
+            if entry and entry[0].alive:
+                self._busy.add(chat_id)
+                return entry[0]
+            if entry:
+                return chat_id, self._take(chat_id)
+            if len(self._live) + len(self._opening) + len(self._closing) < self._size:
+                self._busy.add(chat_id)
+                self._opening.add(chat_id)
+                return None
+            idle = [c for c in self._live if c not in self._busy]
+            if idle:
+                victim = min(idle, key=lambda c: self._live[c][1])
+                return victim, self._take(victim)
+            await self._cond.wait()
+
+    async def _open(self, chat_id: str) -> ClaudeSession:
+        safe = "".join(c if c.isalnum() else "_" for c in chat_id)[:80]
+        workdir = self._root / "chats" / safe
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config_dir = self.config_dir
+        config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        row = self._store.chat(chat_id)
+        resume = row.session_id if row else None
+        if resume:
+            transcript = transcript_path(config_dir, resume)
+            size = transcript.stat().st_size if transcript else 0
+            if size > self._resume_max_bytes:
+                log.warning("claude.transcript_too_large", chat_id=chat_id, session_id=resume,
+                            bytes=size, limit=self._resume_max_bytes)
+                self._store.set_session(chat_id, None, seed="recovery")
+                resume = None
+        try:
+            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+                                               config_dir=config_dir, resume_session_id=resume)
+        except ClaudeError as exc:
+            if exc.code != "resume_failed":
+                raise
+            log.warning("claude.resume_failed", chat_id=chat_id, session_id=resume,
+                        error=str(exc))
+            self._store.set_session(chat_id, None, seed="recovery")
+            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+                                               config_dir=config_dir, resume_session_id=None)
+        log.info("claude.started", chat_id=chat_id, pid=session.pid, resumed=bool(resume))
+        return session
+
+    async def release(self, chat_id: str) -> None:
+        async with self._cond:
+            self._busy.discard(chat_id)
+            if chat_id in self._live:
+                self._live[chat_id] = (self._live[chat_id][0], time.monotonic())
+            self._cond.notify_all()
+
+    async def discard(self, chat_id: str) -> None:
+        """Close the chat's process (if any) and let others use its slot."""
+        async with self._cond:
+            session = self._take(chat_id) if chat_id in self._live else None
+            self._busy.discard(chat_id)
+            self._cond.notify_all()
+        if session is not None:
+            await self._finish_close(chat_id, session)
+
+    def _take(self, chat_id: str) -> ClaudeSession:
+        """Under the lock: move a live process to ``_closing`` (it keeps its slot)."""
+        session = self._live.pop(chat_id)[0]
+        self._closing.add(chat_id)
+        return session
+
+    async def _finish_close(self, chat_id: str, session: ClaudeSession) -> None:
+        try:
+            await session.close()
+            log.info("claude.closed", chat_id=chat_id)
+        finally:
+            async with self._cond:
+                self._closing.discard(chat_id)
+                self._cond.notify_all()
+
+    async def reap_idle(self) -> None:
+        now = time.monotonic()
+        async with self._cond:
+            idle = [(c, self._take(c)) for c, (_, used) in list(self._live.items())
+                    if c not in self._busy and now - used > self._idle]
+        for chat_id, _ in idle:
+            log.info("claude.idle", chat_id=chat_id)
+        await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
+
+    async def close_all(self) -> None:
+        entries = list(self._live.items())
+        self._live.clear()
+        await asyncio.gather(*(s.close() for _, (s, _) in entries), return_exceptions=True)

@@ -1,0 +1,148 @@
+"""Importing neonize and opening its session store, without side effects on the process.
+
+Importing neonize costs ~57 MB (the Go runtime) and calls ``logging.basicConfig`` on the root
+logger; it happens lazily in :func:`import_neonize`, which restores the root logger afterwards.
+``neonize.client.NewClient(name)`` takes the SQLite store path; :func:`ensure_store` has Go
+create (or upgrade) the schema before any network traffic, so a broken store fails loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+from wabridge.errors import WabridgeError
+
+
+class NeonizeStoreError(WabridgeError):
+    """The WhatsApp session store could not be opened or created."""
+
+    code = "whatsapp_store"
+    explanation = ("check the state directory's permissions and free space; a corrupt store "
+                   "must be removed (the account then needs a new QR scan)")
+
+
+# --------------------------------------------------------------------------------------------
+# Lazy, logging-neutral import of neonize
+
+
+@dataclass(frozen=True)
+class NeonizeAPI:
+    """The parts of neonize this backend (and the test fake) use."""
+
+    client: ModuleType  # neonize.client (NewClient, ClientFactory)
+    proto: ModuleType  # neonize.proto.Neonize_pb2 (events, JID, MessageInfo…)
+    e2e: ModuleType  # neonize.proto.waE2E.WAWebProtobufsE2E_pb2 (Message, ExtendedTextMessage…)
+    enum: ModuleType  # neonize.utils.enum (ChatPresence, ReceiptType, ClientName…)
+
+
+_api: NeonizeAPI | None = None
+_import_lock = threading.Lock()
+
+
+def import_neonize(go_log_level: int = logging.INFO) -> NeonizeAPI:
+    """Import neonize once, leaving the root logger exactly as it was.
+
+    neonize's ``utils/log.py`` calls ``logging.basicConfig(level=INFO, handlers=[…])`` at
+    import time; we snapshot the root logger's handlers and level and put them back.
+    ``go_log_level`` sets the ``neonize.utils.log`` logger, whose level neonize passes to Go
+    on connect as the minimum whatsmeow level forwarded to Python (NOTSET would forward DEBUG).
+    """
+    global _api  # noqa: PLW0603 - one import per process, like the library itself
+    with _import_lock:
+        if _api is not None:
+            return _api
+        with preserved_root_logging(), _closed_popen():
+            import neonize.client as client_module  # noqa: PLC0415 - lazy on purpose
+            from neonize.proto import Neonize_pb2  # noqa: PLC0415 - lazy on purpose
+            from neonize.proto.waE2E import WAWebProtobufsE2E_pb2  # noqa: PLC0415 - lazy
+            from neonize.utils import enum as enum_module  # noqa: PLC0415 - lazy on purpose
+        logging.getLogger("neonize.utils.log").setLevel(go_log_level)
+        _api = NeonizeAPI(
+            client=client_module, proto=Neonize_pb2, e2e=WAWebProtobufsE2E_pb2, enum=enum_module
+        )
+        return _api
+
+
+@contextlib.contextmanager
+def preserved_root_logging() -> Iterator[None]:
+    """Undo whatever the body does to the root logger's handlers and level."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    level = root.level
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _closed_popen() -> Iterator[None]:
+    """Serve neonize's import-time ``os.popen("uname -a").read()`` without a dangling pipe.
+
+    neonize never closes that pipe nor waits for the child, which leaves a zombie and an
+    unclosed file behind (ResourceWarnings that surface at some later, random point). While
+    neonize is imported, read-mode ``os.popen`` runs the command to completion instead.
+    """
+    original = os.popen
+
+    def popen(cmd: str, mode: str = "r", buffering: int = -1) -> Any:
+        if mode != "r":
+            return original(cmd, mode, buffering)
+        done = subprocess.run(  # noqa: S602 - the very command neonize asked a shell for
+            cmd, shell=True, capture_output=True, text=True, check=False
+        )
+        return io.StringIO(done.stdout)
+
+    os.popen = cast(Any, popen)  # the module attribute neonize calls, for the import only
+    try:
+        yield
+    finally:
+        os.popen = original
+
+
+def ensure_store(db_path: Path) -> int:
+    """Create (or upgrade) the whatsmeow schema in ``db_path``; returns the stored sessions.
+
+    Uses ``ClientFactory.get_all_devices_from_db``: Go opens the store with ``sqlstore.New``,
+    which runs the schema upgrades, then lists the devices. Purely local; no network.
+    """
+    api = import_neonize()
+    db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        with preserved_root_logging():
+            devices = api.client.ClientFactory.get_all_devices_from_db(str(db_path))
+    except Exception as exc:  # Go reports "error: …", which neonize fails to parse
+        raise NeonizeStoreError(
+            f"cannot open the WhatsApp store {db_path}: {exc}",
+            explanation=NeonizeStoreError.explanation,
+        ) from exc
+    if not db_path.exists():
+        raise NeonizeStoreError(f"the WhatsApp store {db_path} was not created")
+    return len(devices)
+
+
+def default_client_factory(db_path: Path) -> Any:
+    """A real ``neonize.client.NewClient`` whose session store is ``db_path`` (schema ready)."""
+    api = import_neonize()
+    ensure_store(db_path)
+    with preserved_root_logging():
+        return api.client.NewClient(str(db_path))
+
+
+ClientFactory = Callable[[Path], Any]

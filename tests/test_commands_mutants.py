@@ -1,0 +1,67 @@
+"""agent.commands: reply texts written out in full, and the boundaries (issue 20)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import commands
+from agent.commands import ChatCommand, StatusInfo
+
+
+def test_help_and_reset_texts_in_full() -> None:
+    assert commands.HELP_TEXT == (
+        "Commands:\n"
+        "/reset - start a new conversation (I forget what we talked about)\n"
+        "/status - context used, turns, cost today and model\n"
+        "/help - this text"
+    )
+    assert commands.RESET_TEXT == "New conversation started. I have forgotten our earlier messages."
+    assert commands.unknown_text(ChatCommand("x")) == f"Unknown command /x.\n\n{commands.HELP_TEXT}"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("/" + "a" * 32, ChatCommand("a" * 32)),  # the longest command word: 32 characters
+    ("/" + "a" * 33, None),
+])
+def test_command_word_length(text: str, expected: ChatCommand | None) -> None:
+    assert commands.parse(text) == expected
+
+
+def _info(tokens: int, budget: float) -> StatusInfo:
+    return StatusInfo(context_tokens=tokens, context_window=200_000, session_turns=50,
+                      total_turns=70, cost_today_usd=0.5, daily_budget_usd=budget,
+                      model="m", summaries=2)
+
+
+def test_status_text_in_full_with_a_full_window_and_a_small_budget() -> None:
+    # a full window is 100 %, never 101 %; a $0.50 cap is a cap (budget > 0, not > 1)
+    assert commands.status_text(_info(200_000, 0.5)) == (
+        "Status\n"
+        "Context used: 200,000 of 200,000 tokens (100%)\n"
+        "Turns: 50 in this conversation, 70 in this chat\n"
+        "Cost today: $0.5000 of $0.50 daily budget\n"
+        "Model: m\n"
+        "Summaries of earlier conversation: 2"
+    )
+
+
+@pytest.mark.parametrize(("tokens", "percent"), [(1_000, "(0%)"), (1_001, "(1%)"),
+                                                 (199_000, "(100%)"), (201_000, "(100%)"),
+                                                 (202_000, "(101%)")])
+def test_status_percent_rounds(tokens: int, percent: str) -> None:
+    line = commands.status_text(_info(tokens, 0.0)).splitlines()[1]
+    assert line.endswith(percent)
+
+
+@pytest.mark.parametrize("window", [0, -1])
+def test_status_without_a_known_window_shows_no_share(window: int) -> None:
+    info = StatusInfo(context_tokens=5_000, context_window=window, session_turns=1,
+                      total_turns=1, cost_today_usd=0.0, daily_budget_usd=0.0, model="",
+                      summaries=0)
+    assert commands.status_text(info).splitlines()[1] == "Context used: 5,000 tokens"
+
+
+def test_status_with_a_one_token_window() -> None:
+    info = StatusInfo(context_tokens=1, context_window=1, session_turns=1, total_turns=1,
+                      cost_today_usd=0.0, daily_budget_usd=0.0, model="", summaries=0)
+    assert commands.status_text(info).splitlines()[1] == "Context used: 1 of 1 tokens (100%)"

@@ -1,0 +1,115 @@
+"""SQLite as every wabridge process uses it: one way to open, to write, and to migrate.
+
+- :func:`connect`: autocommit (transactions are explicit), WAL, ``synchronous=NORMAL`` (a
+  commit survives a process crash; a power loss may take the last ones back, never corrupt),
+  a ``busy_timeout`` so a second writer waits instead of failing.
+- :func:`immediate`: a write transaction that takes the write lock before its first read, so
+  a read-then-write never fails half-way with "database is locked"; :func:`deferred`: a read
+  transaction (several statements, one snapshot).
+- :func:`migrate`: numbered schema steps, step ``n`` turning version ``n - 1`` into ``n``,
+  each in its own immediate transaction that re-reads the version (two processes opening a
+  fresh file at once never run a step twice); a file newer than the code is refused with
+  :class:`~wabridge.errors.SchemaTooNew` (exit code 16, do not restart: a newer wabridge
+  wrote it, and an older one must not guess at it).
+
+The version lives in a one-row table ``schema_version (version)``. The worker's store
+(:mod:`agent.store`) uses this module; the controller's local plane keeps the same table and
+can move onto it unchanged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from wabridge.errors import SchemaTooNew
+
+Migration = Callable[[sqlite3.Connection], None]
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+def connect(path: Path, *, check_same_thread: bool = True,
+            auto_checkpoint: bool = True) -> sqlite3.Connection:
+    """Open ``path`` with wabridge's pragmas. ``auto_checkpoint=False`` leaves copying the
+    write-ahead log back to an explicit ``PRAGMA wal_checkpoint`` (for a process whose
+    commits must stay short: the worker checkpoints from a thread)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread,
+                         timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        if not auto_checkpoint:
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction holding the write lock from its first statement; rolled back when
+    the block raises (anything, a cancellation too)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+@contextmanager
+def deferred(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A read transaction: the statements in the block see one snapshot."""
+    db.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        db.execute("COMMIT")
+
+
+def run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated DDL inside the caller's transaction.
+
+    Not ``executescript``: it COMMITs a pending transaction first, so a migration would not be
+    atomic and :func:`immediate` would then fail with "cannot commit - no transaction is
+    active".
+    """
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The file's schema version (0: fresh, or written before any step)."""
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def migrate(db: sqlite3.Connection, steps: Sequence[Migration], *, name: str) -> int:
+    """Bring ``db`` to version ``len(steps)``; returns the version it had. ``name`` (the
+    file) is what :class:`SchemaTooNew` names."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    found: int | None = None
+    while True:
+        # The version is read inside the write transaction, so two processes opening a
+        # fresh file at once cannot both run the same step.
+        with immediate(db):
+            current = schema_version(db)
+            found = current if found is None else found
+            if current > len(steps):
+                raise SchemaTooNew(
+                    f"{name} has schema version {current}, this wabridge knows {len(steps)}",
+                    explanation="a newer wabridge wrote this state; upgrade instead of "
+                    "downgrading",
+                )
+            if current == len(steps):
+                return found
+            steps[current](db)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (current + 1,))
