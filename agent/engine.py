@@ -54,6 +54,7 @@ from agent import (
     persona,
     policy,
     rotation,
+    scheduling,
     shaping,
     takeover,
 )
@@ -63,6 +64,7 @@ from agent.conversations import Conversations
 from agent.persona import Persona
 from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
+from agent.tools import Toolbox, notes_seed
 from agent.whatsapp.base import SendError, WhatsAppBackend
 from agent.whatsapp.events import (
     Audio,
@@ -162,6 +164,7 @@ class Engine:
         system_prompt: str | None = None,
         models_allowed: tuple[str, ...] = (),
         transcribe: Transcriber | None = None,
+        toolbox: Toolbox | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
@@ -181,6 +184,7 @@ class Engine:
         self._on_turn = on_turn  # a turn's usage is committed (usage for billing)
         self._clock = clock  # wall clock: budget days, send retries
         self._rng = rng  # pacing jitter
+        self._toolbox = toolbox  # wabridge's tools (the user's ``tools`` setting), if wired
         self._policy: Policy = policy.DEFAULT
         self._persona: Persona = persona.DEFAULT
         self._host_prompt = system_prompt
@@ -239,7 +243,10 @@ class Engine:
         if new != self._policy:
             log.info("policy.updated", reply_to=new.reply_to, groups=new.groups,
                      commands_from=new.commands_from, allowlist=len(new.allowlist),
-                     daily_budget_usd=new.daily_budget_usd, engine=new.engine)
+                     daily_budget_usd=new.daily_budget_usd, engine=new.engine,
+                     tools=new.tools, timezone=new.timezone)
+        if self._toolbox is not None:
+            self._toolbox.configure(enabled=new.tools == "wabridge", timezone=new.timezone)
         self._policy = new
         if who != self._persona:
             log.info("persona.updated", prompt_chars=len(who.system_prompt or ""),
@@ -253,6 +260,10 @@ class Engine:
         if new.engine == "api" and self._tools:
             raise InvalidSetting("settings.engine", "api has no tools, and this host runs "
                                  "Claude with tools (claude.tools = true)", allowed="cli")
+        if new.tools == "wabridge" and chosen != "cli":
+            raise InvalidSetting("settings.tools", "wabridge's tools run on the cli engine "
+                                 "only, and this host runs api (claude.engine)",
+                                 allowed="none (or engine cli)")
         if chosen not in self._engines:
             raise InvalidSetting("settings.engine", f"{chosen!r} is not available on this host "
                                  "(see the worker's journal: claude_api.unavailable)",
@@ -466,6 +477,10 @@ class Engine:
                 text = self._owner_command(command)
             else:
                 text = commands.OWNER_ONLY_TEXT.format(name=command.name)
+        elif command.name == "scheduled":
+            text = self._scheduled_command(command.args)
+        elif command.name == "memory":
+            text = commands.memory_text([(n.id, n.chat_id, n.text) for n in self._store.notes()])
         else:
             text = commands.unknown_text(command)
         self._store.answer_locally(chat_id, [item.id],
@@ -501,6 +516,19 @@ class Engine:
                                    self._clock(), minutes)
         self._set_pause(chat_id, pause)
         log.info("takeover.paused", target=chat_id, minutes=minutes, by=by)
+
+    def takeover_command(self, name: str, args: Mapping[str, str]) -> None:
+        """The operator's ``pause_chat``/``resume_chat`` (``wabridgectl pause|resume``)."""
+        chat_id = args.get("chat_id", "")
+        try:
+            minutes = takeover.parse_minutes(args.get("minutes", ""))
+        except ValueError as exc:
+            log.warning("command.invalid", command=name, error=str(exc))
+            return
+        if chat_id and name == "pause_chat":
+            self.pause_chat(chat_id, minutes, by="operator")
+        elif chat_id:
+            self.resume_chat(chat_id, by="operator")
 
     def resume_chat(self, chat_id: str, *, by: str) -> None:
         """``/resume`` (or ``wabridgectl resume``): answered again from its next message."""
@@ -542,6 +570,19 @@ class Engine:
         self._store.set_kv(CHAT_PERSONAS_KEY, json.dumps(personas))
         log.info("persona.chat", target=chat_id, chars=len(personas.get(chat_id, "")))
         return answer
+    def _scheduled_command(self, args: str) -> str:
+        """``/scheduled`` lists every chat's pending scheduled messages; ``/scheduled cancel
+        N`` cancels one."""
+        words = args.split()
+        if len(words) == 2 and words[0].lower() == "cancel" and words[1].lstrip("#").isdigit():
+            number = int(words[1].lstrip("#"))
+            done = self._store.cancel_scheduled(number)
+            log.info("scheduled.cancelled", id=number, done=done, by="owner")
+            return f"Cancelled #{number}." if done else f"No scheduled message #{number}."
+        tz = self._policy.timezone
+        return commands.scheduled_text([
+            (s.id, s.chat_id, scheduling.local_time(s.due_at, tz), s.text)
+            for s in self._store.scheduled()])
 
     def _daily_budget(self) -> float:
         return budget.effective_budget(self._policy.daily_budget_usd,
@@ -585,9 +626,13 @@ class Engine:
             content = takeover.with_context(content, pause)
         self._typing(chat_id, on=True)
         self.turns_in_flight[chat_id] = time.monotonic()
+        if self._toolbox is not None:
+            self._toolbox.begin_turn(chat_id, batch[-1].message)
         try:
             text, result = await self._ask(chat_id, content)
         finally:
+            if self._toolbox is not None:
+                self._toolbox.end_turn(chat_id)
             self.turns_in_flight.pop(chat_id, None)
             self._typing(chat_id, on=False)
         replies = shaping.split(shaping.to_whatsapp(text), self._conv.reply_limit)
@@ -651,7 +696,9 @@ class Engine:
             first = content
             row = self._store.chat(chat_id)
             if row is None or row.session_id != session.session_id:  # a fresh session
-                seed = self._seed(chat_id, row)
+                seed = "\n\n".join(part for part in (
+                    notes_seed([n.text for n in self._store.notes(chat_id)]),
+                    self._seed(chat_id, row)) if part)
                 if seed:
                     first = rotation.with_seed(content, seed)
                     log.info("claude.seeded", seed=row.seed if row else None, chars=len(seed))
@@ -761,6 +808,8 @@ class Engine:
         its chat only (per-chat order among sent replies); one that keeps failing is marked
         failed and the chat goes on (:mod:`agent.delivery`)."""
         async with self._send_lock:
+            for due in self._store.release_due(self._clock()):
+                log.info("scheduled.due", chat_id=due.chat_id, reply_id=due.id)
             held: set[str] = set()  # chats whose oldest reply is waiting for a retry
             for reply in self._store.pending_replies():
                 if not self._backend.is_connected():

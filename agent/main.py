@@ -1,5 +1,9 @@
 """``wabridge-worker <userId>``: the composition root of one worker unit.
 
+Over 600 lines because it wires every part of the worker (controller link, WhatsApp backend,
+both Claude engines, tools, transcription, usage reporting) and supervises its tasks; the
+decisions themselves live in the modules it wires.
+
 Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.ExitCode``):
 1. synchronous: arguments, configuration, logging, state directory, store (no asyncio yet);
 2. ``Worker.run``: the controller link, the WhatsApp event pump, the outbox sender and the
@@ -54,7 +58,7 @@ from typing import Any
 
 import sdnotify
 
-from agent import outcomes, takeover, transcription
+from agent import outcomes, transcription
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
@@ -62,7 +66,8 @@ from agent.engine import Engine
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import Store
-from agent.transcription import TranscriptionSettings
+from agent.tools import Toolbox
+from agent.usage import UsageReporter
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
@@ -137,14 +142,6 @@ def api_settings(cfg: config.Config) -> ApiSettings:
     )
 
 
-def transcription_settings(cfg: config.Config) -> TranscriptionSettings:
-    """Voice notes: the endpoint of the config, its key from worker.env."""
-    t = cfg.transcription
-    return TranscriptionSettings(
-        url=t.url, model=t.model, api_key=os.environ.get("TRANSCRIPTION_API_KEY") or None,
-        max_seconds=t.max_seconds, max_bytes=t.max_bytes, timeout=t.timeout)
-
-
 def make_backend(cfg: config.Config, ctx: BackendContext) -> WhatsAppBackend:
     """The backend of this process, chosen once from ``worker.backend``/``worker.sim_url``.
     The user's ``backend``/``simUrl`` settings reach these through the environment the
@@ -161,16 +158,6 @@ def make_backend(cfg: config.Config, ctx: BackendContext) -> WhatsAppBackend:
 
         return NeonizeBackend(ctx)
     raise ConfigError("worker.backend", f"{backend!r} is not a backend", allowed="neonize, sim")
-
-
-def _usage_frame(day: str, u: dict[str, float], seq: int) -> protocol.Frame:
-    return protocol.Usage(
-        seq=seq, day=day, turns=int(u["turns"]), input_tokens=int(u["input_tokens"]),
-        output_tokens=int(u["output_tokens"]),
-        cache_creation_tokens=int(u["cache_creation_tokens"]),
-        cache_read_tokens=int(u["cache_read_tokens"]), cost_usd=float(u["cost_usd"]),
-        messages_in=int(u["messages_in"]), messages_out=int(u["messages_out"]),
-        transcription_seconds=float(u["transcription_seconds"]))
 
 
 def _qr_frame(seq: int, *, code: str, data_url: str) -> protocol.Frame:
@@ -203,7 +190,7 @@ class Worker:
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
                                    self._on_settings, self._on_command)
         self.settings: dict[str, Any] = {}
-        self.usage_sent: dict[str, dict[str, float]] = {}  # per UTC day: the last reported
+        self.report_usage = UsageReporter(store, self.link.report)  # billing, after every turn
         self.pairing_requested = ""
         self.background: set[asyncio.Task[Any]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # the long-running ones (TASKS)
@@ -213,9 +200,12 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir)
         self.backend = make_backend(cfg, ctx)
+        self.tools = Toolbox(store, self.backend, state_dir, cfg.tools, cfg.claude.max_tool_calls,
+                             restart_idle=lambda: self.pool.close_idle())  # noqa: PLW0108 -- the pool comes next
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
-                               resume_max_bytes=cfg.conversation.resume_max_bytes)
+                               resume_max_bytes=cfg.conversation.resume_max_bytes,
+                               tools=self.tools.launch)
         api = None
         if not cfg.claude.tools:
             try:
@@ -226,13 +216,13 @@ class Worker:
                              self._report_message, limits=cfg.limits,
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
                              on_summary=self._report_summary, on_problem=self._report_problem,
-                             on_turn=self._report_usage,
+                             on_turn=self.report_usage,
                              api=api, engine="api" if cfg.claude.engine == "api" else "cli",
-                             tools=cfg.claude.tools,
+                             tools=cfg.claude.tools, toolbox=self.tools,
                              system_prompt=cfg.claude.system_prompt or None,
                              models_allowed=config.models_allowed(cfg.claude),
-                             transcribe=functools.partial(transcription.transcribe,
-                                                          settings=transcription_settings(cfg)))
+                             transcribe=transcription.transcriber(
+                                 cfg.transcription, os.environ.get("TRANSCRIPTION_API_KEY")))
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -269,15 +259,8 @@ class Worker:
             self._spawn(self.backend.pair_phone(command.args.get("phone", "")))
         elif command.name == "reset_chat" and command.args.get("chat_id"):
             self._spawn(self.engine.reset_chat(command.args["chat_id"]))
-        elif command.name == "pause_chat" and command.args.get("chat_id"):
-            try:
-                minutes = takeover.parse_minutes(command.args.get("minutes", ""))
-            except ValueError as exc:
-                log.warning("command.invalid", command=command.name, error=str(exc))
-                return
-            self.engine.pause_chat(command.args["chat_id"], minutes, by="operator")
-        elif command.name == "resume_chat" and command.args.get("chat_id"):
-            self.engine.resume_chat(command.args["chat_id"], by="operator")
+        elif command.name in ("pause_chat", "resume_chat"):
+            self.engine.takeover_command(command.name, command.args)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -400,7 +383,7 @@ class Worker:
             if now - last_metrics > self.cfg.controller.metrics_interval:
                 last_metrics = now
                 self._report_metrics()
-                self._report_usage()
+                self.report_usage()
             await self.engine.reap_idle()
             if now - last_checkpoint > CHECKPOINT_INTERVAL:
                 last_checkpoint = now
@@ -497,18 +480,6 @@ class Worker:
     def _report_problem(self, code: str, message: str) -> None:
         self.link.report(lambda seq: protocol.Problem(seq=seq, code=code, message=message))
 
-    def _report_usage(self) -> None:
-        """Today's usage (and yesterday's final figures), when they changed: absolute totals
-        from the store, so a frame sent twice or after a crash never counts twice."""
-        now = time.time()
-        for day in dict.fromkeys((utc_day(now - 86_400), utc_day(now))):
-            usage = self.store.usage_on(day)
-            if self.usage_sent.get(day) == usage or (
-                    day not in self.usage_sent and not any(usage.values())):
-                continue
-            self.usage_sent[day] = usage
-            self.link.report(functools.partial(_usage_frame, day, usage))
-
     def _report_metrics(self) -> None:
         t = self.store.totals()
         today = self.store.cost_on(utc_day(time.time()))
@@ -568,6 +539,7 @@ class Worker:
                                    max(0.2, deadline - 1.0 - time.monotonic()))
         except TimeoutError:  # systemd's SIGKILL (KillMode=control-group) finishes them
             log.warning("worker.claude_close_timed_out")
+        await self.tools.close()
         if self.state not in (WorkerState.LOGGED_OUT, WorkerState.BANNED, WorkerState.REPLACED,
                               WorkerState.OUTDATED, WorkerState.QR_EXPIRED):
             self.state, self.detail = WorkerState.STOPPING, "stopping"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
-from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings
+from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, ToolFlags
 from agent.persona import Profile
 from agent.store import Store
 from wabridge import logs
@@ -38,13 +39,16 @@ class ClaudePool:
     """
 
     def __init__(self, size: int, idle_timeout: float, settings: ClaudeSettings, root: Path,
-                 store: Store, *, resume_max_bytes: int = 10_000_000) -> None:
+                 store: Store, *, resume_max_bytes: int = 10_000_000,
+                 tools: Callable[[str, Path], Awaitable[ToolFlags | None]] | None = None
+                 ) -> None:
         self._size = size
         self._idle = idle_timeout
         self._settings = settings
         self._root = root
         self._store = store
         self._resume_max_bytes = resume_max_bytes
+        self._tools = tools  # a chat's tool flags, asked at each open
         self._live: dict[str, tuple[ClaudeSession, float]] = {}
         self._started_with: dict[str, ClaudeSettings] = {}  # per chat: its process's settings
         self._busy: set[str] = set()
@@ -141,6 +145,8 @@ class ClaudePool:
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         config_dir = self.config_dir
         config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._tools is not None:
+            settings = replace(settings, tool_flags=await self._tools(chat_id, workdir))
         row = self._store.chat(chat_id)
         resume = row.session_id if row else None
         if resume:
@@ -204,6 +210,12 @@ class ClaudePool:
                     if c not in self._busy and now - used > self._idle]
         for chat_id, _ in idle:
             log.info("claude.idle", chat_id=chat_id)
+        await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
+
+    async def close_idle(self) -> None:
+        """Close every idle process (their chats' next turns start new ones)."""
+        async with self._cond:
+            idle = [(c, self._take(c)) for c in list(self._live) if c not in self._busy]
         await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
 
     async def close_all(self) -> None:

@@ -10,14 +10,18 @@ engine then answers the voice note as not supported and logs the reason.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 
 from agent.whatsapp.events import Audio
+from wabridge.config import TranscriptionConfig
 from wabridge.errors import TranscriptionError
 
-__all__ = ["TranscriptionError", "TranscriptionSettings", "file_name", "refusal", "transcribe"]
+__all__ = ["TranscriptionError", "TranscriptionSettings", "file_name", "refusal", "transcribe",
+           "transcriber"]
 
 _EXTENSIONS = {"audio/ogg": "ogg", "audio/mpeg": "mp3", "audio/mp4": "m4a", "audio/aac": "aac",
                "audio/wav": "wav", "audio/webm": "webm", "audio/amr": "amr"}
@@ -80,3 +84,13 @@ async def transcribe(audio: Audio, settings: TranscriptionSettings) -> str:
     if not isinstance(text, str):
         raise TranscriptionError("the endpoint's answer has no \"text\"")
     return text.strip()
+
+
+def transcriber(cfg: TranscriptionConfig, api_key: str | None
+                ) -> Callable[[Audio], Awaitable[str]]:
+    """What the engine calls for a voice note: :func:`transcribe` with the configured
+    endpoint, and its key (``TRANSCRIPTION_API_KEY`` from worker.env)."""
+    settings = TranscriptionSettings(
+        url=cfg.url, model=cfg.model, api_key=api_key or None, max_seconds=cfg.max_seconds,
+        max_bytes=cfg.max_bytes, timeout=cfg.timeout)
+    return functools.partial(transcribe, settings=settings)

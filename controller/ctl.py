@@ -1,5 +1,8 @@
 """``wabridgectl``: link, inspect and manage the WhatsApp accounts of a wabridge host.
 
+Over 600 lines because each command's arguments, admin call and rendering sit together, one
+place per command, and the exit statuses below are one contract for all of them.
+
 Talks to the controller's admin socket (``controller.admin_socket``, see
 :mod:`controller.admin`; root or members of ``controller.admin_group`` only), to journald for
 ``logs``, and checks the host itself for ``doctor``.

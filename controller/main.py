@@ -25,6 +25,7 @@ from typing import Any
 import sdnotify
 
 from controller import admin  # wabridgectl's admin socket
+from controller import metrics as mx  # today's usage (billing) beside the metrics
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
 from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
@@ -46,11 +47,6 @@ def worker_limits(cfg: config.Config) -> dict[str, str]:
     """Resource settings of every worker unit, from ``worker.*`` (empty: the unit file's)."""
     return {"MemoryMax": cfg.worker.memory_max, "MemoryHigh": cfg.worker.memory_high,
             "TasksMax": cfg.worker.tasks_max, "CPUQuota": cfg.worker.cpu_quota}
-
-
-def usage_figures(reported: Mapping[str, float]) -> dict[str, float]:
-    """The usage figures of the current day kept across metrics frames."""
-    return {k: v for k, v in reported.items() if k.startswith("usage_")}
 
 
 class Controller:
@@ -421,7 +417,7 @@ class Controller:
                 if not self._may_report(user_id, "metrics"):
                     return
                 self.user(user_id).reported = {
-                    **usage_figures(self.user(user_id).reported),
+                    **mx.with_usage(self.user(user_id).reported),
                     "chats": frame.chats, "claude_processes": frame.claude_processes,
                     "turns": frame.turns, "messages_in": frame.messages_in,
                     "messages_out": frame.messages_out, "input_tokens": frame.input_tokens,
@@ -434,15 +430,10 @@ class Controller:
                     "outputTokens": frame.output_tokens, "costTodayUsd": frame.cost_today_usd,
                 }})
 
-            case protocol.Usage(day=day):
-                # absolute totals of the day: writing them again (a resent frame, a restarted
-                # worker) changes nothing, so a turn is never billed twice
+            case protocol.Usage():  # a day's absolute totals: a resent frame bills nothing twice
                 await self.plane.put_usage(user_id, frame)
-                if day == time.strftime("%Y-%m-%d", time.gmtime()):
-                    user = self.user(user_id)
-                    user.reported = {**user.reported, **{
-                        f"usage_{k}": float(v) for k, v in dataclasses.asdict(frame).items()
-                        if k not in ("seq", "day")}}
+                user = self.user(user_id)
+                user.reported = {**user.reported, **mx.with_usage(user.reported, frame)}
 
     # --- process metrics -----------------------------------------------------------------
     async def refresh_metrics(self) -> None:

@@ -25,14 +25,16 @@ import ipaddress
 import math
 import pwd
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from wabridge import logs
+from wabridge.protocol import Usage
 from wabridge.units import DYNAMIC_UIDS, SYSTEM_USER_PREFIX
 
 log = logs.get("controller.metrics")
@@ -69,6 +71,16 @@ _WORKER_COUNTERS: tuple[tuple[str, str, str, str, str], ...] = (
     ("chats", "wabridge_chats", "Chats the worker knows", "gauge", ""),
     ("claude_processes", "wabridge_claude_processes", "Live Claude processes", "gauge", ""),
 )
+
+
+def with_usage(reported: Mapping[str, float], usage: Usage | None = None) -> dict[str, float]:
+    """A worker's figures with the current UTC day's usage: ``usage``'s when it is today's
+    (a usage frame), else the ones ``reported`` had (a metrics frame replaces the rest)."""
+    figures = {k: v for k, v in reported.items() if k.startswith("usage_")}
+    if usage is not None and usage.day == time.strftime("%Y-%m-%d", time.gmtime()):
+        figures = {f"usage_{k}": float(v) for k, v in asdict(usage).items()
+                   if k not in ("seq", "day")}
+    return figures
 
 
 @dataclass(frozen=True)
