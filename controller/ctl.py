@@ -560,20 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chats", parents=[common], help="an account's chats")
     p.add_argument("user")
     p.set_defaults(run=cmd_chats)
-    p = sub.add_parser("reset", parents=[common], help="forget one chat's Claude conversation")
-    p.add_argument("user")
-    p.add_argument("chat", help="the contact's phone number or the chat JID")
+    one_chat = _Parser(add_help=False)  # <user> <chat>
+    one_chat.add_argument("user")
+    one_chat.add_argument("chat", help="the contact's phone number or the chat JID")
+    p = sub.add_parser("reset", parents=[common, one_chat],
+                       help="forget one chat's Claude conversation")
     p.set_defaults(run=cmd_reset)
-    p = sub.add_parser("pause", parents=[common],
+    p = sub.add_parser("pause", parents=[common, one_chat],
                        help="stop answering one chat (the owner answers it)")
-    p.add_argument("user")
-    p.add_argument("chat", help="the contact's phone number or the chat JID")
     p.add_argument("--minutes", type=float, default=None, help="for N minutes (default: "
                    "until wabridgectl resume or /resume)")
     p.set_defaults(run=cmd_pause)
-    p = sub.add_parser("resume", parents=[common], help="answer a paused chat again")
-    p.add_argument("user")
-    p.add_argument("chat", help="the contact's phone number or the chat JID")
+    p = sub.add_parser("resume", parents=[common, one_chat], help="answer a paused chat again")
     p.set_defaults(run=cmd_pause)
     p = sub.add_parser("usage", parents=[common],
                        help="usage per user and UTC day (tokens, cost, turns, messages)")
