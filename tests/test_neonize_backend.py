@@ -695,6 +695,13 @@ async def test_the_sink_gets_a_message_before_anything_else_happens(linked: Link
     assert seen[1][-2:] == ["dispatch Message", "download_any"]
     msg = linked.rec.of(IncomingMessage)[-1]
     assert msg.images == (Image("image/jpeg", PNG, "pic"),)
+    # a voice note is downloaded the same way, for transcription
+    ogg = b"OggS\x00\x02-a-voice-note"
+    await linked.receive(inbound(fn.audio(data=ogg, world=linked.client.world)))
+    assert seen[2][-2:] == ["dispatch Message", "download_any"]
+    msg = linked.rec.of(IncomingMessage)[-1]
+    assert (msg.audio, msg.unsupported_media) == (
+        Audio("audio/ogg; codecs=opus", ogg, 4.0, voice=True), "voice")
 
 
 async def test_ignored_messages_never_reach_the_sink(linked: Linked) -> None:

@@ -187,8 +187,12 @@ def document(caption: str = "", file_name: str = "invoice.pdf") -> Any:
     )
 
 
-def audio(*, ptt: bool = True) -> Any:
-    fields = _media_fields(b"OggS\x00\x02", "7114")
+def audio(*, ptt: bool = True, data: bytes = b"OggS\x00\x02", world: FakeWorld | None = None
+          ) -> Any:
+    """A voice note (``ptt``) or audio file; with ``world`` its bytes become downloadable."""
+    fields = _media_fields(data, "7114")
+    if world is not None:
+        world.media[fields["directPath"]] = data
     return E2E.Message(
         audioMessage=E2E.AudioMessage(
             mimetype="audio/ogg; codecs=opus", seconds=4, PTT=ptt, **fields
@@ -626,7 +630,11 @@ class FakeNewClient:
 
     def download_any(self, message: Any, path: str | None = None) -> bytes | None:
         self.log.append("download_any")
-        direct = message.imageMessage.directPath
+        # as neonize's download_any: whichever media the message carries
+        kind = next((k for k in ("imageMessage", "audioMessage", "videoMessage",
+                                 "documentMessage", "stickerMessage") if message.HasField(k)),
+                    "imageMessage")
+        direct = getattr(message, kind).directPath
         self.downloads.append(direct)
         data = self.world.media.get(direct)
         if data is None:
