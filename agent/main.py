@@ -61,7 +61,7 @@ from agent.claude_api import ApiConversations, ApiSettings
 from agent.engine import Engine
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
-from agent.store import Store
+from agent.store import PostgresTarget, Store
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
@@ -543,8 +543,22 @@ def state_directory(user_id: str) -> Path:
     return Path("/var/lib/wabridge") / units.escape_instance(user_id)
 
 
+def store_location(user_id: str, cfg: config.Config, state_dir: Path
+                   ) -> Path | PostgresTarget:
+    """Where this account's store lives (``storage.backend``): the SQLite file in its state
+    directory, or its own role's schema on PostgreSQL with the password systemd handed over
+    (the controller made both: ``controller.pg_roles``)."""
+    if cfg.storage.backend != "postgresql":
+        return state_dir / "agent.db"
+    from wabridge import credentials, postgres  # noqa: PLC0415 (psycopg only when used)
+
+    role = postgres.account_role(user_id)
+    return PostgresTarget(postgres.with_user(cfg.storage.postgres_url, role), role,
+                          credentials.read(postgres.PASSWORD_CREDENTIAL))
+
+
 async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:
-    store = Store(state_dir / "agent.db")
+    store = Store(store_location(user_id, cfg, state_dir))
     worker = Worker(user_id, cfg, state_dir, store)
     code = await worker.run()
     store.close()

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -273,44 +273,114 @@ class HistoryItem:
     at: float
 
 
-class Store:
-    """Thread-safe: one connection per thread (neonize calls the sink on its own thread)."""
+@dataclass(frozen=True)
+class PostgresTarget:
+    """Where an account's store lives on PostgreSQL: a server (``conninfo``, a
+    ``postgresql://`` URL without the password), the account's ``schema``, and the password
+    (from a systemd credential; kept out of ``repr`` and so out of every log line)."""
+
+    conninfo: str
+    schema: str
+    password: str | None = field(default=None, repr=False)
+
+
+class _SqliteFile:
+    """The store in one SQLite file (the default)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
-        self._migrate()
+        self.name = str(path)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # no checkpoint on commit: commits happen on the event loop (and on neonize's
-            # thread, which must only persist and enqueue); ``checkpoint`` runs in a thread
-            conn = database.connect(self.path, auto_checkpoint=False)
-            conn.row_factory = sqlite3.Row
-            self._local.conn = conn
+    def connect(self) -> database.Db:
+        # no checkpoint on commit: commits happen on the event loop (and on neonize's
+        # thread, which must only persist and enqueue); ``checkpoint`` runs in a thread
+        conn = database.connect(self.path, auto_checkpoint=False)
+        conn.row_factory = sqlite3.Row
         return conn
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return database.immediate(self._conn())
+    def transaction(self, conn: Any) -> AbstractContextManager[database.Db]:
+        return database.immediate(conn)
+
+    def migrate(self, conn: Any) -> None:
+        database.migrate(conn, MIGRATIONS, name=self.name)
+
+    def checkpoint(self, conn: Callable[[], Any]) -> tuple[int, int]:
+        row = conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[1]), int(row[2])
+
+    closes_from_any_thread = False  # an SQLite connection may only be closed by its thread
+
+    def close(self, conn: Any) -> None:
+        with suppress(sqlite3.Error):  # leave a short log for the next start
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+
+class Store:
+    """Thread-safe: one connection per thread (neonize calls the sink on its own thread).
+
+    In an SQLite file (a path) or in an account's schema on PostgreSQL
+    (:class:`PostgresTarget`, :mod:`agent.store_postgres`): the same SQL, the same
+    migrations step for step (``MIGRATIONS`` here, their mirror there)."""
+
+    def __init__(self, where: Path | PostgresTarget) -> None:
+        if isinstance(where, PostgresTarget):
+            from agent.store_postgres import PostgresSchema  # noqa: PLC0415 (psycopg only when used)
+
+            self._backend: _SqliteFile | PostgresSchema = PostgresSchema(where)
+        else:
+            self._backend = _SqliteFile(where)
+        self.path = where
+        self._local = threading.local()
+        self._conns: list[tuple[threading.Thread, Any]] = []
+        self._conns_lock = threading.Lock()
+        self._owner = threading.current_thread()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        """The file, or the database and schema (for logs and errors; no password)."""
+        return self._backend.name
+
+    def _conn(self) -> Any:
+        conn: Any = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._backend.connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append((threading.current_thread(), conn))
+        return conn
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        return self._backend.transaction(self._conn())
 
     def _migrate(self) -> None:
-        database.migrate(self._conn(), MIGRATIONS, name=str(self.path))
+        self._backend.migrate(self._conn())
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the write-ahead log back into the database without waiting for writers
         (PASSIVE); returns (pages in the log, pages copied). Call it off the event loop, e.g.
-        ``asyncio.to_thread(store.checkpoint)``: no commit here checkpoints by itself."""
-        row = self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(row[1]), int(row[2])
+        ``asyncio.to_thread(store.checkpoint)``: no commit here checkpoints by itself.
+        (PostgreSQL checkpoints by itself: (0, 0).)"""
+        return self._backend.checkpoint(self._conn)
 
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            with suppress(sqlite3.Error):  # leave a short log for the next start
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.close()
-            self._local.conn = None
+        """Close this thread's connection; from the thread that opened the store, on
+        PostgreSQL, the other threads' too (call it when they are done)."""
+        me = threading.current_thread()
+        everyone = me is self._owner and self._backend.closes_from_any_thread
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+            for thread, conn in conns:
+                if thread is me or everyone:
+                    self._backend.close(conn)
+                else:
+                    self._conns.append((thread, conn))
+        self._local.conn = None
 
     # --- inbox -------------------------------------------------------------------------
     def add_inbound(self, message: IncomingMessage) -> bool:
@@ -327,11 +397,11 @@ class Store:
         ).fetchone() is not None:
             return False
         cur = self._conn().execute(
-            "INSERT OR IGNORE INTO inbox (chat_id, sender, wa_id, payload, received_at) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO inbox (chat_id, sender, wa_id, payload, received_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (chat_id, sender, wa_id, encode_message(message), time.time()),
         )
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     def pending_chats(self) -> list[str]:
         rows = self._conn().execute(
@@ -396,11 +466,12 @@ class Store:
                 "UPDATE inbox SET state = 'done' WHERE id = ?", [(i,) for i in inbound_ids]
             )
             out = self._queue(tx, chat_id, replies, quote, "reply", now)
-            tx.execute("INSERT OR IGNORE INTO chats (chat_id) VALUES (?)", (chat_id,))
+            tx.execute("INSERT INTO chats (chat_id) VALUES (?) ON CONFLICT DO NOTHING",
+                       (chat_id,))
             tx.execute(
                 "UPDATE chats SET "
                 "session_turns = CASE WHEN ?1 IS NULL THEN session_turns "
-                "  WHEN session_id IS ?1 THEN session_turns + 1 ELSE 1 END, "
+                "  WHEN session_id IS NOT DISTINCT FROM ?1 THEN session_turns + 1 ELSE 1 END, "
                 "seed = CASE WHEN ?1 IS NULL THEN seed ELSE NULL END, "
                 "session_id = COALESCE(?1, session_id), "
                 "turns = turns + 1, cost_usd = cost_usd + ?2, "
@@ -418,18 +489,18 @@ class Store:
         return out
 
     @staticmethod
-    def _queue(tx: sqlite3.Connection, chat_id: str, replies: Iterable[str],
+    def _queue(tx: database.Db, chat_id: str, replies: Iterable[str],
                quote: IncomingMessage | None, kind: str, now: float) -> list[PendingReply]:
         out: list[PendingReply] = []
         for idx, text in enumerate(replies):
             wa_id = "3EB0" + secrets.token_hex(8).upper()
             q = quote if idx == 0 else None
-            cur = tx.execute(
+            row = tx.execute(
                 "INSERT INTO outbox (chat_id, wa_id, text, quote, created_at, kind) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                 (chat_id, wa_id, text, encode_message(q) if q else None, now, kind),
-            )
-            out.append(PendingReply(int(cur.lastrowid or 0), chat_id, wa_id, text, q))
+            ).fetchone()
+            out.append(PendingReply(int(row[0]), chat_id, wa_id, text, q))
         return out
 
     def answer_locally(self, chat_id: str, inbound_ids: list[int], replies: list[str],
@@ -458,7 +529,7 @@ class Store:
             if notice is None:
                 return []
             if once_key is not None:
-                cur = tx.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?)",
+                cur = tx.execute("INSERT INTO notices VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                                  (chat_id, once_key[0], once_key[1]))
                 if cur.rowcount != 1:
                     return []
@@ -535,7 +606,7 @@ class Store:
         """Add to a named counter (undecryptable messages, stream errors, uncertain replies)."""
         self._conn().execute(
             "INSERT INTO counters VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, by),
+            "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (name, by),
         )
 
     def counters(self) -> dict[str, int]:
@@ -652,7 +723,7 @@ class Store:
             " UNION ALL"
             " SELECT 'assistant', NULL, text, created_at, id, 1 FROM outbox"
             " WHERE chat_id = ?1 AND kind = 'reply' AND created_at > ?2"
-            ") ORDER BY at DESC, o DESC, n DESC LIMIT ?3",
+            ") AS h ORDER BY at DESC, o DESC, n DESC LIMIT ?3",
             (chat_id, since, limit),
         ).fetchall()
         out = []
@@ -688,9 +759,10 @@ class Store:
         """Forget the chat's api conversations except ``keep`` (ended by a rotation or a
         reset: their summary, if any, is stored). Returns the messages removed."""
         cur = self._conn().execute(
-            "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS NOT ?", (chat_id, keep)
+            "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS DISTINCT FROM ?",
+            (chat_id, keep),
         )
-        return cur.rowcount
+        return int(cur.rowcount)
 
     # --- daily budget -------------------------------------------------------------------
     def cost_on(self, day: str) -> float:
@@ -712,16 +784,18 @@ class Store:
         outs = self._conn().execute("SELECT COUNT(*) FROM outbox WHERE state='sent'").fetchone()[0]
         failed = self._conn().execute(
             "SELECT COUNT(*) FROM outbox WHERE state='failed'").fetchone()[0]
-        return {"turns": r[0], "cost_usd": r[1], "input_tokens": r[2], "output_tokens": r[3],
-                "messages_in": ins, "messages_out": outs, "replies_failed": failed,
+        # int()/float(): PostgreSQL sums BIGINT columns as NUMERIC (Decimal)
+        return {"turns": int(r[0]), "cost_usd": float(r[1]), "input_tokens": int(r[2]),
+                "output_tokens": int(r[3]), "messages_in": int(ins), "messages_out": int(outs),
+                "replies_failed": int(failed),
                 **{name: float(value) for name, value in self.counters().items()}}
 
     # --- controller link outbox --------------------------------------------------------
     def queue_frame(self, build: Callable[[int], bytes]) -> int:
         """Reserve a sequence number, build the frame with it, and store it."""
         with self._tx() as tx:
-            cur = tx.execute("INSERT INTO link_outbox (frame) VALUES ('')")
-            seq = int(cur.lastrowid or 0)
+            seq = int(tx.execute("INSERT INTO link_outbox (frame) VALUES ('') RETURNING seq"
+                                 ).fetchone()[0])
             tx.execute("UPDATE link_outbox SET frame = ? WHERE seq = ?", (build(seq).decode(), seq))
         return seq
 
