@@ -554,7 +554,7 @@ def store_location(user_id: str, cfg: config.Config, state_dir: Path
 
     role = postgres.account_role(user_id)
     return PostgresTarget(postgres.with_user(cfg.storage.postgres_url, role), role,
-                          credentials.read(postgres.PASSWORD_CREDENTIAL))
+                          credentials.read(credentials.POSTGRES_PASSWORD))
 
 
 async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:

@@ -7,6 +7,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
+
+#: A PostgreSQL password (``storage.backend = postgresql``): the controller's own (its unit's
+#: ``LoadCredential=``), or a worker's role's (the controller hands it over per start).
+POSTGRES_PASSWORD: Final = "postgres-password"  # noqa: S105 (a credential's name, no secret)
 
 
 def read(name: str, env: Mapping[str, str] = os.environ) -> str | None:

@@ -9,6 +9,12 @@
     │                                                   frame (an error frame goes back)
     ├── SchemaTooNew              wabridge.errors       schema_too_new: a state file a newer
     │                                                   wabridge wrote, exit 16 (not restarted)
+    ├── SchemaMissing             wabridge.postgres     postgres_schema_missing: the account's
+    │                                                   schema is not made yet (controller's job)
+    ├── MigrationsOutOfStep       agent.store_postgres  migrations_out_of_step: a SQLite store
+    │                                                   step without its PostgreSQL twin
+    ├── StoreUnavailable          controller.pg_roles   store_unavailable: the account's role
+    │                                                   could not be prepared (start refused)
     ├── ForeignRecordError        wabridge.errors       not_your_record: a write that would
     │                                                   replace another user's record (refused)
     ├── PolicyError               wabridge.errors       bad_setting: a bad per-user setting

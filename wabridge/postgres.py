@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -154,9 +154,6 @@ def describe(conninfo: str) -> str:
     return f"postgresql {parts.get('user') or '-'}@{host}:{port}/{parts.get('dbname') or '-'}"
 
 
-#: The systemd credential carrying a PostgreSQL password: the controller's own (its unit's
-#: ``LoadCredential=``), or a worker's role's (the controller hands it over per user).
-PASSWORD_CREDENTIAL: Final = "postgres-password"  # noqa: S105 (a credential's name, no secret)
 _UNSAFE = re.compile(r"[^a-z0-9_]+")
 
 
