@@ -63,7 +63,7 @@ from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import PostgresTarget, Store
 from agent.whatsapp import events as ev
-from agent.whatsapp.base import BackendContext, WhatsAppBackend
+from agent.whatsapp.base import BackendContext, PostgresSessionStore, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.prices import parse_prices
@@ -189,7 +189,8 @@ class Worker:
         self.bad_setting = False  # the last settings map had a bad value
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-        ctx = BackendContext(user_id=user_id, state_dir=state_dir)
+        ctx = BackendContext(user_id=user_id, state_dir=state_dir,
+                             session_store=session_store(store.path))
         self.backend = make_backend(cfg, ctx)
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
@@ -313,6 +314,7 @@ class Worker:
                 self.stop.set()
 
     def _wipe_whatsapp_session(self) -> None:
+        self.store.forget_whatsapp_device()  # PostgreSQL: whatsmeow's rows in our schema
         for name in ("whatsapp.db", "whatsapp.db-wal", "whatsapp.db-shm", "sim-device.json"):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()
@@ -555,6 +557,18 @@ def store_location(user_id: str, cfg: config.Config, state_dir: Path
     role = postgres.account_role(user_id)
     return PostgresTarget(postgres.with_user(cfg.storage.postgres_url, role), role,
                           credentials.read(credentials.POSTGRES_PASSWORD))
+
+
+def session_store(where: Path | PostgresTarget) -> PostgresSessionStore | None:
+    """neonize's session store next to the conversation store: on PostgreSQL the same role
+    and schema (whatsmeow's tables beside ours), else None (a file in the state directory)."""
+    if not isinstance(where, PostgresTarget):
+        return None
+    from wabridge import postgres  # noqa: PLC0415 (psycopg only when used)
+
+    return PostgresSessionStore(postgres.go_url(where.conninfo, where.password),
+                                f"{postgres.describe(where.conninfo)} schema {where.schema}",
+                                where.password)
 
 
 async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:

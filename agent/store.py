@@ -810,6 +810,18 @@ class Store:
         with self._tx() as tx:
             tx.executemany("DELETE FROM link_outbox WHERE seq = ?", [(s,) for s in seqs])
 
+    # --- the WhatsApp session (PostgreSQL: whatsmeow's tables share the schema) -------
+    def forget_whatsapp_device(self) -> int:
+        """After a logout: forget the linked device whatsmeow kept beside this store (its
+        other tables follow by their foreign keys). SQLite: nothing here (whatsmeow has its
+        own file, which the worker deletes). Returns the devices removed."""
+        if isinstance(self._backend, _SqliteFile):
+            return 0
+        conn = self._conn()
+        if conn.execute("SELECT to_regclass('whatsmeow_device')").fetchone()[0] is None:
+            return 0
+        return int(conn.execute("DELETE FROM whatsmeow_device").rowcount)
+
     # --- key/value ---------------------------------------------------------------------
     def get_kv(self, key: str) -> str | None:
         r = self._conn().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()

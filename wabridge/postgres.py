@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql
@@ -172,3 +173,22 @@ def account_role(user_id: str) -> str:
 def with_user(conninfo: str, user: str) -> str:
     """``conninfo`` connecting as ``user`` (a worker's own role on the shared server)."""
     return psycopg.conninfo.make_conninfo(conninfo, user=user)
+
+
+def go_url(conninfo: str, password: str | None) -> str:
+    """``conninfo`` as the ``postgres://`` URL neonize hands to Go's ``lib/pq`` (whatsmeow's
+    store), with ``password`` in it: the form Go takes, kept in memory only (never logged: see
+    ``agent.whatsapp.base.PostgresSessionStore``). Any other parameter (``sslmode``...) follows."""
+    parts = dict(psycopg.conninfo.conninfo_to_dict(conninfo))
+    user = quote(str(parts.pop("user", "") or ""), safe="")
+    parts.pop("password", None)
+    host = str(parts.pop("host", "") or "")
+    port = str(parts.pop("port", "") or "")
+    dbname = quote(str(parts.pop("dbname", "") or ""), safe="")
+    if host.startswith("/"):  # a socket directory: lib/pq takes it as a parameter
+        parts["host"], host = host, ""
+    auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
+    netloc = f"{auth}{host}{':' + port if port else ''}"
+    query = urlencode({k: str(v) for k, v in parts.items()})
+    return f"postgres://{netloc}/{dbname}" + (f"?{query}" if query else "")
+
