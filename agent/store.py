@@ -810,6 +810,29 @@ class Store:
         with self._tx() as tx:
             tx.executemany("DELETE FROM link_outbox WHERE seq = ?", [(s,) for s in seqs])
 
+    # --- Claude transcripts (so a chat resumes on another host) -----------------------
+    @property
+    def portable(self) -> bool:
+        """Whether this store outlives the host (PostgreSQL): then the CLI's transcripts are
+        mirrored into it (:meth:`save_transcript`), else they already sit beside it."""
+        return not isinstance(self._backend, _SqliteFile)
+
+    def save_transcript(self, chat_id: str, session_id: str, body: bytes) -> None:
+        """Keep the chat's current transcript; one per chat, the previous session's is
+        replaced. In ``kv`` (no schema step: a transcript is opaque text to the store)."""
+        self.set_kv(f"transcript:{chat_id}", json.dumps(
+            {"session_id": session_id, "body": body.decode("utf-8", "replace")}))
+
+    def transcript(self, chat_id: str, session_id: str) -> bytes | None:
+        """The chat's mirrored transcript of ``session_id``, or None."""
+        raw = self.get_kv(f"transcript:{chat_id}")
+        if raw is None:
+            return None
+        saved = json.loads(raw)
+        if saved.get("session_id") != session_id:
+            return None
+        return str(saved["body"]).encode()
+
     # --- the WhatsApp session (PostgreSQL: whatsmeow's tables share the schema) -------
     def forget_whatsapp_device(self) -> int:
         """After a logout: forget the linked device whatsmeow kept beside this store (its
