@@ -22,6 +22,7 @@ The controller's own role needs ``CREATEROLE`` and ``CREATE`` on the database (R
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -37,6 +38,9 @@ from wabridge.errors import WabridgeError
 
 #: Where the per-account passwords wait for systemd (tmpfs: gone at reboot, remade at start).
 PASSWORD_DIR = Path("/run/wabridge/postgres")
+#: The controller's own password (root, 0600), which its unit loads as the credential
+#: ``postgres-password`` (README, "PostgreSQL"); ``wabridgectl doctor`` reads it there.
+CONTROLLER_PASSWORD_FILE = Path("/etc/wabridge/postgres-password")
 SCRAM_ITERATIONS = 4096
 
 
@@ -101,9 +105,14 @@ def write_password(path: Path, password: str) -> None:
     tmp.replace(path)
 
 
-def admin_connect(cfg: config.Config) -> psycopg.Connection[object]:
-    """The controller's own connection (its password: its unit's credential)."""
+def admin_connect(cfg: config.Config, password_file: Path = CONTROLLER_PASSWORD_FILE
+                  ) -> psycopg.Connection[object]:
+    """The controller's own connection (its password: its unit's credential, else the file
+    that credential is loaded from, for ``wabridgectl doctor``)."""
     password = credentials.read(credentials.POSTGRES_PASSWORD)
+    if password is None:
+        with contextlib.suppress(FileNotFoundError):
+            password = password_file.read_text(encoding="utf-8").strip() or None
     extra: dict[str, Any] = {"password": password} if password else {}
     return psycopg.connect(cfg.storage.postgres_url, autocommit=True, **extra)
 
@@ -124,3 +133,40 @@ def prepare(cfg: config.Config, user_id: str, directory: Path = PASSWORD_DIR) ->
     path = password_file(user_id, directory)
     write_password(path, password)
     return path
+
+
+def health(admin: psycopg.Connection[object]) -> tuple[list[str], dict[str, int]]:
+    """What ``wabridgectl doctor`` reports: problems (each a sentence), and the accounts'
+    schema versions (schema -> version; -1: not migrated yet, or not readable by this role:
+    the controller reads them as a member of each role it made)."""
+    problems: list[str] = []
+    row = admin.execute("SELECT current_setting('server_version_num')::int, "
+                        "r.rolsuper OR r.rolcreaterole, "
+                        "has_database_privilege(current_database(), 'CREATE') "
+                        "FROM pg_roles r WHERE r.rolname = current_user").fetchone()
+    assert row is not None
+    version, createrole, create = row
+    if int(str(version)) < 150000:
+        problems.append(f"server version {version} is older than PostgreSQL 15")
+    if not createrole:
+        problems.append("the controller's role lacks CREATEROLE (it makes the accounts' roles)")
+    if not create:
+        problems.append("the controller's role lacks CREATE on the database (it makes the "
+                        "accounts' schemas)")
+    for name, in admin.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'wa\\_%' AND (rolsuper OR "
+            "rolcreaterole OR rolcreatedb OR rolbypassrls OR rolreplication) ORDER BY 1"):
+        problems.append(f"account role {name} has more rights than its own schema")
+    versions: dict[str, int] = {}
+    schemas = admin.execute(
+        "SELECT n.nspname, has_schema_privilege(n.oid, 'USAGE') AND "
+        "to_regclass(quote_ident(n.nspname) || '.schema_version') IS NOT NULL "
+        "FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner AND r.rolname = n.nspname "
+        "WHERE n.nspname LIKE 'wa\\_%' ORDER BY 1").fetchall()
+    for schema, migrated in schemas:
+        versions[str(schema)] = -1
+        if migrated:
+            got = admin.execute(sql.SQL("SELECT MAX(version) FROM {}.schema_version").format(
+                sql.Identifier(str(schema)))).fetchone()
+            versions[str(schema)] = int(got[0]) if got and got[0] is not None else 0
+    return problems, versions

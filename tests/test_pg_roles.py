@@ -14,7 +14,7 @@ from postgres_cluster import Cluster
 
 from agent.store import PostgresTarget, Store
 from agent.whatsapp.events import IncomingMessage
-from controller import pg_roles
+from controller import doctor, pg_roles
 from controller.systemd import worker_dropin
 from wabridge import config
 from wabridge.config import with_overrides
@@ -142,3 +142,38 @@ def test_prepare_names_an_unreachable_server_without_its_password(tmp_path: Path
         pg_roles.prepare(cfg, "erin", tmp_path)
     assert "ctl@127.0.0.1:1/wabridge" in str(info.value)
     assert not (tmp_path / "erin").exists()
+
+
+def _pg_cfg(cluster: Cluster, user: str = "postgres") -> config.Config:
+    return with_overrides(config.Config(), "storage", backend="postgresql",
+                          postgres_url=f"postgresql://{user}@/postgres?host={cluster.socket_dir}"
+                                       f"&port={cluster.port}")
+
+
+def test_doctor_checks_the_database(postgres: Cluster, admin: psycopg.Connection[object]
+                                    ) -> None:
+    assert doctor.check_database(config.Config()).status == "skip"
+    pw = pg_roles.provision(admin, "frank")
+    role = account_role("frank")
+    Store(PostgresTarget(postgres.url(role), role, pw)).close()  # migrated
+    check = doctor.check_database(_pg_cfg(postgres))
+    assert check.status == "ok", check
+    assert "account schemas" in check.message and "schema versions" in check.message
+    admin.execute(f"ALTER ROLE {role} CREATEDB")
+    try:
+        check = doctor.check_database(_pg_cfg(postgres))
+        assert check.status == "fail" and role in check.message
+    finally:
+        admin.execute(f"ALTER ROLE {role} NOCREATEDB")
+    # a controller role that cannot make roles is named
+    admin.execute("DROP ROLE IF EXISTS weak")
+    admin.execute("CREATE ROLE weak LOGIN")
+    check = doctor.check_database(_pg_cfg(postgres, "weak"))
+    assert check.status == "fail" and "CREATEROLE" in check.message
+
+
+def test_doctor_names_an_unreachable_database() -> None:
+    cfg = with_overrides(config.Config(), "storage", backend="postgresql",
+                         postgres_url="postgresql://ctl@127.0.0.1:1/wabridge")
+    check = doctor.check_database(cfg)
+    assert check.status == "fail" and "ctl@127.0.0.1:1/wabridge" in check.message
