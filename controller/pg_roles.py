@@ -67,7 +67,7 @@ def scram_verifier(password: str, salt: bytes | None = None) -> str:
             f"${b64(stored_key)}:{b64(server_key)}")
 
 
-def provision(admin: psycopg.Connection[object], user_id: str) -> str:
+def provision(admin: psycopg.Connection[tuple[Any, ...]], user_id: str) -> str:
     """Make (or keep) the account's role and schema and give the role a new password, which
     is returned. Idempotent; one transaction."""
     role = postgres.account_role(user_id)
@@ -106,7 +106,7 @@ def write_password(path: Path, password: str) -> None:
 
 
 def admin_connect(cfg: config.Config, password_file: Path = CONTROLLER_PASSWORD_FILE
-                  ) -> psycopg.Connection[object]:
+                  ) -> psycopg.Connection[tuple[Any, ...]]:
     """The controller's own connection (its password: its unit's credential, else the file
     that credential is loaded from, for ``wabridgectl doctor``)."""
     password = credentials.read(credentials.POSTGRES_PASSWORD)
@@ -135,7 +135,7 @@ def prepare(cfg: config.Config, user_id: str, directory: Path = PASSWORD_DIR) ->
     return path
 
 
-def health(admin: psycopg.Connection[object]) -> tuple[list[str], dict[str, int]]:
+def health(admin: psycopg.Connection[tuple[Any, ...]]) -> tuple[list[str], dict[str, int]]:
     """What ``wabridgectl doctor`` reports: problems (each a sentence), and the accounts'
     schema versions (schema -> version; -1: not migrated yet, or not readable by this role:
     the controller reads them as a member of each role it made)."""
@@ -144,7 +144,8 @@ def health(admin: psycopg.Connection[object]) -> tuple[list[str], dict[str, int]
                         "r.rolsuper OR r.rolcreaterole, "
                         "has_database_privilege(current_database(), 'CREATE') "
                         "FROM pg_roles r WHERE r.rolname = current_user").fetchone()
-    assert row is not None
+    if row is None:  # current_user always has a pg_roles row
+        return ["the controller's role is not in pg_roles"], {}
     version, createrole, create = row
     if int(str(version)) < 150000:
         problems.append(f"server version {version} is older than PostgreSQL 15")

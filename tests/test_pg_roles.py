@@ -7,6 +7,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,12 +23,12 @@ from wabridge.postgres import account_role
 
 
 @pytest.fixture
-def admin(postgres: Cluster) -> Iterator[psycopg.Connection[object]]:
+def admin(postgres: Cluster) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     with psycopg.connect(postgres.conninfo(), autocommit=True) as conn:
         yield conn
 
 
-def _login(cluster: Cluster, user_id: str, password: str) -> psycopg.Connection[object]:
+def _login(cluster: Cluster, user_id: str, password: str) -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(cluster.url(account_role(user_id)), password=password,
                            autocommit=True)
 
@@ -37,8 +38,8 @@ def _msg(text: str) -> IncomingMessage:
                            text=text, timestamp=1.0)
 
 
-def test_scram_verifier_matches_what_postgres_accepts(postgres: Cluster,
-                                                      admin: psycopg.Connection[object]) -> None:
+def test_scram_verifier_matches_what_postgres_accepts(
+        postgres: Cluster, admin: psycopg.Connection[tuple[Any, ...]]) -> None:
     """The verifier is computed here (the clear password never reaches the server); a login
     with the password proves it is right."""
     password = pg_roles.provision(admin, "verifier-check")
@@ -49,8 +50,8 @@ def test_scram_verifier_matches_what_postgres_accepts(postgres: Cluster,
         _login(postgres, "verifier-check", password + "x")
 
 
-def test_alice_cannot_reach_bob_nor_the_controller(postgres: Cluster,
-                                                   admin: psycopg.Connection[object]) -> None:
+def test_alice_cannot_reach_bob_nor_the_controller(
+        postgres: Cluster, admin: psycopg.Connection[tuple[Any, ...]]) -> None:
     admin.execute("CREATE TABLE IF NOT EXISTS public.controller_accounts (user_id TEXT)")
     admin.execute("INSERT INTO public.controller_accounts VALUES ('bob')")
     alice_pw = pg_roles.provision(admin, "alice")
@@ -92,7 +93,7 @@ def test_alice_cannot_reach_bob_nor_the_controller(postgres: Cluster,
 
 
 def test_provisioning_again_keeps_the_data_and_retires_the_old_password(
-        postgres: Cluster, admin: psycopg.Connection[object]) -> None:
+        postgres: Cluster, admin: psycopg.Connection[tuple[Any, ...]]) -> None:
     first = pg_roles.provision(admin, "carol")
     role = account_role("carol")
     store = Store(PostgresTarget(postgres.url(role), role, first))
@@ -150,7 +151,7 @@ def _pg_cfg(cluster: Cluster, user: str = "postgres") -> config.Config:
                                        f"&port={cluster.port}")
 
 
-def test_doctor_checks_the_database(postgres: Cluster, admin: psycopg.Connection[object]
+def test_doctor_checks_the_database(postgres: Cluster, admin: psycopg.Connection[tuple[Any, ...]]
                                     ) -> None:
     assert doctor.check_database(config.Config()).status == "skip"
     pw = pg_roles.provision(admin, "frank")
