@@ -59,6 +59,7 @@ from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
 from agent.engine import Engine
+from agent.inbound_hold import InboundHold
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import PostgresTarget, Store
@@ -188,6 +189,7 @@ class Worker:
         self.settings_checked = False  # a valid settings map arrived in this process
         self.bad_setting = False  # the last settings map had a bad value
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.inbound_hold = InboundHold()  # acked by WhatsApp, refused by the store
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir,
                              session_store=session_store(store.path))
@@ -266,11 +268,36 @@ class Worker:
     def sink(self, event: ev.Event) -> None:
         self.sink_since = time.monotonic()
         try:
-            if isinstance(event, ev.IncomingMessage) and not self.engine.persist(event):
-                return
+            if isinstance(event, ev.IncomingMessage):
+                try:
+                    fresh = self.engine.persist(event)
+                except Exception as exc:  # noqa: BLE001 (the store is down: WhatsApp acked it)
+                    log.error("store.inbound_held", chat_id=event.chat_id, wa_id=event.wa_id,
+                              error=str(exc))
+                    self.loop.call_soon_threadsafe(self.inbound_hold.hold, event,
+                                                   time.monotonic())
+                    return
+                if not fresh:
+                    return
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         finally:
             self.sink_since = None
+
+    def retry_held_inbound(self, *, final: bool = False) -> None:
+        """Commit the messages the store refused (on the loop, in order); at shutdown
+        (``final``) one last try, then name what is lost."""
+        committed, error = self.inbound_hold.retry(self.engine.persist, time.monotonic(),
+                                                   force=final)
+        for message in committed:
+            log.info("store.inbound_committed", chat_id=message.chat_id, wa_id=message.wa_id)
+            self.events.put_nowait(message)
+        if error is not None and not final:
+            log.warning("store.inbound_retry_failed", held=len(self.inbound_hold.held),
+                        error=str(error))
+        if final and self.inbound_hold.held:
+            log.error("store.inbound_lost", count=len(self.inbound_hold.held),
+                      wa_ids=[m.wa_id for m in self.inbound_hold.held],
+                      error=str(error) if error else "")
 
     async def pump(self) -> None:
         while not self.stop.is_set():
@@ -367,6 +394,7 @@ class Worker:
                 last_metrics = now
                 self._report_metrics()
             await self.engine.reap_idle()
+            self.retry_held_inbound()
             if now - last_checkpoint > CHECKPOINT_INTERVAL:
                 last_checkpoint = now
                 try:
@@ -526,6 +554,7 @@ class Worker:
             self.state, self.detail = WorkerState.STOPPING, "stopping"
         self._report_state()
         await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
+        self.retry_held_inbound(final=True)  # no more arrive: commit them or say so
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
         until = min(time.monotonic() + 2.0, deadline + 0.3)
         while self.store.unacked_frames() and self.link.connected and time.monotonic() < until:  # noqa: ASYNC110 - acks land in SQLite

@@ -310,6 +310,9 @@ class _SqliteFile:
 
     closes_from_any_thread = False  # an SQLite connection may only be closed by its thread
 
+    def usable(self, conn: Any) -> bool:
+        return True  # a file does not go away under an open connection
+
     def close(self, conn: Any) -> None:
         with suppress(sqlite3.Error):  # leave a short log for the next start
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -348,6 +351,14 @@ class Store:
 
     def _conn(self) -> Any:
         conn: Any = getattr(self._local, "conn", None)
+        if conn is not None and not self._backend.usable(conn):
+            # PostgreSQL restarted (or our server process was ended): a new connection; the
+            # call that saw the old one fail raised, and its caller retries or exits
+            with self._conns_lock:
+                self._conns = [(t, c) for t, c in self._conns if c is not conn]
+            with suppress(Exception):
+                self._backend.close(conn)
+            conn = None
         if conn is None:
             conn = self._backend.connect()
             self._local.conn = conn

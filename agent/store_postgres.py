@@ -191,5 +191,8 @@ class PostgresSchema:
     def checkpoint(self, conn: Callable[[], postgres.Connection]) -> tuple[int, int]:
         return 0, 0  # the server checkpoints by itself (and no thread opens a connection)
 
+    def usable(self, conn: postgres.Connection) -> bool:
+        return conn.usable
+
     def close(self, conn: postgres.Connection) -> None:
         conn.close()

@@ -648,3 +648,23 @@ def test_summaries_written_before_the_rename_keep_their_numbers(db_path: Path) -
         assert s.rotate("c", "third") == 3
     finally:
         s.close()
+
+
+def test_a_restarted_server_costs_one_failed_call_not_the_store(
+        where: Path | PostgresTarget) -> None:
+    """PostgreSQL restarted (here: our server processes ended, as a restart does): the call
+    that meets the dead connection fails, and the next one, on every thread, works again
+    (psycopg never reconnects by itself; a thread's cached connection would stay dead)."""
+    if not isinstance(where, PostgresTarget):
+        pytest.skip("PostgreSQL only")
+    store = Store(where)
+    assert store.add_inbound(_msg("c", "s", "w1"))
+    with psycopg.connect(where.conninfo, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+                      "AND backend_type = 'client backend'")
+    with pytest.raises(psycopg.OperationalError):
+        store.add_inbound(_msg("c", "s", "w2"))
+    assert store.add_inbound(_msg("c", "s", "w2"))  # committed now
+    assert [p.wa_id for p in store.pending_inbound("c")] == ["w1", "w2"]
+    store.close()

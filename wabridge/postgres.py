@@ -68,6 +68,9 @@ def _row_factory(cursor: psycopg.Cursor[Any]) -> Any:
     return make
 
 
+#: Seconds to wait for the server: a store call on the event loop must not hang on a dead one.
+CONNECT_TIMEOUT = 5
+
 _NUMBERED = re.compile(r"\?(\d+)")
 
 
@@ -105,6 +108,12 @@ class Connection:
         cur.executemany(text, [_bind(r, numbered) for r in rows])
         return cur
 
+    @property
+    def usable(self) -> bool:
+        """False once the server is gone for this connection (restarted, or our backend
+        terminated): psycopg never reconnects by itself, the caller opens a new one."""
+        return not self.raw.closed and not self.raw.broken
+
     def close(self) -> None:
         self.raw.close()
 
@@ -114,7 +123,7 @@ def connect(conninfo: str, schema: str, *, password: str | None = None) -> Conne
     ``schema``; ``password`` (from a credential) is passed apart, never in the URL."""
     extra: dict[str, Any] = {"password": password} if password else {}
     conn = psycopg.connect(conninfo, autocommit=True, cursor_factory=psycopg.ClientCursor,
-                           row_factory=_row_factory, **extra)
+                           row_factory=_row_factory, connect_timeout=CONNECT_TIMEOUT, **extra)
     try:
         found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
         missing = found.fetchone() is None
