@@ -78,10 +78,8 @@ def _has_table(where: Path | PostgresTarget, name: str) -> bool:
 
 
 def _add_step(monkeypatch: pytest.MonkeyPatch, step: Callable[[Any], None]) -> None:
-    """A migration step a newer wabridge would add, on both backends (it is written in SQL
-    both speak)."""
+    """A migration step a newer wabridge would add: written once, it runs on both backends."""
     monkeypatch.setattr(store_mod, "MIGRATIONS", [*MIGRATIONS, step])
-    monkeypatch.setattr(store_postgres, "PG_MIGRATIONS", [*store_postgres.PG_MIGRATIONS, step])
 
 
 # --- migrations ----------------------------------------------------------------------------
@@ -157,17 +155,34 @@ def test_a_failing_migration_step_leaves_nothing_behind(
     assert not _has_table(where, "half")
 
 
-def test_postgres_refuses_a_migration_without_its_twin(
+def test_a_new_sqlite_step_runs_on_postgresql_as_written_or_by_its_twin(
     where: Path | PostgresTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A SQLite step added without its PostgreSQL mirror must not leave the two schemas
-    with the same version number and different tables."""
-    if not isinstance(where, PostgresTarget):
-        pytest.skip("PostgreSQL only")
-    monkeypatch.setattr(store_mod, "MIGRATIONS", [*MIGRATIONS, lambda db: None])
-    with pytest.raises(store_postgres.MigrationsOutOfStep):
-        Store(where)
-    assert not _has_table(where, "schema_version")
+    """A step written for SQLite (its column types included) makes the same table on
+    PostgreSQL; a step that needs a PostgreSQL twin gets it there, and SQLite keeps its own."""
+    Store(where).close()
+    version = len(MIGRATIONS) + 1
+
+    def step(db: Any) -> None:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
+                   "n INTEGER NOT NULL DEFAULT 0)")
+        db.execute("CREATE TABLE only_in_sqlite (x INTEGER)")
+
+    def twin(db: Any) -> None:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
+                   "n INTEGER NOT NULL DEFAULT 0)")
+
+    _add_step(monkeypatch, step)
+    monkeypatch.setitem(store_postgres.PG_TWINS, version, twin)
+    store = Store(where)
+    big = 2**40  # SQLite's integers are 64-bit: so are PostgreSQL's columns made from them
+    store._conn().execute("INSERT INTO notes (at, body, n) VALUES (?, ?, ?)",
+                          (1.5, b"\x00\xff", big))
+    rows = store._conn().execute("SELECT id, at, body, n FROM notes").fetchall()
+    assert [(r[0], r[1], bytes(r[2]), r[3]) for r in rows] == [(1, 1.5, b"\x00\xff", big)]
+    store.close()
+    assert _count(where, "SELECT version FROM schema_version") == version
+    assert _has_table(where, "only_in_sqlite") is not isinstance(where, PostgresTarget)
 
 
 def test_two_stores_opening_a_fresh_store_at_once(where: Path | PostgresTarget) -> None:

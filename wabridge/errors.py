@@ -11,8 +11,6 @@
     │                                                   wabridge wrote, exit 16 (not restarted)
     ├── SchemaMissing             wabridge.postgres     postgres_schema_missing: the account's
     │                                                   schema is not made yet (controller's job)
-    ├── MigrationsOutOfStep       agent.store_postgres  migrations_out_of_step: a SQLite store
-    │                                                   step without its PostgreSQL twin
     ├── StoreUnavailable          controller.pg_roles   store_unavailable: the account's role
     │                                                   could not be prepared (start refused)
     ├── ForeignRecordError        wabridge.errors       not_your_record: a write that would
