@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 _COMMAND = re.compile(r"^/([A-Za-z][A-Za-z0-9_-]{0,31})(?:\s+(.*))?$", re.DOTALL)
 
-KNOWN = ("reset", "status", "help")
+KNOWN = ("reset", "status", "help", "scheduled", "memory")
 
 HELP_TEXT = (
     "Commands:\n"
     "/reset - start a new conversation (I forget what we talked about)\n"
     "/status - context used, turns, cost today and model\n"
+    "/scheduled - messages Claude scheduled (/scheduled cancel N cancels one)\n"
+    "/memory - what Claude remembers about your contacts\n"
     "/help - this text"
 )
 
@@ -75,3 +77,19 @@ def status_text(info: StatusInfo) -> str:
 
 def unknown_text(command: ChatCommand) -> str:
     return f"Unknown command /{command.name}.\n\n{HELP_TEXT}"
+
+
+def scheduled_text(items: list[tuple[int, str, str, str]]) -> str:
+    """``/scheduled``: (id, chat, local time, text) of every pending scheduled message."""
+    if not items:
+        return "No scheduled messages."
+    lines = [f"#{n} {when} to {chat}: {text}" for n, chat, when, text in items]
+    return "Scheduled messages:\n" + "\n".join(lines) + "\n\n/scheduled cancel N cancels one."
+
+
+def memory_text(notes: list[tuple[int, str, str]]) -> str:
+    """``/memory``: (id, chat, note) of every note Claude keeps."""
+    if not notes:
+        return "No notes."
+    return "Notes about your contacts:\n" + "\n".join(
+        f"#{n} {chat}: {text}" for n, chat, text in notes)

@@ -45,12 +45,13 @@ from typing import Any
 
 import structlog
 
-from agent import budget, commands, delivery, policy, rotation, shaping
+from agent import budget, commands, delivery, policy, rotation, scheduling, shaping
 from agent.claude import ClaudeError, TurnResult
 from agent.commands import ChatCommand
 from agent.conversations import Conversations
 from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
+from agent.tools import Toolbox, notes_seed
 from agent.whatsapp.base import SendError, WhatsAppBackend
 from agent.whatsapp.events import (
     ChatExpiration,
@@ -132,6 +133,7 @@ class Engine:
         api: Conversations | None = None,
         engine: EngineName = "cli",
         tools: bool = False,
+        toolbox: Toolbox | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
@@ -150,6 +152,7 @@ class Engine:
         self._on_problem = on_problem
         self._clock = clock  # wall clock: budget days, send retries
         self._rng = rng  # pacing jitter
+        self._toolbox = toolbox  # wabridge's tools (the user's ``tools`` setting), if wired
         self._policy: Policy = policy.DEFAULT
         self._owner = ""
         self._owner_known = asyncio.Event()
@@ -203,7 +206,10 @@ class Engine:
         if new != self._policy:
             log.info("policy.updated", reply_to=new.reply_to, groups=new.groups,
                      commands_from=new.commands_from, allowlist=len(new.allowlist),
-                     daily_budget_usd=new.daily_budget_usd, engine=new.engine)
+                     daily_budget_usd=new.daily_budget_usd, engine=new.engine,
+                     tools=new.tools, timezone=new.timezone)
+        if self._toolbox is not None:
+            self._toolbox.configure(enabled=new.tools == "wabridge", timezone=new.timezone)
         self._policy = new
         return None
 
@@ -212,6 +218,10 @@ class Engine:
         if new.engine == "api" and self._tools:
             raise InvalidSetting("settings.engine", "api has no tools, and this host runs "
                                  "Claude with tools (claude.tools = true)", allowed="cli")
+        if new.tools == "wabridge" and chosen != "cli":
+            raise InvalidSetting("settings.tools", "wabridge's tools run on the cli engine "
+                                 "only, and this host runs api (claude.engine)",
+                                 allowed="none (or engine cli)")
         if chosen not in self._engines:
             raise InvalidSetting("settings.engine", f"{chosen!r} is not available on this host "
                                  "(see the worker's journal: claude_api.unavailable)",
@@ -393,12 +403,30 @@ class Engine:
             text = commands.status_text(self._status(chat_id))
         elif command.name == "help":
             text = commands.HELP_TEXT
+        elif command.name == "scheduled":
+            text = self._scheduled_command(command.args)
+        elif command.name == "memory":
+            text = commands.memory_text([(n.id, n.chat_id, n.text) for n in self._store.notes()])
         else:
             text = commands.unknown_text(command)
         self._store.answer_locally(chat_id, [item.id],
                                    shaping.split(text, self._conv.reply_limit), item.message)
         log.info("command.done", command=command.name, known=command.known)
         self._outbox_wake.set()
+
+    def _scheduled_command(self, args: str) -> str:
+        """``/scheduled`` lists every chat's pending scheduled messages; ``/scheduled cancel
+        N`` cancels one."""
+        words = args.split()
+        if len(words) == 2 and words[0].lower() == "cancel" and words[1].lstrip("#").isdigit():
+            number = int(words[1].lstrip("#"))
+            done = self._store.cancel_scheduled(number)
+            log.info("scheduled.cancelled", id=number, done=done, by="owner")
+            return f"Cancelled #{number}." if done else f"No scheduled message #{number}."
+        tz = self._policy.timezone
+        return commands.scheduled_text([
+            (s.id, s.chat_id, scheduling.local_time(s.due_at, tz), s.text)
+            for s in self._store.scheduled()])
 
     def _daily_budget(self) -> float:
         return budget.effective_budget(self._policy.daily_budget_usd,
@@ -435,9 +463,13 @@ class Engine:
         content = turn_content(batch)
         self._typing(chat_id, on=True)
         self.turns_in_flight[chat_id] = time.monotonic()
+        if self._toolbox is not None:
+            self._toolbox.begin_turn(chat_id, batch[-1].message)
         try:
             text, result = await self._ask(chat_id, content)
         finally:
+            if self._toolbox is not None:
+                self._toolbox.end_turn(chat_id)
             self.turns_in_flight.pop(chat_id, None)
             self._typing(chat_id, on=False)
         replies = shaping.split(shaping.to_whatsapp(text), self._conv.reply_limit)
@@ -476,7 +508,9 @@ class Engine:
             first = content
             row = self._store.chat(chat_id)
             if row is None or row.session_id != session.session_id:  # a fresh session
-                seed = self._seed(chat_id, row)
+                seed = "\n\n".join(part for part in (
+                    notes_seed([n.text for n in self._store.notes(chat_id)]),
+                    self._seed(chat_id, row)) if part)
                 if seed:
                     first = rotation.with_seed(content, seed)
                     log.info("claude.seeded", seed=row.seed if row else None, chars=len(seed))
@@ -584,6 +618,8 @@ class Engine:
         its chat only (per-chat order among sent replies); one that keeps failing is marked
         failed and the chat goes on (:mod:`agent.delivery`)."""
         async with self._send_lock:
+            for due in self._store.release_due(self._clock()):
+                log.info("scheduled.due", chat_id=due.chat_id, reply_id=due.id)
             held: set[str] = set()  # chats whose oldest reply is waiting for a retry
             for reply in self._store.pending_replies():
                 if not self._backend.is_connected():

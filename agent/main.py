@@ -63,6 +63,7 @@ from agent.inbound_hold import InboundHold
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import PostgresTarget, Store
+from agent.tools import Toolbox
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, PostgresSessionStore, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
@@ -194,9 +195,12 @@ class Worker:
         ctx = BackendContext(user_id=user_id, state_dir=state_dir,
                              session_store=session_store(store.path))
         self.backend = make_backend(cfg, ctx)
+        self.tools = Toolbox(store, self.backend, state_dir, cfg.tools, cfg.claude.max_tool_calls,
+                             restart_idle=lambda: self.pool.close_idle())  # noqa: PLW0108 -- the pool comes next
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
-                               resume_max_bytes=cfg.conversation.resume_max_bytes)
+                               resume_max_bytes=cfg.conversation.resume_max_bytes,
+                               tools=self.tools.launch)
         api = None
         if not cfg.claude.tools:
             try:
@@ -208,7 +212,7 @@ class Worker:
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
                              on_summary=self._report_summary, on_problem=self._report_problem,
                              api=api, engine="api" if cfg.claude.engine == "api" else "cli",
-                             tools=cfg.claude.tools)
+                             tools=cfg.claude.tools, toolbox=self.tools)
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -549,6 +553,7 @@ class Worker:
                                    max(0.2, deadline - 1.0 - time.monotonic()))
         except TimeoutError:  # systemd's SIGKILL (KillMode=control-group) finishes them
             log.warning("worker.claude_close_timed_out")
+        await self.tools.close()
         if self.state not in (WorkerState.LOGGED_OUT, WorkerState.BANNED, WorkerState.REPLACED,
                               WorkerState.OUTDATED, WorkerState.QR_EXPIRED):
             self.state, self.detail = WorkerState.STOPPING, "stopping"

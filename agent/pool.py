@@ -4,11 +4,13 @@ chat's stored session (:class:`ClaudePool`)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings
+from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, ToolFlags
 from agent.store import Store
 from wabridge import logs
 
@@ -43,7 +45,9 @@ class ClaudePool:
     """
 
     def __init__(self, size: int, idle_timeout: float, settings: ClaudeSettings, root: Path,
-                 store: Store, *, resume_max_bytes: int = 10_000_000) -> None:
+                 store: Store, *, resume_max_bytes: int = 10_000_000,
+                 tools: Callable[[str, Path], Awaitable[ToolFlags | None]] | None = None
+                 ) -> None:
         #: a portable store (PostgreSQL) keeps each chat's transcript, so that a chat moved
         #: to another host resumes with its context instead of being reseeded
         self._mirror = store.portable
@@ -54,6 +58,7 @@ class ClaudePool:
         self._root = root
         self._store = store
         self._resume_max_bytes = resume_max_bytes
+        self._tools = tools  # a chat's tool flags, asked at each open
         self._live: dict[str, tuple[ClaudeSession, float]] = {}
         self._busy: set[str] = set()
         self._opening: set[str] = set()
@@ -134,6 +139,10 @@ class ClaudePool:
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         config_dir = self.config_dir
         config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings = self._settings
+        if self._tools is not None:
+            settings = dataclasses.replace(settings, tool_flags=await self._tools(chat_id,
+                                                                                  workdir))
         row = self._store.chat(chat_id)
         resume = row.session_id if row else None
         if resume:
@@ -147,7 +156,7 @@ class ClaudePool:
                 self._store.set_session(chat_id, None, seed="recovery")
                 resume = None
         try:
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+            session = await ClaudeSession.open(settings=settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=resume)
         except ClaudeError as exc:
             if exc.code != "resume_failed":
@@ -155,7 +164,7 @@ class ClaudePool:
             log.warning("claude.resume_failed", chat_id=chat_id, session_id=resume,
                         error=str(exc))
             self._store.set_session(chat_id, None, seed="recovery")
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+            session = await ClaudeSession.open(settings=settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=None)
         log.info("claude.started", chat_id=chat_id, pid=session.pid, resumed=bool(resume))
         return session
@@ -236,6 +245,12 @@ class ClaudePool:
                     if c not in self._busy and now - used > self._idle]
         for chat_id, _ in idle:
             log.info("claude.idle", chat_id=chat_id)
+        await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
+
+    async def close_idle(self) -> None:
+        """Close every idle process (their chats' next turns start new ones)."""
+        async with self._cond:
+            idle = [(c, self._take(c)) for c in list(self._live) if c not in self._busy]
         await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
 
     async def close_all(self) -> None:

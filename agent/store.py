@@ -188,6 +188,34 @@ def _v5(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def _v6(db: sqlite3.Connection) -> None:
+    """Claude's tools: scheduled messages and per-contact notes (issue 16)."""
+    database.run_script(
+        db,
+        """
+        CREATE TABLE scheduled (
+            id INTEGER PRIMARY KEY,
+            chat_id TEXT NOT NULL,
+            due_at REAL NOT NULL,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            day TEXT NOT NULL,                        -- UTC day it was made (daily limit)
+            state TEXT NOT NULL DEFAULT 'pending',    -- pending | queued | cancelled
+            outbox_id INTEGER                         -- the outbox row once queued
+        );
+        CREATE INDEX scheduled_due ON scheduled (state, due_at);
+        CREATE TABLE notes (
+            id INTEGER PRIMARY KEY,
+            chat_id TEXT NOT NULL,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX notes_chat ON notes (chat_id, id)
+        """
+    )
+
+
 Seed = Literal["summary", "recovery"]
 
 
@@ -263,6 +291,21 @@ class Summary:
     text: str
     created_at: float
     archived: bool
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    id: int
+    chat_id: str
+    due_at: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Note:
+    id: int
+    chat_id: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -677,6 +720,66 @@ class Store:
                 (chat_id, now),
             )
             tx.execute("UPDATE summaries SET archived = 1 WHERE chat_id = ?", (chat_id,))
+
+    # --- scheduled messages (the schedule_message tool) --------------------------------
+    def schedule(self, chat_id: str, due_at: float, text: str, day: str) -> int:
+        row = self._conn().execute(
+            "INSERT INTO scheduled (chat_id, due_at, text, created_at, day) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (chat_id, due_at, text, time.time(), day)).fetchone()
+        return int(row[0])
+
+    def scheduled(self, chat_id: str | None = None) -> list[Scheduled]:
+        """Pending scheduled messages (of one chat, or all), soonest first."""
+        rows = self._conn().execute(
+            "SELECT id, chat_id, due_at, text FROM scheduled WHERE state = 'pending' "
+            "AND (?1 IS NULL OR chat_id = ?1) ORDER BY due_at, id", (chat_id,)).fetchall()
+        return [Scheduled(r["id"], r["chat_id"], r["due_at"], r["text"]) for r in rows]
+
+    def scheduled_on(self, day: str) -> int:
+        """How many messages were scheduled on UTC ``day`` (any state, all chats)."""
+        row = self._conn().execute("SELECT COUNT(*) FROM scheduled WHERE day = ?",
+                                   (day,)).fetchone()
+        return int(row[0])
+
+    def cancel_scheduled(self, scheduled_id: int, chat_id: str | None = None) -> bool:
+        """Cancel a pending scheduled message (only of ``chat_id`` when given)."""
+        cur = self._conn().execute(
+            "UPDATE scheduled SET state = 'cancelled' WHERE id = ?1 AND state = 'pending' "
+            "AND (?2 IS NULL OR chat_id = ?2)", (scheduled_id, chat_id))
+        return bool(cur.rowcount == 1)
+
+    def release_due(self, now: float) -> list[PendingReply]:
+        """Atomically move every scheduled message due at ``now`` into the outbox (kind
+        ``scheduled``): from there on it has the outbox's guarantees, and it is queued once."""
+        with self._tx() as tx:
+            rows = tx.execute("SELECT id, chat_id, text FROM scheduled WHERE state = 'pending' "
+                              "AND due_at <= ? ORDER BY due_at, id", (now,)).fetchall()
+            out: list[PendingReply] = []
+            for r in rows:
+                queued = self._queue(tx, r["chat_id"], [r["text"]], None, "scheduled", now)
+                tx.execute("UPDATE scheduled SET state = 'queued', outbox_id = ? WHERE id = ?",
+                           (queued[0].id, r["id"]))
+                out += queued
+        return out
+
+    # --- notes (the remember/forget/recall tools) ----------------------------------------
+    def add_note(self, chat_id: str, text: str) -> int:
+        row = self._conn().execute(
+            "INSERT INTO notes (chat_id, text, created_at) VALUES (?, ?, ?) RETURNING id",
+            (chat_id, text, time.time())).fetchone()
+        return int(row[0])
+
+    def notes(self, chat_id: str | None = None) -> list[Note]:
+        rows = self._conn().execute(
+            "SELECT id, chat_id, text FROM notes WHERE (?1 IS NULL OR chat_id = ?1) "
+            "ORDER BY id", (chat_id,)).fetchall()
+        return [Note(r["id"], r["chat_id"], r["text"]) for r in rows]
+
+    def forget_note(self, note_id: int, chat_id: str) -> bool:
+        cur = self._conn().execute("DELETE FROM notes WHERE id = ? AND chat_id = ?",
+                                   (note_id, chat_id))
+        return bool(cur.rowcount == 1)
 
     # --- summaries (context rotation) ---------------------------------------------------
     def rotate(self, chat_id: str, summary: str | None, *, cost_delta: float = 0.0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import random
 import re
 import time
@@ -440,7 +441,10 @@ class World:
         to, text, quote_id = frame.get("to"), frame.get("text"), frame.get("quote_id")
         if not isinstance(to, str):
             return fail("to: must be a chat JID string")
-        if not isinstance(text, str) or text == "":
+        extra, problem = _send_extra(frame)
+        if problem:
+            return fail(problem)
+        if not isinstance(text, str) or (text == "" and not extra):
             return fail("text: must be a non-empty string")
         if len(text) > MAX_TEXT:
             return fail(f"text: longer than {MAX_TEXT} characters")
@@ -478,6 +482,7 @@ class World:
             "quoted_id": quote_id,
             "ts": self.now(),
             "by": "device",
+            **extra,
         }
         for contact in recipients:
             _append_capped(contact.inbox, entry)
@@ -963,6 +968,32 @@ class World:
             raise ValueError(f"malformed state: {exc!r}") from None
         self.accounts, self.tokens, self.contacts = accounts, tokens, contacts
         self.groups, self.messages, self.revoked = groups, messages, revoked
+
+
+def _send_extra(frame: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A ``send`` frame's reaction or media, as the recipients' inbox shows it (media: its
+    name, type, size and SHA-256, not its bytes); or the problem with it."""
+    reaction, media = frame.get("reaction"), frame.get("media")
+    if reaction is not None:
+        if (not isinstance(reaction, dict) or not isinstance(reaction.get("target_id"), str)
+                or not isinstance(reaction.get("emoji"), str)
+                or not 0 < len(reaction["emoji"]) <= 8):
+            return {}, "reaction: must be {target_id, emoji}"
+        return {"reaction": {"target_id": reaction["target_id"],
+                             "emoji": reaction["emoji"]}}, ""
+    if media is not None:
+        if not isinstance(media, dict) or media.get("kind") not in ("document", "image"):
+            return {}, "media: kind must be document or image"
+        name, mime, data = media.get("filename"), media.get("mime"), media.get("data")
+        if not isinstance(name, str) or not isinstance(mime, str) or not isinstance(data, str):
+            return {}, "media: filename, mime and data (base64) are strings"
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            return {}, "media: data is not base64"
+        return {"media": {"kind": media["kind"], "filename": name, "mime": mime,
+                          "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}, ""
+    return {}, ""
 
 
 def _append_capped(items: list[dict[str, Any]], entry: dict[str, Any]) -> None:

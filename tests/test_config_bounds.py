@@ -246,7 +246,7 @@ def test_env_values_are_read_as_the_field_type() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("[nope]\nx = 1\n",
      "config key 'nope': unknown section (allowed: controller, firebase, worker, claude, "
-     "conversation, limits, log, sim, storage)"),
+     "conversation, limits, tools, log, sim, storage)"),
     ("worker = 1\n", "config key 'worker': must be a table"),
     ("[sim]\nlisten = '127.0.0.1:1'\nqr = 1\n",
      "config key 'sim.qr': unknown key (allowed: listen, qr_rotate)"),

@@ -718,6 +718,29 @@ async def test_send_text_quoting_uses_reply_message(linked: Linked) -> None:
     assert context.quotedMessage.conversation == "what time is it?"
 
 
+async def test_a_reaction_names_the_message_it_reacts_to(linked: Linked) -> None:
+    msg = await linked.receive(inbound(fn.text("we won!")))
+    await linked.backend.send_reaction(msg.chat_id, msg, "🎉")
+    sent = linked.client.world.sent[-1]
+    assert (sent.via, sent.to) == ("send_message", f"{CONTACT}@s.whatsapp.net")
+    reaction = sent.message.reactionMessage
+    assert reaction.text == "🎉" and msg.wa_id == reaction.key.ID
+    assert reaction.key.remoteJID == msg.chat_id and not reaction.key.fromMe
+
+
+async def test_a_file_is_uploaded_and_sent_as_a_document(linked: Linked) -> None:
+    chat = f"{CONTACT}@s.whatsapp.net"
+    sent_id = await linked.backend.send_media(chat, "document", b"%PDF-1.4 x", "r.pdf",
+                                              "application/pdf", "the report")
+    sent = linked.client.world.sent[-1]
+    doc = sent.message.documentMessage
+    assert (sent.id, sent.via, sent.to) == (sent_id, "send_document", chat)
+    assert (doc.fileName, doc.mimetype, doc.caption) == ("r.pdf", "application/pdf", "the report")
+    assert linked.client.world.media[doc.directPath] == b"%PDF-1.4 x"
+    await linked.backend.send_media(chat, "image", b"\x89PNG\r\n\x1a\n", "p.png", "image/png", "")
+    assert linked.client.world.sent[-1].via == "send_image"
+
+
 async def test_send_text_quoting_a_message_from_before_a_restart(linked: Linked) -> None:
     old = IncomingMessage(
         wa_id="3A0F2C4E6B8D0A1C3E5F",

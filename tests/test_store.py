@@ -164,21 +164,21 @@ def test_a_new_sqlite_step_runs_on_postgresql_as_written_or_by_its_twin(
     version = len(MIGRATIONS) + 1
 
     def step(db: Any) -> None:
-        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
+        db.execute("CREATE TABLE jottings (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
                    "n INTEGER NOT NULL DEFAULT 0)")
         db.execute("CREATE TABLE only_in_sqlite (x INTEGER)")
 
     def twin(db: Any) -> None:
-        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
+        db.execute("CREATE TABLE jottings (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
                    "n INTEGER NOT NULL DEFAULT 0)")
 
     _add_step(monkeypatch, step)
     monkeypatch.setitem(store_postgres.PG_TWINS, version, twin)
     store = Store(where)
     big = 2**40  # SQLite's integers are 64-bit: so are PostgreSQL's columns made from them
-    store._conn().execute("INSERT INTO notes (at, body, n) VALUES (?, ?, ?)",
+    store._conn().execute("INSERT INTO jottings (at, body, n) VALUES (?, ?, ?)",
                           (1.5, b"\x00\xff", big))
-    rows = store._conn().execute("SELECT id, at, body, n FROM notes").fetchall()
+    rows = store._conn().execute("SELECT id, at, body, n FROM jottings").fetchall()
     assert [(r[0], r[1], bytes(r[2]), r[3]) for r in rows] == [(1, 1.5, b"\x00\xff", big)]
     store.close()
     assert _count(where, "SELECT version FROM schema_version") == version
@@ -683,3 +683,28 @@ def test_a_restarted_server_costs_one_failed_call_not_the_store(
     assert store.add_inbound(_msg("c", "s", "w2"))  # committed now
     assert [p.wa_id for p in store.pending_inbound("c")] == ["w1", "w2"]
     store.close()
+
+
+def test_scheduled_messages_and_notes(store: Store) -> None:
+    """The tools' tables (schema 6) on both backends."""
+    a = store.schedule("c1", 200.0, "later", "2026-12-05")
+    b = store.schedule("c2", 100.0, "sooner", "2026-12-05")
+    c = store.schedule("c1", 300.0, "never", "2026-12-05")
+    assert a < b < c
+    assert [s.id for s in store.scheduled()] == [b, a, c]
+    assert [s.id for s in store.scheduled("c1")] == [a, c]
+    assert store.scheduled_on("2026-12-05") == 3
+    assert store.cancel_scheduled(c, "c2") is False  # not that chat's
+    assert store.cancel_scheduled(c) is True
+    assert store.cancel_scheduled(c) is False
+    due = store.release_due(250.0)
+    assert [(r.chat_id, r.text) for r in due] == [("c2", "sooner"), ("c1", "later")]
+    assert store.release_due(250.0) == []  # queued once
+    assert [r.text for r in store.pending_replies()] == ["sooner", "later"]
+    n1 = store.add_note("c1", "likes tea")
+    n2 = store.add_note("c1", "lives in Porto")
+    assert n1 < n2
+    assert [n.text for n in store.notes("c1")] == ["likes tea", "lives in Porto"]
+    assert store.forget_note(n1, "c2") is False
+    assert store.forget_note(n1, "c1") is True
+    assert [n.id for n in store.notes()] == [n2]

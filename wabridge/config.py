@@ -263,6 +263,10 @@ class ClaudeConfig:
         0, "Retries of a failed API request: CLAUDE_CODE_MAX_RETRIES for the CLI, the SDK's "
         "max_retries for the `api` engine (0: fail fast).", check=_between(0, 10)
     )
+    max_tool_calls: int = _opt(
+        10, "Tool calls one turn may make (the user's `tools` setting); later calls are "
+        "refused and Claude answers with what it has.", check=_between(1, 100)
+    )
     # --- conversation engine ---
     context_window: int = _opt(
         200_000,
@@ -373,6 +377,29 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ToolsConfig:
+    """Claude's wabridge tools, for users whose `tools` setting is `wabridge`."""
+
+    scheduled_per_chat: int = _opt(
+        20, "Scheduled messages one chat may have pending.", check=_between(1, 1000)
+    )
+    scheduled_per_day: int = _opt(
+        50, "Messages a user's chats may schedule per UTC day.", check=_between(1, 10000)
+    )
+    scheduled_chars: int = _opt(
+        2000, "Longest text of a scheduled message.", check=_between(1, 65536)
+    )
+    notes_per_chat: int = _opt(
+        30, "Notes Claude may keep about one contact (`remember`).", check=_between(1, 1000)
+    )
+    note_chars: int = _opt(500, "Longest note.", check=_between(10, 10000))
+    file_max_bytes: int = _opt(
+        16_000_000, "Largest file `send_file`/`send_image` send from a chat's workspace.",
+        check=_between(1, 100_000_000),
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _opt(
         "info", "Log level.", allowed="debug, info, warning, error",
@@ -434,6 +461,7 @@ class Config:
     claude: ClaudeConfig = field(default_factory=ClaudeConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)

@@ -107,20 +107,35 @@ class SimBackend(WhatsAppBackend):
         expiration: int = 0,
     ) -> str:
         del expiration  # the simulator has no disappearing messages
+        return await self._request({
+            "type": "send",
+            "to": chat_id,
+            "text": text,
+            "quote_id": quote.wa_id if quote is not None else None,
+            "id": msg_id,
+        })
+
+    async def send_reaction(self, chat_id: str, message: IncomingMessage, emoji: str) -> None:
+        await self._request({"type": "send", "to": chat_id, "text": "",
+                             "reaction": {"target_id": message.wa_id, "emoji": emoji}})
+
+    async def send_media(self, chat_id: str, kind: str, data: bytes, filename: str, mime: str,
+                         caption: str) -> str:
+        return await self._request({
+            "type": "send", "to": chat_id, "text": caption,
+            "media": {"kind": kind, "filename": filename, "mime": mime,
+                      "data": base64.b64encode(data).decode()},
+        })
+
+    async def _request(self, frame: dict[str, Any]) -> str:
+        """Send one ``send`` frame; the id the simulator gave the message."""
         ws = self._ws
         if ws is None or ws.closed or not self._connected:
             raise SendError("not connected to wabridge-sim")
         req = next(self._reqs)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[req] = future
-        frame = {
-            "type": "send",
-            "req": req,
-            "to": chat_id,
-            "text": text,
-            "quote_id": quote.wa_id if quote is not None else None,
-            "id": msg_id,
-        }
+        frame = {**frame, "req": req}
         try:
             await ws.send_json(frame)
             return await asyncio.wait_for(future, self._send_timeout)
