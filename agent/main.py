@@ -1,5 +1,10 @@
 """``wabridge-worker <userId>``: the composition root of one worker unit.
 
+Over 600 lines because it is the one place the worker's parts meet: its start-up phases, its
+supervision and its shutdown order must be read together; what has a life of its own lives in
+its module (where the state is: ``agent.placement``; messages the store refused:
+``agent.inbound_hold``; decisions: ``agent.outcomes``).
+
 Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.ExitCode``):
 1. synchronous: arguments, configuration, logging, state directory, store (no asyncio yet);
 2. ``Worker.run``: the controller link, the WhatsApp event pump, the outbox sender and the
@@ -61,11 +66,12 @@ from agent.claude_api import ApiConversations, ApiSettings
 from agent.engine import Engine
 from agent.inbound_hold import InboundHold
 from agent.link import ControllerLink
+from agent.placement import session_store, store_location
 from agent.pool import ClaudePool
-from agent.store import PostgresTarget, Store
+from agent.store import Store
 from agent.tools import Toolbox
 from agent.whatsapp import events as ev
-from agent.whatsapp.base import BackendContext, PostgresSessionStore, WhatsAppBackend
+from agent.whatsapp.base import BackendContext, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.prices import parse_prices
@@ -577,32 +583,6 @@ def state_directory(user_id: str) -> Path:
     if env:
         return Path(env.split(":")[0])
     return Path("/var/lib/wabridge") / units.escape_instance(user_id)
-
-
-def store_location(user_id: str, cfg: config.Config, state_dir: Path
-                   ) -> Path | PostgresTarget:
-    """Where this account's store lives (``storage.backend``): the SQLite file in its state
-    directory, or its own role's schema on PostgreSQL with the password systemd handed over
-    (the controller made both: ``controller.pg_roles``)."""
-    if cfg.storage.backend != "postgresql":
-        return state_dir / "agent.db"
-    from wabridge import credentials, postgres  # noqa: PLC0415 (psycopg only when used)
-
-    role = postgres.account_role(user_id)
-    return PostgresTarget(postgres.with_user(cfg.storage.postgres_url, role), role,
-                          credentials.read(credentials.POSTGRES_PASSWORD))
-
-
-def session_store(where: Path | PostgresTarget) -> PostgresSessionStore | None:
-    """neonize's session store next to the conversation store: on PostgreSQL the same role
-    and schema (whatsmeow's tables beside ours), else None (a file in the state directory)."""
-    if not isinstance(where, PostgresTarget):
-        return None
-    from wabridge import postgres  # noqa: PLC0415 (psycopg only when used)
-
-    return PostgresSessionStore(postgres.go_url(where.conninfo, where.password),
-                                f"{postgres.describe(where.conninfo)} schema {where.schema}",
-                                where.password)
 
 
 async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:

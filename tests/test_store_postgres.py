@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from postgres_cluster import Cluster
 
-from agent.main import store_location
+from agent.placement import store_location
 from agent.store import PostgresTarget, Store
 from wabridge import config
 from wabridge import postgres as postgres_mod

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from postgres_cluster import Cluster
 
-from agent.main import session_store
+from agent.placement import session_store
 from agent.store import PostgresTarget, Store
 from agent.whatsapp.neonize_import import NeonizeStoreError, ensure_store
 from controller import pg_roles

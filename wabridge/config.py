@@ -1,5 +1,9 @@
 """One typed, validated configuration for the controller, the workers and the simulator.
 
+Over 600 lines because it is the one schema: every key with its default, documentation and
+check, from which the reference (docs/configuration.md) and the conffile are generated; split
+into modules, both would have to be assembled again from the pieces.
+
 Sources, later ones winning:
 1. the embedded defaults below (enough to run a fleet on the local control plane);
 2. the TOML file at ``$WABRIDGE_CONFIG`` or ``/etc/wabridge/wabridge.toml`` (a missing file at
