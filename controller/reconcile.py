@@ -284,10 +284,12 @@ def for_unit(doc: AccountDoc | None, user_id: str, unit: UnitView) -> list[Actio
     actions: list[Action] = [Update(user_id, fields)]
     status = doc.status
     if unit.active_state == "failed" and status in RUNNING_STATUSES:
-        actions.append(Update(user_id, {"status": DocStatus.CRASHED.value}))
+        # the error first: whoever sees "crashed" also sees why (facts before the status that
+        # announces them); should a request get there first, the next start clears the error
         actions.append(SetError(user_id, "crashed", f"worker {crash_reason(unit)}",
                                 reason="start_limit" if hit_start_limit(unit)
                                 else exit_kind(unit)))
+        actions.append(Update(user_id, {"status": DocStatus.CRASHED.value}))
     elif unit.active_state in ("inactive", "failed"):
         # "failed" here: a stop that ended badly (TimeoutStopSec=, SIGKILL); still stopped.
         terminal = None

@@ -175,8 +175,8 @@ def test_for_unit_writes_the_whole_mirror_and_crash() -> None:
             "lastExit": {"reason": "signal", "message": message, "result": "signal",
                          "exitCode": None, "signal": "SIGTERM", "restarts": 4, "oom": False,
                          "startLimitHit": True, "restarting": False}}),
-        Update(U, {"status": "crashed"}),
         SetError(U, "crashed", message, reason="start_limit"),
+        Update(U, {"status": "crashed"}),
     ]
 
 
