@@ -54,6 +54,9 @@ class ControllerLink:
         version: str,
         on_settings: Callable[[dict[str, Any]], None],
         on_command: Callable[[protocol.Command], None],
+        *,
+        on_connected: Callable[[], list[protocol.Frame]] = list,
+        on_slot_order: Callable[[protocol.SlotOrder], None] | None = None,
     ) -> None:
         self._path = socket_path
         self._user_id = user_id
@@ -61,6 +64,9 @@ class ControllerLink:
         self._version = version
         self._on_settings = on_settings
         self._on_command = on_command
+        self._on_connected = on_connected  # live facts to tell a (re)connected controller
+        self._on_slot_order = on_slot_order
+        self._writer: asyncio.StreamWriter | None = None
         self._wake = asyncio.Event()
         self.connected = False
         self.last_error = ""
@@ -79,6 +85,14 @@ class ControllerLink:
         """Queue a sequenced frame durably and wake the sender. Safe from the loop thread."""
         self._store.queue_frame(lambda seq: protocol.encode(build(seq)))
         self._wake.set()
+
+    def send_now(self, frame: protocol.Frame) -> bool:
+        """Send an unsequenced frame (a live fact, not queued: lost with the link, and told
+        again by ``on_connected`` after a reconnect). False when the link is down."""
+        if not self.connected or self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(protocol.encode(frame))
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 0.1
@@ -110,9 +124,12 @@ class ControllerLink:
             if not isinstance(first, protocol.Welcome):
                 raise ProtocolError(f"expected welcome, got {first.TYPE}")
             self.connected = True
+            self._writer = writer
             self.last_error = ""
             log.info("link.controller_connected")
             self._on_settings(first.settings)
+            for frame in self._on_connected():
+                writer.write(protocol.encode(frame))
             receiver = asyncio.create_task(self._receive(reader))
             try:
                 while not stop.is_set() and not receiver.done():
@@ -134,6 +151,7 @@ class ControllerLink:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await receiver
         finally:
+            self._writer = None
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -194,3 +212,5 @@ class ControllerLink:
                 self._on_settings(frame.settings)
             elif isinstance(frame, protocol.Command):
                 self._on_command(frame)
+            elif isinstance(frame, protocol.SlotOrder) and self._on_slot_order is not None:
+                self._on_slot_order(frame)

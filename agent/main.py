@@ -59,6 +59,7 @@ from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
 from agent.engine import Engine
+from agent.host_slots import HostSlots
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import Store
@@ -180,7 +181,9 @@ class Worker:
         self.unhealthy = ""  # the last health problem (the watchdog is not fed meanwhile)
         self.fault = test_fault()
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
-                                   self._on_settings, self._on_command)
+                                   self._on_settings, self._on_command,
+                                   on_connected=self._on_link_connected,
+                                   on_slot_order=self._on_slot_order)
         self.settings: dict[str, Any] = {}
         self.pairing_requested = ""
         self.background: set[asyncio.Task[Any]] = set()
@@ -194,6 +197,8 @@ class Worker:
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
                                resume_max_bytes=cfg.conversation.resume_max_bytes)
+        self.pool.slots = HostSlots(self.link.send_now, lambda: self.link.connected,
+                                    cfg.claude.slot_wait, self.pool.reclaim)
         api = None
         if not cfg.claude.tools:
             try:
@@ -236,6 +241,13 @@ class Worker:
                 and self.state != WorkerState.CONNECTED):
             self.pairing_requested = phone
             self._spawn(self.backend.pair_phone(phone))
+
+    def _on_link_connected(self) -> list[protocol.Frame]:
+        return self.pool.slots.on_connected() if self.pool.slots is not None else []
+
+    def _on_slot_order(self, order: protocol.SlotOrder) -> None:
+        if self.pool.slots is not None:
+            self.pool.slots.on_order(order)
 
     def _on_command(self, command: protocol.Command) -> None:
         if command.name == "pair_phone":

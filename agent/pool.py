@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings
+from agent.host_slots import HostSlots
 from agent.store import Store
 from wabridge import logs
 
@@ -49,6 +50,9 @@ class ClaudePool:
         self._closing: set[str] = set()  # taken out of _live, process still closing
         self._cond = asyncio.Condition()
         self.peak = 0  # most processes live at once (diagnostics, tests)
+        # the host's Claude budget: a new process waits for the controller's grant
+        self.slots: HostSlots | None = None
+        self._reclaims: set[asyncio.Task[None]] = set()
 
     @property
     def live(self) -> int:
@@ -72,6 +76,8 @@ class ClaudePool:
             async with self._cond:
                 step = await self._reserve(chat_id)
             if isinstance(step, ClaudeSession):
+                if self.slots is not None:
+                    self.slots.busy(chat_id)
                 return step
             if step is None:
                 break
@@ -80,8 +86,12 @@ class ClaudePool:
             # gone, so at most ``size`` processes ever live.
             await self._finish_close(*step)
         try:
+            if self.slots is not None:
+                await self.slots.take(chat_id)
             session = await self._open(chat_id)
         except BaseException:
+            if self.slots is not None:
+                self.slots.gone(chat_id)
             async with self._cond:
                 self._busy.discard(chat_id)
                 self._opening.discard(chat_id)
@@ -152,6 +162,8 @@ class ClaudePool:
             self._busy.discard(chat_id)
             if chat_id in self._live:
                 self._live[chat_id] = (self._live[chat_id][0], time.monotonic())
+                if self.slots is not None:
+                    self.slots.idle(chat_id)
             self._cond.notify_all()
 
     async def discard(self, chat_id: str) -> None:
@@ -176,7 +188,30 @@ class ClaudePool:
         finally:
             async with self._cond:
                 self._closing.discard(chat_id)
+                if self.slots is not None:
+                    self.slots.gone(chat_id)
                 self._cond.notify_all()
+
+    def reclaim(self, chat_id: str) -> None:
+        """The controller wants the chat's slot back: its process closes if idle; a chat in a
+        turn answers ``busy`` (asked again once idle, if still needed)."""
+        task = asyncio.get_running_loop().create_task(self._reclaim(chat_id))
+        self._reclaims.add(task)
+        task.add_done_callback(self._reclaims.discard)
+
+    async def _reclaim(self, chat_id: str) -> None:
+        async with self._cond:
+            entry = self._live.get(chat_id)
+            session = self._take(chat_id) if entry and chat_id not in self._busy else None
+            busy = chat_id in self._busy or chat_id in self._opening
+        if session is not None:
+            log.info("claude.reclaimed", chat_id=chat_id)
+            await self._finish_close(chat_id, session)
+        elif self.slots is not None:
+            if busy:
+                self.slots.busy(chat_id)
+            elif chat_id not in self._closing:
+                self.slots.gone(chat_id)
 
     async def reap_idle(self) -> None:
         now = time.monotonic()

@@ -24,7 +24,10 @@ from typing import Any
 
 import sdnotify
 
-from controller import admin  # wabridgectl's admin socket
+from controller import (
+    admin,  # wabridgectl's admin socket
+    slots,
+)
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
 from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
@@ -57,8 +60,9 @@ class Controller:
         self.users: dict[str, UserState] = {}
         self.docs: Mapping[str, AccountDoc] = Column(self.users, lambda s: s.doc)
         self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
+        budget = cfg.claude.host_max_processes or slots.default_budget(slots.fleet_memory())
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
-                                   self.settings_for)
+                                   self.settings_for, slots.SlotLedger(budget))
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
         self.admin = admin.AdminServer(cfg.controller.admin_socket, admin.ControllerFacade(self),
                                        group=cfg.controller.admin_group)
@@ -532,7 +536,8 @@ class Controller:
         self.supervise(self.refresh_metrics(), "metrics")
         self.supervise(self.resync(), "resync")
         self.notifier.notify("READY=1")
-        log.info("controller.ready", plane=self.plane.name, host=self.host)
+        log.info("controller.ready", plane=self.plane.name, host=self.host,
+                 claude_budget=self.server.slots.budget if self.server.slots else None)
         while not self.stop.is_set():
             problem = self.health_problem()
             if problem is None:

@@ -58,6 +58,10 @@ EVERY_FRAME: list[protocol.Frame] = [
     Settings(settings={"model": "m"}),
     Command(name="pair_phone", args={"phone": "4915123456"}),
     Command(name="reset_chat", args={"chat_id": "c"}),
+    protocol.Slot(chat_id="4915@s.whatsapp.net", state="want"),
+    protocol.Slot(chat_id="c", state="gone"),
+    protocol.SlotOrder(chat_id="c", order="grant"),
+    protocol.SlotOrder(chat_id="c", order="reclaim"),
 ]
 
 

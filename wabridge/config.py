@@ -259,6 +259,21 @@ class ClaudeConfig:
     idle_timeout: float = _opt(
         600.0, "Seconds before an idle chat's process is closed.", check=_at_least(1.0)
     )
+    host_max_processes: int = _opt(
+        0,
+        "Live Claude CLI processes on the whole host, handed out by the controller to chats "
+        "(the account holding the fewest first); when all are taken, the least recently used "
+        "idle process on the host is closed for a waiting chat. 0: half the fleet slice's "
+        "memory divided by ~110 MB per process (about 100 on a 24 GB host). While the "
+        "controller is unreachable each worker keeps to `max_processes` alone.",
+        check=_between(0, 100_000),
+    )
+    slot_wait: float = _opt(
+        60.0,
+        "Seconds a chat waits for a host slot (`host_max_processes`) while every process is "
+        "in a turn, before it is answered with `conversation.apology`.",
+        check=_at_least(1.0),
+    )
     max_retries: int = _opt(
         0, "Retries of a failed API request: CLAUDE_CODE_MAX_RETRIES for the CLI, the SDK's "
         "max_retries for the `api` engine (0: fail fast).", check=_between(0, 10)
