@@ -290,7 +290,18 @@ class ClaudeConfig:
 class ConversationConfig:
     debounce: float = _opt(
         1.5,
-        "Seconds to wait for more messages of a burst before one turn answers them all.",
+        "Most seconds a turn waits for more messages of a burst (while they keep coming "
+        "within `settle` of each other) before one turn answers them all.",
+        check=_between(0.0, 30.0),
+    )
+    settle: float = _opt(
+        0.2,
+        "Seconds without a new message after which a chat's turn starts. A lone message in a "
+        "quiet chat is answered after `settle`, not the whole `debounce`; messages pasted, "
+        "forwarded or delivered together arrive milliseconds apart and still make one turn. "
+        "The trade-off: messages typed one by one (seconds apart) are answered by more turns "
+        "(those arriving during a turn go to the next one together); raise `settle` towards "
+        "`debounce` to merge them, at the cost of that much delay on every reply.",
         check=_between(0.0, 30.0),
     )
     max_batch: int = _opt(20, "Most messages answered in one turn.", check=_between(1, 200))
