@@ -65,7 +65,7 @@ from agent.pool import ClaudePool
 from agent.store import Store
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
-from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
+from wabridge import __version__, claude_cli, config, logs, protocol, units
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.prices import parse_prices
 from wabridge.status import WorkerState
@@ -296,6 +296,8 @@ class Worker:
             if isinstance(event, ev.QrCode):
                 log.info("whatsapp.qr_generated")
                 code = event.code
+                from wabridge import qr  # noqa: PLC0415 - qrcode + PIL: only for a QR
+
                 data_url = qr.to_data_url(code)
                 self.link.report(functools.partial(_qr_frame, code=code, data_url=data_url))
                 if self.qr_deadline is None:
