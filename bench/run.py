@@ -242,6 +242,14 @@ def claude_pss_mb(fleet: Fleet, unit: str) -> list[float]:
     return out
 
 
+def ask(fleet: Fleet, contact: str, phone: str, text: str) -> None:
+    """Like ``Fleet.ask``, for long conversations: the simulator keeps only a contact's latest
+    inbox entries, so the reply is found by what it quotes, not by position."""
+    wa_id = fleet.sim.send(contact, phone, text)
+    wait_until(lambda: any(m.get("quoted_id") == wa_id for m in fleet.sim.inbox(contact)),
+               120, f"a reply to {text!r}")
+
+
 def measure_chats(fleet: Fleet, settle: float, turns: int) -> dict[str, Any]:
     """One sim account with 0, 1, 2 live chats; then one chat's CLI after ``turns`` turns."""
     user, phone = "chats", "5511900000901"
@@ -250,13 +258,13 @@ def measure_chats(fleet: Fleet, settle: float, turns: int) -> dict[str, Any]:
     time.sleep(settle)
     out: dict[str, Any] = {"pss_mb_0_chats": round(fleet.pss_bytes(unit) / MB, 1)}
     for n, contact in enumerate(("5511988880001", "5511988880002"), start=1):
-        fleet.ask(contact, phone, f"hello {n}", timeout=120)
+        ask(fleet, contact, phone, f"hello {n}")
         time.sleep(settle)
         out[f"pss_mb_{n}_chats"] = round(fleet.pss_bytes(unit) / MB, 1)
         out[f"claude_pss_mb_{n}_chats"] = claude_pss_mb(fleet, unit)
     started = time.monotonic()
     for i in range(turns - 1):
-        fleet.ask("5511988880001", phone, f"turn {i + 2}", timeout=120)
+        ask(fleet, "5511988880001", phone, f"turn {i + 2}")
     out["turns"] = turns
     out["turns_s"] = round(time.monotonic() - started, 1)
     time.sleep(settle)
@@ -340,12 +348,16 @@ def capacity(r: dict[str, Any]) -> dict[str, Any]:
             left = fleet_mb * (1 - CLAUDE_SHARE)
             out["accounts_beside_the_claude_budget"] = int(left // idle)
     apis = {int(k[4:]): v for k, v in r.get("engines", {}).items() if k.startswith("api_")}
-    api = apis[max(apis)] if apis else None  # the run with the most chats
-    if api and idle:
+    if apis and idle:
+        many, few = apis[max(apis)], apis[min(apis)]  # per chat; the SDK once per worker
         accounts = 300
-        left = fleet_mb - accounts * idle
-        out["api_chat_mb"] = api["per_live_chat_mb"]
-        out["api_chats_beside_300_accounts"] = int(left // max(api["per_live_chat_mb"], 0.01))
+        left = fleet_mb - accounts * (idle + few["first_turn_mb"])
+        out["api_chat_mb"] = many["per_live_chat_mb"]
+        out["api_sdk_mb_per_account"] = few["first_turn_mb"]
+        # every account on `api` pays the SDK once: how many fit at all, and the chats beside
+        out["accounts_on_api"] = int(fleet_mb // (idle + few["first_turn_mb"]))
+        out["api_chats_beside_300_accounts"] = max(
+            0, int(left // max(many["per_live_chat_mb"], 0.01)))
     return out
 
 
@@ -380,8 +392,11 @@ def main(argv: list[str] | None = None) -> int:
             plane="firestore", emulator_host=emu.address, qr_rotate=600.0,
             config={"controller": {"metrics_interval": 5.0},
                     "worker": {"qr_timeout": 3600.0},
-                    # one conversation, one CLI process for all --turns turns
-                    "conversation": {"rotate_after_turns": 0}}) as fleet:
+                    # one conversation, one CLI process for all --turns turns (the loop guard
+                    # would stop answering a contact after 30 turns in 10 minutes)
+                    "conversation": {"rotate_after_turns": 0, "loop_max_turns": 0},
+                    # one contact asks --turns times in a row: no sender rate limit, no budget
+                    "limits": {"inbound_per_minute": 0.0, "daily_budget_usd": 0.0}}) as fleet:
         phases = set(args.phases.split(","))
         if args.no_neonize:
             phases.discard("neonize")
