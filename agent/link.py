@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from agent.host_slots import HostSlots
 from agent.store import Store
 from wabridge import logs, protocol
 from wabridge.errors import ProtocolError
@@ -55,8 +56,7 @@ class ControllerLink:
         on_settings: Callable[[dict[str, Any]], None],
         on_command: Callable[[protocol.Command], None],
         *,
-        on_connected: Callable[[], list[protocol.Frame]] = list,
-        on_slot_order: Callable[[protocol.SlotOrder], None] | None = None,
+        slots: HostSlots | None = None,
     ) -> None:
         self._path = socket_path
         self._user_id = user_id
@@ -64,8 +64,7 @@ class ControllerLink:
         self._version = version
         self._on_settings = on_settings
         self._on_command = on_command
-        self._on_connected = on_connected  # live facts to tell a (re)connected controller
-        self._on_slot_order = on_slot_order
+        self._slots = slots  # the host's Claude budget: its frames are live facts, not queued
         self._writer: asyncio.StreamWriter | None = None
         self._wake = asyncio.Event()
         self.connected = False
@@ -88,7 +87,7 @@ class ControllerLink:
 
     def send_now(self, frame: protocol.Frame) -> bool:
         """Send an unsequenced frame (a live fact, not queued: lost with the link, and told
-        again by ``on_connected`` after a reconnect). False when the link is down."""
+        again by ``HostSlots.on_connected`` after a reconnect). False when the link is down."""
         if not self.connected or self._writer is None or self._writer.is_closing():
             return False
         self._writer.write(protocol.encode(frame))
@@ -128,7 +127,7 @@ class ControllerLink:
             self.last_error = ""
             log.info("link.controller_connected")
             self._on_settings(first.settings)
-            for frame in self._on_connected():
+            for frame in self._slots.on_connected() if self._slots is not None else []:
                 writer.write(protocol.encode(frame))
             receiver = asyncio.create_task(self._receive(reader))
             try:
@@ -212,5 +211,5 @@ class ControllerLink:
                 self._on_settings(frame.settings)
             elif isinstance(frame, protocol.Command):
                 self._on_command(frame)
-            elif isinstance(frame, protocol.SlotOrder) and self._on_slot_order is not None:
-                self._on_slot_order(frame)
+            elif isinstance(frame, protocol.SlotOrder) and self._slots is not None:
+                self._slots.on_order(frame)

@@ -65,7 +65,7 @@ from agent.pool import ClaudePool
 from agent.store import Store
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
-from wabridge import __version__, claude_cli, config, logs, protocol, units
+from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
 from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.prices import parse_prices
 from wabridge.status import WorkerState
@@ -180,10 +180,10 @@ class Worker:
         self.sink_since: float | None = None  # the backend's thread is inside sink() since
         self.unhealthy = ""  # the last health problem (the watchdog is not fed meanwhile)
         self.fault = test_fault()
+        self.slots = HostSlots(lambda f: self.link.send_now(f), lambda: self.link.connected,  # noqa: PLW0108 -- the link comes next
+                               cfg.claude.slot_wait, lambda c: self.pool.reclaim(c))  # noqa: PLW0108
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
-                                   self._on_settings, self._on_command,
-                                   on_connected=self._on_link_connected,
-                                   on_slot_order=self._on_slot_order)
+                                   self._on_settings, self._on_command, slots=self.slots)
         self.settings: dict[str, Any] = {}
         self.pairing_requested = ""
         self.background: set[asyncio.Task[Any]] = set()
@@ -197,8 +197,7 @@ class Worker:
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
                                resume_max_bytes=cfg.conversation.resume_max_bytes)
-        self.pool.slots = HostSlots(self.link.send_now, lambda: self.link.connected,
-                                    cfg.claude.slot_wait, self.pool.reclaim)
+        self.pool.slots = self.slots
         api = None
         if not cfg.claude.tools:
             try:
@@ -241,13 +240,6 @@ class Worker:
                 and self.state != WorkerState.CONNECTED):
             self.pairing_requested = phone
             self._spawn(self.backend.pair_phone(phone))
-
-    def _on_link_connected(self) -> list[protocol.Frame]:
-        return self.pool.slots.on_connected() if self.pool.slots is not None else []
-
-    def _on_slot_order(self, order: protocol.SlotOrder) -> None:
-        if self.pool.slots is not None:
-            self.pool.slots.on_order(order)
 
     def _on_command(self, command: protocol.Command) -> None:
         if command.name == "pair_phone":
@@ -296,8 +288,6 @@ class Worker:
             if isinstance(event, ev.QrCode):
                 log.info("whatsapp.qr_generated")
                 code = event.code
-                from wabridge import qr  # noqa: PLC0415 - qrcode + PIL: only for a QR
-
                 data_url = qr.to_data_url(code)
                 self.link.report(functools.partial(_qr_frame, code=code, data_url=data_url))
                 if self.qr_deadline is None:

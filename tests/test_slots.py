@@ -188,23 +188,15 @@ class Account:
         root.mkdir(parents=True)
         self.store = Store(root / "agent.db")
         self.pool = CountedPool(host, root, self.store, local_max)
+        slots = HostSlots(lambda f: self.link.send_now(f), lambda: self.link.connected, wait,  # noqa: PLW0108 -- the link comes next
+                          self.pool.reclaim)
         self.link = ControllerLink(path, user, self.store, "test", lambda s: None,
-                                   lambda c: None, on_connected=self.on_connected,
-                                   on_slot_order=self.on_order)
-        self.pool.slots = HostSlots(self.link.send_now, lambda: self.link.connected, wait,
-                                    self.pool.reclaim)
+                                   lambda c: None, slots=slots)
+        self.pool.slots = slots
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.link.run(self.stop))
         self.answered: list[str] = []
         self.apologies: list[str] = []
-
-    def on_connected(self) -> list[protocol.Frame]:
-        assert self.pool.slots is not None
-        return self.pool.slots.on_connected()
-
-    def on_order(self, order: protocol.SlotOrder) -> None:
-        assert self.pool.slots is not None
-        self.pool.slots.on_order(order)
 
     async def turn(self, chat_id: str, seconds: float) -> None:
         """What the engine does for one turn: acquire, talk, release (apology on no slot)."""
