@@ -12,6 +12,7 @@ directly, no SDK in between::
            --setting-sources "" --strict-mcp-config --disable-slash-commands
            --system-prompt-snapshot off --permission-prompts none --tools ""
            [--model M] [--system-prompt P] (--session-id <new uuid4> | --resume=<uuid>)
+           [--mcp-config <json> --allowedTools mcp__wabridge__...]   (the user's tools)
 
 ``open`` spawns it (own process group, clean env, ``cwd=workdir``,
 ``CLAUDE_CONFIG_DIR=config_dir``, ``TMPDIR=config_dir/tmp``, ``HOME=config_dir.parent``) and
@@ -54,7 +55,10 @@ CLI 2.1.331 facts this module relies on (verified against tests/fakes/anthropic_
   ``--tools default``; with ``--permission-prompts none`` anything that would ask for
   permission is denied automatically (nothing ever waits for a human; ``--permission-mode``
   is left at its default). ``--setting-sources ""`` + ``--strict-mcp-config``: no user,
-  project or local settings and no MCP servers from the chat's directory.
+  project or local settings and no MCP servers from the chat's directory. With
+  ``--mcp-config`` (:class:`ToolFlags`) the request lists every tool of that server as
+  ``mcp__<server>__<tool>`` even under ``--tools ""``; ``--allowedTools`` lets them run without
+  a permission prompt; the CLI starts the server before the first request.
 * ``--system-prompt`` REPLACES Claude Code's ~7 kB coding-agent prompt (chosen: a WhatsApp
   bot needs none of it). ``system`` then is ``[billing header, "You are a Claude agent, built
   on Anthropic's Claude Agent SDK.", <our prompt>]``. ``None`` = the CLI's default prompt.
@@ -165,6 +169,20 @@ _STDERR_TAIL = 40
 
 
 @dataclass(frozen=True)
+class ToolFlags:
+    """A chat's own tools (:mod:`agent.tools`): ``--mcp-config`` and ``--allowedTools``.
+    ``--tools`` stays ``""``: no built-in tool comes with them (under ``--bare`` CLI 2.1.331
+    offers only Bash, Edit and Read anyway; ``WebSearch``/``WebFetch`` are not offered)."""
+
+    mcp_config: str  # JSON
+    allowed: tuple[str, ...]
+    #: ``--max-turns``: model requests per turn (tool rounds + the answer). At the limit the
+    #: CLI ends the turn with ``is_error`` "Reached maximum number of turns (N)" and stays
+    #: usable; without it a model that keeps calling tools runs until ``turn_timeout``.
+    max_turns: int = 11
+
+
+@dataclass(frozen=True)
 class ClaudeSettings:
     cli_path: Path  # the claude binary
     model: str | None  # --model
@@ -172,6 +190,7 @@ class ClaudeSettings:
     tools_enabled: bool = False  # False: --tools "" (request carries "tools": [])
     turn_timeout: float = 120.0  # seconds; also bounds the start-up handshake in open()
     extra_env: Mapping[str, str] = field(default_factory=dict)  # ANTHROPIC_BASE_URL, ..._KEY
+    tool_flags: ToolFlags | None = None  # the chat's own tools (set per chat by the pool)
 
 
 @dataclass(frozen=True)
@@ -256,6 +275,10 @@ def build_command(
         "--tools",
         "default" if settings.tools_enabled else "",
     ]
+    if settings.tool_flags is not None:
+        cmd += ["--mcp-config", settings.tool_flags.mcp_config,
+                "--allowedTools", ",".join(settings.tool_flags.allowed),
+                "--max-turns", str(settings.tool_flags.max_turns)]
     if settings.model:
         cmd += ["--model", settings.model]
     if settings.system_prompt is not None:

@@ -36,11 +36,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import budget
 from agent.claude import ClaudeError, TurnResult, normalize_content
+from agent.persona import Profile
 from agent.store import Store
 from wabridge import logs
 from wabridge.prices import Price
@@ -64,6 +66,7 @@ class ApiSettings:
     max_retries: int = 0
     api_key: str | None = None  # ANTHROPIC_API_KEY (the user's own key first), as the CLI's
     base_url: str | None = None  # ANTHROPIC_BASE_URL
+    prices: Mapping[str, Price] = field(default_factory=dict)  # the models a user may pick
 
 
 def request_messages(stored: list[tuple[str, list[dict[str, Any]]]]
@@ -90,6 +93,7 @@ class ApiConversation:
         self._owner = owner
         self._chat_id = chat_id
         self._session_id = session_id
+        self.profile = Profile()  # the persona of the chat's next request
 
     @property
     def session_id(self) -> str:
@@ -97,7 +101,7 @@ class ApiConversation:
 
     async def turn(self, content: str | list[dict[str, Any]]) -> TurnResult:
         """Ask with the stored history; raises ``ClaudeError("timeout")``."""
-        return await self._owner.ask(self._chat_id, self._session_id, content)
+        return await self._owner.ask(self._chat_id, self._session_id, content, self.profile)
 
 
 class ApiConversations:
@@ -127,7 +131,19 @@ class ApiConversations:
                 timeout=s.turn_timeout)
         return self._client
 
-    async def acquire(self, chat_id: str) -> ApiConversation:
+    async def acquire(self, chat_id: str, profile: Profile | None = None) -> ApiConversation:
+        """The chat's conversation; its requests carry ``profile``'s prompt and model (every
+        request sends the system prompt, so a change applies to the very next one)."""
+        conv = await self._acquire(chat_id)
+        profile = profile or Profile()
+        if profile.model and profile.model != self._settings.model \
+                and profile.model not in self._settings.prices:
+            raise ClaudeError("not_configured", f"the api engine has no price for the model "
+                              f"{profile.model!r} (claude.api_prices)")
+        conv.profile = profile
+        return conv
+
+    async def _acquire(self, chat_id: str) -> ApiConversation:
         key = self._settings.api_key
         if not key or not key.strip():
             raise ClaudeError(
@@ -170,8 +186,8 @@ class ApiConversations:
             await self._client.close()
             self._client = None
 
-    async def ask(self, chat_id: str, session_id: str,
-                  content: str | list[dict[str, Any]]) -> TurnResult:
+    async def ask(self, chat_id: str, session_id: str, content: str | list[dict[str, Any]],
+                  profile: Profile | None = None) -> TurnResult:
         import anthropic  # noqa: PLC0415 - loaded by _get_client already
 
         s = self._settings
@@ -182,10 +198,14 @@ class ApiConversations:
         started = time.monotonic()
         # the history is sent again with every turn: cached, it is read at 0.1x the input
         # price (the CLI marks its requests the same way)
-        kwargs: dict[str, Any] = {"model": s.model, "max_tokens": s.max_tokens,
+        profile = profile or Profile()
+        model = profile.model or s.model
+        price = s.price if model == s.model else s.prices[model]
+        system = profile.system_prompt or s.system_prompt
+        kwargs: dict[str, Any] = {"model": model, "max_tokens": s.max_tokens,
                                   "messages": messages, "cache_control": {"type": "ephemeral"}}
-        if s.system_prompt:
-            kwargs["system"] = s.system_prompt
+        if system:
+            kwargs["system"] = system
         try:
             reply = await asyncio.wait_for(client.messages.create(**kwargs),
                                            timeout=s.turn_timeout)
@@ -200,7 +220,7 @@ class ApiConversations:
         self._store.add_api_message(chat_id, session_id, "assistant",
                                     [{"type": "text", "text": text or "(no answer)"}])
         usage = _usage(reply.usage)
-        cost = budget.usage_cost(usage, s.price)
+        cost = budget.usage_cost(usage, price)
         return TurnResult(text=text, is_error=False, error=None, session_id=session_id,
                           total_cost_usd=cost, usage=usage,
                           duration_ms=round((time.monotonic() - started) * 1000),

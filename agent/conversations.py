@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from agent.claude import TurnResult
+from agent.persona import Profile
 
 
 class Conversation(Protocol):
@@ -42,9 +43,11 @@ class Conversations(Protocol):
     def model(self) -> str:
         """The model asked for ("": the CLI's default)."""
 
-    async def acquire(self, chat_id: str) -> Conversation:
+    async def acquire(self, chat_id: str, profile: Profile | None = None) -> Conversation:
         """The chat's conversation (resumed from the chat's stored session, else fresh with
-        the chat's seed set to ``recovery``). Raises ``ClaudeError`` when none can be had."""
+        the chat's seed set to ``recovery``), answering with ``profile``'s prompt and model
+        (None: the engine's defaults) from this turn on. Raises ``ClaudeError`` when none can
+        be had."""
 
     async def release(self, chat_id: str) -> None:
         """The turn is over; the conversation stays for the next one."""

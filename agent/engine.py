@@ -38,21 +38,37 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from agent import budget, burst, commands, delivery, policy, rotation, shaping
+from agent import (
+    budget,
+    burst,
+    commands,
+    delivery,
+    persona,
+    policy,
+    rotation,
+    scheduling,
+    shaping,
+    takeover,
+)
 from agent.claude import ClaudeError, TurnResult
 from agent.commands import ChatCommand
 from agent.conversations import Conversations
+from agent.persona import Persona
 from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
+from agent.tools import Toolbox, notes_seed
 from agent.whatsapp.base import SendError, WhatsAppBackend
 from agent.whatsapp.events import (
+    Audio,
     ChatExpiration,
     Event,
     IncomingMessage,
@@ -61,17 +77,27 @@ from agent.whatsapp.events import (
 )
 from wabridge import logs
 from wabridge.config import ConversationConfig, LimitsConfig
+from wabridge.errors import TranscriptionError
 
 log = logs.get("agent.engine")
 
 MessageReporter = Callable[[str, str, str, str, str], None]  # direction, chat, sender, text, id
 SummaryReporter = Callable[[str, int, str], None]  # chat, number, text
 ProblemReporter = Callable[[str, str], None]  # stable code, message for the owner
+# a voice note's words (agent.transcription); raises TranscriptionError
+Transcriber = Callable[[Audio], Awaitable[str]]
 
 BUDGET_NOTICE = ("I have reached my daily budget and cannot answer more messages today. "
                  "Please try again tomorrow.")
+CHAT_PERSONAS_KEY = "chat_personas"  # kv: {chat: its own system prompt} (/persona)
+PAUSES_KEY = "takeover"  # kv: the paused chats (agent.takeover.dump)
 SLOW_DOWN_NOTICE = ("You are sending messages faster than I can answer them. Please slow "
                     "down a little; messages sent too quickly are not answered.")
+
+
+async def _not_configured(audio: Audio) -> str:
+    del audio
+    raise TranscriptionError("transcription is not configured (transcription.url is empty)")
 
 
 def _no_summary(chat_id: str, number: int, text: str) -> None:
@@ -85,7 +111,10 @@ def _no_problem(code: str, message: str) -> None:
 def message_line(msg: IncomingMessage) -> str:
     """A message as Claude reads it: quote, sender in groups, a note for unsupported media."""
     text = msg.text
-    if msg.unsupported_media:
+    if msg.transcript is not None:
+        note = f"[voice note, transcribed] {msg.transcript or '(no words)'}"
+        text = f"{text}\n{note}" if text else note
+    elif msg.unsupported_media:
         note = f"[sent a {msg.unsupported_media} message, which cannot be shown to you]"
         text = f"{text}\n{note}" if text else note
     if msg.quoted_text:
@@ -127,11 +156,16 @@ class Engine:
         model: str = "",
         on_summary: SummaryReporter = _no_summary,
         on_problem: ProblemReporter = _no_problem,
+        on_turn: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         api: Conversations | None = None,
         engine: EngineName = "cli",
         tools: bool = False,
+        system_prompt: str | None = None,
+        models_allowed: tuple[str, ...] = (),
+        transcribe: Transcriber | None = None,
+        toolbox: Toolbox | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
@@ -148,9 +182,15 @@ class Engine:
         self._report = report_message
         self._on_summary = on_summary
         self._on_problem = on_problem
+        self._on_turn = on_turn  # a turn's usage is committed (usage for billing)
         self._clock = clock  # wall clock: budget days, send retries
         self._rng = rng  # pacing jitter
+        self._toolbox = toolbox  # wabridge's tools (the user's ``tools`` setting), if wired
         self._policy: Policy = policy.DEFAULT
+        self._persona: Persona = persona.DEFAULT
+        self._host_prompt = system_prompt
+        self._transcribe = transcribe or _not_configured
+        self._models_allowed = models_allowed
         self._owner = ""
         self._owner_known = asyncio.Event()
         self._buckets: dict[str, budget.Bucket] = {}
@@ -195,6 +235,7 @@ class Engine:
         try:
             new = policy.parse(settings)
             chosen = self._engine_for(new)
+            who = persona.parse(settings, self._models_allowed)
         except InvalidSetting as exc:
             log.warning("policy.invalid", key=exc.key, error=str(exc))
             return exc
@@ -204,8 +245,16 @@ class Engine:
         if new != self._policy:
             log.info("policy.updated", reply_to=new.reply_to, groups=new.groups,
                      commands_from=new.commands_from, allowlist=len(new.allowlist),
-                     daily_budget_usd=new.daily_budget_usd, engine=new.engine)
+                     daily_budget_usd=new.daily_budget_usd, engine=new.engine,
+                     tools=new.tools, timezone=new.timezone)
+        if self._toolbox is not None:
+            self._toolbox.configure(enabled=new.tools == "wabridge", timezone=new.timezone)
         self._policy = new
+        if who != self._persona:
+            log.info("persona.updated", prompt_chars=len(who.system_prompt or ""),
+                     model=who.model, language=who.language,
+                     takeover_minutes=who.takeover_minutes)
+        self._persona = who
         return None
 
     def _engine_for(self, new: Policy) -> EngineName:
@@ -213,6 +262,10 @@ class Engine:
         if new.engine == "api" and self._tools:
             raise InvalidSetting("settings.engine", "api has no tools, and this host runs "
                                  "Claude with tools (claude.tools = true)", allowed="cli")
+        if new.tools == "wabridge" and chosen != "cli":
+            raise InvalidSetting("settings.tools", "wabridge's tools run on the cli engine "
+                                 "only, and this host runs api (claude.engine)",
+                                 allowed="none (or engine cli)")
         if chosen not in self._engines:
             raise InvalidSetting("settings.engine", f"{chosen!r} is not available on this host "
                                  "(see the worker's journal: claude_api.unavailable)",
@@ -294,7 +347,7 @@ class Engine:
                     log.exception("chat.step_failed", attempt=failures)
                     if failures >= 3:
                         self._store.skip_with_notice(chat_id, [i.id for i in batch], "error",
-                                                     self._conv.apology,
+                                                     self._apology(),
                                                      quote=batch[-1].message)
                         self._outbox_wake.set()
                         failures = 0
@@ -324,6 +377,10 @@ class Engine:
                          reason=decision.reason)
                 if decision.reason == "from_me" and policy.owner_wrote(msg, self._owner):
                     log.info("message.owner_wrote", wa_id=item.wa_id)  # the takeover signal
+                    self._owner_took_over(chat_id, item)
+                continue
+            if (decision.action == "answer" and not policy.is_owner(msg, self._owner)
+                    and self._held(chat_id, item)):
                 continue
             if decision.action == "command" and segment:
                 break  # the command runs after the messages before it
@@ -339,6 +396,24 @@ class Engine:
             await self._command(chat_id, first, decision.command)
         elif self._loop_allows(chat_id, [item for item, _ in admitted]):
             await self._answer(chat_id, [item for item, _ in admitted])
+
+    def _owner_took_over(self, chat_id: str, item: PendingInbound) -> None:
+        pause = takeover.owner_wrote(self._pauses().get(chat_id, takeover.Pause()),
+                                     item.received_at, self._persona.takeover_minutes,
+                                     message_line(item.message))
+        self._set_pause(chat_id, pause)
+        log.info("takeover.paused", until=round(pause.until, 1), by="owner_wrote")
+
+    def _held(self, chat_id: str, item: PendingInbound) -> bool:
+        """A contact's message in a paused chat: kept (skipped ``paused``) and remembered as
+        context for the turn after the pause."""
+        pause = self._pauses().get(chat_id)
+        if pause is None or not pause.active(item.received_at):
+            return False
+        self._set_pause(chat_id, takeover.held(pause, message_line(item.message)))
+        self._store.skip_inbound([item.id], "paused")
+        log.info("message.skipped", wa_id=item.wa_id, sender=item.sender, reason="paused")
+        return True
 
     def _loop_allows(self, chat_id: str, batch: list[PendingInbound]) -> bool:
         """The loop guard (:func:`agent.policy.loop_guard`); a stopped chat's messages are
@@ -372,7 +447,8 @@ class Engine:
             self._slowed.discard(item.sender)
         if verdict.allowed:
             return True
-        notice = SLOW_DOWN_NOTICE if verdict.notify else None
+        notice = ((self._persona.slow_down_notice or SLOW_DOWN_NOTICE) if verdict.notify
+                  else None)
         self._store.skip_with_notice(chat_id, [item.id], "rate_limited", notice)
         log.warning("message.rate_limited", wa_id=item.wa_id, sender=item.sender,
                     notice=notice is not None)
@@ -403,12 +479,121 @@ class Engine:
             text = commands.status_text(self._status(chat_id))
         elif command.name == "help":
             text = commands.HELP_TEXT
+            if policy.is_owner(item.message, self._owner) and policy.is_self_chat(
+                    item.message, self._owner):
+                text += commands.OWNER_HELP_TEXT
+        elif command.name in commands.OWNER_ONLY:
+            if policy.is_owner(item.message, self._owner) and policy.is_self_chat(
+                    item.message, self._owner):
+                text = self._owner_command(command)
+            else:
+                text = commands.OWNER_ONLY_TEXT.format(name=command.name)
+        elif command.name == "scheduled":
+            text = self._scheduled_command(command.args)
+        elif command.name == "memory":
+            text = commands.memory_text([(n.id, n.chat_id, n.text) for n in self._store.notes()])
         else:
             text = commands.unknown_text(command)
         self._store.answer_locally(chat_id, [item.id],
                                    shaping.split(text, self._conv.reply_limit), item.message)
         log.info("command.done", command=command.name, known=command.known)
         self._outbox_wake.set()
+
+    def _apology(self) -> str:
+        return self._persona.apology or self._conv.apology
+
+    def _profile(self, chat_id: str) -> persona.Profile:
+        """The prompt and model of the chat's next turn (read at every turn: a settings
+        change or ``/persona`` applies to the very next one)."""
+        return persona.profile(self._persona, self._chat_personas().get(chat_id),
+                               self._host_prompt)
+
+    def _chat_personas(self) -> dict[str, str]:
+        raw = self._store.get_kv(CHAT_PERSONAS_KEY)
+        return dict(json.loads(raw)) if raw else {}
+
+    def _pauses(self) -> dict[str, takeover.Pause]:
+        return takeover.load(self._store.get_kv(PAUSES_KEY))
+
+    def _set_pause(self, chat_id: str, pause: takeover.Pause) -> None:
+        pauses = self._pauses()
+        pauses[chat_id] = pause
+        self._store.set_kv(PAUSES_KEY, takeover.dump(pauses))
+
+    def pause_chat(self, chat_id: str, minutes: float | None, *, by: str) -> None:
+        """``/pause`` (or ``wabridgectl pause``): the chat is not answered until ``/resume``
+        or for ``minutes``."""
+        pause = takeover.pause_for(self._pauses().get(chat_id, takeover.Pause()),
+                                   self._clock(), minutes)
+        self._set_pause(chat_id, pause)
+        log.info("takeover.paused", target=chat_id, minutes=minutes, by=by)
+
+    def takeover_command(self, name: str, args: Mapping[str, str]) -> None:
+        """The operator's ``pause_chat``/``resume_chat`` (``wabridgectl pause|resume``)."""
+        chat_id = args.get("chat_id", "")
+        try:
+            minutes = takeover.parse_minutes(args.get("minutes", ""))
+        except ValueError as exc:
+            log.warning("command.invalid", command=name, error=str(exc))
+            return
+        if chat_id and name == "pause_chat":
+            self.pause_chat(chat_id, minutes, by="operator")
+        elif chat_id:
+            self.resume_chat(chat_id, by="operator")
+
+    def resume_chat(self, chat_id: str, *, by: str) -> None:
+        """``/resume`` (or ``wabridgectl resume``): answered again from its next message."""
+        self._set_pause(chat_id, takeover.resumed(self._pauses().get(chat_id,
+                                                                     takeover.Pause())))
+        log.info("takeover.resumed", target=chat_id, by=by)
+
+    def _owner_command(self, command: ChatCommand) -> str:
+        """The owner's commands of the self chat (:data:`agent.commands.OWNER_ONLY`)."""
+        if command.name == "paused":
+            now = self._clock()
+            return commands.paused_text(
+                [(c, p.until) for c, p in self._pauses().items() if p.active(now)], now)
+        try:
+            chat_id, rest = commands.chat_arg(command.args)
+            minutes = takeover.parse_minutes(rest) if command.name == "pause" else None
+        except ValueError as exc:
+            return f"/{command.name}: {exc}"
+        if command.name == "pause":
+            self.pause_chat(chat_id, minutes, by="owner")
+            return f"Paused {chat_id}" + (f" for {rest} min." if rest else " until /resume.")
+        if command.name == "resume":
+            self.resume_chat(chat_id, by="owner")
+            return f"Resumed {chat_id}: its next message is answered."
+        return self._set_chat_persona(chat_id, rest)
+
+    def _set_chat_persona(self, chat_id: str, text: str) -> str:
+        """``/persona <chat> <text>`` (``reset``: the account's persona again)."""
+        personas = self._chat_personas()
+        if text.lower() == "reset" or not text:
+            personas.pop(chat_id, None)
+            answer = f"{chat_id} uses the account's persona again."
+        elif len(text) > persona.MAX_PROMPT_CHARS:
+            return (f"That persona is {len(text)} characters long; at most "
+                    f"{persona.MAX_PROMPT_CHARS}.")
+        else:
+            personas[chat_id] = text
+            answer = f"{chat_id} has its own persona from its next message."
+        self._store.set_kv(CHAT_PERSONAS_KEY, json.dumps(personas))
+        log.info("persona.chat", target=chat_id, chars=len(personas.get(chat_id, "")))
+        return answer
+    def _scheduled_command(self, args: str) -> str:
+        """``/scheduled`` lists every chat's pending scheduled messages; ``/scheduled cancel
+        N`` cancels one."""
+        words = args.split()
+        if len(words) == 2 and words[0].lower() == "cancel" and words[1].lstrip("#").isdigit():
+            number = int(words[1].lstrip("#"))
+            done = self._store.cancel_scheduled(number)
+            log.info("scheduled.cancelled", id=number, done=done, by="owner")
+            return f"Cancelled #{number}." if done else f"No scheduled message #{number}."
+        tz = self._policy.timezone
+        return commands.scheduled_text([
+            (s.id, s.chat_id, scheduling.local_time(s.due_at, tz), s.text)
+            for s in self._store.scheduled()])
 
     def _daily_budget(self) -> float:
         return budget.effective_budget(self._policy.daily_budget_usd,
@@ -423,8 +608,10 @@ class Engine:
             total_turns=row.turns if row else 0,
             cost_today_usd=self._store.cost_on(budget.utc_day(self._clock())),
             daily_budget_usd=self._daily_budget(),
-            model=self._claude.model or self._model,
+            model=self._persona.model or self._claude.model or self._model,
             summaries=len([s for s in self._store.summaries(chat_id) if not s.archived]),
+            personas=(tuple(sorted(self._chat_personas().items()))
+                      if policy.is_self_chat_id(chat_id, self._owner) else ()),
         )
 
     # --- turns -------------------------------------------------------------------------
@@ -435,19 +622,28 @@ class Engine:
         cap = self._daily_budget()
         spent = self._store.cost_on(day)
         if budget.over_budget(spent, cap):
-            queued = self._store.skip_with_notice(chat_id, ids, "budget", BUDGET_NOTICE,
+            queued = self._store.skip_with_notice(chat_id, ids, "budget",
+                                                  self._persona.budget_notice or BUDGET_NOTICE,
                                                   quote=batch[-1].message,
                                                   once_key=("budget", day))
             log.warning("budget.exceeded", spent_usd=round(spent, 6), budget_usd=cap,
                         notice=bool(queued))
             self._outbox_wake.set()
             return
+        batch = [await self._transcribed(item) for item in batch]
         content = turn_content(batch)
+        pause = self._pauses().get(chat_id)
+        if pause is not None and pause.context:
+            content = takeover.with_context(content, pause)
         self._typing(chat_id, on=True)
         self.turns_in_flight[chat_id] = time.monotonic()
+        if self._toolbox is not None:
+            self._toolbox.begin_turn(chat_id, batch[-1].message)
         try:
             text, result = await self._ask(chat_id, content)
         finally:
+            if self._toolbox is not None:
+                self._toolbox.end_turn(chat_id)
             self.turns_in_flight.pop(chat_id, None)
             self._typing(chat_id, on=False)
         replies = shaping.split(shaping.to_whatsapp(text), self._conv.reply_limit)
@@ -464,12 +660,37 @@ class Engine:
             output_tokens=int(usage.get("output_tokens", 0)),
             context_tokens=rotation.context_tokens(usage) if ok else None,
             day=budget.utc_day(self._clock()),
+            usage=usage,
         )
+        self._on_turn()
+        if pause is not None and pause.context:  # handed over: not again
+            self._set_pause(chat_id, takeover.Pause(pause.until))
         log.info("turn.done", messages=len(batch), replies=len(queued), is_error=not ok,
                  cost_usd=round(cost, 6))
         self._outbox_wake.set()
         if ok and self.accepting:
             await self._maybe_rotate(chat_id)
+
+    async def _transcribed(self, item: PendingInbound) -> PendingInbound:
+        """A voice note with its transcript, stored in place of the audio before the turn (a
+        crash never transcribes it again). Not configured or failed: it stays "not
+        supported", the reason in the log."""
+        msg = item.message
+        if msg.audio is None or msg.transcript is not None:
+            return item
+        seconds = 0.0
+        try:
+            words = await self._transcribe(msg.audio)
+        except TranscriptionError as exc:
+            log.warning("voice.not_transcribed", wa_id=item.wa_id, reason=str(exc))
+            done = replace(msg, audio=None)
+        else:
+            seconds = msg.audio.seconds
+            log.info("voice.transcribed", wa_id=item.wa_id, seconds=seconds, chars=len(words))
+            done = replace(msg, audio=None, transcript=words, unsupported_media="")
+        self._store.set_transcript(item.id, done, day=budget.utc_day(self._clock()),
+                                   seconds=seconds)
+        return replace(item, message=done)
 
     async def _ask(self, chat_id: str, content: str | list[dict[str, Any]]
                    ) -> tuple[str, TurnResult | None]:
@@ -479,14 +700,16 @@ class Engine:
                 await other.discard(chat_id)  # (its CLI process, if any, is closed now)
         for attempt in (1, 2):
             try:
-                session = await claude.acquire(chat_id)
+                session = await claude.acquire(chat_id, self._profile(chat_id))
             except ClaudeError as exc:
                 log.error("claude.unavailable", code=exc.code, error=str(exc))
-                return self._conv.apology, None
+                return self._apology(), None
             first = content
             row = self._store.chat(chat_id)
             if row is None or row.session_id != session.session_id:  # a fresh session
-                seed = self._seed(chat_id, row)
+                seed = "\n\n".join(part for part in (
+                    notes_seed([n.text for n in self._store.notes(chat_id)]),
+                    self._seed(chat_id, row)) if part)
                 if seed:
                     first = rotation.with_seed(content, seed)
                     log.info("claude.seeded", seed=row.seed if row else None, chars=len(seed))
@@ -500,13 +723,13 @@ class Engine:
                     continue
                 log.error("claude.turn_failed", code=exc.code, error=str(exc), attempt=attempt,
                           retry=False)
-                return self._conv.apology, None
+                return self._apology(), None
             await claude.release(chat_id)
             if result.is_error:
                 log.error("claude.api_error", error=result.error)
-                return self._conv.apology, result
+                return self._apology(), result
             return result.text or "(no answer)", result
-        return self._conv.apology, None
+        return self._apology(), None
 
     def _seed(self, chat_id: str, row: ChatRow | None) -> str:
         """What a fresh session of this chat must be told first ("" for a new conversation)."""
@@ -536,9 +759,10 @@ class Engine:
                  session_turns=row.session_turns, window=self._window)
         summary: str | None = None
         cost = 0.0
+        summary_usage: Mapping[str, int] = {}
         claude = self._claude
         try:
-            session = await claude.acquire(chat_id)
+            session = await claude.acquire(chat_id, self._profile(chat_id))
         except ClaudeError as exc:
             log.warning("context.summary_failed", code=exc.code, error=str(exc))
         else:
@@ -548,6 +772,7 @@ class Engine:
                 else:
                     result = await session.turn(rotation.SUMMARY_PROMPT)
                     cost = result.turn_cost_usd
+                    summary_usage = result.usage
                     if result.is_error or not result.text.strip():
                         log.warning("context.summary_failed", error=result.error or "empty")
                     else:
@@ -557,7 +782,7 @@ class Engine:
             finally:
                 await claude.discard(chat_id)
         number = self._store.rotate(chat_id, summary, cost_delta=cost,
-                                     day=budget.utc_day(self._clock()))
+                                     day=budget.utc_day(self._clock()), usage=summary_usage)
         log.info("context.rotated", number=number, chars=len(summary or ""),
                  seed="summary" if summary else "recovery")
         if number is not None and summary is not None:
@@ -594,6 +819,8 @@ class Engine:
         its chat only (per-chat order among sent replies); one that keeps failing is marked
         failed and the chat goes on (:mod:`agent.delivery`)."""
         async with self._send_lock:
+            for due in self._store.release_due(self._clock()):
+                log.info("scheduled.due", chat_id=due.chat_id, reply_id=due.id)
             held: set[str] = set()  # chats whose oldest reply is waiting for a retry
             for reply in self._store.pending_replies():
                 if not self._backend.is_connected():

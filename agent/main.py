@@ -1,5 +1,9 @@
 """``wabridge-worker <userId>``: the composition root of one worker unit.
 
+Over 600 lines because it wires every part of the worker (controller link, WhatsApp backend,
+both Claude engines, tools, transcription, usage reporting) and supervises its tasks; the
+decisions themselves live in the modules it wires.
+
 Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.ExitCode``):
 1. synchronous: arguments, configuration, logging, state directory, store (no asyncio yet);
 2. ``Worker.run``: the controller link, the WhatsApp event pump, the outbox sender and the
@@ -54,7 +58,7 @@ from typing import Any
 
 import sdnotify
 
-from agent import outcomes
+from agent import outcomes, transcription
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
@@ -63,6 +67,8 @@ from agent.host_slots import HostSlots
 from agent.link import ControllerLink
 from agent.pool import ClaudePool
 from agent.store import Store
+from agent.tools import Toolbox
+from agent.usage import UsageReporter
 from agent.whatsapp import events as ev
 from agent.whatsapp.base import BackendContext, WhatsAppBackend
 from wabridge import __version__, claude_cli, config, logs, protocol, qr, units
@@ -122,12 +128,14 @@ def api_settings(cfg: config.Config) -> ApiSettings:
     """The ``api`` engine's settings: the same key and base URL the CLI gets (the user's own
     key first)."""
     model = config.api_model(cfg.claude)
-    price = parse_prices(cfg.claude.api_prices).get(model)
+    prices = parse_prices(cfg.claude.api_prices)
+    price = prices.get(model)
     if price is None:
         raise ConfigError("claude.api_prices", f"has no price for the model {model!r}",
                           allowed="model=input/output, comma separated")
     return ApiSettings(
         model=model, price=price, system_prompt=cfg.claude.system_prompt or None,
+        prices=prices,
         max_tokens=cfg.claude.api_max_tokens, turn_timeout=cfg.claude.turn_timeout,
         max_retries=cfg.claude.max_retries,
         api_key=claude_cli.credential_api_key() or os.environ.get("ANTHROPIC_API_KEY") or None,
@@ -185,6 +193,7 @@ class Worker:
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
                                    self._on_settings, self._on_command, slots=self.slots)
         self.settings: dict[str, Any] = {}
+        self.report_usage = UsageReporter(store, self.link.report)  # billing, after every turn
         self.pairing_requested = ""
         self.background: set[asyncio.Task[Any]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # the long-running ones (TASKS)
@@ -194,9 +203,12 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir)
         self.backend = make_backend(cfg, ctx)
+        self.tools = Toolbox(store, self.backend, state_dir, cfg.tools, cfg.claude.max_tool_calls,
+                             restart_idle=lambda: self.pool.close_idle())  # noqa: PLW0108 -- the pool comes next
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
-                               resume_max_bytes=cfg.conversation.resume_max_bytes)
+                               resume_max_bytes=cfg.conversation.resume_max_bytes,
+                               tools=self.tools.launch)
         self.pool.slots = self.slots
         api = None
         if not cfg.claude.tools:
@@ -208,8 +220,13 @@ class Worker:
                              self._report_message, limits=cfg.limits,
                              context_window=cfg.claude.context_window, model=cfg.claude.model,
                              on_summary=self._report_summary, on_problem=self._report_problem,
+                             on_turn=self.report_usage,
                              api=api, engine="api" if cfg.claude.engine == "api" else "cli",
-                             tools=cfg.claude.tools)
+                             tools=cfg.claude.tools, toolbox=self.tools,
+                             system_prompt=cfg.claude.system_prompt or None,
+                             models_allowed=config.models_allowed(cfg.claude),
+                             transcribe=transcription.transcriber(
+                                 cfg.transcription, os.environ.get("TRANSCRIPTION_API_KEY")))
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -246,6 +263,8 @@ class Worker:
             self._spawn(self.backend.pair_phone(command.args.get("phone", "")))
         elif command.name == "reset_chat" and command.args.get("chat_id"):
             self._spawn(self.engine.reset_chat(command.args["chat_id"]))
+        elif command.name in ("pause_chat", "resume_chat"):
+            self.engine.takeover_command(command.name, command.args)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -368,6 +387,7 @@ class Worker:
             if now - last_metrics > self.cfg.controller.metrics_interval:
                 last_metrics = now
                 self._report_metrics()
+                self.report_usage()
             await self.engine.reap_idle()
             if now - last_checkpoint > CHECKPOINT_INTERVAL:
                 last_checkpoint = now
@@ -523,6 +543,7 @@ class Worker:
                                    max(0.2, deadline - 1.0 - time.monotonic()))
         except TimeoutError:  # systemd's SIGKILL (KillMode=control-group) finishes them
             log.warning("worker.claude_close_timed_out")
+        await self.tools.close()
         if self.state not in (WorkerState.LOGGED_OUT, WorkerState.BANNED, WorkerState.REPLACED,
                               WorkerState.OUTDATED, WorkerState.QR_EXPIRED):
             self.state, self.detail = WorkerState.STOPPING, "stopping"

@@ -15,6 +15,10 @@ key                 values                                          default
 ``groups``          ``off`` | ``mention`` | ``all``                 mention
 ``commands_from``   ``owner`` | ``everyone``                        owner
 ``daily_budget_usd``number >= 0 (0: no cap)                         [limits]
+``tools``           ``none`` | ``wabridge`` (Claude's tools,          none
+                    :mod:`agent.tools`)
+``timezone``        an IANA time zone name (``Europe/Berlin``),       UTC
+                    for the times of scheduled messages
 ``engine``          ``cli`` | ``api`` (how chats talk to Claude)    [claude]
 ==================  ==============================================  ===========
 
@@ -24,8 +28,10 @@ key                 values                                          default
    bot accounts (``…@bot``, Meta AI's phone numbers, see :func:`is_bot`) are never
    answered, not even their commands (``bot``);
 1. a command (``/word``) from the owner (a message the account itself sent, or whose sender
-   is the account's number) or, with ``commands_from = everyone``, from anyone the reply
-   rules below would answer -> ``command``; anyone else's ``/word`` is an ordinary message;
+   is the account's number; one the owner typed into another chat than the self chat is
+   skipped, ``command_in_chat``: its answer would be seen there) or, with
+   ``commands_from = everyone``, from anyone the reply rules below would answer ->
+   ``command``; anyone else's ``/word`` is an ordinary message;
 2. messages the account sent itself (``from_me``) -> skipped, except in ``self`` mode in the
    owner's own "message yourself" chat;
 3. ``self`` mode: everything else is skipped;
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import math
 import re
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -55,12 +62,15 @@ from wabridge.phone import PHONE_RULE, normalize_phone
 ReplyTo = Literal["everyone", "allowlist", "self"]
 Groups = Literal["off", "mention", "all"]
 CommandsFrom = Literal["owner", "everyone"]
+Tools = Literal["none", "wabridge"]
 EngineName = Literal["cli", "api"]
 Action = Literal["answer", "command", "skip"]
 
 _REPLY_TO: tuple[ReplyTo, ...] = ("everyone", "allowlist", "self")
 _GROUPS: tuple[Groups, ...] = ("off", "mention", "all")
 _COMMANDS_FROM: tuple[CommandsFrom, ...] = ("owner", "everyone")
+_TOOLS: tuple[Tools, ...] = ("none", "wabridge")
+_TZ_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
 _ENGINES: tuple[EngineName, ...] = ("cli", "api")
 # whatsmeow's ``JID.IsBot``: the ``bot`` server, or these phone numbers (Meta AI and its kin)
 _BOT_PHONE = re.compile(r"^1313555\d{4}$|^131655500\d{2}$")
@@ -83,6 +93,8 @@ class Policy:
     groups: Groups = "mention"
     commands_from: CommandsFrom = "owner"
     daily_budget_usd: float | None = None  # None: the configured default
+    tools: Tools = "none"
+    timezone: str = "UTC"
     engine: EngineName | None = None  # None: claude.engine
 
 
@@ -133,7 +145,21 @@ def parse(settings: Mapping[str, Any]) -> Policy:
                                  allowed="a number of US dollars, 0 for no cap")
         budget = float(budget)
 
+    tools = _choice(settings, "tools", _TOOLS, "none")
+    timezone = settings.get("timezone")
+    if timezone is None:
+        timezone = "UTC"
+    elif not _is_timezone(timezone):
+        raise InvalidSetting("settings.timezone", f"{timezone!r} is not a time zone",
+                             allowed="an IANA time zone name like Europe/Berlin or UTC")
+
+    if tools == "wabridge" and engine == "api":
+        raise InvalidSetting("settings.tools", "wabridge's tools run on the cli engine only, "
+                             "and engine is api", allowed="none (or engine cli)")
+
     return Policy(
+        tools=tools,  # type: ignore[arg-type]  # checked by _choice
+        timezone=timezone,
         reply_to=reply_to,  # type: ignore[arg-type]  # checked by _choice
         allowlist=frozenset(allow),
         groups=groups,  # type: ignore[arg-type]
@@ -143,6 +169,14 @@ def parse(settings: Mapping[str, Any]) -> Policy:
     )
 
 
+def _is_timezone(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 64 or not _TZ_NAME.match(value):
+        return False
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 def engine_for(user: EngineName | None, host: EngineName, *, tools: bool) -> EngineName:
     """The engine a user's chats run on: the user's ``engine`` setting, else the host's
     ``claude.engine``; always ``cli`` when tools are on (the ``api`` engine has none)."""
@@ -179,7 +213,13 @@ def is_owner(msg: IncomingMessage, owner_phone: str) -> bool:
 
 def is_self_chat(msg: IncomingMessage, owner_phone: str) -> bool:
     """The owner's own "message yourself" chat."""
-    return (not msg.is_group and bool(owner_phone) and phone_of(msg.chat_id) == owner_phone)
+    return not msg.is_group and is_self_chat_id(msg.chat_id, owner_phone)
+
+
+def is_self_chat_id(chat_id: str, owner_phone: str) -> bool:
+    """``chat_id`` is the owner's own "message yourself" chat."""
+    return (bool(owner_phone) and not chat_id.endswith("@g.us")
+            and phone_of(chat_id) == owner_phone)
 
 
 def owner_wrote(msg: IncomingMessage, owner_phone: str) -> bool:
@@ -224,6 +264,10 @@ def decide(msg: IncomingMessage, policy: Policy, owner_phone: str) -> MessageDec
     rules = _reply_rules(msg, policy, owner_phone)
     if command is not None:
         if is_owner(msg, owner_phone):
+            if msg.from_me and not is_self_chat(msg, owner_phone):
+                # typed on the phone into a contact's chat or a group: the answer would be
+                # seen there; owner commands work in the self chat
+                return MessageDecision("skip", "command_in_chat")
             return MessageDecision("command", "owner", command)
         if policy.commands_from == "everyone" and rules.action == "answer":
             return MessageDecision("command", "everyone", command)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
-from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings
+from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, ToolFlags
 from agent.host_slots import HostSlots
+from agent.persona import Profile
 from agent.store import Store
 from wabridge import logs
 
@@ -37,14 +40,18 @@ class ClaudePool:
     """
 
     def __init__(self, size: int, idle_timeout: float, settings: ClaudeSettings, root: Path,
-                 store: Store, *, resume_max_bytes: int = 10_000_000) -> None:
+                 store: Store, *, resume_max_bytes: int = 10_000_000,
+                 tools: Callable[[str, Path], Awaitable[ToolFlags | None]] | None = None
+                 ) -> None:
         self._size = size
         self._idle = idle_timeout
         self._settings = settings
         self._root = root
         self._store = store
         self._resume_max_bytes = resume_max_bytes
+        self._tools = tools  # a chat's tool flags, asked at each open
         self._live: dict[str, tuple[ClaudeSession, float]] = {}
+        self._started_with: dict[str, ClaudeSettings] = {}  # per chat: its process's settings
         self._busy: set[str] = set()
         self._opening: set[str] = set()
         self._closing: set[str] = set()  # taken out of _live, process still closing
@@ -71,10 +78,23 @@ class ClaudePool:
         entry = self._live.get(chat_id)
         return entry[0].pid if entry else None
 
-    async def acquire(self, chat_id: str) -> ClaudeSession:
+    def settings_for(self, profile: Profile | None) -> ClaudeSettings:
+        """The settings a chat's process starts with: the host's, the profile's prompt and
+        model in their place."""
+        if profile is None:
+            return self._settings
+        return replace(self._settings,
+                       system_prompt=profile.system_prompt or self._settings.system_prompt,
+                       model=profile.model or self._settings.model)
+
+    async def acquire(self, chat_id: str, profile: Profile | None = None) -> ClaudeSession:
+        """The chat's process; one started with another prompt or model is closed first and
+        the chat resumed with the new ones (``--system-prompt-snapshot off``: the resumed
+        session answers with the current prompt)."""
+        settings = self.settings_for(profile)
         while True:
             async with self._cond:
-                step = await self._reserve(chat_id)
+                step = await self._reserve(chat_id, settings)
             if isinstance(step, ClaudeSession):
                 if self.slots is not None:
                     self.slots.busy(chat_id)
@@ -88,7 +108,7 @@ class ClaudePool:
         try:
             if self.slots is not None:
                 await self.slots.take(chat_id)
-            session = await self._open(chat_id)
+            session = await self._open(chat_id, settings)
         except BaseException:
             if self.slots is not None:
                 self.slots.gone(chat_id)
@@ -99,10 +119,12 @@ class ClaudePool:
             raise
         self._opening.discard(chat_id)
         self._live[chat_id] = (session, time.monotonic())
+        self._started_with[chat_id] = settings
         self.peak = max(self.peak, len(self._live))
         return session
 
-    async def _reserve(self, chat_id: str) -> ClaudeSession | tuple[str, ClaudeSession] | None:
+    async def _reserve(self, chat_id: str, settings: ClaudeSettings
+                       ) -> ClaudeSession | tuple[str, ClaudeSession] | None:
         """Under the lock: the chat's live process; or a process to close first (the chat's
         dead one, or the least recently used idle one), taken out of ``_live``; or None once a
         slot is reserved for opening the chat's process."""
@@ -112,10 +134,10 @@ class ClaudePool:
                 await self._cond.wait()
                 continue
             entry = self._live.get(chat_id)
-            if entry and entry[0].alive:
+            if entry and entry[0].alive and self._started_with.get(chat_id) == settings:
                 self._busy.add(chat_id)
                 return entry[0]
-            if entry:
+            if entry:  # dead, or started with another prompt or model
                 return chat_id, self._take(chat_id)
             if len(self._live) + len(self._opening) + len(self._closing) < self._size:
                 self._busy.add(chat_id)
@@ -127,12 +149,14 @@ class ClaudePool:
                 return victim, self._take(victim)
             await self._cond.wait()
 
-    async def _open(self, chat_id: str) -> ClaudeSession:
+    async def _open(self, chat_id: str, settings: ClaudeSettings) -> ClaudeSession:
         safe = "".join(c if c.isalnum() else "_" for c in chat_id)[:80]
         workdir = self._root / "chats" / safe
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         config_dir = self.config_dir
         config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._tools is not None:
+            settings = replace(settings, tool_flags=await self._tools(chat_id, workdir))
         row = self._store.chat(chat_id)
         resume = row.session_id if row else None
         if resume:
@@ -144,7 +168,7 @@ class ClaudePool:
                 self._store.set_session(chat_id, None, seed="recovery")
                 resume = None
         try:
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+            session = await ClaudeSession.open(settings=settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=resume)
         except ClaudeError as exc:
             if exc.code != "resume_failed":
@@ -152,7 +176,7 @@ class ClaudePool:
             log.warning("claude.resume_failed", chat_id=chat_id, session_id=resume,
                         error=str(exc))
             self._store.set_session(chat_id, None, seed="recovery")
-            session = await ClaudeSession.open(settings=self._settings, workdir=workdir,
+            session = await ClaudeSession.open(settings=settings, workdir=workdir,
                                                config_dir=config_dir, resume_session_id=None)
         log.info("claude.started", chat_id=chat_id, pid=session.pid, resumed=bool(resume))
         return session
@@ -178,6 +202,7 @@ class ClaudePool:
     def _take(self, chat_id: str) -> ClaudeSession:
         """Under the lock: move a live process to ``_closing`` (it keeps its slot)."""
         session = self._live.pop(chat_id)[0]
+        self._started_with.pop(chat_id, None)
         self._closing.add(chat_id)
         return session
 
@@ -222,7 +247,14 @@ class ClaudePool:
             log.info("claude.idle", chat_id=chat_id)
         await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
 
+    async def close_idle(self) -> None:
+        """Close every idle process (their chats' next turns start new ones)."""
+        async with self._cond:
+            idle = [(c, self._take(c)) for c in list(self._live) if c not in self._busy]
+        await asyncio.gather(*(self._finish_close(c, s) for c, s in idle))
+
     async def close_all(self) -> None:
         entries = list(self._live.items())
         self._live.clear()
+        self._started_with.clear()
         await asyncio.gather(*(s.close() for _, (s, _) in entries), return_exceptions=True)

@@ -35,18 +35,19 @@ refused with the do-not-restart exit code); here: no automatic checkpoint (see `
 
 from __future__ import annotations
 
+import calendar
 import json
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.whatsapp.events import Image, IncomingMessage
+from agent.whatsapp.events import Audio, Image, IncomingMessage
 from wabridge import database
 from wabridge.database import Migration
 
@@ -188,6 +189,48 @@ def _v5(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def _v6(db: sqlite3.Connection) -> None:
+    """Claude's tools: scheduled messages and per-contact notes (issue 16)."""
+    database.run_script(
+        db,
+        """
+        CREATE TABLE scheduled (
+            id INTEGER PRIMARY KEY,
+            chat_id TEXT NOT NULL,
+            due_at REAL NOT NULL,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            day TEXT NOT NULL,                        -- UTC day it was made (daily limit)
+            state TEXT NOT NULL DEFAULT 'pending',    -- pending | queued | cancelled
+            outbox_id INTEGER                         -- the outbox row once queued
+        );
+        CREATE INDEX scheduled_due ON scheduled (state, due_at);
+        CREATE TABLE notes (
+            id INTEGER PRIMARY KEY,
+            chat_id TEXT NOT NULL,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX notes_chat ON notes (chat_id, id)
+        """
+    )
+
+
+@migration
+def _usage_tokens(db: sqlite3.Connection) -> None:
+    """Usage for billing (issue 15): each logged turn's tokens next to its cost, so a day's
+    figures come from the same rows as the daily budget, committed with the turn itself."""
+    for column in ("input_tokens", "output_tokens", "cache_creation_tokens",
+                   "cache_read_tokens"):
+        db.execute(f"ALTER TABLE usage_log ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE usage_log ADD COLUMN audio_seconds REAL NOT NULL DEFAULT 0")
+
+
+#: the token kinds a turn's usage is logged by (the Messages API's ``usage`` keys)
+USAGE_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                "cache_read_input_tokens")
+
 Seed = Literal["summary", "recovery"]
 
 
@@ -199,6 +242,9 @@ def encode_message(message: IncomingMessage) -> str:
         {"mime_type": i.mime_type, "data": i.data.hex(), "caption": i.caption}
         for i in message.images
     ]
+    if message.audio is not None:
+        data["audio"] = {"mime_type": message.audio.mime_type, "data": message.audio.data.hex(),
+                         "seconds": message.audio.seconds, "voice": message.audio.voice}
     return json.dumps(data)
 
 
@@ -209,6 +255,10 @@ def decode_message(text: str) -> IncomingMessage:
         Image(i["mime_type"], bytes.fromhex(i["data"]), i.get("caption", ""))
         for i in data.get("images", [])
     )
+    audio = data.get("audio")
+    if audio is not None:
+        data["audio"] = Audio(audio["mime_type"], bytes.fromhex(audio["data"]),
+                              float(audio.get("seconds", 0.0)), bool(audio.get("voice", True)))
     return IncomingMessage(**data)
 
 
@@ -263,6 +313,21 @@ class Summary:
     text: str
     created_at: float
     archived: bool
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    id: int
+    chat_id: str
+    due_at: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Note:
+    id: int
+    chat_id: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -382,6 +447,7 @@ class Store:
         output_tokens: int = 0,
         context_tokens: int | None = None,
         day: str | None = None,
+        usage: Mapping[str, int] | None = None,
     ) -> list[PendingReply]:
         """Atomically: mark the turn's inbound messages done and queue its replies.
 
@@ -411,11 +477,18 @@ class Store:
                  chat_id),
             )
             if day is not None:
-                tx.execute(
-                    "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
-                    "VALUES (?, ?, ?, 'turn', ?)", (chat_id, day, now, cost_delta),
-                )
+                self._log_usage(tx, chat_id, day, now, "turn", cost_delta, usage)
         return out
+
+    @staticmethod
+    def _log_usage(tx: sqlite3.Connection, chat_id: str, day: str, now: float, kind: str,
+                   cost: float, usage: Mapping[str, int] | None) -> None:
+        tokens = [int((usage or {}).get(k, 0)) for k in USAGE_TOKENS]
+        tx.execute(
+            "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd, input_tokens, "
+            "output_tokens, cache_creation_tokens, cache_read_tokens) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (chat_id, day, now, kind, cost, *tokens),
+        )
 
     @staticmethod
     def _queue(tx: sqlite3.Connection, chat_id: str, replies: Iterable[str],
@@ -596,9 +669,68 @@ class Store:
             )
             tx.execute("UPDATE summaries SET archived = 1 WHERE chat_id = ?", (chat_id,))
 
+    # --- scheduled messages (the schedule_message tool) --------------------------------
+    def schedule(self, chat_id: str, due_at: float, text: str, day: str) -> int:
+        cur = self._conn().execute(
+            "INSERT INTO scheduled (chat_id, due_at, text, created_at, day) "
+            "VALUES (?, ?, ?, ?, ?)", (chat_id, due_at, text, time.time(), day))
+        return int(cur.lastrowid or 0)
+
+    def scheduled(self, chat_id: str | None = None) -> list[Scheduled]:
+        """Pending scheduled messages (of one chat, or all), soonest first."""
+        rows = self._conn().execute(
+            "SELECT id, chat_id, due_at, text FROM scheduled WHERE state = 'pending' "
+            "AND (?1 IS NULL OR chat_id = ?1) ORDER BY due_at, id", (chat_id,)).fetchall()
+        return [Scheduled(r["id"], r["chat_id"], r["due_at"], r["text"]) for r in rows]
+
+    def scheduled_on(self, day: str) -> int:
+        """How many messages were scheduled on UTC ``day`` (any state, all chats)."""
+        row = self._conn().execute("SELECT COUNT(*) FROM scheduled WHERE day = ?",
+                                   (day,)).fetchone()
+        return int(row[0])
+
+    def cancel_scheduled(self, scheduled_id: int, chat_id: str | None = None) -> bool:
+        """Cancel a pending scheduled message (only of ``chat_id`` when given)."""
+        cur = self._conn().execute(
+            "UPDATE scheduled SET state = 'cancelled' WHERE id = ?1 AND state = 'pending' "
+            "AND (?2 IS NULL OR chat_id = ?2)", (scheduled_id, chat_id))
+        return cur.rowcount == 1
+
+    def release_due(self, now: float) -> list[PendingReply]:
+        """Atomically move every scheduled message due at ``now`` into the outbox (kind
+        ``scheduled``): from there on it has the outbox's guarantees, and it is queued once."""
+        with self._tx() as tx:
+            rows = tx.execute("SELECT id, chat_id, text FROM scheduled WHERE state = 'pending' "
+                              "AND due_at <= ? ORDER BY due_at, id", (now,)).fetchall()
+            out: list[PendingReply] = []
+            for r in rows:
+                queued = self._queue(tx, r["chat_id"], [r["text"]], None, "scheduled", now)
+                tx.execute("UPDATE scheduled SET state = 'queued', outbox_id = ? WHERE id = ?",
+                           (queued[0].id, r["id"]))
+                out += queued
+        return out
+
+    # --- notes (the remember/forget/recall tools) ----------------------------------------
+    def add_note(self, chat_id: str, text: str) -> int:
+        cur = self._conn().execute(
+            "INSERT INTO notes (chat_id, text, created_at) VALUES (?, ?, ?)",
+            (chat_id, text, time.time()))
+        return int(cur.lastrowid or 0)
+
+    def notes(self, chat_id: str | None = None) -> list[Note]:
+        rows = self._conn().execute(
+            "SELECT id, chat_id, text FROM notes WHERE (?1 IS NULL OR chat_id = ?1) "
+            "ORDER BY id", (chat_id,)).fetchall()
+        return [Note(r["id"], r["chat_id"], r["text"]) for r in rows]
+
+    def forget_note(self, note_id: int, chat_id: str) -> bool:
+        cur = self._conn().execute("DELETE FROM notes WHERE id = ? AND chat_id = ?",
+                                   (note_id, chat_id))
+        return cur.rowcount == 1
+
     # --- summaries (context rotation) ---------------------------------------------------
     def rotate(self, chat_id: str, summary: str | None, *, cost_delta: float = 0.0,
-               day: str | None = None) -> int | None:
+               day: str | None = None, usage: Mapping[str, int] | None = None) -> int | None:
         """Atomically end the chat's session: store ``summary`` under its next number (seed
         ``summary``), or without one seed ``recovery``; forget the session id; log the
         summary turn's cost. Returns the new number, or None without a summary."""
@@ -620,11 +752,8 @@ class Store:
                 "seed = ?, cost_usd = cost_usd + ? WHERE chat_id = ?",
                 ("summary" if summary is not None else "recovery", cost_delta, chat_id),
             )
-            if day is not None and cost_delta:
-                tx.execute(
-                    "INSERT INTO usage_log (chat_id, day, at, kind, cost_usd) "
-                    "VALUES (?, ?, ?, 'summary', ?)", (chat_id, day, now, cost_delta),
-                )
+            if day is not None and (cost_delta or usage):
+                self._log_usage(tx, chat_id, day, now, "summary", cost_delta, usage)
         return number
 
     def summaries(self, chat_id: str) -> list[Summary]:
@@ -699,6 +828,42 @@ class Store:
             "SELECT COALESCE(SUM(cost_usd), 0) FROM usage_log WHERE day = ?", (day,)
         ).fetchone()
         return float(r[0])
+
+    def set_transcript(self, inbound_id: int, message: IncomingMessage, *, day: str,
+                       seconds: float) -> None:
+        """Keep a voice note's transcript (``message.transcript``; "" when it failed) in place
+        of its audio, and log the transcribed seconds (usage), in one transaction: a crash
+        never transcribes it twice nor loses what was transcribed."""
+        now = time.time()
+        with self._tx() as tx:
+            tx.execute("UPDATE inbox SET payload = ? WHERE id = ?",
+                       (encode_message(message), inbound_id))
+            if seconds > 0:
+                tx.execute("INSERT INTO usage_log (chat_id, day, at, kind, cost_usd, "
+                           "audio_seconds) VALUES (?, ?, ?, 'transcription', 0, ?)",
+                           (message.chat_id, day, now, seconds))
+
+    def usage_on(self, day: str) -> dict[str, float]:
+        """The user's usage on a UTC day, for billing: Claude turns (summaries included in the
+        tokens and cost, not in ``turns``), tokens by kind, cost, messages received and
+        replies sent, transcribed audio seconds. Figures of committed turns only: a turn a
+        crash interrupted is not in them (it is taken again, and counted once)."""
+        conn = self._conn()
+        r = conn.execute(
+            "SELECT COALESCE(SUM(kind = 'turn'), 0), COALESCE(SUM(input_tokens), 0), "
+            "COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cache_creation_tokens), 0), "
+            "COALESCE(SUM(cache_read_tokens), 0), COALESCE(SUM(cost_usd), 0), "
+            "COALESCE(SUM(audio_seconds), 0) FROM usage_log WHERE day = ?", (day,)).fetchone()
+        start = calendar.timegm(time.strptime(day, "%Y-%m-%d"))
+        ins = conn.execute("SELECT COUNT(*) FROM inbox WHERE received_at >= ? AND "
+                           "received_at < ? AND COALESCE(reason, '') != 'own_reply'",
+                           (start, start + 86_400)).fetchone()[0]
+        outs = conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'sent' AND "
+                            "sent_at >= ? AND sent_at < ?", (start, start + 86_400)).fetchone()[0]
+        return {"turns": int(r[0]), "input_tokens": int(r[1]), "output_tokens": int(r[2]),
+                "cache_creation_tokens": int(r[3]), "cache_read_tokens": int(r[4]),
+                "cost_usd": float(r[5]), "transcription_seconds": float(r[6]),
+                "messages_in": int(ins), "messages_out": int(outs)}
 
     def chat_count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM chats").fetchone()[0])

@@ -56,6 +56,7 @@ MODULES: dict[str, list[str]] = {
     "agent/rotation.py": ["tests/test_budget_mutants.py", "tests/test_budget.py"],
     "agent/commands.py": ["tests/test_commands_mutants.py", "tests/test_commands.py",
                           "tests/test_policy.py"],
+    "agent/delivery.py": ["tests/test_delivery.py"],
     "wabridge/units.py": ["tests/test_units_mutants.py", "tests/test_units.py"],
     "wabridge/config.py": ["tests/test_docs.py", "tests/test_config_bounds.py",
                            "tests/test_config.py"],

@@ -38,6 +38,10 @@ one after the other; a bad line is answered with an error frame and the connecti
                                         (``removed`` when the document is deleted), until
                                         the client closes the connection
 ``{"op": "chats", "user", "limit"?}``   ``{"ok", "chats": [...], "source": "message_log"}``
+``{"op": "pause"|"resume", "user",    sends ``Command(pause_chat|resume_chat, {"chat_id",
+"chat"[, "minutes"]}``                 "minutes"})``: the chat is not answered (until resumed)
+``{"op": "usage"[, "user"][, "days"]}`` usage documents (billing) of the last ``days`` UTC
+                                       days (default 1: today), one user or all
 ``{"op": "reset", "user", "chat"}``     sends ``Command(reset_chat, {"chat_id"})`` to the
                                         user's worker; ``not_connected`` if it is not linked
 ======================================  ==================================================
@@ -68,6 +72,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +219,8 @@ class AdminFacade(Protocol):
 
     async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]: ...
 
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]: ...
+
     def info(self) -> dict[str, Any]:
         """Host-wide facts for ``ping``: host, plane, sessions (how many account documents;
         the key is the admin protocol's), linked."""
@@ -263,6 +270,9 @@ class ControllerFacade:
 
     async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         return await self._c.plane.messages(user_id, limit)
+
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
+        return await self._c.plane.usage(user_id, since_day)
 
     def info(self) -> dict[str, Any]:
         return {"host": self._c.host, "plane": self._c.plane.name,
@@ -546,7 +556,42 @@ class AdminServer:
                                  "to the controller (is it running? see wabridgectl status)")
             log.info("admin.reset_chat", user_id=user, chat_id=chat_id)
             return {"ok": True, "user": user, "chat": chat_id, "sent": True}
+        if op in ("pause", "resume"):
+            return await self._pause(op, request)
+        if op == "usage":
+            who = self._known(request) if request.get("user") is not None else None
+            days = request.get("days", 1)
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
+                raise AdminError("bad_request", f"days must be 1 to 366, not {days!r}")
+            since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86_400))
+            return {"ok": True, "user": who, "since": since,
+                    "usage": await f.usage(who, since)}
         raise AdminError("unknown_op", f"unknown op {op!r}; known: {', '.join(OPS)}")
+
+    async def _pause(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``pause``/``resume``: the worker stops (or starts again) answering one chat, as the
+        owner's ``/pause``/``/resume`` from the self chat do."""
+        f = self._facade
+        user = self._known(request)
+        chat = request.get("chat")
+        if not isinstance(chat, str):
+            raise AdminError("bad_request", f"{op} needs 'chat' (a phone number or JID)")
+        chat_id = normalize_chat(chat)
+        args = {"chat_id": chat_id}
+        minutes = request.get("minutes")
+        if op == "pause" and minutes is not None:
+            if (isinstance(minutes, bool) or not isinstance(minutes, int | float)
+                    or not 0 < minutes < float("inf")):
+                raise AdminError("bad_request", f"minutes must be a positive number, not "
+                                 f"{minutes!r}")
+            args["minutes"] = str(minutes)
+        command = protocol.Command(name="pause_chat" if op == "pause" else "resume_chat",
+                                   args=args)
+        if not f.linked(user) or not await f.command(user, command):
+            raise AdminError("not_connected", f"the worker of {user!r} is not connected "
+                             "to the controller (is it running? see wabridgectl status)")
+        log.info(f"admin.{op}_chat", user_id=user, chat_id=chat_id)
+        return {"ok": True, "user": user, "chat": chat_id, "sent": True}
 
     async def _link(self, request: Mapping[str, Any]) -> dict[str, Any]:
         f = self._facade
@@ -603,7 +648,8 @@ class AdminServer:
         return user
 
 
-OPS = ("ping", "status", "link", "unlink", "restart", "watch", "chats", "reset")
+OPS = ("ping", "status", "link", "unlink", "restart", "watch", "chats", "reset", "pause",
+       "resume", "usage")
 
 
 def _user(request: Mapping[str, Any]) -> str:

@@ -1,5 +1,8 @@
 """``wabridgectl``: link, inspect and manage the WhatsApp accounts of a wabridge host.
 
+Over 600 lines because each command's arguments, admin call and rendering sit together, one
+place per command, and the exit statuses below are one contract for all of them.
+
 Talks to the controller's admin socket (``controller.admin_socket``, see
 :mod:`controller.admin`; root or members of ``controller.admin_group`` only), to journald for
 ``logs``, and checks the host itself for ``doctor``.
@@ -13,6 +16,9 @@ Commands::
     wabridgectl logs <user> [-f] [-n LINES]
     wabridgectl chats <user> [--json]
     wabridgectl reset <user> <chat>
+    wabridgectl pause <user> <chat> [--minutes N]
+    wabridgectl usage [<user>] [--days N] [--json]
+    wabridgectl resume <user> <chat>
     wabridgectl doctor [--json]
 
 ``--json`` is accepted by every command, before or after its name; with it, results are one
@@ -403,6 +409,61 @@ def cmd_reset(ctx: Ctx) -> int:
     return OK
 
 
+def cmd_pause(ctx: Ctx) -> int:
+    user = _user(ctx.args.user)
+    op = ctx.args.command
+    extra = {"minutes": ctx.args.minutes} if op == "pause" and ctx.args.minutes else {}
+    answer = ctx.client.call(op, user=user, chat=ctx.args.chat, **extra)
+    if ctx.json:
+        print_json(answer)
+    elif op == "pause":
+        until = f"for {ctx.args.minutes:g} min" if ctx.args.minutes else "until resumed"
+        _out().write(f"paused: {answer.get('chat')} of {user} is not answered {until}\n")
+    else:
+        _out().write(f"resumed: {answer.get('chat')} of {user} is answered from its next "
+                     "message\n")
+    return OK
+
+
+USAGE_COLUMNS = (("user", "userId"), ("day", "day"), ("turns", "turns"),
+                 ("in", "inputTokens"), ("out", "outputTokens"),
+                 ("cache_w", "cacheCreationTokens"), ("cache_r", "cacheReadTokens"),
+                 ("cost_usd", "costUsd"), ("msg_in", "messagesIn"), ("msg_out", "messagesOut"),
+                 ("audio_s", "transcriptionSeconds"))
+
+
+def usage_table(rows: list[dict[str, Any]]) -> str:
+    """``wabridgectl usage``: one line per user and UTC day."""
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key, "")
+        if key == "costUsd" and isinstance(value, int | float):
+            return f"{value:.4f}"
+        if key == "transcriptionSeconds" and isinstance(value, int | float):
+            return f"{value:g}"
+        return str(value)
+
+    table = [[name for name, _ in USAGE_COLUMNS],
+             *([cell(r, key) for _, key in USAGE_COLUMNS] for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(USAGE_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in table)
+
+
+def cmd_usage(ctx: Ctx) -> int:
+    extra: dict[str, Any] = {"days": ctx.args.days}
+    if ctx.args.user:
+        extra["user"] = _user(ctx.args.user)
+    answer = ctx.client.call("usage", **extra)
+    rows = list(answer.get("usage", []))
+    if ctx.json:
+        print_json({"since": answer.get("since"), "usage": rows})
+    elif not rows:
+        _out().write(f"no usage recorded since {answer.get('since')}\n")
+    else:
+        _out().write(usage_table(rows) + "\n")
+    return OK
+
+
 def journal_argv(user_id: str, follow: bool = False, lines: int | None = None) -> list[str]:
     """``journalctl`` for one user: its worker unit's lines OR any line tagged USER_ID.
 
@@ -499,10 +560,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chats", parents=[common], help="an account's chats")
     p.add_argument("user")
     p.set_defaults(run=cmd_chats)
-    p = sub.add_parser("reset", parents=[common], help="forget one chat's Claude conversation")
-    p.add_argument("user")
-    p.add_argument("chat", help="the contact's phone number or the chat JID")
+    one_chat = _Parser(add_help=False)  # <user> <chat>
+    one_chat.add_argument("user")
+    one_chat.add_argument("chat", help="the contact's phone number or the chat JID")
+    p = sub.add_parser("reset", parents=[common, one_chat],
+                       help="forget one chat's Claude conversation")
     p.set_defaults(run=cmd_reset)
+    p = sub.add_parser("pause", parents=[common, one_chat],
+                       help="stop answering one chat (the owner answers it)")
+    p.add_argument("--minutes", type=float, default=None, help="for N minutes (default: "
+                   "until wabridgectl resume or /resume)")
+    p.set_defaults(run=cmd_pause)
+    p = sub.add_parser("resume", parents=[common, one_chat], help="answer a paused chat again")
+    p.set_defaults(run=cmd_pause)
+    p = sub.add_parser("usage", parents=[common],
+                       help="usage per user and UTC day (tokens, cost, turns, messages)")
+    p.add_argument("user", nargs="?", default=None)
+    p.add_argument("--days", type=int, default=1, help="the last N UTC days (default 1: today)")
+    p.set_defaults(run=cmd_usage)
     p = sub.add_parser("doctor", parents=[common], help="check this host")
     p.set_defaults(run=cmd_doctor)
     return parser

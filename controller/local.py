@@ -56,10 +56,11 @@ from controller.plane import (
     message_fields,
     parse_account,
     summary_fields,
+    usage_fields,
 )
 from wabridge import logs
 from wabridge.errors import ConfigError, SchemaTooNew
-from wabridge.protocol import MessageEvent
+from wabridge.protocol import MessageEvent, Usage
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 log = logs.get("controller.local")
@@ -151,6 +152,13 @@ def _keyed_by_user(db: sqlite3.Connection) -> None:
     )
     db.execute("DROP TABLE summaries")
     db.execute("ALTER TABLE summaries_v3 RENAME TO summaries")
+
+
+@_migration(4)
+def _usage(db: sqlite3.Connection) -> None:
+    # usage for billing: one row per user and UTC day, replaced by every report
+    db.execute("CREATE TABLE usage (user_id TEXT NOT NULL, day TEXT NOT NULL, "
+               "fields TEXT NOT NULL, PRIMARY KEY (user_id, day))")
 
 
 SCHEMA_VERSION = max(_MIGRATIONS)
@@ -475,6 +483,28 @@ class LocalPlane(ControlPlane):
             rows = self._db.execute(
                 "SELECT fields FROM summaries WHERE user_id = ? AND chat_id = ? ORDER BY number",
                 (user_id, chat_id),
+            ).fetchall()
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._run(read)
+
+    async def put_usage(self, user_id: str, usage: Usage) -> None:
+        fields = usage_fields(check_doc_id(user_id), usage)
+
+        def put() -> None:
+            self._db.execute(
+                "INSERT INTO usage (user_id, day, fields) VALUES (?, ?, ?) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET fields = excluded.fields",
+                (user_id, usage.day, _dumps(fields)),
+            )
+
+        await self._run(put)
+
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            rows = self._db.execute(
+                "SELECT fields FROM usage WHERE day >= ? AND (? IS NULL OR user_id = ?) "
+                "ORDER BY user_id, day", (since_day, user_id, user_id),
             ).fetchall()
             return [json.loads(r[0]) for r in rows]
 

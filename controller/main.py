@@ -7,6 +7,10 @@ control plane and reconciles (``controller.reconcile``).
 The core reads as: an event (a document change, a unit state, a worker frame) updates the
 user's ``UserState``; a pure function of ``controller.reconcile`` plans from that state; the
 controller carries the plan out, one user at a time (``execute``).
+
+Over 600 lines because carrying out the plan (claims, starts with their slots, the drop-in's
+settings, key and database role), the worker frames and the lifecycle are read together; the
+decisions are in ``controller.reconcile`` and the per-user record in ``controller.users``.
 """
 
 from __future__ import annotations
@@ -24,15 +28,14 @@ from typing import Any
 
 import sdnotify
 
-from controller import (
-    admin,  # wabridgectl's admin socket
-    slots,
-)
+from controller import admin  # wabridgectl's admin socket
+from controller import metrics as mx  # today's usage (billing) beside the metrics
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
 from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
 from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
+from controller.slots import SlotLedger
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
 from controller.unit_manager import RUNNING_UNIT_STATES, SystemdError, UnitManager, UnitState
 from controller.users import Column, UserState
@@ -60,9 +63,9 @@ class Controller:
         self.users: dict[str, UserState] = {}
         self.docs: Mapping[str, AccountDoc] = Column(self.users, lambda s: s.doc)
         self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
-        budget = cfg.claude.host_max_processes or slots.default_budget(slots.fleet_memory())
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
-                                   self.settings_for, slots.SlotLedger(budget))
+                                   self.settings_for,
+                                   SlotLedger.for_host(cfg.claude.host_max_processes))
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
         self.admin = admin.AdminServer(cfg.controller.admin_socket, admin.ControllerFacade(self),
                                        group=cfg.controller.admin_group)
@@ -420,6 +423,7 @@ class Controller:
                 if not self._may_report(user_id, "metrics"):
                     return
                 self.user(user_id).reported = {
+                    **mx.with_usage(self.user(user_id).reported),
                     "chats": frame.chats, "claude_processes": frame.claude_processes,
                     "turns": frame.turns, "messages_in": frame.messages_in,
                     "messages_out": frame.messages_out, "input_tokens": frame.input_tokens,
@@ -431,6 +435,11 @@ class Controller:
                     "messagesOut": frame.messages_out, "inputTokens": frame.input_tokens,
                     "outputTokens": frame.output_tokens, "costTodayUsd": frame.cost_today_usd,
                 }})
+
+            case protocol.Usage():  # a day's absolute totals: a resent frame bills nothing twice
+                await self.plane.put_usage(user_id, frame)
+                user = self.user(user_id)
+                user.reported = {**user.reported, **mx.with_usage(user.reported, frame)}
 
     # --- process metrics -----------------------------------------------------------------
     async def refresh_metrics(self) -> None:
@@ -536,8 +545,7 @@ class Controller:
         self.supervise(self.refresh_metrics(), "metrics")
         self.supervise(self.resync(), "resync")
         self.notifier.notify("READY=1")
-        log.info("controller.ready", plane=self.plane.name, host=self.host,
-                 claude_budget=self.server.slots.budget if self.server.slots else None)
+        log.info("controller.ready", plane=self.plane.name, host=self.host)
         while not self.stop.is_set():
             problem = self.health_problem()
             if problem is None:

@@ -25,14 +25,16 @@ import ipaddress
 import math
 import pwd
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from wabridge import logs
+from wabridge.protocol import Usage
 from wabridge.units import DYNAMIC_UIDS, SYSTEM_USER_PREFIX
 
 log = logs.get("controller.metrics")
@@ -53,9 +55,32 @@ _WORKER_COUNTERS: tuple[tuple[str, str, str, str, str], ...] = (
      'kind="output"'),
     ("cost_today_usd", "wabridge_claude_cost_today_usd",
      "Claude spend of the current UTC day in USD", "gauge", ""),
+    # usage for billing, the current UTC day (the worker's usage frames; usage/{user}__{day})
+    ("usage_turns", "wabridge_usage_today_turns", "Claude turns of the current UTC day",
+     "gauge", ""),
+    ("usage_input_tokens", "wabridge_usage_today_tokens",
+     "Claude tokens of the current UTC day", "gauge", 'kind="input"'),
+    ("usage_output_tokens", "wabridge_usage_today_tokens",
+     "Claude tokens of the current UTC day", "gauge", 'kind="output"'),
+    ("usage_cache_creation_tokens", "wabridge_usage_today_tokens",
+     "Claude tokens of the current UTC day", "gauge", 'kind="cache_creation"'),
+    ("usage_cache_read_tokens", "wabridge_usage_today_tokens",
+     "Claude tokens of the current UTC day", "gauge", 'kind="cache_read"'),
+    ("usage_transcription_seconds", "wabridge_usage_today_transcription_seconds",
+     "Seconds of voice notes transcribed in the current UTC day", "gauge", ""),
     ("chats", "wabridge_chats", "Chats the worker knows", "gauge", ""),
     ("claude_processes", "wabridge_claude_processes", "Live Claude processes", "gauge", ""),
 )
+
+
+def with_usage(reported: Mapping[str, float], usage: Usage | None = None) -> dict[str, float]:
+    """A worker's figures with the current UTC day's usage: ``usage``'s when it is today's
+    (a usage frame), else the ones ``reported`` had (a metrics frame replaces the rest)."""
+    figures = {k: v for k, v in reported.items() if k.startswith("usage_")}
+    if usage is not None and usage.day == time.strftime("%Y-%m-%d", time.gmtime()):
+        figures = {f"usage_{k}": float(v) for k, v in asdict(usage).items()
+                   if k not in ("seq", "day")}
+    return figures
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wabridge.errors import UserIdError, WabridgeError
-from wabridge.protocol import MessageEvent
+from wabridge.protocol import MessageEvent, Usage
 from wabridge.status import REQUESTS, DocStatus, parse_doc_status
 
 
@@ -224,6 +224,27 @@ def summary_fields(user_id: str, chat_id: str, number: int, text: str) -> dict[s
             "createdAt": time.time()}
 
 
+def usage_doc_id(user_id: str, day: str) -> str:
+    """``{userId}__{YYYY-MM-DD}`` (the user part encoded like message ids)."""
+    return f"{_id_part(user_id)}__{day}"
+
+
+USAGE_FIGURES = ("turns", "inputTokens", "outputTokens", "cacheCreationTokens",
+                 "cacheReadTokens", "costUsd", "messagesIn", "messagesOut",
+                 "transcriptionSeconds")
+
+
+def usage_fields(user_id: str, usage: Usage) -> dict[str, Any]:
+    """The fields of a usage document (both planes): the day's totals as the worker reported
+    them (absolute values: writing them again changes nothing)."""
+    return {"userId": user_id, "day": usage.day, "turns": usage.turns,
+            "inputTokens": usage.input_tokens, "outputTokens": usage.output_tokens,
+            "cacheCreationTokens": usage.cache_creation_tokens,
+            "cacheReadTokens": usage.cache_read_tokens, "costUsd": usage.cost_usd,
+            "messagesIn": usage.messages_in, "messagesOut": usage.messages_out,
+            "transcriptionSeconds": usage.transcription_seconds, "updatedAt": time.time()}
+
+
 #: Who reported an error; only that source clears it (``controller.reconcile.clears_error``).
 WORKER, CONTROLLER = "worker", "controller"
 
@@ -308,6 +329,15 @@ class ControlPlane(abc.ABC):
     @abc.abstractmethod
     async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
         """A chat's summaries, oldest first."""
+
+    @abc.abstractmethod
+    async def put_usage(self, user_id: str, usage: Usage) -> None:
+        """Write a user's usage on a day, ``usage/{userId}__{YYYY-MM-DD}``
+        (:func:`usage_fields`), replacing what was there."""
+
+    @abc.abstractmethod
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
+        """Usage documents from ``since_day`` on (one user, or all), by user then day."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -109,6 +109,11 @@ class SlotLedger:
         self.wanted: dict[Key, Wanted] = {}
         self.peak = 0  # most slots held at once (diagnostics, tests)
 
+    @classmethod
+    def for_host(cls, budget: int) -> SlotLedger:
+        """``claude.host_max_processes``; 0: derived from the fleet slice's memory."""
+        return cls(budget or default_budget(fleet_memory()))
+
     def report(self, user_id: str, chat_id: str, state: SlotState) -> Decision:
         key = (user_id, chat_id)
         now = self._clock()

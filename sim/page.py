@@ -273,7 +273,18 @@ function bubble(m, cls) {
     const shown = quoted !== undefined ? quoted : "(message " + m.quoted_id + ")";
     node.append(el("div", "quote", shown));
   }
-  node.append(el("div", "text", m.text));
+  if (m.reaction) {
+    const target = texts.get(m.reaction.target_id);
+    node.append(el("div", "quote", "reacted to: " + (target !== undefined ? target
+                                                      : m.reaction.target_id)));
+    node.append(el("div", "text", m.reaction.emoji));
+  } else {
+    if (m.media) {
+      node.append(el("span", "by", m.media.kind + ": " + (m.media.filename || "") + " ("
+                     + m.media.size + " bytes, " + m.media.mime + ")"));
+    }
+    node.append(el("div", "text", m.text));
+  }
   node.append(el("time", "", stamp(m.ts)));
   return node;
 }

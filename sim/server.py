@@ -47,7 +47,7 @@ from wabridge import logs, qr
 
 log = logs.get("wabridge.sim")
 
-MAX_BODY = 8 * 1024 * 1024  # a 5 MB image in base64 plus the rest
+MAX_BODY = 24 * 1024 * 1024  # a 16 MB file (tools.file_max_bytes) in base64 plus the rest
 SAVE_EVERY = 1.0  # seconds between state-file writes while things change
 
 QR_PNG_SIZE = 384

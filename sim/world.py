@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import random
 import re
 import time
@@ -33,6 +34,7 @@ USER_SUFFIX = "@s.whatsapp.net"
 GROUP_SUFFIX = "@g.us"
 MAX_TEXT = 65_536
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
+MAX_AUDIO_BYTES = 16 * 1024 * 1024  # WhatsApp's own limit for voice notes
 MAX_BAN = 10 * 365 * 86_400.0
 KEEP_MESSAGES = 10_000  # remembered for quoting
 KEEP_INBOX = 1_000  # per contact or group
@@ -440,7 +442,10 @@ class World:
         to, text, quote_id = frame.get("to"), frame.get("text"), frame.get("quote_id")
         if not isinstance(to, str):
             return fail("to: must be a chat JID string")
-        if not isinstance(text, str) or text == "":
+        extra, problem = _send_extra(frame)
+        if problem:
+            return fail(problem)
+        if not isinstance(text, str) or (text == "" and not extra):
             return fail("text: must be a non-empty string")
         if len(text) > MAX_TEXT:
             return fail(f"text: longer than {MAX_TEXT} characters")
@@ -478,6 +483,7 @@ class World:
             "quoted_id": quote_id,
             "ts": self.now(),
             "by": "device",
+            **extra,
         }
         for contact in recipients:
             _append_capped(contact.inbox, entry)
@@ -608,19 +614,20 @@ class World:
             raise bad("id", "must be 1 to 128 printable ASCII characters without spaces")
         quoted_id = _opt_str(body, "quoted_id", 128)
         image = self._parse_image(body.get("image"))
+        audio = self._parse_audio(body.get("audio"))
         media = _opt_str(body, "media", 32)
         if media is not None and media not in MEDIA_KINDS:
             raise bad("media", f"must be one of {', '.join(sorted(MEDIA_KINDS))}")
-        if image is not None and media is not None:
-            raise bad("media", "cannot be combined with image")
-        if not text and image is None and media is None:
-            raise bad("text", "is required (unless image or media is given)")
+        if sum(x is not None for x in (image, media, audio)) > 1:
+            raise bad("media", "image, audio and media cannot be combined")
+        if not text and image is None and media is None and audio is None:
+            raise bad("text", "is required (unless image, audio or media is given)")
         if image is not None and not text:
             text = image["caption"]
         elif image is not None and not image["caption"]:
             image["caption"] = text
         return {"text": text, "id": msg_id, "quoted_id": quoted_id, "image": image,
-                "media": media or ""}
+                "media": media or "", "audio": audio}
 
     @staticmethod
     def _group_id(body: Mapping[str, Any]) -> str | None:
@@ -691,6 +698,7 @@ class World:
             "quoted_id": quoted_id,
             "quoted_text": quoted["text"] if quoted else "",
             "image": content["image"],
+            "audio": content["audio"],
             "media": content["media"],
         }
         return msg_id, self._deliver(account, frame)
@@ -750,6 +758,7 @@ class World:
             "quoted_id": quoted_id,
             "quoted_text": quoted["text"] if quoted else "",
             "image": content["image"],
+            "audio": content["audio"],
             "media": content["media"],
         }
         return msg_id, self._deliver(account, frame)
@@ -781,19 +790,30 @@ class World:
         mime = value.get("mime_type")
         if not isinstance(mime, str) or not re.fullmatch(r"image/[a-z0-9.+-]{1,40}", mime):
             raise bad("image.mime_type", "must be an image/* type such as image/png")
-        data = value.get("data_b64")
-        if not isinstance(data, str) or not data:
-            raise bad("image.data_b64", "is required (base64 of the image bytes)")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad("image.data_b64", "is not valid base64") from None
-        if len(raw) > MAX_IMAGE_BYTES:
-            raise bad("image.data_b64", f"decodes to more than {MAX_IMAGE_BYTES} bytes")
+        data = _data_b64(value, "image", MAX_IMAGE_BYTES)
         caption = value.get("caption", "") or ""
         if not isinstance(caption, str) or len(caption) > MAX_TEXT:
             raise bad("image.caption", "must be a string")
         return {"mime_type": mime, "data_b64": data, "caption": caption}
+
+    @staticmethod
+    def _parse_audio(value: Any) -> dict[str, Any] | None:
+        """A voice note (``voice``: true, the default) or audio file: mime_type (audio/*),
+        data_b64, seconds; delivered like WhatsApp's audioMessage."""
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise bad("audio", "must be an object with mime_type, data_b64 and seconds")
+        mime = value.get("mime_type", "audio/ogg; codecs=opus")
+        if not isinstance(mime, str) or not re.fullmatch(r"audio/[a-z0-9.+-]{1,40}(; ?codecs="
+                                                         r"[a-z0-9]{1,20})?", mime):
+            raise bad("audio.mime_type", "must be an audio/* type such as audio/ogg")
+        data = _data_b64(value, "audio", MAX_AUDIO_BYTES)
+        seconds = value.get("seconds", 0)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            raise bad("audio.seconds", "must be a number of seconds >= 0")
+        return {"mime_type": mime, "data_b64": data, "seconds": float(seconds),
+                "voice": bool(value.get("voice", True))}
 
     def contact_inbox(self, phone: str) -> list[dict[str, Any]]:
         check_phone(phone)
@@ -965,6 +985,46 @@ class World:
         self.groups, self.messages, self.revoked = groups, messages, revoked
 
 
+def _send_extra(frame: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A ``send`` frame's reaction or media, as the recipients' inbox shows it (media: its
+    name, type, size and SHA-256, not its bytes); or the problem with it."""
+    reaction, media = frame.get("reaction"), frame.get("media")
+    if reaction is not None:
+        if (not isinstance(reaction, dict) or not isinstance(reaction.get("target_id"), str)
+                or not isinstance(reaction.get("emoji"), str)
+                or not 0 < len(reaction["emoji"]) <= 8):
+            return {}, "reaction: must be {target_id, emoji}"
+        return {"reaction": {"target_id": reaction["target_id"],
+                             "emoji": reaction["emoji"]}}, ""
+    if media is not None:
+        if not isinstance(media, dict) or media.get("kind") not in ("document", "image"):
+            return {}, "media: kind must be document or image"
+        name, mime, data = media.get("filename"), media.get("mime"), media.get("data")
+        if not isinstance(name, str) or not isinstance(mime, str) or not isinstance(data, str):
+            return {}, "media: filename, mime and data (base64) are strings"
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            return {}, "media: data is not base64"
+        return {"media": {"kind": media["kind"], "filename": name, "mime": mime,
+                          "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}, ""
+    return {}, ""
+
+
 def _append_capped(items: list[dict[str, Any]], entry: dict[str, Any]) -> None:
     items.append(entry)
     del items[:-KEEP_INBOX]
+
+
+def _data_b64(value: Mapping[str, Any], kind: str, limit: int) -> str:
+    """A media object's ``data_b64``, checked: present, base64, at most ``limit`` bytes."""
+    data = value.get("data_b64")
+    if not isinstance(data, str) or not data:
+        raise bad(f"{kind}.data_b64", f"is required (base64 of the {kind} bytes)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{kind}.data_b64", "is not valid base64") from None
+    if len(raw) > limit:
+        raise bad(f"{kind}.data_b64", f"decodes to more than {limit} bytes")
+    return data

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from controller.admin import AdminServer, ControllerFacade, DocWatchers
 from controller.plane import AccountDoc, ControlPlane, parse_account
 from controller.server import WorkerServer
 from wabridge import protocol
+from wabridge.protocol import Usage
 from wabridge.status import DocStatus
 
 ROW_KEYS = {"user", "status", "detail", "phone", "unit", "sub_state", "pid", "restarts",
@@ -295,6 +297,39 @@ async def test_reset_sends_a_command_to_a_linked_worker(
     assert (missing["ok"], missing["code"]) == (False, "bad_request")
 
 
+async def test_pause_and_resume_send_commands_to_a_linked_worker(
+    client: Client, facade: FakeFacade
+) -> None:
+    answer = await client.call(op="pause", user="alice", chat="+15550002222", minutes=30)
+    assert answer == {"ok": True, "user": "alice", "chat": "15550002222@s.whatsapp.net",
+                      "sent": True}
+    await client.call(op="pause", user="alice", chat="15550002222")
+    await client.call(op="resume", user="alice", chat="15550002222")
+    chat = "15550002222@s.whatsapp.net"
+    assert facade.commands == [
+        ("alice", protocol.Command(name="pause_chat", args={"chat_id": chat, "minutes": "30"})),
+        ("alice", protocol.Command(name="pause_chat", args={"chat_id": chat})),
+        ("alice", protocol.Command(name="resume_chat", args={"chat_id": chat}))]
+    for bad in ({"minutes": 0}, {"minutes": "5"}, {"minutes": True}, {"chat": None}):
+        got = await client.call(**{"op": "pause", "user": "alice", "chat": "15550002222", **bad})
+        assert (got["ok"], got["code"]) == (False, "bad_request"), bad
+    down = await client.call(op="resume", user="bob", chat="15550002222")
+    assert (down["ok"], down["code"]) == (False, "not_connected")
+
+
+async def test_usage_reads_the_usage_documents(client: Client, facade: FakeFacade) -> None:
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    facade.usage_docs = [{"userId": "alice", "day": "2000-01-01", "turns": 9},
+                         {"userId": "alice", "day": today, "turns": 2},
+                         {"userId": "bob", "day": today, "turns": 1}]
+    answer = await client.call(op="usage")
+    assert (answer["since"], [u["userId"] for u in answer["usage"]]) == (today, ["alice", "bob"])
+    answer = await client.call(op="usage", user="alice", days=366)
+    assert [u["turns"] for u in answer["usage"]] == [2]  # 2000 is older than 366 days
+    bad = await client.call(op="usage", days=0)
+    assert (bad["ok"], bad["code"]) == (False, "bad_request")
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
@@ -468,6 +503,12 @@ class RecordingPlane(ControlPlane):
 
     async def summaries(self, user_id: str, chat_id: str) -> list[dict[str, Any]]:
         return []
+
+    async def put_usage(self, user_id: str, usage: Usage) -> None:
+        return None
+
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
+        return [{"userId": user_id, "day": since_day}]
 
     async def close(self) -> None:
         return None

@@ -42,7 +42,11 @@ def test_known_and_unknown() -> None:
 
 def test_help_lists_every_command() -> None:
     for name in commands.KNOWN:
-        assert f"/{name}" in commands.HELP_TEXT
+        if name in commands.OWNER_ONLY:  # shown to the owner in the self chat only
+            assert f"/{name}" in commands.OWNER_HELP_TEXT
+            assert f"/{name}" not in commands.HELP_TEXT
+        else:
+            assert f"/{name}" in commands.HELP_TEXT
 
 
 @pytest.mark.parametrize(
@@ -70,3 +74,32 @@ def test_status_text(info: StatusInfo, lines: list[str]) -> None:
     text = commands.status_text(info)
     for line in lines:
         assert line in text.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ("4915100000002", ("4915100000002@s.whatsapp.net", "")),
+        ("+49 151", ValueError),  # the chat is one token: "+49" is too short
+        ("+4915100000002 30", ("4915100000002@s.whatsapp.net", "30")),
+        ("120363000000000001@g.us You are a choir's bot.",
+         ("120363000000000001@g.us", "You are a choir's bot.")),
+        ("123@lid reset", ("123@lid", "reset")),
+        ("", ValueError),
+        ("alice hello", ValueError),
+    ],
+)
+def test_chat_arg(args: str, expected: tuple[str, str] | type[ValueError]) -> None:
+    if expected is ValueError:
+        with pytest.raises(ValueError, match=r"chat|phone"):
+            commands.chat_arg(args)
+    else:
+        assert commands.chat_arg(args) == expected
+
+
+def test_paused_text() -> None:
+    assert commands.paused_text([], 0.0) == "No chat is paused."
+    text = commands.paused_text([("b@s.whatsapp.net", float("inf")),
+                                 ("a@s.whatsapp.net", 600.0)], 0.0)
+    assert text.splitlines() == ["Paused chats:", "a@s.whatsapp.net: 10 min left",
+                                 "b@s.whatsapp.net: until /resume"]

@@ -13,6 +13,8 @@ def test_help_and_reset_texts_in_full() -> None:
         "Commands:\n"
         "/reset - start a new conversation (I forget what we talked about)\n"
         "/status - context used, turns, cost today and model\n"
+        "/scheduled - messages Claude scheduled (/scheduled cancel N cancels one)\n"
+        "/memory - what Claude remembers about your contacts\n"
         "/help - this text"
     )
     assert commands.RESET_TEXT == "New conversation started. I have forgotten our earlier messages."

@@ -35,10 +35,11 @@ from controller.plane import (
     PlaneUnavailable,
     Removed,
     message_doc_id,
+    usage_doc_id,
 )
 from wabridge.config import FirebaseConfig
 from wabridge.errors import ConfigError, ExitCode, ForeignRecordError, SchemaTooNew, UserIdError
-from wabridge.protocol import MessageEvent
+from wabridge.protocol import MessageEvent, Usage
 from wabridge.status import DocStatus
 
 CHANGE_TIMEOUT = 2.0  # a write must reach a watcher within this
@@ -467,6 +468,31 @@ async def test_summaries_are_versioned_per_chat_and_idempotent(store: Store) -> 
     assert [(s["number"], s["text"]) for s in got] == [
         (1, "They like tea."), (2, "They like tea and cake.")]
     assert all(s["userId"] == "alice" and s["chatId"] == chat for s in got)
+
+
+def _usage(day: str, turns: int, tokens: int) -> Usage:
+    return Usage(seq=1, day=day, turns=turns, input_tokens=tokens, output_tokens=2 * tokens,
+                 cache_creation_tokens=3, cache_read_tokens=4, cost_usd=0.125, messages_in=5,
+                 messages_out=6, transcription_seconds=1.5)
+
+
+async def test_usage_is_one_document_per_user_and_day_holding_absolute_totals(
+        store: Store) -> None:
+    plane = store.open()
+    await plane.put_usage("alice", _usage("2026-12-03", 1, 10))
+    await plane.put_usage("alice", _usage("2026-12-04", 1, 10))
+    await plane.put_usage("alice", _usage("2026-12-04", 2, 30))  # the day's newer totals
+    await plane.put_usage("alice", _usage("2026-12-04", 2, 30))  # a re-sent frame
+    await plane.put_usage("alice_", _usage("2026-12-04", 9, 90))  # '_' in a user id
+    got = await plane.usage("alice", "2026-12-04")
+    assert [(u["userId"], u["day"], u["turns"], u["inputTokens"], u["outputTokens"])
+            for u in got] == [("alice", "2026-12-04", 2, 30, 60)]
+    assert (got[0]["cacheCreationTokens"], got[0]["cacheReadTokens"], got[0]["costUsd"],
+            got[0]["messagesIn"], got[0]["messagesOut"], got[0]["transcriptionSeconds"]) == (
+        3, 4, 0.125, 5, 6, 1.5)
+    assert [(u["userId"], u["day"]) for u in await plane.usage(None, "2026-12-01")] == [
+        ("alice", "2026-12-03"), ("alice", "2026-12-04"), ("alice_", "2026-12-04")]
+    assert usage_doc_id("alice_", "2026-12-04") == "alice%5F__2026-12-04"
 
 
 async def test_colliding_ids_never_reach_another_users_records(store: Store) -> None:

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,34 @@ def test_unlink_restart_reset_chats(
     assert out.splitlines()[0].split() == ["CHAT", "MESSAGES", "IN", "OUT", "LAST", "LAST",
                                            "MESSAGE"]
     assert "> hello" in out
+
+
+def test_pause_resume_and_usage(
+    served: ThreadedAdmin, facade: FakeFacade, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, *sock(served), "pause", "alice", "+15550002222", "--minutes", "30")
+    assert (code, out) == (ctl.OK, "paused: 15550002222@s.whatsapp.net of alice is not "
+                                   "answered for 30 min\n")
+    code, out, _ = run(capsys, *sock(served), "resume", "alice", "15550002222")
+    assert code == ctl.OK and out.startswith("resumed: 15550002222@s.whatsapp.net of alice")
+    assert [c.name for _, c in facade.commands] == ["pause_chat", "resume_chat"]
+    assert facade.commands[0][1].args == {"chat_id": "15550002222@s.whatsapp.net",
+                                          "minutes": "30.0"}
+
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    facade.usage_docs = [{"userId": "alice", "day": today, "turns": 3, "inputTokens": 1200,
+                          "outputTokens": 80, "cacheCreationTokens": 0, "cacheReadTokens": 5,
+                          "costUsd": 0.0123456, "messagesIn": 4, "messagesOut": 3,
+                          "transcriptionSeconds": 2.5}]
+    code, out, _ = run(capsys, *sock(served), "usage")
+    assert code == ctl.OK
+    header, row = out.splitlines()
+    assert header.split() == ["user", "day", "turns", "in", "out", "cache_w", "cache_r",
+                              "cost_usd", "msg_in", "msg_out", "audio_s"]
+    assert row.split() == ["alice", today, "3", "1200", "80", "0", "5", "0.0123", "4", "3",
+                           "2.5"]
+    code, out, _ = run(capsys, *sock(served), "usage", "alice", "--days", "7", "--json")
+    assert json.loads(out)["usage"] == facade.usage_docs
 
 
 # --- exit codes -----------------------------------------------------------------------------------

@@ -89,12 +89,81 @@ def test_status_answers_the_owner_not_a_contact(fleet: Fleet) -> None:
     # a contact's /status is an ordinary message: Claude answers it, no figures leak
     answer = fleet.ask(contact, phone, "/status")
     assert STATUS_LINE not in answer["text"] and "echo:" in answer["text"]
-    # the owner's phone writes in that contact's chat: seen as the owner, not answered
+    # a command the owner types into the contact's chat is not answered there
+    typed = fleet.sim.owner_send(phone, "/status", to=contact)
+    _skipped(fleet, "cmd1", typed, "command_in_chat")
+
+
+def test_the_owner_taking_over_pauses_the_chat_until_resume(fleet: Fleet) -> None:
+    """Human takeover: the owner's phone writes in a contact's chat -> the next contact
+    message is not answered; /resume from the self chat -> the next one is, and its request
+    carries what the owner wrote and what the contact said meanwhile."""
+    phone = "5511900001802"  # cmd1, linked above
+    contact = "5511977770003"
+    fleet.ask(contact, phone, "how much is the cake?")
     before = len(fleet.sim.inbox(contact))
-    personal = fleet.sim.owner_send(phone, "I am taking this one", to=contact)
+    personal = fleet.sim.owner_send(phone, "I am taking this one: 40 EUR", to=contact)
     _owner_wrote(fleet, "cmd1", personal)
-    fleet.ask(contact, phone, "thanks")  # a later turn proves the queue drained
-    bot_lines = [m for m in fleet.sim.inbox(contact)[before:] if m["by"] == "device"]
-    assert [m["quoted_id"] for m in bot_lines if m["quoted_id"] == personal] == []
+    held = fleet.sim.send(contact, phone, "deal, when can you deliver?")
+    _skipped(fleet, "cmd1", held, "paused")
+    paused = _self_reply(fleet, phone, fleet.sim.owner_send(phone, "/paused"))
+    assert f"{contact}@s.whatsapp.net" in paused["text"]
+    assert [m["by"] for m in fleet.sim.inbox(contact)[before:]] == ["phone"]  # the owner only
     requests = [" ".join(fleet.api.all_texts(r)) for r in fleet.api.message_requests()]
     assert not any("I am taking this one" in r for r in requests)
+
+    resumed = _self_reply(fleet, phone, fleet.sim.owner_send(phone, f"/resume {contact}"))
+    assert resumed["text"].startswith("Resumed")
+    fleet.ask(contact, phone, "thanks, see you")
+    said = " ".join(fleet.api.all_texts(fleet.api.message_requests()[-1]))
+    assert said.index("[owner] I am taking this one: 40 EUR") \
+        < said.index("deal, when can you deliver?") < said.index("thanks, see you")
+
+    # the operator pauses and resumes the same way (wabridgectl -> a command to the worker)
+    out = fleet.ns.run(["wabridgectl", "pause", "cmd1", contact]).stdout
+    assert "paused" in out
+    wait_until(lambda: "by=operator" in fleet.journal(fleet.unit("cmd1")), 10,
+               "the worker to pause the chat")
+    held = fleet.sim.send(contact, phone, "hello?")
+    _skipped(fleet, "cmd1", held, "paused")
+    fleet.ns.run(["wabridgectl", "resume", "cmd1", contact])
+    wait_until(lambda: "takeover.resumed" in fleet.journal(fleet.unit("cmd1")), 10,
+               "the worker to resume the chat")
+    assert "echo:" in fleet.ask(contact, phone, "still there?")["text"]
+
+
+def _system(req: Any) -> str:
+    system = req.json.get("system")
+    if isinstance(system, str):
+        return system
+    return " ".join(b.get("text", "") for b in system or [] if isinstance(b, dict))
+
+
+def test_each_account_has_its_own_persona_and_a_change_is_in_the_next_request(
+        fleet: Fleet) -> None:
+    accounts = {"ana": ("5511900001811", "You are ANA-PERSONA."),
+                "ben": ("5511900001812", "You are BEN-PERSONA.")}
+    for user, (phone, prompt) in accounts.items():
+        fleet.request(user, "create_requested", settings={"systemPrompt": prompt})
+        fleet.link(user, phone)
+    contact = "5511977770004"
+
+    def request_for(user: str, text: str) -> Any:
+        fleet.ask(contact, accounts[user][0], text)
+        got = [r for r in fleet.api.message_requests()
+               if text in " ".join(fleet.api.all_texts(r))]
+        assert len(got) == 1
+        return got[0]
+
+    for turn in range(2):
+        for user, (_, prompt) in accounts.items():
+            req = request_for(user, f"hello {user} {turn}")
+            other = "BEN-PERSONA" if user == "ana" else "ANA-PERSONA"
+            assert prompt in _system(req) and other not in _system(req)
+    fleet.db.collection("user_sessions").document("ana").update(
+        {"settings": {"systemPrompt": "You are ANA-THE-SECOND."}})
+    wait_until(lambda: fleet.journal(fleet.unit("ana")).count("persona.updated") >= 2, 10,
+               "ana's worker to apply the new prompt")
+    req = request_for("ana", "after the change")
+    assert "ANA-THE-SECOND" in _system(req) and "ANA-PERSONA" not in _system(req)
+    assert "BEN-PERSONA" not in _system(req)

@@ -9,6 +9,7 @@ state directory) and feeds messages the way the worker's sink and pump do
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import re
@@ -38,6 +39,7 @@ from agent.engine import BUDGET_NOTICE, SLOW_DOWN_NOTICE, Engine
 from agent.policy import EngineName
 from agent.pool import ClaudePool, transcript_path
 from agent.store import Store
+from agent.transcription import TranscriptionSettings, transcribe
 from agent.whatsapp.base import SendError
 from agent.whatsapp.events import IncomingMessage
 from wabridge.claude_cli import bundled_cli
@@ -113,7 +115,8 @@ class Rig:
                  resume_max_bytes: int = 10_000_000, conv: ConversationConfig = CONV,
                  limits: LimitsConfig = LIMITS, clock: Callable[[], float] = time.time,
                  rng: Callable[[], float] = lambda: 0.0, engine: EngineName = "cli",
-                 api_key: str | None = "sk-ant-test") -> None:
+                 api_key: str | None = "sk-ant-test", models_allowed: tuple[str, ...] = (),
+                 transcription: TranscriptionSettings | None = None) -> None:
         assert CLI is not None
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -138,6 +141,9 @@ class Rig:
             lambda *a: self.reports.append(a), limits=limits, context_window=200_000,
             model="test-model", on_summary=lambda *a: self.summaries.append(a), clock=clock,
             rng=rng, api=self.api, engine=engine,
+            system_prompt="You answer WhatsApp messages.", models_allowed=models_allowed,
+            transcribe=(None if transcription is None
+                        else functools.partial(transcribe, settings=transcription)),
         )
         self._stop = asyncio.Event()
         self._deliver: asyncio.Task[None] | None = None
@@ -321,7 +327,7 @@ async def test_policy_decides_and_skipped_messages_are_kept(
     assert rig.engine.update_settings({"reply_to": "allowlist", "allowlist": [f"+{ALICE}"],
                                        "backend": "sim"}) is None
     bob = rig.incoming("hello from bob", sender=BOB)
-    own = rig.incoming("I typed this myself", sender=OWNER, chat=jid(ALICE), from_me=True)
+    own = rig.incoming("I typed this myself", sender=OWNER, chat=jid(BOB), from_me=True)
     quiet = rig.incoming("group chatter", sender=ALICE, group=True)
     rig.incoming("hello from alice")
     rig.incoming("@bot question", sender=ALICE, group=True, mentioned=True)
@@ -329,7 +335,7 @@ async def test_policy_decides_and_skipped_messages_are_kept(
     await rig.wait_sent(1, GROUP)
     await rig.idle()
     assert rig.store.inbound_state(jid(BOB), bob) == ("skipped", "not_allowlisted")
-    assert rig.store.inbound_state(jid(ALICE), own) == ("skipped", "from_me")
+    assert rig.store.inbound_state(jid(BOB), own) == ("skipped", "from_me")
     assert rig.store.inbound_state(GROUP, quiet) == ("skipped", "not_mentioned")
     asked = "\n".join(texts(r) for r in api.message_requests())
     assert "hello from alice" in asked and "@bot question" in asked
@@ -400,9 +406,16 @@ async def test_commands_are_answered_without_claude(make_rig: MakeRig,
     pid = rig.pool.pid(chat)
     assert pid is not None
     before = len(api.message_requests())
-    rig.incoming("/status", sender=OWNER, chat=chat, from_me=True)
-    rig.incoming("/help", sender=OWNER, chat=chat, from_me=True)
-    rig.incoming("/frobnicate", sender=OWNER, chat=chat, from_me=True)
+    # the owner typing a command into the contact's chat: not answered there (the contact
+    # would see it), no turn either
+    typed = rig.incoming("/status", sender=OWNER, chat=chat, from_me=True)
+    await rig.idle()
+    assert rig.store.inbound_state(chat, typed) == ("skipped", "command_in_chat")
+    assert len(rig.wa.to(chat)) == 1
+    rig.engine.update_settings({"commands_from": "everyone"})
+    rig.incoming("/status")
+    rig.incoming("/help")
+    rig.incoming("/frobnicate")
     sent = await rig.wait_sent(4, chat)
     status, help_, unknown = sent[1:4]
     assert "Turns: 1 in this conversation, 1 in this chat" in status
@@ -414,13 +427,15 @@ async def test_commands_are_answered_without_claude(make_rig: MakeRig,
     assert len(api.message_requests()) == before  # no Claude turn for any of them
 
     # a contact's "/reset" is an ordinary message (commands_from = owner)
+    rig.engine.update_settings({})
     rig.incoming("/reset")
     sent = await rig.wait_sent(5, chat)
     assert len(api.message_requests()) == before + 1
     assert "PELICAN" in texts(api.message_requests()[-1])  # same conversation
 
-    # the owner's /reset: process closed, session forgotten, next turn starts afresh
-    rig.incoming("/reset", sender=OWNER, chat=chat, from_me=True)
+    # /reset: process closed, session forgotten, next turn starts afresh
+    rig.engine.update_settings({"commands_from": "everyone"})
+    rig.incoming("/reset")
     sent = await rig.wait_sent(6, chat)
     assert sent[5] == commands.RESET_TEXT
     assert not Path(f"/proc/{pid}").exists()
@@ -503,7 +518,8 @@ async def test_rotation_at_the_context_threshold(make_rig: MakeRig,
     assert texts(after).count("SUMMARY-V1") == 2  # in the first user turn and its echo
 
     # /reset archives the summary: a later fresh session is not seeded with it
-    rig.incoming("/reset", sender=OWNER, chat=chat, from_me=True)
+    rig.engine.update_settings({"commands_from": "everyone"})  # the contact's /reset
+    rig.incoming("/reset")
     rig.incoming("hello again")
     await rig.wait_sent(6, chat)
     assert "SUMMARY-V1" not in texts(turn_requests(api)[-1])
@@ -784,18 +800,18 @@ async def test_daily_budget(make_rig: MakeRig, api: FakeAnthropicAPI) -> None:
     assert rig.wa.to(b) == [BUDGET_NOTICE]
     assert rig.store.inbound_state(a, w3) == ("skipped", "budget")
     assert len(api.message_requests()) == 1
-    rig.incoming("/status", sender=OWNER, chat=a, from_me=True)  # commands still work
-    status = (await rig.wait_sent(3, a))[2]
+    rig.incoming("/status", sender=OWNER, chat=jid(OWNER), from_me=True)  # commands work
+    status = (await rig.wait_sent(1, jid(OWNER)))[0]
     assert "of $0.00 daily budget" in status
 
     now[0] += 86_400  # the next UTC day
     rig.incoming("new day", sender=ALICE)
-    sent = await rig.wait_sent(4, a)
-    assert "new day" in sent[3]
+    sent = await rig.wait_sent(3, a)
+    assert "new day" in sent[2]
     assert len(api.message_requests()) == 2
     rig.engine.update_settings({})  # back to the configured 100 USD
     rig.incoming("more", sender=ALICE)
-    assert "more" in (await rig.wait_sent(5, a))[4]
+    assert "more" in (await rig.wait_sent(4, a))[3]
 
 
 async def test_rate_limit_per_sender_with_one_notice(make_rig: MakeRig,
@@ -836,8 +852,9 @@ async def test_one_slow_down_notice_for_a_30_message_burst(make_rig: MakeRig) ->
 async def test_outbound_pacing(make_rig: MakeRig) -> None:
     rig = await make_rig(limits=replace(LIMITS, send_gap=0.3, send_jitter=0.2),
                          rng=lambda: 0.5)
+    rig.engine.update_settings({"commands_from": "everyone"})
     for phone in (ALICE, BOB, "4915100000004", "4915100000005"):
-        rig.incoming("/help", sender=OWNER, chat=jid(phone), from_me=True)
+        rig.incoming("/help", sender=phone)
     await rig.wait_sent(4)
     times = [s.at for s in rig.wa.sent]
     gaps = [b - a for a, b in itertools.pairwise(times)]

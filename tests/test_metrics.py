@@ -263,3 +263,19 @@ def test_tcp_peer_uid(peer: tuple[str, int], uid: int | None) -> None:
 def test_worker_uid() -> None:
     assert not worker_uid(0) and not worker_uid(107) and not worker_uid(65534)
     assert worker_uid(65519)  # a dynamic UID nobody holds: refused (fail closed)
+
+
+def test_usage_of_the_day_is_exported_per_user() -> None:
+    """Usage for billing: the worker's usage frame of the current UTC day (kept by the
+    controller next to the metrics frame's figures)."""
+    dana = WorkerFigures(user_id="dana", reported={
+        "turns": 4, "usage_turns": 3, "usage_input_tokens": 1200, "usage_output_tokens": 80,
+        "usage_cache_creation_tokens": 7, "usage_cache_read_tokens": 9,
+        "usage_transcription_seconds": 12.5})
+    got = samples(render(FleetSnapshot(workers=(dana,), plane="local")))
+    assert got['wabridge_usage_today_turns{user="dana"}'] == "3"
+    assert got['wabridge_usage_today_tokens{user="dana",kind="input"}'] == "1200"
+    assert got['wabridge_usage_today_tokens{user="dana",kind="output"}'] == "80"
+    assert got['wabridge_usage_today_tokens{user="dana",kind="cache_creation"}'] == "7"
+    assert got['wabridge_usage_today_tokens{user="dana",kind="cache_read"}'] == "9"
+    assert got['wabridge_usage_today_transcription_seconds{user="dana"}'] == "12.5"

@@ -31,6 +31,7 @@ from agent.whatsapp import neonize_backend
 from agent.whatsapp.base import BackendContext, SendError
 from agent.whatsapp.events import (
     LIBRARY_STOPPED,
+    Audio,
     ChatExpiration,
     ClientOutdated,
     Connected,
@@ -241,7 +242,12 @@ def wrapped(field: str, content: Any) -> Any:
     return message
 
 
+OGG = b"OggS\x00\x02"  # fake_neonize.audio's bytes
+
+
 def download_ok(content: Any) -> bytes:
+    if content.HasField("audioMessage"):
+        return OGG
     assert content.HasField("imageMessage")
     return PNG
 
@@ -392,8 +398,15 @@ MESSAGE_ROWS: list[tuple[str, Callable[[], Any], dict[str, Any] | Event | None]]
         lambda: inbound(fn.document("the invoice")),
         {"text": "the invoice", "unsupported_media": "document"},
     ),
-    ("voice-note", lambda: inbound(fn.audio(ptt=True)), {"text": "", "unsupported_media": "voice"}),
-    ("audio-file", lambda: inbound(fn.audio(ptt=False)), {"unsupported_media": "audio"}),
+    # downloaded for transcription; "voice"/"audio" until transcribed (agent.engine)
+    ("voice-note", lambda: inbound(fn.audio(ptt=True)),
+     {"text": "", "unsupported_media": "voice",
+      "audio": Audio("audio/ogg; codecs=opus", OGG, 4.0, voice=True)}),
+    ("audio-file", lambda: inbound(fn.audio(ptt=False)),
+     {"unsupported_media": "audio", "audio": Audio("audio/ogg; codecs=opus", OGG, 4.0,
+                                                   voice=False)}),
+    ("voice-note-download-fails", lambda: ("failing-download", inbound(fn.audio(ptt=True))),
+     {"unsupported_media": "voice", "audio": None}),
     ("sticker", lambda: inbound(fn.sticker()), {"unsupported_media": "sticker"}),
     (
         "location",
@@ -682,6 +695,13 @@ async def test_the_sink_gets_a_message_before_anything_else_happens(linked: Link
     assert seen[1][-2:] == ["dispatch Message", "download_any"]
     msg = linked.rec.of(IncomingMessage)[-1]
     assert msg.images == (Image("image/jpeg", PNG, "pic"),)
+    # a voice note is downloaded the same way, for transcription
+    ogg = b"OggS\x00\x02-a-voice-note"
+    await linked.receive(inbound(fn.audio(data=ogg, world=linked.client.world)))
+    assert seen[2][-2:] == ["dispatch Message", "download_any"]
+    msg = linked.rec.of(IncomingMessage)[-1]
+    assert (msg.audio, msg.unsupported_media) == (
+        Audio("audio/ogg; codecs=opus", ogg, 4.0, voice=True), "voice")
 
 
 async def test_ignored_messages_never_reach_the_sink(linked: Linked) -> None:
@@ -716,6 +736,29 @@ async def test_send_text_quoting_uses_reply_message(linked: Linked) -> None:
     assert context.stanzaID == msg.wa_id
     assert context.participant == f"{CONTACT}@s.whatsapp.net"
     assert context.quotedMessage.conversation == "what time is it?"
+
+
+async def test_a_reaction_names_the_message_it_reacts_to(linked: Linked) -> None:
+    msg = await linked.receive(inbound(fn.text("we won!")))
+    await linked.backend.send_reaction(msg.chat_id, msg, "🎉")
+    sent = linked.client.world.sent[-1]
+    assert (sent.via, sent.to) == ("send_message", f"{CONTACT}@s.whatsapp.net")
+    reaction = sent.message.reactionMessage
+    assert reaction.text == "🎉" and msg.wa_id == reaction.key.ID
+    assert reaction.key.remoteJID == msg.chat_id and not reaction.key.fromMe
+
+
+async def test_a_file_is_uploaded_and_sent_as_a_document(linked: Linked) -> None:
+    chat = f"{CONTACT}@s.whatsapp.net"
+    sent_id = await linked.backend.send_media(chat, "document", b"%PDF-1.4 x", "r.pdf",
+                                              "application/pdf", "the report")
+    sent = linked.client.world.sent[-1]
+    doc = sent.message.documentMessage
+    assert (sent.id, sent.via, sent.to) == (sent_id, "send_document", chat)
+    assert (doc.fileName, doc.mimetype, doc.caption) == ("r.pdf", "application/pdf", "the report")
+    assert linked.client.world.media[doc.directPath] == b"%PDF-1.4 x"
+    await linked.backend.send_media(chat, "image", b"\x89PNG\r\n\x1a\n", "p.png", "image/png", "")
+    assert linked.client.world.sent[-1].via == "send_image"
 
 
 async def test_send_text_quoting_a_message_from_before_a_restart(linked: Linked) -> None:

@@ -167,9 +167,15 @@ RESET = ChatCommand("reset")
         (SELF, msg(sender=OWNER, chat=GROUP, group=True, from_me=True, mentioned=True),
          D("skip", "from_me")),
         (SELF, msg(group=True, mentioned=True), D("skip", "not_self_chat")),
-        # commands: the owner's anywhere; others' are ordinary messages unless everyone
+        # commands: the owner's in the self chat; typed into a contact's chat or a group they
+        # are not run there (the contact would see the answer); others' are ordinary
+        # messages unless everyone
         (EVERYONE, msg("/reset", sender=OWNER, chat=jid(ALICE), from_me=True),
-         D("command", "owner", RESET)),
+         D("skip", "command_in_chat")),
+        (EVERYONE, msg("/pause 4915100000002", sender=OWNER, chat=GROUP, group=True,
+                       from_me=True), D("skip", "command_in_chat")),
+        (EVERYONE, msg("/status", sender=OWNER, chat=jid(OWNER), from_me=True),
+         D("command", "owner", ChatCommand("status"))),
         (SELF, msg("/reset", sender=OWNER, chat=jid(OWNER), from_me=True),
          D("command", "owner", RESET)),
         (EVERYONE, msg("/reset"), D("answer", "direct")),

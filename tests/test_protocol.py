@@ -62,7 +62,21 @@ EVERY_FRAME: list[protocol.Frame] = [
     protocol.Slot(chat_id="c", state="gone"),
     protocol.SlotOrder(chat_id="c", order="grant"),
     protocol.SlotOrder(chat_id="c", order="reclaim"),
+    Command(name="pause_chat", args={"chat_id": "c", "minutes": "30"}),
+    Command(name="resume_chat", args={"chat_id": "c"}),
+    protocol.Usage(seq=13, day="2026-12-04", turns=2, input_tokens=10, output_tokens=20,
+                   cache_creation_tokens=3, cache_read_tokens=4, cost_usd=0.5, messages_in=5,
+                   messages_out=6, transcription_seconds=7.5),
 ]
+
+
+@pytest.mark.parametrize("day", ["2026-12-4", "today", ""])
+def test_usage_frame_day_must_be_a_date(day: str) -> None:
+    line = (b'{"v":1,"type":"usage","seq":1,"day":"' + day.encode() + b'","turns":0,'
+            b'"input_tokens":0,"output_tokens":0,"cache_creation_tokens":0,'
+            b'"cache_read_tokens":0,"cost_usd":0,"messages_in":0,"messages_out":0}\n')
+    with pytest.raises(ProtocolError, match="YYYY-MM-DD"):
+        protocol.decode(line)
 
 
 @pytest.mark.parametrize("frame", EVERY_FRAME, ids=lambda f: type(f).__name__)

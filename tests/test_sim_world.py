@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 from typing import Any
 
@@ -306,6 +307,38 @@ def test_send_errors(world: World, frame: dict[str, Any], error: str) -> None:
     (reply,) = frames(world.device_frame(conn, {"type": "send", "req": 1, **frame}))
     assert reply["type"] == "send_error" and reply["req"] == 1
     assert error in reply["error"]
+
+
+def test_reactions_and_media_land_in_the_contact_inbox(world: World) -> None:
+    conn, _ = link(world)
+    msg_id, _ = post(world)
+    chat = f"{CONTACT}@s.whatsapp.net"
+    world.device_frame(conn, {"type": "send", "req": 1, "to": chat, "text": "",
+                              "reaction": {"target_id": msg_id, "emoji": "👍"}})
+    data = base64.b64encode(b"a,b\n1,2\n").decode()
+    world.device_frame(conn, {"type": "send", "req": 2, "to": chat, "text": "the table",
+                              "media": {"kind": "document", "filename": "t.csv",
+                                        "mime": "text/csv", "data": data}})
+    reaction, document = world.contact_inbox(CONTACT)
+    assert reaction["reaction"] == {"target_id": msg_id, "emoji": "👍"}
+    assert reaction["text"] == ""
+    assert document["text"] == "the table" and document["media"] == {
+        "kind": "document", "filename": "t.csv", "mime": "text/csv", "size": 8,
+        "sha256": hashlib.sha256(b"a,b\n1,2\n").hexdigest()}
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    ({"reaction": {"target_id": "X"}}, "reaction:"),
+    ({"media": {"kind": "video", "filename": "v", "mime": "v", "data": ""}}, "media: kind"),
+    ({"media": {"kind": "document", "filename": "f", "mime": "m", "data": "!!"}}, "base64"),
+])
+def test_bad_reactions_and_media_are_refused(world: World, extra: dict[str, Any],
+                                             error: str) -> None:
+    conn, _ = link(world)
+    post(world)
+    (reply,) = frames(world.device_frame(conn, {"type": "send", "req": 1, "text": "",
+                                                "to": f"{CONTACT}@s.whatsapp.net", **extra}))
+    assert reply["type"] == "send_error" and error in reply["error"]
 
 
 def test_send_before_linking_is_refused(world: World) -> None:

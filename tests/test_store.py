@@ -597,3 +597,27 @@ def test_summaries_written_before_the_rename_keep_their_numbers(db_path: Path) -
         assert s.rotate("c", "third") == 3
     finally:
         s.close()
+
+
+def test_usage_on_a_day_counts_committed_turns_and_summaries(store: Store) -> None:
+    """Usage for billing comes from the rows the daily budget reads, written in the turn's
+    own transaction: a turn is in the figures once it is committed, and only once."""
+    day = "2026-12-04"
+    assert store.usage_on(day) == {
+        "turns": 0, "input_tokens": 0, "output_tokens": 0, "cache_creation_tokens": 0,
+        "cache_read_tokens": 0, "cost_usd": 0.0, "transcription_seconds": 0.0,
+        "messages_in": 0, "messages_out": 0}
+    usage = {"input_tokens": 10, "output_tokens": 20, "cache_creation_input_tokens": 30,
+             "cache_read_input_tokens": 40}
+    store.complete_turn("c", [], ["a"], None, session_id="s1", cost_delta=0.25, day=day,
+                        usage=usage)
+    store.complete_turn("c", [], ["b"], None, cost_delta=0.5, day=day, usage=usage)
+    store.complete_turn("c", [], ["x"], None, cost_delta=1.0, day="2026-12-05", usage=usage)
+    store.rotate("c", "summary", cost_delta=0.125, day=day, usage={"input_tokens": 1,
+                                                                   "output_tokens": 2})
+    got = store.usage_on(day)
+    assert {k: got[k] for k in ("turns", "input_tokens", "output_tokens",
+                                "cache_creation_tokens", "cache_read_tokens", "cost_usd")} == {
+        "turns": 2, "input_tokens": 21, "output_tokens": 42, "cache_creation_tokens": 60,
+        "cache_read_tokens": 80, "cost_usd": 0.875}
+    assert store.cost_on(day) == got["cost_usd"]  # the daily budget reads the same rows

@@ -1,5 +1,8 @@
 """One typed, validated configuration for the controller, the workers and the simulator.
 
+Over 600 lines because every key of every section is declared here with its documentation and
+its check: the one schema the reference (docs/configuration.md) and the conffile come from.
+
 Sources, later ones winning:
 1. the embedded defaults below (enough to run a fleet on the local control plane);
 2. the TOML file at ``$WABRIDGE_CONFIG`` or ``/etc/wabridge/wabridge.toml`` (a missing file at
@@ -248,6 +251,12 @@ class ClaudeConfig:
         allowed="model=input/output, comma separated",
         check=_prices,
     )
+    models_allowed: str = _opt(
+        "claude-sonnet-4-5, claude-haiku-4-5, claude-opus-4-5",
+        "Models a user's `model` setting may name, comma separated (empty: users cannot "
+        "choose; every chat runs on `model`). On the `api` engine a model also needs a price "
+        "in `api_prices`.",
+    )
     turn_timeout: float = _opt(
         120.0, "Seconds a turn may take before its process is killed (`api` engine: before "
         "its request is abandoned).", check=_at_least(1.0)
@@ -277,6 +286,10 @@ class ClaudeConfig:
     max_retries: int = _opt(
         0, "Retries of a failed API request: CLAUDE_CODE_MAX_RETRIES for the CLI, the SDK's "
         "max_retries for the `api` engine (0: fail fast).", check=_between(0, 10)
+    )
+    max_tool_calls: int = _opt(
+        10, "Tool calls one turn may make (the user's `tools` setting); later calls are "
+        "refused and Claude answers with what it has.", check=_between(1, 100)
     )
     # --- conversation engine ---
     context_window: int = _opt(
@@ -399,6 +412,29 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ToolsConfig:
+    """Claude's wabridge tools, for users whose `tools` setting is `wabridge`."""
+
+    scheduled_per_chat: int = _opt(
+        20, "Scheduled messages one chat may have pending.", check=_between(1, 1000)
+    )
+    scheduled_per_day: int = _opt(
+        50, "Messages a user's chats may schedule per UTC day.", check=_between(1, 10000)
+    )
+    scheduled_chars: int = _opt(
+        2000, "Longest text of a scheduled message.", check=_between(1, 65536)
+    )
+    notes_per_chat: int = _opt(
+        30, "Notes Claude may keep about one contact (`remember`).", check=_between(1, 1000)
+    )
+    note_chars: int = _opt(500, "Longest note.", check=_between(10, 10000))
+    file_max_bytes: int = _opt(
+        16_000_000, "Largest file `send_file`/`send_image` send from a chat's workspace.",
+        check=_between(1, 100_000_000),
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _opt(
         "info", "Log level.", allowed="debug, info, warning, error",
@@ -410,6 +446,27 @@ class LogConfig:
         allowed="auto, journal, json, console",
         check=_one_of("auto", "journal", "json", "console"),
     )
+
+
+@dataclass(frozen=True)
+class TranscriptionConfig:
+    url: str = _opt(
+        "",
+        "OpenAI-compatible transcription endpoint for voice notes, e.g. "
+        "`http://127.0.0.1:8000/v1/audio/transcriptions` (a local whisper server) or a hosted "
+        "one; its key, if any, is TRANSCRIPTION_API_KEY in worker.env. Empty: voice notes are "
+        "answered as not supported.",
+    )
+    model: str = _opt("whisper-1", "The `model` field of the transcription request.")
+    max_seconds: float = _opt(
+        600.0, "Longest voice note transcribed, in seconds (longer: not supported).",
+        check=_at_least(1.0))
+    max_bytes: int = _opt(
+        16_000_000, "Largest audio file transcribed, in bytes (WhatsApp's own limit is 16 MB).",
+        check=_between(1000, 100_000_000))
+    timeout: float = _opt(
+        60.0, "Seconds a transcription may take before the voice note is answered as not "
+        "supported.", check=_at_least(1.0))
 
 
 @dataclass(frozen=True)
@@ -429,8 +486,10 @@ class Config:
     claude: ClaudeConfig = field(default_factory=ClaudeConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    transcription: TranscriptionConfig = field(default_factory=TranscriptionConfig)
 
 
 SectionT = TypeVar("SectionT")
@@ -539,6 +598,11 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError("claude.api_prices", f"has no price for the model {api_model(claude)!r}"
                           " the api engine uses", allowed="model=input/output, comma separated")
     return cfg
+
+
+def models_allowed(claude: ClaudeConfig) -> tuple[str, ...]:
+    """``claude.models_allowed`` as names."""
+    return tuple(m.strip() for m in claude.models_allowed.split(",") if m.strip())
 
 
 def api_model(claude: ClaudeConfig) -> str:

@@ -11,6 +11,9 @@
     │                                                   wabridge wrote, exit 16 (not restarted)
     ├── ForeignRecordError        wabridge.errors       not_your_record: a write that would
     │                                                   replace another user's record (refused)
+    ├── TranscriptionError        wabridge.errors       not_transcribed: a voice note the
+    │                                                   endpoint did not transcribe (answered
+    │                                                   as not supported, the reason logged)
     ├── PolicyError               wabridge.errors       bad_setting: a bad per-user setting
     │   └── InvalidSetting        agent.policy          (shown on the user's document)
     ├── ClaudeError               agent.claude          code per instance: timeout,
@@ -164,3 +167,11 @@ class ForeignRecordError(WabridgeError):
 
     code = "not_your_record"
     explanation = "a worker wrote under another user's id; its frame was dropped"
+
+
+class TranscriptionError(WabridgeError):
+    """A voice note that could not be transcribed; the message says why. The note is then
+    answered as not supported (the reason in the worker's log)."""
+
+    code = "not_transcribed"
+    explanation = "check transcription.url and the endpoint's log"

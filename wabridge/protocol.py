@@ -17,6 +17,7 @@ keeps the connection.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -153,9 +154,32 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """A user's usage on one UTC day, for billing: the day's totals so far (absolute, from
+    the worker's store), so a resent or repeated frame never counts anything twice."""
+
+    TYPE: ClassVar[str] = "usage"
+    seq: int
+    day: str  # YYYY-MM-DD (UTC)
+    turns: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_tokens: int
+    cache_read_tokens: int
+    cost_usd: float
+    messages_in: int
+    messages_out: int
+    transcription_seconds: float = 0.0
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+COMMAND_NAMES = ("pair_phone", "reset_chat", "pause_chat", "resume_chat")
+
+
+@dataclass(frozen=True)
 class Command:
     TYPE: ClassVar[str] = "command"
-    name: Literal["pair_phone", "reset_chat"]
+    name: Literal["pair_phone", "reset_chat", "pause_chat", "resume_chat"]
     args: dict[str, str] = field(default_factory=dict)
 
 
@@ -199,11 +223,12 @@ Frame = (
     | Welcome
     | Settings
     | Command
+    | Usage
     | Slot
     | SlotOrder
 )
 SequencedFrame = (State | Qr | PairingCode | MessageEvent | Metrics | Summary | Problem
-                  | ProblemCleared)
+                  | ProblemCleared | Usage)
 
 _TYPES: dict[str, type[Any]] = {
     cls.TYPE: cls
@@ -212,6 +237,7 @@ _TYPES: dict[str, type[Any]] = {
 }
 _TYPES[Settings.TYPE] = Settings
 _TYPES[Command.TYPE] = Command
+_TYPES[Usage.TYPE] = Usage
 _TYPES[Slot.TYPE] = Slot
 _TYPES[SlotOrder.TYPE] = SlotOrder
 
@@ -247,6 +273,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "number": (int,),
     "args": (dict,),
     "order": (str,),
+    "day": (str,),
+    "cache_creation_tokens": (int,),
+    "cache_read_tokens": (int,),
+    "cost_usd": (int, float),
+    "transcription_seconds": (int, float),
 }
 
 
@@ -306,8 +337,10 @@ def decode(line: bytes) -> Frame:
             raise ProtocolError(f"state frame has unknown state {raw['state']!r}") from None
     if cls is MessageEvent and kwargs["direction"] not in ("in", "out"):
         raise ProtocolError(f"message frame direction must be 'in' or 'out': {raw['direction']!r}")
+    if cls is Usage and not _DAY.fullmatch(kwargs["day"]):
+        raise ProtocolError(f"usage frame day must be YYYY-MM-DD: {kwargs['day']!r}")
     if cls is Command:
-        if kwargs["name"] not in ("pair_phone", "reset_chat"):
+        if kwargs["name"] not in COMMAND_NAMES:
             raise ProtocolError(f"unknown command {kwargs['name']!r}")
         if not all(isinstance(v, str) for v in kwargs.get("args", {}).values()):
             raise ProtocolError("command frame field 'args' must map names to strings")

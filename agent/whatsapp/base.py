@@ -73,6 +73,19 @@ class WhatsAppBackend(abc.ABC):
         Raises ``SendError`` when not connected or WhatsApp refuses it.
         """
 
+    async def send_reaction(self, chat_id: str, message: IncomingMessage, emoji: str) -> None:
+        """React with ``emoji`` to ``message`` of ``chat_id`` (Claude's ``react`` tool).
+        Raises ``SendError`` when not connected, refused, or not supported."""
+        del chat_id, message, emoji
+        raise SendError(f"the {self.name} backend cannot send reactions")
+
+    async def send_media(self, chat_id: str, kind: str, data: bytes, filename: str, mime: str,
+                         caption: str) -> str:
+        """Upload and send ``data`` as a ``document`` or an ``image`` (Claude's ``send_file``
+        and ``send_image`` tools); returns the message's id. Raises ``SendError``."""
+        del chat_id, kind, data, filename, mime, caption
+        raise SendError(f"the {self.name} backend cannot send files")
+
     @abc.abstractmethod
     async def set_typing(self, chat_id: str, typing: bool) -> None:
         """Show or clear the "typing…" presence; best effort, never raises."""

@@ -94,6 +94,17 @@ class Image:
 
 
 @dataclass(frozen=True)
+class Audio:
+    """A voice note (``voice``, recorded in the chat) or an audio file, as WhatsApp sends it
+    (OGG/Opus for voice notes). ``seconds``: the length the message states (0: unknown)."""
+
+    mime_type: str
+    data: bytes
+    seconds: float = 0.0
+    voice: bool = True
+
+
+@dataclass(frozen=True)
 class IncomingMessage:
     """A message in one of the linked account's chats: from someone else, or (``from_me``)
     written by the account itself on another of its devices, such as the owner's phone, in
@@ -118,6 +129,10 @@ class IncomingMessage:
     # the chat's disappearing-messages timer in seconds as this message states it (0: off),
     # or None when the message says nothing about it; replies carry the chat's timer
     expiration: int | None = None
+    # a voice note or audio file to transcribe (``unsupported_media`` says "voice"/"audio" too,
+    # for when it cannot be); dropped from the stored message once transcribed
+    audio: Audio | None = None
+    transcript: str | None = None  # the audio's words (None: not transcribed)
 
 
 @dataclass(frozen=True)

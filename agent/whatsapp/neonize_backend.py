@@ -28,8 +28,9 @@ What this module relies on, read from the installed neonize source:
 The pure translation of library events into :mod:`agent.whatsapp.events` is
 :mod:`agent.whatsapp.neonize_translate`; importing neonize and opening its store is
 :mod:`agent.whatsapp.neonize_import`. This module is the runtime: the client, its threads and
-timeouts. It is near 600 lines because it is one state machine around one library client
-(connect, QR/pairing, events, sending, stopping); its parts share the client's lock and state.
+timeouts. Over 600 lines because it is one state machine around one library client
+(connect, QR/pairing, events, sending texts, reactions and media, stopping); its parts share
+the client's lock and state.
 """
 
 from __future__ import annotations
@@ -412,13 +413,46 @@ class NeonizeBackend(WhatsAppBackend):
             def _send() -> Any:
                 return client.reply_message(body, quoted=quoted, to=to)
 
+        return text_of((await self._call_send(_send, chat_id)).ID)
+
+    async def send_reaction(self, chat_id: str, message: IncomingMessage, emoji: str) -> None:
+        """``build_reaction`` (chat, the reacted message's sender and id) + ``send_message``."""
+        client = self._client
+        if client is None or not self._connected:
+            raise SendError("WhatsApp is not connected")
+        api = self._api(client)
+        chat, sender = self._jid(api, chat_id), self._jid(api, message.sender)
+
+        def _send() -> Any:
+            return client.send_message(chat, client.build_reaction(chat, sender, message.wa_id,
+                                                                   emoji))
+
+        await self._call_send(_send, chat_id)
+
+    async def send_media(self, chat_id: str, kind: str, data: bytes, filename: str, mime: str,
+                         caption: str) -> str:
+        """``send_document`` / ``send_image``: neonize uploads the bytes (encrypted) to
+        WhatsApp's media servers, then sends the message that points at them."""
+        client = self._client
+        if client is None or not self._connected:
+            raise SendError("WhatsApp is not connected")
+        to = self._jid(self._api(client), chat_id)
+
+        def _send() -> Any:
+            if kind == "image":
+                return client.send_image(to, data, caption=caption or None)
+            return client.send_document(to, data, caption=caption or None, title=filename,
+                                        filename=filename, mimetype=mime)
+
+        return text_of((await self._call_send(_send, chat_id)).ID)
+
+    async def _call_send(self, send: Callable[[], Any], chat_id: str) -> Any:
         try:
-            response = await _await_thread(_send, self._send_timeout, "neonize-send")
+            return await _await_thread(send, self._send_timeout, "neonize-send")
         except TimeoutError as exc:
             raise SendError(f"sending to {chat_id} timed out") from exc
         except Exception as exc:
             raise SendError(f"WhatsApp refused the message to {chat_id}: {exc}") from exc
-        return text_of(response.ID)
 
     async def set_typing(self, chat_id: str, typing: bool) -> None:
         client = self._client

@@ -20,6 +20,7 @@ from typing import Any
 
 from agent.whatsapp.events import (
     LIBRARY_STOPPED,
+    Audio,
     ChatExpiration,
     ClientOutdated,
     Connected,
@@ -47,6 +48,7 @@ BROADCAST_SERVER = "broadcast"
 NEWSLETTER_SERVER = "newsletter"
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # larger images are reported as unsupported media
+MAX_AUDIO_BYTES = 16 * 1024 * 1024  # WhatsApp's own limit; transcription.max_bytes may be lower
 
 # ConnectFailureReason names (neonize.proto) that void the session: whatsmeow deletes its store
 # for exactly these (401, 403, 406: ``ConnectFailureReason.IsLoggedOut``). Every other reason
@@ -315,7 +317,8 @@ def translate_message(
     ``extendedTextMessage.text`` or a caption; ``contextInfo`` gives the quoted text, the
     mentions and the chat's disappearing timer (``expiration``). Images are downloaded with
     ``download``; other kinds set ``unsupported_media`` (``_UNSUPPORTED_KINDS``: audio, video,
-    documents, stickers, locations, contacts, polls, button/list replies, events, invites…)
+    documents, stickers, locations, contacts, polls, button/list replies, events, invites…);
+    an audio message is downloaded too (``audio``) for transcription
     and keep their caption as text. Strings Go sent as invalid UTF-8 are decoded with
     replacement characters (:func:`text_of`).
     """
@@ -338,6 +341,7 @@ def translate_message(
 
     text = ""
     images: tuple[Image, ...] = ()
+    audio: Audio | None = None
     unsupported = ""
     context: Any = None
     if content.conversation:
@@ -364,8 +368,13 @@ def translate_message(
         context = _context(content.documentMessage)
         unsupported = "document"
     elif _has(content, "audioMessage"):
-        context = _context(content.audioMessage)
-        unsupported = "voice" if content.audioMessage.PTT else "audio"
+        voice = content.audioMessage
+        context = _context(voice)
+        unsupported = "voice" if voice.PTT else "audio"  # until transcribed (agent.engine)
+        data = _download(content, download, voice.fileLength, MAX_AUDIO_BYTES, "audio")
+        if data is not None:
+            audio = Audio(mime_type=text_of(voice.mimetype) or "audio/ogg; codecs=opus",
+                          data=data, seconds=float(voice.seconds), voice=bool(voice.PTT))
     else:
         for name, kind in _UNSUPPORTED_KINDS.items():
             if _has(content, name):
@@ -404,6 +413,7 @@ def translate_message(
         images=images,
         unsupported_media=unsupported,
         expiration=expiration,
+        audio=audio,
     )
 
 
@@ -515,13 +525,18 @@ def _seconds(timestamp: int) -> float:
 
 
 def _download_image(content: Any, download: Downloader | None) -> bytes | None:
-    if download is None:
-        return None
-    if content.imageMessage.fileLength > MAX_IMAGE_BYTES:
+    return _download(content, download, content.imageMessage.fileLength, MAX_IMAGE_BYTES,
+                     "image")
+
+
+def _download(content: Any, download: Downloader | None, length: int, limit: int, kind: str
+              ) -> bytes | None:
+    """A media message's bytes, or None (no downloader, larger than ``limit``, failed)."""
+    if download is None or length > limit:
         return None
     try:
         data = download(content)
-    except Exception as exc:  # noqa: BLE001 - any library failure means "no image"
-        log.warning("whatsapp.image_download_failed", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - any library failure means "no media"
+        log.warning(f"whatsapp.{kind}_download_failed", error=str(exc))
         return None
     return data or None

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.whatsapp.base import BackendContext, SendError, Sink, WhatsAppBackend
 from agent.whatsapp.events import (
+    Audio,
     ClientOutdated,
     Connected,
     Disconnected,
@@ -109,20 +110,35 @@ class SimBackend(WhatsAppBackend):
         expiration: int = 0,
     ) -> str:
         del expiration  # the simulator has no disappearing messages
+        return await self._request({
+            "type": "send",
+            "to": chat_id,
+            "text": text,
+            "quote_id": quote.wa_id if quote is not None else None,
+            "id": msg_id,
+        })
+
+    async def send_reaction(self, chat_id: str, message: IncomingMessage, emoji: str) -> None:
+        await self._request({"type": "send", "to": chat_id, "text": "",
+                             "reaction": {"target_id": message.wa_id, "emoji": emoji}})
+
+    async def send_media(self, chat_id: str, kind: str, data: bytes, filename: str, mime: str,
+                         caption: str) -> str:
+        return await self._request({
+            "type": "send", "to": chat_id, "text": caption,
+            "media": {"kind": kind, "filename": filename, "mime": mime,
+                      "data": base64.b64encode(data).decode()},
+        })
+
+    async def _request(self, frame: dict[str, Any]) -> str:
+        """Send one ``send`` frame; the id the simulator gave the message."""
         ws = self._ws
         if ws is None or ws.closed or not self._connected:
             raise SendError("not connected to wabridge-sim")
         req = next(self._reqs)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[req] = future
-        frame = {
-            "type": "send",
-            "req": req,
-            "to": chat_id,
-            "text": text,
-            "quote_id": quote.wa_id if quote is not None else None,
-            "id": msg_id,
-        }
+        frame = {**frame, "req": req}
         import aiohttp  # noqa: PLC0415 - loaded by _run (off the start-up path)
 
         try:
@@ -328,6 +344,7 @@ class SimBackend(WhatsAppBackend):
                             caption=str(raw_image.get("caption") or ""),
                         ),
                     )
+            audio = _audio(frame)
             return IncomingMessage(
                 wa_id=str(frame["id"]),
                 chat_id=str(frame["chat"]),
@@ -340,7 +357,9 @@ class SimBackend(WhatsAppBackend):
                 mentioned=bool(frame.get("mentioned")),
                 quoted_text=str(frame.get("quoted_text") or ""),
                 images=images,
-                unsupported_media=str(frame.get("media") or ""),
+                unsupported_media=str(frame.get("media") or "")
+                or ("" if audio is None else "voice" if audio.voice else "audio"),
+                audio=audio,
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("whatsapp.sim_bad_message", error=repr(exc), wa_id=str(frame.get("id")))
@@ -421,3 +440,18 @@ class SimBackend(WhatsAppBackend):
     def _delete_token(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._token_path.unlink()
+
+
+def _audio(frame: dict[str, Any]) -> Audio | None:
+    """A sim frame's voice note or audio file (``audio``: mime_type, data_b64, seconds,
+    voice), as neonize's audioMessage is translated."""
+    raw = frame.get("audio")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        data = base64.b64decode(str(raw["data_b64"]), validate=True)
+    except (binascii.Error, ValueError, KeyError):
+        log.warning("whatsapp.sim_bad_audio", wa_id=str(frame.get("id")))
+        return None
+    return Audio(mime_type=str(raw.get("mime_type") or "audio/ogg; codecs=opus"), data=data,
+                 seconds=float(raw.get("seconds") or 0.0), voice=bool(raw.get("voice", True)))

@@ -46,6 +46,7 @@ class FakeFacade:
     requests: list[tuple[str, DocStatus, dict[str, Any]]] = field(default_factory=list)
     commands: list[tuple[str, protocol.Command]] = field(default_factory=list)
     message_log: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    usage_docs: list[dict[str, Any]] = field(default_factory=list)
     #: what happens after a request of that status (see module doc)
     scripts: dict[DocStatus, Script] = field(default_factory=dict)
     host: str = "testhost"
@@ -106,6 +107,10 @@ class FakeFacade:
 
     async def messages(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         return self.message_log.get(user_id, [])[-limit:]
+
+    async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
+        return [u for u in self.usage_docs if (user_id is None or u["userId"] == user_id)
+                and u["day"] >= since_day]
 
     def info(self) -> dict[str, Any]:
         return {"host": self.host, "plane": "local", "sessions": len(self.docs),

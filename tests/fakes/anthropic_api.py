@@ -21,6 +21,12 @@ noted as `` [image <media_type>]``). Replace per test with
 a delay, a hang (until :meth:`FakeAnthropicAPI.release` or stop), token counts
 and the number of ``text_delta`` chunks.
 
+Tool use: ``[[tool NAME {json input}]]`` in the last user text makes the fake answer with
+``tool_use`` blocks (stop reason ``tool_use``) for the listed tool named NAME or ending in
+``__NAME``; the request that brings the ``tool_result`` back is answered ``tool NAME said:
+<result>`` (``failed:`` for an error). So the real CLI runs the real MCP server in tests
+(:func:`tool_responder`; a :class:`Reply` may also carry ``tool_uses``).
+
 What Claude Code CLI 2.1.331 sends (observed against this fake, driven as agent/claude.py
 drives it: ``-p --input-format stream-json --bare --tools ""``):
 
@@ -57,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -76,6 +83,9 @@ __all__ = [
     "last_user_images",
     "last_user_text",
     "request_texts",
+    "tool_or_default_responder",
+    "tool_responder",
+    "tool_results",
 ]
 
 _ERROR_TYPES: dict[int, str] = {
@@ -105,6 +115,8 @@ class Reply:
     chunks: int = 2  # number of text_delta events (stream mode)
     stop_reason: str = "end_turn"
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: ``tool_use`` blocks after the text: (tool name as the request lists it, input)
+    tool_uses: tuple[tuple[str, Mapping[str, Any]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,6 +227,70 @@ def last_user_images(body: Any) -> list[str]:
     return []
 
 
+#: ``[[tool NAME {json input}]]`` in the last user text makes the default responder call the
+#: tool whose name is NAME or ends with ``__NAME`` (``mcp__wabridge__NAME``), one ``tool_use``
+#: block per marker; once the ``tool_result`` comes back it answers ``tool NAME said: ...``
+#: (``tool NAME failed: ...`` for an error). A tool the request does not list is answered
+#: ``no tool NAME`` (so a test sees that tools are off).
+_TOOL_MARKER = re.compile(r"\[\[tool\s+(\w+)\s*(\{.*?\})?\]\]", re.DOTALL)
+
+
+def tool_results(body: Any) -> list[Mapping[str, Any]]:
+    """The ``tool_result`` blocks of the last user message (empty when it has none)."""
+    users = _user_messages(body)
+    if not users:
+        return []
+    return [b for b in _blocks(users[-1].get("content")) if b.get("type") == "tool_result"]
+
+
+def _result_text(block: Mapping[str, Any]) -> str:
+    content = block.get("content")
+    if isinstance(content, str):
+        return content
+    return " ".join(str(b.get("text", "")) for b in _blocks(content))
+
+
+def tool_responder(body: Any) -> Reply | None:
+    """The tool-use part of the default responder (None: no marker, answer normally)."""
+    results = tool_results(body)
+    names: dict[Any, str] = {}
+    if results:
+        for msg in body.get("messages", []):
+            if isinstance(msg, Mapping) and msg.get("role") == "assistant":
+                for b in _blocks(msg.get("content")):
+                    if b.get("type") == "tool_use":
+                        names[b.get("id")] = str(b.get("name", "")).rpartition("__")[2]
+        results = [r for r in results if r.get("tool_use_id") in names]  # answers to us
+    if results:
+        said = []
+        for r in results:
+            name = names[r.get("tool_use_id")]
+            verb = "failed" if r.get("is_error") else "said"
+            said.append(f"tool {name} {verb}: {_result_text(r)}")
+        return Reply(text="\n".join(said))
+    markers = _TOOL_MARKER.findall(last_user_text(body))
+    if not markers:
+        return None
+    listed = [str(t.get("name")) for t in body.get("tools") or [] if isinstance(t, Mapping)]
+    uses: list[tuple[str, Mapping[str, Any]]] = []
+    missing = []
+    for short, raw in markers:
+        full = next((n for n in listed if n == short or n.endswith(f"__{short}")), None)
+        if full is None:
+            missing.append(f"no tool {short}")
+        else:
+            uses.append((full, json.loads(raw) if raw else {}))
+    if missing or not uses:
+        return Reply(text="; ".join(missing))
+    return Reply(text="", tool_uses=tuple(uses), stop_reason="tool_use")
+
+
+def tool_or_default_responder(body: Any) -> str | Reply:
+    """The fake's responder unless a test sets another: tool markers, else
+    :func:`default_responder`."""
+    return tool_responder(body) or default_responder(body)
+
+
 def default_responder(body: Any) -> str:
     if is_compaction_request(body):
         said = [t for m in _user_messages(body)[:-1] if (t := _user_text(m))]
@@ -318,7 +394,7 @@ class FakeAnthropicAPI:
     """Threaded fake of the Anthropic Messages API on 127.0.0.1."""
 
     def __init__(self, responder: Responder | None = None, *, port: int = 0) -> None:
-        self.responder: Responder = responder or default_responder
+        self.responder: Responder = responder or tool_or_default_responder
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._port = port
@@ -638,8 +714,19 @@ class FakeAnthropicAPI:
                     },
                 )
             )
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        for idx, (name, args) in enumerate(reply.tool_uses, start=1):
+            events += [
+                ("content_block_start", {
+                    "type": "content_block_start", "index": idx,
+                    "content_block": {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}",
+                                      "name": name, "input": {}}}),
+                ("content_block_delta", {
+                    "type": "content_block_delta", "index": idx,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(args)}}),
+                ("content_block_stop", {"type": "content_block_stop", "index": idx}),
+            ]
         events += [
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             (
                 "message_delta",
                 {

@@ -187,8 +187,12 @@ def document(caption: str = "", file_name: str = "invoice.pdf") -> Any:
     )
 
 
-def audio(*, ptt: bool = True) -> Any:
-    fields = _media_fields(b"OggS\x00\x02", "7114")
+def audio(*, ptt: bool = True, data: bytes = b"OggS\x00\x02", world: FakeWorld | None = None
+          ) -> Any:
+    """A voice note (``ptt``) or audio file; with ``world`` its bytes become downloadable."""
+    fields = _media_fields(data, "7114")
+    if world is not None:
+        world.media[fields["directPath"]] = data
     return E2E.Message(
         audioMessage=E2E.AudioMessage(
             mimetype="audio/ogg; codecs=opus", seconds=4, PTT=ptt, **fields
@@ -569,6 +573,36 @@ class FakeNewClient:
         built = self.build_reply_message(message, quoted)
         return self._send(target, built, via="reply_message", quoted_id=quoted.Info.ID)
 
+    def build_reaction(self, chat: Any, sender: Any, message_id: str, reaction: str) -> Any:
+        """Like neonize's (whatsmeow's ``BuildReaction``): a ``reactionMessage`` whose key
+        names the reacted message (``fromMe`` when the account sent it)."""
+        self.log.append("build_reaction")
+        from_me = sender.User == self.world.account_phone
+        key = MessageKey(remoteJID=jid_str(chat), fromMe=from_me, ID=message_id)
+        if not from_me and chat.Server == "g.us":
+            key.participant = jid_str(sender)
+        return E2E.Message(reactionMessage=E2E.ReactionMessage(
+            key=key, text=reaction, senderTimestampMS=int(time.time() * 1000)))
+
+    def send_document(self, to: Any, file: Any, caption: str | None = None,
+                      title: str | None = None, filename: str | None = None,
+                      mimetype: str | None = None, **_: Any) -> Any:
+        """Like neonize's: upload (the bytes land in ``world.media`` under their direct path),
+        then a ``documentMessage`` pointing at them."""
+        direct = f"/v/t62.7119-24/{web_message_id()}"
+        self.world.media[direct] = bytes(file)
+        message = E2E.Message(documentMessage=E2E.DocumentMessage(
+            directPath=direct, fileLength=len(file), fileName=filename or "", title=title or "",
+            mimetype=mimetype or "application/octet-stream", caption=caption or ""))
+        return self._send(to, message, via="send_document")
+
+    def send_image(self, to: Any, file: Any, caption: str | None = None, **_: Any) -> Any:
+        direct = f"/v/t62.7118-24/{web_message_id()}"
+        self.world.media[direct] = bytes(file)
+        message = E2E.Message(imageMessage=E2E.ImageMessage(
+            directPath=direct, fileLength=len(file), caption=caption or ""))
+        return self._send(to, message, via="send_image")
+
     def _send(self, to: Any, message: Any, *, via: str, quoted_id: str | None = None) -> Any:
         target = parse_jid(to) if isinstance(to, str) else to
         self.log.append(via)
@@ -596,7 +630,11 @@ class FakeNewClient:
 
     def download_any(self, message: Any, path: str | None = None) -> bytes | None:
         self.log.append("download_any")
-        direct = message.imageMessage.directPath
+        # as neonize's download_any: whichever media the message carries
+        kind = next((k for k in ("imageMessage", "audioMessage", "videoMessage",
+                                 "documentMessage", "stickerMessage") if message.HasField(k)),
+                    "imageMessage")
+        direct = getattr(message, kind).directPath
         self.downloads.append(direct)
         data = self.world.media.get(direct)
         if data is None:
