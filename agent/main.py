@@ -1,8 +1,10 @@
 """``wabridge-worker <userId>``: the composition root of one worker unit.
 
-Over 600 lines because it wires every part of the worker (controller link, WhatsApp backend,
-both Claude engines, tools, transcription, usage reporting) and supervises its tasks; the
-decisions themselves live in the modules it wires.
+Over 600 lines because it is the one place the worker's parts meet (controller link, WhatsApp
+backend, both Claude engines, tools, transcription, usage reporting): its start-up phases, its
+supervision and its shutdown order must be read together; what has a life of its own lives in
+its module (where the state is: ``agent.placement``; messages the store refused:
+``agent.inbound_hold``; decisions: ``agent.outcomes``).
 
 Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.ExitCode``):
 1. synchronous: arguments, configuration, logging, state directory, store (no asyncio yet);
@@ -64,7 +66,9 @@ from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
 from agent.engine import Engine
 from agent.host_slots import HostSlots
+from agent.inbound_hold import InboundHold
 from agent.link import ControllerLink
+from agent.placement import session_store, store_location
 from agent.pool import ClaudePool
 from agent.store import Store
 from agent.tools import Toolbox
@@ -200,8 +204,10 @@ class Worker:
         self.settings_checked = False  # a valid settings map arrived in this process
         self.bad_setting = False  # the last settings map had a bad value
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.inbound_hold = InboundHold()  # acked by WhatsApp, refused by the store
         self.loop = asyncio.get_running_loop()
-        ctx = BackendContext(user_id=user_id, state_dir=state_dir)
+        ctx = BackendContext(user_id=user_id, state_dir=state_dir,
+                             session_store=session_store(store.path))
         self.backend = make_backend(cfg, ctx)
         self.tools = Toolbox(store, self.backend, state_dir, cfg.tools, cfg.claude.max_tool_calls,
                              restart_idle=lambda: self.pool.close_idle())  # noqa: PLW0108 -- the pool comes next
@@ -288,11 +294,36 @@ class Worker:
     def sink(self, event: ev.Event) -> None:
         self.sink_since = time.monotonic()
         try:
-            if isinstance(event, ev.IncomingMessage) and not self.engine.persist(event):
-                return
+            if isinstance(event, ev.IncomingMessage):
+                try:
+                    fresh = self.engine.persist(event)
+                except Exception as exc:  # noqa: BLE001 (the store is down: WhatsApp acked it)
+                    log.error("store.inbound_held", chat_id=event.chat_id, wa_id=event.wa_id,
+                              error=str(exc))
+                    self.loop.call_soon_threadsafe(self.inbound_hold.hold, event,
+                                                   time.monotonic())
+                    return
+                if not fresh:
+                    return
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         finally:
             self.sink_since = None
+
+    def retry_held_inbound(self, *, final: bool = False) -> None:
+        """Commit the messages the store refused (on the loop, in order); at shutdown
+        (``final``) one last try, then name what is lost."""
+        committed, error = self.inbound_hold.retry(self.engine.persist, time.monotonic(),
+                                                   force=final)
+        for message in committed:
+            log.info("store.inbound_committed", chat_id=message.chat_id, wa_id=message.wa_id)
+            self.events.put_nowait(message)
+        if error is not None and not final:
+            log.warning("store.inbound_retry_failed", held=len(self.inbound_hold.held),
+                        error=str(error))
+        if final and self.inbound_hold.held:
+            log.error("store.inbound_lost", count=len(self.inbound_hold.held),
+                      wa_ids=[m.wa_id for m in self.inbound_hold.held],
+                      error=str(error) if error else "")
 
     async def pump(self) -> None:
         while not self.stop.is_set():
@@ -336,6 +367,7 @@ class Worker:
                 self.stop.set()
 
     def _wipe_whatsapp_session(self) -> None:
+        self.store.forget_whatsapp_device()  # PostgreSQL: whatsmeow's rows in our schema
         for name in ("whatsapp.db", "whatsapp.db-wal", "whatsapp.db-shm", "sim-device.json"):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()
@@ -389,6 +421,7 @@ class Worker:
                 self._report_metrics()
                 self.report_usage()
             await self.engine.reap_idle()
+            self.retry_held_inbound()
             if now - last_checkpoint > CHECKPOINT_INTERVAL:
                 last_checkpoint = now
                 try:
@@ -549,6 +582,7 @@ class Worker:
             self.state, self.detail = WorkerState.STOPPING, "stopping"
         self._report_state()
         await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
+        self.retry_held_inbound(final=True)  # no more arrive: commit them or say so
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
         until = min(time.monotonic() + 2.0, deadline + 0.3)
         while self.store.unacked_frames() and self.link.connected and time.monotonic() < until:  # noqa: ASYNC110 - acks land in SQLite
@@ -569,7 +603,7 @@ def state_directory(user_id: str) -> Path:
 
 
 async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:
-    store = Store(state_dir / "agent.db")
+    store = Store(store_location(user_id, cfg, state_dir))
     worker = Worker(user_id, cfg, state_dir, store)
     code = await worker.run()
     store.close()

@@ -4,6 +4,7 @@ chat's stored session (:class:`ClaudePool`)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -16,6 +17,12 @@ from agent.store import Store
 from wabridge import logs
 
 log = logs.get("agent.pool")
+
+
+def project_dir(config_dir: Path, workdir: Path) -> Path:
+    """Where the CLI looks for the transcripts of sessions run in ``workdir``: its path with
+    every non-alphanumeric character replaced by ``-`` (as the CLI names it)."""
+    return config_dir / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(workdir.resolve()))
 
 
 def transcript_path(config_dir: Path, session_id: str) -> Path | None:
@@ -43,6 +50,10 @@ class ClaudePool:
                  store: Store, *, resume_max_bytes: int = 10_000_000,
                  tools: Callable[[str, Path], Awaitable[ToolFlags | None]] | None = None
                  ) -> None:
+        #: a portable store (PostgreSQL) keeps each chat's transcript, so that a chat moved
+        #: to another host resumes with its context instead of being reseeded
+        self._mirror = store.portable
+        self._mirrored: dict[str, int] = {}  # session id -> transcript bytes in the store
         self._size = size
         self._idle = idle_timeout
         self._settings = settings
@@ -160,6 +171,8 @@ class ClaudePool:
         row = self._store.chat(chat_id)
         resume = row.session_id if row else None
         if resume:
+            if self._mirror:
+                await self.restore_transcript(chat_id, resume, workdir)
             transcript = transcript_path(config_dir, resume)
             size = transcript.stat().st_size if transcript else 0
             if size > self._resume_max_bytes:
@@ -182,13 +195,51 @@ class ClaudePool:
         return session
 
     async def release(self, chat_id: str) -> None:
+        """The chat's turn is over: its process goes back to the pool (and, on a portable
+        store, its transcript into the store)."""
         async with self._cond:
             self._busy.discard(chat_id)
-            if chat_id in self._live:
-                self._live[chat_id] = (self._live[chat_id][0], time.monotonic())
+            session = self._live[chat_id][0] if chat_id in self._live else None
+            if session is not None:
+                self._live[chat_id] = (session, time.monotonic())
                 if self.slots is not None:
                     self.slots.idle(chat_id)
             self._cond.notify_all()
+        if self._mirror and session is not None and session.session_id:
+            await self.mirror_transcript(chat_id, session.session_id)
+
+    async def mirror_transcript(self, chat_id: str, session_id: str) -> bool:
+        """Copy the session's transcript into the store when it grew; not one larger than
+        ``resume_max_bytes`` (it would not be resumed anyway: the reseed applies)."""
+        path = transcript_path(self.config_dir, session_id)
+        if path is None:
+            return False
+        body = await asyncio.to_thread(path.read_bytes)
+        if len(body) > self._resume_max_bytes or self._mirrored.get(session_id) == len(body):
+            return False
+        self._store.save_transcript(chat_id, session_id, body)
+        self._mirrored[session_id] = len(body)
+        log.info("claude.transcript_saved", chat_id=chat_id, session_id=session_id,
+                 bytes=len(body))
+        return True
+
+    async def restore_transcript(self, chat_id: str, session_id: str, workdir: Path) -> bool:
+        """Before ``--resume`` on a host that lacks the transcript: write back the one the
+        store keeps, where the CLI run in ``workdir`` looks for it (this host's state
+        directory may differ from the old one's). False when there is nothing to do."""
+        if ("/" in session_id or session_id.startswith(".")
+                or transcript_path(self.config_dir, session_id) is not None):
+            return False
+        body = self._store.transcript(chat_id, session_id)
+        if body is None:
+            return False
+        target = project_dir(self.config_dir, workdir) / f"{session_id}.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(target.write_bytes, body)
+        self._mirrored[session_id] = len(body)
+        log.info("claude.transcript_restored", chat_id=chat_id, session_id=session_id,
+                 bytes=len(body))
+        return True
 
     async def discard(self, chat_id: str) -> None:
         """Close the chat's process (if any) and let others use its slot."""

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,7 +219,7 @@ def _v6(db: sqlite3.Connection) -> None:
 
 @migration
 def _usage_tokens(db: sqlite3.Connection) -> None:
-    """Usage for billing (issue 15): each logged turn's tokens next to its cost, so a day's
+    """Usage for billing: each logged turn's tokens next to its cost, so a day's
     figures come from the same rows as the daily budget, committed with the turn itself."""
     for column in ("input_tokens", "output_tokens", "cache_creation_tokens",
                    "cache_read_tokens"):
@@ -338,44 +338,125 @@ class HistoryItem:
     at: float
 
 
-class Store:
-    """Thread-safe: one connection per thread (neonize calls the sink on its own thread)."""
+@dataclass(frozen=True)
+class PostgresTarget:
+    """Where an account's store lives on PostgreSQL: a server (``conninfo``, a
+    ``postgresql://`` URL without the password), the account's ``schema``, and the password
+    (from a systemd credential; kept out of ``repr`` and so out of every log line)."""
+
+    conninfo: str
+    schema: str
+    password: str | None = field(default=None, repr=False)
+
+
+class _SqliteFile:
+    """The store in one SQLite file (the default)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
-        self._migrate()
+        self.name = str(path)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # no checkpoint on commit: commits happen on the event loop (and on neonize's
-            # thread, which must only persist and enqueue); ``checkpoint`` runs in a thread
-            conn = database.connect(self.path, auto_checkpoint=False)
-            conn.row_factory = sqlite3.Row
-            self._local.conn = conn
+    def connect(self) -> database.Db:
+        # no checkpoint on commit: commits happen on the event loop (and on neonize's
+        # thread, which must only persist and enqueue); ``checkpoint`` runs in a thread
+        conn = database.connect(self.path, auto_checkpoint=False)
+        conn.row_factory = sqlite3.Row
         return conn
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return database.immediate(self._conn())
+    def transaction(self, conn: Any) -> AbstractContextManager[database.Db]:
+        return database.immediate(conn)
+
+    def migrate(self, conn: Any) -> None:
+        database.migrate(conn, MIGRATIONS, name=self.name)
+
+    def checkpoint(self, conn: Callable[[], Any]) -> tuple[int, int]:
+        row = conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[1]), int(row[2])
+
+    closes_from_any_thread = False  # an SQLite connection may only be closed by its thread
+
+    def usable(self, conn: Any) -> bool:
+        return True  # a file does not go away under an open connection
+
+    def close(self, conn: Any) -> None:
+        with suppress(sqlite3.Error):  # leave a short log for the next start
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+
+class Store:
+    """Thread-safe: one connection per thread (neonize calls the sink on its own thread).
+
+    In an SQLite file (a path) or in an account's schema on PostgreSQL
+    (:class:`PostgresTarget`, :mod:`agent.store_postgres`): the same SQL, the same
+    migrations step for step (``MIGRATIONS`` here, their mirror there)."""
+
+    def __init__(self, where: Path | PostgresTarget) -> None:
+        if isinstance(where, PostgresTarget):
+            from agent.store_postgres import PostgresSchema  # noqa: PLC0415 (psycopg only when used)
+
+            self._backend: _SqliteFile | PostgresSchema = PostgresSchema(where)
+        else:
+            self._backend = _SqliteFile(where)
+        self.path = where
+        self._local = threading.local()
+        self._conns: list[tuple[threading.Thread, Any]] = []
+        self._conns_lock = threading.Lock()
+        self._owner = threading.current_thread()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        """The file, or the database and schema (for logs and errors; no password)."""
+        return self._backend.name
+
+    def _conn(self) -> Any:
+        conn: Any = getattr(self._local, "conn", None)
+        if conn is not None and not self._backend.usable(conn):
+            # PostgreSQL restarted (or our server process was ended): a new connection; the
+            # call that saw the old one fail raised, and its caller retries or exits
+            with self._conns_lock:
+                self._conns = [(t, c) for t, c in self._conns if c is not conn]
+            with suppress(Exception):
+                self._backend.close(conn)
+            conn = None
+        if conn is None:
+            conn = self._backend.connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append((threading.current_thread(), conn))
+        return conn
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        return self._backend.transaction(self._conn())
 
     def _migrate(self) -> None:
-        database.migrate(self._conn(), MIGRATIONS, name=str(self.path))
+        self._backend.migrate(self._conn())
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the write-ahead log back into the database without waiting for writers
         (PASSIVE); returns (pages in the log, pages copied). Call it off the event loop, e.g.
-        ``asyncio.to_thread(store.checkpoint)``: no commit here checkpoints by itself."""
-        row = self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(row[1]), int(row[2])
+        ``asyncio.to_thread(store.checkpoint)``: no commit here checkpoints by itself.
+        (PostgreSQL checkpoints by itself: (0, 0).)"""
+        return self._backend.checkpoint(self._conn)
 
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            with suppress(sqlite3.Error):  # leave a short log for the next start
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.close()
-            self._local.conn = None
+        """Close this thread's connection; from the thread that opened the store, on
+        PostgreSQL, the other threads' too (call it when they are done)."""
+        me = threading.current_thread()
+        everyone = me is self._owner and self._backend.closes_from_any_thread
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+            for thread, conn in conns:
+                if thread is me or everyone:
+                    self._backend.close(conn)
+                else:
+                    self._conns.append((thread, conn))
+        self._local.conn = None
 
     # --- inbox -------------------------------------------------------------------------
     def add_inbound(self, message: IncomingMessage) -> bool:
@@ -392,11 +473,11 @@ class Store:
         ).fetchone() is not None:
             return False
         cur = self._conn().execute(
-            "INSERT OR IGNORE INTO inbox (chat_id, sender, wa_id, payload, received_at) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO inbox (chat_id, sender, wa_id, payload, received_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (chat_id, sender, wa_id, encode_message(message), time.time()),
         )
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     def pending_chats(self) -> list[str]:
         rows = self._conn().execute(
@@ -462,11 +543,12 @@ class Store:
                 "UPDATE inbox SET state = 'done' WHERE id = ?", [(i,) for i in inbound_ids]
             )
             out = self._queue(tx, chat_id, replies, quote, "reply", now)
-            tx.execute("INSERT OR IGNORE INTO chats (chat_id) VALUES (?)", (chat_id,))
+            tx.execute("INSERT INTO chats (chat_id) VALUES (?) ON CONFLICT DO NOTHING",
+                       (chat_id,))
             tx.execute(
                 "UPDATE chats SET "
                 "session_turns = CASE WHEN ?1 IS NULL THEN session_turns "
-                "  WHEN session_id IS ?1 THEN session_turns + 1 ELSE 1 END, "
+                "  WHEN session_id IS NOT DISTINCT FROM ?1 THEN session_turns + 1 ELSE 1 END, "
                 "seed = CASE WHEN ?1 IS NULL THEN seed ELSE NULL END, "
                 "session_id = COALESCE(?1, session_id), "
                 "turns = turns + 1, cost_usd = cost_usd + ?2, "
@@ -481,7 +563,7 @@ class Store:
         return out
 
     @staticmethod
-    def _log_usage(tx: sqlite3.Connection, chat_id: str, day: str, now: float, kind: str,
+    def _log_usage(tx: database.Db, chat_id: str, day: str, now: float, kind: str,
                    cost: float, usage: Mapping[str, int] | None) -> None:
         tokens = [int((usage or {}).get(k, 0)) for k in USAGE_TOKENS]
         tx.execute(
@@ -491,18 +573,18 @@ class Store:
         )
 
     @staticmethod
-    def _queue(tx: sqlite3.Connection, chat_id: str, replies: Iterable[str],
+    def _queue(tx: database.Db, chat_id: str, replies: Iterable[str],
                quote: IncomingMessage | None, kind: str, now: float) -> list[PendingReply]:
         out: list[PendingReply] = []
         for idx, text in enumerate(replies):
             wa_id = "3EB0" + secrets.token_hex(8).upper()
             q = quote if idx == 0 else None
-            cur = tx.execute(
+            row = tx.execute(
                 "INSERT INTO outbox (chat_id, wa_id, text, quote, created_at, kind) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                 (chat_id, wa_id, text, encode_message(q) if q else None, now, kind),
-            )
-            out.append(PendingReply(int(cur.lastrowid or 0), chat_id, wa_id, text, q))
+            ).fetchone()
+            out.append(PendingReply(int(row[0]), chat_id, wa_id, text, q))
         return out
 
     def answer_locally(self, chat_id: str, inbound_ids: list[int], replies: list[str],
@@ -531,7 +613,7 @@ class Store:
             if notice is None:
                 return []
             if once_key is not None:
-                cur = tx.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?)",
+                cur = tx.execute("INSERT INTO notices VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                                  (chat_id, once_key[0], once_key[1]))
                 if cur.rowcount != 1:
                     return []
@@ -608,7 +690,7 @@ class Store:
         """Add to a named counter (undecryptable messages, stream errors, uncertain replies)."""
         self._conn().execute(
             "INSERT INTO counters VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, by),
+            "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (name, by),
         )
 
     def counters(self) -> dict[str, int]:
@@ -671,10 +753,11 @@ class Store:
 
     # --- scheduled messages (the schedule_message tool) --------------------------------
     def schedule(self, chat_id: str, due_at: float, text: str, day: str) -> int:
-        cur = self._conn().execute(
+        row = self._conn().execute(
             "INSERT INTO scheduled (chat_id, due_at, text, created_at, day) "
-            "VALUES (?, ?, ?, ?, ?)", (chat_id, due_at, text, time.time(), day))
-        return int(cur.lastrowid or 0)
+            "VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (chat_id, due_at, text, time.time(), day)).fetchone()
+        return int(row[0])
 
     def scheduled(self, chat_id: str | None = None) -> list[Scheduled]:
         """Pending scheduled messages (of one chat, or all), soonest first."""
@@ -694,7 +777,7 @@ class Store:
         cur = self._conn().execute(
             "UPDATE scheduled SET state = 'cancelled' WHERE id = ?1 AND state = 'pending' "
             "AND (?2 IS NULL OR chat_id = ?2)", (scheduled_id, chat_id))
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     def release_due(self, now: float) -> list[PendingReply]:
         """Atomically move every scheduled message due at ``now`` into the outbox (kind
@@ -712,10 +795,10 @@ class Store:
 
     # --- notes (the remember/forget/recall tools) ----------------------------------------
     def add_note(self, chat_id: str, text: str) -> int:
-        cur = self._conn().execute(
-            "INSERT INTO notes (chat_id, text, created_at) VALUES (?, ?, ?)",
-            (chat_id, text, time.time()))
-        return int(cur.lastrowid or 0)
+        row = self._conn().execute(
+            "INSERT INTO notes (chat_id, text, created_at) VALUES (?, ?, ?) RETURNING id",
+            (chat_id, text, time.time())).fetchone()
+        return int(row[0])
 
     def notes(self, chat_id: str | None = None) -> list[Note]:
         rows = self._conn().execute(
@@ -726,7 +809,7 @@ class Store:
     def forget_note(self, note_id: int, chat_id: str) -> bool:
         cur = self._conn().execute("DELETE FROM notes WHERE id = ? AND chat_id = ?",
                                    (note_id, chat_id))
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     # --- summaries (context rotation) ---------------------------------------------------
     def rotate(self, chat_id: str, summary: str | None, *, cost_delta: float = 0.0,
@@ -781,7 +864,7 @@ class Store:
             " UNION ALL"
             " SELECT 'assistant', NULL, text, created_at, id, 1 FROM outbox"
             " WHERE chat_id = ?1 AND kind = 'reply' AND created_at > ?2"
-            ") ORDER BY at DESC, o DESC, n DESC LIMIT ?3",
+            ") AS h ORDER BY at DESC, o DESC, n DESC LIMIT ?3",
             (chat_id, since, limit),
         ).fetchall()
         out = []
@@ -817,9 +900,10 @@ class Store:
         """Forget the chat's api conversations except ``keep`` (ended by a rotation or a
         reset: their summary, if any, is stored). Returns the messages removed."""
         cur = self._conn().execute(
-            "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS NOT ?", (chat_id, keep)
+            "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS DISTINCT FROM ?",
+            (chat_id, keep),
         )
-        return cur.rowcount
+        return int(cur.rowcount)
 
     # --- daily budget -------------------------------------------------------------------
     def cost_on(self, day: str) -> float:
@@ -850,7 +934,8 @@ class Store:
         crash interrupted is not in them (it is taken again, and counted once)."""
         conn = self._conn()
         r = conn.execute(
-            "SELECT COALESCE(SUM(kind = 'turn'), 0), COALESCE(SUM(input_tokens), 0), "
+            "SELECT COALESCE(SUM(CASE WHEN kind = 'turn' THEN 1 ELSE 0 END), 0), "
+            "COALESCE(SUM(input_tokens), 0), "
             "COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cache_creation_tokens), 0), "
             "COALESCE(SUM(cache_read_tokens), 0), COALESCE(SUM(cost_usd), 0), "
             "COALESCE(SUM(audio_seconds), 0) FROM usage_log WHERE day = ?", (day,)).fetchone()
@@ -877,16 +962,18 @@ class Store:
         outs = self._conn().execute("SELECT COUNT(*) FROM outbox WHERE state='sent'").fetchone()[0]
         failed = self._conn().execute(
             "SELECT COUNT(*) FROM outbox WHERE state='failed'").fetchone()[0]
-        return {"turns": r[0], "cost_usd": r[1], "input_tokens": r[2], "output_tokens": r[3],
-                "messages_in": ins, "messages_out": outs, "replies_failed": failed,
+        # int()/float(): PostgreSQL sums BIGINT columns as NUMERIC (Decimal)
+        return {"turns": int(r[0]), "cost_usd": float(r[1]), "input_tokens": int(r[2]),
+                "output_tokens": int(r[3]), "messages_in": int(ins), "messages_out": int(outs),
+                "replies_failed": int(failed),
                 **{name: float(value) for name, value in self.counters().items()}}
 
     # --- controller link outbox --------------------------------------------------------
     def queue_frame(self, build: Callable[[int], bytes]) -> int:
         """Reserve a sequence number, build the frame with it, and store it."""
         with self._tx() as tx:
-            cur = tx.execute("INSERT INTO link_outbox (frame) VALUES ('')")
-            seq = int(cur.lastrowid or 0)
+            seq = int(tx.execute("INSERT INTO link_outbox (frame) VALUES ('') RETURNING seq"
+                                 ).fetchone()[0])
             tx.execute("UPDATE link_outbox SET frame = ? WHERE seq = ?", (build(seq).decode(), seq))
         return seq
 
@@ -900,6 +987,41 @@ class Store:
     def drop_frames(self, seqs: list[int]) -> None:
         with self._tx() as tx:
             tx.executemany("DELETE FROM link_outbox WHERE seq = ?", [(s,) for s in seqs])
+
+    # --- Claude transcripts (so a chat resumes on another host) -----------------------
+    @property
+    def portable(self) -> bool:
+        """Whether this store outlives the host (PostgreSQL): then the CLI's transcripts are
+        mirrored into it (:meth:`save_transcript`), else they already sit beside it."""
+        return not isinstance(self._backend, _SqliteFile)
+
+    def save_transcript(self, chat_id: str, session_id: str, body: bytes) -> None:
+        """Keep the chat's current transcript; one per chat, the previous session's is
+        replaced. In ``kv`` (no schema step: a transcript is opaque text to the store)."""
+        self.set_kv(f"transcript:{chat_id}", json.dumps(
+            {"session_id": session_id, "body": body.decode("utf-8", "replace")}))
+
+    def transcript(self, chat_id: str, session_id: str) -> bytes | None:
+        """The chat's mirrored transcript of ``session_id``, or None."""
+        raw = self.get_kv(f"transcript:{chat_id}")
+        if raw is None:
+            return None
+        saved = json.loads(raw)
+        if saved.get("session_id") != session_id:
+            return None
+        return str(saved["body"]).encode()
+
+    # --- the WhatsApp session (PostgreSQL: whatsmeow's tables share the schema) -------
+    def forget_whatsapp_device(self) -> int:
+        """After a logout: forget the linked device whatsmeow kept beside this store (its
+        other tables follow by their foreign keys). SQLite: nothing here (whatsmeow has its
+        own file, which the worker deletes). Returns the devices removed."""
+        if isinstance(self._backend, _SqliteFile):
+            return 0
+        conn = self._conn()
+        if conn.execute("SELECT to_regclass('whatsmeow_device')").fetchone()[0] is None:
+            return 0
+        return int(conn.execute("DELETE FROM whatsmeow_device").rowcount)
 
     # --- key/value ---------------------------------------------------------------------
     def get_kv(self, key: str) -> str | None:

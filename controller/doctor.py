@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from controller.planes import emulator_host, plane_kind
-from wabridge import claude_cli, config
+from wabridge import claude_cli, config, postgres
 from wabridge.errors import ConfigError, WabridgeError
 
 DEFAULT_WORKER_ENV = "/etc/wabridge/worker.env"
@@ -118,6 +118,31 @@ def check_plane(cfg: config.Config, plane: str | None) -> Check:
                      "check the network/proxy, or firebase.emulator_host")
     return Check("control_plane", "ok", f"Firestore at {target} reachable (credentials are "
                  "checked by the controller: wabridgectl status shows its errors)")
+
+
+def check_database(cfg: config.Config) -> Check:
+    """``storage.backend = postgresql``: the server answers the controller's role, which may
+    make roles and schemas; no account role has more than its schema; the accounts' schema
+    versions (each worker migrates its own at start)."""
+    if cfg.storage.backend != "postgresql":
+        return Check("database", "skip", "storage.backend = sqlite (a file per account)")
+    from controller import pg_roles  # noqa: PLC0415 (psycopg only when used)
+
+    target = postgres.describe(cfg.storage.postgres_url)
+    try:
+        with pg_roles.admin_connect(cfg) as admin:
+            problems, versions = pg_roles.health(admin)
+    except Exception as exc:  # noqa: BLE001 (psycopg's errors, shown to the operator)
+        return Check("database", "fail", f"{target}: {str(exc).strip()}",
+                     "check the server, storage.postgres_url and the controller's password "
+                     f"in {pg_roles.CONTROLLER_PASSWORD_FILE}")
+    if problems:
+        return Check("database", "fail", f"{target}: " + "; ".join(problems),
+                     "README, PostgreSQL: ALTER ROLE <controller> CREATEROLE; GRANT CREATE "
+                     "ON DATABASE <db> TO <controller>; ALTER ROLE <account> NOSUPERUSER ...")
+    found = sorted(set(versions.values()))
+    return Check("database", "ok", f"{target}: {len(versions)} account schemas"
+                 + (f", schema versions {', '.join(map(str, found))}" if found else ""))
 
 
 def claude_path(cfg: config.Config) -> Path | None:
@@ -248,8 +273,8 @@ def run(client: AdminPing, *, configured_socket: bool) -> list[Check]:
         client.path = cfg.controller.admin_socket
     admin, info = check_admin(client)
     plane = check_plane(cfg, str(info["plane"]) if info and info.get("plane") else None)
-    return [systemd, controller, conf, plane, check_claude(cfg), check_api_key(),
-            check_disk(), admin]
+    return [systemd, controller, conf, plane, check_database(cfg), check_claude(cfg),
+            check_api_key(), check_disk(), admin]
 
 
 def text(checks: list[Check]) -> str:

@@ -24,11 +24,15 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import sdnotify
 
-from controller import admin  # wabridgectl's admin socket
+from controller import (
+    admin,  # wabridgectl's admin socket
+    pg_roles,
+)
 from controller import metrics as mx  # today's usage (billing) beside the metrics
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
@@ -252,8 +256,10 @@ class Controller:
             # the user's own dynamic user, the resource limits and the backend the document
             # asks for; fails closed
             try:
-                dropin = self.dropin_for(uid)
-            except PolicyError as exc:
+                # storage.backend = postgresql: the account's role and schema, a new password
+                pg_password = await asyncio.to_thread(pg_roles.prepare, self.cfg, uid)
+                dropin = self.dropin_for(uid, pg_password)
+            except (PolicyError, pg_roles.StoreUnavailable) as exc:
                 log.warning("account.error", user_id=uid, code=exc.code, error=str(exc))
                 await self.write(uid, {"status": DocStatus.ERROR.value,
                                        "error": error_field(exc.code, str(exc))})
@@ -342,13 +348,14 @@ class Controller:
             log.info("account.status_not_written", user_id=user_id, status=new.value)
         return ok
 
-    def dropin_for(self, user_id: str) -> str:
+    def dropin_for(self, user_id: str, postgres_password: Path | None = None) -> str:
         """The unit's drop-in for this user; raises ``PolicyError`` for a bad backend or a bad
         ``apiKeyRef``."""
         doc = self.docs.get(user_id)
         settings = doc.settings if doc is not None else {}
         return worker_dropin(system_user_name(user_id), worker_limits(self.cfg),
-                             rc.worker_environment(settings), api_key_file(settings))
+                             rc.worker_environment(settings), api_key_file(settings),
+                             postgres_password)
 
     async def write_process(self, state: UnitState, *, force: bool = False) -> None:
         """The document's ``process`` field: on every change of PID/state/restarts, else at

@@ -120,7 +120,7 @@ from pystemd import dbusexc
 from pystemd.dbuslib import DBus, DBusAddress, apply_signature, path_decode, path_encode
 
 from controller.unit_manager import FAILED, NO_SUCH_UNIT, UNAVAILABLE, SystemdError, UnitState
-from wabridge import claude_cli, logs
+from wabridge import claude_cli, credentials, logs
 from wabridge.errors import PolicyError
 from wabridge.units import WORKER_PREFIX, WORKER_SUFFIX, user_of_unit
 
@@ -353,10 +353,11 @@ def with_cpu_fallback(st: UnitState) -> UnitState:
 
 def worker_dropin(user_name: str, limits: Mapping[str, str],
                   environment: Mapping[str, str] | None = None,
-                  api_key: Path | None = None) -> str:
+                  api_key: Path | None = None, postgres_password: Path | None = None) -> str:
     """The per-instance drop-in: the user's own dynamic user, the resource limits, the
     environment its document asks for (``controller.reconcile.worker_environment``), and the
-    user's own Anthropic API key file if they have one (``api_key_file``).
+    user's own Anthropic API key file if they have one (``api_key_file``), and its
+    PostgreSQL role's password file (``controller.pg_roles.prepare``).
 
     ``limits`` maps unit settings (``MemoryMax``...) to values; empty values are left out, so
     the template's value applies. Environment values must be checked already (no quotes,
@@ -377,6 +378,8 @@ def worker_dropin(user_name: str, limits: Mapping[str, str],
         lines.append(f'Environment="{key}={value.replace("%", "%%")}"')
     if api_key is not None:
         lines.append(f"LoadCredential={claude_cli.API_KEY_CREDENTIAL}:{api_key}")
+    if postgres_password is not None:  # storage.backend = postgresql: its role's password
+        lines.append(f"LoadCredential={credentials.POSTGRES_PASSWORD}:{postgres_password}")
     return "\n".join(lines) + "\n"
 
 

@@ -246,7 +246,7 @@ def test_env_values_are_read_as_the_field_type() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("[nope]\nx = 1\n",
      "config key 'nope': unknown section (allowed: controller, firebase, worker, claude, "
-     "conversation, limits, tools, log, sim, transcription)"),
+     "conversation, limits, tools, log, sim, transcription, storage)"),
     ("worker = 1\n", "config key 'worker': must be a table"),
     ("[sim]\nlisten = '127.0.0.1:1'\nqr = 1\n",
      "config key 'sim.qr': unknown key (allowed: listen, qr_rotate)"),
@@ -306,7 +306,7 @@ def test_the_example_file_layout() -> None:
     ]
     # each section ends with a blank line before the next one
     assert lines[lines.index("[firebase]") - 1] == ""
-    assert config.example_toml().endswith("\n#timeout = 60.0\n")  # [transcription] is last
+    assert config.example_toml().endswith("\n#postgres_url = \"\"\n")  # [storage] is last
     assert "#tools = false" in lines
     assert "#max_starting = 8" in lines
 

@@ -482,8 +482,8 @@ def doctor(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[st
     code, out, _ = run(capsys, *argv, "doctor", "--json")
     doc = json.loads(out)
     assert [c["name"] for c in doc["checks"]] == [
-        "systemd", "controller", "config", "control_plane", "claude", "api_key", "disk",
-        "admin_socket"]
+        "systemd", "controller", "config", "control_plane", "database", "claude", "api_key",
+        "disk", "admin_socket"]
     assert doc["ok"] is (code == ctl.OK)
     return code, {c["name"]: c for c in doc["checks"]}
 

@@ -8,14 +8,18 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from agent import store as store_mod
-from agent.store import MIGRATIONS, Store, encode_message
+from agent import store_postgres
+from agent.store import MIGRATIONS, PostgresTarget, Store, encode_message
 from agent.whatsapp.events import Image, IncomingMessage
 from wabridge.errors import ExitCode, SchemaTooNew
 
@@ -25,9 +29,22 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request: pytest.FixtureRequest, db_path: Path) -> Path | PostgresTarget:
+    """Where a store lives: every contract test runs on both backends (PostgreSQL: a fresh
+    schema in the session's private cluster, skipped with the reason when there is none)."""
+    if request.param == "sqlite":
+        return db_path
+    cluster = request.getfixturevalue("postgres")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return PostgresTarget(cluster.conninfo(), schema)
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    s = Store(db_path)
+def store(where: Path | PostgresTarget) -> Iterator[Store]:
+    s = Store(where)
     yield s
     s.close()
 
@@ -41,9 +58,28 @@ def _raw(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None)
 
 
-def _count(path: Path, sql: str) -> int:
-    with closing(_raw(path)) as conn:
-        return int(conn.execute(sql).fetchone()[0])
+def _count(where: Path | PostgresTarget, sql: str) -> int:
+    """One number from the store's tables, read behind the store's back."""
+    if isinstance(where, PostgresTarget):
+        with psycopg.connect(where.conninfo, autocommit=True) as conn:
+            conn.execute(f"SET search_path TO {where.schema}")
+            row = conn.execute(sql).fetchone()
+            assert row is not None
+            return int(row[0])
+    with closing(_raw(where)) as db:
+        return int(db.execute(sql).fetchone()[0])
+
+
+def _has_table(where: Path | PostgresTarget, name: str) -> bool:
+    if isinstance(where, PostgresTarget):
+        return _count(where, f"SELECT COUNT(*) FROM pg_tables WHERE schemaname = "  # noqa: S608 (test names)
+                             f"'{where.schema}' AND tablename = '{name}'") == 1
+    return _count(where, f"SELECT COUNT(*) FROM sqlite_master WHERE name = '{name}'") == 1  # noqa: S608 (test names)
+
+
+def _add_step(monkeypatch: pytest.MonkeyPatch, step: Callable[[Any], None]) -> None:
+    """A migration step a newer wabridge would add: written once, it runs on both backends."""
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*MIGRATIONS, step])
 
 
 # --- migrations ----------------------------------------------------------------------------
@@ -61,72 +97,102 @@ def test_migrates_an_empty_file(db_path: Path) -> None:
     conn.close()
 
 
-def test_reopening_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
-    s = Store(db_path)
+def test_reopening_keeps_data_and_does_not_migrate_again(where: Path | PostgresTarget) -> None:
+    s = Store(where)
     assert s.add_inbound(_msg("c", "s", "w1", "hi"))
     s.close()
-    s2 = Store(db_path)
+    s2 = Store(where)
     assert [p.wa_id for p in s2.pending_inbound("c")] == ["w1"]
     s2.close()
-    assert _count(db_path, "SELECT COUNT(*) FROM schema_version") == 1
+    assert _count(where, "SELECT COUNT(*) FROM schema_version") == 1
 
 
-def test_refuses_a_newer_schema(db_path: Path) -> None:
-    Store(db_path).close()
-    with closing(_raw(db_path)) as conn:
-        conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
+def test_refuses_a_newer_schema(where: Path | PostgresTarget) -> None:
+    Store(where).close()
+    _count(where, f"UPDATE schema_version SET version = {len(MIGRATIONS) + 1} "  # noqa: S608 (an int)
+                  "RETURNING 1")
     with pytest.raises(SchemaTooNew) as info:
-        Store(db_path)
+        Store(where)
     assert f"schema version {len(MIGRATIONS) + 1}" in str(info.value)
     assert f"knows {len(MIGRATIONS)}" in str(info.value)
     assert "upgrade" in str(info.value)
     assert info.value.code == "schema_too_new"
     assert info.value.exit_code == ExitCode.SCHEMA_TOO_NEW  # do not restart: only an upgrade helps
-    # and it left the file alone
-    assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
+    # and it left the store alone
+    assert _count(where, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
 
 
 def test_a_new_migration_step_is_applied_once(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: Path | PostgresTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Store(db_path).close()
+    Store(where).close()
     calls: list[int] = []
 
-    def v2(db: sqlite3.Connection) -> None:
+    def v2(db: Any) -> None:
         calls.append(1)
         db.execute("CREATE TABLE extra (x INTEGER)")
 
-    monkeypatch.setattr(store_mod, "MIGRATIONS", [*MIGRATIONS, v2])
-    Store(db_path).close()
-    Store(db_path).close()
+    _add_step(monkeypatch, v2)
+    Store(where).close()
+    Store(where).close()
     assert calls == [1]
-    assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
+    assert _count(where, "SELECT version FROM schema_version") == len(MIGRATIONS) + 1
 
 
 def test_a_failing_migration_step_leaves_nothing_behind(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: Path | PostgresTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Store(db_path).close()
+    Store(where).close()
 
-    def v2(db: sqlite3.Connection) -> None:
+    def v2(db: Any) -> None:
         db.execute("CREATE TABLE half (x INTEGER)")
         raise RuntimeError("step failed halfway")
 
-    monkeypatch.setattr(store_mod, "MIGRATIONS", [*MIGRATIONS, v2])
+    _add_step(monkeypatch, v2)
     with pytest.raises(RuntimeError, match="halfway"):
-        Store(db_path)
-    assert _count(db_path, "SELECT version FROM schema_version") == len(MIGRATIONS)
-    assert _count(db_path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'half'") == 0
+        Store(where)
+    assert _count(where, "SELECT version FROM schema_version") == len(MIGRATIONS)
+    assert not _has_table(where, "half")
 
 
-def test_two_stores_opening_a_fresh_file_at_once(db_path: Path) -> None:
+def test_a_new_sqlite_step_runs_on_postgresql_as_written_or_by_its_twin(
+    where: Path | PostgresTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step written for SQLite (its column types included) makes the same table on
+    PostgreSQL; a step that needs a PostgreSQL twin gets it there, and SQLite keeps its own."""
+    Store(where).close()
+    version = len(MIGRATIONS) + 1
+
+    def step(db: Any) -> None:
+        db.execute("CREATE TABLE jottings (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
+                   "n INTEGER NOT NULL DEFAULT 0)")
+        db.execute("CREATE TABLE only_in_sqlite (x INTEGER)")
+
+    def twin(db: Any) -> None:
+        db.execute("CREATE TABLE jottings (id INTEGER PRIMARY KEY, at REAL NOT NULL, body BLOB, "
+                   "n INTEGER NOT NULL DEFAULT 0)")
+
+    _add_step(monkeypatch, step)
+    monkeypatch.setitem(store_postgres.PG_TWINS, version, twin)
+    store = Store(where)
+    big = 2**40  # SQLite's integers are 64-bit: so are PostgreSQL's columns made from them
+    store._conn().execute("INSERT INTO jottings (at, body, n) VALUES (?, ?, ?)",
+                          (1.5, b"\x00\xff", big))
+    rows = store._conn().execute("SELECT id, at, body, n FROM jottings").fetchall()
+    assert [(r[0], r[1], bytes(r[2]), r[3]) for r in rows] == [(1, 1.5, b"\x00\xff", big)]
+    store.close()
+    assert _count(where, "SELECT version FROM schema_version") == version
+    assert _has_table(where, "only_in_sqlite") is not isinstance(where, PostgresTarget)
+
+
+def test_two_stores_opening_a_fresh_store_at_once(where: Path | PostgresTarget) -> None:
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 
     def open_it() -> None:
         barrier.wait()
         try:
-            Store(db_path).close()
+            Store(where).close()
         except BaseException as exc:
             errors.append(exc)
 
@@ -136,7 +202,7 @@ def test_two_stores_opening_a_fresh_file_at_once(db_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert _count(db_path, "SELECT COUNT(*) FROM schema_version") == 1
+    assert _count(where, "SELECT COUNT(*) FROM schema_version") == 1
 
 
 # --- inbox ---------------------------------------------------------------------------------
@@ -204,7 +270,7 @@ def test_skip_inbound(store: Store) -> None:
 
 
 def test_complete_turn_marks_done_and_queues_replies_in_one_commit(
-    store: Store, db_path: Path
+    store: Store, where: Path | PostgresTarget
 ) -> None:
     store.add_inbound(_msg("c", "s", "w1", "q1"))
     store.add_inbound(_msg("c", "s", "w2", "q2"))
@@ -223,7 +289,7 @@ def test_complete_turn_marks_done_and_queues_replies_in_one_commit(
     assert [p.wa_id for p in store.pending_inbound("c")] == ["w3"]
 
     # a brand-new Store on the same file (another process after a restart) sees the same
-    other = Store(db_path)
+    other = Store(where)
     assert [p.wa_id for p in other.pending_inbound("c")] == ["w3"]
     assert other.pending_replies() == replies
     row = other.chat("c")
@@ -264,8 +330,8 @@ def test_complete_turn_failing_midway_changes_nothing(store: Store) -> None:
     assert store.pending_inbound("c") == []
 
 
-def test_complete_turn_survives_a_process_crash_midway(db_path: Path) -> None:
-    s = Store(db_path)
+def test_complete_turn_survives_a_process_crash_midway(where: Path | PostgresTarget) -> None:
+    s = Store(where)
     s.add_inbound(_msg("c", "s", "w1"))
     (p,) = s.pending_inbound("c")
     s.close()
@@ -273,9 +339,9 @@ def test_complete_turn_survives_a_process_crash_midway(db_path: Path) -> None:
     # and one reply inserted, inside complete_turn's transaction.
     code = textwrap.dedent(f"""
         import os, sys
-        from pathlib import Path
-        from agent.store import Store
-        s = Store(Path({str(db_path)!r}))
+        from pathlib import PosixPath
+        from agent.store import PostgresTarget, Store
+        s = Store({where!r})
         def replies():
             yield "first part"
             os._exit(3)
@@ -285,7 +351,7 @@ def test_complete_turn_survives_a_process_crash_midway(db_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
                           check=False, capture_output=True, text=True)
     assert done.returncode == 3, done.stderr
-    after = Store(db_path)
+    after = Store(where)
     assert [x.id for x in after.pending_inbound("c")] == [p.id]  # answered again
     assert after.pending_replies() == []  # and no half-queued reply
     after.close()
@@ -308,9 +374,9 @@ def test_pending_replies_in_order_and_mark_sent(store: Store) -> None:
     assert store.totals()["messages_out"] == 3
 
 
-def test_reply_ids_survive_a_restart(store: Store, db_path: Path) -> None:
+def test_reply_ids_survive_a_restart(store: Store, where: Path | PostgresTarget) -> None:
     (r,) = store.complete_turn("c", [], ["x"], None)
-    other = Store(db_path)
+    other = Store(where)
     assert [x.wa_id for x in other.pending_replies()] == [r.wa_id]  # resend reuses the id
     other.close()
 
@@ -322,7 +388,7 @@ def _frame(kind: str) -> object:
     return lambda seq: json.dumps({"type": kind, "seq": seq}).encode() + b"\n"
 
 
-def test_link_outbox(store: Store, db_path: Path) -> None:
+def test_link_outbox(store: Store, where: Path | PostgresTarget) -> None:
     s1 = store.queue_frame(_frame("state"))  # type: ignore[arg-type]
     s2 = store.queue_frame(_frame("message"))  # type: ignore[arg-type]
     s3 = store.queue_frame(_frame("state"))  # type: ignore[arg-type]
@@ -336,7 +402,7 @@ def test_link_outbox(store: Store, db_path: Path) -> None:
     assert [seq for seq, _ in store.unacked_frames()] == [s1, s3]
     store.ack_frame(s2)  # acking twice is harmless
     store.drop_frames([s1])
-    other = Store(db_path)
+    other = Store(where)
     assert [seq for seq, _ in other.unacked_frames()] == [s3]
     other.close()
     store.drop_frames([s3])
@@ -621,3 +687,48 @@ def test_usage_on_a_day_counts_committed_turns_and_summaries(store: Store) -> No
         "turns": 2, "input_tokens": 21, "output_tokens": 42, "cache_creation_tokens": 60,
         "cache_read_tokens": 80, "cost_usd": 0.875}
     assert store.cost_on(day) == got["cost_usd"]  # the daily budget reads the same rows
+
+
+def test_a_restarted_server_costs_one_failed_call_not_the_store(
+        where: Path | PostgresTarget) -> None:
+    """PostgreSQL restarted (here: our server processes ended, as a restart does): the call
+    that meets the dead connection fails, and the next one, on every thread, works again
+    (psycopg never reconnects by itself; a thread's cached connection would stay dead)."""
+    if not isinstance(where, PostgresTarget):
+        pytest.skip("PostgreSQL only")
+    store = Store(where)
+    assert store.add_inbound(_msg("c", "s", "w1"))
+    with psycopg.connect(where.conninfo, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+                      "AND backend_type = 'client backend'")
+    with pytest.raises(psycopg.OperationalError):
+        store.add_inbound(_msg("c", "s", "w2"))
+    assert store.add_inbound(_msg("c", "s", "w2"))  # committed now
+    assert [p.wa_id for p in store.pending_inbound("c")] == ["w1", "w2"]
+    store.close()
+
+
+def test_scheduled_messages_and_notes(store: Store) -> None:
+    """The tools' tables (schema 6) on both backends."""
+    a = store.schedule("c1", 200.0, "later", "2026-12-05")
+    b = store.schedule("c2", 100.0, "sooner", "2026-12-05")
+    c = store.schedule("c1", 300.0, "never", "2026-12-05")
+    assert a < b < c
+    assert [s.id for s in store.scheduled()] == [b, a, c]
+    assert [s.id for s in store.scheduled("c1")] == [a, c]
+    assert store.scheduled_on("2026-12-05") == 3
+    assert store.cancel_scheduled(c, "c2") is False  # not that chat's
+    assert store.cancel_scheduled(c) is True
+    assert store.cancel_scheduled(c) is False
+    due = store.release_due(250.0)
+    assert [(r.chat_id, r.text) for r in due] == [("c2", "sooner"), ("c1", "later")]
+    assert store.release_due(250.0) == []  # queued once
+    assert [r.text for r in store.pending_replies()] == ["sooner", "later"]
+    n1 = store.add_note("c1", "likes tea")
+    n2 = store.add_note("c1", "lives in Porto")
+    assert n1 < n2
+    assert [n.text for n in store.notes("c1")] == ["likes tea", "lives in Porto"]
+    assert store.forget_note(n1, "c2") is False
+    assert store.forget_note(n1, "c1") is True
+    assert [n.id for n in store.notes()] == [n2]

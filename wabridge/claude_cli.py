@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from wabridge import credentials
+
 #: Always set in the CLI's environment: no telemetry, no update checks, no error reports,
 #: no non-essential requests, and no retries inside the CLI (a failed turn is the worker's
 #: to handle; the CLI's own retries take ~3 minutes per error).
@@ -55,11 +57,4 @@ API_KEY_REF: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def credential_api_key(env: Mapping[str, str] = os.environ) -> str | None:
     """The user's own API key handed to this process by systemd, or None (then the shared
     ``ANTHROPIC_API_KEY`` of ``worker.env`` applies, if any)."""
-    directory = env.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        return None
-    try:
-        key = (Path(directory) / API_KEY_CREDENTIAL).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    return key or None
+    return credentials.read(API_KEY_CREDENTIAL, env)

@@ -1,7 +1,8 @@
 """One typed, validated configuration for the controller, the workers and the simulator.
 
-Over 600 lines because every key of every section is declared here with its documentation and
-its check: the one schema the reference (docs/configuration.md) and the conffile come from.
+Over 600 lines because it is the one schema: every key with its default, documentation and
+check, from which the reference (docs/configuration.md) and the conffile are generated; split
+into modules, both would have to be assembled again from the pieces.
 
 Sources, later ones winning:
 1. the embedded defaults below (enough to run a fleet on the local control plane);
@@ -478,6 +479,37 @@ class SimConfig:
     qr_rotate: float = _opt(20.0, "Seconds between QR rotations.", check=_at_least(0.5))
 
 
+def _postgres_url(value: Any) -> str | None:
+    text = str(value)
+    if text == "":
+        return None
+    if not text.startswith(("postgresql://", "postgres://")):
+        return f"{text!r} is not a postgresql:// URL"
+    if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", text) or "password=" in text:
+        return ("carries a password: give it as the systemd credential "
+                "'postgres-password' instead (it must not reach a unit file or a log)")
+    return None
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = _opt(
+        "sqlite",
+        "Where each account's conversation store lives: `sqlite` (a file in its state "
+        "directory) or `postgresql` (its own schema and role in `postgres_url`'s database).",
+        allowed="sqlite, postgresql",
+        check=_one_of("sqlite", "postgresql"),
+    )
+    postgres_url: str = _opt(
+        "",
+        "The shared database, e.g. `postgresql://wabridge@db.example:5432/wabridge`, without "
+        "a password: the controller's comes from the credential `postgres-password`, each "
+        "worker gets its own role's the same way.",
+        allowed="postgresql:// URL without a password, or empty",
+        check=_postgres_url,
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
@@ -490,6 +522,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     transcription: TranscriptionConfig = field(default_factory=TranscriptionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 SectionT = TypeVar("SectionT")
@@ -597,6 +630,9 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     if claude.engine == "api" and api_model(claude) not in parse_prices(claude.api_prices):
         raise ConfigError("claude.api_prices", f"has no price for the model {api_model(claude)!r}"
                           " the api engine uses", allowed="model=input/output, comma separated")
+    if cfg.storage.backend == "postgresql" and not cfg.storage.postgres_url:
+        raise ConfigError("storage.postgres_url", "is empty but storage.backend is postgresql",
+                          allowed="postgresql:// URL without a password")
     return cfg
 
 

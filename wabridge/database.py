@@ -21,12 +21,25 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from wabridge.errors import SchemaTooNew
 
 Migration = Callable[[sqlite3.Connection], None]
+
+
+class Db(Protocol):
+    """What :func:`migrate` needs of a connection: SQLite's, or
+    :class:`wabridge.postgres.Connection` (which speaks SQLite's placeholders)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any: ...
+
+
+DbT = TypeVar("DbT", bound=Db)
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -73,7 +86,7 @@ def deferred(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("COMMIT")
 
 
-def run_script(db: sqlite3.Connection, script: str) -> None:
+def run_script(db: Db, script: str) -> None:
     """Run ``;``-separated DDL inside the caller's transaction.
 
     Not ``executescript``: it COMMITs a pending transaction first, so a migration would not be
@@ -85,21 +98,27 @@ def run_script(db: sqlite3.Connection, script: str) -> None:
             db.execute(statement)
 
 
-def schema_version(db: sqlite3.Connection) -> int:
+def schema_version(db: Db) -> int:
     """The file's schema version (0: fresh, or written before any step)."""
     row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
     return int(row[0]) if row is not None and row[0] is not None else 0
 
 
-def migrate(db: sqlite3.Connection, steps: Sequence[Migration], *, name: str) -> int:
+def migrate(db: DbT, steps: Sequence[Callable[[DbT], None]], *, name: str,
+            transaction: Callable[[DbT], AbstractContextManager[Any]] | None = None) -> int:
     """Bring ``db`` to version ``len(steps)``; returns the version it had. ``name`` (the
-    file) is what :class:`SchemaTooNew` names."""
-    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    file, or the database and schema) is what :class:`SchemaTooNew` names; ``transaction``
+    is the write transaction that excludes other writers (:func:`immediate` for SQLite,
+    :func:`wabridge.postgres.immediate` for PostgreSQL)."""
+    begin: Callable[[Any], AbstractContextManager[Any]] = transaction or immediate
     found: int | None = None
     while True:
         # The version is read inside the write transaction, so two processes opening a
         # fresh file at once cannot both run the same step.
-        with immediate(db):
+        with begin(db):
+            # created inside the transaction: on PostgreSQL two concurrent CREATE TABLE IF
+            # NOT EXISTS can collide; under the write lock only the first one creates it
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = schema_version(db)
             found = current if found is None else found
             if current > len(steps):

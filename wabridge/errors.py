@@ -9,6 +9,10 @@
     │                                                   frame (an error frame goes back)
     ├── SchemaTooNew              wabridge.errors       schema_too_new: a state file a newer
     │                                                   wabridge wrote, exit 16 (not restarted)
+    ├── SchemaMissing             wabridge.postgres     postgres_schema_missing: the account's
+    │                                                   schema is not made yet (controller's job)
+    ├── StoreUnavailable          controller.pg_roles   store_unavailable: the account's role
+    │                                                   could not be prepared (start refused)
     ├── ForeignRecordError        wabridge.errors       not_your_record: a write that would
     │                                                   replace another user's record (refused)
     ├── TranscriptionError        wabridge.errors       not_transcribed: a voice note the

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from agent.whatsapp.events import Event, IncomingMessage
 from wabridge.errors import WabridgeError
@@ -39,9 +40,30 @@ class SendError(WabridgeError):
 
 
 @dataclass(frozen=True)
+class PostgresSessionStore:
+    """A WhatsApp session store on PostgreSQL (``storage.backend = postgresql``): the
+    ``postgres://`` URL Go's driver takes, password included, which nothing may print
+    (``str()`` and ``repr()`` give ``name``; errors go through ``redact``)."""
+
+    url: str = field(repr=False)
+    name: str  # server, database and role: for logs
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def redact(self, text: str) -> str:
+        if not self.password:
+            return text
+        return text.replace(quote(self.password, safe=""), "***").replace(self.password, "***")
+
+
+@dataclass(frozen=True)
 class BackendContext:
     user_id: str
     state_dir: Path  # private to this user (mode 0700); backends keep their store here
+    #: where neonize keeps the linked device instead of a file in ``state_dir``
+    session_store: PostgresSessionStore | None = None
 
 
 class WhatsAppBackend(abc.ABC):

@@ -43,9 +43,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.whatsapp.base import BackendContext, SendError, Sink, WhatsAppBackend
+from agent.whatsapp.base import (
+    BackendContext,
+    PostgresSessionStore,
+    SendError,
+    Sink,
+    WhatsAppBackend,
+)
 from agent.whatsapp.events import (
     ClientOutdated,
     Connected,
@@ -118,7 +125,8 @@ class NeonizeBackend(WhatsAppBackend):
         send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         self.ctx = ctx
-        self.db_path = ctx.state_dir / STORE_FILE
+        self.db_path: Path | PostgresSessionStore = (ctx.session_store
+                                                     or ctx.state_dir / STORE_FILE)
         self._factory: ClientFactory = client_factory or default_client_factory
         self._qr_timeout = qr_timeout
         self._download_timeout = download_timeout

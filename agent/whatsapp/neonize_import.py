@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
+from agent.whatsapp.base import PostgresSessionStore
 from wabridge.errors import WabridgeError
 
 
@@ -116,33 +117,42 @@ def _closed_popen() -> Iterator[None]:
         os.popen = original
 
 
-def ensure_store(db_path: Path) -> int:
-    """Create (or upgrade) the whatsmeow schema in ``db_path``; returns the stored sessions.
+def ensure_store(db_path: Path | PostgresSessionStore) -> int:
+    """Create (or upgrade) the whatsmeow schema in ``db_path`` (a file, or the account's own
+    schema on PostgreSQL); returns the stored sessions.
 
     Uses ``ClientFactory.get_all_devices_from_db``: Go opens the store with ``sqlstore.New``,
-    which runs the schema upgrades, then lists the devices. Purely local; no network.
+    which runs the schema upgrades, then lists the devices. Purely local; no network (bar
+    the database server). On PostgreSQL the tables land in the account's schema: its role's
+    default ``search_path`` (``"$user"``) names it, and it can create nowhere else.
     """
     api = import_neonize()
-    db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if isinstance(db_path, Path):
+        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    address = db_path.url if isinstance(db_path, PostgresSessionStore) else str(db_path)
     try:
         with preserved_root_logging():
-            devices = api.client.ClientFactory.get_all_devices_from_db(str(db_path))
-    except Exception as exc:  # Go reports "error: …", which neonize fails to parse
+            devices = api.client.ClientFactory.get_all_devices_from_db(address)
+    except Exception as exc:  # noqa: BLE001 (Go reports "error: …", which neonize fails to parse; not chained: it may quote the URL)
+        said = db_path.redact(str(exc)) if isinstance(db_path, PostgresSessionStore) else exc
         raise NeonizeStoreError(
-            f"cannot open the WhatsApp store {db_path}: {exc}",
-            explanation=NeonizeStoreError.explanation,
-        ) from exc
-    if not db_path.exists():
+            f"cannot open the WhatsApp store {db_path}: {said}",
+            explanation=NeonizeStoreError.explanation if isinstance(db_path, Path) else
+            "check the database server, the 'postgres-password' credential the controller "
+            "handed over, and the URL's sslmode (Go's driver defaults to require)",
+        ) from None
+    if isinstance(db_path, Path) and not db_path.exists():
         raise NeonizeStoreError(f"the WhatsApp store {db_path} was not created")
     return len(devices)
 
 
-def default_client_factory(db_path: Path) -> Any:
+def default_client_factory(db_path: Path | PostgresSessionStore) -> Any:
     """A real ``neonize.client.NewClient`` whose session store is ``db_path`` (schema ready)."""
     api = import_neonize()
     ensure_store(db_path)
+    address = db_path.url if isinstance(db_path, PostgresSessionStore) else str(db_path)
     with preserved_root_logging():
-        return api.client.NewClient(str(db_path))
+        return api.client.NewClient(address)
 
 
-ClientFactory = Callable[[Path], Any]
+ClientFactory = Callable[[Path | PostgresSessionStore], Any]
