@@ -135,7 +135,8 @@ from wabridge.errors import WabridgeError
 
 log = logs.get("agent.claude")
 
-ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "resume_failed"]
+ErrorCode = Literal["timeout", "process_exited", "protocol", "not_configured", "resume_failed",
+                    "no_slot"]
 
 #: The CLI's longest cwd part of a temp path before it appends a hash (CLI 2.1.331).
 _MAX_SLUG: Final = 200
@@ -216,6 +217,8 @@ EXPLANATIONS: Final[Mapping[ErrorCode, str]] = {
     "ANTHROPIC_API_KEY in /etc/wabridge/worker.env",
     "resume_failed": "the chat's stored conversation could not be resumed; a fresh one is "
     "started, seeded with the chat's recent messages",
+    "no_slot": "every Claude process the host allows (claude.host_max_processes) stayed busy "
+    "for claude.slot_wait seconds; the sender got conversation.apology",
 }
 
 

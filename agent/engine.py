@@ -49,6 +49,7 @@ import structlog
 
 from agent import (
     budget,
+    burst,
     commands,
     delivery,
     persona,
@@ -195,6 +196,7 @@ class Engine:
         self._buckets: dict[str, budget.Bucket] = {}
         self._slowed: set[str] = set()  # senders told to slow down (until they may again)
         self._chat_tasks: dict[str, asyncio.Task[None]] = {}
+        self._arrived: dict[str, float] = {}  # chat -> when its latest message arrived
         self._outbox_wake = asyncio.Event()
         self._presence_tasks: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
@@ -316,6 +318,7 @@ class Engine:
         """Start the chat's turn loop if it is not running (loop thread only)."""
         if not self.accepting:
             return
+        self._arrived[chat_id] = time.monotonic()
         task = self._chat_tasks.get(chat_id)
         if task is None or task.done():
             self._chat_tasks[chat_id] = asyncio.create_task(self._chat_loop(chat_id),
@@ -331,8 +334,7 @@ class Engine:
             await self._owner_known.wait()
             failures = 0
             while self.accepting:
-                if self._conv.debounce > 0:
-                    await asyncio.sleep(self._conv.debounce)
+                await self._rest_of_burst(chat_id)
                 batch = self._store.pending_inbound(chat_id, self._conv.max_batch)
                 if not batch:
                     return
@@ -350,6 +352,15 @@ class Engine:
                         self._outbox_wake.set()
                         failures = 0
                     await asyncio.sleep(1.0)
+
+    async def _rest_of_burst(self, chat_id: str) -> None:
+        """Wait while the chat's messages keep coming (:mod:`agent.burst`)."""
+        woke = time.monotonic()
+        # a deadline that moves with each arrival, re-read after each sleep (no event to wait on)
+        while (wait := burst.turn_delay(time.monotonic(), woke, self._arrived.get(chat_id),  # noqa: ASYNC110
+                                        settle=self._conv.settle,
+                                        debounce=self._conv.debounce)) > 0:
+            await asyncio.sleep(wait)
 
     async def _step(self, chat_id: str, batch: list[PendingInbound]) -> None:
         """Decide the pending messages; then run one command or one turn."""

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from agent.host_slots import HostSlots
 from agent.store import Store
 from wabridge import logs, protocol
 from wabridge.errors import ProtocolError
@@ -54,6 +55,8 @@ class ControllerLink:
         version: str,
         on_settings: Callable[[dict[str, Any]], None],
         on_command: Callable[[protocol.Command], None],
+        *,
+        slots: HostSlots | None = None,
     ) -> None:
         self._path = socket_path
         self._user_id = user_id
@@ -61,6 +64,8 @@ class ControllerLink:
         self._version = version
         self._on_settings = on_settings
         self._on_command = on_command
+        self._slots = slots  # the host's Claude budget: its frames are live facts, not queued
+        self._writer: asyncio.StreamWriter | None = None
         self._wake = asyncio.Event()
         self.connected = False
         self.last_error = ""
@@ -79,6 +84,14 @@ class ControllerLink:
         """Queue a sequenced frame durably and wake the sender. Safe from the loop thread."""
         self._store.queue_frame(lambda seq: protocol.encode(build(seq)))
         self._wake.set()
+
+    def send_now(self, frame: protocol.Frame) -> bool:
+        """Send an unsequenced frame (a live fact, not queued: lost with the link, and told
+        again by ``HostSlots.on_connected`` after a reconnect). False when the link is down."""
+        if not self.connected or self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(protocol.encode(frame))
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 0.1
@@ -110,9 +123,12 @@ class ControllerLink:
             if not isinstance(first, protocol.Welcome):
                 raise ProtocolError(f"expected welcome, got {first.TYPE}")
             self.connected = True
+            self._writer = writer
             self.last_error = ""
             log.info("link.controller_connected")
             self._on_settings(first.settings)
+            for frame in self._slots.on_connected() if self._slots is not None else []:
+                writer.write(protocol.encode(frame))
             receiver = asyncio.create_task(self._receive(reader))
             try:
                 while not stop.is_set() and not receiver.done():
@@ -134,6 +150,7 @@ class ControllerLink:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await receiver
         finally:
+            self._writer = None
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -194,3 +211,5 @@ class ControllerLink:
                 self._on_settings(frame.settings)
             elif isinstance(frame, protocol.Command):
                 self._on_command(frame)
+            elif isinstance(frame, protocol.SlotOrder) and self._slots is not None:
+                self._slots.on_order(frame)

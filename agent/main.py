@@ -65,6 +65,7 @@ from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
 from agent.engine import Engine
+from agent.host_slots import HostSlots
 from agent.inbound_hold import InboundHold
 from agent.link import ControllerLink
 from agent.placement import session_store, store_location
@@ -191,8 +192,10 @@ class Worker:
         self.sink_since: float | None = None  # the backend's thread is inside sink() since
         self.unhealthy = ""  # the last health problem (the watchdog is not fed meanwhile)
         self.fault = test_fault()
+        self.slots = HostSlots(lambda f: self.link.send_now(f), lambda: self.link.connected,  # noqa: PLW0108 -- the link comes next
+                               cfg.claude.slot_wait, lambda c: self.pool.reclaim(c))  # noqa: PLW0108
         self.link = ControllerLink(cfg.controller.socket, user_id, store, __version__,
-                                   self._on_settings, self._on_command)
+                                   self._on_settings, self._on_command, slots=self.slots)
         self.settings: dict[str, Any] = {}
         self.report_usage = UsageReporter(store, self.link.report)  # billing, after every turn
         self.pairing_requested = ""
@@ -212,6 +215,7 @@ class Worker:
                                claude_settings(cfg), state_dir, store,
                                resume_max_bytes=cfg.conversation.resume_max_bytes,
                                tools=self.tools.launch)
+        self.pool.slots = self.slots
         api = None
         if not cfg.claude.tools:
             try:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.claude import ClaudeError, ClaudeSession, ClaudeSettings, ToolFlags
+from agent.host_slots import HostSlots
 from agent.persona import Profile
 from agent.store import Store
 from wabridge import logs
@@ -67,6 +68,9 @@ class ClaudePool:
         self._closing: set[str] = set()  # taken out of _live, process still closing
         self._cond = asyncio.Condition()
         self.peak = 0  # most processes live at once (diagnostics, tests)
+        # the host's Claude budget: a new process waits for the controller's grant
+        self.slots: HostSlots | None = None
+        self._reclaims: set[asyncio.Task[None]] = set()
 
     @property
     def live(self) -> int:
@@ -103,6 +107,8 @@ class ClaudePool:
             async with self._cond:
                 step = await self._reserve(chat_id, settings)
             if isinstance(step, ClaudeSession):
+                if self.slots is not None:
+                    self.slots.busy(chat_id)
                 return step
             if step is None:
                 break
@@ -111,8 +117,12 @@ class ClaudePool:
             # gone, so at most ``size`` processes ever live.
             await self._finish_close(*step)
         try:
+            if self.slots is not None:
+                await self.slots.take(chat_id)
             session = await self._open(chat_id, settings)
         except BaseException:
+            if self.slots is not None:
+                self.slots.gone(chat_id)
             async with self._cond:
                 self._busy.discard(chat_id)
                 self._opening.discard(chat_id)
@@ -192,6 +202,8 @@ class ClaudePool:
             session = self._live[chat_id][0] if chat_id in self._live else None
             if session is not None:
                 self._live[chat_id] = (session, time.monotonic())
+                if self.slots is not None:
+                    self.slots.idle(chat_id)
             self._cond.notify_all()
         if self._mirror and session is not None and session.session_id:
             await self.mirror_transcript(chat_id, session.session_id)
@@ -252,7 +264,30 @@ class ClaudePool:
         finally:
             async with self._cond:
                 self._closing.discard(chat_id)
+                if self.slots is not None:
+                    self.slots.gone(chat_id)
                 self._cond.notify_all()
+
+    def reclaim(self, chat_id: str) -> None:
+        """The controller wants the chat's slot back: its process closes if idle; a chat in a
+        turn answers ``busy`` (asked again once idle, if still needed)."""
+        task = asyncio.get_running_loop().create_task(self._reclaim(chat_id))
+        self._reclaims.add(task)
+        task.add_done_callback(self._reclaims.discard)
+
+    async def _reclaim(self, chat_id: str) -> None:
+        async with self._cond:
+            entry = self._live.get(chat_id)
+            session = self._take(chat_id) if entry and chat_id not in self._busy else None
+            busy = chat_id in self._busy or chat_id in self._opening
+        if session is not None:
+            log.info("claude.reclaimed", chat_id=chat_id)
+            await self._finish_close(chat_id, session)
+        elif self.slots is not None:
+            if busy:
+                self.slots.busy(chat_id)
+            elif chat_id not in self._closing:
+                self.slots.gone(chat_id)
 
     async def reap_idle(self) -> None:
         now = time.monotonic()

@@ -14,8 +14,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from agent.whatsapp.events import Audio
 from wabridge.config import TranscriptionConfig
 from wabridge.errors import TranscriptionError
@@ -61,6 +59,8 @@ async def transcribe(audio: Audio, settings: TranscriptionSettings) -> str:
     reason = refusal(audio, settings)
     if reason is not None:
         raise TranscriptionError(reason)
+    import aiohttp  # noqa: PLC0415 - off the worker's start-up path (tests/test_startup_imports.py)
+
     form = aiohttp.FormData()
     form.add_field("file", audio.data, filename=file_name(audio.mime_type),
                    content_type=audio.mime_type.partition(";")[0].strip() or "audio/ogg")

@@ -15,7 +15,18 @@ Figures (targets are reported, not asserted):
   CLOCK_MONOTONIC is shared with the namespace, so the bench compares it to its own clock.
 * unit start -> QR on the document (the bench sees it in Firestore); p50, target <= 1 s.
 * N units started from cold: N documents written at once -> all N units active.
-* controller PSS; a neonize worker's PSS in its connecting state.
+* controller PSS; a neonize worker's PSS in its connecting state (the headline: a real
+  account's cost) next to the simulator's.
+* unit start -> READY=1 (``ActiveEnter`` - ``InactiveExit``) of a sim worker; p50, target
+  <= 200 ms.
+* an account with 0, 1 and 2 live chats (the unit's PSS: the worker and its Claude CLI
+  processes), and the CLI after 1 and after ``--turns`` turns in one conversation.
+* contact-perceived latency of a warm chat with the default ``conversation.debounce``/
+  ``settle`` and ``limits.send_gap``/``send_jitter`` (message sent -> reply in the contact's
+  inbox, through the simulator) next to the same with none of them (what the bridge, the CLI
+  and the fake API add); the bridge-added figure alone is ``bench.conversation``'s.
+* engines ``cli`` vs ``api`` per live chat (``bench.engines`` in a subprocess).
+* capacity of a 24 GB host computed from the figures above.
 
 Results: a table on stdout and JSON in ``bench/results/<UTC time>.json``.
 """
@@ -87,7 +98,7 @@ def link_many(fleet: Fleet, users: list[tuple[str, str]], timeout: float) -> Non
 
 
 def measure_latency(fleet: Fleet, samples: int) -> dict[str, Any]:
-    start, active, qr = [], [], []
+    start, active, qr, ready = [], [], [], []
     for i in range(samples):
         user = f"lat{i}"
         unit = fleet.unit(user)
@@ -107,6 +118,7 @@ def measure_latency(fleet: Fleet, samples: int) -> dict[str, Any]:
         start.append(left_inactive - t0)
         active.append(became_active - t0)
         qr.append(seen - left_inactive)
+        ready.append(became_active - left_inactive)
         fleet.request(user, "destroy_requested")
     for i in range(samples):
         fleet.wait_doc(f"lat{i}", lambda d: d.get("status") == "stopped", 30, "stopped")
@@ -115,6 +127,8 @@ def measure_latency(fleet: Fleet, samples: int) -> dict[str, Any]:
         "reaction_start_ms_p50": round(p50(start) * 1000, 1),
         "reaction_active_ms_p50": round(p50(active) * 1000, 1),
         "qr_on_document_ms_p50": round(p50(qr) * 1000, 1),
+        "unit_start_to_ready_ms_p50": round(p50(ready) * 1000, 1),
+        "unit_start_to_ready_ms": [round(x * 1000, 1) for x in ready],
         "reaction_start_ms": [round(x * 1000, 1) for x in start],
         "reaction_active_ms": [round(x * 1000, 1) for x in active],
         "qr_on_document_ms": [round(x * 1000, 1) for x in qr],
@@ -213,6 +227,140 @@ def measure_neonize(fleet: Fleet, settle: float) -> dict[str, Any]:
     return {"pss_mb": round(pss / MB, 1), "state": detail}
 
 
+def claude_pss_mb(fleet: Fleet, unit: str) -> list[float]:
+    """PSS of each Claude CLI process of ``unit`` (host PIDs of the unit, by command line)."""
+    out = []
+    for pid in fleet.unit_pids(unit):
+        try:
+            if "claude" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                continue
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        kb = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:"))
+        out.append(round(kb * 1024 / MB, 1))
+    return out
+
+
+def ask(fleet: Fleet, contact: str, phone: str, text: str) -> None:
+    """Like ``Fleet.ask``, for long conversations: the simulator keeps only a contact's latest
+    inbox entries, so the reply is found by what it quotes, not by position."""
+    wa_id = fleet.sim.send(contact, phone, text)
+    wait_until(lambda: any(m.get("quoted_id") == wa_id for m in fleet.sim.inbox(contact)),
+               120, f"a reply to {text!r}")
+
+
+def measure_chats(fleet: Fleet, settle: float, turns: int) -> dict[str, Any]:
+    """One sim account with 0, 1, 2 live chats; then one chat's CLI after ``turns`` turns."""
+    user, phone = "chats", "5511900000901"
+    unit = fleet.unit(user)
+    fleet.link(user, phone)
+    time.sleep(settle)
+    out: dict[str, Any] = {"pss_mb_0_chats": round(fleet.pss_bytes(unit) / MB, 1)}
+    for n, contact in enumerate(("5511988880001", "5511988880002"), start=1):
+        ask(fleet, contact, phone, f"hello {n}")
+        time.sleep(settle)
+        out[f"pss_mb_{n}_chats"] = round(fleet.pss_bytes(unit) / MB, 1)
+        out[f"claude_pss_mb_{n}_chats"] = claude_pss_mb(fleet, unit)
+    started = time.monotonic()
+    for i in range(turns - 1):
+        ask(fleet, "5511988880001", phone, f"turn {i + 2}")
+    out["turns"] = turns
+    out["turns_s"] = round(time.monotonic() - started, 1)
+    time.sleep(settle)
+    out["pss_mb_after_turns"] = round(fleet.pss_bytes(unit) / MB, 1)
+    out["claude_pss_mb_after_turns"] = claude_pss_mb(fleet, unit)
+    fleet.request(user, "destroy_requested")
+    fleet.wait_doc(user, lambda d: d.get("status") == "stopped", 30, "stopped")
+    return out
+
+
+def measure_reply_latency(fleet: Fleet, samples: int) -> dict[str, Any]:
+    """A warm chat's reply as the contact sees it, with the default debounce, settle and send
+    pacing (a drop-in sets the defaults back on this one unit), and with none."""
+    from wabridge import config  # noqa: PLC0415 - the defaults, read where they are defined
+
+    conv, limits = config.ConversationConfig(), config.LimitsConfig()
+    out: dict[str, Any] = {"debounce": conv.debounce, "settle": conv.settle,
+                           "send_gap": limits.send_gap, "send_jitter": limits.send_jitter}
+    for label, dropin in (
+            ("defaults", "[Service]\n"
+             f"Environment=WABRIDGE__CONVERSATION__DEBOUNCE={conv.debounce}\n"
+             f"Environment=WABRIDGE__CONVERSATION__SETTLE={conv.settle}\n"
+             f"Environment=WABRIDGE__LIMITS__SEND_GAP={limits.send_gap}\n"
+             f"Environment=WABRIDGE__LIMITS__SEND_JITTER={limits.send_jitter}\n"),
+            ("none", "[Service]\nEnvironment=WABRIDGE__CONVERSATION__DEBOUNCE=0\n"
+             "Environment=WABRIDGE__CONVERSATION__SETTLE=0\n")):
+        user, phone, contact = f"rl{label}", f"55119000009{len(label):02d}", "5511988880009"
+        fleet.set_dropin(user, dropin)
+        fleet.link(user, phone)
+        fleet.ask(contact, phone, "warm up", timeout=120)  # the chat's CLI is live from here
+        times = []
+        for i in range(samples):
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            fleet.ask(contact, phone, f"sample {i}", timeout=120)
+            times.append(time.monotonic() - t0)
+        out[f"{label}_ms_p50"] = round(p50(times) * 1000, 1)
+        out[f"{label}_ms"] = [round(x * 1000, 1) for x in times]
+        fleet.request(user, "destroy_requested")
+        fleet.wait_doc(user, lambda d: d.get("status") == "stopped", 30, "stopped")
+        fleet.clear_dropin(user)
+    return out
+
+
+def measure_engines() -> dict[str, Any]:
+    """``bench.engines`` in its own process (it measures its own process and children)."""
+    import subprocess  # noqa: PLC0415
+
+    done = subprocess.run([sys.executable, "-m", "bench.engines", "--cli-chats", "3",
+                           "--api-chats", "50", "--turns", "4"], cwd=REPO, check=True,
+                          capture_output=True, text=True, timeout=900)
+    path = Path(done.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = {"file": path.name}
+    for run in json.loads(path.read_text())["engines"]:
+        out[f"{run['engine']}_{run['chats']}"] = {
+            k: run[k] for k in ("per_live_chat_mb", "first_turn_mb", "cpu_ms_per_warm_turn",
+                                "turn_ms_p50") if k in run}
+    return out
+
+
+HOST_GB = 24
+HOST_BYTES = HOST_GB * 1024 * MB
+
+
+def capacity(r: dict[str, Any]) -> dict[str, Any]:
+    """What a 24 GB host holds, from this run's figures: the fleet slice is 90 % of it
+    (``wabridge.slice``), the Claude budget's default half of that."""
+    from controller.slots import CLAUDE_SHARE, FLEET_SHARE, default_budget  # noqa: PLC0415
+
+    fleet_mb = HOST_BYTES * FLEET_SHARE / MB
+    out: dict[str, Any] = {"host_gb": HOST_GB, "fleet_slice_mb": round(fleet_mb)}
+    idle = r.get("neonize_connecting", {}).get("pss_mb")
+    if idle:
+        out["idle_neonize_accounts"] = int(fleet_mb // idle)
+    chats = r.get("chats", {})
+    if chats.get("pss_mb_2_chats") and chats.get("pss_mb_1_chats"):
+        per_chat = chats["pss_mb_2_chats"] - chats["pss_mb_1_chats"]
+        out["cli_chat_mb"] = round(per_chat, 1)
+        out["claude_budget_default"] = default_budget(int(HOST_BYTES * FLEET_SHARE))
+        if idle:
+            left = fleet_mb * (1 - CLAUDE_SHARE)
+            out["accounts_beside_the_claude_budget"] = int(left // idle)
+    apis = {int(k[4:]): v for k, v in r.get("engines", {}).items() if k.startswith("api_")}
+    if apis and idle:
+        many, few = apis[max(apis)], apis[min(apis)]  # per chat; the SDK once per worker
+        accounts = 300
+        left = fleet_mb - accounts * (idle + few["first_turn_mb"])
+        out["api_chat_mb"] = many["per_live_chat_mb"]
+        out["api_sdk_mb_per_account"] = few["first_turn_mb"]
+        # every account on `api` pays the SDK once: how many fit at all, and the chats beside
+        out["accounts_on_api"] = int(fleet_mb // (idle + few["first_turn_mb"]))
+        out["api_chats_beside_300_accounts"] = max(
+            0, int(left // max(many["per_live_chat_mb"], 0.01)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="cap accounts and cold units at 20")
@@ -221,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=10, help="latency samples")
     ap.add_argument("--settle", type=float, default=5.0, help="idle seconds before PSS")
     ap.add_argument("--no-neonize", action="store_true")
-    ap.add_argument("--phases", default="latency,pss,neonize,cold",
-                    help="comma-separated subset of latency,pss,neonize,cold")
+    ap.add_argument("--turns", type=int, default=200, help="turns of one chat's CLI")
+    ap.add_argument("--phases", default="latency,pss,neonize,chats,reply,cold,engines",
+                    help="comma-separated subset of latency,pss,neonize,chats,reply,cold,"
+                    "engines")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     counts = sorted({int(c) for c in args.accounts.split(",") if c})
@@ -241,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     with firestore_emulator.running() as emu, Fleet(
             plane="firestore", emulator_host=emu.address, qr_rotate=600.0,
             config={"controller": {"metrics_interval": 5.0},
-                    "worker": {"qr_timeout": 3600.0}}) as fleet:
+                    "worker": {"qr_timeout": 3600.0},
+                    # one conversation, one CLI process for all --turns turns (the loop guard
+                    # would stop answering a contact after 30 turns in 10 minutes)
+                    "conversation": {"rotate_after_turns": 0, "loop_max_turns": 0},
+                    # one contact asks --turns times in a row: no sender rate limit, no budget
+                    "limits": {"inbound_per_minute": 0.0, "daily_budget_usd": 0.0}}) as fleet:
         phases = set(args.phases.split(","))
         if args.no_neonize:
             phases.discard("neonize")
@@ -249,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             ("latency", "latency", lambda: measure_latency(fleet, args.samples)),
             ("pss", "pss", lambda: measure_pss(fleet, counts, args.settle)),
             ("neonize", "neonize_connecting", lambda: measure_neonize(fleet, args.settle)),
+            ("chats", "chats", lambda: measure_chats(fleet, args.settle, args.turns)),
+            ("reply", "reply_latency", lambda: measure_reply_latency(fleet, args.samples)),
             # last: after a burst of this size the emulator's listener has been seen to stall
             ("cold", "cold", lambda: measure_cold(fleet, cold, timeout=120 + 2 * cold)),
         ]
@@ -264,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"  {results[key]}", flush=True)
             results["controller_pss_mb"] = round(fleet.pss_bytes(CTL) / MB, 1)
+    if "engines" in set(args.phases.split(",")):
+        print("engines ...", flush=True)
+        results["engines"] = measure_engines()
+        print(f"  {results['engines']}", flush=True)
+    results["capacity"] = capacity(results)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -276,12 +438,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(r: dict[str, Any]) -> None:
     rows = [("figure", "value", "target")]
+    if "neonize_connecting" in r:  # the headline: what a real account costs
+        rows.append(("PSS per idle account, neonize backend (connecting, no network)",
+                     f"{r['neonize_connecting']['pss_mb']} MB", "<= 55 MB"))
     for row in r.get("pss", []):
         rows.append((f"PSS per idle linked account, {row['accounts']} accounts (mean/max)",
                      f"{row['pss_mb_mean']} / {row['pss_mb_max']} MB", "<= 65 MB"))
     if "latency" in r:
         lat = r["latency"]
         rows += [
+            ("unit start -> READY=1, sim worker (p50)",
+             f"{lat['unit_start_to_ready_ms_p50']} ms", "<= 200 ms"),
             ("reaction: document -> unit starting (p50)", f"{lat['reaction_start_ms_p50']} ms",
              "<= 200 ms"),
             ("reaction: document -> unit active (p50)", f"{lat['reaction_active_ms_p50']} ms",
@@ -299,9 +466,27 @@ def print_table(r: dict[str, Any]) -> None:
              f"{cold['all_qr_on_documents_s']} s", ""),
         ]
     rows.append(("controller PSS", f"{r['controller_pss_mb']} MB", ""))
-    if "neonize_connecting" in r:
-        rows.append(("neonize worker PSS (connecting, no network)",
-                     f"{r['neonize_connecting']['pss_mb']} MB", ""))
+    if "chats" in r:
+        c = r["chats"]
+        rows += [(f"account (sim) with {n} live chats: unit PSS", f"{c[f'pss_mb_{n}_chats']} MB",
+                  "") for n in (0, 1, 2)]
+        rows += [
+            ("Claude CLI after 1 turn", f"{c['claude_pss_mb_1_chats']} MB", ""),
+            (f"Claude CLI after {c['turns']} turns", f"{c['claude_pss_mb_after_turns']} MB", ""),
+        ]
+    if "reply_latency" in r:
+        rl = r["reply_latency"]
+        rows += [
+            ("warm reply as the contact sees it, defaults (p50)", f"{rl['defaults_ms_p50']} ms",
+             ""),
+            ("warm reply, no debounce/settle/pacing (p50)", f"{rl['none_ms_p50']} ms", ""),
+        ]
+    for key, run in r.get("engines", {}).items():
+        if isinstance(run, dict):
+            rows.append((f"engine {key}: MB per live chat", f"{run.get('per_live_chat_mb')}",
+                         ""))
+    for key, value in r.get("capacity", {}).items():
+        rows.append((f"24 GB host: {key}", str(value), ""))
     rows.append(("load average before / after (1 min)",
                  f"{r['loadavg_before'][0]} / {r['loadavg_after'][0]}", f"{r['cpus']} CPUs"))
     width = max(len(a) for a, _, _ in rows)

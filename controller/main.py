@@ -39,6 +39,7 @@ from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_
 from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
 from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
+from controller.slots import SlotLedger
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
 from controller.unit_manager import RUNNING_UNIT_STATES, SystemdError, UnitManager, UnitState
 from controller.users import Column, UserState
@@ -67,7 +68,8 @@ class Controller:
         self.docs: Mapping[str, AccountDoc] = Column(self.users, lambda s: s.doc)
         self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
-                                   self.settings_for)
+                                   self.settings_for,
+                                   SlotLedger.for_host(cfg.claude.host_max_processes))
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
         self.admin = admin.AdminServer(cfg.controller.admin_socket, admin.ControllerFacade(self),
                                        group=cfg.controller.admin_group)

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from controller.slots import Decision, SlotLedger
 from wabridge import logs, protocol
 from wabridge.errors import ForeignRecordError, ProtocolError
 from wabridge.units import DYNAMIC_UIDS, user_of_unit
@@ -123,8 +124,9 @@ def _seq_of(line: bytes) -> int | None:
 
 class WorkerServer:
     def __init__(self, path: str, unit_for_pid: UnitForPid, on_frame: FrameHandler,
-                 settings_for: SettingsFor) -> None:
+                 settings_for: SettingsFor, slots: SlotLedger | None = None) -> None:
         self._path = path
+        self.slots = slots  # the host's Claude budget; None: workers use their local limit
         self._unit_for_pid = unit_for_pid
         self._on_frame = on_frame
         self._settings_for = settings_for
@@ -158,6 +160,15 @@ class WorkerServer:
         writer.write(protocol.encode(frame))
         await writer.drain()
         return True
+
+    async def _orders(self, decision: Decision) -> None:
+        """Send the budget's grants and reclaims to the workers concerned."""
+        orders = [protocol.SlotOrder(chat_id=c, order="grant") for _, c in decision.grant]
+        orders += [protocol.SlotOrder(chat_id=c, order="reclaim") for _, c in decision.reclaim]
+        users = [u for u, _ in decision.grant] + [u for u, _ in decision.reclaim]
+        for user_id, order in zip(users, orders, strict=True):
+            with contextlib.suppress(ConnectionError):
+                await self.send(user_id, order)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -235,6 +246,9 @@ class WorkerServer:
             if user_id is not None and self.connections.get(user_id) is writer:
                 del self.connections[user_id]
                 log.info("link.worker_disconnected", user_id=user_id)
+                if self.slots is not None:
+                    with contextlib.suppress(Exception):
+                        await self._orders(self.slots.drop(user_id))
             writer.close()
 
     async def _frames(self, user_id: str, reader: asyncio.StreamReader,
@@ -253,6 +267,9 @@ class WorkerServer:
                 writer.write(protocol.encode(
                     protocol.Error(code=exc.code, message=str(exc), seq=_seq_of(line))))
                 await writer.drain()
+                continue
+            if isinstance(frame, protocol.Slot) and self.slots is not None:
+                await self._orders(self.slots.report(user_id, frame.chat_id, frame.state))
                 continue
             if not isinstance(frame, protocol.SequencedFrame):
                 writer.write(protocol.encode(protocol.Error(

@@ -299,6 +299,24 @@ async def test_burst_is_one_turn_and_messages_during_a_turn_go_to_the_next(
     assert "five-ECHO" in third and "six-FOXTROT" in third and "SLOW" not in third
 
 
+async def test_a_lone_message_starts_its_turn_without_the_whole_debounce(
+    make_rig: MakeRig, api: FakeAnthropicAPI
+) -> None:
+    # a long debounce: before conversation.settle every reply waited all of it
+    rig = await make_rig(conv=replace(CONV, debounce=6.0, settle=0.2))
+    started = time.monotonic()
+    rig.incoming("hello-LONE")
+    await until(lambda: len(api.message_requests()) == 1, 5.5, "the turn's request")
+    assert time.monotonic() - started < 5.0
+    # a burst (messages milliseconds apart, as pasted or delivered together) is one turn
+    await rig.wait_sent(1)
+    for word in ("one-GOLF", "two-HOTEL"):
+        rig.incoming(word)
+    await rig.wait_sent(2)
+    assert len(api.message_requests()) == 2
+    assert all(w in last_user_text(api.message_requests()[1].json) for w in ("GOLF", "HOTEL"))
+
+
 # --- who gets answered ---------------------------------------------------------------------
 
 

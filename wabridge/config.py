@@ -269,6 +269,21 @@ class ClaudeConfig:
     idle_timeout: float = _opt(
         600.0, "Seconds before an idle chat's process is closed.", check=_at_least(1.0)
     )
+    host_max_processes: int = _opt(
+        0,
+        "Live Claude CLI processes on the whole host, handed out by the controller to chats "
+        "(the account holding the fewest first); when all are taken, the least recently used "
+        "idle process on the host is closed for a waiting chat. 0: half the fleet slice's "
+        "memory divided by ~110 MB per process (about 100 on a 24 GB host). While the "
+        "controller is unreachable each worker keeps to `max_processes` alone.",
+        check=_between(0, 100_000),
+    )
+    slot_wait: float = _opt(
+        60.0,
+        "Seconds a chat waits for a host slot (`host_max_processes`) while every process is "
+        "in a turn, before it is answered with `conversation.apology`.",
+        check=_at_least(1.0),
+    )
     max_retries: int = _opt(
         0, "Retries of a failed API request: CLAUDE_CODE_MAX_RETRIES for the CLI, the SDK's "
         "max_retries for the `api` engine (0: fail fast).", check=_between(0, 10)
@@ -289,7 +304,18 @@ class ClaudeConfig:
 class ConversationConfig:
     debounce: float = _opt(
         1.5,
-        "Seconds to wait for more messages of a burst before one turn answers them all.",
+        "Most seconds a turn waits for more messages of a burst (while they keep coming "
+        "within `settle` of each other) before one turn answers them all.",
+        check=_between(0.0, 30.0),
+    )
+    settle: float = _opt(
+        0.2,
+        "Seconds without a new message after which a chat's turn starts. A lone message in a "
+        "quiet chat is answered after `settle`, not the whole `debounce`; messages pasted, "
+        "forwarded or delivered together arrive milliseconds apart and still make one turn. "
+        "The trade-off: messages typed one by one (seconds apart) are answered by more turns "
+        "(those arriving during a turn go to the next one together); raise `settle` towards "
+        "`debounce` to merge them, at the cost of that much delay on every reply.",
         check=_between(0.0, 30.0),
     )
     max_batch: int = _opt(20, "Most messages answered in one turn.", check=_between(1, 200))

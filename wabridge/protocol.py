@@ -183,6 +183,31 @@ class Command:
     args: dict[str, str] = field(default_factory=dict)
 
 
+SlotState = Literal["want", "busy", "idle", "gone"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Worker -> controller, not sequenced (a live fact, re-sent after a reconnect): the host
+    Claude budget's view of one chat's CLI process. ``want`` asks for a slot; ``busy`` and
+    ``idle`` report a held one (in a turn, or between turns: only idle ones may be reclaimed);
+    ``gone`` gives it back (process closed, or the wait abandoned)."""
+
+    TYPE: ClassVar[str] = "slot"
+    chat_id: str
+    state: SlotState
+
+
+@dataclass(frozen=True)
+class SlotOrder:
+    """Controller -> worker: ``grant`` lets a waiting chat start its process; ``reclaim`` asks
+    the worker to close the chat's idle process (answered with ``gone``, or ``busy``)."""
+
+    TYPE: ClassVar[str] = "slot_order"
+    chat_id: str
+    order: Literal["grant", "reclaim"]
+
+
 Frame = (
     Hello
     | State
@@ -199,6 +224,8 @@ Frame = (
     | Settings
     | Command
     | Usage
+    | Slot
+    | SlotOrder
 )
 SequencedFrame = (State | Qr | PairingCode | MessageEvent | Metrics | Summary | Problem
                   | ProblemCleared | Usage)
@@ -211,6 +238,8 @@ _TYPES: dict[str, type[Any]] = {
 _TYPES[Settings.TYPE] = Settings
 _TYPES[Command.TYPE] = Command
 _TYPES[Usage.TYPE] = Usage
+_TYPES[Slot.TYPE] = Slot
+_TYPES[SlotOrder.TYPE] = SlotOrder
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "user_id": (str,),
@@ -243,6 +272,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "settings": (dict,),
     "number": (int,),
     "args": (dict,),
+    "order": (str,),
     "day": (str,),
     "cache_creation_tokens": (int,),
     "cache_read_tokens": (int,),
@@ -314,6 +344,10 @@ def decode(line: bytes) -> Frame:
             raise ProtocolError(f"unknown command {kwargs['name']!r}")
         if not all(isinstance(v, str) for v in kwargs.get("args", {}).values()):
             raise ProtocolError("command frame field 'args' must map names to strings")
+    if cls is Slot and kwargs["state"] not in ("want", "busy", "idle", "gone"):
+        raise ProtocolError(f"slot frame has unknown state {raw['state']!r}")
+    if cls is SlotOrder and kwargs["order"] not in ("grant", "reclaim"):
+        raise ProtocolError(f"slot_order frame has unknown order {raw['order']!r}")
     try:
         return cls(**kwargs)  # type: ignore[no-any-return]
     except TypeError as exc:

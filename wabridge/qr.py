@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
-import qrcode
-import qrcode.constants
+# qrcode (and the PIL it renders with) is imported at the first QR, not with this module: a
+# worker imports this at start-up and most starts (a linked account) never draw one.
 
 SIZE = 512
 MARGIN = 2
@@ -18,8 +19,16 @@ MARGIN = 2
 FULL, UPPER, LOWER, EMPTY = "█", "▀", "▄", " "
 
 
+def _qrcode() -> Any:
+    import qrcode  # noqa: PLC0415
+    import qrcode.constants  # noqa: PLC0415
+
+    return qrcode
+
+
 def to_png(code: str, size: int = SIZE) -> bytes:
     """``code`` as a PNG: ``size`` px square, quiet zone of ``MARGIN`` modules, 1-bit."""
+    qrcode = _qrcode()
     qr = qrcode.QRCode(border=MARGIN, error_correction=qrcode.constants.ERROR_CORRECT_L)
     qr.add_data(code)
     qr.make(fit=True)
@@ -43,7 +52,7 @@ def to_terminal(code: str) -> str:
     A block stands for a dark module, so the text must be shown dark on light: wabridgectl
     wraps it in ANSI black-on-white when it writes to a terminal.
     """
-    qr = qrcode.QRCode(border=MARGIN)
+    qr = _qrcode().QRCode(border=MARGIN)
     qr.add_data(code)
     qr.make(fit=True)
     matrix = qr.get_matrix()
