@@ -84,6 +84,8 @@ _ZONEINFO_TOO = ("equivalent: zoneinfo.ZoneInfo refuses every such name as well 
                  "or ValueError for an empty part, '..', a leading '/' or a non-zone file such "
                  "as zone.tab), so the setting is refused with the same message; the check "
                  "stays as a guard before a file lookup")
+_NO_RATE_REFILLS = ("equivalent: at rate 0 take() hands back a full bucket, so refilled is "
+                    "burst + 1 and the second test ends the episode as well")
 _SLOWED_NO_BUCKET = ("accepted: differs only for a sender marked slowed who has no bucket, "
                      "which the engine never passes (it keeps the bucket of every verdict, "
                      "agent.engine._admit)")
@@ -98,9 +100,10 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("agent/budget.py", "operand 'slowed' dropped", "if slowed and bucket is not None:"):
         "equivalent: the branch only sets slowed to False, which a sender not slowed already is",
     ("agent/budget.py", "and -> or", "if slowed and bucket is not None:"): _SLOWED_NO_BUCKET,
+    ("agent/budget.py", "operand 'rate_per_minute <= 0' dropped",
+     "if rate_per_minute <= 0 or refilled >= burst:"): _NO_RATE_REFILLS,
     ("agent/budget.py", "<= -> <", "if rate_per_minute <= 0 or refilled >= burst:"):
-        "equivalent: at rate 0 take() hands back a full bucket, so refilled is burst + 1 and "
-        "the second test ends the episode as well",
+        _NO_RATE_REFILLS,
     ("agent/budget.py", "operand 'bucket is not None' dropped",
      "if slowed and bucket is not None:"): _SLOWED_NO_BUCKET,
     ("agent/delivery.py", "<= -> < #2", "if attempts <= 0 or base <= 0:"):

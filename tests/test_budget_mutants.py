@@ -103,6 +103,9 @@ def test_send_delay_rows(last: float | None, now: float, expected: float) -> Non
     # a token refilled mid-burst is no new episode: allowed, still slowed
     (Bucket(0.0, 100.0), True, 101.0, 60.0,
      budget.Admission(True, False, Bucket(0.0, 101.0), True)),
+    # two tokens back of three: not full, still slowed
+    (Bucket(0.0, 100.0), True, 102.0, 60.0,
+     budget.Admission(True, False, Bucket(1.0, 102.0), True)),
     # full again: the episode is over
     (Bucket(0.0, 100.0), True, 103.0, 60.0,
      budget.Admission(True, False, Bucket(2.0, 103.0), False)),
@@ -116,3 +119,14 @@ def test_send_delay_rows(last: float | None, now: float, expected: float) -> Non
 def test_admit_rows(bucket: Bucket | None, slowed: bool, now: float, rate: float,
                     admission: budget.Admission) -> None:
     assert budget.admit(bucket, slowed, now, rate, 3) == admission
+
+
+@pytest.mark.parametrize(("usage", "cost"), [
+    ({"input_tokens": 1_000_000}, 3.0),  # prices are per million tokens, exactly
+    ({"output_tokens": 2_000_000}, 30.0),
+    ({"cache_creation_input_tokens": 4_000_000}, 15.0),  # 1.25x the input price
+    ({"cache_read_input_tokens": 10_000_000}, 3.0),  # 0.1x
+])
+def test_usage_cost_exactly(usage: dict[str, int], cost: float) -> None:
+    # to the last bits a float keeps (0.1x of 3.0 is 0.30000000000000004)
+    assert budget.usage_cost(usage, budget.Price(3.0, 15.0)) == pytest.approx(cost, rel=1e-12)
