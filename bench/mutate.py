@@ -84,11 +84,6 @@ _ZONEINFO_TOO = ("equivalent: zoneinfo.ZoneInfo refuses every such name as well 
                  "or ValueError for an empty part, '..', a leading '/' or a non-zone file such "
                  "as zone.tab), so the setting is refused with the same message; the check "
                  "stays as a guard before a file lookup")
-_NO_RATE_REFILLS = ("equivalent: at rate 0 take() hands back a full bucket, so refilled is "
-                    "burst + 1 and the second test ends the episode as well")
-_SLOWED_NO_BUCKET = ("accepted: differs only for a sender marked slowed who has no bucket, "
-                     "which the engine never passes (it keeps the bucket of every verdict, "
-                     "agent.engine._admit)")
 EXPLAINED: dict[tuple[str, str, str], str] = {
     ("agent/policy.py", "regex: '*' -> '+' at 23", _TZ_LINE):
         "equivalent: no IANA zone name has a one-letter first part, so requiring two letters "
@@ -97,15 +92,9 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("agent/policy.py", "regex: '$' removed at 43", _TZ_LINE): _ZONEINFO_TOO,
     ("agent/policy.py", "operand 'len(value) > 64' dropped", _TZ_CHECK): _ZONEINFO_TOO,
     ("agent/policy.py", "> -> >=", _TZ_CHECK): _ZONEINFO_TOO,
-    ("agent/budget.py", "operand 'slowed' dropped", "if slowed and bucket is not None:"):
+    ("agent/budget.py", "operand 'slowed' dropped",
+     "if slowed and take(bucket, now, rate_per_minute, burst)[1].tokens + 1.0 >= burst:"):
         "equivalent: the branch only sets slowed to False, which a sender not slowed already is",
-    ("agent/budget.py", "and -> or", "if slowed and bucket is not None:"): _SLOWED_NO_BUCKET,
-    ("agent/budget.py", "operand 'rate_per_minute <= 0' dropped",
-     "if rate_per_minute <= 0 or refilled >= burst:"): _NO_RATE_REFILLS,
-    ("agent/budget.py", "<= -> <", "if rate_per_minute <= 0 or refilled >= burst:"):
-        _NO_RATE_REFILLS,
-    ("agent/budget.py", "operand 'bucket is not None' dropped",
-     "if slowed and bucket is not None:"): _SLOWED_NO_BUCKET,
     ("agent/delivery.py", "<= -> < #2", "if attempts <= 0 or base <= 0:"):
         "equivalent: a base of 0 waits 0 * 2**n = 0.0 seconds on either branch",
     ("agent/policy.py", "64 -> 65", _TZ_CHECK): _ZONEINFO_TOO,

@@ -112,6 +112,9 @@ def test_send_delay_rows(last: float | None, now: float, expected: float) -> Non
     # a slow rate (half a message a minute) is a rate, not "no limit"
     (Bucket(0.0, 100.0), True, 220.0, 0.5,
      budget.Admission(True, False, Bucket(0.0, 220.0), True)),
+    # a sender marked slowed without a bucket has a full one: the episode is over
+    (None, True, 100.0, 60.0,
+     budget.Admission(True, False, Bucket(2.0, 100.0), False)),
     # no limit at all ends any episode
     (Bucket(0.0, 100.0), True, 100.0, 0.0,
      budget.Admission(True, False, Bucket(3.0, 100.0), False)),
