@@ -65,10 +65,10 @@ def admit(bucket: Bucket | None, slowed: bool, now: float, rate_per_minute: floa
     ``slowed``: the sender was told to slow down in the current episode. The episode ends
     when the bucket, refilled to ``now``, is full again: only a real pause starts a new one.
     """
-    if slowed and bucket is not None:
-        refilled = take(bucket, now, rate_per_minute, burst)[1].tokens + 1.0
-        if rate_per_minute <= 0 or refilled >= burst:
-            slowed = False
+    # refilled to now, before this message's token: full again (no bucket kept is a full one;
+    # no rate always is)
+    if slowed and take(bucket, now, rate_per_minute, burst)[1].tokens + 1.0 >= burst:
+        slowed = False
     ok, after = take(bucket, now, rate_per_minute, burst)
     if ok:
         return Admission(True, False, after, slowed)

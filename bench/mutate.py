@@ -56,7 +56,9 @@ MODULES: dict[str, list[str]] = {
     "agent/rotation.py": ["tests/test_budget_mutants.py", "tests/test_budget.py"],
     "agent/commands.py": ["tests/test_commands_mutants.py", "tests/test_commands.py",
                           "tests/test_policy.py"],
-    "agent/delivery.py": ["tests/test_delivery.py"],
+    "agent/delivery.py": ["tests/test_delivery_mutants.py", "tests/test_delivery.py"],
+    # the pure parts of test_tools.py, all written out here (the rest of it runs Claude)
+    "agent/scheduling.py": ["tests/test_scheduling_mutants.py"],
     "wabridge/units.py": ["tests/test_units_mutants.py", "tests/test_units.py"],
     "wabridge/config.py": ["tests/test_docs.py", "tests/test_config_bounds.py",
                            "tests/test_config.py"],
@@ -76,7 +78,30 @@ _HOLE_LINE = ('_HOLE = re.compile("\\ue000(\\\\d+)\\ue001")  # placeholder for t
               'stay verbatim')
 _ONLY_PLACEHOLDERS = ("equivalent: the text's own U+E000/U+E001 are held first, so the only ones "
                       "left are the placeholders, with digits between them")
+_TZ_LINE = r'_TZ_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")'
+_TZ_CHECK = "if not isinstance(value, str) or len(value) > 64 or not _TZ_NAME.match(value):"
+_ZONEINFO_TOO = ("equivalent: zoneinfo.ZoneInfo refuses every such name as well (not found, "
+                 "or ValueError for an empty part, '..', a leading '/' or a non-zone file such "
+                 "as zone.tab), so the setting is refused with the same message; the check "
+                 "stays as a guard before a file lookup")
 EXPLAINED: dict[tuple[str, str, str], str] = {
+    ("agent/policy.py", "regex: '*' -> '+' at 23", _TZ_LINE):
+        "equivalent: no IANA zone name has a one-letter first part, so requiring two letters "
+        "refuses no zone",
+    ("agent/policy.py", "regex: '+' -> '*' at 40", _TZ_LINE): _ZONEINFO_TOO,
+    ("agent/policy.py", "regex: '$' removed at 43", _TZ_LINE): _ZONEINFO_TOO,
+    ("agent/policy.py", "operand 'len(value) > 64' dropped", _TZ_CHECK): _ZONEINFO_TOO,
+    ("agent/policy.py", "> -> >=", _TZ_CHECK): _ZONEINFO_TOO,
+    ("agent/budget.py", "operand 'slowed' dropped",
+     "if slowed and take(bucket, now, rate_per_minute, burst)[1].tokens + 1.0 >= burst:"):
+        "equivalent: the branch only sets slowed to False, which a sender not slowed already is",
+    ("agent/delivery.py", "<= -> < #2", "if attempts <= 0 or base <= 0:"):
+        "equivalent: a base of 0 waits 0 * 2**n = 0.0 seconds on either branch",
+    ("agent/policy.py", "64 -> 65", _TZ_CHECK): _ZONEINFO_TOO,
+    ("agent/policy.py", "operand 'not msg.is_group' dropped",
+     "if not msg.from_me and (is_bot(msg.sender) or (not msg.is_group and is_bot(msg.chat_id))):"):
+        "equivalent: a group's chat is a ...@g.us JID, which is_bot never calls a bot",
+    ("agent/policy.py", "operand 'not _TZ_NAME.match(value)' dropped", _TZ_CHECK): _ZONEINFO_TOO,
     ("controller/reconcile.py", "operand 'code is not None' dropped",
      "if (doc.status in RUNNING_STATUSES and (unit is None or not unit.running)"):
         "equivalent: None is no key of EXIT_OUTCOMES, so `code in ...` alone is False "

@@ -87,3 +87,49 @@ def test_take_rows(bucket: Bucket | None, now: float, rate: float, burst: int,
 ])
 def test_send_delay_rows(last: float | None, now: float, expected: float) -> None:
     assert budget.send_delay(last, now, 1.0, 0.5) == expected
+
+
+# a sender's messages against a bucket of 3 refilled by 1 a second (60 a minute), unless said
+@pytest.mark.parametrize(("bucket", "slowed", "now", "rate", "admission"), [
+    # the first message: a full bucket, one token taken, nothing to tell
+    (None, False, 100.0, 60.0,
+     budget.Admission(True, False, Bucket(2.0, 100.0), False)),
+    # the bucket is empty: refused, and told once ...
+    (Bucket(0.0, 100.0), False, 100.0, 60.0,
+     budget.Admission(False, True, Bucket(0.0, 100.0), True)),
+    # ... not again in the same episode
+    (Bucket(0.0, 100.0), True, 100.5, 60.0,
+     budget.Admission(False, False, Bucket(0.5, 100.5), True)),
+    # a token refilled mid-burst is no new episode: allowed, still slowed
+    (Bucket(0.0, 100.0), True, 101.0, 60.0,
+     budget.Admission(True, False, Bucket(0.0, 101.0), True)),
+    # two tokens back of three: not full, still slowed
+    (Bucket(0.0, 100.0), True, 102.0, 60.0,
+     budget.Admission(True, False, Bucket(1.0, 102.0), True)),
+    # full again: the episode is over
+    (Bucket(0.0, 100.0), True, 103.0, 60.0,
+     budget.Admission(True, False, Bucket(2.0, 103.0), False)),
+    # a slow rate (half a message a minute) is a rate, not "no limit"
+    (Bucket(0.0, 100.0), True, 220.0, 0.5,
+     budget.Admission(True, False, Bucket(0.0, 220.0), True)),
+    # a sender marked slowed without a bucket has a full one: the episode is over
+    (None, True, 100.0, 60.0,
+     budget.Admission(True, False, Bucket(2.0, 100.0), False)),
+    # no limit at all ends any episode
+    (Bucket(0.0, 100.0), True, 100.0, 0.0,
+     budget.Admission(True, False, Bucket(3.0, 100.0), False)),
+])
+def test_admit_rows(bucket: Bucket | None, slowed: bool, now: float, rate: float,
+                    admission: budget.Admission) -> None:
+    assert budget.admit(bucket, slowed, now, rate, 3) == admission
+
+
+@pytest.mark.parametrize(("usage", "cost"), [
+    ({"input_tokens": 1_000_000}, 3.0),  # prices are per million tokens, exactly
+    ({"output_tokens": 2_000_000}, 30.0),
+    ({"cache_creation_input_tokens": 4_000_000}, 15.0),  # 1.25x the input price
+    ({"cache_read_input_tokens": 10_000_000}, 3.0),  # 0.1x
+])
+def test_usage_cost_exactly(usage: dict[str, int], cost: float) -> None:
+    # to the last bits a float keeps (0.1x of 3.0 is 0.30000000000000004)
+    assert budget.usage_cost(usage, budget.Price(3.0, 15.0)) == pytest.approx(cost, rel=1e-12)

@@ -67,3 +67,39 @@ def test_status_with_a_one_token_window() -> None:
     info = StatusInfo(context_tokens=1, context_window=1, session_turns=1, total_turns=1,
                       cost_today_usd=0.0, daily_budget_usd=0.0, model="", summaries=0)
     assert commands.status_text(info).splitlines()[1] == "Context used: 1 of 1 tokens (100%)"
+
+
+@pytest.mark.parametrize("name", ["reset", "status", "help", "scheduled", "memory"])
+def test_known_commands(name: str) -> None:
+    assert ChatCommand(name).known is True
+
+
+@pytest.mark.parametrize("name", ["start", "stop", "schedule", "memories", "hel"])
+def test_unknown_commands(name: str) -> None:
+    assert ChatCommand(name).known is False
+
+
+def test_scheduled_text_in_full() -> None:
+    assert commands.scheduled_text([]) == "No scheduled messages."
+    assert commands.scheduled_text([(3, "Alice", "2030-01-02 09:00", "happy birthday")]) == (
+        "Scheduled messages:\n"
+        "#3 2030-01-02 09:00 to Alice: happy birthday\n"
+        "\n"
+        "/scheduled cancel N cancels one.")
+    assert commands.scheduled_text([(3, "Alice", "Mon 09:00", "hi"),
+                                    (12, "Bob", "Tue 10:30", "call me")]) == (
+        "Scheduled messages:\n"
+        "#3 Mon 09:00 to Alice: hi\n"
+        "#12 Tue 10:30 to Bob: call me\n"
+        "\n"
+        "/scheduled cancel N cancels one.")
+
+
+def test_memory_text_in_full() -> None:
+    assert commands.memory_text([]) == "No notes."
+    assert commands.memory_text([(1, "Alice", "likes tea")]) == (
+        "Notes about your contacts:\n#1 Alice: likes tea")
+    assert commands.memory_text([(1, "Alice", "likes tea"), (4, "Bob", "vegan")]) == (
+        "Notes about your contacts:\n"
+        "#1 Alice: likes tea\n"
+        "#4 Bob: vegan")

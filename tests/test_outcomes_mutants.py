@@ -48,6 +48,23 @@ DECISIONS: list[tuple[ev.Event, Outcome]] = [
               ExitCode.LOGGED_OUT, wipe_session=True)),
     (ev.ConnectFailure(reason="503 unavailable", permanent=False),
      Outcome(W.DISCONNECTED, "connect failed: 503 unavailable", start_reconnect_clock=True)),
+    # 405 and 409: the client is too old; the session stays valid, so nothing is wiped
+    (ev.ConnectFailure(reason="409 bad user agent", permanent=False, code="bad_user_agent"),
+     Outcome(W.OUTDATED, "WhatsApp rejected this client (409 bad user agent): upgrade "
+                         "wabridge; the session is kept", ExitCode.OUTDATED)),
+    (ev.ConnectFailure(reason="405", permanent=True, code="client_outdated"),
+     Outcome(W.OUTDATED, "WhatsApp rejected this client (405): upgrade wabridge; the session "
+                         "is kept", ExitCode.OUTDATED)),
+    (ev.ConnectFailure(reason="402 temp banned", permanent=False, code="temp_banned"),
+     Outcome(W.BANNED, "temporarily banned by WhatsApp (402 temp banned)", ExitCode.BANNED)),
+    (ev.ConnectFailure(reason="unknown ban code 418", permanent=False,
+                       code=ev.LIBRARY_STOPPED),
+     Outcome(W.BANNED, "WhatsApp ended the connection with an event this client cannot read "
+                       "(often a ban): unknown ban code 418; not reconnecting: check the phone, "
+                       "then restart the account", ExitCode.BANNED)),
+    # a code the table does not know falls through to permanent / transient
+    (ev.ConnectFailure(reason="500 internal", permanent=False, code="internal_server_error"),
+     Outcome(W.DISCONNECTED, "connect failed: 500 internal", start_reconnect_clock=True)),
     (ev.QrExpired(),
      Outcome(W.QR_EXPIRED, "no QR code was scanned in time; request the link again",
               ExitCode.QR_EXPIRED)),

@@ -259,6 +259,22 @@ def guard(times: list[float], max_turns: int = 3, window: float = 60.0) -> list[
         ([0, 1, 2, 61, 62], 3, 60, ["answer"] * 5),
         # off
         ([0] * 10, 0, 60, ["answer"] * 10),
+        # one turn allowed: the second within the window stops
+        ([0, 1], 1, 60, ["answer", "stop"]),
+        ([0, 60], 1, 60, ["answer", "answer"]),  # exactly a window apart: the first has aged out
+        ([0, 59.5], 1, 60, ["answer", "stop"]),
+        # stopped, then exactly a window of quiet: answered again
+        ([0, 1, 61], 1, 60, ["answer", "stop", "answer"]),
+        ([0, 1, 60.5], 1, 60, ["answer", "stop", "stopped"]),
+        # a turn exactly a window old no longer counts, while the chat was not quiet
+        ([0, 30, 60], 2, 60, ["answer", "answer", "answer"]),
+        ([0, 30, 59], 2, 60, ["answer", "answer", "stop"]),
+        # epoch times, as the engine passes them
+        ([1_700_000_000, 1_700_000_001, 1_700_000_002, 1_700_000_003], 3, 60,
+         ["answer", "answer", "answer", "stop"]),
+        # exactly max_turns within the window is still answered
+        ([0, 1, 2], 3, 60, ["answer", "answer", "answer"]),
+        ([0, 1, 2], -1, 60, ["answer", "answer", "answer"]),  # negative: off
     ],
 )
 def test_loop_guard(times: list[float], max_turns: int, window: float,

@@ -141,3 +141,106 @@ def test_a_setting_error_without_allowed_values_has_the_general_explanation() ->
     assert (str(error), error.explanation) == (
         "setting 'settings.x': bad",
         "fix the setting on the user's document; the previous settings stay in force")
+
+
+# --- tools, timezone, engine ------------------------------------------------------------------
+
+TZ_ALLOWED = "(allowed: an IANA time zone name like Europe/Berlin or UTC)"
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"tools": "wabridge"}, Policy(tools="wabridge")),
+    ({"tools": "none"}, Policy(tools="none")),
+    ({"tools": "wabridge", "engine": "cli"}, Policy(tools="wabridge", engine="cli")),
+    ({"engine": "api"}, Policy(engine="api")),
+    ({"engine": None, "tools": None, "timezone": None}, Policy()),
+    ({"timezone": "Europe/Berlin"}, Policy(timezone="Europe/Berlin")),
+    ({"timezone": "UTC"}, Policy(timezone="UTC")),
+    ({"timezone": "America/Argentina/Buenos_Aires"},
+     Policy(timezone="America/Argentina/Buenos_Aires")),
+    ({"timezone": "Etc/GMT-14"}, Policy(timezone="Etc/GMT-14")),
+    ({"timezone": "EST5EDT"}, Policy(timezone="EST5EDT")),
+])
+def test_tools_timezone_and_engine(settings: dict[str, Any], expected: Policy) -> None:
+    assert policy.parse(settings) == expected
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"tools": "all"},
+     "setting 'settings.tools': 'all' is not one of none, wabridge (allowed: none, wabridge)"),
+    ({"engine": "gpt"},
+     "setting 'settings.engine': 'gpt' is not one of cli, api (allowed: cli, api)"),
+    ({"tools": "wabridge", "engine": "api"},
+     "setting 'settings.tools': wabridge's tools run on the cli engine only, and engine is api "
+     "(allowed: none (or engine cli))"),
+    ({"timezone": 5}, f"setting 'settings.timezone': 5 is not a time zone {TZ_ALLOWED}"),
+    ({"timezone": "Mars/Olympus_Mons"},  # well formed, but no such zone
+     f"setting 'settings.timezone': 'Mars/Olympus_Mons' is not a time zone {TZ_ALLOWED}"),
+    ({"timezone": "Europe/"},
+     f"setting 'settings.timezone': 'Europe/' is not a time zone {TZ_ALLOWED}"),
+    # a file of the zone database that is no zone: zoneinfo's ValueError, not "not found"
+    ({"timezone": "leapseconds"},
+     f"setting 'settings.timezone': 'leapseconds' is not a time zone {TZ_ALLOWED}"),
+    ({"timezone": "../etc/passwd"},
+     f"setting 'settings.timezone': '../etc/passwd' is not a time zone {TZ_ALLOWED}"),
+    ({"timezone": ""}, f"setting 'settings.timezone': '' is not a time zone {TZ_ALLOWED}"),
+])
+def test_tools_timezone_and_engine_refused(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSetting) as info:
+        policy.parse(settings)
+    assert str(info.value) == message
+
+
+def test_a_timezone_of_64_characters_is_looked_up() -> None:
+    # 64 characters is the longest name tried; zoneinfo then says whether it exists
+    name = "Etc/" + "U" * 60
+    assert len(name) == 64
+    with pytest.raises(InvalidSetting) as info:
+        policy.parse({"timezone": name})
+    assert info.value.problem == f"{name!r} is not a time zone"
+    assert policy._is_timezone("Etc/UTC") is True
+
+
+# --- bots --------------------------------------------------------------------------------------
+
+META_AI = "13135550002"
+
+
+@pytest.mark.parametrize(("jid", "bot"), [
+    ("1313555000x@s.whatsapp.net", False),  # digits only
+    ("13135550002x@s.whatsapp.net", False),
+    ("1316555001x@s.whatsapp.net", False),
+    ("131655500123@s.whatsapp.net", False),  # one digit too many
+    ("1316555001@s.whatsapp.net", False),  # one too few
+    ("131355500021", False),
+    ("13165550012", True),
+])
+def test_bot_numbers_are_exact(jid: str, bot: bool) -> None:
+    assert policy.is_bot(jid) is bot
+
+
+def test_the_owner_may_command_in_a_chat_with_a_bot() -> None:
+    """The owner's own message in their chat with Meta AI is theirs, not the bot's."""
+    mine = _msg(sender=OWNER, chat=f"{META_AI}@s.whatsapp.net", from_me=True, text="/status")
+    assert policy.decide(mine, Policy(), OWNER) == MessageDecision(
+        "command", "owner", ChatCommand("status"))
+    # the bot writing in that chat under another id (a LID) is still the bot's chat
+    theirs = IncomingMessage(wa_id="W", chat_id=f"{META_AI}@s.whatsapp.net",
+                             sender="123456789@lid", text="hi", timestamp=0.0)
+    assert policy.decide(theirs, Policy(), OWNER) == MessageDecision("skip", "bot")
+
+
+# --- the loop guard ----------------------------------------------------------------------------
+
+
+def test_loop_guard_states_in_full() -> None:
+    verdict, state = policy.loop_guard(policy.LoopState(), 10.0, max_turns=1, window=60)
+    assert (verdict, state) == ("answer", policy.LoopState((10.0,), stopped=False, last=10.0))
+    verdict, state = policy.loop_guard(state, 20.0, max_turns=1, window=60)
+    assert (verdict, state) == ("stop", policy.LoopState((10.0, 20.0), stopped=True, last=20.0))
+    verdict, state = policy.loop_guard(state, 30.0, max_turns=1, window=60)
+    assert (verdict, state) == ("stopped", policy.LoopState((10.0, 20.0), stopped=True,
+                                                            last=30.0))
+    off = policy.LoopState((1.0,), stopped=True, last=1.0)
+    assert policy.loop_guard(off, 2.0, max_turns=0, window=60) == ("answer", off)
+    assert policy.LoopState() == policy.LoopState((), stopped=False, last=None)

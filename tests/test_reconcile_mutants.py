@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from controller import reconcile as rc
 from controller.plane import AccountDoc, parse_account
 from controller.reconcile import (
     CLD_DUMPED,
@@ -30,6 +31,7 @@ from controller.reconcile import (
     for_unit,
     reconcile,
 )
+from controller.unit_manager import UnitState
 from wabridge.errors import ExitCode
 from wabridge.status import DocStatus as S
 
@@ -328,3 +330,105 @@ def test_a_pairing_request_resets_only_a_failed_unit(unit: UnitView | None,
                                                     reset_failed: bool) -> None:
     actions = for_doc(doc("pairing_requested", pairingPhone="4915123456789"), unit)
     assert actions[1] == Start(U, reset_failed=reset_failed)
+
+
+# --- view_of: the unit state the decisions see --------------------------------------------------
+
+def _state(**changes: Any) -> UnitState:
+    """An OOM-killed worker on cgroup v1 (SIGKILL, Result=signal, oom_kill counted)."""
+    facts: dict[str, Any] = {
+        "unit": "wabridge-worker@alice.service", "user_id": U, "active_state": "failed",
+        "sub_state": "failed", "main_pid": 0, "n_restarts": 4, "result": "signal",
+        "exec_main_code": 2, "exec_main_status": 9, "status_text": "", "memory_bytes": None,
+        "cpu_nsec": None, "tasks": None, "since_usec": 0, "start_limit_burst": 5,
+        "oom_kills": 1}
+    facts.update(changes)
+    return UnitState(**facts)
+
+
+@pytest.mark.parametrize(("changes", "oom"), [
+    ({}, True),
+    ({"oom_kills": 3}, True),
+    ({"result": "oom-kill"}, True),
+    ({"oom_kills": 0}, False),
+    ({"oom_kills": None}, False),  # no exit report
+    ({"exec_main_code": 3}, False),  # dumped core: not the OOM killer
+    ({"exec_main_code": 1}, False),  # exited with code 9
+    ({"exec_main_status": 15}, False),  # SIGTERM
+    ({"result": "exit-code"}, False),
+    ({"result": "timeout"}, False),  # SIGKILL after TimeoutStopSec=
+])
+def test_view_of_an_oom_kill(changes: dict[str, Any], oom: bool) -> None:
+    assert rc.view_of(_state(**changes)).oom is oom
+
+
+@pytest.mark.parametrize(("active", "job_pending", "seen"), [
+    ("inactive", True, "activating"),  # StartUnit queued, not yet run
+    ("failed", True, "activating"),
+    ("inactive", False, "inactive"),
+    ("failed", False, "failed"),
+    ("active", True, "active"),
+    ("deactivating", True, "deactivating"),  # a stop job: still stopping
+])
+def test_view_of_a_queued_start(active: str, job_pending: bool, seen: str) -> None:
+    assert rc.view_of(_state(active_state=active, job_pending=job_pending)).active_state == seen
+
+
+def test_view_of_in_full() -> None:
+    assert rc.view_of(_state(sub_state="auto-restart")) == UnitView(
+        active_state="failed", sub_state="auto-restart", result="signal", n_restarts=4,
+        exec_main_code=2, exec_main_status=9, oom=True, start_limit_burst=5)
+
+
+# --- settings, errors, start slots ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("active", "sub", "job_pending", "settled"), [
+    ("active", "running", False, True),  # READY=1 sent
+    ("failed", "failed", False, True),
+    ("deactivating", "stop-sigterm", False, True),
+    ("activating", "auto-restart", False, True),  # waiting for systemd's restart
+    ("inactive", "dead", False, True),
+    ("inactive", "dead", True, False),  # StartUnit queued, not run yet
+    ("activating", "start", False, False),
+    ("activating", "start", True, False),
+    ("reloading", "reload", False, False),
+])
+def test_start_settled(active: str, sub: str, job_pending: bool, settled: bool) -> None:
+    state = _state(active_state=active, sub_state=sub, job_pending=job_pending)
+    assert rc.start_settled(state) is settled
+
+
+def test_no_error_is_cleared_by_anyone() -> None:
+    clean = doc("connected")
+    assert (rc.clears_error(clean, "controller"), rc.clears_error(clean, "worker")) == (
+        False, False)
+
+
+def test_a_pairing_without_a_phone_adds_none() -> None:
+    asked = doc("pairing_requested", settings={"groups": "off"})
+    assert rc.worker_settings(asked) == {"groups": "off"}
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"backend": "simm"}, "settings.backend 'simm' is not one of: neonize, sim"),
+    ({"backend": 7}, "settings.backend 7 is not one of: neonize, sim"),
+    ({"simUrl": "http://"},
+     "settings.simUrl 'http://' is not an http(s) URL (e.g. http://127.0.0.1:8081)"),
+    ({"simUrl": "https://"},
+     "settings.simUrl 'https://' is not an http(s) URL (e.g. http://127.0.0.1:8081)"),
+    ({"simUrl": 8081}, "settings.simUrl 8081 is not an http(s) URL (e.g. http://127.0.0.1:8081)"),
+])
+def test_a_bad_backend_setting_in_full(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(rc.PolicyError) as info:
+        rc.worker_environment(settings)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("cpu", [None, 0])
+def test_process_fields_without_cpu_time(cpu: int | None) -> None:
+    state = _state(active_state="active", sub_state="running", main_pid=42, cpu_nsec=cpu,
+                   memory_bytes=None, since_usec=1_500_000, status_text="connected")
+    assert rc.process_fields(state) == {
+        "pid": 42, "state": "active", "restarts": 4, "memoryBytes": None,
+        "status": "connected", "cpuSeconds": 0.0, "since": 1.5}

@@ -6,6 +6,7 @@ import pytest
 
 from wabridge.errors import UserIdError
 from wabridge.units import (
+    DYNAMIC_UIDS,
     MAX_INSTANCE,
     escape_instance,
     system_user_name,
@@ -96,3 +97,27 @@ def test_a_dash_unescapes_to_a_slash_which_no_id_has() -> None:
     with pytest.raises(UserIdError) as info:
         unescape_instance("a-b")
     assert str(info.value) == "user id 'a/b' contains '/'"
+
+
+@pytest.mark.parametrize(("uid", "dynamic"), [
+    (61183, False), (61184, True),  # DYNAMIC_UID_MIN: 0xef00
+    (65519, True), (65520, False),  # DYNAMIC_UID_MAX: 0xffef
+    (0, False), (1000, False),
+])
+def test_systemds_dynamic_uid_range(uid: int, dynamic: bool) -> None:
+    """Who may talk to the admin socket and whose processes count as workers: the UIDs
+    systemd hands out for ``DynamicUser=`` (src/basic/uid-range.h, 0xef00..0xffef)."""
+    assert (uid in DYNAMIC_UIDS) is dynamic
+
+
+@pytest.mark.parametrize("user_id", ["__abc", "abc__", "__", "___", "a__b"])
+def test_ids_with_underscores_that_firestore_allows(user_id: str) -> None:
+    assert validate_user_id(user_id) == user_id
+
+
+def test_an_id_like_a_firestore_reserved_one_in_full() -> None:
+    with pytest.raises(UserIdError) as info:
+        validate_user_id("__ab__")
+    assert (str(info.value), info.value.explanation) == (
+        "user id '__ab__' cannot name a control-plane document ('.', '..' and ids like '__x__' "
+        "are reserved)", "'.', '..' and ids like '__x__' are reserved")
