@@ -111,9 +111,15 @@ def serve_peers(sock_path: str) -> int:
             await writer.drain()
             while True:
                 line = await reader.readuntil(b"\n")
-                seq = json.loads(line).get("seq")
+                data = json.loads(line)
+                seq = data.get("seq")
                 if isinstance(seq, int):
                     writer.write(protocol.encode(protocol.Ack(seq=seq)))
+                    await writer.drain()
+                elif data.get("type") == "slot" and data.get("state") == "want":
+                    # an unlimited host Claude budget: every chat gets its process at once
+                    writer.write(protocol.encode(protocol.SlotOrder(
+                        chat_id=str(data.get("chat_id")), order="grant")))
                     await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass

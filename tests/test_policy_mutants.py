@@ -219,11 +219,11 @@ def test_bot_numbers_are_exact(jid: str, bot: bool) -> None:
     assert policy.is_bot(jid) is bot
 
 
-def test_the_owner_may_command_in_a_chat_with_a_bot() -> None:
-    """The owner's own message in their chat with Meta AI is theirs, not the bot's."""
+def test_the_owners_command_in_a_chat_with_a_bot_is_not_answered_there() -> None:
+    """The owner's own message in their chat with Meta AI is theirs, not the bot's; a command
+    typed there is not answered there (commands are for the self chat)."""
     mine = _msg(sender=OWNER, chat=f"{META_AI}@s.whatsapp.net", from_me=True, text="/status")
-    assert policy.decide(mine, Policy(), OWNER) == MessageDecision(
-        "command", "owner", ChatCommand("status"))
+    assert policy.decide(mine, Policy(), OWNER) == MessageDecision("skip", "command_in_chat")
     # the bot writing in that chat under another id (a LID) is still the bot's chat
     theirs = IncomingMessage(wa_id="W", chat_id=f"{META_AI}@s.whatsapp.net",
                              sender="123456789@lid", text="hi", timestamp=0.0)

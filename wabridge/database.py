@@ -20,6 +20,7 @@ can move onto it unchanged.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -53,7 +54,7 @@ def connect(path: Path, *, check_same_thread: bool = True,
                          timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
+        _wal(db)
         db.execute("PRAGMA synchronous = NORMAL")
         if not auto_checkpoint:
             db.execute("PRAGMA wal_autocheckpoint = 0")
@@ -61,6 +62,23 @@ def connect(path: Path, *, check_same_thread: bool = True,
         db.close()
         raise
     return db
+
+
+def _wal(db: sqlite3.Connection) -> None:
+    """Switch to WAL. On a fresh file that another connection is switching at the same
+    moment, SQLite can answer "database is locked" without waiting for ``busy_timeout``
+    (changing the journal mode takes the lock outside the busy handler): try again until
+    the timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+        else:
+            return
 
 
 @contextmanager
