@@ -24,10 +24,12 @@ reopened after a failure; a failure is logged and the next tick tries again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import psycopg
@@ -49,6 +51,8 @@ WANTS_WORKER = RUNNING_STATUSES | {DocStatus.CREATE_REQUESTED, DocStatus.RESTART
 WORKER_MB = 60
 #: a move whose account holds no lease elsewhere by then no longer holds up the next one
 MOVE_GRACE = 30.0
+#: the worker slice's memory limit (cgroup v2), when it has one
+SLICE_MEMORY_MAX = Path("/sys/fs/cgroup/wabridge.slice/memory.max")
 
 
 class FleetUnavailable(WabridgeError):
@@ -125,12 +129,10 @@ def host_capacity(cfg: config.FleetConfig) -> tuple[int, int]:
     memory for workers (the worker slice's ``MemoryMax=`` if set, else the machine's) divided
     by ``WORKER_MB``."""
     memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
-    try:
-        limit = open("/sys/fs/cgroup/wabridge.slice/memory.max", encoding="ascii").read()
-        if limit.strip().isdigit():
+    with contextlib.suppress(OSError):
+        limit = SLICE_MEMORY_MAX.read_text(encoding="ascii").strip()
+        if limit.isdigit():
             memory_mb = min(memory_mb, int(limit) // (1 << 20))
-    except OSError:
-        pass
     return (cfg.max_workers or max(1, memory_mb // WORKER_MB)), memory_mb
 
 
@@ -259,10 +261,9 @@ class Fleet:
     def tick(self, runner: Runner) -> None:
         """Carry the plan out on this host: start what is ours and not running (the start
         takes the lease first), stop one account at a time that is somebody else's."""
-        if not self.me_alive():
-            return  # the others see this host dead too: its leases decide, not its plan
         snap = self.snapshot
-        assert snap is not None
+        if snap is None or not self.me_alive():
+            return  # the others see this host dead too: its leases decide, not its plan
         plan = self.plan(wanting(runner.docs))
         running = {u for u, s in runner.units.items() if s.active_state in RUNNING_UNIT_STATES}
         for user, host in sorted(plan.items()):

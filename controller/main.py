@@ -34,7 +34,6 @@ from controller import (
     pg_roles,
 )
 from controller import fleet as fl  # fleet.enabled: this host among others
-
 from controller import metrics as mx  # today's usage (billing) beside the metrics
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
@@ -178,25 +177,24 @@ class Controller:
         user = self.user(user_id)
         if user.doc is None:
             return []
-        if self.fleet is not None and not self.handles_here(user_id, user.doc):
+        if self.fleet is not None and not self.handles_here(self.fleet, user_id, user.doc):
             return []
         return rc.for_doc(user.doc, user.view)
 
-    def handles_here(self, user_id: str, doc: AccountDoc) -> bool:
+    def handles_here(self, fleet: fl.Fleet, user_id: str, doc: AccountDoc) -> bool:
         """In a fleet: whether this host acts on the document now. A request is the business
         of the host the plan gives the account (the claim is a transaction: two hosts acting
         on a stale plan cannot both win it); a stop of the host whose worker runs it, or of
         any host when none holds its lease."""
-        assert self.fleet is not None
         unit = self.users[user_id].view
-        if unit is not None and unit.running and user_id not in self.fleet.away:
+        if unit is not None and unit.running and user_id not in fleet.away:
             return True
-        snap = self.fleet.snapshot
+        snap = fleet.snapshot
         lease = snap.leases.get(user_id) if snap is not None else None
         if doc.status in (DocStatus.DESTROY_REQUESTED, DocStatus.STOPPING):
             return not fl.held_by_other(lease, self.host)
         if doc.status in REQUESTS:
-            return self.fleet.owner(user_id, self.docs) == self.host
+            return fleet.owner(user_id, self.docs) == self.host
         return True
 
     def plan_unit(self, user_id: str) -> list[rc.Action]:
@@ -213,6 +211,8 @@ class Controller:
         user.unit_events += 1
         if user.starting is not None and rc.start_settled(state):
             user.starting.set()
+        if user.gone is not None and state.active_state not in PROCESS_UNIT_STATES:
+            user.gone.set()
         if not self.loaded:
             # Documents are not read yet: a unit without a known document is not an orphan
             # until they are. The start-up reconcile sees this state.
@@ -289,9 +289,9 @@ class Controller:
             # restart stops the old process before: the lease is taken only with no worker
             # of this account running here
             if restart:
-                await self.stop_and_wait(uid)
+                await self.stop_and_wait(self.fleet, uid)
                 restart = False
-            taken = await self.take_lease(uid)
+            taken = await self.take_lease(self.fleet, uid)
             if taken is None:
                 return False
             lease, settled = taken
@@ -339,15 +339,15 @@ class Controller:
         return True
 
     # --- fleet.enabled ------------------------------------------------------------------
-    async def take_lease(self, uid: str) -> tuple[dict[str, str], asyncio.Event | None] | None:
+    async def take_lease(self, fleet: fl.Fleet, uid: str
+                         ) -> tuple[dict[str, str], asyncio.Event | None] | None:
         """A start slot and the account's lease for this host (None: do not start): the
         drop-in's environment for the worker, and the slot's event."""
-        assert self.fleet is not None
         user = self.user(uid)
         settled = (await self.start_slot(uid)
                    if rc.needs_start_slot(False, user.starting is not None, user.view) else None)
         try:
-            epoch = await self.fleet.take(uid, postgres.account_role(uid), self.docs)
+            epoch = await fleet.take(uid, postgres.account_role(uid), self.docs)
         except fl.FleetUnavailable as exc:
             log.warning("fleet.acquire_failed", user_id=uid, error=str(exc))
             epoch = None
@@ -357,34 +357,34 @@ class Controller:
             return None
         return fl.lease_environment(self.host, epoch), settled
 
-    async def stop_and_wait(self, uid: str, timeout: float = START_SLOT_TIMEOUT) -> None:
+    async def stop_and_wait(self, fleet: fl.Fleet, uid: str,
+                            timeout: float = START_SLOT_TIMEOUT) -> None:
         """Stop the account's worker here and wait until no process of it is left (its
         unit's state, as systemd reports it); its states meanwhile say nothing about the
         document (a restart in a fleet: stop, take the lease again, start)."""
-        assert self.fleet is not None
         user = self.user(uid)
         if user.unit is None or user.unit.active_state not in PROCESS_UNIT_STATES:
             return
-        self.fleet.away.add(uid)
+        fleet.away.add(uid)
+        gone = user.gone = asyncio.Event()  # set by on_unit
         with contextlib.suppress(SystemdError):
             await self.systemd.stop(worker_unit(uid))
-        deadline = time.monotonic() + timeout
-        while (user.unit is not None and user.unit.active_state in PROCESS_UNIT_STATES
-               and time.monotonic() < deadline):
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), timeout)
+        user.gone = None
 
     def start_here(self, user_id: str) -> None:
         """The fleet loop's start of an account the plan gives this host."""
-        async def start() -> None:
-            assert self.fleet is not None
+        async def start(fleet: fl.Fleet) -> None:
             try:
                 view = self.user(user_id).view
                 failed = view is not None and view.active_state == "failed"
                 await self.execute(user_id, lambda uid: [rc.Start(uid, reset_failed=failed)])
             finally:
-                self.fleet.started(user_id)
+                fleet.started(user_id)
 
-        self.spawn(start())
+        if self.fleet is not None:
+            self.spawn(start(self.fleet))
 
     def stop_here(self, user_id: str) -> None:
         """The fleet loop's stop of an account that goes to another host: the worker
