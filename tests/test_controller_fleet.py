@@ -13,6 +13,7 @@ an account run on both hosts (checked at every start).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import socket
 import threading
@@ -223,9 +224,10 @@ async def fleet(postgres: Cluster, tmp_path: Path,
     world = World(postgres.conninfo(dbname))
     # the accounts' password files go to the test's directory, not /run
     monkeypatch.setattr(pg_roles.prepare, "__defaults__", (tmp_path / "pg-passwords",))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # READY=1 etc. go nowhere
-    notify.bind(str(tmp_path / "notify"))
-    notify.setblocking(False)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # READY=1 etc., read and
+    notify.bind(str(tmp_path / "notify"))                       # dropped (a full queue would
+    notify.setblocking(False)                                   # block the sender's loop)
+    asyncio.get_running_loop().add_reader(notify.fileno(), notify.recv, 4096)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     plane_file = tmp_path / "plane.sqlite"
 
@@ -247,13 +249,13 @@ async def fleet(postgres: Cluster, tmp_path: Path,
     yield result
     for host in result.hosts.values():
         host.controller.stop.set()
-        for task in host.tasks:
-            if not task.done():
-                task.cancel()
+        await asyncio.wait_for(host.tasks[0], 10)  # the controller's own shutdown
+        host.tasks[1].cancel()
         await asyncio.gather(*host.tasks, return_exceptions=True)
         host.units.conn.close()
         host.controller.notifier.socket.close()
     await result.plane.close()
+    asyncio.get_running_loop().remove_reader(notify.fileno())
     notify.close()
     assert world.overlaps == []
 
@@ -334,7 +336,7 @@ async def test_drain_moves_one_at_a_time_and_undrain_pulls_nothing_back(
                 20, "all on host-b")
     moves = sorted((fleet.world.times("host-a", "stop", u)[-1],
                     fleet.world.times("host-b", "start", u)[-1]) for u in ("u1", "u2", "u3"))
-    for (_, started), (next_stop, _) in zip(moves, moves[1:], strict=False):
+    for (_, started), (next_stop, _) in itertools.pairwise(moves):
         assert next_stop >= started  # the next leaves only once the previous arrived
     hosts = {r["host"]: r for r in (await a.call("hosts"))["hosts"]}
     assert hosts["host-a"]["draining"] and hosts["host-a"]["accounts"] == 0
