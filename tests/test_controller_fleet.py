@@ -129,7 +129,7 @@ class HostUnits(ScriptedSystemd):
         user = user_of(unit)
         epoch = self.epochs.get(user)
         self.deliver(state(user, "deactivating", "stop-sigterm", self.pid))
-        await asyncio.sleep(0.1)  # the turn in flight ends, WhatsApp is disconnected
+        await asyncio.sleep(0.5)  # the turn in flight ends, WhatsApp is disconnected
         if epoch is not None:
             self._leave(user)
             if not self.cut_off:
