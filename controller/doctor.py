@@ -108,6 +108,8 @@ def check_plane(cfg: config.Config, plane: str | None) -> Check:
             return Check("control_plane", "fail", f"local store {db} unreadable: {exc}",
                          f"move the broken file aside and restart the controller; {fix}")
         return Check("control_plane", "ok", f"local store {db} readable ({tables} tables)")
+    if choice == "postgres":
+        return check_postgres_plane(cfg)
     target = emulator_host(cfg) or "firestore.googleapis.com:443"
     host, _, port = target.rpartition(":")
     try:
@@ -118,6 +120,32 @@ def check_plane(cfg: config.Config, plane: str | None) -> Check:
                      "check the network/proxy, or firebase.emulator_host")
     return Check("control_plane", "ok", f"Firestore at {target} reachable (credentials are "
                  "checked by the controller: wabridgectl status shows its errors)")
+
+
+def check_postgres_plane(cfg: config.Config) -> Check:
+    """``controller.control_plane = postgres``: the controller's role reaches the database and
+    the plane's schema is one this wabridge understands."""
+    from controller import pg_roles, pgplane  # noqa: PLC0415 (psycopg only when used)
+
+    target = postgres.describe(cfg.storage.postgres_url)
+    where = f"PostgreSQL plane {target} schema {pgplane.SCHEMA}"
+    try:
+        with pg_roles.admin_connect(cfg) as admin:
+            version, accounts = pgplane.health(admin)
+    except Exception as exc:  # noqa: BLE001 (psycopg's errors, shown to the operator)
+        return Check("control_plane", "fail", f"{where}: {str(exc).strip()}",
+                     "check the server, storage.postgres_url and the controller's password "
+                     f"in {pg_roles.CONTROLLER_PASSWORD_FILE}")
+    if version is None:
+        return Check("control_plane", "fail", f"{where} does not exist",
+                     "the controller creates it when it starts with control_plane = postgres "
+                     "(its role needs CREATE on the database): systemctl restart "
+                     "wabridge-controller")
+    if version > pgplane.SCHEMA_VERSION:
+        return Check("control_plane", "fail", f"{where} has version {version}, newer than "
+                     f"this wabridge understands ({pgplane.SCHEMA_VERSION})",
+                     "upgrade wabridge on this host to the fleet's version")
+    return Check("control_plane", "ok", f"{where} version {version}, {accounts} accounts")
 
 
 def check_database(cfg: config.Config) -> Check:

@@ -155,6 +155,24 @@ def map_error(exc: psycopg.Error) -> PlaneError:
     return PlaneError(f"PostgreSQL error: {text}")
 
 
+def health(conn: psycopg.Connection[Any], schema: str = SCHEMA) -> tuple[int | None, int]:
+    """What ``wabridgectl doctor`` reports: the plane schema's version (None: not created
+    yet) and how many account documents it holds."""
+    ident = sql.Identifier(schema)
+    found = conn.execute("SELECT to_regclass(%s), to_regclass(%s)",
+                         (f"{ident.as_string(conn)}.schema_version",
+                          f"{ident.as_string(conn)}.accounts")).fetchone()
+    if found is None or found[0] is None:
+        return None, 0
+    row = conn.execute(sql.SQL("SELECT MAX(version) FROM {}.schema_version").format(ident)
+                       ).fetchone()
+    version = int(row[0]) if row and row[0] is not None else 0
+    if found[1] is None:
+        return version, 0
+    count = conn.execute(sql.SQL("SELECT count(*) FROM {}.accounts").format(ident)).fetchone()
+    return version, int(count[0]) if count else 0
+
+
 class PostgresPlane(ControlPlane):
     name = "postgres"
 

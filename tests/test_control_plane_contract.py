@@ -1146,3 +1146,42 @@ async def test_postgres_refused_login_is_denied_and_no_server_is_unavailable(
         assert time.monotonic() - started < 10.0
     finally:
         await down.close()
+
+
+async def test_postgres_plane_is_chosen_and_checked_with_the_controllers_credential(
+        postgres: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``control_plane = "postgres"``: the controller logs in as its role with the
+    ``postgres-password`` credential (as for storage), and ``wabridgectl doctor`` reports the
+    plane's schema, then its version and documents once the controller made it."""
+    from controller import doctor, planes  # noqa: PLC0415
+    from wabridge import config  # noqa: PLC0415
+
+    database = f"plane_{uuid.uuid4().hex[:8]}"
+    with _superuser(postgres) as conn:
+        conn.execute("DROP ROLE IF EXISTS plane_owner")
+        conn.execute("CREATE ROLE plane_owner LOGIN PASSWORD 'owner-secret'")
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {} OWNER plane_owner").format(
+            psycopg.sql.Identifier(database)))
+    (tmp_path / "postgres-password").write_text("owner-secret\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = config.with_overrides(
+        config.with_overrides(config.Config(), "controller", control_plane="postgres"),
+        "storage", postgres_url=postgres.url("plane_owner", database))
+    assert planes.plane_kind(cfg) == "postgres"
+    check = await asyncio.to_thread(doctor.check_plane, cfg, None)
+    assert check.status == "fail" and "does not exist" in check.message, check
+    plane = planes.choose_plane(cfg)
+    try:
+        assert plane.name == "postgres"
+        await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    finally:
+        await plane.close()
+    check = await asyncio.to_thread(doctor.check_plane, cfg, "postgres")
+    assert check.status == "ok", check
+    assert check.message == (f"PostgreSQL plane postgresql plane_owner@127.0.0.1:"
+                             f"{postgres.port}/{database} schema wabridge_plane version "
+                             f"{pgplane.SCHEMA_VERSION}, 1 accounts")
+    (tmp_path / "postgres-password").write_text("wrong\n", encoding="utf-8")
+    check = await asyncio.to_thread(doctor.check_plane, cfg, "postgres")
+    assert check.status == "fail" and "password" in check.message and "wrong" not in (
+        check.message)

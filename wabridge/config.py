@@ -95,9 +95,10 @@ class ControllerConfig:
     control_plane: str = _opt(
         "auto",
         "Where accounts are requested and reported. `auto` picks Firestore when Firebase "
-        "credentials or an emulator are configured, else the local SQLite store.",
-        allowed="auto, firestore, local",
-        check=_one_of("auto", "firestore", "local"),
+        "credentials or an emulator are configured, else the local SQLite store; `postgres` "
+        "keeps them in `storage.postgres_url`'s database (a fleet without Firebase).",
+        allowed="auto, firestore, local, postgres",
+        check=_one_of("auto", "firestore", "local", "postgres"),
     )
     socket: str = _opt(
         "/run/wabridge/controller.sock",
@@ -633,6 +634,9 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     if cfg.storage.backend == "postgresql" and not cfg.storage.postgres_url:
         raise ConfigError("storage.postgres_url", "is empty but storage.backend is postgresql",
                           allowed="postgresql:// URL without a password")
+    if cfg.controller.control_plane == "postgres" and not cfg.storage.postgres_url:
+        raise ConfigError("storage.postgres_url", "is empty but controller.control_plane is "
+                          "postgres", allowed="postgresql:// URL without a password")
     return cfg
 
 
