@@ -43,6 +43,7 @@ Firestore instead of exhausting systemd's start limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -222,11 +223,11 @@ class PostgresPlane(ControlPlane):
 
     def _create_schema(self) -> None:
         with psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs()) as conn:
-            try:
+            # UniqueViolation: another controller created it at the same moment
+            with contextlib.suppress(psycopg.errors.UniqueViolation,
+                                     psycopg.errors.DuplicateSchema):
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                     sql.Identifier(self._schema)))
-            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
-                pass  # another controller created it at the same moment
             log.info("plane.postgres_schema_created", target=self.target)
 
     # -- plumbing ----------------------------------------------------------------------------

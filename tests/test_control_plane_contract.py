@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import firestore_emulator as emulator_helper  # tests/ is on sys.path (no __init__.py)
-import pytest
 import psycopg
 import psycopg.sql
+import pytest
 import pytest_asyncio
 from postgres_cluster import Cluster
 
