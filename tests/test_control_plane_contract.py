@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import firestore_emulator as emulator_helper  # tests/ is on sys.path (no __init__.py)
+import postgres_cluster
 import psycopg
 import psycopg.sql
 import pytest
@@ -1185,3 +1187,48 @@ async def test_postgres_plane_is_chosen_and_checked_with_the_controllers_credent
     check = await asyncio.to_thread(doctor.check_plane, cfg, "postgres")
     assert check.status == "fail" and "password" in check.message and "wrong" not in (
         check.message)
+
+
+def _pg_ctl(cluster: Cluster, *args: str) -> None:
+    """``pg_ctl`` on a private cluster (tests/postgres_cluster.py's layout), as its owner."""
+    owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*owner, str(postgres_cluster.bin_dir() / "pg_ctl"),
+                    "-D", str(cluster.socket_dir / "data"), *args],
+                   check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.slow  # a private cluster, stopped for a few seconds
+async def test_postgres_plane_rides_out_a_server_restart() -> None:
+    """While the server is down a call fails with PlaneUnavailable after its deadline and the
+    feed says it is not alive; once it is back both connections re-open by themselves and
+    the feed delivers again."""
+    reason = postgres_cluster.available()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    with postgres_cluster.running() as private:
+        plane = PostgresPlane(private.conninfo(), schema="p", deadline=2.0)
+        writer = PostgresPlane(private.conninfo(), schema="p", deadline=30.0)
+        try:
+            seen = Collector()
+            await plane.watch(seen)
+            await writer.request("alice", DocStatus.CREATE_REQUESTED)
+            await seen.until(doc_of("alice"))
+            await asyncio.to_thread(_pg_ctl, private, "-m", "fast", "-w", "stop")
+            await _until(lambda: not plane.feed_alive(), 15.0, "reported lost")
+            started = time.monotonic()
+            with pytest.raises(PlaneUnavailable):
+                await plane.get("alice")
+            assert time.monotonic() - started < 10.0
+            options = (f"-k {private.socket_dir} -p {private.port} -c listen_addresses="
+                       f"{postgres_cluster.HOST} -c fsync=off")
+            await asyncio.to_thread(_pg_ctl, private, "-o", options, "-l",
+                                    str(private.socket_dir / "log"), "-w", "start")
+            mark = len(seen.all)
+            await writer.request("bob", DocStatus.CREATE_REQUESTED)
+            await seen.saw(doc_of("bob"), mark, 15.0)
+            assert plane.feed_alive()
+            got = await plane.get("bob")
+            assert got is not None and got.status == DocStatus.CREATE_REQUESTED
+        finally:
+            await plane.close()
+            await writer.close()
