@@ -8,9 +8,10 @@ which the first one creates. The accounts' own roles get nothing there.
 
 - Documents: ``accounts`` and ``link_records`` hold one JSON object per user id (the Firestore
   documents' field names, as text: PostgreSQL's ``jsonb`` refuses ``\\u0000``, which a
-  WhatsApp name may hold), with the status copied into a column of its own for
-  ``pending_requests``; ``messages``, ``summaries`` and ``usage`` are keyed by the user and
-  the record's own key, as in the local plane, so a write only ever reaches its user's rows.
+  WhatsApp name may hold), with the status derived into an indexed column (a generated one:
+  whoever writes the JSON keeps it right) for ``pending_requests``; ``messages``,
+  ``summaries`` and ``usage`` are keyed by the user and the record's own key, as in the local
+  plane, so a write only ever reaches its user's rows.
 - Semantics identical to the other planes: ``update``/``put_link_record`` are Firestore's
   ``set(..., merge=True)`` (:func:`controller.plane.merge_fields`), read and written in one
   transaction holding the row (``SELECT ... FOR UPDATE`` after an ``INSERT ... ON CONFLICT DO
@@ -96,8 +97,9 @@ _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
 def _initial_schema(db: Db) -> None:
     # text columns sort bytewise ("C"), as the local plane's SQLite does
     for statement in (
-        'CREATE TABLE accounts (user_id TEXT COLLATE "C" PRIMARY KEY, status TEXT, '
-        "fields TEXT NOT NULL)",
+        # the status is derived, so a client (or an operator in psql) writes fields only
+        'CREATE TABLE accounts (user_id TEXT COLLATE "C" PRIMARY KEY, fields TEXT NOT NULL, '
+        "status TEXT GENERATED ALWAYS AS (fields::json ->> 'status') STORED)",
         "CREATE INDEX accounts_by_status ON accounts (status) WHERE status IS NOT NULL",
         'CREATE TABLE link_records (user_id TEXT COLLATE "C" PRIMARY KEY, fields TEXT NOT NULL)',
         'CREATE TABLE messages (user_id TEXT COLLATE "C" NOT NULL, event_id TEXT COLLATE "C" '
@@ -133,11 +135,6 @@ def _dumps(data: Mapping[str, Any]) -> str:
 def _loads(text: str) -> dict[str, Any]:
     data = json.loads(text)
     return data if isinstance(data, dict) else {}
-
-
-def _status_column(data: Mapping[str, Any]) -> str | None:
-    status = data.get("status")
-    return status if isinstance(status, str) else None
 
 
 def map_error(exc: psycopg.Error) -> PlaneError:
@@ -281,12 +278,8 @@ class PostgresPlane(ControlPlane):
 
     @staticmethod
     def _write(db: Db, table: str, user_id: str, data: Mapping[str, Any]) -> None:
-        if table == "accounts":
-            db.execute("UPDATE accounts SET fields = ?, status = ? WHERE user_id = ?",
-                       (_dumps(data), _status_column(data), user_id))
-        else:
-            db.execute(f"UPDATE {table} SET fields = ? WHERE user_id = ?",  # noqa: S608
-                       (_dumps(data), user_id))
+        db.execute(f"UPDATE {table} SET fields = ? WHERE user_id = ?",  # noqa: S608
+                   (_dumps(data), user_id))
 
     def _merge(self, db: Db, table: str, user_id: str, fields: Mapping[str, Any],
                stamp: bool) -> None:
