@@ -1,7 +1,7 @@
 """The PostgreSQL control plane (``controller.control_plane = "postgres"``): a fleet with
 nothing but PostgreSQL.
 
-Every controller of the fleet (and ``wabridgectl``) opens ``storage.postgres_url`` as the
+Every controller of the fleet (and ``wabridgectl doctor``) opens ``storage.postgres_url`` as the
 controller's role (password: the ``postgres-password`` credential, as for the accounts'
 roles, ``controller.pg_roles.controller_password``) and works in the schema ``wabridge_plane``,
 which the first one creates. The accounts' own roles get nothing there.
@@ -34,8 +34,8 @@ which the first one creates. The accounts' own roles get nothing there.
   (exit 16, not restarted), never modified.
 
 Errors: a call that cannot reach the server is retried on a new connection for up to
-``deadline`` seconds (a claim only when its connection was never used: it is not
-idempotent), then raises :class:`PlaneUnavailable`; a refused login or a missing privilege
+``deadline`` seconds (a claim only when it never reached the server: it is not idempotent),
+then raises :class:`PlaneUnavailable`; a refused login or a missing privilege
 raises :class:`PlaneDenied`; any other server error :class:`PlaneError`. Nothing connects
 before the first call, so a controller started while the server is down waits like one on
 Firestore instead of exhausting systemd's start limit.

@@ -1233,3 +1233,25 @@ async def test_postgres_plane_rides_out_a_server_restart() -> None:
         finally:
             await plane.close()
             await writer.close()
+
+
+async def test_postgres_plane_is_out_of_the_accounts_roles_reach(
+        postgres: Cluster, pg_schema: Callable[..., PostgresPlane]) -> None:
+    """A worker's own role (controller/pg_roles.py) can neither read nor write the plane."""
+    from controller import pg_roles  # noqa: PLC0415
+    from wabridge.postgres import account_role  # noqa: PLC0415
+
+    plane = pg_schema()
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    user = f"reader-{uuid.uuid4().hex[:6]}"
+    with _superuser(postgres) as admin:
+        password = pg_roles.provision(admin, user)
+    try:
+        with psycopg.connect(postgres.url(account_role(user)),
+                             password=password, autocommit=True) as worker:
+            table = psycopg.sql.Identifier(plane.schema, "accounts")
+            for statement in ("SELECT fields FROM {}", "UPDATE {} SET fields = '{{}}'"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    worker.execute(psycopg.sql.SQL(statement).format(table))
+    finally:
+        await plane.close()
