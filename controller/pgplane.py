@@ -34,11 +34,11 @@ which the first one creates. The accounts' own roles get nothing there.
   (exit 16, not restarted), never modified.
 
 Errors: a call that cannot reach the server is retried on a new connection for up to
-``deadline`` seconds (a claim only when it never reached the server: it is not idempotent),
-then raises :class:`PlaneUnavailable`; a refused login or a missing privilege
-raises :class:`PlaneDenied`; any other server error :class:`PlaneError`. Nothing connects
-before the first call, so a controller started while the server is down waits like one on
-Firestore instead of exhausting systemd's start limit.
+``deadline`` seconds (a claim only when it cannot have reached the server: it is not
+idempotent, so its connection is checked first), then raises :class:`PlaneUnavailable`; a
+refused login or a missing privilege raises :class:`PlaneDenied`; any other server error
+:class:`PlaneError`. Nothing connects before the first call, so a controller started while
+the server is down waits like one on Firestore instead of exhausting systemd's start limit.
 """
 
 from __future__ import annotations
@@ -236,19 +236,24 @@ class PostgresPlane(ControlPlane):
             while True:
                 if self._closed:
                     raise RuntimeError("PostgresPlane is closed")
-                fresh = self._db is None or not self._db.usable
+                sent = False  # whether fn may have reached the server
                 try:
-                    if fresh:
+                    if self._db is None or not self._db.usable:
                         if self._db is not None:
                             self._db.close()
                         self._db = None
                         self._db = self._open()
+                    elif not idempotent:
+                        # an idle connection may be dead (a restarted server): find out
+                        # before a claim is sent, which must not be sent twice
+                        self._db.execute("SELECT 1")
+                    sent = True
                     return fn(self._db, *args)
                 except psycopg.Error as exc:
                     error = map_error(exc)
                     broken = self._db is None or not self._db.usable
                     retry = (isinstance(error, PlaneUnavailable) and broken
-                             and (idempotent or self._db is None)
+                             and (idempotent or not sent)
                              and time.monotonic() + delay < deadline)
                     if not retry:
                         raise error from None

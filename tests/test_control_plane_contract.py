@@ -1209,11 +1209,13 @@ async def test_postgres_plane_rides_out_a_server_restart() -> None:
     with postgres_cluster.running() as private:
         plane = PostgresPlane(private.conninfo(), schema="p", deadline=2.0)
         writer = PostgresPlane(private.conninfo(), schema="p", deadline=30.0)
+        claimer = PostgresPlane(private.conninfo(), schema="p", deadline=30.0)
         try:
             seen = Collector()
             await plane.watch(seen)
             await writer.request("alice", DocStatus.CREATE_REQUESTED)
             await seen.until(doc_of("alice"))
+            assert await claimer.get("alice") is not None  # its connection, idle from here
             await asyncio.to_thread(_pg_ctl, private, "-m", "fast", "-w", "stop")
             await _until(lambda: not plane.feed_alive(), 15.0, "reported lost")
             started = time.monotonic()
@@ -1230,9 +1232,13 @@ async def test_postgres_plane_rides_out_a_server_restart() -> None:
             assert plane.feed_alive()
             got = await plane.get("bob")
             assert got is not None and got.status == DocStatus.CREATE_REQUESTED
+            # a claim is never sent twice, but one that cannot have been sent is retried
+            assert await claimer.claim("bob", frozenset({DocStatus.CREATE_REQUESTED}),
+                                       DocStatus.STARTING, "host-a")
         finally:
             await plane.close()
             await writer.close()
+            await claimer.close()
 
 
 async def test_postgres_plane_is_out_of_the_accounts_roles_reach(
