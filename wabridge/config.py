@@ -631,12 +631,12 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     if claude.engine == "api" and api_model(claude) not in parse_prices(claude.api_prices):
         raise ConfigError("claude.api_prices", f"has no price for the model {api_model(claude)!r}"
                           " the api engine uses", allowed="model=input/output, comma separated")
-    if cfg.storage.backend == "postgresql" and not cfg.storage.postgres_url:
-        raise ConfigError("storage.postgres_url", "is empty but storage.backend is postgresql",
-                          allowed="postgresql:// URL without a password")
     if cfg.controller.control_plane == "postgres" and not cfg.storage.postgres_url:
         raise ConfigError("storage.postgres_url", "is empty but controller.control_plane is "
                           "postgres", allowed="postgresql:// URL without a password")
+    if cfg.storage.backend == "postgresql" and not cfg.storage.postgres_url:
+        raise ConfigError("storage.postgres_url", "is empty but storage.backend is postgresql",
+                          allowed="postgresql:// URL without a password")
     return cfg
 
 
