@@ -175,12 +175,8 @@ class Fleet:
         config: dict[str, dict[str, Any]] | None = None,
         extra_files: dict[str, str] | None = None,
         qr_rotate: float = 20.0,
-        docs: Any = None,
     ) -> None:
-        """``docs``: the documents' reader/writer (``doc``, ``request``, ``messages``) for a
-        plane other than Firestore (tests/plane_pg.py)."""
         self.plane_kind = plane
-        self.docs = docs
         self.project = f"demo-{secrets.token_hex(4)}"
         self.emulator_host = emulator_host
         self.api = FakeAnthropicAPI()
@@ -293,15 +289,10 @@ class Fleet:
         return self._db
 
     def doc(self, user: str) -> dict[str, Any]:
-        if self.docs is not None:
-            return dict(self.docs.doc(user))
         snap = self.db.collection("user_sessions").document(user).get()
         return dict(snap.to_dict() or {})
 
     def request(self, user: str, status: str, **fields: Any) -> None:
-        if self.docs is not None:
-            self.docs.request(user, status, **fields)
-            return
         self.db.collection("user_sessions").document(user).set(
             {"status": status, **fields}, merge=True
         )
@@ -329,8 +320,6 @@ class Fleet:
         return last
 
     def messages(self, user: str) -> list[dict[str, Any]]:
-        if self.docs is not None:
-            return list(self.docs.messages(user))
         from google.cloud.firestore_v1.base_query import FieldFilter  # noqa: PLC0415
 
         docs = self.db.collection("messages").where(

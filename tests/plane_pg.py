@@ -3,9 +3,7 @@ for the controller in the session's cluster, the files that hand it the password
 ``postgres-password`` credential, as in production), and the documents as a test reads and
 writes them (what ``Fleet`` does with the emulator's client on Firestore).
 
-    with postgres_plane(cluster) as plane:
-        with Fleet(plane="postgres", config=plane.config, extra_files=plane.files,
-                   docs=plane.docs) as fleet: ...
+    with postgres_plane(cluster) as plane, PlaneFleet(plane) as fleet: ...
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from fleet import Fleet
 from postgres_cluster import Cluster
 from psycopg import sql
 
@@ -80,3 +79,24 @@ def postgres_plane(cluster: Cluster) -> Iterator[PlaneSetup]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(name)))
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+class PlaneFleet(Fleet):
+    """A ``Fleet`` on the PostgreSQL plane: its documents through :class:`PlaneDocs`."""
+
+    def __init__(self, plane: PlaneSetup, **kwargs: Any) -> None:
+        config = {name: dict(values) for name, values in plane.config.items()}
+        for name, values in (kwargs.pop("config", None) or {}).items():
+            config.setdefault(name, {}).update(values)
+        files = {**plane.files, **(kwargs.pop("extra_files", None) or {})}
+        super().__init__(plane="postgres", config=config, extra_files=files, **kwargs)
+        self.docs = plane.docs
+
+    def doc(self, user: str) -> dict[str, Any]:
+        return self.docs.doc(user)
+
+    def request(self, user: str, status: str, **fields: Any) -> None:
+        self.docs.request(user, status, **fields)
+
+    def messages(self, user: str) -> list[dict[str, Any]]:
+        return self.docs.messages(user)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from fleet import Fleet, wait_until
 from harness.systemd_ns import available
-from plane_pg import postgres_plane
+from plane_pg import PlaneFleet, postgres_plane
 
 pytestmark = [
     pytest.mark.systemd,
@@ -36,9 +36,7 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
         with Fleet(plane="firestore", emulator_host=emulator) as f:
             yield f
         return
-    with postgres_plane(request.getfixturevalue("postgres")) as plane, Fleet(
-            plane="postgres", config=plane.config, extra_files=plane.files,
-            docs=plane.docs) as f:
+    with postgres_plane(request.getfixturevalue("postgres")) as plane, PlaneFleet(plane) as f:
         yield f
 
 
