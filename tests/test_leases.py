@@ -12,6 +12,8 @@ import psycopg
 import pytest
 from postgres_cluster import Cluster
 
+from agent.store import PostgresTarget, Store
+from agent.whatsapp.events import IncomingMessage
 from controller import pg_roles
 from wabridge import fleet_db
 from wabridge import postgres as pg
@@ -272,3 +274,70 @@ def test_fence_through_a_worker_store_connection(postgres: Cluster, admin: Admin
             fleet_db.fence(conn, user, "host-a", got.epoch)
     finally:
         conn.close()
+
+
+# --- the worker's store, fenced --------------------------------------------------------------
+def _incoming(n: int) -> IncomingMessage:
+    return IncomingMessage(wa_id=f"W{n}", chat_id="c@s.whatsapp.net", sender="c@s.whatsapp.net",
+                           text=f"m{n}", timestamp=1.0)
+
+
+def test_a_stale_owners_store_neither_acknowledges_nor_marks_a_send(postgres: Cluster,
+                                                                    admin: Admin) -> None:
+    user = f"fenced-{time.monotonic_ns()}"
+    role = account_role(user)
+    password = pg_roles.provision(admin, user, fleet=True)
+    got = _acquire(admin, user, "host-a")
+    assert got is not None
+    holder = fleet_db.Holder(user, "host-a", got.epoch)
+    store = Store(PostgresTarget(postgres.url(role), role, password, holder=holder))
+    seen: list[str] = []
+    store.on_lease_lost = lambda exc: seen.append(exc.code)
+    try:
+        assert store.add_inbound(_incoming(1))
+        [first] = store.pending_inbound("c@s.whatsapp.net")
+        [reply] = store.complete_turn("c@s.whatsapp.net", [first.id], ["r1"], None)
+        store.mark_sending(reply.id)
+        store.mark_sent(reply.id)
+        assert store.add_inbound(_incoming(2))
+        [second] = store.pending_inbound("c@s.whatsapp.net")
+        [queued] = store.answer_locally("c@s.whatsapp.net", [], ["notice"], None)
+        assert seen == []
+
+        _expire(admin, user, 60)  # host-a froze; host-b took the account over
+        assert _acquire(admin, user, "host-b") is not None
+
+        with pytest.raises(LeaseLost):
+            store.complete_turn("c@s.whatsapp.net", [second.id], ["r2"], None)
+        with pytest.raises(LeaseLost):
+            store.mark_sending(queued.id)
+        with pytest.raises(LeaseLost):
+            store.set_kv("settings", "{}")
+        assert seen == ["lease_lost"] * 3
+        # nothing of it stuck: the message is still to be answered, the reply still pending
+        assert [p.id for p in store.pending_inbound("c@s.whatsapp.net")] == [second.id]
+        assert store.reply_state(queued.id)[0] == "pending"
+        assert [r.text for r in store.pending_replies()] == ["notice"]
+        # what WhatsApp acknowledged is kept for the next owner; the link's reports go on
+        assert store.add_inbound(_incoming(3))
+        assert len(store.pending_inbound("c@s.whatsapp.net")) == 2
+        store.queue_frame(lambda seq: f"frame {seq}".encode())
+    finally:
+        store.close()
+
+
+def test_without_a_holder_the_store_runs_no_fleet_query(postgres: Cluster, admin: Admin) -> None:
+    """Fleet off: the same store, no lease row at all, and every write works."""
+    user = f"unfenced-{time.monotonic_ns()}"
+    role = account_role(user)
+    password = pg_roles.provision(admin, user)
+    store = Store(PostgresTarget(postgres.url(role), role, password))
+    try:
+        store.add_inbound(_incoming(1))
+        [first] = store.pending_inbound("c@s.whatsapp.net")
+        [reply] = store.complete_turn("c@s.whatsapp.net", [first.id], ["r1"], None)
+        store.mark_sending(reply.id)
+        store.set_kv("k", "v")
+        assert fleet_db.lease(admin, user) is None
+    finally:
+        store.close()

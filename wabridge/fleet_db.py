@@ -58,6 +58,16 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """Whom a worker's writes are fenced as: its account, its host and the lease epoch it
+    was started under (``wabridge.units.lease_from_environment``)."""
+
+    user_id: str
+    host_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
 class HostRow:
     host_id: str
     max_workers: int
