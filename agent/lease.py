@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from agent.lease_verdict import Verdict, lease_verdict
 from agent.store import PostgresTarget
 from wabridge import fleet_db, logs, postgres, units
 from wabridge.config import FleetConfig
-from wabridge.errors import LeaseLost
+from wabridge.errors import ExitCode, LeaseLost
 
 log = logs.get("agent.lease")
 T = TypeVar("T")
@@ -47,6 +48,9 @@ RETRY = 1.0
 #: verdict decides what that means); the release waits as long at most.
 STATEMENT_TIMEOUT_MS = 3000
 RELEASE_WAIT = 2.0
+#: Once the lease is lost, WhatsApp must be disconnected within half the margin (at most
+#: this long), else the process is ended (``LeaseKeeper._watch``).
+HARD_STOP_MAX = 2.0
 
 
 def holder_from_environment(user_id: str, environ: dict[str, str] | None = None
@@ -104,6 +108,9 @@ class LeaseKeeper:
         self._conn: postgres.Connection | None = None
         self._busy = threading.Lock()  # one statement at a time on the connection
         self._losing = threading.Lock()  # the loop and the renewal thread may both find it
+        #: set by the worker once WhatsApp is disconnected (see :meth:`_watch`)
+        self.disconnected = threading.Event()
+        self.hard_stop_after = min(HARD_STOP_MAX, fleet.margin_seconds / 2)
 
     # --- the database (blocking: daemon threads, or before the loop serves anything) -------
     def _connection(self) -> postgres.Connection:
@@ -211,23 +218,48 @@ class LeaseKeeper:
             self.renewals += 1
             next_at = sent + every
 
+    def _watch(self, halt: threading.Event) -> None:
+        """The fail-stop thread: it never waits on the server, so it sees the verdict even
+        while the renewal thread and the event loop are both stuck in calls to an
+        unreachable one. Once the lease is lost, WhatsApp must be disconnected within
+        ``hard_stop_after``; a worker that cannot (its loop stuck in such a call) is ended
+        here and the kernel closes its sockets: another host may connect soon."""
+        while not halt.wait(TICK):
+            if self.holds():
+                continue
+            if self.disconnected.wait(self.hard_stop_after):
+                return
+            log.error("lease.fail_stop", reason=self.lost,
+                      seconds=round(self.hard_stop_after, 2))
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(int(ExitCode.LEASE_LOST))
+
     async def run(self, stop: asyncio.Event) -> None:
-        """The supervised task: runs the renewal thread and watches the verdict until
-        ``stop``, or until the lease is lost (then it returns: the worker is stopping)."""
-        halt = threading.Event()
-        thread = threading.Thread(target=self._renew_forever, args=(halt,), name="lease-renew",
-                                  daemon=True)
-        thread.start()
+        """The supervised task: runs the renewal and fail-stop threads and watches the
+        verdict until ``stop``, or until the lease is lost (then it returns: the worker is
+        stopping). The fail-stop thread outlives a stop: a lost lease is watched until
+        WhatsApp is disconnected."""
+        halt, unwatch = threading.Event(), threading.Event()
+        threads = [threading.Thread(target=self._renew_forever, args=(halt,),
+                                    name="lease-renew", daemon=True),
+                   threading.Thread(target=self._watch, args=(unwatch,), name="lease-watch",
+                                    daemon=True)]
+        for thread in threads:
+            thread.start()
         try:
             while not stop.is_set():
                 if not self.holds():
                     return
-                if not thread.is_alive():
-                    raise RuntimeError("the lease renewal thread ended")  # a bug: exit 1
+                if not all(t.is_alive() for t in threads):
+                    raise RuntimeError("a lease thread ended")  # a bug: exit 1
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), TICK)
         finally:
             halt.set()
+            if not self.lost:
+                unwatch.set()
 
     async def release(self) -> bool:
         """A clean stop's last word; False when the lease was not ours any more or the

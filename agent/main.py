@@ -606,6 +606,8 @@ class Worker:
             self.notifier.notify("STATUS=stopping: lease lost, disconnecting WhatsApp")
             log.info("worker.stopping", reason="lease_lost")
             await self.backend.stop(timeout=1.5)
+            if self.lease is not None:
+                self.lease.disconnected.set()
         else:
             self.notifier.notify("STATUS=stopping: finishing turns in flight")
             log.info("worker.stopping")
@@ -625,6 +627,8 @@ class Worker:
         self._report_state()
         if not lost:
             await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
+            if self.lease is not None:
+                self.lease.disconnected.set()
         self.retry_held_inbound(final=True)  # no more arrive: commit them or say so
         if self.lease is not None and self.exit_code not in KEEPS_LEASE:
             # disconnected and committed: the next owner need not wait for expiry + grace

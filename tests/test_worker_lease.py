@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 from fakes.anthropic_api import FakeAnthropicAPI, Reply
-from fleet import Sim
+from fleet import Sim, http
 from harness.wait import wait_until
 from postgres_cluster import Cluster
 
@@ -162,8 +162,6 @@ def _link(sim: Sim, worker: WorkerProcess, phone: str) -> None:
 
 
 def sim_qrs(sim: Sim) -> list[dict[str, Any]]:
-    from fleet import http  # noqa: PLC0415
-
     return list(http("GET", f"{sim.url}/api/qr"))
 
 
@@ -184,7 +182,9 @@ def test_a_worker_whose_epoch_another_host_took_sends_nothing_and_exits_17(
         sim: Sim, api: FakeAnthropicAPI, admin: Admin, account: Account, start: Any) -> None:
     worker = start(account)
     _link(sim, worker, account.phone)
-    assert sim.ask(account.contact, account.phone, "before", timeout=30, diagnostics=worker.tail)["text"] == "the answer"
+    answer = sim.ask(account.contact, account.phone, "before", timeout=30,
+                     diagnostics=worker.tail)
+    assert answer["text"] == "the answer"
     api.responder = lambda body: Reply(text="too late", hang=True)  # a turn in flight
     seen = len(api.requests)
     sim.send(account.contact, account.phone, "during")
@@ -236,7 +236,9 @@ def test_a_clean_stop_releases_the_lease(sim: Sim, admin: Admin, account: Accoun
                                          start: Any) -> None:
     worker = start(account)
     _link(sim, worker, account.phone)
-    assert sim.ask(account.contact, account.phone, "hello", timeout=30, diagnostics=worker.tail)["text"] == "the answer"
+    answer = sim.ask(account.contact, account.phone, "hello", timeout=30,
+                     diagnostics=worker.tail)
+    assert answer["text"] == "the answer"
     time.sleep(RENEW * 3)
     renewed = _lease(admin, account.user)
     assert renewed.expires_in > LEASE - 1.0 and not renewed.released  # kept alive
@@ -262,3 +264,37 @@ def test_a_worker_without_the_current_lease_never_connects(
     assert worker.wait(30) == ExitCode.LEASE_LOST, worker.tail()
     assert sim_qrs(sim) == []  # no connection ever asked for a QR code
     assert "lease_lost" in worker.tail()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_cut_off_from_its_lease_is_off_whatsapp_before_the_lease_expires(
+        sim: Sim, api: FakeAnthropicAPI, postgres: Cluster, admin: Admin, account: Account,
+        start: Any) -> None:
+    """Renewals cannot get through (the lease row locked, as a stuck server or a partition
+    would hold them), and a message arrives meanwhile, whose turn's commit then hangs on the
+    same row on the event loop: the worker cannot even run its own shutdown. It must still be
+    off WhatsApp before its lease expires (by the database's clock), send nothing, and exit
+    17 (the fail-stop thread ends it)."""
+    worker = start(account)
+    _link(sim, worker, account.phone)
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute("SELECT 1 FROM wabridge_fleet.leases WHERE user_id = %s FOR UPDATE",
+                        (account.user,))
+        cut_off = time.monotonic()
+        sim.send(account.contact, account.phone, "question")
+        wait_until(lambda: not sim.account(account.phone)["connected"], LEASE + 5,
+                   "the worker to leave WhatsApp", worker.tail)
+        off_after = time.monotonic() - cut_off
+        left = _lease(admin, account.user).expires_in  # a plain read is not blocked
+        code = worker.wait(15)
+        blocker.execute("ROLLBACK")
+    assert code == ExitCode.LEASE_LOST, worker.tail()
+    assert left > 0, (f"off WhatsApp {-left:.2f} s after the lease expired "
+                      f"({off_after:.2f} s after the cut)")
+    assert off_after < LEASE, off_after
+    assert sim.inbox(account.contact) == []
+    # not lost: stored to be answered by the next owner, or (the loop was stuck before it
+    # could store it) never acknowledged, so WhatsApp delivers it to the next connection
+    unacked = sum(d["pending"] for d in sim.account(account.phone)["devices"])
+    assert _pending_inbound(admin, account.user) + unacked >= 1, worker.tail()
