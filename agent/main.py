@@ -16,6 +16,12 @@ Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.
    A turn that cannot finish in time is cancelled: its messages stay pending in the store and
    are answered after the restart, so a stop never loses nor doubles a reply.
 
+Fleet mode (``fleet.enabled``, ``agent.lease``): before phase 1 opens the store, the lease
+this unit was started under (``WABRIDGE_HOST_ID``/``WABRIDGE_LEASE_EPOCH``) must still be
+this host's, else exit 17 (``LEASE_LOST``) without connecting; the renewal is a fifth
+supervised task. A lost lease stops the worker in another order: WhatsApp first, then the
+rest; a clean stop ends by releasing the lease.
+
 Watchdog: ``supervise`` sends ``WATCHDOG=1`` once a second, and only while ``health_problem``
 finds nothing wrong: the event loop turned recently (a wedged loop cannot run ``supervise`` at
 all; a long stall that ended is caught by its lag), no turn is stuck past
