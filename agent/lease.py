@@ -27,10 +27,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 import psycopg
 
+from agent.daemon_thread import await_thread
 from agent.lease_verdict import Verdict, lease_verdict
 from agent.store import PostgresTarget
 from wabridge import fleet_db, logs, postgres, units
@@ -38,7 +38,6 @@ from wabridge.config import FleetConfig
 from wabridge.errors import ExitCode, LeaseLost
 
 log = logs.get("agent.lease")
-T = TypeVar("T")
 
 #: How often the supervised task looks at the verdict.
 TICK = 0.2
@@ -66,32 +65,6 @@ def holder_from_environment(user_id: str, environ: dict[str, str] | None = None
                         "it won the account's lease; start it with wabridgectl, not systemctl")
     host_id, epoch = found
     return fleet_db.Holder(user_id, host_id, epoch)
-
-
-def _off_loop(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
-    """``fn()`` in a daemon thread: unlike the default executor's, a call stuck on a dead
-    server neither blocks the loop nor the process's exit."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result, error = fn(), None
-        except BaseException as exc:  # handed to the awaiting task  # noqa: BLE001
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 class LeaseKeeper:
@@ -267,8 +240,7 @@ class LeaseKeeper:
         if self.lost:
             return False
         try:
-            released = await asyncio.wait_for(_off_loop(self._release, "lease-release"),
-                                               RELEASE_WAIT)
+            released = await await_thread(self._release, RELEASE_WAIT, "lease-release")
         except (TimeoutError, psycopg.Error) as exc:
             log.warning("lease.release_failed", error=str(exc).strip() or type(exc).__name__)
             return False
