@@ -185,8 +185,9 @@ def test_two_controllers_racing_for_a_free_account_get_one_winner(postgres: Clus
 
 def test_a_take_waits_for_a_fenced_write_in_flight(postgres: Cluster, admin: Admin,
                                                    user: str) -> None:
-    """The fence share-locks the row: a take either happens before the write's check (which
-    then fails) or after its commit, never between the check and the commit."""
+    """The fence locks the row: a take either happens before the write's check (which then
+    fails) or after its commit, never between the check and the commit. The owner's own
+    renewals are not held up by it."""
     old = _acquire(admin, user, "host-a")
     assert old is not None
     _expire(admin, user, 60)
@@ -196,7 +197,11 @@ def test_a_take_waits_for_a_fenced_write_in_flight(postgres: Cluster, admin: Adm
         started = time.monotonic()
         assert _acquire(admin, user, "host-b") is None  # lock timeout: called held
         assert time.monotonic() - started >= 1.5
+        started = time.monotonic()
+        assert fleet_db.renew(admin, user, "host-a", old.epoch, 30)  # not held up
+        assert time.monotonic() - started < 1.0
         worker.execute("COMMIT")
+    _expire(admin, user, 60)  # (renewed above)
     taken = _acquire(admin, user, "host-b")
     assert taken is not None and taken.host_id == "host-b"
 
@@ -251,6 +256,10 @@ def test_an_account_role_reads_and_renews_only_its_own_lease(postgres: Cluster,
             conn.execute("INSERT INTO wabridge_fleet.leases VALUES ('x', 'y', 'z', 1, now())")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DELETE FROM wabridge_fleet.leases")
+        # a renewal far beyond any lease (a worker keeping its account for ever) is refused
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("UPDATE wabridge_fleet.leases SET expires_at = now() + "
+                         "interval '2 hours' WHERE user_id = %s", (alice,))
         # an update of every row touches only its own (the policy)
         conn.execute("UPDATE wabridge_fleet.leases SET released = true")
         assert fleet_db.release(conn, alice, "host-a", mine.epoch) is False  # already
