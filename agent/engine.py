@@ -77,7 +77,7 @@ from agent.whatsapp.events import (
 )
 from wabridge import logs
 from wabridge.config import ConversationConfig, LimitsConfig
-from wabridge.errors import TranscriptionError
+from wabridge.errors import LeaseLost, TranscriptionError
 
 log = logs.get("agent.engine")
 
@@ -345,6 +345,8 @@ class Engine:
                 try:
                     await self._step(chat_id, batch)
                     failures = 0
+                except LeaseLost:
+                    return  # fleet: another host answers these now; the worker is stopping
                 except Exception:
                     # a bug, not a Claude failure (those are answered with the apology)
                     failures += 1
