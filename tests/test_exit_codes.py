@@ -45,6 +45,18 @@ def test_the_worker_refuses_a_newer_state_database_with_the_do_not_restart_code(
     assert worker_main.main(["alice"]) == ExitCode.SCHEMA_TOO_NEW == 16
 
 
+def test_a_fleet_worker_started_without_a_lease_stops_with_lease_lost(
+        env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started by hand (``systemctl start``) instead of by its host's controller after it won
+    the lease: nothing is opened, no WhatsApp connection, exit 17, not restarted."""
+    monkeypatch.setenv("WABRIDGE__STORAGE__BACKEND", "postgresql")
+    monkeypatch.setenv("WABRIDGE__STORAGE__POSTGRES_URL", "postgresql://ctl@127.0.0.1:1/wabridge")
+    monkeypatch.setenv("WABRIDGE__FLEET__ENABLED", "true")
+    monkeypatch.delenv("WABRIDGE_HOST_ID", raising=False)
+    monkeypatch.delenv("WABRIDGE_LEASE_EPOCH", raising=False)
+    assert worker_main.main(["alice"]) == ExitCode.LEASE_LOST == 17
+
+
 async def make_plane(db: Path) -> None:
     await LocalPlane(db).close()
 
@@ -71,13 +83,16 @@ def test_both_units_leave_it_stopped(unit: str, codes: set[int]) -> None:
 
 
 def test_the_worker_unit_counts_each_account_outcome_a_success() -> None:
-    """``SuccessExitStatus=`` of the worker unit is the outcome table's codes: a logout is a
-    normal end (the unit is "inactive", not "failed"), and every such code also prevents a
-    restart."""
+    """``SuccessExitStatus=`` of the worker unit is the outcome table's codes and the fleet's
+    lease loss: a logout is a normal end (the unit is "inactive", not "failed"), so is a
+    handover to another host (not a crash on the document), and every such code also
+    prevents a restart."""
     text = (UNITS / "wabridge-worker@.service").read_text()
     listed = re.search(r"^SuccessExitStatus=(.*)$", text, re.M)
     assert listed is not None
-    assert {int(c) for c in listed.group(1).split()} == {int(c) for c in EXIT_OUTCOMES}
+    assert {int(c) for c in listed.group(1).split()} == (
+        {int(c) for c in EXIT_OUTCOMES} | {int(ExitCode.LEASE_LOST)})
+    assert {int(c) for c in listed.group(1).split()} <= {int(c) for c in NO_RESTART_EXIT_CODES}
     assert set(EXIT_OUTCOMES) <= set(NO_RESTART_EXIT_CODES)
 
 
