@@ -18,3 +18,39 @@ def test_the_worker_start_up_path_leaves_late_libraries_out() -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                          text=True, check=True, env={"PYTHONPATH": str(REPO)}).stdout
     assert out.split() == []
+
+
+NEONIZE_EXTRAS = ("linkpreview", "bs4", "lxml", "requests", "phonenumbers", "httpx", "tqdm",
+                  "segno")
+
+
+def _run(script: str) -> str:
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, check=True, env={"PYTHONPATH": str(REPO)}).stdout
+
+
+def test_importing_neonize_leaves_its_unused_extras_out() -> None:
+    # link previews (lxml, bs4, requests), vCards (phonenumbers), URL downloads (httpx): ~16 MB
+    # of a worker's memory that no worker feature uses
+    script = ("import sys; from agent.whatsapp.neonize_import import import_neonize; "
+              "import_neonize(); "
+              f"print(' '.join(m for m in {NEONIZE_EXTRAS!r} if m in sys.modules))")
+    assert _run(script).split() == []
+
+
+def test_a_deferred_extra_loads_at_its_first_use_and_later_imports_get_the_real_module() -> None:
+    script = (
+        "import sys; from agent.whatsapp.neonize_import import import_neonize; "
+        "api = import_neonize(); import neonize.utils, linkpreview, httpx; "
+        "print(neonize.utils.gen_vcard('Ana', '5511999999999').splitlines()[3]); "
+        "print(api.client.link_preview.resolve() is linkpreview.link_preview); "
+        "print(sys.modules['neonize.utils.iofile'].httpx.AsyncClient is httpx.AsyncClient); "
+        "print(type(httpx).__name__)")
+    assert _run(script).splitlines() == [
+        "item1.TEL;waid=5511999999999:+55 11 99999-9999", "True", "True", "module"]
+
+
+def test_structlog_is_imported_without_rich_as_in_the_packaged_venv() -> None:
+    # rich comes with the development tools only; structlog imports it when it can (~30 ms)
+    script = "import sys, agent.main; print('rich' in sys.modules, 'structlog' in sys.modules)"
+    assert _run(script).split() == ["False", "True"]
