@@ -69,7 +69,8 @@ class Controller:
         self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
                                    self.settings_for,
-                                   SlotLedger.for_host(cfg.claude.host_max_processes))
+                                   SlotLedger.for_host(cfg.claude.host_max_processes,
+                                                       self.running_workers))
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
         self.admin = admin.AdminServer(cfg.controller.admin_socket, admin.ControllerFacade(self),
                                        group=cfg.controller.admin_group)
@@ -83,6 +84,11 @@ class Controller:
         # at most controller.max_starting units activating at once (see start_slot)
         self.start_slots = asyncio.Semaphore(cfg.controller.max_starting)
         self.loaded = False  # documents read and reconciled: unit events may act
+
+    def running_workers(self) -> int:
+        """Worker units holding memory now (starting, running or stopping): what the default
+        Claude budget leaves room for (``controller.slots.default_budget``)."""
+        return sum(1 for s in self.units.values() if s.active_state not in ("inactive", "failed"))
 
     def user(self, user_id: str) -> UserState:
         state = self.users.get(user_id)
