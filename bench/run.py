@@ -329,34 +329,45 @@ HOST_GB = 24
 HOST_BYTES = HOST_GB * 1024 * MB
 
 
-def capacity(r: dict[str, Any]) -> dict[str, Any]:
+def capacity(r: dict[str, Any], accounts: int = 300) -> dict[str, Any]:
     """What a 24 GB host holds, from this run's figures: the fleet slice is 90 % of it
-    (``wabridge.slice``), the Claude budget's default half of that."""
-    from controller.slots import CLAUDE_SHARE, FLEET_SHARE, default_budget  # noqa: PLC0415
+    (``wabridge.slice``); the default Claude budget is what ``controller.slots`` derives
+    beside ``accounts`` running workers, checked here against the measured costs."""
+    from controller.slots import (  # noqa: PLC0415
+        FLEET_SHARE,
+        PER_WORKER_BYTES,
+        default_budget,
+    )
 
     fleet_mb = HOST_BYTES * FLEET_SHARE / MB
-    out: dict[str, Any] = {"host_gb": HOST_GB, "fleet_slice_mb": round(fleet_mb)}
+    out: dict[str, Any] = {"host_gb": HOST_GB, "fleet_slice_mb": round(fleet_mb),
+                           "accounts": accounts}
     idle = r.get("neonize_connecting", {}).get("pss_mb")
     if idle:
         out["idle_neonize_accounts"] = int(fleet_mb // idle)
+        # the budget's per-worker figure must not be below what a worker measures
+        out["budget_per_worker_mb"] = PER_WORKER_BYTES / MB
+        out["budget_per_worker_covers_measured"] = idle <= PER_WORKER_BYTES / MB
+    budget = default_budget(int(HOST_BYTES * FLEET_SHARE), accounts)
+    out["claude_budget_beside_accounts"] = budget
+    out["claude_budget_empty_host"] = default_budget(int(HOST_BYTES * FLEET_SHARE), 0)
     chats = r.get("chats", {})
     if chats.get("pss_mb_2_chats") and chats.get("pss_mb_1_chats"):
         per_chat = chats["pss_mb_2_chats"] - chats["pss_mb_1_chats"]
         out["cli_chat_mb"] = round(per_chat, 1)
-        out["claude_budget_default"] = default_budget(int(HOST_BYTES * FLEET_SHARE))
-        if idle:
-            left = fleet_mb * (1 - CLAUDE_SHARE)
-            out["accounts_beside_the_claude_budget"] = int(left // idle)
+        if idle:  # the accounts and a full budget of CLI chats at the measured costs
+            used = accounts * idle + budget * per_chat
+            out["accounts_and_full_cli_budget_mb"] = round(used)
+            out["accounts_and_full_cli_budget_fit"] = used <= fleet_mb
     apis = {int(k[4:]): v for k, v in r.get("engines", {}).items() if k.startswith("api_")}
     if apis and idle:
         many, few = apis[max(apis)], apis[min(apis)]  # per chat; the SDK once per worker
-        accounts = 300
         left = fleet_mb - accounts * (idle + few["first_turn_mb"])
         out["api_chat_mb"] = many["per_live_chat_mb"]
         out["api_sdk_mb_per_account"] = few["first_turn_mb"]
         # every account on `api` pays the SDK once: how many fit at all, and the chats beside
         out["accounts_on_api"] = int(fleet_mb // (idle + few["first_turn_mb"]))
-        out["api_chats_beside_300_accounts"] = max(
+        out["api_chats_beside_accounts_on_api"] = max(
             0, int(left // max(many["per_live_chat_mb"], 0.01)))
     return out
 
@@ -374,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of latency,pss,neonize,chats,reply,cold,"
                     "engines")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--capacity-from", type=Path, action="append", default=[],
+                    help="a results file whose neonize/chats/engines figures the capacity "
+                    "uses where this run has none (e.g. a --phases chats run)")
     args = ap.parse_args(argv)
     counts = sorted({int(c) for c in args.accounts.split(",") if c})
     cold = args.cold
@@ -425,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         print("engines ...", flush=True)
         results["engines"] = measure_engines()
         print(f"  {results['engines']}", flush=True)
+    if args.capacity_from:  # figures of earlier runs
+        for earlier in args.capacity_from:
+            for key, value in json.loads(earlier.read_text()).items():
+                if key in ("neonize_connecting", "chats", "engines"):
+                    results.setdefault(key, value)
+                    results.setdefault("figures_from", {})[key] = earlier.name
     results["capacity"] = capacity(results)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print_table(results)

@@ -54,3 +54,18 @@ def test_structlog_is_imported_without_rich_as_in_the_packaged_venv() -> None:
     # rich comes with the development tools only; structlog imports it when it can (~30 ms)
     script = "import sys, agent.main; print('rich' in sys.modules, 'structlog' in sys.modules)"
     assert _run(script).split() == ["False", "True"]
+
+
+def test_the_api_engine_imports_the_sdk_client_without_its_unused_features() -> None:
+    # the SDK's package __init__s import ~3,600 modules (beta features, Bedrock, Vertex,
+    # aiohttp): ~60 MB per worker on the api engine; the client and its Messages resource
+    # need about a third of them
+    script = (
+        "import sys; from agent.anthropic_import import import_anthropic; "
+        "a = import_anthropic(); c = a.AsyncAnthropic(api_key='k', base_url='http://127.0.0.1:9'); "
+        "c.messages.create; a.APIStatusError, a.APIConnectionError, a.APITimeoutError; "
+        "from anthropic.types import Message; "
+        "print(' '.join(m for m in ('anthropic.resources.beta', 'anthropic.lib.bedrock', "
+        "'anthropic.lib.vertex', 'anthropic.types.beta.skills', 'aiohttp') if m in sys.modules)); "
+        "print(sum(m.startswith('anthropic') for m in sys.modules) < 1500, Message.__name__)")
+    assert _run(script).splitlines() == ["", "True Message"]

@@ -4,8 +4,9 @@ Importing neonize costs ~57 MB (the Go runtime) and calls ``logging.basicConfig`
 logger; it happens lazily in :func:`import_neonize`, which restores the root logger afterwards.
 neonize's modules also import, at their top, libraries for features this worker never uses
 (link previews: linkpreview, bs4, lxml, requests; vCards: phonenumbers; URL downloads: httpx,
-requests; the library download's progress bar: tqdm; the terminal QR: segno). :func:`import_neonize` hands neonize stand-ins for them, which import the
-real library at its first use: ~16 MB and ~100 ms less per worker.
+requests; the library download's progress bar: tqdm; the terminal QR: segno).
+:func:`import_neonize` hands neonize stand-ins for them, which import the real library at
+its first use: ~16 MB and ~100 ms less per worker.
 ``neonize.client.NewClient(name)`` takes the SQLite store path; :func:`ensure_store` has Go
 create (or upgrade) the schema before any network traffic, so a broken store fails loudly.
 """
@@ -114,8 +115,9 @@ class Later:
 
     def resolve(self) -> Any:
         if isinstance(sys.modules.get(self._module), DeferredModule):
-            raise ImportError(f"neonize used {self._module}.{self._name} while being imported; "
-                              f"{self._module} cannot be deferred")
+            raise ImportError(  # noqa: TRY004 - an import that cannot be served, not a bad type
+                f"neonize used {self._module}.{self._name} while being imported; "
+                f"{self._module} cannot be deferred")
         real = importlib.import_module(self._module)
         try:
             return getattr(real, self._name)
