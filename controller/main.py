@@ -39,7 +39,7 @@ from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_
 from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
 from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
-from controller.slots import SlotLedger
+from controller.slots import SlotLedger, on_api_engine
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
 from controller.unit_manager import RUNNING_UNIT_STATES, SystemdError, UnitManager, UnitState
 from controller.users import Column, UserState
@@ -85,10 +85,15 @@ class Controller:
         self.start_slots = asyncio.Semaphore(cfg.controller.max_starting)
         self.loaded = False  # documents read and reconciled: unit events may act
 
-    def running_workers(self) -> int:
-        """Worker units holding memory now (starting, running or stopping): what the default
-        Claude budget leaves room for (``controller.slots.default_budget``)."""
-        return sum(1 for s in self.units.values() if s.active_state not in ("inactive", "failed"))
+    def running_workers(self) -> tuple[int, int]:
+        """Worker units holding memory now (starting, running or stopping), and how many of
+        them are on the ``api`` engine: what the default Claude budget leaves room for
+        (``controller.slots.default_budget``)."""
+        running = [u for u, s in self.units.items()
+                   if s.active_state not in ("inactive", "failed")]
+        on_api = sum(1 for u in running if on_api_engine(
+            rc.worker_settings(self.docs.get(u)), self.cfg.claude.engine))
+        return len(running), on_api
 
     def user(self, user_id: str) -> UserState:
         state = self.users.get(user_id)

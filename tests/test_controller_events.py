@@ -160,5 +160,10 @@ async def test_the_derived_claude_budget_pays_for_the_workers_running_now(
                          ("u4", "failed"), ("u5", "inactive")):
         controller.user(user).unit = replace(state(active, "x"), user_id=user,
                                              unit=f"wabridge-worker@{user}.service")
-    assert controller.running_workers() == 3  # starting and stopping ones hold memory too
+    assert controller.running_workers() == (3, 0)  # starting and stopping ones hold memory
     assert ledger.budget == default_budget(memory, 3) < default_budget(memory, 0)
+    # an account on the api engine also holds the SDK
+    controller.user("u1").doc = AccountDoc("u1", None, None, settings={"engine": "api"})
+    controller.user("u4").doc = AccountDoc("u4", None, None, settings={"engine": "api"})
+    assert controller.running_workers() == (3, 1)  # u4's unit failed: it holds nothing
+    assert ledger.budget == default_budget(memory, 3, 1)

@@ -34,6 +34,7 @@ from controller.slots import (
     decide,
     default_budget,
     fleet_memory,
+    on_api_engine,
 )
 from wabridge import protocol
 
@@ -85,18 +86,36 @@ def test_decide(budget: int, holders: list[Held], wanted: list[Wanted],
 GB24 = 24 * 1024 * MB * 0.9  # a 24 GB host's fleet slice (MemoryMax=90%)
 
 
-@pytest.mark.parametrize(("memory", "workers", "budget"), [
-    (GB24, 0, 170),  # an empty host: 85 % of 21.6 GB at 110 MB per CLI
-    (GB24, 100, 125),
-    (GB24, 300, 34),  # 300 accounts take 15 GB of it
-    (GB24, 376, 0),  # the workers alone fill the slice: no CLI is promised
-    (GB24, 1000, 0),
-    (512 * MB, 0, 3),
-    (512 * MB, 8, 0),
+@pytest.mark.parametrize(("memory", "workers", "api_workers", "budget"), [
+    (GB24, 0, 0, 170),  # an empty host: 85 % of 21.6 GB at 110 MB per CLI
+    (GB24, 100, 0, 125),
+    (GB24, 300, 0, 34),  # 300 accounts take 15 GB of it
+    (GB24, 300, 100, 7),  # 100 of them on the api engine: the SDK in each
+    (GB24, 300, 120, 1),
+    (GB24, 300, 300, 0),
+    (GB24, 376, 0, 0),  # the workers alone fill the slice: no CLI is promised
+    (GB24, 1000, 0, 0),
+    (512 * MB, 0, 0, 3),
+    (512 * MB, 8, 0, 0),
 ])
 def test_default_budget_pays_for_the_running_workers_first(
-        memory: float, workers: int, budget: int) -> None:
-    assert default_budget(int(memory), workers) == budget
+        memory: float, workers: int, api_workers: int, budget: int) -> None:
+    assert default_budget(int(memory), workers, api_workers) == budget
+
+
+@pytest.mark.parametrize(("settings", "host", "on_api"), [
+    ({}, "cli", False),
+    ({}, "api", True),
+    ({"engine": "api"}, "cli", True),
+    ({"engine": "cli"}, "api", False),
+    ({"engine": "api", "tools": "wabridge"}, "api", False),  # tools run on the CLI only
+    ({"tools": "none"}, "api", True),
+    ({"engine": "gpt"}, "cli", False),  # refused by the worker: it keeps the host's
+    ({"engine": None}, "api", True),
+])
+def test_a_worker_is_on_the_api_engine_by_its_settings_else_the_hosts(
+        settings: dict[str, Any], host: str, on_api: bool) -> None:
+    assert on_api_engine(settings, host) is on_api
 
 
 @pytest.mark.parametrize("workers", [0, 1, 50, 150, 300, 350, 400])
@@ -130,7 +149,7 @@ def test_the_derived_budget_follows_the_running_workers(tmp_path: Path) -> None:
 
 
 def test_a_configured_budget_ignores_the_workers() -> None:
-    assert SlotLedger.for_host(7, lambda: 10_000).budget == 7
+    assert SlotLedger.for_host(7, lambda: (10_000, 0)).budget == 7
 
 
 def test_fleet_memory_reads_the_slice_else_the_host(tmp_path: Path) -> None:

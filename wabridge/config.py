@@ -275,7 +275,7 @@ class ClaudeConfig:
         "(the account holding the fewest first); when all are taken, the least recently used "
         "idle process on the host is closed for a waiting chat. 0: derived, and kept current "
         "as accounts start and stop: 85 % of the fleet slice's memory, less ~50 MB per "
-        "running worker, divided by ~110 MB per process (the costs `make bench` measures; "
+        "running worker (~80 MB on the `api` engine: its SDK), divided by ~110 MB per process (the costs `make bench` measures; "
         "the 15 % is for the controller and CLIs that grow in long conversations). A 24 GB "
         "host: 170 with no account running, 125 beside 100 accounts, 34 beside 300, none "
         "from 376. Workers are counted rather than the slice's used memory, which includes "
