@@ -176,9 +176,24 @@ def qr_count(fleet: Fleet, prefix: str) -> int:
     return sum(1 for d in docs if d.id.startswith(prefix) and (d.to_dict() or {}).get("qrRaw"))
 
 
+def unit_cpu_s(fleet: Fleet, unit: str) -> float:
+    """CPU seconds (user + system) of the unit's live processes (the namespace's systemd
+    keeps no CPU accounting)."""
+    total = 0
+    for pid in fleet.unit_pids(unit):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def measure_cold(fleet: Fleet, n: int, timeout: float) -> dict[str, Any]:
     """N documents written in one batch -> every unit has been active (ActiveEnterTimestamp)
-    and every document has its QR. Units stay up: qr_timeout is raised for the bench."""
+    and every document has its QR. Units stay up: qr_timeout is raised for the bench. The
+    CPU each worker took to get there, and the controller meanwhile, say what paces it."""
+    controller_cpu = unit_cpu_s(fleet, CTL)
     batch = fleet.db.batch()
     t0 = time.monotonic()
     for i in range(n):
@@ -199,9 +214,12 @@ def measure_cold(fleet: Fleet, n: int, timeout: float) -> dict[str, Any]:
                         "every QR")
     failed = fleet.ns.run(["systemctl", "list-units", "--no-legend", "--state=failed",
                            "wabridge-worker@cold*"]).stdout.strip()
+    workers_cpu = [unit_cpu_s(fleet, f"wabridge-worker@cold{i}.service") for i in range(n)]
     out = {"units": n, "all_active_s": round(state["latest"] - t0, 2),
            "all_qr_on_documents_s": round(all_qr - t0, 2), "restarts": state["restarts"],
-           "failed": failed.splitlines()}
+           "failed": failed.splitlines(),
+           "worker_cpu_ms_mean": round(statistics.mean(workers_cpu) * 1000),
+           "controller_cpu_s": round(unit_cpu_s(fleet, CTL) - controller_cpu, 1)}
     for i in range(n):
         fleet.request(f"cold{i}", "destroy_requested")
     try:
@@ -484,6 +502,8 @@ def print_table(r: dict[str, Any]) -> None:
             (f"{cold['units']} units from cold: all active", f"{cold['all_active_s']} s", ""),
             (f"{cold['units']} units from cold: every QR on its document",
              f"{cold['all_qr_on_documents_s']} s", ""),
+            ("  CPU per worker to its QR (mean) / controller meanwhile",
+             f"{cold.get('worker_cpu_ms_mean')} ms / {cold.get('controller_cpu_s')} s", ""),
         ]
     rows.append(("controller PSS", f"{r['controller_pss_mb']} MB", ""))
     if "chats" in r:
