@@ -274,9 +274,15 @@ class ClaudeConfig:
         0,
         "Live Claude CLI processes on the whole host, handed out by the controller to chats "
         "(the account holding the fewest first); when all are taken, the least recently used "
-        "idle process on the host is closed for a waiting chat. 0: half the fleet slice's "
-        "memory divided by ~110 MB per process (about 100 on a 24 GB host). While the "
-        "controller is unreachable each worker keeps to `max_processes` alone.",
+        "idle process on the host is closed for a waiting chat. 0: derived, and kept current "
+        "as accounts start and stop: 85 % of the fleet slice's memory, less ~50 MB per "
+        "running worker (~80 MB on the `api` engine: its SDK), divided by ~110 MB per "
+        "process (the costs `make bench` measures; the 15 % is for the controller and CLIs "
+        "that grow in long conversations). A 24 GB "
+        "host: 170 with no account running, 125 beside 100 accounts, 34 beside 300, none "
+        "from 376. Workers are counted rather than the slice's used memory, which includes "
+        "page cache and the very CLIs being budgeted. While the controller is unreachable "
+        "each worker keeps to `max_processes` alone.",
         check=_between(0, 100_000),
     )
     slot_wait: float = _opt(
