@@ -40,7 +40,7 @@ from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_
 from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
 from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
-from controller.slots import SlotLedger
+from controller.slots import SlotLedger, on_api_engine
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
 from controller.unit_manager import (
     PROCESS_UNIT_STATES,
@@ -76,7 +76,8 @@ class Controller:
         self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
                                    self.settings_for,
-                                   SlotLedger.for_host(cfg.claude.host_max_processes))
+                                   SlotLedger.for_host(cfg.claude.host_max_processes,
+                                                       self.running_workers))
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
         self.admin = admin.AdminServer(cfg.controller.admin_socket, admin.ControllerFacade(self),
                                        group=cfg.controller.admin_group)
@@ -94,6 +95,16 @@ class Controller:
         # account is this host's, as on a single host
         self.fleet = (fl.open_fleet(cfg, self.host, lambda: pg_roles.admin_connect(cfg))
                       if cfg.fleet.enabled else None)
+
+    def running_workers(self) -> tuple[int, int]:
+        """Worker units holding memory now (starting, running or stopping), and how many of
+        them are on the ``api`` engine: what the default Claude budget leaves room for
+        (``controller.slots.default_budget``)."""
+        running = [u for u, s in self.units.items()
+                   if s.active_state not in ("inactive", "failed")]
+        on_api = sum(1 for u in running if on_api_engine(
+            rc.worker_settings(self.docs.get(u)), self.cfg.claude.engine))
+        return len(running), on_api
 
     def user(self, user_id: str) -> UserState:
         state = self.users.get(user_id)

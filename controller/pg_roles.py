@@ -117,14 +117,20 @@ def write_password(path: Path, password: str) -> None:
     tmp.replace(path)
 
 
-def admin_connect(cfg: config.Config, password_file: Path = CONTROLLER_PASSWORD_FILE
-                  ) -> psycopg.Connection[tuple[Any, ...]]:
-    """The controller's own connection (its password: its unit's credential, else the file
-    that credential is loaded from, for ``wabridgectl doctor``)."""
+def controller_password(password_file: Path = CONTROLLER_PASSWORD_FILE) -> str | None:
+    """The controller role's password: its unit's credential, else the file that credential
+    is loaded from (for ``wabridgectl doctor``); None: none given (trust, a socket)."""
     password = credentials.read(credentials.POSTGRES_PASSWORD)
     if password is None:
         with contextlib.suppress(FileNotFoundError):
             password = password_file.read_text(encoding="utf-8").strip() or None
+    return password
+
+
+def admin_connect(cfg: config.Config, password_file: Path = CONTROLLER_PASSWORD_FILE
+                  ) -> psycopg.Connection[tuple[Any, ...]]:
+    """The controller's own connection (its password: :func:`controller_password`)."""
+    password = controller_password(password_file)
     extra: dict[str, Any] = {"password": password} if password else {}
     return psycopg.connect(cfg.storage.postgres_url, autocommit=True, **extra)
 

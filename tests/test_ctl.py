@@ -531,7 +531,7 @@ def test_doctor_invalid_config(
     assert checks["config"]["status"] == "fail"
     assert checks["config"]["message"] == (
         f"{host['config']}: config key 'controller.control_plane': 'nope' is not one of "
-        "auto, firestore, local (allowed: auto, firestore, local)")
+        "auto, firestore, local, postgres (allowed: auto, firestore, local, postgres)")
     assert "python3 -m wabridge.config" in checks["config"]["fix"]
 
 
