@@ -347,3 +347,34 @@ async def test_drain_moves_one_at_a_time_and_undrain_pulls_nothing_back(
     await fleet.create("u4")  # a new account goes to the emptier host
     await until(lambda: fleet.world.where("u4") == {"host-a"}, 10, "u4 on host-a")
     assert all(fleet.world.where(u) == {"host-b"} for u in ("u1", "u2", "u3"))
+
+
+async def test_restart_takes_a_new_epoch_and_unlink_stops_where_it_runs(fleet: Fleet) -> None:
+    """A restart stops the worker, then takes the lease again (a new epoch) and starts it on
+    the same host; an unlink is stopped by the host that runs it, and only then does the
+    document say ``stopped``."""
+    await fleet.up("host-a")
+    await fleet.up("host-b")
+    await fleet.create("u1", "u2")
+    await until(lambda: fleet.world.where("u1") and fleet.world.where("u2"), 15, "running")
+    (host,) = fleet.world.where("u1")
+    units = fleet.hosts[host].units
+    epoch = units.epochs["u1"]
+    await fleet.plane.request("u1", DocStatus.RESTART_REQUESTED)
+    await until(lambda: units.epochs.get("u1", epoch) > epoch, 10, "restarted")
+    assert fleet.world.where("u1") == {host}
+    stops, starts = fleet.world.times(host, "stop", "u1"), fleet.world.times(host, "start", "u1")
+    assert len(stops) == 1 and len(starts) == 2 and starts[0] < stops[0] < starts[1]
+    doc = await fleet.plane.get("u1")
+    assert doc is not None and doc.status is DocStatus.STARTING and doc.host == host
+
+    (host2,) = fleet.world.where("u2")
+    seen: list[tuple[DocStatus | None, set[str]]] = []
+    other = next(h for h in fleet.hosts.values() if h.name != host2)
+    other.controller.watchers.watch("u2", lambda d: seen.append(
+        (d.status if d else None, set(fleet.world.where("u2")))))
+    await fleet.plane.request("u2", DocStatus.DESTROY_REQUESTED)
+    await until(lambda: not fleet.world.where("u2"), 10, "u2 stopped")
+    await until(lambda: seen and seen[-1][0] is DocStatus.STOPPED, 10, "u2 says stopped")
+    assert all(not running for status, running in seen if status is DocStatus.STOPPED)
+    assert fleet.world.times(host2, "stop", "u2")
