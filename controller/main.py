@@ -668,7 +668,7 @@ class Controller:
         for doc in await self.plane.list_accounts():
             self.set_doc(doc.user_id, doc)
         if self.fleet is not None:
-            await self.fleet.open()  # registered, and the plan's first snapshot read
+            await self.fleet.open()  # registered, and the plan's first snapshot (or logged)
         actions = rc.reconcile(self.docs, {u: rc.view_of(s) for u, s in self.units.items()},
                                self.exits_while_away())
         self.loaded = True
