@@ -730,11 +730,12 @@ def test_fleet_commands_name_what_is_wrong(served: ThreadedAdmin, facade: FakeFa
 
 def test_status_shows_the_host_in_a_fleet(served: ThreadedAdmin, facade: FakeFacade,
                                           capsys: pytest.CaptureFixture[str]) -> None:
+    facade.change("alice", {"host": "host-a"})
     code, out, _ = run(capsys, *sock(served), "status")
-    assert code == ctl.OK and "HOST" not in out  # one host: no column
-    facade.change("alice", {"host": "host-b"})
+    assert code == ctl.OK and "HOST" not in out  # one host (as without a fleet): no column
+    facade.change("bob", {"host": "host-b"})
     code, out, _ = run(capsys, *sock(served), "status")
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["USER", "STATUS", "HOST"]
-    assert lines[1].split()[:3] == ["alice", "connected", "host-b"]
-    assert lines[2].split()[:3] == ["bob", "crashed", "-"]
+    assert lines[1].split()[:3] == ["alice", "connected", "host-a"]
+    assert lines[2].split()[:3] == ["bob", "crashed", "host-b"]
