@@ -38,7 +38,7 @@ import psycopg
 from controller import assignment, metrics
 from controller.plane import AccountDoc
 from controller.unit_manager import RUNNING_UNIT_STATES, UnitState
-from wabridge import config, fleet_db, logs, postgres
+from wabridge import config, fleet_db, logs, postgres, units
 from wabridge.errors import ExitCode, WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus
 
@@ -132,7 +132,7 @@ def held(lease: fleet_db.Lease | None) -> bool:
 
 def lease_environment(host_id: str, epoch: int) -> dict[str, str]:
     """What a worker of a fleet is told in its drop-in: whose lease it runs under."""
-    return {"WABRIDGE_HOST_ID": host_id, "WABRIDGE_LEASE_EPOCH": str(epoch)}
+    return {units.HOST_ID_ENV: host_id, units.LEASE_EPOCH_ENV: str(epoch)}
 
 
 def host_capacity(cfg: config.FleetConfig) -> tuple[int, int]:
