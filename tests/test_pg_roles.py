@@ -13,11 +13,11 @@ import psycopg
 import pytest
 from postgres_cluster import Cluster
 
-from agent.store import PostgresTarget, Store
+from agent.store import MIGRATIONS, PostgresTarget, Store
 from agent.whatsapp.events import IncomingMessage
 from controller import doctor, pg_roles
 from controller.systemd import worker_dropin
-from wabridge import config
+from wabridge import config, database
 from wabridge.config import with_overrides
 from wabridge.postgres import account_role
 
@@ -178,3 +178,46 @@ def test_doctor_names_an_unreachable_database() -> None:
                          postgres_url="postgresql://ctl@127.0.0.1:1/wabridge")
     check = doctor.check_database(cfg)
     assert check.status == "fail" and "ctl@127.0.0.1:1/wabridge" in check.message
+
+
+def test_the_controller_knows_the_store_schema_version() -> None:
+    """``wabridgectl doctor`` compares account schemas with this (the controller cannot
+    import the worker's code): it must follow every new migration step."""
+    assert len(MIGRATIONS) == database.STORE_SCHEMA_VERSION
+
+
+def test_doctor_names_grants_memberships_and_newer_schemas(
+        postgres: Cluster, admin: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """Each way an account's isolation can be undone by hand is named, as is a schema that
+    a newer wabridge migrated (its worker refuses to start here)."""
+    roles = {}
+    for user in ("gina", "hank"):
+        pw = pg_roles.provision(admin, user)
+        roles[user] = account_role(user)
+        Store(PostgresTarget(postgres.url(roles[user]), roles[user], pw)).close()
+    gina, hank = roles["gina"], roles["hank"]
+    check = doctor.check_database(_pg_cfg(postgres))
+    assert check.status == "ok", check
+    assert f"(this wabridge: {database.STORE_SCHEMA_VERSION}" in check.message
+
+    undo = [  # (S608: the identifiers are our own role names)
+        (f"GRANT USAGE ON SCHEMA {hank} TO {gina}", f"REVOKE USAGE ON SCHEMA {hank} FROM {gina}",
+         f"schema {hank} grants USAGE to {gina}"),
+        (f"GRANT SELECT ON {hank}.inbox TO PUBLIC",
+         f"REVOKE SELECT ON {hank}.inbox FROM PUBLIC",  # noqa: S608
+         f"table {hank}.inbox grants SELECT to PUBLIC"),
+        (f"GRANT {hank} TO {gina}", f"REVOKE {hank} FROM {gina}",
+         f"account role {gina} is a member of {hank}"),
+        (f"UPDATE {hank}.schema_version SET version = 99",  # noqa: S608
+         f"UPDATE {hank}.schema_version SET version = {len(MIGRATIONS)}",  # noqa: S608
+         f"schema {hank} is at store version 99, newer than this wabridge's {len(MIGRATIONS)}"),
+    ]
+    for do, revert, named in undo:
+        admin.execute(do)
+        try:
+            check = doctor.check_database(_pg_cfg(postgres))
+        finally:
+            admin.execute(revert)
+        assert check.status == "fail", (do, check)
+        assert named in check.message, (do, check.message)
+    assert doctor.check_database(_pg_cfg(postgres)).status == "ok"
