@@ -164,6 +164,12 @@ def connect(conninfo: str, schema: str, *, password: str | None = None) -> Conne
     return Connection(conn, schema)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """``exc`` says the server cannot be reached or dropped us (down, restarting, our backend
+    ended, a refused login): a call to retry later on a new connection, not a bug."""
+    return isinstance(exc, psycopg.OperationalError)
+
+
 @contextmanager
 def immediate(db: Connection) -> Iterator[Connection]:
     """A write transaction serialized with every other writer of the same schema (see the
