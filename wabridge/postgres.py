@@ -19,7 +19,9 @@ needs no declared type, as in SQLite.
 - Migrations are :func:`wabridge.database.migrate`'s, run with :func:`immediate`.
 
 Errors: :class:`SchemaMissing` when the schema is absent; psycopg's own ``OperationalError``
-otherwise (the server is down or refused us): the worker exits and systemd restarts it.
+otherwise (the server is down or refused us: :func:`is_outage`): the worker keeps what it
+has and retries with backoff (``agent.main``, store outages), the controller retries
+preparing the account (``controller.pg_roles.retry_delay``).
 """
 
 from __future__ import annotations
