@@ -4,11 +4,14 @@ cluster with password logins over TCP."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import postgres_cluster
 import psycopg
 import pytest
 from postgres_cluster import Cluster
@@ -221,3 +224,35 @@ def test_doctor_names_grants_memberships_and_newer_schemas(
         assert check.status == "fail", (do, check)
         assert named in check.message, (do, check.message)
     assert doctor.check_database(_pg_cfg(postgres)).status == "ok"
+
+
+def test_one_pg_dump_as_the_controller_holds_every_account(
+        postgres: Cluster, tmp_path: Path) -> None:
+    """README "PostgreSQL", backups: ``pg_dump`` as the controller's role (a member of every
+    account role) reads every account's schema, and ``pg_restore`` as that role brings them
+    back (here into a second database of the same server, where the roles exist)."""
+    role, password, database = postgres.controller_role()
+    with psycopg.connect(postgres.url(role, database), password=password,
+                         autocommit=True) as admin:
+        passwords = {u: pg_roles.provision(admin, u) for u in ("ivy", "jack")}
+    for user, pw in passwords.items():
+        store = Store(PostgresTarget(postgres.url(account_role(user), database),
+                                     account_role(user), pw))
+        store.add_inbound(_msg(f"{user}'s message"))
+        store.close()
+    env = {**os.environ, "PGPASSWORD": password}
+    tool = postgres_cluster.bin_dir()
+    where = ["-h", "127.0.0.1", "-p", str(postgres.port), "-U", role]
+    dump = tmp_path / "wabridge.dump"
+    subprocess.run([str(tool / "pg_dump"), *where, "-Fc", "-f", str(dump), database],
+                   env=env, check=True, capture_output=True, timeout=60)
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as su:  # as README: once
+        su.execute(f"CREATE DATABASE {database}_restored OWNER {role}")
+    subprocess.run([str(tool / "pg_restore"), *where, "-d", f"{database}_restored", str(dump)],
+                   env=env, check=True, capture_output=True, timeout=60)
+    for user, pw in passwords.items():
+        store = Store(PostgresTarget(postgres.url(account_role(user), f"{database}_restored"),
+                                     account_role(user), pw))
+        assert [p.message.text for p in store.pending_inbound("c@s.whatsapp.net")] == [
+            f"{user}'s message"]
+        store.close()
