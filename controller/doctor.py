@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from controller.planes import emulator_host, plane_kind
-from wabridge import claude_cli, config, postgres
+from wabridge import claude_cli, config, database, postgres
 from wabridge.errors import ConfigError, WabridgeError
 
 DEFAULT_WORKER_ENV = "/etc/wabridge/worker.env"
@@ -174,13 +174,20 @@ def check_database(cfg: config.Config) -> Check:
     if isinstance(answer, Check):
         return answer
     problems, versions = answer
-    if problems:
-        return Check("database", "fail", f"{target}: " + "; ".join(problems),
+    known = database.STORE_SCHEMA_VERSION
+    newer = pg_roles.newer_schemas(versions, known)
+    if problems or newer:
+        return Check("database", "fail", f"{target}: " + "; ".join(problems + newer),
                      "README, PostgreSQL: ALTER ROLE <controller> CREATEROLE; GRANT CREATE "
-                     "ON DATABASE <db> TO <controller>; ALTER ROLE <account> NOSUPERUSER ...")
+                     "ON DATABASE <db> TO <controller>; ALTER ROLE <account> NOSUPERUSER ...; "
+                     "REVOKE ... FROM <grantee> for a grant on an account's schema")
     found = sorted(set(versions.values()))
+    older = sum(1 for v in versions.values() if 0 <= v < known)
     return Check("database", "ok", f"{target}: {len(versions)} account schemas"
-                 + (f", schema versions {', '.join(map(str, found))}" if found else ""))
+                 + (f", schema versions {', '.join(map(str, found))}" if found else "")
+                 + f" (this wabridge: {known}"
+                 + (f"; {older} older, migrated when their worker starts" if older else "")
+                 + "); account roles hold nothing beyond their own schema")
 
 
 def claude_path(cfg: config.Config) -> Path | None:

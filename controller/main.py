@@ -84,6 +84,9 @@ class Controller:
         # at most controller.max_starting units activating at once (see start_slot)
         self.start_slots = asyncio.Semaphore(cfg.controller.max_starting)
         self.loaded = False  # documents read and reconciled: unit events may act
+        # PostgreSQL could not prepare these accounts: their next try (_store_unavailable)
+        self.store_backoff: dict[str, float] = {}
+        self.store_retries: set[str] = set()
 
     def running_workers(self) -> tuple[int, int]:
         """Worker units holding memory now (starting, running or stopping), and how many of
@@ -260,6 +263,8 @@ class Controller:
     async def _start(self, uid: str, *, reset: bool, restart: bool) -> bool:
         unit = worker_unit(uid)
         user = self.user(uid)
+        if uid in self.store_retries:  # PostgreSQL was unavailable: the retry will start it
+            return False
         try:
             if reset:
                 with contextlib.suppress(SystemdError):
@@ -267,10 +272,18 @@ class Controller:
             # the user's own dynamic user, the resource limits and the backend the document
             # asks for; fails closed
             try:
-                # storage.backend = postgresql: the account's role and schema, a new password
-                pg_password = await asyncio.to_thread(pg_roles.prepare, self.cfg, uid)
+                # storage.backend = postgresql: the account's role and schema, a new password;
+                # not for a no-op Start while ours is under way (the document's echo): the
+                # password the starting worker loaded must stay its role's
+                pg_password = (
+                    await asyncio.to_thread(pg_roles.prepare, self.cfg, uid)
+                    if rc.needs_start_slot(restart, user.starting is not None, user.view)
+                    else pg_roles.prepared(self.cfg, uid))
                 dropin = self.dropin_for(uid, pg_password)
-            except (PolicyError, pg_roles.StoreUnavailable) as exc:
+            except pg_roles.StoreUnavailable as exc:
+                await self._store_unavailable(uid, exc, rc.Start(uid, reset, restart))
+                return False
+            except PolicyError as exc:
                 log.warning("account.error", user_id=uid, code=exc.code, error=str(exc))
                 await self.write(uid, {"status": DocStatus.ERROR.value,
                                        "error": error_field(exc.code, str(exc))})
@@ -294,9 +307,42 @@ class Controller:
                                    "error": error_field("start_failed", str(exc))})
             return False
         log.info("unit.start", user_id=uid, unit=unit)
+        self.store_backoff.pop(uid, None)
         if rc.clears_error(user.doc, CONTROLLER):
             await self.write(uid, {"error": None})
         return True
+
+    async def _store_unavailable(self, uid: str, exc: pg_roles.StoreUnavailable,
+                                 start: rc.Start) -> None:
+        """PostgreSQL cannot prepare the account (down, unreachable, refusing us): no worker
+        is started that could not open its store. The document keeps its status and says
+        why (``store_unavailable``, naming the cause); the start is tried again with backoff
+        (``pg_roles.retry_delay``) while the document still wants a worker, until the
+        database answers; then the error is cleared."""
+        delay = self.store_backoff[uid] = pg_roles.retry_delay(self.store_backoff.get(uid, 0.0))
+        log.warning("account.store_unavailable", user_id=uid, retry_in=delay, error=str(exc))
+        doc = self.docs.get(uid)
+        if doc is not None and doc.status in RUNNING_STATUSES - {DocStatus.STARTING}:
+            await self.set_status(uid, DocStatus.STARTING, RUNNING_STATUSES)  # no worker yet
+        await self.write(uid, {"error": error_field(
+            exc.code, f"{exc} (the worker is started once it answers; next try in "
+            f"{delay:.0f} s)")})
+        if uid in self.store_retries:
+            return
+        self.store_retries.add(uid)
+
+        async def retry() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+
+            def plan(_uid: str) -> list[rc.Action]:
+                self.store_retries.discard(uid)  # under the user's lock: this is the retry
+                return rc.retried_start(self.user(uid).doc, self.user(uid).view, start)
+
+            if not self.stop.is_set():
+                await self.execute(uid, plan)
+
+        self.spawn(retry())
 
     async def claim(self, user_id: str, expect: frozenset[DocStatus], new: DocStatus) -> bool:
         ok = await self.plane.claim(user_id, expect, new, self.host)
