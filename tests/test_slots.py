@@ -184,7 +184,7 @@ def test_without_the_slice_the_hosts_memory_is_read() -> None:
 def test_the_slice_read_is_the_one_the_package_installs() -> None:
     slice_unit = Path(__file__).resolve().parent.parent / "systemd" / "wabridge.slice"
     assert slice_unit.is_file()
-    assert FLEET_SLICE == Path("/sys/fs/cgroup") / slice_unit.name / "memory.max"
+    assert Path("/sys/fs/cgroup") / slice_unit.name / "memory.max" == FLEET_SLICE
 
 
 def test_meminfo_without_memtotal_is_named(tmp_path: Path) -> None:
