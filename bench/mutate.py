@@ -206,6 +206,9 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      "for chat, p in pauses.items() if p.until > 0 or p.context})"):
         "equivalent: a pause's until is 0 (none), inf, or a message's or /pause's epoch time "
         "plus minutes (> 1e9); none lies in (0, 1]",
+    ("wabridge/units.py", "'' -> 'XX'", 'epoch = environ.get(LEASE_EPOCH_ENV, "")'):
+        "equivalent: a missing epoch is refused by `not epoch.isdigit()`, and 'XX' is no "
+        "digits either",
     ("controller/slots.py", "0 -> 1",
      "self.peak = 0  # most slots held at once (diagnostics, tests)"):
         "accepted: peak is a diagnostic only tests read, after slots were held (max() with "
