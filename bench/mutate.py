@@ -68,6 +68,7 @@ MODULES: dict[str, list[str]] = {
     "agent/takeover.py": ["tests/test_takeover.py"],
     "agent/persona.py": ["tests/test_persona.py"],
     "agent/lease_verdict.py": ["tests/test_lease_verdict.py"],
+    "controller/assignment.py": ["tests/test_assignment.py"],
     "wabridge/units.py": ["tests/test_units_mutants.py", "tests/test_units.py",
                           "tests/test_lease_verdict.py"],
     "wabridge/config.py": ["tests/test_docs.py", "tests/test_config_bounds.py",
@@ -206,6 +207,12 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      "for chat, p in pauses.items() if p.until > 0 or p.context})"):
         "equivalent: a pause's until is 0 (none), inf, or a message's or /pause's epoch time "
         "plus minutes (> 1e9); none lies in (0, 1]",
+    ("controller/assignment.py", "operand 'pin is None' dropped",
+     "if pin is None or pin not in usable or pin == holders.get(user):"):
+        "equivalent: None is no host id, so `pin not in usable` skips it too",
+    ("controller/assignment.py", "operand 'holder is not None' dropped",
+     "if user not in plan and holder is not None and holder in usable:"):
+        "equivalent: None is no host id, so `holder in usable` is False for it too",
     ("wabridge/units.py", "'' -> 'XX'", 'epoch = environ.get(LEASE_EPOCH_ENV, "")'):
         "equivalent: a missing epoch is refused by `not epoch.isdigit()`, and 'XX' is no "
         "digits either",
