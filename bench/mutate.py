@@ -95,6 +95,7 @@ _ZONEINFO_TOO = ("equivalent: zoneinfo.ZoneInfo refuses every such name as well 
                  "or ValueError for an empty part, '..', a leading '/' or a non-zone file such "
                  "as zone.tab), so the setting is refused with the same message; the check "
                  "stays as a guard before a file lookup")
+_PG_URL_RULE = 'if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", text) or "password=" in text:'
 _SELF_CHAT_ID = ('return (bool(owner_phone) and not chat_id.endswith("@g.us")')
 _NO_GROUP_IS_A_PHONE = ("equivalent: a group JID's user part is never a phone number (1203630... "
                         "of 18 digits, or the older <creator>-<time>), so phone_of() of it never "
@@ -213,6 +214,13 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
     ("controller/assignment.py", "operand 'holder is not None' dropped",
      "if user not in plan and holder is not None and holder in usable:"):
         "equivalent: None is no host id, so `holder in usable` is False for it too",
+    ("wabridge/config.py", "regex: '^' removed at 0", _PG_URL_RULE):
+        "equivalent: re.match anchors at the start anyway",
+    ("wabridge/config.py", "regex: '+' -> '*' at 6", _PG_URL_RULE):
+        "equivalent: the line before has made sure the URL starts with postgresql:// or "
+        "postgres://, so the scheme is never empty",
+    ("wabridge/config.py", "regex: '*' -> '+' at 22", _PG_URL_RULE):
+        "accepted: differs only for an empty password ('user:@host'), which carries no secret",
     ("wabridge/units.py", "'' -> 'XX'", 'epoch = environ.get(LEASE_EPOCH_ENV, "")'):
         "equivalent: a missing epoch is refused by `not epoch.isdigit()`, and 'XX' is no "
         "digits either",
