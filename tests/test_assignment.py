@@ -67,6 +67,11 @@ CASES = [
      {"u1": "a", "u2": "a"}, {}, {"u1": "a", "u2": "a", "u3": "b"}),
     ("duplicate accounts count once", ["u1", "u1", "u2"], [A, B], {}, {},
      {"u1": "a", "u2": "b"}),
+    ("a host with room for 3 takes 3", ["u1", "u2", "u3"], [small("a", 3)], {}, {},
+     {"u1": "a", "u2": "a", "u3": "a"}),
+    ("a pin to its own holder takes no room twice: another pin still fits",
+     ["u0", "u1", "u2"], [small("a", 3), B], {"u0": "a", "u1": "a", "u2": "b"},
+     {"u1": "a", "u2": "a"}, {"u0": "a", "u1": "a", "u2": "a"}),
 ]
 
 

@@ -103,3 +103,73 @@ def test_memory_text_in_full() -> None:
         "Notes about your contacts:\n"
         "#1 Alice: likes tea\n"
         "#4 Bob: vegan")
+
+
+@pytest.mark.parametrize("name", ["persona", "pause", "resume", "paused"])
+def test_the_owners_commands_are_known(name: str) -> None:
+    # an unknown /pause would get the help text and pause nothing
+    assert commands.parse(f"/{name} 4915100000002").known is True  # type: ignore[union-attr]
+
+
+def test_owner_texts_in_full() -> None:
+    assert commands.OWNER_HELP_TEXT == (
+        "\n\nIn your own chat (message yourself) only:\n"
+        "/persona <chat> <text> - that chat's own system prompt (/persona <chat> reset: back "
+        "to the account's)\n"
+        "/pause <chat> [minutes] - stop answering that chat (no minutes: until /resume)\n"
+        "/resume <chat> - answer that chat again\n"
+        "/paused - the chats not answered now"
+    )
+    assert commands.OWNER_ONLY_TEXT.format(name="pause") == (
+        "/pause works only in your own chat (message yourself).")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ("4915100000002@s.whatsapp.net hi", ("4915100000002@s.whatsapp.net", "hi")),
+    ("+49-151-0000000-2", ("4915100000002@s.whatsapp.net", "")),  # as people type it
+    ("1234567  x ", ("1234567@s.whatsapp.net", "x")),  # 7 digits, the shortest number
+    ("123456789012345", ("123456789012345@s.whatsapp.net", "")),  # 15, the longest
+])
+def test_chat_arg_accepts(args: str, expected: tuple[str, str]) -> None:
+    assert commands.chat_arg(args) == expected
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ("  ", "name the chat: a phone number with country code, or a chat JID"),
+    ("123456 x", "'123456' is not a phone number (digits with country code) or a chat JID"),
+    ("1234567890123456",
+     "'1234567890123456' is not a phone number (digits with country code) or a chat JID"),
+    ("\u0664\u0669\u0661\u0665\u0661\u0660\u0660\u0660",  # Arabic-Indic digits: not a number
+     "'\u0664\u0669\u0661\u0665\u0661\u0660\u0660\u0660' is not a phone number "
+     "(digits with country code) or a chat JID"),
+    ("+", "'+' is not a phone number (digits with country code) or a chat JID"),
+    ("shopkeeper", "'shopkeeper' is not a phone number (digits with country code) or a chat JID"),
+])
+def test_chat_arg_refuses_in_full(args: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        commands.chat_arg(args)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("until", "left"), [
+    (10.0, "1 min left"),  # under a minute still shows 1, never 0
+    (90.0, "2 min left"),  # rounds: 1.5 -> 2
+    (3600.0, "60 min left"),
+    (7170.0, "120 min left"),
+])
+def test_paused_minutes_left(until: float, left: str) -> None:
+    now = 1_800_000_000.0  # epoch seconds, as the pauses keep them
+    assert commands.paused_text([("a@g.us", now + until)], now) == (
+        f"Paused chats:\na@g.us: {left}")
+
+
+@pytest.mark.parametrize(("prompt", "shown"), [
+    ("x" * 80, "x" * 80),  # up to 80 characters: in full
+    ("x" * 81, "x" * 79 + "\u2026"),  # longer: cut to 80 with the ellipsis
+    ("You are\n  Ana,\tthe baker. ", "You are Ana, the baker."),  # on one line
+])
+def test_status_shows_a_chats_own_persona_short(prompt: str, shown: str) -> None:
+    info = StatusInfo(context_tokens=1, context_window=0, session_turns=1, total_turns=1,
+                      cost_today_usd=0.0, daily_budget_usd=0.0, model="", summaries=0,
+                      personas=(("a@g.us", prompt),))
+    assert commands.status_text(info).splitlines()[-1] == f"Own persona of a@g.us: {shown}"

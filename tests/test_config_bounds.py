@@ -35,8 +35,29 @@ def _load(tmp_path: Path, key: str, value: Any) -> Any:
     return getattr(getattr(load(path, environ={}), section), name)
 
 
+PG_URL = "postgresql:// URL without a password, or empty"
+PG_PASSWORD = ("carries a password: give it as the systemd credential 'postgres-password' "
+               "instead (it must not reach a unit file or a log)")
+
 # (key, value, problem, allowed): refused, with "config key '<key>': <problem> (allowed: ...)"
 REFUSED: list[tuple[str, Any, str, str]] = [
+    ("claude.host_max_processes", 100_001, "100001 is not within 0..100000", ""),
+    ("claude.slot_wait", 0.99, "0.99 is below 1.0", ""),
+    ("conversation.settle", 30.01, "30.01 is not within 0.0..30.0", ""),
+    ("transcription.max_seconds", 0.99, "0.99 is below 1.0", ""),
+    ("transcription.max_bytes", 999, "999 is not within 1000..100000000", ""),
+    ("transcription.max_bytes", 100_000_001, "100000001 is not within 1000..100000000", ""),
+    ("transcription.timeout", 0.99, "0.99 is below 1.0", ""),
+    ("fleet.grace_seconds", -0.01, "-0.01 is below 0.0", ""),
+    ("fleet.margin_seconds", 0.49, "0.49 is below 0.5", ""),
+    ("fleet.heartbeat_seconds", 0.19, "0.19 is below 0.2", ""),
+    ("fleet.host_dead_seconds", 0.99, "0.99 is below 1.0", ""),
+    ("storage.postgres_url", "mysql://db/x", "'mysql://db/x' is not a postgresql:// URL",
+     PG_URL),
+    ("storage.postgres_url", "postgresql://wabridge:secret@db/x", PG_PASSWORD, PG_URL),
+    ("storage.postgres_url", "postgresql://:secret@db/x", PG_PASSWORD, PG_URL),
+    ("storage.postgres_url", "postgresql://db/x?sslmode=require&password=secret", PG_PASSWORD,
+     PG_URL),
     ("controller.control_plane", "sqlite",
      "'sqlite' is not one of auto, firestore, local, postgres", "auto, firestore, local, postgres"),
     ("controller.metrics_listen", "h:65536", "'h:65536' is not HOST:PORT", LISTEN),
@@ -234,6 +255,21 @@ ACCEPTED: list[tuple[str, Any, Any]] = [
     ("log.format", "console", "console"),
     ("sim.listen", "127.0.0.1:1", "127.0.0.1:1"),
     ("sim.qr_rotate", 0.5, 0.5),
+    ("claude.host_max_processes", 100_000, 100_000),
+    ("claude.slot_wait", 1.0, 1.0),
+    ("conversation.settle", 30.0, 30.0),
+    ("transcription.max_seconds", 1.0, 1.0),
+    ("transcription.max_bytes", 1000, 1000),
+    ("transcription.max_bytes", 100_000_000, 100_000_000),
+    ("transcription.timeout", 1.0, 1.0),
+    ("fleet.grace_seconds", 0.0, 0.0),
+    ("fleet.margin_seconds", 0.5, 0.5),
+    ("fleet.heartbeat_seconds", 0.2, 0.2),
+    ("fleet.host_dead_seconds", 5.5, 5.5),  # above the default heartbeat, 5
+    ("storage.postgres_url", "postgres://wabridge@db.example:5432/wabridge",
+     "postgres://wabridge@db.example:5432/wabridge"),  # libpq's short scheme
+    ("storage.postgres_url", "postgresql://wabridge@db:5432/x?sslmode=require",
+     "postgresql://wabridge@db:5432/x?sslmode=require"),
 ]
 
 
@@ -425,3 +461,40 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
         load(path, environ={})
     assert str(info.value).startswith(f"config key '(file)': {path} is not valid TOML: ")
     assert info.value.key == "(file)"
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [
+    ('[controller]\ncontrol_plane = "postgres"\n', "storage.postgres_url",
+     "config key 'storage.postgres_url': is empty but controller.control_plane is postgres "
+     "(allowed: postgresql:// URL without a password)"),
+    ('[storage]\nbackend = "postgresql"\n', "storage.postgres_url",
+     "config key 'storage.postgres_url': is empty but storage.backend is postgresql "
+     "(allowed: postgresql:// URL without a password)"),
+    ("[fleet]\nenabled = true\n", "fleet.enabled",
+     "config key 'fleet.enabled': is true but storage.backend is 'sqlite': the leases live in "
+     "PostgreSQL (allowed: storage.backend = \"postgresql\", or fleet.enabled = false)"),
+    ("[fleet]\nlease_seconds = 10.0\nmargin_seconds = 10.0\n", "fleet.margin_seconds",
+     "config key 'fleet.margin_seconds': 10.0 is not below fleet.lease_seconds (10.0) "
+     "(allowed: less than fleet.lease_seconds)"),
+    ("[fleet]\nlease_seconds = 10.0\nmargin_seconds = 2.0\nrenew_seconds = 8.0\n",
+     "fleet.renew_seconds",
+     "config key 'fleet.renew_seconds': 8.0 is not below fleet.lease_seconds - "
+     "fleet.margin_seconds (8.0): a worker would stop before its first renewal "
+     "(allowed: renew < lease - margin)"),
+    ("[fleet]\nheartbeat_seconds = 5.0\nhost_dead_seconds = 5.0\n", "fleet.host_dead_seconds",
+     "config key 'fleet.host_dead_seconds': 5.0 is not above fleet.heartbeat_seconds (5.0): "
+     "every host would look dead between heartbeats "
+     "(allowed: more than fleet.heartbeat_seconds)"),
+])
+def test_keys_that_go_together_in_full(tmp_path: Path, text: str, key: str,
+                                       message: str) -> None:
+    path = tmp_path / "wabridge.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert (info.value.key, str(info.value)) == (key, message)
+
+
+def test_models_allowed_is_a_comma_separated_list() -> None:
+    claude = config.ClaudeConfig(models_allowed=" claude-haiku-4-5, ,claude-sonnet-4-5 ")
+    assert config.models_allowed(claude) == ("claude-haiku-4-5", "claude-sonnet-4-5")

@@ -42,3 +42,9 @@ def test_the_lease_travels_through_the_drop_in_environment() -> None:
 ])
 def test_no_lease_without_both_values(env: dict[str, str]) -> None:
     assert units.lease_from_environment(env) is None
+
+
+def test_the_verdict_reads_as_its_word() -> None:
+    # a StrEnum: logged and compared as the words the docstrings use
+    assert (lease_verdict(100.0, 100.0, 30.0, 5.0), lease_verdict(200.0, 100.0, 30.0, 5.0)) == (
+        "keep", "stop")

@@ -83,3 +83,41 @@ HINT = "Reply in German unless the contact writes in another language."
 def test_profile(who: Persona, chat_prompt: str | None, host: str | None,
                  expected: Profile) -> None:
     assert persona.profile(who, chat_prompt, host) == expected
+
+
+# The message is what the owner reads on the document's ``error``: written out in full.
+@pytest.mark.parametrize(("settings", "models", "message"), [
+    ({"systemPrompt": 42}, MODELS,
+     "setting 'settings.systemPrompt': expected text, got int "
+     "(allowed: text of at most 20000 characters)"),
+    ({"apology": "x" * 1001}, MODELS,
+     "setting 'settings.apology': is 1001 characters long, more than 1000 "
+     "(allowed: text of at most 1000 characters)"),
+    ({"model": "claude-opus-4-1"}, MODELS,
+     "setting 'settings.model': 'claude-opus-4-1' is not an allowed model "
+     "(allowed: claude-haiku-4-5, claude-sonnet-4-5)"),
+    ({"model": "claude-haiku-4-5"}, (),
+     "setting 'settings.model': 'claude-haiku-4-5' is not an allowed model "
+     "(allowed: none (claude.models_allowed is empty))"),
+    ({"takeover_minutes": 10081}, MODELS,
+     "setting 'settings.takeover_minutes': 10081 is not a number of minutes "
+     "(allowed: 0 to 10080 (0: never pause))"),
+])
+def test_bad_values_in_full(settings: dict[str, Any], models: tuple[str, ...],
+                           message: str) -> None:
+    with pytest.raises(InvalidSetting) as info:
+        persona.parse(settings, models)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({}, 60.0),  # an hour unless the user says otherwise
+    ({"takeover_minutes": 10080}, 10080.0),  # a week, the longest
+])
+def test_takeover_minutes(settings: dict[str, Any], expected: float) -> None:
+    assert persona.parse(settings, MODELS).takeover_minutes == expected
+
+
+@pytest.mark.parametrize("key", ["apology", "budgetNotice", "slowDownNotice"])
+def test_a_notice_may_be_1000_characters(key: str) -> None:
+    assert persona.parse({key: "x" * 1000}, MODELS) != persona.DEFAULT

@@ -24,6 +24,7 @@ from agent.pool import ClaudePool
 from agent.store import Store
 from controller.server import WorkerServer
 from controller.slots import (
+    FLEET_SLICE,
     PER_CHAT_BYTES,
     PER_WORKER_BYTES,
     RESERVE_SHARE,
@@ -73,6 +74,18 @@ DECIDE_TABLE: list[tuple[str, int, list[Held], list[Wanted], Decision]] = [
      Decision(reclaim=(("b", "1"), ("c", "1")))),
     ("within budget and nobody waits: nothing", 3, [held("a", "1"), held("b", "1")], [],
      Decision()),
+    ("one decision grants fairly too: the next account before a second chat", 2, [],
+     [Wanted("a", "1", 1), Wanted("a", "2", 2), Wanted("b", "1", 3)],
+     Decision(grant=(("a", "1"), ("b", "1")))),
+    ("a grant counts one slot, not two", 3, [held("b", "1", busy=True)],
+     [Wanted("a", "1", 1), Wanted("a", "2", 2), Wanted("b", "2", 3)],
+     Decision(grant=(("a", "1"), ("a", "2")))),
+    ("a reclaim under way: no second idle process taken for the same waiter", 2,
+     [held("a", "1", reclaiming=True, used=1), held("a", "2", used=2)], [Wanted("b", "1", 1)],
+     Decision()),
+    ("idle since the same moment: the lower key goes back (deterministic)", 2,
+     [held("b", "1", used=1), held("a", "1", used=1)], [Wanted("c", "1", 1)],
+     Decision(reclaim=(("a", "1"),))),
 ]
 
 
@@ -160,6 +173,63 @@ def test_fleet_memory_reads_the_slice_else_the_host(tmp_path: Path) -> None:
     limit.write_text("5000\n")
     assert fleet_memory(limit, meminfo) == 5000
     assert fleet_memory(tmp_path / "absent", meminfo) == 921_600
+
+
+def test_without_the_slice_the_hosts_memory_is_read() -> None:
+    kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+              if line.startswith("MemTotal:"))
+    assert fleet_memory(Path("/nonexistent/memory.max")) == int(kb * 1024 * 0.9)
+
+
+def test_the_slice_read_is_the_one_the_package_installs() -> None:
+    slice_unit = Path(__file__).resolve().parent.parent / "systemd" / "wabridge.slice"
+    assert slice_unit.is_file()
+    assert Path("/sys/fs/cgroup") / slice_unit.name / "memory.max" == FLEET_SLICE
+
+
+def test_meminfo_without_memtotal_is_named(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemFree: 5 kB\n")
+    with pytest.raises(ValueError) as info:
+        fleet_memory(tmp_path / "absent", meminfo)
+    assert str(info.value) == f"no MemTotal in {meminfo}"
+
+
+def test_a_chat_that_asks_again_for_its_slot_keeps_it_busy() -> None:
+    # a lost grant: the worker asks again for a slot it holds; it is granted again and the
+    # process counts as in its turn, so a waiter does not take it back
+    ledger = SlotLedger(1)
+    assert ledger.report("a", "1", "want") == Decision(grant=(("a", "1"),))
+    assert ledger.report("a", "1", "want") == Decision(grant=(("a", "1"),))
+    assert ledger.report("b", "1", "want") == Decision()
+    assert ledger.report("a", "1", "idle") == Decision(reclaim=(("a", "1"),))
+
+
+def test_a_chat_that_gave_up_waiting_gets_no_slot() -> None:
+    ledger = SlotLedger(1)
+    ledger.report("b", "1", "busy")
+    assert ledger.report("a", "1", "want") == Decision()
+    assert ledger.report("a", "1", "gone") == Decision()
+    assert ledger.report("b", "1", "gone") == Decision()  # nobody left waiting
+
+
+def test_a_waiter_that_reports_its_process_waits_no_more() -> None:
+    # a worker back from an outage reports the process it started on its local limit
+    ledger = SlotLedger(1)
+    ledger.report("b", "1", "busy")
+    ledger.report("a", "1", "want")
+    ledger.report("a", "1", "busy")
+    assert ledger.report("b", "1", "gone") == Decision()
+    assert ledger.report("a", "1", "idle") == Decision()  # within budget, nobody waits
+    assert ledger.wanted == {}
+
+
+def test_a_dropped_workers_waiting_chats_are_forgotten() -> None:
+    ledger = SlotLedger(1)
+    ledger.report("b", "1", "busy")
+    ledger.report("a", "1", "want")
+    assert ledger.drop("a") == Decision()
+    assert ledger.report("b", "1", "gone") == Decision()  # no slot for a worker that is gone
 
 
 def test_ledger_grants_reclaims_and_forgets_a_worker() -> None:

@@ -83,3 +83,50 @@ def test_storage_round_trip_drops_what_is_over() -> None:
     assert takeover.load(takeover.dump(pauses)) == {k: v for k, v in pauses.items()
                                                     if k != "c@s.whatsapp.net"}
     assert takeover.load(None) == {}
+
+
+def test_what_claude_is_told_after_a_pause_in_full() -> None:
+    p = Pause(0.0, ("[owner] it costs 40", "ok"))
+    block = ("[While you were paused, the account's owner answered this chat personally. "
+             "What was said meanwhile, oldest first; do not contradict the owner:]\n"
+             "[owner] it costs 40\n"
+             "ok\n"
+             "\n"
+             "[New message(s):]")
+    assert takeover.with_context("thanks", p) == f"{block}\nthanks"
+    image = {"type": "image", "source": {}}
+    assert takeover.with_context([image], p) == [{"type": "text", "text": block}, image]
+
+
+def test_a_long_pause_keeps_its_newest_50_lines() -> None:
+    p = Pause(math.inf)
+    for i in range(60):
+        p = takeover.held(p, str(i))
+    assert p.context == tuple(str(i) for i in range(10, 60))
+
+
+def test_under_a_minute_still_pauses() -> None:
+    assert takeover.owner_wrote(Pause(), T0, 0.5, "hi") == Pause(T0 + 30, ("[owner] hi",))
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1", 1.0), ("0.5", 0.5)])
+def test_parse_minutes_small(text: str, expected: float) -> None:
+    assert takeover.parse_minutes(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("soon", "'soon' is not a number of minutes"),
+    ("0", "'0' is not a positive number of minutes"),
+    ("inf", "'inf' is not a positive number of minutes"),
+])
+def test_parse_minutes_messages_in_full(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        takeover.parse_minutes(text)
+    assert str(info.value) == message
+
+
+def test_a_resumed_chats_context_outlives_a_restart() -> None:
+    # /resume keeps what was said for the next turn, also when the worker restarts first
+    pauses = {"a@s.whatsapp.net": takeover.resumed(Pause(T0, ("[owner] 40 EUR",)))}
+    assert takeover.load(takeover.dump(pauses)) == {
+        "a@s.whatsapp.net": Pause(0.0, ("[owner] 40 EUR",))}
