@@ -61,6 +61,7 @@ BACKOFF_MAX = 10.0
 SEND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 MAX_FRAME = 16 * 1024 * 1024
+HOST_ID_ENV = "WABRIDGE_HOST_ID"  # set by a fleet's controller in the unit's drop-in
 
 
 class _Terminal(Exception):
@@ -83,6 +84,8 @@ class SimBackend(WhatsAppBackend):
         self._ctx = ctx
         self._url = base_url.rstrip("/") + "/ws/device"
         self._token_path: Path = ctx.state_dir / TOKEN_FILE
+        # the sim keeps this label with each connection's interval: in a fleet, the host
+        self._client = os.environ.get(HOST_ID_ENV, "")
         self._send_timeout = send_timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
@@ -245,7 +248,8 @@ class SimBackend(WhatsAppBackend):
         self._ws = ws
         self._pair_sent = False
         healthy = False
-        await ws.send_json({"type": "hello", "token": self._read_token()})
+        await ws.send_json({"type": "hello", "token": self._read_token(),
+                            "client": self._client})
         async for msg in ws:
             if msg.type is aiohttp.WSMsgType.TEXT:
                 try:
