@@ -286,8 +286,10 @@ class HostOps:
 class Host(HostOps):
     """One host of a fleet: its own systemd namespace, configuration and host id."""
 
-    def __init__(self, host_id: str, files: dict[str, str], modes: dict[str, int]) -> None:
+    def __init__(self, host_id: str, files: dict[str, str], modes: dict[str, int],
+                 credentials: bool = False) -> None:
         self.host_id = host_id
+        self.credentials = credentials
         self.ns = SystemdNamespace(
             binds=[Bind(REPO, SRC), Bind(VENV, str(VENV))],
             files=files,
@@ -307,6 +309,10 @@ class Host(HostOps):
         """Boot (again, after a crash: a fresh /run, /var and /tmp) until the controller is
         active."""
         self.ns.start()
+        if self.credentials:
+            # systemd makes / shared at boot, except in a container (the harness): a unit's
+            # credential ramfs is mounted in a child namespace and must propagate back
+            self.ns.run(["mount", "--make-rshared", "/"], check=True)
         self.wait_unit("wabridge-controller.service", "active", timeout)
 
     def crash(self) -> None:
@@ -461,7 +467,7 @@ class Fleet(HostOps):
         if self.pg is not None:
             files["/etc/wabridge/postgres-password"] = self.pg.password
             modes["/etc/wabridge/postgres-password"] = 0o600
-        return Host(host_id, files, modes)
+        return Host(host_id, files, modes, credentials=self.pg is not None)
 
     def __enter__(self) -> Fleet:
         try:

@@ -412,3 +412,40 @@ def test_simulated_pure_v2_boot(monkeypatch):
         cg = n.run(["cat", f"/proc/{main}/cgroup"]).stdout
         assert "0::/system.slice/system-x.slice/x@v2.service" in cg
     assert _leftovers(n.name) == ([], [])
+
+
+@pytest.mark.systemd
+@pytest.mark.firestore
+def test_a_fleet_of_hosts_shares_postgres_and_each_crashes_or_freezes_alone(
+        firestore_emulator, postgres):
+    from fleet import Fleet  # noqa: PLC0415 - needs the emulator and the cluster
+
+    with Fleet(plane="firestore", emulator_host=firestore_emulator, postgres=postgres,
+               hosts=2) as fleet:
+        a, b = fleet.hosts
+        assert (a.host_id, b.host_id) == ("host-a", "host-b")
+        assert fleet.ns is a.ns  # the single-host API is the first host's
+
+        def doctor(host):
+            proc = host.ctl("doctor")
+            return {line.split("]", 1)[1].split()[0]: line
+                    for line in proc.stdout.splitlines() if line.startswith("[")}
+
+        for host in (a, b):  # each its own controller and admin socket, one database
+            lines = doctor(host)
+            assert f"controller on {host.host_id}" in lines["admin_socket"], lines
+            assert lines["database"].startswith("[ ok ]") and fleet.pg is not None
+            assert fleet.pg.name in lines["database"]
+        a_pid1 = a.ns.pid
+        b.crash()
+        assert not b.up and fleet.placement() == {"host-a": [], "host-b": []}
+        assert a.ns.pid == a_pid1 and a.prop("wabridge-controller.service",
+                                             "ActiveState") == "active"
+        a.freeze()
+        try:
+            assert a.ns.frozen and "--- host-a: frozen" in fleet.journals()
+            b.boot()  # the crashed host boots again while the other is paused
+            assert "controller on host-b" in doctor(b)["admin_socket"]
+        finally:
+            a.thaw()
+        assert "controller on host-a" in doctor(a)["admin_socket"]
