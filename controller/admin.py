@@ -44,10 +44,17 @@ one after the other; a bad line is answered with an error frame and the connecti
                                        days (default 1: today), one user or all
 ``{"op": "reset", "user", "chat"}``     sends ``Command(reset_chat, {"chat_id"})`` to the
                                         user's worker; ``not_connected`` if it is not linked
+``{"op": "hosts"}``                     fleet: ``{"ok", "hosts": [row, ...]}`` (see
+                                        ``controller.fleet.Fleet.host_rows``)
+``{"op": "drain"|"undrain", "host"}``   fleet: its accounts move away one at a time / it
+                                        takes new accounts again (nothing is pulled back)
+``{"op": "move", "user", "host"}``      fleet: pin the account to that host; the worker
+                                        here finishes its turn, commits, releases its lease
 ======================================  ==================================================
 
 Error codes: ``bad_request``, ``bad_user_id``, ``unknown_op``, ``unknown_user``,
-``not_connected``, ``forbidden``, ``internal``.
+``not_connected``, ``forbidden``, ``fleet_off``, ``unknown_host``, ``fleet_unavailable``,
+``internal``.
 
 Where the answers come from
 ---------------------------
@@ -78,10 +85,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from controller.fleet import Fleet, FleetUnavailable
 from controller.plane import AccountDoc, ControlPlane
 from controller.server import WorkerServer
 from controller.unit_manager import RUNNING_UNIT_STATES
-from wabridge import logs, protocol
+from wabridge import fleet_db, logs, protocol
 from wabridge.errors import UserIdError, WabridgeError
 from wabridge.phone import PHONE_RULE, is_phone
 from wabridge.status import DocStatus
@@ -103,6 +111,11 @@ ADMIN_EXPLANATIONS = {
     "unknown_op": "the controller does not know this operation: same wabridge version?",
     "unknown_user": "no account document for this user: wabridgectl status lists them",
     "not_connected": "the user's worker is not running or not linked: wabridgectl restart",
+    "fleet_off": "this host runs alone: set fleet.enabled = true (with storage.backend = "
+                 "\"postgresql\") on every host of the fleet",
+    "unknown_host": "no such host in the fleet: wabridgectl hosts lists them",
+    "fleet_unavailable": "the fleet's tables in PostgreSQL cannot be reached: check "
+                         "storage.postgres_url (wabridgectl doctor)",
     "internal": "the controller failed the request; its journal says why",
 }
 
@@ -225,6 +238,15 @@ class AdminFacade(Protocol):
         """Host-wide facts for ``ping``: host, plane, sessions (how many account documents;
         the key is the admin protocol's), linked."""
 
+    async def hosts(self) -> list[dict[str, Any]]:
+        """The fleet's hosts; raises ``AdminError`` (``fleet_off``...)."""
+
+    async def set_draining(self, host: str, draining: bool) -> None:
+        """Raises ``AdminError`` (``fleet_off``, ``unknown_host``...)."""
+
+    async def move(self, user_id: str, host: str) -> None:
+        """Pin the account to ``host``; raises ``AdminError``."""
+
 
 class ControllerView(Protocol):
     """The parts of ``controller.main.Controller`` that :class:`ControllerFacade` reads."""
@@ -241,6 +263,8 @@ class ControllerView(Protocol):
     def host(self) -> str: ...
     @property
     def watchers(self) -> DocWatchers: ...
+    @property
+    def fleet(self) -> Fleet | None: ...
 
 
 class ControllerFacade:
@@ -278,6 +302,49 @@ class ControllerFacade:
         return {"host": self._c.host, "plane": self._c.plane.name,
                 "sessions": len(self._c.docs), "linked": len(self._c.server.connections)}
 
+    def _fleet(self) -> Fleet:
+        if self._c.fleet is None:
+            raise AdminError("fleet_off", f"fleet mode is off on {self._c.host} "
+                             "(fleet.enabled = false): there are no other hosts")
+        return self._c.fleet
+
+    async def _fresh(self) -> Fleet:
+        fleet = self._fleet()
+        try:
+            await fleet.refresh()
+        except FleetUnavailable as exc:
+            raise AdminError("fleet_unavailable", str(exc)) from None
+        return fleet
+
+    def _known_host(self, fleet: Fleet, host: str) -> None:
+        if not fleet.known_host(host):
+            known = ", ".join(r["host"] for r in fleet.host_rows()) or "none"
+            raise AdminError("unknown_host", f"no host {host!r} in the fleet (known: {known})")
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        return (await self._fresh()).host_rows()
+
+    async def set_draining(self, host: str, draining: bool) -> None:
+        fleet = await self._fresh()
+        self._known_host(fleet, host)
+        try:
+            await fleet.db.run(fleet_db.set_draining, host, draining)
+        except FleetUnavailable as exc:
+            raise AdminError("fleet_unavailable", str(exc)) from None
+
+    async def move(self, user_id: str, host: str) -> None:
+        fleet = await self._fresh()
+        self._known_host(fleet, host)
+        row = next(r for r in fleet.host_rows() if r["host"] == host)
+        if not row["alive"] or row["draining"]:
+            raise AdminError("bad_request", f"host {host!r} is "
+                             f"{'draining' if row['draining'] else 'not alive'}: move the "
+                             "account to a live host that is not draining")
+        try:
+            await fleet.db.run(fleet_db.pin, user_id, host)
+        except FleetUnavailable as exc:
+            raise AdminError("fleet_unavailable", str(exc)) from None
+
 
 # --------------------------------------------------------------------------- answers
 
@@ -305,6 +372,7 @@ def status_row(
         "claude_processes": (live if running else 0) if live is not None else None,
         "cost_today_usd": metrics.get("costTodayUsd"),
         "error": shown.get("error"),
+        "host": doc.host if doc is not None else None,
     }
 
 
@@ -558,6 +626,18 @@ class AdminServer:
             return {"ok": True, "user": user, "chat": chat_id, "sent": True}
         if op in ("pause", "resume"):
             return await self._pause(op, request)
+        if op == "hosts":
+            return {"ok": True, "hosts": await f.hosts()}
+        if op in ("drain", "undrain"):
+            host = _host(request)
+            await f.set_draining(host, op == "drain")
+            log.info(f"admin.{op}", host=host)
+            return {"ok": True, "host": host, "draining": op == "drain"}
+        if op == "move":
+            user, host = self._known(request), _host(request)
+            await f.move(user, host)
+            log.info("admin.move", user_id=user, host=host)
+            return {"ok": True, "user": user, "host": host}
         if op == "usage":
             who = self._known(request) if request.get("user") is not None else None
             days = request.get("days", 1)
@@ -649,7 +729,15 @@ class AdminServer:
 
 
 OPS = ("ping", "status", "link", "unlink", "restart", "watch", "chats", "reset", "pause",
-       "resume", "usage")
+       "resume", "usage", "hosts", "drain", "undrain", "move")
+
+
+def _host(request: Mapping[str, Any]) -> str:
+    host = request.get("host")
+    if not isinstance(host, str) or not host.strip() or len(host) > 255:
+        raise AdminError("bad_request", f"{request.get('op')} needs 'host' (a host id, as "
+                         "wabridgectl hosts lists them)")
+    return host
 
 
 def _user(request: Mapping[str, Any]) -> str:

@@ -20,6 +20,9 @@ Commands::
     wabridgectl usage [<user>] [--days N] [--json]
     wabridgectl resume <user> <chat>
     wabridgectl doctor [--json]
+    wabridgectl hosts [--json]                 (fleet.enabled)
+    wabridgectl drain <host> | undrain <host>  (fleet.enabled)
+    wabridgectl move <user> <host>             (fleet.enabled)
 
 ``--json`` is accepted by every command, before or after its name; with it, results are one
 JSON document on stdout and errors are ``{"error": {"code": ..., "message": ...}}`` on stdout.
@@ -245,6 +248,58 @@ def status_table(rows: Sequence[Mapping[str, Any]]) -> str:
             elide(error, 60) if error else "-",
         ))
     return table(headers, cells)
+
+
+def hosts_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``wabridgectl hosts``: one line per host of the fleet."""
+    headers = ("HOST", "ALIVE", "DRAINING", "ACCOUNTS", "MAX", "MEMORY", "HEARTBEAT")
+    cells = []
+    for r in rows:
+        age = r.get("heartbeat_age")
+        memory = r.get("memory_mb")
+        cells.append((
+            elide(str(r.get("host")), USER_WIDTH), "yes" if r.get("alive") else "NO",
+            "yes" if r.get("draining") else "no", _cell(r.get("accounts")),
+            _cell(r.get("max_workers")),
+            human_bytes(memory * (1 << 20) if isinstance(memory, int) else None),
+            f"{age:.1f}s ago" if isinstance(age, int | float) else "never"))
+    return table(headers, cells)
+
+
+def cmd_hosts(ctx: Ctx) -> int:
+    rows = ctx.client.call("hosts").get("hosts", [])
+    if ctx.json:
+        print_json({"hosts": rows})
+    elif not rows:
+        _out().write("no hosts registered\n")
+    else:
+        _out().write(hosts_table(rows) + "\n")
+    return OK
+
+
+def cmd_drain(ctx: Ctx) -> int:
+    op, host = ctx.args.command, ctx.args.host
+    answer = ctx.client.call(op, host=host)
+    if ctx.json:
+        print_json(answer)
+    elif op == "drain":
+        _out().write(f"draining {host}: its accounts move to other hosts one at a time, each "
+                     "after its turn in flight (wabridgectl hosts shows the count)\n")
+    else:
+        _out().write(f"{host} takes accounts again: new ones, and those moved to it "
+                     "(wabridgectl move); none are pulled back\n")
+    return OK
+
+
+def cmd_move(ctx: Ctx) -> int:
+    user = _user(ctx.args.user)
+    answer = ctx.client.call("move", user=user, host=ctx.args.host)
+    if ctx.json:
+        print_json(answer)
+    else:
+        _out().write(f"moving {user} to {ctx.args.host}: its worker finishes its turn and "
+                     "stops, then starts there (wabridgectl status shows the host)\n")
+    return OK
 
 
 def chats_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -580,6 +635,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_usage)
     p = sub.add_parser("doctor", parents=[common], help="check this host")
     p.set_defaults(run=cmd_doctor)
+    p = sub.add_parser("hosts", parents=[common], help="the fleet's hosts (fleet.enabled)")
+    p.set_defaults(run=cmd_hosts)
+    p = sub.add_parser("drain", parents=[common],
+                       help="move every account off a host, one at a time")
+    p.add_argument("host")
+    p.set_defaults(run=cmd_drain)
+    p = sub.add_parser("undrain", parents=[common], help="let a drained host take accounts")
+    p.add_argument("host")
+    p.set_defaults(run=cmd_drain)
+    p = sub.add_parser("move", parents=[common], help="run an account on another host")
+    p.add_argument("user")
+    p.add_argument("host")
+    p.set_defaults(run=cmd_move)
     return parser
 
 

@@ -33,6 +33,7 @@ from controller import (
     admin,  # wabridgectl's admin socket
     pg_roles,
 )
+from controller import fleet as fl  # fleet.enabled: this host among others
 from controller import metrics as mx  # today's usage (billing) beside the metrics
 from controller import reconcile as rc
 from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_rss_bytes
@@ -41,11 +42,17 @@ from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
 from controller.slots import SlotLedger
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
-from controller.unit_manager import RUNNING_UNIT_STATES, SystemdError, UnitManager, UnitState
+from controller.unit_manager import (
+    PROCESS_UNIT_STATES,
+    RUNNING_UNIT_STATES,
+    SystemdError,
+    UnitManager,
+    UnitState,
+)
 from controller.users import Column, UserState
-from wabridge import config, logs, protocol
+from wabridge import config, logs, postgres, protocol
 from wabridge.errors import ConfigError, ExitCode, PolicyError, WabridgeError
-from wabridge.status import RUNNING_STATUSES, DocStatus, doc_status_for
+from wabridge.status import REQUESTS, RUNNING_STATUSES, DocStatus, doc_status_for
 from wabridge.units import system_user_name, worker_unit
 
 log = logs.get("controller")
@@ -83,6 +90,10 @@ class Controller:
         # at most controller.max_starting units activating at once (see start_slot)
         self.start_slots = asyncio.Semaphore(cfg.controller.max_starting)
         self.loaded = False  # documents read and reconciled: unit events may act
+        # fleet.enabled: leases and placement in PostgreSQL (controller/fleet.py); None: every
+        # account is this host's, as on a single host
+        self.fleet = (fl.open_fleet(cfg, self.host, lambda: pg_roles.admin_connect(cfg))
+                      if cfg.fleet.enabled else None)
 
     def user(self, user_id: str) -> UserState:
         state = self.users.get(user_id)
@@ -166,12 +177,32 @@ class Controller:
         user = self.user(user_id)
         if user.doc is None:
             return []
+        if self.fleet is not None and not self.handles_here(self.fleet, user_id, user.doc):
+            return []
         return rc.for_doc(user.doc, user.view)
+
+    def handles_here(self, fleet: fl.Fleet, user_id: str, doc: AccountDoc) -> bool:
+        """In a fleet: whether this host acts on the document now. A request is the business
+        of the host the plan gives the account (the claim is a transaction: two hosts acting
+        on a stale plan cannot both win it); a stop of the host whose worker runs it, or of
+        any host when none holds its lease."""
+        unit = self.users[user_id].view
+        if unit is not None and unit.running and user_id not in fleet.away:
+            return True
+        snap = fleet.snapshot
+        lease = snap.leases.get(user_id) if snap is not None else None
+        if doc.status in (DocStatus.DESTROY_REQUESTED, DocStatus.STOPPING):
+            return not fl.held_by_other(lease, self.host)
+        if doc.status in REQUESTS:
+            return fleet.owner(user_id, self.docs) == self.host
+        return True
 
     def plan_unit(self, user_id: str) -> list[rc.Action]:
         user = self.user(user_id)
         if user.unit is None or rc.predates_start(user.start_mark, user.unit_events):
             return []
+        if self.fleet is not None and self.fleet.lost(user.unit):
+            return []  # the account went (or is going) elsewhere: its document is not ours
         return rc.for_unit(user.doc, user_id, rc.view_of(user.unit))
 
     def on_unit(self, state: UnitState) -> None:
@@ -180,6 +211,8 @@ class Controller:
         user.unit_events += 1
         if user.starting is not None and rc.start_settled(state):
             user.starting.set()
+        if user.gone is not None and state.active_state not in PROCESS_UNIT_STATES:
+            user.gone.set()
         if not self.loaded:
             # Documents are not read yet: a unit without a known document is not an orphan
             # until they are. The start-up reconcile sees this state.
@@ -249,6 +282,19 @@ class Controller:
     async def _start(self, uid: str, *, reset: bool, restart: bool) -> bool:
         unit = worker_unit(uid)
         user = self.user(uid)
+        lease: dict[str, str] = {}
+        settled: asyncio.Event | None = None
+        if self.fleet is not None:
+            # the lease first, inside a start slot (its time runs from the acquisition); a
+            # restart stops the old process before: the lease is taken only with no worker
+            # of this account running here
+            if restart:
+                await self.stop_and_wait(self.fleet, uid)
+                restart = False
+            taken = await self.take_lease(self.fleet, uid)
+            if taken is None:
+                return False
+            lease, settled = taken
         try:
             if reset:
                 with contextlib.suppress(SystemdError):
@@ -258,16 +304,19 @@ class Controller:
             try:
                 # storage.backend = postgresql: the account's role and schema, a new password
                 pg_password = await asyncio.to_thread(pg_roles.prepare, self.cfg, uid)
-                dropin = self.dropin_for(uid, pg_password)
+                dropin = self.dropin_for(uid, pg_password, lease)
             except (PolicyError, pg_roles.StoreUnavailable) as exc:
+                if settled is not None:
+                    settled.set()
                 log.warning("account.error", user_id=uid, code=exc.code, error=str(exc))
                 await self.write(uid, {"status": DocStatus.ERROR.value,
                                        "error": error_field(exc.code, str(exc))})
                 return False
             await self.systemd.install_dropin(unit, dropin)
-            settled = (await self.start_slot(uid)
-                       if rc.needs_start_slot(restart, user.starting is not None, user.view)
-                       else None)
+            if self.fleet is None:
+                settled = (await self.start_slot(uid)
+                           if rc.needs_start_slot(restart, user.starting is not None, user.view)
+                           else None)
             try:
                 await (self.systemd.restart(unit) if restart else self.systemd.start(unit))
             except SystemdError:
@@ -285,7 +334,68 @@ class Controller:
         log.info("unit.start", user_id=uid, unit=unit)
         if rc.clears_error(user.doc, CONTROLLER):
             await self.write(uid, {"error": None})
+        if self.fleet is not None and user.doc is not None and user.doc.host != self.host:
+            await self.write(uid, {"host": self.host})  # the document says where it runs
         return True
+
+    # --- fleet.enabled ------------------------------------------------------------------
+    async def take_lease(self, fleet: fl.Fleet, uid: str
+                         ) -> tuple[dict[str, str], asyncio.Event | None] | None:
+        """A start slot and the account's lease for this host (None: do not start): the
+        drop-in's environment for the worker, and the slot's event."""
+        user = self.user(uid)
+        settled = (await self.start_slot(uid)
+                   if rc.needs_start_slot(False, user.starting is not None, user.view) else None)
+        try:
+            epoch = await fleet.take(uid, postgres.account_role(uid), self.docs)
+        except fl.FleetUnavailable as exc:
+            log.warning("fleet.acquire_failed", user_id=uid, error=str(exc))
+            epoch = None
+        if epoch is None:
+            if settled is not None:
+                settled.set()
+            return None
+        return fl.lease_environment(self.host, epoch), settled
+
+    async def stop_and_wait(self, fleet: fl.Fleet, uid: str,
+                            timeout: float = START_SLOT_TIMEOUT) -> None:
+        """Stop the account's worker here and wait until no process of it is left (its
+        unit's state, as systemd reports it); its states meanwhile say nothing about the
+        document (a restart in a fleet: stop, take the lease again, start)."""
+        user = self.user(uid)
+        if user.unit is None or user.unit.active_state not in PROCESS_UNIT_STATES:
+            return
+        fleet.away.add(uid)
+        gone = user.gone = asyncio.Event()  # set by on_unit
+        with contextlib.suppress(SystemdError):
+            await self.systemd.stop(worker_unit(uid))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), timeout)
+        user.gone = None
+
+    def start_here(self, user_id: str) -> None:
+        """The fleet loop's start of an account the plan gives this host."""
+        async def start(fleet: fl.Fleet) -> None:
+            try:
+                view = self.user(user_id).view
+                failed = view is not None and view.active_state == "failed"
+                await self.execute(user_id, lambda uid: [rc.Start(uid, reset_failed=failed)])
+            finally:
+                fleet.started(user_id)
+
+        if self.fleet is not None:
+            self.spawn(start(self.fleet))
+
+    def stop_here(self, user_id: str) -> None:
+        """The fleet loop's stop of an account that goes to another host: the worker
+        finishes its turn, commits and releases its lease; its unit's states from now on do
+        not touch the document (the new host's do)."""
+        async def stop() -> None:
+            log.info("unit.stop", user_id=user_id, reason="moved")
+            with contextlib.suppress(SystemdError):
+                await self.systemd.stop(worker_unit(user_id))
+
+        self.spawn(stop())
 
     async def claim(self, user_id: str, expect: frozenset[DocStatus], new: DocStatus) -> bool:
         ok = await self.plane.claim(user_id, expect, new, self.host)
@@ -348,14 +458,15 @@ class Controller:
             log.info("account.status_not_written", user_id=user_id, status=new.value)
         return ok
 
-    def dropin_for(self, user_id: str, postgres_password: Path | None = None) -> str:
-        """The unit's drop-in for this user; raises ``PolicyError`` for a bad backend or a bad
-        ``apiKeyRef``."""
+    def dropin_for(self, user_id: str, postgres_password: Path | None = None,
+                   lease: Mapping[str, str] | None = None) -> str:
+        """The unit's drop-in for this user (``lease``: a fleet's host and lease epoch);
+        raises ``PolicyError`` for a bad backend or a bad ``apiKeyRef``."""
         doc = self.docs.get(user_id)
         settings = doc.settings if doc is not None else {}
         return worker_dropin(system_user_name(user_id), worker_limits(self.cfg),
-                             rc.worker_environment(settings), api_key_file(settings),
-                             postgres_password)
+                             {**rc.worker_environment(settings), **(lease or {})},
+                             api_key_file(settings), postgres_password)
 
     async def write_process(self, state: UnitState, *, force: bool = False) -> None:
         """The document's ``process`` field: on every change of PID/state/restarts, else at
@@ -364,7 +475,7 @@ class Controller:
         user = self.user(state.user_id)
         if not force and now - user.process_written_at < self.cfg.controller.metrics_interval:
             return
-        if user.doc is None:
+        if user.doc is None or (self.fleet is not None and state.user_id in self.fleet.away):
             return
         user.process_written_at = now
         user.process_key = (state.main_pid, state.active_state, state.n_restarts)
@@ -493,7 +604,8 @@ class Controller:
                 reported=user.reported,
             ))
         return FleetSnapshot(workers=tuple(workers), controller_memory_bytes=own_rss_bytes(),
-                             plane=self.plane.name)
+                             plane=self.plane.name,
+                             hosts=self.fleet.figures() if self.fleet is not None else None)
 
     async def start_metrics_server(self) -> None:
         listen = self.cfg.controller.metrics_listen
@@ -538,6 +650,8 @@ class Controller:
             self.user(state.user_id).unit = state
         for doc in await self.plane.list_accounts():
             self.set_doc(doc.user_id, doc)
+        if self.fleet is not None:
+            await self.fleet.open()  # registered, and the plan's first snapshot read
         actions = rc.reconcile(self.docs, {u: rc.view_of(s) for u, s in self.units.items()},
                                self.exits_while_away())
         self.loaded = True
@@ -551,6 +665,9 @@ class Controller:
         await self.start_metrics_server()
         self.supervise(self.refresh_metrics(), "metrics")
         self.supervise(self.resync(), "resync")
+        if self.fleet is not None:
+            self.supervise(self.fleet.heartbeat_loop(), "fleet-heartbeat")
+            self.supervise(self.fleet.placement_loop(self), "fleet")
         self.notifier.notify("READY=1")
         log.info("controller.ready", plane=self.plane.name, host=self.host)
         while not self.stop.is_set():
@@ -577,6 +694,8 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self.supervised, *self.tasks, return_exceptions=True)
         await self.plane.close()
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.db.close)
         await self.systemd.close()
         log.info("controller.stopped", exit_code=int(self.exit_code))
         return int(self.exit_code)

@@ -103,6 +103,19 @@ class FleetSnapshot:
     workers: tuple[WorkerFigures, ...] = ()
     controller_memory_bytes: int | None = None
     plane: str = ""
+    hosts: HostsFigures | None = None  # fleet.enabled only
+
+
+@dataclass(frozen=True)
+class HostsFigures:
+    """A fleet's hosts as this controller last read them (``controller.fleet``), and its own
+    lease counters since it started."""
+
+    me: str
+    held: Mapping[str, int]  # host -> accounts whose lease it holds now
+    alive: tuple[str, ...]  # hosts whose heartbeat is recent
+    acquired: int = 0  # leases this host won
+    lost: int = 0  # workers of this host that stopped because their lease was gone
 
 
 def escape_label(value: str) -> str:
@@ -209,6 +222,22 @@ def render(snapshot: FleetSnapshot) -> str:
         out.declare("wabridge_controller_memory_bytes", "Resident memory of the controller",
                     "gauge")
         out.sample("wabridge_controller_memory_bytes", [], snapshot.controller_memory_bytes)
+    if snapshot.hosts is not None:
+        hosts = snapshot.hosts
+        out.declare("wabridge_host_accounts", "Accounts whose lease each host holds", "gauge")
+        for host in sorted(set(hosts.held) | set(hosts.alive)):
+            out.sample("wabridge_host_accounts", [f'host="{escape_label(host)}"'],
+                       hosts.held.get(host, 0))
+        out.declare("wabridge_hosts_alive", "Hosts of the fleet with a recent heartbeat",
+                    "gauge")
+        out.sample("wabridge_hosts_alive", [], len(hosts.alive))
+        me = [f'host="{escape_label(hosts.me)}"']
+        out.declare("wabridge_lease_acquisitions_total", "Account leases this host won",
+                    "counter")
+        out.sample("wabridge_lease_acquisitions_total", me, hosts.acquired)
+        out.declare("wabridge_lease_losses_total",
+                    "Workers of this host that stopped because their lease was gone", "counter")
+        out.sample("wabridge_lease_losses_total", me, hosts.lost)
     out.declare("wabridge_controller_info", "The controller's control plane", "gauge")
     out.sample("wabridge_controller_info", [f'plane="{escape_label(snapshot.plane)}"'], 1)
     return "\n".join(out.lines) + "\n"

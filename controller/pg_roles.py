@@ -8,7 +8,10 @@ What the worker's role can do, and why that is enough:
   account's inbox, summaries and WhatsApp keys, and the controller's tables, are out of reach
   (PostgreSQL 15 no longer lets ``PUBLIC`` create in ``public`` either);
 - it is ``NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOINHERIT``: it cannot make itself
-  more.
+  more;
+- in a fleet (``fleet.enabled``) it may read and renew its own lease row in
+  ``wabridge_fleet.leases`` (a row policy hides the others) and see nothing else of the
+  controllers' schema (``wabridge.fleet_db``).
 
 The password is new at every start: the controller sets it (sent as a SCRAM verifier, so
 the clear text never reaches the server or its statement log), writes it to a root-only file
@@ -33,7 +36,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from wabridge import config, credentials, postgres, units
+from wabridge import config, credentials, fleet_db, postgres, units
 from wabridge.errors import WabridgeError
 
 #: Where the per-account passwords wait for systemd (tmpfs: gone at reboot, remade at start).
@@ -67,9 +70,13 @@ def scram_verifier(password: str, salt: bytes | None = None) -> str:
             f"${b64(stored_key)}:{b64(server_key)}")
 
 
-def provision(admin: psycopg.Connection[tuple[Any, ...]], user_id: str) -> str:
+def provision(admin: psycopg.Connection[tuple[Any, ...]], user_id: str, *,
+              fleet: bool = False) -> str:
     """Make (or keep) the account's role and schema and give the role a new password, which
-    is returned. Idempotent; one transaction."""
+    is returned. Idempotent; one transaction. ``fleet``: the role may also read and renew its
+    own lease row in ``wabridge_fleet`` (made first if missing), and nothing else there."""
+    if fleet:
+        fleet_db.migrate(admin)
     role = postgres.account_role(user_id)
     ident = sql.Identifier(role)
     password = secrets.token_urlsafe(32)
@@ -88,6 +95,8 @@ def provision(admin: psycopg.Connection[tuple[Any, ...]], user_id: str) -> str:
             ident, ident))
         admin.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
             sql.Identifier(admin.info.dbname), ident))
+        if fleet:
+            fleet_db.grant_account(admin, role)
     return password
 
 
@@ -125,7 +134,7 @@ def prepare(cfg: config.Config, user_id: str, directory: Path = PASSWORD_DIR) ->
         return None
     try:
         with admin_connect(cfg) as admin:
-            password = provision(admin, user_id)
+            password = provision(admin, user_id, fleet=cfg.fleet.enabled)
     except psycopg.Error as exc:
         # the message names the server and the failure; psycopg never puts the password in
         raise StoreUnavailable(f"{postgres.describe(cfg.storage.postgres_url)}: "

@@ -37,6 +37,7 @@ class UserState:
     unit_events: int = 0  # unit states delivered
     start_mark: int | None = None  # unit_events when our last start was queued
     starting: asyncio.Event | None = None  # set when the start holding a slot settled
+    gone: asyncio.Event | None = None  # fleet: set when no process of its unit is left
     requested_at: float = 0.0  # monotonic time of a claimed (re)start
     last_report: DocStatus | None = None  # what its worker last reported
     reported: dict[str, float] = field(default_factory=dict)  # its latest metrics frame

@@ -23,7 +23,7 @@ from wabridge import protocol
 from wabridge.protocol import Usage
 from wabridge.status import DocStatus
 
-ROW_KEYS = {"user", "status", "detail", "phone", "unit", "sub_state", "pid", "restarts",
+ROW_KEYS = {"host", "user", "status", "detail", "phone", "unit", "sub_state", "pid", "restarts",
             "memory_bytes", "linked", "chats", "claude_processes", "cost_today_usd", "error"}
 
 
@@ -141,7 +141,7 @@ async def test_status_all(client: Client) -> None:
         "user": "alice", "status": "connected", "detail": "", "phone": "15550001111",
         "unit": "active", "sub_state": "running", "pid": 4242, "restarts": 0,
         "memory_bytes": 150 * 1024 * 1024, "linked": True, "chats": 3, "claude_processes": 1,
-        "cost_today_usd": 0.25, "error": None,
+        "cost_today_usd": 0.25, "error": None, "host": None,
     }
     bob = rows["bob"]
     assert (bob["status"], bob["unit"], bob["pid"], bob["restarts"]) == ("crashed", "failed",

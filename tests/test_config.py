@@ -348,3 +348,43 @@ def test_the_api_engine_uses_claude_model_when_set(tmp_path: Path) -> None:
     cfg = load(_write(tmp_path, "[claude]\nengine = 'api'\nmodel = 'x'\n"
                                 "api_prices = 'x=1/2'"), environ={})
     assert config.api_model(cfg.claude) == "x"
+
+
+# --- [fleet] -------------------------------------------------------------------------------
+_PG = "[storage]\nbackend = 'postgresql'\npostgres_url = 'postgresql://wabridge@db/wabridge'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[fleet]\nenabled = true", "fleet.enabled", "storage.backend is 'sqlite'"),
+        (_PG + "[fleet]\nenabled = true\nlease_seconds = 10\nmargin_seconds = 10",
+         "fleet.margin_seconds", "not below fleet.lease_seconds"),
+        (_PG + "[fleet]\nenabled = true\nrenew_seconds = 25", "fleet.renew_seconds",
+         "before its first renewal"),
+        ("[fleet]\nlease_seconds = 12\nmargin_seconds = 2\nrenew_seconds = 10",
+         "fleet.renew_seconds", "not below fleet.lease_seconds - fleet.margin_seconds (10.0)"),
+        ("[fleet]\nheartbeat_seconds = 20", "fleet.host_dead_seconds", "every host would look"),
+        ("[fleet]\nlease_seconds = 1", "fleet.lease_seconds", "below 3.0"),
+        ("[fleet]\nmax_workers = -1", "fleet.max_workers", "below 0"),
+        ("[fleet]\ntick_seconds = 0", "fleet.tick_seconds", "below 0.1"),
+    ],
+)
+def test_fleet_settings_that_cannot_work_are_named(tmp_path: Path, text: str, key: str,
+                                                   problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(_write(tmp_path, text), environ={})
+    assert info.value.key == key
+    assert problem in str(info.value)
+
+
+def test_fleet_defaults_and_a_valid_fleet(tmp_path: Path) -> None:
+    fleet = load(_write(tmp_path, ""), environ={}).fleet
+    assert not fleet.enabled
+    assert (fleet.lease_seconds, fleet.renew_seconds, fleet.grace_seconds,
+            fleet.margin_seconds) == (30.0, 10.0, 10.0, 5.0)
+    assert (fleet.heartbeat_seconds, fleet.host_dead_seconds, fleet.max_workers,
+            fleet.tick_seconds) == (5.0, 20.0, 0, 2.0)
+    cfg = load(_write(tmp_path, _PG + "[fleet]\nenabled = true\nlease_seconds = 6\n"
+                                      "margin_seconds = 2\nrenew_seconds = 1"), environ={})
+    assert cfg.fleet.enabled and cfg.fleet.lease_seconds == 6.0

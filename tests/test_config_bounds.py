@@ -294,7 +294,7 @@ def test_env_values_are_read_as_the_field_type() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("[nope]\nx = 1\n",
      "config key 'nope': unknown section (allowed: controller, firebase, worker, claude, "
-     "conversation, limits, tools, log, sim, transcription, storage)"),
+     "conversation, limits, tools, log, sim, transcription, storage, fleet)"),
     ("worker = 1\n", "config key 'worker': must be a table"),
     ("[sim]\nlisten = '127.0.0.1:1'\nqr = 1\n",
      "config key 'sim.qr': unknown key (allowed: listen, qr_rotate)"),
@@ -361,7 +361,7 @@ def test_the_example_file_layout() -> None:
     ]
     # each section ends with a blank line before the next one
     assert lines[lines.index("[firebase]") - 1] == ""
-    assert config.example_toml().endswith("\n#postgres_url = \"\"\n")  # [storage] is last
+    assert config.example_toml().endswith("\n#tick_seconds = 2.0\n")  # [fleet] is last
     assert "#tools = false" in lines
     assert "#max_starting = 8" in lines
 

@@ -24,7 +24,7 @@ from wabridge import config, qr
 from wabridge.status import DocStatus
 
 REPO = Path(__file__).resolve().parent.parent
-ROW_KEYS = {"user", "status", "detail", "phone", "unit", "sub_state", "pid", "restarts",
+ROW_KEYS = {"host", "user", "status", "detail", "phone", "unit", "sub_state", "pid", "restarts",
             "memory_bytes", "linked", "chats", "claude_processes", "cost_today_usd", "error"}
 # A code shaped like WhatsApp's (ref, noise key, identity key, adv secret), ~150 characters.
 WA_CODE = ("2@Xq3vH1kz0mJ8pL5aR7sT9uW2yB4cD6eF8gH0iJ2kL4mN6oP8qR0sT2uV4wX6yZ8==,"

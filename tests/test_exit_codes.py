@@ -71,13 +71,16 @@ def test_both_units_leave_it_stopped(unit: str, codes: set[int]) -> None:
 
 
 def test_the_worker_unit_counts_each_account_outcome_a_success() -> None:
-    """``SuccessExitStatus=`` of the worker unit is the outcome table's codes: a logout is a
-    normal end (the unit is "inactive", not "failed"), and every such code also prevents a
-    restart."""
+    """``SuccessExitStatus=`` of the worker unit is the outcome table's codes and the fleet's
+    lease loss: a logout is a normal end (the unit is "inactive", not "failed"), so is a
+    handover to another host (not a crash on the document), and every such code also
+    prevents a restart."""
     text = (UNITS / "wabridge-worker@.service").read_text()
     listed = re.search(r"^SuccessExitStatus=(.*)$", text, re.M)
     assert listed is not None
-    assert {int(c) for c in listed.group(1).split()} == {int(c) for c in EXIT_OUTCOMES}
+    assert {int(c) for c in listed.group(1).split()} == (
+        {int(c) for c in EXIT_OUTCOMES} | {int(ExitCode.LEASE_LOST)})
+    assert {int(c) for c in listed.group(1).split()} <= {int(c) for c in NO_RESTART_EXIT_CODES}
     assert set(EXIT_OUTCOMES) <= set(NO_RESTART_EXIT_CODES)
 
 

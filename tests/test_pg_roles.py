@@ -17,7 +17,7 @@ from agent.store import PostgresTarget, Store
 from agent.whatsapp.events import IncomingMessage
 from controller import doctor, pg_roles
 from controller.systemd import worker_dropin
-from wabridge import config
+from wabridge import config, fleet_db
 from wabridge.config import with_overrides
 from wabridge.postgres import account_role
 
@@ -54,9 +54,13 @@ def test_alice_cannot_reach_bob_nor_the_controller(
         postgres: Cluster, admin: psycopg.Connection[tuple[Any, ...]]) -> None:
     admin.execute("CREATE TABLE IF NOT EXISTS public.controller_accounts (user_id TEXT)")
     admin.execute("INSERT INTO public.controller_accounts VALUES ('bob')")
-    alice_pw = pg_roles.provision(admin, "alice")
-    bob_pw = pg_roles.provision(admin, "bob")
+    alice_pw = pg_roles.provision(admin, "alice", fleet=True)  # a fleet's grants too
+    bob_pw = pg_roles.provision(admin, "bob", fleet=True)
     alice_role, bob_role = account_role("alice"), account_role("bob")
+    for user, role in (("alice", alice_role), ("bob", bob_role)):
+        fleet_db.acquire(admin, user, role, "host-a", 10, 30)
+    fleet_db.heartbeat(admin, "host-a", 4, 256)
+    fleet_db.pin(admin, "bob", "host-a")
 
     # each worker's store works in its own schema, as its own role
     bob = Store(PostgresTarget(postgres.url(bob_role), bob_role, bob_pw))
@@ -76,6 +80,15 @@ def test_alice_cannot_reach_bob_nor_the_controller(
                        f"{bob_role}.whatsmeow_device", "public.controller_accounts"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(f"SELECT * FROM {target}")  # noqa: S608 (test identifiers)
+        # of the controllers' fleet tables: its own lease row, nothing else
+        for target in ("wabridge_fleet.hosts", "wabridge_fleet.placements",
+                       "wabridge_fleet.schema_version"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"SELECT * FROM {target}")  # noqa: S608 (test identifiers)
+        assert conn.execute("SELECT user_id FROM wabridge_fleet.leases").fetchall() == [
+            ("alice",)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE wabridge_fleet.leases SET epoch = epoch + 1")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("CREATE ROLE mallory LOGIN")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

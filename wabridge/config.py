@@ -511,6 +511,40 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    enabled: bool = _opt(
+        False,
+        "Run accounts across several hosts sharing `storage.postgres_url`: each account is "
+        "owned by one host at a time through a lease in the database (needs "
+        "`storage.backend = \"postgresql\"`). Off: every account runs on this host.",
+    )
+    lease_seconds: float = _opt(
+        30.0, "How long an account's lease lasts from its last renewal (database time).",
+        check=_at_least(3.0))
+    renew_seconds: float = _opt(
+        10.0, "How often a worker renews its lease; must be below `lease_seconds - "
+        "margin_seconds`.", check=_at_least(0.2))
+    grace_seconds: float = _opt(
+        10.0, "How long after a lease expired another host waits before taking the account "
+        "(covers clock rates and a worker finishing its stop).", check=_at_least(0.0))
+    margin_seconds: float = _opt(
+        5.0, "A worker that has not renewed for `lease_seconds - margin_seconds` (its own "
+        "monotonic clock) disconnects WhatsApp and exits with \"lease lost\".",
+        check=_at_least(0.5))
+    heartbeat_seconds: float = _opt(
+        5.0, "How often a controller writes its host's heartbeat.", check=_at_least(0.2))
+    host_dead_seconds: float = _opt(
+        20.0, "A host whose heartbeat is older than this (database time) is dead; must be "
+        "above `heartbeat_seconds`.", check=_at_least(1.0))
+    max_workers: int = _opt(
+        0, "Accounts this host runs at most; 0 derives it from the worker slice's memory "
+        "(about 60 MB per worker).", check=_at_least(0))
+    tick_seconds: float = _opt(
+        2.0, "How often a controller re-plans which host runs each account.",
+        check=_at_least(0.1))
+
+
+@dataclass(frozen=True)
 class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     firebase: FirebaseConfig = field(default_factory=FirebaseConfig)
@@ -523,6 +557,7 @@ class Config:
     sim: SimConfig = field(default_factory=SimConfig)
     transcription: TranscriptionConfig = field(default_factory=TranscriptionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 SectionT = TypeVar("SectionT")
@@ -633,7 +668,32 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     if cfg.storage.backend == "postgresql" and not cfg.storage.postgres_url:
         raise ConfigError("storage.postgres_url", "is empty but storage.backend is postgresql",
                           allowed="postgresql:// URL without a password")
+    _check_fleet(cfg)
     return cfg
+
+
+def _check_fleet(cfg: Config) -> None:
+    """The ``[fleet]`` keys that only make sense together (the timings are checked even
+    while the fleet is off, so turning it on never meets a surprise)."""
+    fleet = cfg.fleet
+    if fleet.enabled and cfg.storage.backend != "postgresql":
+        raise ConfigError("fleet.enabled", "is true but storage.backend is "
+                          f"{cfg.storage.backend!r}: the leases live in PostgreSQL",
+                          allowed='storage.backend = "postgresql", or fleet.enabled = false')
+    if fleet.margin_seconds >= fleet.lease_seconds:
+        raise ConfigError("fleet.margin_seconds", f"{fleet.margin_seconds} is not below "
+                          f"fleet.lease_seconds ({fleet.lease_seconds})",
+                          allowed="less than fleet.lease_seconds")
+    if fleet.renew_seconds >= fleet.lease_seconds - fleet.margin_seconds:
+        raise ConfigError("fleet.renew_seconds", f"{fleet.renew_seconds} is not below "
+                          f"fleet.lease_seconds - fleet.margin_seconds "
+                          f"({fleet.lease_seconds - fleet.margin_seconds}): a worker would "
+                          "stop before its first renewal", allowed="renew < lease - margin")
+    if fleet.host_dead_seconds <= fleet.heartbeat_seconds:
+        raise ConfigError("fleet.host_dead_seconds", f"{fleet.host_dead_seconds} is not above "
+                          f"fleet.heartbeat_seconds ({fleet.heartbeat_seconds}): every host "
+                          "would look dead between heartbeats",
+                          allowed="more than fleet.heartbeat_seconds")
 
 
 def models_allowed(claude: ClaudeConfig) -> tuple[str, ...]:

@@ -9,6 +9,9 @@
     │                                                   frame (an error frame goes back)
     ├── SchemaTooNew              wabridge.errors       schema_too_new: a state file a newer
     │                                                   wabridge wrote, exit 16 (not restarted)
+    ├── LeaseLost                 wabridge.errors       lease_lost: fleet mode, this host no
+    │                                                   longer owns the account, exit 17 (not
+    │                                                   restarted)
     ├── SchemaMissing             wabridge.postgres     postgres_schema_missing: the account's
     │                                                   schema is not made yet (controller's job)
     ├── StoreUnavailable          controller.pg_roles   store_unavailable: the account's role
@@ -74,6 +77,7 @@ class ExitCode(IntEnum):
     QR_EXPIRED = 14  # nobody scanned the QR codes in time
     BAD_USER = 15  # the unit instance does not name a valid user
     SCHEMA_TOO_NEW = 16  # a database was written by a newer wabridge: downgrading cannot read it
+    LEASE_LOST = 17  # fleet: this host no longer owns the account (another may run it now)
 
 
 NO_RESTART_EXIT_CODES = (
@@ -85,6 +89,7 @@ NO_RESTART_EXIT_CODES = (
     ExitCode.QR_EXPIRED,
     ExitCode.BAD_USER,
     ExitCode.SCHEMA_TOO_NEW,
+    ExitCode.LEASE_LOST,
 )
 
 #: What an operator does about a do-not-restart exit (shown in the document's ``error``).
@@ -93,6 +98,8 @@ EXIT_EXPLANATIONS = {
     ExitCode.BAD_USER: "the unit instance does not name a valid user id",
     ExitCode.SCHEMA_TOO_NEW: "its state database was written by a newer wabridge; install "
                              "that version (or a newer one) again; the data is left untouched",
+    ExitCode.LEASE_LOST: "this host lost the account's lease (it could not renew it in time, "
+                         "or another host took it over); the fleet runs it where the lease is",
 }
 
 
@@ -156,6 +163,18 @@ class SchemaTooNew(WabridgeError):
     code = "schema_too_new"
     exit_code = ExitCode.SCHEMA_TOO_NEW
     explanation = "a newer wabridge wrote this state; upgrade instead of downgrading"
+
+
+class LeaseLost(WabridgeError):
+    """Fleet mode: this worker's lease on its account is gone (another host's epoch, released,
+    or not renewed in time). Raised inside a fenced write transaction (which then rolls back:
+    a stale owner neither sends nor acknowledges) or by the renewal; the worker disconnects
+    WhatsApp and exits with ``ExitCode.LEASE_LOST``, which systemd does not restart."""
+
+    code = "lease_lost"
+    exit_code = ExitCode.LEASE_LOST
+    explanation = ("another host owns this account now, or this one could not renew its "
+                   "lease in time (PostgreSQL unreachable, the host frozen); nothing to do")
 
 
 class PolicyError(WabridgeError):

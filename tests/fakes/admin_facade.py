@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.admin import AdminServer, DocWatchers, Watcher
+from controller.admin import AdminError, AdminServer, DocWatchers, Watcher
 from controller.plane import AccountDoc, parse_account
 from wabridge import protocol
 from wabridge.status import DocStatus
@@ -50,6 +50,9 @@ class FakeFacade:
     #: what happens after a request of that status (see module doc)
     scripts: dict[DocStatus, Script] = field(default_factory=dict)
     host: str = "testhost"
+    #: ``hosts`` rows when fleet mode is on (None: off), and the pins ``move`` made
+    fleet_hosts: list[dict[str, Any]] | None = None
+    pins: dict[str, str] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     # --- test set-up ---------------------------------------------------------------------
@@ -111,6 +114,25 @@ class FakeFacade:
     async def usage(self, user_id: str | None, since_day: str) -> list[dict[str, Any]]:
         return [u for u in self.usage_docs if (user_id is None or u["userId"] == user_id)
                 and u["day"] >= since_day]
+
+    def _fleet(self, host: str | None = None) -> list[dict[str, Any]]:
+        if self.fleet_hosts is None:
+            raise AdminError("fleet_off", "fleet mode is off on testhost")
+        if host is not None and all(r["host"] != host for r in self.fleet_hosts):
+            raise AdminError("unknown_host", f"no host {host!r} in the fleet")
+        return self.fleet_hosts
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        return self._fleet()
+
+    async def set_draining(self, host: str, draining: bool) -> None:
+        for row in self._fleet(host):
+            if row["host"] == host:
+                row["draining"] = draining
+
+    async def move(self, user_id: str, host: str) -> None:
+        self._fleet(host)
+        self.pins[user_id] = host
 
     def info(self) -> dict[str, Any]:
         return {"host": self.host, "plane": "local", "sessions": len(self.docs),
