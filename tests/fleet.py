@@ -25,6 +25,8 @@ import secrets
 import string
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -571,6 +573,146 @@ class Fleet(HostOps):
         return self.sim.ask(contact, account, text, timeout,
                             lambda: self.journals(80) if len(self.hosts) > 1
                             else self.journal(None, "-n", "80"))
+
+
+#: Short fleet timings for tests (the defaults are 30/10/10/5 s): a lease of 6 s renewed every
+#: 1.5 s, taken over 2 s after it expired; a host 4 s without heartbeat is dead.
+FAST_FLEET: dict[str, Any] = {
+    "enabled": True, "lease_seconds": 6.0, "renew_seconds": 1.5, "grace_seconds": 2.0,
+    "margin_seconds": 2.0, "heartbeat_seconds": 1.0, "host_dead_seconds": 4.0,
+    "tick_seconds": 0.5,
+}
+#: The sim drops a silent device after about 1.5 x this: a frozen host's sockets end well
+#: before its leases (6 s + 2 s) let another host connect the account.
+FAST_SIM_HEARTBEAT = 2.0
+#: one message per turn, so "one reply per message" is exact; no rate limit in the way
+ONE_REPLY_PER_MESSAGE: dict[str, dict[str, Any]] = {
+    "conversation": {"debounce": 0.0, "max_batch": 1},
+    "limits": {"inbound_per_minute": 0.0},
+}
+
+
+class Chats:
+    """Contacts writing to accounts during a scenario, and what a user relies on, counted at
+    the sim's contacts: every message answered exactly once, in per-chat order, with the
+    right text (``echo: <text>`` from the fake Messages API)."""
+
+    def __init__(self, sim: SimClient) -> None:
+        self.sim = sim
+        self.sent: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def send(self, contact: str, account: str, text: str) -> str:
+        wa_id = self.sim.send(contact, account, text)
+        with self._lock:
+            self.sent.setdefault((contact, account), []).append((wa_id, text, time.time()))
+        return wa_id
+
+    def keep_sending(self, pairs: Sequence[tuple[str, str]], every: float = 0.5,
+                     prefix: str = "m") -> None:
+        """One thread per (contact, account) pair, sending until :meth:`stop_sending`."""
+        def run(contact: str, account: str) -> None:
+            n = 0
+            try:
+                while not self._stop.wait(every):
+                    self.send(contact, account, f"{prefix}-{contact[-4:]}-{n:03d}")
+                    n += 1
+            except BaseException as exc:  # reported by stop_sending
+                self.errors.append(exc)
+
+        self._stop.clear()
+        for contact, account in pairs:
+            thread = threading.Thread(target=run, args=(contact, account), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop_sending(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        self._threads = []
+        assert not self.errors, self.errors
+
+    def _replies(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        with self._lock:
+            chats = {k: list(v) for k, v in self.sent.items()}
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        inboxes = {contact: self.sim.inbox(contact) for contact, _ in chats}
+        for (contact, account), sent in chats.items():
+            ids = {wa_id for wa_id, _text, _at in sent}
+            out[(contact, account)] = [m for m in inboxes[contact]
+                                       if m.get("from") == account and m.get("quoted_id") in ids]
+        return out
+
+    def unanswered(self) -> list[str]:
+        replies = self._replies()
+        with self._lock:
+            return [wa_id for key, sent in self.sent.items() for wa_id, _t, _a in sent
+                    if wa_id not in {m["quoted_id"] for m in replies.get(key, [])}]
+
+    def wait_answered(self, timeout: float, diagnostics: Callable[[], str] | None = None
+                      ) -> None:
+        wait_until(lambda: not self.unanswered(), timeout, "every message to be answered",
+                   lambda: f"unanswered: {self.unanswered()}\n"
+                   + (diagnostics() if diagnostics else ""))
+
+    def verdict(self) -> dict[str, Any]:
+        """``sent``; ``lost`` (unanswered ids), ``duplicated`` (id -> replies),
+        ``out_of_order`` (chats whose replies came in another order), ``wrong_text``;
+        ``answered_after`` (id -> seconds from send to reply, by the sim's clock)."""
+        replies = self._replies()
+        with self._lock:
+            chats = {k: list(v) for k, v in self.sent.items()}
+        lost: list[str] = []
+        duplicated: dict[str, int] = {}
+        out_of_order: list[str] = []
+        wrong: list[str] = []
+        answered_after: dict[str, float] = {}
+        for key, sent in chats.items():
+            order = {wa_id: i for i, (wa_id, _t, _a) in enumerate(sent)}
+            texts = {wa_id: text for wa_id, text, _a in sent}
+            sent_at = {wa_id: at for wa_id, _t, at in sent}
+            got = replies.get(key, [])
+            counts: dict[str, int] = {}
+            for m in got:
+                counts[m["quoted_id"]] = counts.get(m["quoted_id"], 0) + 1
+                answered_after.setdefault(m["quoted_id"],
+                                          float(m.get("ts", 0)) - sent_at[m["quoted_id"]])
+                if m.get("text") != f"echo: {texts[m['quoted_id']]}":
+                    wrong.append(f"{m['quoted_id']} {texts[m['quoted_id']]!r}: "
+                                 f"{str(m.get('text'))[:200]!r}")
+            duplicated.update({k: v for k, v in counts.items() if v > 1})
+            lost += [wa_id for wa_id in order if wa_id not in counts]
+            positions = [order[m["quoted_id"]] for m in got]
+            if positions != sorted(positions):
+                out_of_order.append(f"{key[0]}->{key[1]}")
+        return {"sent": sum(len(v) for v in chats.values()), "lost": lost,
+                "duplicated": duplicated, "out_of_order": out_of_order, "wrong_text": wrong,
+                "answered_after": answered_after}
+
+    def assert_exactly_once(self, *, apologies: bool = False) -> None:
+        """No message lost, duplicated or answered out of order; every answer the echo of
+        its message (``apologies``: or the apology of a turn that failed)."""
+        verdict = self.verdict()
+        if apologies:
+            verdict["wrong_text"] = [w for w in verdict["wrong_text"]
+                                     if ": 'Sorry, I could not answer" not in w]
+        problems = {k: verdict[k] for k in ("lost", "duplicated", "out_of_order", "wrong_text")
+                    if verdict[k]}
+        assert not problems, f"of {verdict['sent']} messages: {problems}"
+
+
+def double_connections(sim: SimClient) -> dict[str, Any]:
+    """The sim's record reduced to what must stay zero: double connections and two devices
+    of one account connected at once, per account."""
+    record = sim.all_connections()
+    return {a["phone"]: {"double_connections": a["double_connections"],
+                         "overlapping_devices": a["overlapping_devices"]}
+            for a in record["accounts"]
+            if a["double_connections"] or a["overlapping_devices"]}
 
 
 # Run inside the namespace by Fleet.processes(): /proc of the namespace, one JSON list.
