@@ -582,9 +582,9 @@ FAST_FLEET: dict[str, Any] = {
     "margin_seconds": 2.0, "heartbeat_seconds": 1.0, "host_dead_seconds": 4.0,
     "tick_seconds": 0.5,
 }
-#: The sim drops a silent device after about 1.5 x this: a frozen host's sockets end well
+#: The sim drops a silent device after about 1.5 x this (4.5 s): a frozen host's sockets end
 #: before its leases (6 s + 2 s) let another host connect the account.
-FAST_SIM_HEARTBEAT = 2.0
+FAST_SIM_HEARTBEAT = 3.0
 #: one message per turn, so "one reply per message" is exact; no rate limit in the way
 ONE_REPLY_PER_MESSAGE: dict[str, dict[str, Any]] = {
     "conversation": {"debounce": 0.0, "max_batch": 1},
@@ -655,8 +655,15 @@ class Chats:
 
     def wait_answered(self, timeout: float, diagnostics: Callable[[], str] | None = None
                       ) -> None:
+        def unanswered_by_chat() -> str:
+            ids = set(self.unanswered())
+            with self._lock:
+                return "; ".join(f"{contact}->{account}: {[t for i, t, _a in sent if i in ids]}"
+                                 for (contact, account), sent in self.sent.items()
+                                 if any(i in ids for i, _t, _a in sent))
+
         wait_until(lambda: not self.unanswered(), timeout, "every message to be answered",
-                   lambda: f"unanswered: {self.unanswered()}\n"
+                   lambda: f"unanswered: {unanswered_by_chat()}\n"
                    + (diagnostics() if diagnostics else ""))
 
     def verdict(self) -> dict[str, Any]:

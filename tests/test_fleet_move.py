@@ -184,6 +184,12 @@ def _transits(fleet: Fleet, phones: dict[str, str], source: str, target: str
     return sorted(out)
 
 
+def _state(fleet: Fleet, users: list[str]) -> str:
+    docs = {u: {k: fleet.doc(u).get(k) for k in ("status", "host", "statusDetail")}
+            for u in users}
+    return f"placement {fleet.placement()}\ndocuments {docs}\n{fleet.journals(150)}"
+
+
 def test_drain_empties_a_host_one_account_at_a_time_and_undrain_pulls_nothing_back(
         fleet: Fleet) -> None:
     phones = {"bob": "5511955550002", "carol": "5511955550003", "dave": "5511955550004"}
@@ -214,7 +220,7 @@ def test_drain_empties_a_host_one_account_at_a_time_and_undrain_pulls_nothing_ba
                            and d.get("host") == other, 60, f"connected on {other}")
     finally:
         chats.stop_sending()
-    chats.wait_answered(120, fleet.journals)
+    chats.wait_answered(120, lambda: _state(fleet, users))
     time.sleep(2)
     chats.assert_exactly_once(apologies=True)
     # one at a time: an account left only once the previous one held its lease on the

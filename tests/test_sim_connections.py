@@ -100,3 +100,88 @@ def test_heartbeat_is_a_command_line_option() -> None:
     assert parse_args(["--heartbeat", "2.5"], Config()).heartbeat == 2.5
     with pytest.raises(SystemExit):
         parse_args(["--heartbeat", "0.1"], Config())
+
+
+async def test_a_device_dropped_for_a_late_pong_reconnects(tmp_path: Any) -> None:
+    """A worker whose event loop stalls past the sim's heartbeat (a loaded host) is dropped;
+    writing its late pong or ack to the closing socket is a lost connection like any other:
+    the backend reconnects, it does not die."""
+    from fleet import Sim  # noqa: PLC0415 - the sim in its own process: it must not stall too
+
+    from agent.whatsapp.base import BackendContext  # noqa: PLC0415
+    from agent.whatsapp.events import Connected, Disconnected, Event, QrCode  # noqa: PLC0415
+    from agent.whatsapp.sim import SimBackend  # noqa: PLC0415
+
+    sim = Sim(heartbeat=0.5)
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    backend = SimBackend(BackendContext("late-pong", tmp_path), sim.url,
+                         backoff_min=0.05, backoff_max=0.2)
+
+    async def next_event(kind: type) -> Any:
+        while True:
+            event = await asyncio.wait_for(events.get(), 10)
+            if isinstance(event, kind):
+                return event
+
+    try:
+        backend.start(events.put_nowait)
+        qr = await next_event(QrCode)
+        await asyncio.to_thread(sim.scan, ACCOUNT, qr.code)
+        await next_event(Connected)
+        for _ in range(3):
+            time.sleep(1.2)  # the stall under test: no pong goes out
+            down = await next_event(Disconnected)
+            assert "failed unexpectedly" not in down.reason, down
+            await next_event(Connected)  # and back, by itself
+        assert backend.healthy()
+        record = await asyncio.to_thread(sim.connections, ACCOUNT)
+        ended = [i["ended_by"] for i in record["devices"][0]["intervals"]]
+        assert ended.count("ping_timeout") >= 3 and record["double_connections"] == 0
+    finally:
+        await backend.stop()
+        sim.stop()
+
+
+async def test_a_write_to_a_closing_socket_is_a_lost_connection_not_a_dead_backend(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the fleet tests met on a loaded machine: aiohttp answers a ping as the sim closes
+    the socket and raises ClientConnectionResetError out of the receive loop."""
+    from agent.whatsapp.base import BackendContext  # noqa: PLC0415
+    from agent.whatsapp.events import Connected, Disconnected, Event, QrCode  # noqa: PLC0415
+    from agent.whatsapp.sim import SimBackend  # noqa: PLC0415
+
+    real_receive = aiohttp.ClientWebSocketResponse.receive
+    armed = asyncio.Event()
+
+    async def receive(self: aiohttp.ClientWebSocketResponse, *args: Any, **kw: Any) -> Any:
+        if armed.is_set():
+            armed.clear()
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        return await real_receive(self, *args, **kw)
+
+    monkeypatch.setattr(aiohttp.ClientWebSocketResponse, "receive", receive)
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    async def next_event(kind: type) -> Any:
+        while True:
+            event = await asyncio.wait_for(events.get(), 10)
+            if isinstance(event, kind):
+                return event
+
+    async with SimServer(port=0) as sim:
+        backend = SimBackend(BackendContext("reset", tmp_path), sim.base_url,
+                             backoff_min=0.05, backoff_max=0.2)
+        backend.start(events.put_nowait)
+        try:
+            qr = await next_event(QrCode)
+            sim.dispatch(sim.world.scan(ACCOUNT, {"code": qr.code}))
+            await next_event(Connected)
+            armed.set()
+            sim.dispatch(sim.world.post_message({"from": "15550009999", "to": ACCOUNT,
+                                                 "text": "wake the reader"})[1])
+            down = await next_event(Disconnected)
+            assert down.reason.startswith("connection lost"), down
+            await next_event(Connected)  # reconnected by itself
+            assert backend.healthy()
+        finally:
+            await backend.stop()

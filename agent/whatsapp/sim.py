@@ -314,6 +314,10 @@ class SimBackend(WhatsAppBackend):
                         reason, healthy = await self._session(ws, token)
                     except _Terminal:
                         return
+                    except (aiohttp.ClientError, ConnectionError) as exc:
+                        # e.g. a pong or an ack written as the sim closes the socket (it
+                        # dropped us after a late pong): a lost connection like any other
+                        reason, healthy = f"connection lost: {exc or type(exc).__name__}", True
                     finally:
                         self._ws = None
                         self._connected = False
