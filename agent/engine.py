@@ -77,7 +77,7 @@ from agent.whatsapp.events import (
 )
 from wabridge import logs
 from wabridge.config import ConversationConfig, LimitsConfig
-from wabridge.errors import TranscriptionError
+from wabridge.errors import LeaseLost, TranscriptionError
 
 log = logs.get("agent.engine")
 
@@ -166,8 +166,12 @@ class Engine:
         models_allowed: tuple[str, ...] = (),
         transcribe: Transcriber | None = None,
         toolbox: Toolbox | None = None,
+        lease_check: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
+        # fleet mode: raises LeaseLost unless the account's lease is surely still this
+        # worker's (agent.lease); run right before every WhatsApp send
+        self._lease_check = lease_check
         self._backend = backend
         self._engines: dict[EngineName, Conversations] = {"cli": pool}
         if api is not None:
@@ -341,6 +345,8 @@ class Engine:
                 try:
                     await self._step(chat_id, batch)
                     failures = 0
+                except LeaseLost:
+                    return  # fleet: another host answers these now; the worker is stopping
                 except Exception:
                     # a bug, not a Claude failure (those are answered with the apology)
                     failures += 1
@@ -846,7 +852,11 @@ class Engine:
         The ``sending`` mark is committed before the library call: a crash during it leaves
         the reply uncertain (see :meth:`_settle_uncertain`), never silently pending."""
         expiration = self._store.expiration(reply.chat_id)
-        self._store.mark_sending(reply.id)
+        self._lease_check()
+        self._store.mark_sending(reply.id)  # fleet mode: fenced
+        # again: the mark may have waited on the server (a thawed host's outbox can get
+        # here before its renewal task notices the pause)
+        self._lease_check()
         try:
             wa_id = await self._backend.send_text(reply.chat_id, reply.text, quote=reply.quote,
                                                   msg_id=reply.wa_id, expiration=expiration)

@@ -16,6 +16,12 @@ Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.
    A turn that cannot finish in time is cancelled: its messages stay pending in the store and
    are answered after the restart, so a stop never loses nor doubles a reply.
 
+Fleet mode (``fleet.enabled``, ``agent.lease``): before phase 1 opens the store, the lease
+this unit was started under (``WABRIDGE_HOST_ID``/``WABRIDGE_LEASE_EPOCH``) must still be
+this host's, else exit 17 (``LEASE_LOST``) without connecting; the renewal is a fifth
+supervised task. A lost lease stops the worker in another order: WhatsApp first, then the
+rest; a clean stop ends by releasing the lease.
+
 Watchdog: ``supervise`` sends ``WATCHDOG=1`` once a second, and only while ``health_problem``
 finds nothing wrong: the event loop turned recently (a wedged loop cannot run ``supervise`` at
 all; a long stall that ended is caught by its lag), no turn is stuck past
@@ -54,9 +60,11 @@ import shutil
 import signal
 import sqlite3
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sdnotify
 
@@ -70,7 +78,7 @@ from agent.inbound_hold import InboundHold
 from agent.link import ControllerLink
 from agent.placement import session_store, store_location
 from agent.pool import ClaudePool
-from agent.store import Store
+from agent.store import PostgresTarget, Store
 from agent.tools import Toolbox
 from agent.usage import UsageReporter
 from agent.whatsapp import events as ev
@@ -80,12 +88,20 @@ from wabridge.errors import ConfigError, ExitCode, WabridgeError
 from wabridge.prices import parse_prices
 from wabridge.status import WorkerState
 
+if TYPE_CHECKING:
+    from agent.lease import LeaseKeeper
+
 log = logs.get("agent")
 STOP_BUDGET = 4.0  # seconds of the unit's TimeoutStopSec=5 we use; systemd kills after 5
 TEST_FAULTS = frozenset({"wedge-loop", "stuck-turn", "alloc", "ignore-sigterm", "crash",
                          "task-crash"})
 #: The worker's long-running tasks (``Worker.run``): one that ends stops the worker.
 TASKS = ("link", "pump", "outbox", "supervise")
+#: Fleet mode's extra one: renewing the account's lease (``agent.lease``).
+LEASE_TASK = "lease"
+#: Exits after which systemd starts the worker again under the same lease epoch: the lease
+#: is kept for it. Any other end of a fleet worker releases the lease.
+KEEPS_LEASE = frozenset({ExitCode.FAILURE, ExitCode.RECONNECT, ExitCode.LEASE_LOST})
 
 
 def test_fault(environ: dict[str, str] | None = None) -> str:
@@ -174,11 +190,14 @@ def _pairing_frame(seq: int, *, code: str) -> protocol.Frame:
 
 
 class Worker:
-    def __init__(self, user_id: str, cfg: config.Config, state_dir: Path, store: Store) -> None:
+    def __init__(self, user_id: str, cfg: config.Config, state_dir: Path, store: Store,
+                 lease: LeaseKeeper | None = None) -> None:
         self.user_id = user_id
         self.cfg = cfg
         self.state_dir = state_dir
         self.store = store
+        self.lease = lease  # fleet mode only
+        self.loop_thread = threading.get_ident()
         self.notifier = sdnotify.SystemdNotifier()
         self.stop = asyncio.Event()
         self.link_stop = asyncio.Event()  # set last: reports flow until the very end
@@ -211,6 +230,11 @@ class Worker:
         self.backend = make_backend(cfg, ctx)
         self.tools = Toolbox(store, self.backend, state_dir, cfg.tools, cfg.claude.max_tool_calls,
                              restart_idle=lambda: self.pool.close_idle())  # noqa: PLW0108 -- the pool comes next
+        lease_check = lease.check if lease is not None else (lambda: None)
+        if lease is not None:
+            lease.on_lost = self.lease_lost
+            store.on_lease_lost = lambda exc: lease.lose(str(exc))
+            self.tools.lease_check = lease_check
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,
                                claude_settings(cfg), state_dir, store,
                                resume_max_bytes=cfg.conversation.resume_max_bytes,
@@ -232,7 +256,8 @@ class Worker:
                              system_prompt=cfg.claude.system_prompt or None,
                              models_allowed=config.models_allowed(cfg.claude),
                              transcribe=transcription.transcriber(
-                                 cfg.transcription, os.environ.get("TRANSCRIPTION_API_KEY")))
+                                 cfg.transcription, os.environ.get("TRANSCRIPTION_API_KEY")),
+                             lease_check=lease_check)
         self.engine.update_settings(self._cached_settings())  # until the controller speaks
 
     def _cached_settings(self) -> dict[str, Any]:
@@ -271,6 +296,17 @@ class Worker:
             self._spawn(self.engine.reset_chat(command.args["chat_id"]))
         elif command.name in ("pause_chat", "resume_chat"):
             self.engine.takeover_command(command.name, command.args)
+
+    def lease_lost(self, reason: str) -> None:
+        """Fleet mode: another host may own the account now (any thread). Stop at once:
+        WhatsApp is disconnected first (``shutdown``), then exit 17, not restarted."""
+        if threading.get_ident() != self.loop_thread:
+            self.loop.call_soon_threadsafe(self.lease_lost, reason)
+            return
+        del reason  # (logged by the lease: lease.lost)
+        self.exit_code = ExitCode.LEASE_LOST
+        self.engine.accepting = False  # no new turn starts meanwhile
+        self.stop.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -546,14 +582,17 @@ class Worker:
         self._report_state()
         coros = {"link": self.link.run(self.link_stop), "pump": self.pump(),
                  "outbox": self.engine.deliver_forever(self.stop), "supervise": self.supervise()}
+        if self.lease is not None:
+            coros[LEASE_TASK] = self.lease.run(self.stop)
         crash = os.environ.get("WABRIDGE_TEST_FAULT_TASK", "")
         if self.fault == "task-crash" and crash in coros:
             coros[crash] = self._crash_task(crash, coros[crash])
-        for name in TASKS:
-            task = asyncio.create_task(coros[name], name=name)
+        for name, coro in coros.items():
+            task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._task_done)
             self.tasks.append(task)
-        self.backend.start(self.sink)
+        if self.lease is None or self.lease.holds():  # (a slow start may have outlived it)
+            self.backend.start(self.sink)
         self.engine.resume_pending()
         self.notifier.notify("READY=1")
         log.info("worker.started", backend=self.backend.name, state_dir=str(self.state_dir))
@@ -563,13 +602,24 @@ class Worker:
 
     async def shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         self.notifier.notify("STOPPING=1")
-        self.notifier.notify("STATUS=stopping: finishing turns in flight")
-        log.info("worker.stopping")
         start = time.monotonic()
         deadline = start + STOP_BUDGET
+        lost = self.exit_code == ExitCode.LEASE_LOST
+        if lost:
+            # Another host may take the account from now on: WhatsApp first, so not one
+            # more message goes out or comes in here (the outbox's lease check refuses
+            # sends meanwhile; turns in flight cannot commit: their writes are fenced).
+            self.notifier.notify("STATUS=stopping: lease lost, disconnecting WhatsApp")
+            log.info("worker.stopping", reason="lease_lost")
+            await self.backend.stop(timeout=1.5)
+            if self.lease is not None:
+                self.lease.disconnected.set()
+        else:
+            self.notifier.notify("STATUS=stopping: finishing turns in flight")
+            log.info("worker.stopping")
         # stop taking turns; a turn in flight finishes (or stays pending in the store, to be
         # answered after the restart); the outbox is flushed
-        await self.engine.drain(timeout=2.0)
+        await self.engine.drain(timeout=0.5 if lost else 2.0)
         self.notifier.notify("STATUS=stopping: closing Claude processes")
         try:
             await asyncio.wait_for(self.engine.close_conversations(),
@@ -581,8 +631,14 @@ class Worker:
                               WorkerState.OUTDATED, WorkerState.QR_EXPIRED):
             self.state, self.detail = WorkerState.STOPPING, "stopping"
         self._report_state()
-        await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
+        if not lost:
+            await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
+            if self.lease is not None:
+                self.lease.disconnected.set()
         self.retry_held_inbound(final=True)  # no more arrive: commit them or say so
+        if self.lease is not None and self.exit_code not in KEEPS_LEASE:
+            # disconnected and committed: the next owner need not wait for expiry + grace
+            await self.lease.release()
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
         until = min(time.monotonic() + 2.0, deadline + 0.3)
         while self.store.unacked_frames() and self.link.connected and time.monotonic() < until:  # noqa: ASYNC110 - acks land in SQLite
@@ -603,10 +659,22 @@ def state_directory(user_id: str) -> Path:
 
 
 async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:
-    store = Store(store_location(user_id, cfg, state_dir))
-    worker = Worker(user_id, cfg, state_dir, store)
+    where = store_location(user_id, cfg, state_dir)
+    lease = None
+    if cfg.fleet.enabled and isinstance(where, PostgresTarget):  # (config: postgresql)
+        # Before anything is opened or connected: this host must still own the account.
+        from agent.lease import LeaseKeeper, holder_from_environment  # noqa: PLC0415 (fleet only)
+
+        holder = holder_from_environment(user_id)
+        where = replace(where, holder=holder)
+        lease = LeaseKeeper(holder, where, cfg.fleet)
+        lease.verify()  # LeaseLost: exit 17, WhatsApp never connected
+    store = Store(where)
+    worker = Worker(user_id, cfg, state_dir, store, lease)
     code = await worker.run()
     store.close()
+    if lease is not None:
+        lease.close()
     if getattr(worker.backend, "stopped_cleanly", True) is False:
         log.warning("worker.forced_exit", exit_code=int(code))
     if os.environ.get("INVOCATION_ID"):

@@ -42,14 +42,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.whatsapp.events import Audio, Image, IncomingMessage
 from wabridge import database
 from wabridge.database import Migration
+
+if TYPE_CHECKING:
+    from wabridge.errors import LeaseLost
+    from wabridge.fleet_db import Holder
 
 MIGRATIONS: list[Migration] = []  # step n (1-based) makes schema version n
 
@@ -347,6 +351,8 @@ class PostgresTarget:
     conninfo: str
     schema: str
     password: str | None = field(default=None, repr=False)
+    #: fleet mode: every write transaction is fenced with this lease (None: no fleet)
+    holder: Holder | None = None
 
 
 class _SqliteFile:
@@ -363,7 +369,11 @@ class _SqliteFile:
         conn.row_factory = sqlite3.Row
         return conn
 
-    def transaction(self, conn: Any) -> AbstractContextManager[database.Db]:
+    fenced = False  # one host owns the file: no lease to check
+
+    def transaction(self, conn: Any, *, fenced: bool = True
+                    ) -> AbstractContextManager[database.Db]:
+        del fenced
         return database.immediate(conn)
 
     def migrate(self, conn: Any) -> None:
@@ -431,8 +441,26 @@ class Store:
                 self._conns.append((threading.current_thread(), conn))
         return conn
 
-    def _tx(self) -> AbstractContextManager[Any]:
-        return self._backend.transaction(self._conn())
+    def _tx(self, *, fenced: bool = True) -> AbstractContextManager[Any]:
+        """A write transaction; in fleet mode it first checks this worker's lease
+        (``fenced=False``: the link's own frames, which only report to the controller)."""
+        return self._backend.transaction(self._conn(), fenced=fenced)
+
+    def _write(self) -> AbstractContextManager[Any]:
+        """A one-statement write: as it stands (autocommit), or in fleet mode inside a
+        fenced transaction (a stale owner writes nothing)."""
+        return self._tx() if self._backend.fenced else nullcontext(self._conn())
+
+    @property
+    def on_lease_lost(self) -> Callable[[LeaseLost], None] | None:
+        """Called (then the error raised) when a fenced write finds the lease gone, on the
+        thread that wrote."""
+        return getattr(self._backend, "on_lease_lost", None)
+
+    @on_lease_lost.setter
+    def on_lease_lost(self, hook: Callable[[LeaseLost], None] | None) -> None:
+        if self._backend.fenced:
+            self._backend.on_lease_lost = hook  # type: ignore[union-attr]
 
     def _migrate(self) -> None:
         self._backend.migrate(self._conn())
@@ -465,7 +493,12 @@ class Store:
         A sender named by its LID (``…@lid``: its phone number was not known then) and one
         named by its phone number are the same person when the WhatsApp id is the same:
         WhatsApp delivered the message again under the other addressing, and it must not run
-        a second turn."""
+        a second turn.
+
+        Not fenced in fleet mode: WhatsApp already acknowledged the message to this worker
+        and will not deliver it again, so even a worker that just lost its lease stores it
+        (the id makes a second copy a duplicate) and the next owner answers it: nothing
+        acknowledged is lost. Answering it is what the fence guards (the turn's commit)."""
         chat_id, sender, wa_id = message.chat_id, message.sender, message.wa_id
         if self._conn().execute(
             "SELECT 1 FROM inbox WHERE wa_id = ?1 AND (?2 LIKE '%@lid' OR sender LIKE '%@lid') "
@@ -637,10 +670,16 @@ class Store:
     def mark_sending(self, reply_id: int) -> None:
         """Committed before the library is asked to send: a crash from here on leaves the
         reply ``sending`` (uncertain), never silently ``pending``."""
-        self._conn().execute("UPDATE outbox SET state = 'sending' WHERE id = ?", (reply_id,))
+        with self._write() as tx:
+            tx.execute("UPDATE outbox SET state = 'sending' WHERE id = ?", (reply_id,))
 
     def mark_sent(self, reply_id: int, wa_id: str | None = None) -> None:
-        """Sent; ``wa_id`` is the id WhatsApp got (when the backend chose its own)."""
+        """Sent; ``wa_id`` is the id WhatsApp got (when the backend chose its own).
+
+        Not fenced in fleet mode: the message went out (the fenced ``sending`` mark and the
+        lease check came before the send), and recording that truth keeps the next owner
+        from sending it again; refusing it would only turn a sent reply into an uncertain
+        one."""
         self._conn().execute(
             "UPDATE outbox SET state = 'sent', sent_at = ?, error = NULL, "
             "wa_id = COALESCE(?, wa_id) WHERE id = ?", (time.time(), wa_id, reply_id),
@@ -650,16 +689,18 @@ class Store:
                    ) -> None:
         """The send failed for sure (the library said so): pending again, not before
         ``next_try``, with ``attempts`` failed tries counted."""
-        self._conn().execute(
-            "UPDATE outbox SET state = 'pending', error = ?, next_try = ?, attempts = ? "
-            "WHERE id = ?", (error, next_try, attempts, reply_id),
-        )
+        with self._write() as tx:
+            tx.execute(
+                "UPDATE outbox SET state = 'pending', error = ?, next_try = ?, attempts = ? "
+                "WHERE id = ?", (error, next_try, attempts, reply_id),
+            )
 
     def mark_failed(self, reply_id: int, error: str, *, attempts: int) -> None:
-        self._conn().execute(
-            "UPDATE outbox SET state = 'failed', error = ?, attempts = ? WHERE id = ?",
-            (error, attempts, reply_id),
-        )
+        with self._write() as tx:
+            tx.execute(
+                "UPDATE outbox SET state = 'failed', error = ?, attempts = ? WHERE id = ?",
+                (error, attempts, reply_id),
+            )
 
     def reply_state(self, reply_id: int) -> tuple[str, str | None, str, int]:
         """``(state, error, wa_id, attempts)`` of an outbox entry (diagnostics and tests)."""
@@ -688,10 +729,12 @@ class Store:
     # --- counters (metrics) -------------------------------------------------------------
     def bump(self, name: str, by: int = 1) -> None:
         """Add to a named counter (undecryptable messages, stream errors, uncertain replies)."""
-        self._conn().execute(
-            "INSERT INTO counters VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (name, by),
-        )
+        with self._write() as tx:
+            tx.execute(
+                "INSERT INTO counters VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
+                (name, by),
+            )
 
     def counters(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT name, value FROM counters").fetchall()
@@ -732,12 +775,13 @@ class Store:
                     seed: Seed | None = None) -> None:
         """Set (or forget, with None) the chat's session; forgetting it with ``seed`` says what
         the next fresh session must be seeded with."""
-        self._conn().execute(
-            "INSERT INTO chats (chat_id, session_id, seed) VALUES (?, ?, ?) "
-            "ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id, "
-            "seed = COALESCE(excluded.seed, chats.seed)",
-            (chat_id, session_id, seed),
-        )
+        with self._write() as tx:
+            tx.execute(
+                "INSERT INTO chats (chat_id, session_id, seed) VALUES (?, ?, ?) "
+                "ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id, "
+                "seed = COALESCE(excluded.seed, chats.seed)",
+                (chat_id, session_id, seed),
+            )
 
     def reset_chat(self, chat_id: str) -> None:
         """``/reset``: forget the session, archive the summaries, start counting afresh."""
@@ -753,10 +797,11 @@ class Store:
 
     # --- scheduled messages (the schedule_message tool) --------------------------------
     def schedule(self, chat_id: str, due_at: float, text: str, day: str) -> int:
-        row = self._conn().execute(
-            "INSERT INTO scheduled (chat_id, due_at, text, created_at, day) "
-            "VALUES (?, ?, ?, ?, ?) RETURNING id",
-            (chat_id, due_at, text, time.time(), day)).fetchone()
+        with self._write() as tx:
+            row = tx.execute(
+                "INSERT INTO scheduled (chat_id, due_at, text, created_at, day) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (chat_id, due_at, text, time.time(), day)).fetchone()
         return int(row[0])
 
     def scheduled(self, chat_id: str | None = None) -> list[Scheduled]:
@@ -774,9 +819,10 @@ class Store:
 
     def cancel_scheduled(self, scheduled_id: int, chat_id: str | None = None) -> bool:
         """Cancel a pending scheduled message (only of ``chat_id`` when given)."""
-        cur = self._conn().execute(
-            "UPDATE scheduled SET state = 'cancelled' WHERE id = ?1 AND state = 'pending' "
-            "AND (?2 IS NULL OR chat_id = ?2)", (scheduled_id, chat_id))
+        with self._write() as tx:
+            cur = tx.execute(
+                "UPDATE scheduled SET state = 'cancelled' WHERE id = ?1 AND state = 'pending' "
+                "AND (?2 IS NULL OR chat_id = ?2)", (scheduled_id, chat_id))
         return bool(cur.rowcount == 1)
 
     def release_due(self, now: float) -> list[PendingReply]:
@@ -795,9 +841,10 @@ class Store:
 
     # --- notes (the remember/forget/recall tools) ----------------------------------------
     def add_note(self, chat_id: str, text: str) -> int:
-        row = self._conn().execute(
-            "INSERT INTO notes (chat_id, text, created_at) VALUES (?, ?, ?) RETURNING id",
-            (chat_id, text, time.time())).fetchone()
+        with self._write() as tx:
+            row = tx.execute(
+                "INSERT INTO notes (chat_id, text, created_at) VALUES (?, ?, ?) RETURNING id",
+                (chat_id, text, time.time())).fetchone()
         return int(row[0])
 
     def notes(self, chat_id: str | None = None) -> list[Note]:
@@ -807,8 +854,9 @@ class Store:
         return [Note(r["id"], r["chat_id"], r["text"]) for r in rows]
 
     def forget_note(self, note_id: int, chat_id: str) -> bool:
-        cur = self._conn().execute("DELETE FROM notes WHERE id = ? AND chat_id = ?",
-                                   (note_id, chat_id))
+        with self._write() as tx:
+            cur = tx.execute("DELETE FROM notes WHERE id = ? AND chat_id = ?",
+                             (note_id, chat_id))
         return bool(cur.rowcount == 1)
 
     # --- summaries (context rotation) ---------------------------------------------------
@@ -890,19 +938,21 @@ class Store:
 
     def add_api_message(self, chat_id: str, session_id: str, role: str,
                         content: list[dict[str, Any]]) -> None:
-        self._conn().execute(
-            "INSERT INTO api_messages (session_id, n, chat_id, role, content) VALUES "
-            "(?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM api_messages WHERE session_id = ?1), "
-            "?2, ?3, ?4)", (session_id, chat_id, role, json.dumps(content)),
-        )
+        with self._write() as tx:
+            tx.execute(
+                "INSERT INTO api_messages (session_id, n, chat_id, role, content) VALUES "
+                "(?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM api_messages WHERE session_id = ?1), "
+                "?2, ?3, ?4)", (session_id, chat_id, role, json.dumps(content)),
+            )
 
     def drop_api_sessions(self, chat_id: str, keep: str | None) -> int:
         """Forget the chat's api conversations except ``keep`` (ended by a rotation or a
         reset: their summary, if any, is stored). Returns the messages removed."""
-        cur = self._conn().execute(
-            "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS DISTINCT FROM ?",
-            (chat_id, keep),
-        )
+        with self._write() as tx:
+            cur = tx.execute(
+                "DELETE FROM api_messages WHERE chat_id = ? AND session_id IS DISTINCT FROM ?",
+                (chat_id, keep),
+            )
         return int(cur.rowcount)
 
     # --- daily budget -------------------------------------------------------------------
@@ -971,7 +1021,7 @@ class Store:
     # --- controller link outbox --------------------------------------------------------
     def queue_frame(self, build: Callable[[int], bytes]) -> int:
         """Reserve a sequence number, build the frame with it, and store it."""
-        with self._tx() as tx:
+        with self._tx(fenced=False) as tx:
             seq = int(tx.execute("INSERT INTO link_outbox (frame) VALUES ('') RETURNING seq"
                                  ).fetchone()[0])
             tx.execute("UPDATE link_outbox SET frame = ? WHERE seq = ?", (build(seq).decode(), seq))
@@ -985,7 +1035,7 @@ class Store:
         self._conn().execute("DELETE FROM link_outbox WHERE seq = ?", (seq,))
 
     def drop_frames(self, seqs: list[int]) -> None:
-        with self._tx() as tx:
+        with self._tx(fenced=False) as tx:
             tx.executemany("DELETE FROM link_outbox WHERE seq = ?", [(s,) for s in seqs])
 
     # --- Claude transcripts (so a chat resumes on another host) -----------------------
@@ -1029,7 +1079,8 @@ class Store:
         return None if r is None else str(r[0])
 
     def set_kv(self, key: str, value: str) -> None:
-        self._conn().execute(
-            "INSERT INTO kv VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        with self._write() as tx:
+            tx.execute(
+                "INSERT INTO kv VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value),
+            )

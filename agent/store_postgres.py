@@ -14,11 +14,12 @@ PostgreSQL twin here with ``@pg_twin(n)`` (``n``: the schema version it makes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from wabridge import database, postgres
+from wabridge import database, fleet_db, postgres
+from wabridge.errors import LeaseLost
 
 if TYPE_CHECKING:
     from agent.store import PostgresTarget
@@ -44,21 +45,43 @@ def steps() -> list[Callable[[Any], None]]:
 
 
 class PostgresSchema:
-    """The store in an account's schema (the backend :class:`agent.store.Store` uses)."""
+    """The store in an account's schema (the backend :class:`agent.store.Store` uses).
+
+    Fleet mode (``target.holder`` set): every write transaction checks the lease right after
+    taking the schema's write lock (:func:`wabridge.fleet_db.fence`), so a worker whose
+    account another host took over can neither acknowledge nor mark a send; the refusal
+    (:class:`~wabridge.errors.LeaseLost`) rolls the transaction back and is also handed to
+    ``on_lease_lost`` (the worker stops at once, whichever task or thread saw it)."""
 
     closes_from_any_thread = True  # a psycopg connection is not bound to its thread
 
     def __init__(self, target: PostgresTarget) -> None:
         self.target = target
         self.name = f"{postgres.describe(target.conninfo)} schema {target.schema}"
+        self.fenced = target.holder is not None
+        self.on_lease_lost: Callable[[LeaseLost], None] | None = None
 
     def connect(self) -> postgres.Connection:
         return postgres.connect(self.target.conninfo, self.target.schema,
                                 password=self.target.password)
 
-    def transaction(self, conn: postgres.Connection
+    def transaction(self, conn: postgres.Connection, *, fenced: bool = True
                     ) -> AbstractContextManager[postgres.Connection]:
-        return postgres.immediate(conn)
+        if self.target.holder is None or not fenced:
+            return postgres.immediate(conn)
+        return self._fenced(conn, self.target.holder)
+
+    @contextmanager
+    def _fenced(self, conn: postgres.Connection, holder: fleet_db.Holder
+                ) -> Iterator[postgres.Connection]:
+        try:
+            with postgres.immediate(conn) as tx:
+                fleet_db.fence(tx, holder.user_id, holder.host_id, holder.epoch)
+                yield tx
+        except LeaseLost as exc:
+            if self.on_lease_lost is not None:
+                self.on_lease_lost(exc)
+            raise
 
     def migrate(self, conn: postgres.Connection) -> None:
         database.migrate(conn, steps(), name=self.name, transaction=postgres.immediate)

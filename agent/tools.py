@@ -128,6 +128,8 @@ class Toolbox:
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._backend = backend
+        #: fleet mode: raises LeaseLost unless the lease is surely still ours (agent.lease)
+        self.lease_check: Callable[[], None] = lambda: None
         self._root = root
         self._cfg = cfg
         self._max_calls = max_tool_calls
@@ -302,6 +304,7 @@ class Toolbox:
         message = self._answering.get(chat_id)
         if message is None:
             raise ToolRefused("there is no message to react to")
+        self.lease_check()
         try:
             await self._backend.send_reaction(chat_id, message, emoji)
         except SendError as exc:
@@ -338,6 +341,7 @@ class Toolbox:
         if size == 0:
             raise ToolRefused(f"{target.name} is empty")
         data = await asyncio.to_thread(target.read_bytes)
+        self.lease_check()
         try:
             wa_id = await self._backend.send_media(chat_id, kind, data, target.name, mime,
                                                    caption[:1024])

@@ -45,6 +45,18 @@ def test_the_worker_refuses_a_newer_state_database_with_the_do_not_restart_code(
     assert worker_main.main(["alice"]) == ExitCode.SCHEMA_TOO_NEW == 16
 
 
+def test_a_fleet_worker_started_without_a_lease_stops_with_lease_lost(
+        env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started by hand (``systemctl start``) instead of by its host's controller after it won
+    the lease: nothing is opened, no WhatsApp connection, exit 17, not restarted."""
+    monkeypatch.setenv("WABRIDGE__STORAGE__BACKEND", "postgresql")
+    monkeypatch.setenv("WABRIDGE__STORAGE__POSTGRES_URL", "postgresql://ctl@127.0.0.1:1/wabridge")
+    monkeypatch.setenv("WABRIDGE__FLEET__ENABLED", "true")
+    monkeypatch.delenv("WABRIDGE_HOST_ID", raising=False)
+    monkeypatch.delenv("WABRIDGE_LEASE_EPOCH", raising=False)
+    assert worker_main.main(["alice"]) == ExitCode.LEASE_LOST == 17
+
+
 async def make_plane(db: Path) -> None:
     await LocalPlane(db).close()
 

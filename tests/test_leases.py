@@ -12,6 +12,8 @@ import psycopg
 import pytest
 from postgres_cluster import Cluster
 
+from agent.store import PostgresTarget, Store
+from agent.whatsapp.events import IncomingMessage
 from controller import pg_roles
 from wabridge import fleet_db
 from wabridge import postgres as pg
@@ -183,8 +185,9 @@ def test_two_controllers_racing_for_a_free_account_get_one_winner(postgres: Clus
 
 def test_a_take_waits_for_a_fenced_write_in_flight(postgres: Cluster, admin: Admin,
                                                    user: str) -> None:
-    """The fence share-locks the row: a take either happens before the write's check (which
-    then fails) or after its commit, never between the check and the commit."""
+    """The fence locks the row: a take either happens before the write's check (which then
+    fails) or after its commit, never between the check and the commit. The owner's own
+    renewals are not held up by it."""
     old = _acquire(admin, user, "host-a")
     assert old is not None
     _expire(admin, user, 60)
@@ -194,7 +197,11 @@ def test_a_take_waits_for_a_fenced_write_in_flight(postgres: Cluster, admin: Adm
         started = time.monotonic()
         assert _acquire(admin, user, "host-b") is None  # lock timeout: called held
         assert time.monotonic() - started >= 1.5
+        started = time.monotonic()
+        assert fleet_db.renew(admin, user, "host-a", old.epoch, 30)  # not held up
+        assert time.monotonic() - started < 1.0
         worker.execute("COMMIT")
+    _expire(admin, user, 60)  # (renewed above)
     taken = _acquire(admin, user, "host-b")
     assert taken is not None and taken.host_id == "host-b"
 
@@ -249,6 +256,10 @@ def test_an_account_role_reads_and_renews_only_its_own_lease(postgres: Cluster,
             conn.execute("INSERT INTO wabridge_fleet.leases VALUES ('x', 'y', 'z', 1, now())")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DELETE FROM wabridge_fleet.leases")
+        # a renewal far beyond any lease (a worker keeping its account for ever) is refused
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("UPDATE wabridge_fleet.leases SET expires_at = now() + "
+                         "interval '2 hours' WHERE user_id = %s", (alice,))
         # an update of every row touches only its own (the policy)
         conn.execute("UPDATE wabridge_fleet.leases SET released = true")
         assert fleet_db.release(conn, alice, "host-a", mine.epoch) is False  # already
@@ -272,3 +283,70 @@ def test_fence_through_a_worker_store_connection(postgres: Cluster, admin: Admin
             fleet_db.fence(conn, user, "host-a", got.epoch)
     finally:
         conn.close()
+
+
+# --- the worker's store, fenced --------------------------------------------------------------
+def _incoming(n: int) -> IncomingMessage:
+    return IncomingMessage(wa_id=f"W{n}", chat_id="c@s.whatsapp.net", sender="c@s.whatsapp.net",
+                           text=f"m{n}", timestamp=1.0)
+
+
+def test_a_stale_owners_store_neither_acknowledges_nor_marks_a_send(postgres: Cluster,
+                                                                    admin: Admin) -> None:
+    user = f"fenced-{time.monotonic_ns()}"
+    role = account_role(user)
+    password = pg_roles.provision(admin, user, fleet=True)
+    got = _acquire(admin, user, "host-a")
+    assert got is not None
+    holder = fleet_db.Holder(user, "host-a", got.epoch)
+    store = Store(PostgresTarget(postgres.url(role), role, password, holder=holder))
+    seen: list[str] = []
+    store.on_lease_lost = lambda exc: seen.append(exc.code)
+    try:
+        assert store.add_inbound(_incoming(1))
+        [first] = store.pending_inbound("c@s.whatsapp.net")
+        [reply] = store.complete_turn("c@s.whatsapp.net", [first.id], ["r1"], None)
+        store.mark_sending(reply.id)
+        store.mark_sent(reply.id)
+        assert store.add_inbound(_incoming(2))
+        [second] = store.pending_inbound("c@s.whatsapp.net")
+        [queued] = store.answer_locally("c@s.whatsapp.net", [], ["notice"], None)
+        assert seen == []
+
+        _expire(admin, user, 60)  # host-a froze; host-b took the account over
+        assert _acquire(admin, user, "host-b") is not None
+
+        with pytest.raises(LeaseLost):
+            store.complete_turn("c@s.whatsapp.net", [second.id], ["r2"], None)
+        with pytest.raises(LeaseLost):
+            store.mark_sending(queued.id)
+        with pytest.raises(LeaseLost):
+            store.set_kv("settings", "{}")
+        assert seen == ["lease_lost"] * 3
+        # nothing of it stuck: the message is still to be answered, the reply still pending
+        assert [p.id for p in store.pending_inbound("c@s.whatsapp.net")] == [second.id]
+        assert store.reply_state(queued.id)[0] == "pending"
+        assert [r.text for r in store.pending_replies()] == ["notice"]
+        # what WhatsApp acknowledged is kept for the next owner; the link's reports go on
+        assert store.add_inbound(_incoming(3))
+        assert len(store.pending_inbound("c@s.whatsapp.net")) == 2
+        store.queue_frame(lambda seq: f"frame {seq}".encode())
+    finally:
+        store.close()
+
+
+def test_without_a_holder_the_store_runs_no_fleet_query(postgres: Cluster, admin: Admin) -> None:
+    """Fleet off: the same store, no lease row at all, and every write works."""
+    user = f"unfenced-{time.monotonic_ns()}"
+    role = account_role(user)
+    password = pg_roles.provision(admin, user)
+    store = Store(PostgresTarget(postgres.url(role), role, password))
+    try:
+        store.add_inbound(_incoming(1))
+        [first] = store.pending_inbound("c@s.whatsapp.net")
+        [reply] = store.complete_turn("c@s.whatsapp.net", [first.id], ["r1"], None)
+        store.mark_sending(reply.id)
+        store.set_kv("k", "v")
+        assert fleet_db.lease(admin, user) is None
+    finally:
+        store.close()

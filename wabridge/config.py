@@ -520,7 +520,7 @@ class FleetConfig:
     )
     lease_seconds: float = _opt(
         30.0, "How long an account's lease lasts from its last renewal (database time).",
-        check=_at_least(3.0))
+        check=_between(3.0, 3600.0))
     renew_seconds: float = _opt(
         10.0, "How often a worker renews its lease; must be below `lease_seconds - "
         "margin_seconds`.", check=_at_least(0.2))

@@ -8,7 +8,7 @@ Invariants this module keeps (FLEET.md):
   the row locked (``FOR UPDATE``); two controllers racing get one winner. Every take bumps
   the ``epoch``, the fencing token.
 - **Fencing**: a worker runs :func:`fence` inside each of its write transactions: the row is
-  share-locked (a take waits for the write to end) and must still carry this host and epoch,
+  key-share-locked (a take waits for the write to end) and must still carry this host and epoch,
   unreleased; otherwise :class:`~wabridge.errors.LeaseLost` and the write rolls back. A stale
   owner can neither send nor acknowledge.
 - **One clock**: every time is the database's ``now()``; no host's wall clock is compared with
@@ -16,7 +16,8 @@ Invariants this module keeps (FLEET.md):
 
 Who may do what (granted by ``controller.pg_roles.provision``): an account role has ``USAGE``
 on the schema, ``SELECT`` and ``UPDATE (expires_at, released)`` on ``leases`` and a row
-policy ``role = current_user``; nothing on ``hosts`` or ``placements``.
+policy ``role = current_user`` (and a renewal of at most an hour: a misbehaving worker cannot
+keep its account from failing over for ever); nothing on ``hosts`` or ``placements``.
 
 Every function takes a psycopg connection in autocommit mode (the controller's) or a
 :class:`wabridge.postgres.Connection` (a worker's store connection); :func:`fence` runs in the
@@ -38,7 +39,7 @@ from wabridge import database, postgres
 from wabridge.errors import LeaseLost
 
 SCHEMA = "wabridge_fleet"
-#: How long :func:`acquire` waits for a lease row a worker's write holds (``FOR SHARE``)
+#: How long :func:`acquire` waits for a lease row a worker's write holds (:func:`fence`)
 #: before it calls the lease held: a frozen worker must not stall a controller's loop.
 ACQUIRE_LOCK_TIMEOUT = "2s"
 #: A fenced transaction left open longer than this (the worker's host froze mid-write) is
@@ -55,6 +56,16 @@ class Lease:
     epoch: int
     expires_in: float  # seconds from now (database time); negative once expired
     released: bool
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Whom a worker's writes are fenced as: its account, its host and the lease epoch it
+    was started under (``wabridge.units.lease_from_environment``)."""
+
+    user_id: str
+    host_id: str
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,8 @@ def _v1(db: postgres.Connection) -> None:
             epoch BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL,
             released BOOL NOT NULL DEFAULT false);
         ALTER TABLE {SCHEMA}.leases ENABLE ROW LEVEL SECURITY;
-        CREATE POLICY own_lease ON {SCHEMA}.leases USING (role = current_user);
+        CREATE POLICY own_lease ON {SCHEMA}.leases USING (role = current_user)
+            WITH CHECK (role = current_user AND expires_at <= now() + interval '1 hour');
         CREATE TABLE {SCHEMA}.placements (
             user_id TEXT PRIMARY KEY, host_id TEXT NOT NULL, set_at TIMESTAMPTZ)
     """)
@@ -193,14 +205,15 @@ def release(conn: Conn, user_id: str, host_id: str, epoch: int) -> bool:
 
 def fence(conn: Conn, user_id: str, host_id: str, epoch: int) -> None:
     """Inside a worker's write transaction: raise :class:`LeaseLost` unless the lease is still
-    this host's, this epoch's and unreleased. The row stays share-locked until the caller's
-    transaction ends, so no take can slip in between this check and the commit; should the
+    this host's, this epoch's and unreleased. The row stays locked (``FOR KEY SHARE``) until
+    the caller's transaction ends, so no take (``FOR UPDATE``) can slip in between this check
+    and the commit, while the worker's own renewals (which change no key) go on; should the
     worker's host freeze with the transaction open, the server ends it after
     ``FENCED_IDLE_TIMEOUT_MS``."""
     row = _raw(conn).execute(
         "SELECT host_id, epoch, released, "
         "set_config('idle_in_transaction_session_timeout', %s, true) "
-        "FROM wabridge_fleet.leases WHERE user_id = %s FOR SHARE",
+        "FROM wabridge_fleet.leases WHERE user_id = %s FOR KEY SHARE",
         (str(FENCED_IDLE_TIMEOUT_MS), user_id)).fetchone()
     if row is None:
         raise LeaseLost(f"no lease for {user_id!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import string
+from collections.abc import Mapping
 
 from wabridge.errors import UserIdError
 
@@ -136,3 +137,27 @@ def system_user_name(user_id: str) -> str:
     digest = hashlib.sha256(user_id.encode()).hexdigest()[:10]
     return (f"{SYSTEM_USER_PREFIX}{safe}-{digest}" if safe
             else f"{SYSTEM_USER_PREFIX}{digest}")
+
+
+#: Fleet mode: which host's lease, and which epoch of it, a worker unit runs under. The
+#: controller writes both as ``Environment=`` lines into the unit's runtime drop-in before
+#: every start (after winning the lease, ``wabridge.fleet_db.acquire``); the worker fences
+#: every write with them and exits "lease lost" without them.
+HOST_ID_ENV = "WABRIDGE_HOST_ID"
+LEASE_EPOCH_ENV = "WABRIDGE_LEASE_EPOCH"
+
+
+def lease_environment(host_id: str, epoch: int) -> dict[str, str]:
+    """The drop-in's environment for a worker started under ``host_id``'s lease ``epoch``
+    (merge it into ``controller.systemd.worker_dropin``'s ``environment``)."""
+    return {HOST_ID_ENV: host_id, LEASE_EPOCH_ENV: str(int(epoch))}
+
+
+def lease_from_environment(environ: Mapping[str, str]) -> tuple[str, int] | None:
+    """``(host_id, epoch)`` from a worker's environment, or None when either is missing or
+    malformed (the worker then owns nothing and must not connect)."""
+    host_id = environ.get(HOST_ID_ENV, "")
+    epoch = environ.get(LEASE_EPOCH_ENV, "")
+    if not host_id or not epoch.isdigit():
+        return None
+    return host_id, int(epoch)

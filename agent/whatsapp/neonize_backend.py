@@ -46,6 +46,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.daemon_thread import await_thread as _await_thread
 from agent.whatsapp.base import (
     BackendContext,
     PostgresSessionStore,
@@ -608,34 +609,3 @@ def _call_with_timeout(fn: Callable[[], T], timeout: float) -> tuple[T | None, b
     if not done.wait(timeout):
         return None, False
     return (box[0] if box else None), True
-
-
-async def _await_thread(fn: Callable[[], T], limit: float, name: str) -> T:
-    """Await ``fn()`` run on a daemon thread, giving up after ``limit`` seconds (TimeoutError).
-
-    Not ``asyncio.to_thread``: the default executor's threads are joined when ``asyncio.run``
-    ends, so one Go call that never returns would hang the worker's exit.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
-                loop.call_soon_threadsafe(settle, None, exc)
-            return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await asyncio.wait_for(future, limit)
