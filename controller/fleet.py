@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ T = TypeVar("T")
 #: Document statuses that want a worker somewhere: the accounts the plan places.
 WANTS_WORKER = RUNNING_STATUSES | {DocStatus.CREATE_REQUESTED, DocStatus.RESTART_REQUESTED,
                                    DocStatus.PAIRING_REQUESTED}
+#: requests the account's host acts on (a stop is the business of the host running it)
+PLACED_REQUESTS = WANTS_WORKER - RUNNING_STATUSES
 #: ~ memory of one idle linked worker, to derive ``fleet.max_workers`` when it is 0
 WORKER_MB = 60
 #: a move whose account holds no lease elsewhere by then no longer holds up the next one
@@ -71,28 +74,36 @@ class FleetDb:
         self._connect = connect
         self._where = where
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
-        self._lock = asyncio.Lock()
+        # held by the thread for the whole call: a cancelled caller's call still ends
+        # before ``close`` closes the connection under it
+        self._lock = threading.Lock()
+        self._closed = False
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
-        async with self._lock:
-            return await asyncio.to_thread(self._call, call, *args)
+        return await asyncio.to_thread(self._call, call, *args)
 
     def _call(self, call: Callable[..., T], *args: Any) -> T:
-        try:
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
-            return call(self._conn, *args)
-        except psycopg.Error as exc:
-            if self._conn is not None and (self._conn.broken or isinstance(
-                    exc, psycopg.OperationalError | psycopg.InterfaceError)):
-                self._conn.close()
-                self._conn = None
-            raise FleetUnavailable(f"{self._where}: {str(exc).strip()}") from None
+        with self._lock:
+            if self._closed:
+                raise FleetUnavailable(f"{self._where}: the controller is stopping")
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = self._connect()
+                return call(self._conn, *args)
+            except psycopg.Error as exc:
+                if self._conn is not None and (self._conn.broken or isinstance(
+                        exc, psycopg.OperationalError | psycopg.InterfaceError)):
+                    self._conn.close()
+                    self._conn = None
+                raise FleetUnavailable(f"{self._where}: {str(exc).strip()}") from None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Blocking (waits for a call under way): run it off the event loop."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,10 @@ class Runner(Protocol):
 
     def start_here(self, user_id: str) -> None:
         """Start the account's worker here (through ``take``); returns at once."""
+
+    def handle_request(self, user_id: str) -> None:
+        """Act on the client's request on the document (a claim: once only, whoever
+        tries); returns at once."""
 
     def stop_here(self, user_id: str) -> None:
         """Stop the account's worker here (returns at once): it moves to another host."""
@@ -225,6 +240,11 @@ class Fleet:
         self.counters.acquired += 1
         self.away.discard(user_id)
         log.info("fleet.lease_acquired", user_id=user_id, epoch=lease.epoch)
+        if self.snapshot is not None and self.snapshot.pins.get(user_id) == self.host_id:
+            # the move is done: from now on stickiness keeps it here (a pin left behind
+            # would pull it back here after a later failover)
+            with contextlib.suppress(FleetUnavailable):  # left: it names where it runs
+                await self.db.run(fleet_db.unpin, user_id)
         return lease.epoch
 
     def lost(self, state: UnitState) -> bool:
@@ -268,7 +288,11 @@ class Fleet:
         running = {u for u, s in runner.units.items() if s.active_state in RUNNING_UNIT_STATES}
         for user, host in sorted(plan.items()):
             doc = runner.docs.get(user)
-            if (host == self.host_id and user not in running and user not in self.starting
+            if host == self.host_id and doc is not None and doc.status in PLACED_REQUESTS:
+                # the feed's delivery was judged on an older plan (a burst arriving in
+                # pieces): the plan of every host now names this one
+                runner.handle_request(user)
+            elif (host == self.host_id and user not in running and user not in self.starting
                     and doc is not None and doc.status in RUNNING_STATUSES
                     and not held_by_other(snap.leases.get(user), self.host_id)):
                 self.starting.add(user)

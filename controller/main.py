@@ -344,8 +344,11 @@ class Controller:
         """A start slot and the account's lease for this host (None: do not start): the
         drop-in's environment for the worker, and the slot's event."""
         user = self.user(uid)
-        settled = (await self.start_slot(uid)
-                   if rc.needs_start_slot(False, user.starting is not None, user.view) else None)
+        if user.starting is not None or (user.view is not None and user.view.running):
+            # a worker of it runs here, or is being started: it holds the lease, and a new
+            # epoch would fence it out (a document's echo asks for a start again)
+            return None
+        settled = await self.start_slot(uid)
         try:
             epoch = await fleet.take(uid, postgres.account_role(uid), self.docs)
         except fl.FleetUnavailable as exc:
@@ -385,6 +388,9 @@ class Controller:
 
         if self.fleet is not None:
             self.spawn(start(self.fleet))
+
+    def handle_request(self, user_id: str) -> None:
+        self.spawn(self.handle_doc(user_id))
 
     def stop_here(self, user_id: str) -> None:
         """The fleet loop's stop of an account that goes to another host: the worker

@@ -82,6 +82,9 @@ def provision(admin: psycopg.Connection[tuple[Any, ...]], user_id: str, *,
     password = secrets.token_urlsafe(32)
     verifier = sql.Literal(scram_verifier(password))
     with admin.transaction():
+        # one provisioning at a time, across controllers: concurrent GRANTs on the database
+        # update its one catalog row and fail with "tuple concurrently updated"
+        admin.execute("SELECT pg_advisory_xact_lock(hashtext('wabridge_provision'))")
         exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
         if exists is None:
             admin.execute(sql.SQL(
