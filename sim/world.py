@@ -532,6 +532,7 @@ class World:
             "quoted_id": quote_id,
             "ts": self.now(),
             "by": "device",
+            "via": conn.client,  # which client sent it (a fleet: the host)
             **extra,
         }
         for contact in recipients:

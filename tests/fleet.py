@@ -568,6 +568,30 @@ class Fleet(HostOps):
             user, lambda d: d.get("status") == "connected", timeout, "status connected"
         )
 
+    def link_many(self, accounts: dict[str, str], timeout: float = 180,
+                  settings: dict[str, Any] | None = None) -> None:
+        """Link several accounts (user -> phone) at once: every request first, then each QR
+        scanned by its phone as it shows, until all are connected."""
+        for user in accounts:
+            if settings is not None:
+                self.db.collection("user_sessions").document(user).set({"settings": settings})
+            self.request(user, "create_requested")
+        pending, scanned = dict(accounts), set()
+        deadline = time.monotonic() + timeout
+        while pending:
+            for user, phone in list(pending.items()):
+                doc = self.doc(user)
+                if doc.get("status") == "connected":
+                    del pending[user]
+                elif doc.get("qrRaw") and doc["qrRaw"] not in scanned:
+                    scanned.add(doc["qrRaw"])
+                    with contextlib.suppress(AssertionError):  # rotated meanwhile: the next
+                        self.sim.scan(phone, doc["qrRaw"])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not linked after {timeout:.0f}s: {sorted(pending)}\n"
+                                     f"{self.journals(60)}")
+            time.sleep(0.2)
+
     def ask(self, contact: str, account: str, text: str, timeout: float = 60) -> dict[str, Any]:
         """A contact sends ``text``; returns the reply that quotes it."""
         return self.sim.ask(contact, account, text, timeout,
@@ -585,9 +609,10 @@ FAST_FLEET: dict[str, Any] = {
 #: The sim drops a silent device after about 1.5 x this (4.5 s): a frozen host's sockets end
 #: before its leases (6 s + 2 s) let another host connect the account.
 FAST_SIM_HEARTBEAT = 3.0
-#: one message per turn, so "one reply per message" is exact; no rate limit in the way
+#: one message per turn, so "one reply per message" is exact; no rate limit, and no loop
+#: guard (a contact writing every second looks like a bot to it), in the way
 ONE_REPLY_PER_MESSAGE: dict[str, dict[str, Any]] = {
-    "conversation": {"debounce": 0.0, "max_batch": 1},
+    "conversation": {"debounce": 0.0, "max_batch": 1, "loop_max_turns": 0},
     "limits": {"inbound_per_minute": 0.0},
 }
 
@@ -710,6 +735,24 @@ class Chats:
         problems = {k: verdict[k] for k in ("lost", "duplicated", "out_of_order", "wrong_text")
                     if verdict[k]}
         assert not problems, f"of {verdict['sent']} messages: {problems}"
+
+
+def reconnected_after(sim: SimClient, phone: str, since: float, away_from: str
+                      ) -> float | None:
+    """Seconds from ``since`` (the sim's clock: this machine's) until the account's device
+    connected from a client other than ``away_from``; None if it has not."""
+    for device in sim.connections(phone)["devices"]:
+        for interval in device["intervals"]:
+            if interval["start"] >= since and interval["client"] not in ("", away_from):
+                return float(interval["start"]) - since
+    return None
+
+
+def sent_via(sim: SimClient, contacts: Sequence[str], client: str, since: float
+             ) -> list[dict[str, Any]]:
+    """What ``client`` (a host) sent to ``contacts`` after ``since``."""
+    return [m for contact in contacts for m in sim.inbox(contact)
+            if m.get("via") == client and float(m.get("ts", 0)) >= since]
 
 
 def double_connections(sim: SimClient) -> dict[str, Any]:

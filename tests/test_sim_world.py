@@ -285,6 +285,7 @@ def test_send_lands_in_the_contact_inbox(world: World, clock: Clock) -> None:
             "quoted_id": msg_id,
             "ts": clock.now,
             "by": "device",
+            "via": "",  # the client label of the sending connection (none given here)
         }
     ]
     assert world.contact_inbox("5511999990099") == []
@@ -757,6 +758,15 @@ def test_two_devices_of_one_account_connected_at_once_overlap(world: World,
     link(world)  # a second QR link while the first device is still connected
     assert world.connections(ACCOUNT)["overlapping_devices"] == 1
     assert world.connections(ACCOUNT)["double_connections"] == 0
+
+
+def test_what_a_device_sends_names_the_client_that_sent_it(world: World) -> None:
+    _conn, token = link(world)
+    post(world)
+    conn, _ = hello_as(world, token, "host-b")
+    world.device_frame(conn, {"type": "send", "req": 1, "to": f"{CONTACT}@s.whatsapp.net",
+                              "text": "from b"})
+    assert [m["via"] for m in world.contact_inbox(CONTACT)] == ["host-b"]
 
 
 def test_a_bad_client_label_is_refused(world: World) -> None:
