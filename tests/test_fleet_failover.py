@@ -105,23 +105,34 @@ def test_accounts_spread_over_the_hosts_within_one(fleet: Fleet) -> None:
         assert doc.get("status") == "connected" and doc.get("host") == running(fleet)[user]
 
 
-def test_a_crashed_hosts_accounts_reconnect_elsewhere_and_answer_exactly_once(
-        fleet: Fleet) -> None:
+def _victim_under_load(fleet: Fleet, prefix: str
+                       ) -> tuple[dict[str, str], Host, list[str], Chats]:
+    """Every account running; the busiest host and its accounts; every contact writing."""
     before = _settle(fleet)
     victim = busiest(fleet)
-    moved = sorted(u for u, h in before.items() if h == victim.host_id)
-    assert moved
+    affected = sorted(u for u, h in before.items() if h == victim.host_id)
+    assert affected
     chats = Chats(fleet.sim)
     chats.keep_sending([(CONTACTS[u], ACCOUNTS[u]) for u in ACCOUNTS], every=1.0,
-                       prefix="crash")
+                       prefix=prefix)
+    time.sleep(2)
+    return before, victim, affected, chats
+
+
+def _wait_elsewhere(fleet: Fleet, users: list[str], since: float, victim: Host) -> None:
+    wait_until(lambda: all(reconnected_after(fleet.sim, ACCOUNTS[u], since, victim.host_id)
+                           is not None for u in users),
+               TAKEOVER + START_ALLOWANCE + 20, "the accounts to run elsewhere",
+               fleet.journals)
+
+
+def test_a_crashed_hosts_accounts_reconnect_elsewhere_and_answer_exactly_once(
+        fleet: Fleet) -> None:
+    before, victim, moved, chats = _victim_under_load(fleet, "crash")
     try:
-        time.sleep(2)
         crashed_at = time.time()
         victim.crash()
-        wait_until(lambda: all(reconnected_after(fleet.sim, ACCOUNTS[u], crashed_at,
-                                                 victim.host_id) is not None for u in moved),
-                   TAKEOVER + START_ALLOWANCE + 20, "the accounts to reconnect elsewhere",
-                   fleet.journals)
+        _wait_elsewhere(fleet, moved, crashed_at, victim)
         time.sleep(3)  # and keep chatting there
     finally:
         chats.stop_sending()
@@ -143,23 +154,12 @@ def test_a_crashed_hosts_accounts_reconnect_elsewhere_and_answer_exactly_once(
 
 def test_a_host_frozen_longer_than_a_lease_stops_its_workers_without_sending(
         fleet: Fleet) -> None:
-    before = _settle(fleet)
-    victim = busiest(fleet)
-    frozen = sorted(u for u, h in before.items() if h == victim.host_id)
-    assert frozen
-    chats = Chats(fleet.sim)
-    chats.keep_sending([(CONTACTS[u], ACCOUNTS[u]) for u in ACCOUNTS], every=1.0,
-                       prefix="freeze")
+    _before, victim, frozen, chats = _victim_under_load(fleet, "freeze")
     try:
-        time.sleep(2)
         frozen_at = time.time()
         victim.freeze()
         try:
-            wait_until(lambda: all(reconnected_after(fleet.sim, ACCOUNTS[u], frozen_at,
-                                                     victim.host_id) is not None
-                                   for u in frozen),
-                       TAKEOVER + START_ALLOWANCE + 20, "the accounts to run elsewhere",
-                       fleet.journals)
+            _wait_elsewhere(fleet, frozen, frozen_at, victim)
             time.sleep(2)
         finally:
             thawed_at = time.time()
