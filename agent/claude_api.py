@@ -4,8 +4,9 @@ the official ``anthropic`` SDK; each conversation's history lives in the worker'
 A conversation is a session id (a UUID, as the CLI's) naming its messages in the store's
 ``api_messages`` table. A turn sends the session's stored messages plus the new user message
 and stores both sides; nothing of a chat is held in memory between turns, so a live chat costs
-a dictionary entry (the SDK client, ~75 MB once per worker, is imported on the first turn:
-a worker on the ``cli`` engine never pays it). The engine (:mod:`agent.engine`) drives it
+a dictionary entry (the SDK client is imported on the first turn, without the SDK's eager
+package imports: :mod:`agent.anthropic_import`; a worker on the ``cli`` engine never pays it).
+The engine (:mod:`agent.engine`) drives it
 through :mod:`agent.conversations`, exactly as it drives the CLI pool: same rotation (the
 summary turn, then the session forgotten: :meth:`ApiConversations.acquire` drops the old
 sessions' messages), same seeding and recovery (a stored session id with no stored messages --
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import budget
+from agent.anthropic_import import import_anthropic
 from agent.claude import ClaudeError, TurnResult, normalize_content
 from agent.persona import Profile
 from agent.store import Store
@@ -123,8 +125,7 @@ class ApiConversations:
 
     def _get_client(self) -> AsyncAnthropic:
         if self._client is None:
-            import anthropic  # noqa: PLC0415 - ~75 MB: only workers on the api engine pay it
-
+            anthropic = import_anthropic()  # only workers on the api engine pay for it
             s = self._settings
             self._client = anthropic.AsyncAnthropic(
                 api_key=s.api_key, base_url=s.base_url, max_retries=s.max_retries,
@@ -188,8 +189,7 @@ class ApiConversations:
 
     async def ask(self, chat_id: str, session_id: str, content: str | list[dict[str, Any]],
                   profile: Profile | None = None) -> TurnResult:
-        import anthropic  # noqa: PLC0415 - loaded by _get_client already
-
+        anthropic = import_anthropic()  # loaded by _get_client already
         s = self._settings
         blocks = normalize_content(content)
         self._store.add_api_message(chat_id, session_id, "user", blocks)

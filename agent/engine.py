@@ -62,6 +62,7 @@ from agent import (
 from agent.claude import ClaudeError, TurnResult
 from agent.commands import ChatCommand
 from agent.conversations import Conversations
+from agent.inbound_hold import next_delay
 from agent.persona import Persona
 from agent.policy import EngineName, InvalidSetting, MessageDecision, Policy
 from agent.store import ChatRow, PendingInbound, PendingReply, Store
@@ -337,21 +338,31 @@ class Engine:
         with structlog.contextvars.bound_contextvars(chat_id=chat_id):
             await self._owner_known.wait()
             failures = 0
+            outage = 0.0  # the store's backoff (agent.inbound_hold.next_delay)
             while self.accepting:
                 await self._rest_of_burst(chat_id)
-                batch = self._store.pending_inbound(chat_id, self._conv.max_batch)
-                if not batch:
-                    return
+                batch: list[PendingInbound] = []
                 try:
+                    batch = self._store.pending_inbound(chat_id, self._conv.max_batch)
+                    if not batch:
+                        return
                     await self._step(chat_id, batch)
-                    failures = 0
+                    failures, outage = 0, 0.0
                 except LeaseLost:
                     return  # fleet: another host answers these now; the worker is stopping
-                except Exception:
+                except Exception as exc:
+                    if self._store.is_outage(exc):
+                        # PostgreSQL down or restarting: no new turn until it answers; the
+                        # messages stay pending (a turn's reply is committed with them or
+                        # not at all) and are answered then, not apologised for
+                        outage = next_delay(outage)
+                        log.warning("chat.store_unavailable", retry_in=outage, error=str(exc))
+                        await asyncio.sleep(outage)
+                        continue
                     # a bug, not a Claude failure (those are answered with the apology)
                     failures += 1
                     log.exception("chat.step_failed", attempt=failures)
-                    if failures >= 3:
+                    if failures >= 3 and batch:
                         self._store.skip_with_notice(chat_id, [i.id for i in batch], "error",
                                                      self._apology(),
                                                      quote=batch[-1].message)

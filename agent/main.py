@@ -46,7 +46,10 @@ supervision (``tests/test_supervision.py``), ``WABRIDGE_TEST_FAULT_AFTER`` secon
 Supervision: the long-running tasks (``TASKS``) are watched by a done-callback: one that ends
 while the worker is not stopping (an exception, or a return) stops the worker with exit code
 1, which systemd restarts; ``health_problem`` also names a dead task, so the watchdog is fed
-only while all of them run.
+only while all of them run. Except a store outage (PostgreSQL down or restarting:
+``Store.is_outage``): that task starts again after a backoff (``store.unavailable``), the
+WhatsApp link stays up, acknowledged messages wait in the inbound hold, turns wait in their
+chat loops.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,9 +78,9 @@ from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
 from agent.engine import Engine
 from agent.host_slots import HostSlots
-from agent.inbound_hold import InboundHold
+from agent.inbound_hold import InboundHold, next_delay
 from agent.link import ControllerLink
-from agent.placement import session_store, store_location
+from agent.placement import open_store, session_store, store_location
 from agent.pool import ClaudePool
 from agent.store import PostgresTarget, Store
 from agent.tools import Toolbox
@@ -220,6 +224,8 @@ class Worker:
         self.pairing_requested = ""
         self.background: set[asyncio.Task[Any]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # the long-running ones (TASKS)
+        self.task_factories: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+        self.task_backoff: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay)
         self.settings_checked = False  # a valid settings map arrived in this process
         self.bad_setting = False  # the last settings map had a bad value
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()
@@ -332,18 +338,24 @@ class Worker:
         try:
             if isinstance(event, ev.IncomingMessage):
                 try:
-                    fresh = self.engine.persist(event)
+                    fresh = self._persist_in_order(event)
                 except Exception as exc:  # noqa: BLE001 (the store is down: WhatsApp acked it)
                     log.error("store.inbound_held", chat_id=event.chat_id, wa_id=event.wa_id,
                               error=str(exc))
-                    self.loop.call_soon_threadsafe(self.inbound_hold.hold, event,
-                                                   time.monotonic())
+                    self.inbound_hold.hold(event, time.monotonic())
                     return
                 if not fresh:
                     return
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         finally:
             self.sink_since = None
+
+    def _persist_in_order(self, message: ev.IncomingMessage) -> bool:
+        """Commit ``message`` (False: a duplicate), unless older ones are held: it must not
+        overtake them, so it raises and is held behind them."""
+        if self.inbound_hold.holding():
+            raise ConnectionError("older messages are waiting for the store")
+        return self.engine.persist(message)
 
     def retry_held_inbound(self, *, final: bool = False) -> None:
         """Commit the messages the store refused (on the loop, in order); at shutdown
@@ -494,11 +506,33 @@ class Worker:
         if task.get_name() == "link" and self.link_stop.is_set():
             return
         error = task.exception()
+        if error is not None and self.store.is_outage(error):
+            self._spawn(self._restart_task(task, error))
+            return
         log.error("worker.task_died", task=task.get_name(),
                   error=repr(error) if error is not None else "returned")
         if self.exit_code == ExitCode.OK:
             self.exit_code = ExitCode.FAILURE
         self.stop.set()
+
+    async def _restart_task(self, task: asyncio.Task[None], error: BaseException) -> None:
+        """Store outages (PostgreSQL down or restarting): a long-running task that met one
+        starts again after a backoff instead of ending the worker, which keeps its WhatsApp
+        link; acknowledged messages wait in the inbound hold and turns in their chat loops
+        until the database answers (README, "PostgreSQL")."""
+        name = task.get_name()
+        now = time.monotonic()
+        last, delay = self.task_backoff.get(name, (0.0, 0.0))
+        delay = min(5.0, next_delay(delay if now - last < 60 else 0.0))
+        self.task_backoff[name] = (now, delay)
+        log.warning("store.unavailable", task=name, retry_in=delay, error=str(error))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), delay)
+        if self.stop.is_set():
+            return
+        again = asyncio.create_task(self.task_factories[name](), name=name)
+        again.add_done_callback(self._task_done)
+        self.tasks[self.tasks.index(task)] = again
 
     async def _crash_task(self, name: str, coro: Any) -> None:
         """Test hook ``task-crash``: run ``coro`` as task ``name`` would, then make it raise."""
@@ -580,10 +614,14 @@ class Worker:
             self._spawn(self._inject_fault())
         self.link.forget_stale()
         self._report_state()
-        coros = {"link": self.link.run(self.link_stop), "pump": self.pump(),
-                 "outbox": self.engine.deliver_forever(self.stop), "supervise": self.supervise()}
+        self.task_factories = {"link": lambda: self.link.run(self.link_stop), "pump": self.pump,
+                               "outbox": lambda: self.engine.deliver_forever(self.stop),
+                               "supervise": self.supervise}
+        coros = {name: make() for name, make in self.task_factories.items()}
         if self.lease is not None:
-            coros[LEASE_TASK] = self.lease.run(self.stop)
+            lease = self.lease
+            self.task_factories[LEASE_TASK] = lambda: lease.run(self.stop)
+            coros[LEASE_TASK] = self.task_factories[LEASE_TASK]()
         crash = os.environ.get("WABRIDGE_TEST_FAULT_TASK", "")
         if self.fault == "task-crash" and crash in coros:
             coros[crash] = self._crash_task(crash, coros[crash])
@@ -669,7 +707,8 @@ async def _amain(user_id: str, cfg: config.Config, state_dir: Path) -> int:
         where = replace(where, holder=holder)
         lease = LeaseKeeper(holder, where, cfg.fleet)
         lease.verify()  # LeaseLost: exit 17, WhatsApp never connected
-    store = Store(where)
+    store = open_store(where,  # (a notifier only if it waits)
+                       lambda text: sdnotify.SystemdNotifier().notify(text))
     worker = Worker(user_id, cfg, state_dir, store, lease)
     code = await worker.run()
     store.close()

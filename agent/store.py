@@ -393,6 +393,9 @@ class _SqliteFile:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
 
+    def is_outage(self, exc: BaseException) -> bool:
+        return False  # a local file has no server to wait for: an error is an error
+
 
 class Store:
     """Thread-safe: one connection per thread (neonize calls the sink on its own thread).
@@ -423,6 +426,12 @@ class Store:
     def name(self) -> str:
         """The file, or the database and schema (for logs and errors; no password)."""
         return self._backend.name
+
+    def is_outage(self, exc: BaseException) -> bool:
+        """``exc`` (raised by a store call) means the database is unreachable for now
+        (PostgreSQL down or restarting): the caller keeps what it has and retries later, with
+        backoff, instead of failing the work (see ``agent.main``, "Store outages")."""
+        return self._backend.is_outage(exc)
 
     def _conn(self) -> Any:
         conn: Any = getattr(self._local, "conn", None)

@@ -94,3 +94,6 @@ class PostgresSchema:
 
     def close(self, conn: postgres.Connection) -> None:
         conn.close()
+
+    def is_outage(self, exc: BaseException) -> bool:
+        return postgres.is_outage(exc)

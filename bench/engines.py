@@ -161,6 +161,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             # with many (memory per live chat)
             runs = (("cli", args.cli_chats), ("api", args.cli_chats), ("api", args.api_chats))
             for n, (name, chats) in enumerate(runs):
+                if name not in args.engines.split(","):
+                    continue
                 result = await run_engine(name, peers.base_url, Path(tmp) / f"{name}{n}",
                                           chats, args.turns, {peers.proc.pid})
                 print(json.dumps(result), flush=True)
@@ -176,10 +178,13 @@ def main() -> int:
     parser.add_argument("--cli-chats", type=int, default=4)
     parser.add_argument("--api-chats", type=int, default=100)
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--engines", default="cli,api", help="comma-separated: cli, api")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     result = asyncio.run(amain(args))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = REPO / "bench" / "results" / f"engines-{stamp}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"engines-{stamp}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(path)
     return 0

@@ -176,9 +176,39 @@ def qr_count(fleet: Fleet, prefix: str) -> int:
     return sum(1 for d in docs if d.id.startswith(prefix) and (d.to_dict() or {}).get("qrRaw"))
 
 
-def measure_cold(fleet: Fleet, n: int, timeout: float) -> dict[str, Any]:
+def unit_cpu_s(fleet: Fleet, unit: str) -> float:
+    """CPU seconds (user + system) of the unit's live processes (the namespace's systemd
+    keeps no CPU accounting)."""
+    total = 0
+    for pid in fleet.unit_pids(unit):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds of the live processes of a process group (the Firestore emulator's)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure_cold(fleet: Fleet, n: int, timeout: float, emulator_pid: int = 0) -> dict[str, Any]:
     """N documents written in one batch -> every unit has been active (ActiveEnterTimestamp)
-    and every document has its QR. Units stay up: qr_timeout is raised for the bench."""
+    and every document has its QR. Units stay up: qr_timeout is raised for the bench. The
+    CPU each worker took to get there, and the controller meanwhile, say what paces it."""
+    controller_cpu, emulator_cpu = unit_cpu_s(fleet, CTL), group_cpu_s(emulator_pid)
     batch = fleet.db.batch()
     t0 = time.monotonic()
     for i in range(n):
@@ -199,9 +229,13 @@ def measure_cold(fleet: Fleet, n: int, timeout: float) -> dict[str, Any]:
                         "every QR")
     failed = fleet.ns.run(["systemctl", "list-units", "--no-legend", "--state=failed",
                            "wabridge-worker@cold*"]).stdout.strip()
+    workers_cpu = [unit_cpu_s(fleet, f"wabridge-worker@cold{i}.service") for i in range(n)]
     out = {"units": n, "all_active_s": round(state["latest"] - t0, 2),
            "all_qr_on_documents_s": round(all_qr - t0, 2), "restarts": state["restarts"],
-           "failed": failed.splitlines()}
+           "failed": failed.splitlines(),
+           "worker_cpu_ms_mean": round(statistics.mean(workers_cpu) * 1000),
+           "controller_cpu_s": round(unit_cpu_s(fleet, CTL) - controller_cpu, 1),
+           "emulator_cpu_s": round(group_cpu_s(emulator_pid) - emulator_cpu, 1)}
     for i in range(n):
         fleet.request(f"cold{i}", "destroy_requested")
     try:
@@ -329,34 +363,45 @@ HOST_GB = 24
 HOST_BYTES = HOST_GB * 1024 * MB
 
 
-def capacity(r: dict[str, Any]) -> dict[str, Any]:
+def capacity(r: dict[str, Any], accounts: int = 300) -> dict[str, Any]:
     """What a 24 GB host holds, from this run's figures: the fleet slice is 90 % of it
-    (``wabridge.slice``), the Claude budget's default half of that."""
-    from controller.slots import CLAUDE_SHARE, FLEET_SHARE, default_budget  # noqa: PLC0415
+    (``wabridge.slice``); the default Claude budget is what ``controller.slots`` derives
+    beside ``accounts`` running workers, checked here against the measured costs."""
+    from controller.slots import (  # noqa: PLC0415
+        FLEET_SHARE,
+        PER_WORKER_BYTES,
+        default_budget,
+    )
 
     fleet_mb = HOST_BYTES * FLEET_SHARE / MB
-    out: dict[str, Any] = {"host_gb": HOST_GB, "fleet_slice_mb": round(fleet_mb)}
+    out: dict[str, Any] = {"host_gb": HOST_GB, "fleet_slice_mb": round(fleet_mb),
+                           "accounts": accounts}
     idle = r.get("neonize_connecting", {}).get("pss_mb")
     if idle:
         out["idle_neonize_accounts"] = int(fleet_mb // idle)
+        # the budget's per-worker figure must not be below what a worker measures
+        out["budget_per_worker_mb"] = PER_WORKER_BYTES / MB
+        out["budget_per_worker_covers_measured"] = idle <= PER_WORKER_BYTES / MB
+    budget = default_budget(int(HOST_BYTES * FLEET_SHARE), accounts)
+    out["claude_budget_beside_accounts"] = budget
+    out["claude_budget_empty_host"] = default_budget(int(HOST_BYTES * FLEET_SHARE), 0)
     chats = r.get("chats", {})
     if chats.get("pss_mb_2_chats") and chats.get("pss_mb_1_chats"):
         per_chat = chats["pss_mb_2_chats"] - chats["pss_mb_1_chats"]
         out["cli_chat_mb"] = round(per_chat, 1)
-        out["claude_budget_default"] = default_budget(int(HOST_BYTES * FLEET_SHARE))
-        if idle:
-            left = fleet_mb * (1 - CLAUDE_SHARE)
-            out["accounts_beside_the_claude_budget"] = int(left // idle)
+        if idle:  # the accounts and a full budget of CLI chats at the measured costs
+            used = accounts * idle + budget * per_chat
+            out["accounts_and_full_cli_budget_mb"] = round(used)
+            out["accounts_and_full_cli_budget_fit"] = used <= fleet_mb
     apis = {int(k[4:]): v for k, v in r.get("engines", {}).items() if k.startswith("api_")}
     if apis and idle:
         many, few = apis[max(apis)], apis[min(apis)]  # per chat; the SDK once per worker
-        accounts = 300
         left = fleet_mb - accounts * (idle + few["first_turn_mb"])
         out["api_chat_mb"] = many["per_live_chat_mb"]
         out["api_sdk_mb_per_account"] = few["first_turn_mb"]
         # every account on `api` pays the SDK once: how many fit at all, and the chats beside
         out["accounts_on_api"] = int(fleet_mb // (idle + few["first_turn_mb"]))
-        out["api_chats_beside_300_accounts"] = max(
+        out["api_chats_beside_accounts_on_api"] = max(
             0, int(left // max(many["per_live_chat_mb"], 0.01)))
     return out
 
@@ -374,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of latency,pss,neonize,chats,reply,cold,"
                     "engines")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--capacity-from", type=Path, action="append", default=[],
+                    help="a results file whose neonize/chats/engines figures the capacity "
+                    "uses where this run has none (e.g. a --phases chats run)")
     args = ap.parse_args(argv)
     counts = sorted({int(c) for c in args.accounts.split(",") if c})
     cold = args.cold
@@ -407,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             ("chats", "chats", lambda: measure_chats(fleet, args.settle, args.turns)),
             ("reply", "reply_latency", lambda: measure_reply_latency(fleet, args.samples)),
             # last: after a burst of this size the emulator's listener has been seen to stall
-            ("cold", "cold", lambda: measure_cold(fleet, cold, timeout=120 + 2 * cold)),
+            ("cold", "cold", lambda: measure_cold(fleet, cold, timeout=120 + 2 * cold,
+                                                  emulator_pid=emu.pid)),
         ]
         for phase, key, run in steps:
             if phase not in phases:
@@ -425,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         print("engines ...", flush=True)
         results["engines"] = measure_engines()
         print(f"  {results['engines']}", flush=True)
+    if args.capacity_from:  # figures of earlier runs
+        for earlier in args.capacity_from:
+            for key, value in json.loads(earlier.read_text()).items():
+                if key in ("neonize_connecting", "chats", "engines"):
+                    results.setdefault(key, value)
+                    results.setdefault("figures_from", {})[key] = earlier.name
     results["capacity"] = capacity(results)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print_table(results)
@@ -464,6 +519,8 @@ def print_table(r: dict[str, Any]) -> None:
             (f"{cold['units']} units from cold: all active", f"{cold['all_active_s']} s", ""),
             (f"{cold['units']} units from cold: every QR on its document",
              f"{cold['all_qr_on_documents_s']} s", ""),
+            ("  CPU per worker to its QR (mean) / controller meanwhile",
+             f"{cold.get('worker_cpu_ms_mean')} ms / {cold.get('controller_cpu_s')} s", ""),
         ]
     rows.append(("controller PSS", f"{r['controller_pss_mb']} MB", ""))
     if "chats" in r:

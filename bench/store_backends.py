@@ -11,7 +11,13 @@ side in one run (``storage.backend``).
   migrations run) and idling, as a worker between messages holds it; PSS
   (``/proc/PID/smaps_rollup``) of each child, plus, for PostgreSQL, of the server backend
   process that serves its connection (``pg_backend_pid()``), since that is memory the
-  account costs too (on the database host).
+  account costs too (on the database host);
+* PSS per idle *linked* account: ``--linked`` real worker units per backend in a systemd
+  namespace (``tests/fleet.py``: the project's units, the Firestore emulator, the
+  simulator), each linked on the simulator (QR scanned, its store and WhatsApp session open,
+  its controller link up) and left idle ``--settle`` seconds; PSS of each worker unit, plus,
+  for PostgreSQL, its server connections (``pg_stat_activity`` of the accounts' roles) and
+  their backends' PSS.
 
 Writes ``bench/results/store-backends-<UTC time>.json``.
 """
@@ -107,16 +113,61 @@ def idle_pss(wheres: list[str]) -> dict[str, Any]:
     return out
 
 
+def linked_pss(cluster: postgres_cluster.Cluster, accounts: int, settle: float
+               ) -> dict[str, Any]:
+    """Idle linked workers on each backend, one fleet after the other (see the docstring)."""
+    import firestore_emulator  # noqa: PLC0415 (tests/ helpers: only this phase needs them)
+    from fleet import Fleet  # noqa: PLC0415
+
+    from bench.run import link_many  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    with firestore_emulator.running() as emu:
+        for n, backend in enumerate(("sqlite", "postgresql")):
+            config: dict[str, dict[str, Any]] = {}
+            files: dict[str, str] = {}
+            if backend == "postgresql":
+                role, password, database = cluster.controller_role()
+                config["storage"] = {"backend": "postgresql",
+                                     "postgres_url": cluster.url(role, database)}
+                files["/etc/wabridge/postgres-password"] = password
+            users = [(f"{backend}-{i}", f"5511934{n}{i:05d}") for i in range(accounts)]
+            with Fleet(plane="firestore", emulator_host=emu.address, qr_rotate=600.0,
+                       config=config, extra_files=files) as fleet:
+                # a unit's credentials ramfs must propagate back (the harness's / is private)
+                fleet.ns.run(["mount", "--make-rshared", "/"], check=True)
+                link_many(fleet, users, 180)
+                time.sleep(settle)
+                per = [fleet.pss_bytes(fleet.unit(u)) / 1024 / 1024 for u, _ in users]
+                entry: dict[str, Any] = {
+                    "accounts": accounts, "settle_s": settle,
+                    "linked_worker_pss_mb_mean": round(statistics.mean(per), 1),
+                    "linked_worker_pss_mb_max": round(max(per), 1)}
+                if backend == "postgresql":
+                    with psycopg.connect(cluster.conninfo(), autocommit=True) as su:
+                        pids = [int(r[0]) for r in su.execute(
+                            "SELECT pid FROM pg_stat_activity WHERE usename LIKE 'wa\\_%'")]
+                    entry["server_connections_per_account"] = round(len(pids) / accounts, 2)
+                    entry["server_pss_mb_per_account"] = round(
+                        sum(pss_kb(p) for p in pids) / 1024 / accounts, 2)
+                out[backend] = entry
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=2000)
     parser.add_argument("--accounts", type=int, default=5)
+    parser.add_argument("--linked", type=int, default=3,
+                        help="linked workers per backend (0: skip that phase)")
+    parser.add_argument("--settle", type=float, default=15.0)
     args = parser.parse_args()
     reason = postgres_cluster.available()
     if reason is not None:
         print(f"PostgreSQL unavailable: {reason}", file=sys.stderr)
         return 2
-    result: dict[str, Any] = {"turns": args.turns, "accounts": args.accounts}
+    result: dict[str, Any] = {"turns": args.turns, "accounts": args.accounts,
+                              "linked": args.linked}
     with tempfile.TemporaryDirectory() as tmp, postgres_cluster.running() as cluster:
         sqlite = Store(Path(tmp) / "bench.db")
         result["sqlite"] = {"per_turn": turn_cost(sqlite, args.turns)}
@@ -132,6 +183,9 @@ def main() -> int:
             [repr(Path(tmp) / f"idle{i}.db") for i in range(args.accounts)])
         result["postgresql"]["idle"] = idle_pss(
             [repr(PostgresTarget(cluster.conninfo(), s)) for s in schemas[1:]])
+        if args.linked:
+            for backend, entry in linked_pss(cluster, args.linked, args.settle).items():
+                result[backend]["linked_idle"] = entry
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = REPO / "bench" / "results" / f"store-backends-{stamp}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

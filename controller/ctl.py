@@ -247,6 +247,10 @@ def status_table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"${cost:.4f}" if isinstance(cost, int | float) else "-",
             elide(error, 60) if error else "-",
         ))
+    if len({r.get("host") for r in rows if r.get("host")}) > 1:  # a fleet: where each runs
+        return table((*headers[:2], "HOST", *headers[2:]),
+                     [(*c[:2], elide(_cell(r.get("host")), USER_WIDTH), *c[2:])
+                      for c, r in zip(cells, rows, strict=True)])
     return table(headers, cells)
 
 

@@ -16,18 +16,19 @@ import socket
 import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from controller.planes import emulator_host, plane_kind
-from wabridge import claude_cli, config, postgres
+from wabridge import claude_cli, config, database, postgres
 from wabridge.errors import ConfigError, WabridgeError
 
 DEFAULT_WORKER_ENV = "/etc/wabridge/worker.env"
 STATE_DIR = "/var/lib/wabridge"
 MIN_FREE_BYTES = 1 << 30
+T = TypeVar("T")
 MARKS = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 
 
@@ -108,6 +109,8 @@ def check_plane(cfg: config.Config, plane: str | None) -> Check:
             return Check("control_plane", "fail", f"local store {db} unreadable: {exc}",
                          f"move the broken file aside and restart the controller; {fix}")
         return Check("control_plane", "ok", f"local store {db} readable ({tables} tables)")
+    if choice == "postgres":
+        return check_postgres_plane(cfg)
     target = emulator_host(cfg) or "firestore.googleapis.com:443"
     host, _, port = target.rpartition(":")
     try:
@@ -120,6 +123,44 @@ def check_plane(cfg: config.Config, plane: str | None) -> Check:
                  "checked by the controller: wabridgectl status shows its errors)")
 
 
+def _ask_database(cfg: config.Config, name: str, where: str, ask: Callable[[Any], T]
+                  ) -> T | Check:
+    """``ask`` on the controller's own connection, or the failed check ``name`` saying why
+    (``where``: the server, for the message)."""
+    from controller import pg_roles  # noqa: PLC0415 (psycopg only when used)
+
+    try:
+        with pg_roles.admin_connect(cfg) as admin:
+            return ask(admin)
+    except Exception as exc:  # noqa: BLE001 (psycopg's errors, shown to the operator)
+        return Check(name, "fail", f"{where}: {str(exc).strip()}",
+                     "check the server, storage.postgres_url and the controller's password "
+                     f"in {pg_roles.CONTROLLER_PASSWORD_FILE}")
+
+
+def check_postgres_plane(cfg: config.Config) -> Check:
+    """``controller.control_plane = postgres``: the controller's role reaches the database and
+    the plane's schema is one this wabridge understands."""
+    from controller import pgplane  # noqa: PLC0415 (psycopg only when used)
+
+    where = f"PostgreSQL plane {postgres.describe(cfg.storage.postgres_url)} schema " \
+            f"{pgplane.SCHEMA}"
+    found = _ask_database(cfg, "control_plane", where, pgplane.health)
+    if isinstance(found, Check):
+        return found
+    version, accounts = found
+    if version is None:
+        return Check("control_plane", "fail", f"{where} does not exist",
+                     "the controller creates it when it starts with control_plane = postgres "
+                     "(its role needs CREATE on the database): systemctl restart "
+                     "wabridge-controller")
+    if version > pgplane.SCHEMA_VERSION:
+        return Check("control_plane", "fail", f"{where} has version {version}, newer than "
+                     f"this wabridge understands ({pgplane.SCHEMA_VERSION})",
+                     "upgrade wabridge on this host to the fleet's version")
+    return Check("control_plane", "ok", f"{where} version {version}, {accounts} accounts")
+
+
 def check_database(cfg: config.Config) -> Check:
     """``storage.backend = postgresql``: the server answers the controller's role, which may
     make roles and schemas; no account role has more than its schema; the accounts' schema
@@ -129,20 +170,24 @@ def check_database(cfg: config.Config) -> Check:
     from controller import pg_roles  # noqa: PLC0415 (psycopg only when used)
 
     target = postgres.describe(cfg.storage.postgres_url)
-    try:
-        with pg_roles.admin_connect(cfg) as admin:
-            problems, versions = pg_roles.health(admin)
-    except Exception as exc:  # noqa: BLE001 (psycopg's errors, shown to the operator)
-        return Check("database", "fail", f"{target}: {str(exc).strip()}",
-                     "check the server, storage.postgres_url and the controller's password "
-                     f"in {pg_roles.CONTROLLER_PASSWORD_FILE}")
-    if problems:
-        return Check("database", "fail", f"{target}: " + "; ".join(problems),
+    answer = _ask_database(cfg, "database", target, pg_roles.health)
+    if isinstance(answer, Check):
+        return answer
+    problems, versions = answer
+    known = database.STORE_SCHEMA_VERSION
+    newer = pg_roles.newer_schemas(versions, known)
+    if problems or newer:
+        return Check("database", "fail", f"{target}: " + "; ".join(problems + newer),
                      "README, PostgreSQL: ALTER ROLE <controller> CREATEROLE; GRANT CREATE "
-                     "ON DATABASE <db> TO <controller>; ALTER ROLE <account> NOSUPERUSER ...")
+                     "ON DATABASE <db> TO <controller>; ALTER ROLE <account> NOSUPERUSER ...; "
+                     "REVOKE ... FROM <grantee> for a grant on an account's schema")
     found = sorted(set(versions.values()))
+    older = sum(1 for v in versions.values() if 0 <= v < known)
     return Check("database", "ok", f"{target}: {len(versions)} account schemas"
-                 + (f", schema versions {', '.join(map(str, found))}" if found else ""))
+                 + (f", schema versions {', '.join(map(str, found))}" if found else "")
+                 + f" (this wabridge: {known}"
+                 + (f"; {older} older, migrated when their worker starts" if older else "")
+                 + "); account roles hold nothing beyond their own schema")
 
 
 def claude_path(cfg: config.Config) -> Path | None:

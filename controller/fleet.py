@@ -38,7 +38,7 @@ import psycopg
 from controller import assignment, metrics
 from controller.plane import AccountDoc
 from controller.unit_manager import RUNNING_UNIT_STATES, UnitState
-from wabridge import config, fleet_db, logs, postgres
+from wabridge import config, fleet_db, logs, postgres, units
 from wabridge.errors import ExitCode, WabridgeError
 from wabridge.status import RUNNING_STATUSES, DocStatus
 
@@ -132,7 +132,7 @@ def held(lease: fleet_db.Lease | None) -> bool:
 
 def lease_environment(host_id: str, epoch: int) -> dict[str, str]:
     """What a worker of a fleet is told in its drop-in: whose lease it runs under."""
-    return {"WABRIDGE_HOST_ID": host_id, "WABRIDGE_LEASE_EPOCH": str(epoch)}
+    return {units.HOST_ID_ENV: host_id, units.LEASE_EPOCH_ENV: str(epoch)}
 
 
 def host_capacity(cfg: config.FleetConfig) -> tuple[int, int]:
@@ -186,6 +186,7 @@ class Fleet:
     starting: set[str] = field(default_factory=set)  # starts the loop has asked for
     counters: Counters = field(default_factory=Counters)
     beat_at: float = 0.0  # monotonic time of the last heartbeat written
+    migrated: bool = False  # the schema is this code's (``open``)
 
     # --- what every controller computes alike ---------------------------------------------
     def plan(self, accounts: Iterable[str]) -> dict[str, str | None]:
@@ -208,13 +209,22 @@ class Fleet:
             for h in snap.hosts)
 
     # --- database -----------------------------------------------------------------------
-    async def open(self) -> None:
-        """The schema, this host's first heartbeat and a first snapshot; raises
-        ``FleetUnavailable``."""
+    async def open(self) -> bool:
+        """The schema, this host's first heartbeat and a first snapshot. False: PostgreSQL
+        cannot be reached now (logged; the placement loop tries again, and until then this
+        host starts nothing: the workers that run keep their leases themselves). A schema
+        newer than this code raises ``SchemaTooNew``."""
         self.max_workers, self.memory_mb = host_capacity(self.cfg)
-        await self.db.run(fleet_db.migrate)
-        await self.beat()
-        await self.refresh()
+        try:
+            if not self.migrated:
+                await self.db.run(fleet_db.migrate)
+                self.migrated = True
+            await self.beat()
+            await self.refresh()
+        except FleetUnavailable as exc:
+            log.warning("fleet.unavailable", error=str(exc))
+            return False
+        return True
 
     async def beat(self) -> None:
         await self.db.run(fleet_db.heartbeat, self.host_id, self.max_workers, self.memory_mb)
@@ -263,6 +273,8 @@ class Fleet:
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_seconds)
+            if not self.migrated:
+                continue  # the placement loop opens the schema first
             try:
                 await self.beat()
             except FleetUnavailable as exc:
@@ -270,12 +282,16 @@ class Fleet:
 
     async def placement_loop(self, runner: Runner) -> None:
         while True:
-            try:
-                await self.refresh()
-            except FleetUnavailable as exc:
-                log.warning("fleet.read_failed", error=str(exc))
+            if not self.migrated:
+                if await self.open():
+                    self.tick(runner)
             else:
-                self.tick(runner)
+                try:
+                    await self.refresh()
+                except FleetUnavailable as exc:
+                    log.warning("fleet.read_failed", error=str(exc))
+                else:
+                    self.tick(runner)
             await asyncio.sleep(self.cfg.tick_seconds)
 
     def tick(self, runner: Runner) -> None:

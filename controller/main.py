@@ -40,7 +40,7 @@ from controller.metrics import FleetSnapshot, MetricsServer, WorkerFigures, own_
 from controller.plane import CONTROLLER, WORKER, AccountDoc, ControlPlane, Removed, error_field
 from controller.planes import choose_plane
 from controller.server import WorkerServer, limit_accept_errors
-from controller.slots import SlotLedger
+from controller.slots import SlotLedger, on_api_engine
 from controller.systemd import EXIT_REPORTS, Systemd, api_key_file, read_exit_report, worker_dropin
 from controller.unit_manager import (
     PROCESS_UNIT_STATES,
@@ -76,7 +76,8 @@ class Controller:
         self.units: Mapping[str, UnitState] = Column(self.users, lambda s: s.unit)
         self.server = WorkerServer(cfg.controller.socket, systemd.unit_for_pid, self.on_frame,
                                    self.settings_for,
-                                   SlotLedger.for_host(cfg.claude.host_max_processes))
+                                   SlotLedger.for_host(cfg.claude.host_max_processes,
+                                                       self.running_workers))
         self.watchers = admin.DocWatchers()  # wabridgectl watch/link --follow
         self.admin = admin.AdminServer(cfg.controller.admin_socket, admin.ControllerFacade(self),
                                        group=cfg.controller.admin_group)
@@ -94,6 +95,19 @@ class Controller:
         # account is this host's, as on a single host
         self.fleet = (fl.open_fleet(cfg, self.host, lambda: pg_roles.admin_connect(cfg))
                       if cfg.fleet.enabled else None)
+        # PostgreSQL could not prepare these accounts: their next try (_store_unavailable)
+        self.store_backoff: dict[str, float] = {}
+        self.store_retries: set[str] = set()
+
+    def running_workers(self) -> tuple[int, int]:
+        """Worker units holding memory now (starting, running or stopping), and how many of
+        them are on the ``api`` engine: what the default Claude budget leaves room for
+        (``controller.slots.default_budget``)."""
+        running = [u for u, s in self.units.items()
+                   if s.active_state not in ("inactive", "failed")]
+        on_api = sum(1 for u in running if on_api_engine(
+            rc.worker_settings(self.docs.get(u)), self.cfg.claude.engine))
+        return len(running), on_api
 
     def user(self, user_id: str) -> UserState:
         state = self.users.get(user_id)
@@ -282,6 +296,8 @@ class Controller:
     async def _start(self, uid: str, *, reset: bool, restart: bool) -> bool:
         unit = worker_unit(uid)
         user = self.user(uid)
+        if uid in self.store_retries:  # PostgreSQL was unavailable: the retry will start it
+            return False
         lease: dict[str, str] = {}
         settled: asyncio.Event | None = None
         if self.fleet is not None:
@@ -302,10 +318,22 @@ class Controller:
             # the user's own dynamic user, the resource limits and the backend the document
             # asks for; fails closed
             try:
-                # storage.backend = postgresql: the account's role and schema, a new password
-                pg_password = await asyncio.to_thread(pg_roles.prepare, self.cfg, uid)
+                # storage.backend = postgresql: the account's role and schema, a new password;
+                # not for a no-op Start while ours is under way (the document's echo): the
+                # password the starting worker loaded must stay its role's (in a fleet the
+                # start is a real one: take_lease refused the others)
+                pg_password = (
+                    await asyncio.to_thread(pg_roles.prepare, self.cfg, uid)
+                    if self.fleet is not None or rc.needs_start_slot(
+                        restart, user.starting is not None, user.view)
+                    else pg_roles.prepared(self.cfg, uid))
                 dropin = self.dropin_for(uid, pg_password, lease)
-            except (PolicyError, pg_roles.StoreUnavailable) as exc:
+            except pg_roles.StoreUnavailable as exc:
+                if settled is not None:
+                    settled.set()
+                await self._store_unavailable(uid, exc, rc.Start(uid, reset, restart))
+                return False
+            except PolicyError as exc:
                 if settled is not None:
                     settled.set()
                 log.warning("account.error", user_id=uid, code=exc.code, error=str(exc))
@@ -332,6 +360,7 @@ class Controller:
                                    "error": error_field("start_failed", str(exc))})
             return False
         log.info("unit.start", user_id=uid, unit=unit)
+        self.store_backoff.pop(uid, None)
         if rc.clears_error(user.doc, CONTROLLER):
             await self.write(uid, {"error": None})
         if self.fleet is not None and user.doc is not None and user.doc.host != self.host:
@@ -402,6 +431,38 @@ class Controller:
                 await self.systemd.stop(worker_unit(user_id))
 
         self.spawn(stop())
+
+    async def _store_unavailable(self, uid: str, exc: pg_roles.StoreUnavailable,
+                                 start: rc.Start) -> None:
+        """PostgreSQL cannot prepare the account (down, unreachable, refusing us): no worker
+        is started that could not open its store. The document keeps its status and says
+        why (``store_unavailable``, naming the cause); the start is tried again with backoff
+        (``pg_roles.retry_delay``) while the document still wants a worker, until the
+        database answers; then the error is cleared."""
+        delay = self.store_backoff[uid] = pg_roles.retry_delay(self.store_backoff.get(uid, 0.0))
+        log.warning("account.store_unavailable", user_id=uid, retry_in=delay, error=str(exc))
+        doc = self.docs.get(uid)
+        if doc is not None and doc.status in RUNNING_STATUSES - {DocStatus.STARTING}:
+            await self.set_status(uid, DocStatus.STARTING, RUNNING_STATUSES)  # no worker yet
+        await self.write(uid, {"error": error_field(
+            exc.code, f"{exc} (the worker is started once it answers; next try in "
+            f"{delay:.0f} s)")})
+        if uid in self.store_retries:
+            return
+        self.store_retries.add(uid)
+
+        async def retry() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+
+            def plan(_uid: str) -> list[rc.Action]:
+                self.store_retries.discard(uid)  # under the user's lock: this is the retry
+                return rc.retried_start(self.user(uid).doc, self.user(uid).view, start)
+
+            if not self.stop.is_set():
+                await self.execute(uid, plan)
+
+        self.spawn(retry())
 
     async def claim(self, user_id: str, expect: frozenset[DocStatus], new: DocStatus) -> bool:
         ok = await self.plane.claim(user_id, expect, new, self.host)
@@ -657,7 +718,7 @@ class Controller:
         for doc in await self.plane.list_accounts():
             self.set_doc(doc.user_id, doc)
         if self.fleet is not None:
-            await self.fleet.open()  # registered, and the plan's first snapshot read
+            await self.fleet.open()  # registered, and the plan's first snapshot (or logged)
         actions = rc.reconcile(self.docs, {u: rc.view_of(s) for u, s in self.units.items()},
                                self.exits_while_away())
         self.loaded = True

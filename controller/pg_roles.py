@@ -54,6 +54,17 @@ class StoreUnavailable(WabridgeError):
                    "'postgres-password' credential and that its role has CREATEROLE")
 
 
+#: Backoff of the controller's retries while PostgreSQL cannot prepare an account: the first
+#: retry, and the longest wait between two.
+RETRY_FIRST, RETRY_MAX = 2.0, 60.0
+
+
+def retry_delay(previous: float) -> float:
+    """Seconds until the next try to prepare an account after ``previous`` seconds (0: the
+    first failure): doubling from ``RETRY_FIRST`` up to ``RETRY_MAX``."""
+    return min(RETRY_MAX, previous * 2) if previous else RETRY_FIRST
+
+
 def scram_verifier(password: str, salt: bytes | None = None) -> str:
     """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5802/7677): the server can
     check a login with it and cannot recover the password."""
@@ -117,22 +128,30 @@ def write_password(path: Path, password: str) -> None:
     tmp.replace(path)
 
 
-def admin_connect(cfg: config.Config, password_file: Path = CONTROLLER_PASSWORD_FILE
-                  ) -> psycopg.Connection[tuple[Any, ...]]:
-    """The controller's own connection (its password: its unit's credential, else the file
-    that credential is loaded from, for ``wabridgectl doctor``)."""
+def controller_password(password_file: Path = CONTROLLER_PASSWORD_FILE) -> str | None:
+    """The controller role's password: its unit's credential, else the file that credential
+    is loaded from (for ``wabridgectl doctor``); None: none given (trust, a socket)."""
     password = credentials.read(credentials.POSTGRES_PASSWORD)
     if password is None:
         with contextlib.suppress(FileNotFoundError):
             password = password_file.read_text(encoding="utf-8").strip() or None
+    return password
+
+
+def admin_connect(cfg: config.Config, password_file: Path = CONTROLLER_PASSWORD_FILE
+                  ) -> psycopg.Connection[tuple[Any, ...]]:
+    """The controller's own connection (its password: :func:`controller_password`)."""
+    password = controller_password(password_file)
     extra: dict[str, Any] = {"password": password} if password else {}
     return psycopg.connect(cfg.storage.postgres_url, autocommit=True, **extra)
 
 
-def prepare(cfg: config.Config, user_id: str, directory: Path = PASSWORD_DIR) -> Path | None:
-    """Before a worker starts: its role and schema exist and its password file is fresh.
-    Returns that file (for ``LoadCredential=``), or None on the SQLite backend. Blocking:
-    call it off the event loop."""
+def prepare(cfg: config.Config, user_id: str, directory: Path | None = None) -> Path | None:
+    """Before a worker starts: its role and schema exist and its password file is fresh
+    (in ``directory``, default ``PASSWORD_DIR``). Returns that file (for
+    ``LoadCredential=``), or None on the SQLite backend. Blocking: call it off the event
+    loop. Raises ``StoreUnavailable`` when the server cannot do it: the worker would not
+    open its store either, so it is not started (the controller retries: ``retry_delay``)."""
     if cfg.storage.backend != "postgresql":
         return None
     try:
@@ -142,9 +161,49 @@ def prepare(cfg: config.Config, user_id: str, directory: Path = PASSWORD_DIR) ->
         # the message names the server and the failure; psycopg never puts the password in
         raise StoreUnavailable(f"{postgres.describe(cfg.storage.postgres_url)}: "
                                f"{str(exc).strip()}") from None
-    path = password_file(user_id, directory)
+    path = password_file(user_id, directory or PASSWORD_DIR)
     write_password(path, password)
     return path
+
+
+#: Rights on an account's schema or tables given to anyone but their owner (PUBLIC
+#: included): the isolation ``provision`` sets up has none. The controller reaches them as a
+#: member of each account role, which no ACL shows.
+FOREIGN_GRANTS = """
+SELECT 'schema ' || n.nspname, a.privilege_type,
+       CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END
+FROM pg_namespace n, aclexplode(n.nspacl) a
+WHERE n.nspname LIKE 'wa\\_%' AND a.grantee <> n.nspowner
+UNION ALL
+SELECT 'table ' || n.nspname || '.' || c.relname, a.privilege_type,
+       CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a
+WHERE n.nspname LIKE 'wa\\_%' AND a.grantee <> c.relowner
+ORDER BY 1, 2, 3"""
+#: Roles an account role was made a member of: with ``SET ROLE`` it could use their rights
+#: (``NOINHERIT`` only stops it using them without).
+ACCOUNT_MEMBERSHIPS = """
+SELECT m.rolname, r.rolname FROM pg_auth_members am
+JOIN pg_roles m ON m.oid = am.member JOIN pg_roles r ON r.oid = am.roleid
+WHERE m.rolname LIKE 'wa\\_%' ORDER BY 1, 2"""
+
+
+def newer_schemas(versions: dict[str, int], known: int) -> list[str]:
+    """The accounts' schemas a newer wabridge migrated (their worker refuses to start here:
+    exit 16), each named with its version, for ``wabridgectl doctor``."""
+    return [f"schema {schema} is at store version {version}, newer than this wabridge's "
+            f"{known} (its worker will not start: upgrade wabridge on this host)"
+            for schema, version in sorted(versions.items()) if version > known]
+
+
+def prepared(cfg: config.Config, user_id: str, directory: Path | None = None) -> Path | None:
+    """The password file ``prepare`` last wrote for a worker whose start is under way (None:
+    SQLite, or none yet), without a new password: a second StartUnit is a no-op for
+    systemd, and the worker it started already loaded this one."""
+    if cfg.storage.backend != "postgresql":
+        return None
+    path = password_file(user_id, directory or PASSWORD_DIR)
+    return path if path.exists() else None
 
 
 def health(admin: psycopg.Connection[tuple[Any, ...]]) -> tuple[list[str], dict[str, int]]:
@@ -170,6 +229,10 @@ def health(admin: psycopg.Connection[tuple[Any, ...]]) -> tuple[list[str], dict[
             "SELECT rolname FROM pg_roles WHERE rolname LIKE 'wa\\_%' AND (rolsuper OR "
             "rolcreaterole OR rolcreatedb OR rolbypassrls OR rolreplication) ORDER BY 1"):
         problems.append(f"account role {name} has more rights than its own schema")
+    problems += [f"{what} grants {privilege} to {grantee}" for what, privilege, grantee
+                 in admin.execute(FOREIGN_GRANTS)]
+    problems += [f"account role {member} is a member of {role} (SET ROLE reaches its rights)"
+                 for member, role in admin.execute(ACCOUNT_MEMBERSHIPS)]
     versions: dict[str, int] = {}
     schemas = admin.execute(
         "SELECT n.nspname, has_schema_privilege(n.oid, 'USAGE') AND "

@@ -10,11 +10,13 @@ the external contract (apps read and write them) and stay as they are:
 - a **Claude session**: the worker's conversation with Claude for one chat (``agent/``),
   never stored here.
 
-Two implementations behind :class:`ControlPlane`: Firestore (``controller/firestore.py``) and a
-local SQLite store (``controller/local.py``), chosen by ``controller.control_plane``. One
-contract suite (``tests/test_control_plane_contract.py``) runs against both.
+Three implementations behind :class:`ControlPlane`: Firestore (``controller/firestore.py``), a
+local SQLite store (``controller/local.py``) and PostgreSQL (``controller/pgplane.py``), chosen
+by ``controller.control_plane``. One contract suite (``tests/test_control_plane_contract.py``)
+runs against all three.
 
-Layout (same names in both backends, after the seed's collections):
+Layout (same names in every backend, after the seed's collections; the PostgreSQL plane's
+tables are ``accounts`` and ``link_records`` for the first and last):
 - ``user_sessions/{userId}``: ``status`` (see :class:`wabridge.status.DocStatus`), ``qrCode``
   (PNG data URL), ``qrRaw`` (the raw QR string, for terminals), ``pairingPhone`` /
   ``pairingCode``, ``phone``, ``pushName``, ``error`` ({code, message, at}), ``host``,

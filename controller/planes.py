@@ -1,9 +1,12 @@
-"""Which control plane this host uses: ``controller.control_plane``, or for ``auto`` Firestore
-when any Firebase setting, ``$FIRESTORE_EMULATOR_HOST`` or a ``firebase`` credential
-(``$CREDENTIALS_DIRECTORY``, systemd's ``LoadCredential=``) is there, else the local store.
+"""Which control plane this host uses: ``controller.control_plane`` (``postgres`` only when
+named), or for ``auto`` Firestore when any Firebase setting, ``$FIRESTORE_EMULATOR_HOST`` or a
+``firebase`` credential (``$CREDENTIALS_DIRECTORY``, systemd's ``LoadCredential=``) is there,
+else the local store.
 
 One rule for the controller (``choose_plane``) and ``wabridgectl doctor`` (``plane_kind``).
 The implementations are imported only once chosen: the CLI never loads the Firestore SDK.
+The PostgreSQL plane connects to ``storage.postgres_url`` as the controller's role, with the
+password the storage backend uses (the ``postgres-password`` credential).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def plane_kind(cfg: config.Config, environ: Mapping[str, str] = os.environ) -> str:
-    """``"firestore"`` or ``"local"``."""
+    """``"firestore"``, ``"local"`` or ``"postgres"``."""
     choice = cfg.controller.control_plane
     if choice != "auto":
         return choice
@@ -41,7 +44,13 @@ def emulator_host(cfg: config.Config, environ: Mapping[str, str] = os.environ) -
 
 
 def choose_plane(cfg: config.Config) -> ControlPlane:
-    if plane_kind(cfg) == "firestore":
+    kind = plane_kind(cfg)
+    if kind == "postgres":
+        from controller.pg_roles import controller_password  # noqa: PLC0415 - only once chosen
+        from controller.pgplane import PostgresPlane  # noqa: PLC0415 - only once chosen
+
+        return PostgresPlane(cfg.storage.postgres_url, password=controller_password())
+    if kind == "firestore":
         from controller.firestore import FirestorePlane  # noqa: PLC0415 - only once chosen
 
         firebase = dataclasses.replace(cfg.firebase, emulator_host=emulator_host(cfg))

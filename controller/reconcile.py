@@ -182,6 +182,17 @@ def for_doc(doc: AccountDoc, unit: UnitView | None) -> list[Action]:
     return []
 
 
+def retried_start(doc: AccountDoc | None, unit: UnitView | None, start: Start) -> list[Action]:
+    """A start that could not be prepared (PostgreSQL unavailable), tried again: only while
+    the document still wants a worker, and not over a worker started meanwhile (unless the
+    start was a restart)."""
+    if doc is None or doc.status not in RUNNING_STATUSES:
+        return []
+    if unit is not None and unit.running and not start.restart:
+        return []
+    return [start]
+
+
 def exit_kind(unit: UnitView) -> str:
     """How the unit's last process ended, as a stable word for documents and metrics.
 

@@ -14,26 +14,53 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from wabridge.protocol import SlotState
 
-# Measured PSS of one live Claude CLI chat (bench/results/engines-*.json: ~110 MB after a
-# turn, more after hundreds of turns), and the part of the fleet's memory Claude may take:
-# the rest is for the workers themselves and for growth of long conversations.
+# The default budget (``claude.host_max_processes = 0``) is what is left of the fleet slice
+# once the running workers are paid for, with a reserve kept back, in CLI processes:
+#   budget = (slice x (1 - RESERVE_SHARE) - running workers x PER_WORKER_BYTES
+#             - those of them on the api engine x API_SDK_BYTES) // PER_CHAT_BYTES
+# recomputed at every slot decision, so each account that starts takes its share from Claude.
+# Figures from ``make bench`` (bench/results/): a neonize worker in its connecting state
+# (the real account's cost, rounded up), the anthropic SDK a worker on the ``api`` engine
+# loads (bench.engines' first turn), one live CLI chat (~110 MB after a turn). The
+# reserve is for the controller and for CLIs that grow in long conversations (up to ~270 MB
+# after hundreds of turns). Counting workers rather than reading the slice's memory.current:
+# that counts page cache and momentary peaks, and would shrink the budget whenever a CLI's
+# own memory grew, so the controller would be taking slots back from the chats it measures.
 PER_CHAT_BYTES = 110 * 2**20
-CLAUDE_SHARE = 0.5
+PER_WORKER_BYTES = 50 * 2**20
+API_SDK_BYTES = 30 * 2**20
+RESERVE_SHARE = 0.15
 FLEET_SLICE = Path("/sys/fs/cgroup/wabridge.slice/memory.max")
 FLEET_SHARE = 0.9  # wabridge.slice's MemoryMax=90% where the cgroup file is not readable
 
 Key = tuple[str, str]  # (user id, chat id)
 
 
-def default_budget(memory_bytes: int) -> int:
-    """Claude processes a fleet with ``memory_bytes`` of memory may run at once."""
-    return max(1, int(memory_bytes * CLAUDE_SHARE) // PER_CHAT_BYTES)
+def default_budget(memory_bytes: int, workers: int, api_workers: int = 0) -> int:
+    """Claude CLI processes a fleet slice of ``memory_bytes`` may run beside ``workers``
+    running workers, ``api_workers`` of them on the ``api`` engine; 0 when the workers alone
+    fill it (every CLI chat then apologises)."""
+    left = (int(memory_bytes * (1 - RESERVE_SHARE)) - workers * PER_WORKER_BYTES
+            - api_workers * API_SDK_BYTES)
+    return max(0, left // PER_CHAT_BYTES)
+
+
+def on_api_engine(settings: Mapping[str, Any], host_engine: str) -> bool:
+    """Whether a worker with these document ``settings`` runs its chats on the ``api`` engine
+    (it then loads the SDK and takes no CLI slot): the user's ``engine``, else the host's
+    ``claude.engine``; never with ``tools = wabridge`` (as ``agent.policy.engine_for``; an
+    invalid value, which the worker refuses, counts as the host's)."""
+    if settings.get("tools") == "wabridge":
+        return False
+    engine = settings.get("engine")
+    return (engine if engine in ("cli", "api") else host_engine) == "api"
 
 
 def fleet_memory(slice_file: Path = FLEET_SLICE, meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -102,17 +129,31 @@ def decide(budget: int, held: Sequence[Held], wanted: Sequence[Wanted]) -> Decis
 class SlotLedger:
     """The controller's view of the host's Claude processes, changed by workers' reports."""
 
-    def __init__(self, budget: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.budget = budget
+    def __init__(self, budget: int | Callable[[], int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._budget = budget
         self._clock = clock
         self.held: dict[Key, Held] = {}
         self.wanted: dict[Key, Wanted] = {}
         self.peak = 0  # most slots held at once (diagnostics, tests)
 
     @classmethod
-    def for_host(cls, budget: int) -> SlotLedger:
-        """``claude.host_max_processes``; 0: derived from the fleet slice's memory."""
-        return cls(budget or default_budget(fleet_memory()))
+    def for_host(cls, budget: int, workers: Callable[[], tuple[int, int]]) -> SlotLedger:
+        """``claude.host_max_processes``; 0: derived from the fleet slice's memory and the
+        ``workers`` running now, and how many of them are on the ``api`` engine (read at every
+        decision)."""
+        if budget:
+            return cls(budget)
+        memory = fleet_memory()
+        return cls(lambda: default_budget(memory, *workers()))
+
+    @property
+    def budget(self) -> int:
+        return self._budget() if callable(self._budget) else self._budget
+
+    @budget.setter
+    def budget(self, budget: int) -> None:
+        self._budget = budget
 
     def report(self, user_id: str, chat_id: str, state: SlotState) -> Decision:
         key = (user_id, chat_id)

@@ -108,6 +108,11 @@ class Emulator:
         return f"{HOST}:{self.port}"
 
     @property
+    def pid(self) -> int:
+        """The emulator's process (and process group: it leads its own session); 0 if none."""
+        return self._proc.pid if self._proc is not None else 0
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

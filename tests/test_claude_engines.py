@@ -47,6 +47,7 @@ from test_engine import (
 )
 
 from agent import budget, rotation
+from agent.anthropic_import import reexports
 from agent.claude_api import request_messages
 from agent.engine import BUDGET_NOTICE
 from agent.main import api_settings
@@ -326,3 +327,14 @@ async def test_a_restarted_worker_continues_the_stored_conversation(
     body = texts(api.message_requests()[-1])
     assert "the code word is PELICAN" in body
     assert rotation.RECENT_HEADER not in body  # resumed as it was, not rebuilt from a seed
+
+
+@pytest.mark.parametrize(("source", "names"), [
+    ("from .message import Message as Message\n", {"Message": ("message", "Message")}),
+    ("from . import types\nfrom ._client import Client, AsyncClient as AC\n",
+     {"types": (None, "types"), "Client": ("_client", "Client"), "AC": ("_client", "AsyncClient")}),
+    ("from .lib.vertex import *\nimport typing as _t\nfrom typing import Any\n", {}),
+])
+def test_a_lazy_sdk_package_finds_each_name_where_its_init_would_import_it(
+        source: str, names: dict[str, tuple[str | None, str]]) -> None:
+    assert reexports(source) == names

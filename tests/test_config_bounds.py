@@ -37,8 +37,8 @@ def _load(tmp_path: Path, key: str, value: Any) -> Any:
 
 # (key, value, problem, allowed): refused, with "config key '<key>': <problem> (allowed: ...)"
 REFUSED: list[tuple[str, Any, str, str]] = [
-    ("controller.control_plane", "sqlite", "'sqlite' is not one of auto, firestore, local",
-     "auto, firestore, local"),
+    ("controller.control_plane", "sqlite",
+     "'sqlite' is not one of auto, firestore, local, postgres", "auto, firestore, local, postgres"),
     ("controller.metrics_listen", "h:65536", "'h:65536' is not HOST:PORT", LISTEN),
     ("controller.metrics_listen", "h:0", "'h:0' is not HOST:PORT", LISTEN),
     ("controller.metrics_listen", "h:", "'h:' is not HOST:PORT", LISTEN),
@@ -332,6 +332,20 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
     assert str(info.value) == f"config key '(file)': {a_dir} cannot be read: Is a directory"
 
 
+def test_the_postgres_control_plane_needs_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "wabridge.toml"
+    path.write_text('[controller]\ncontrol_plane = "postgres"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert info.value.key == "storage.postgres_url"
+    assert "controller.control_plane is postgres" in info.value.problem
+    path.write_text('[controller]\ncontrol_plane = "postgres"\n[storage]\n'
+                    'postgres_url = "postgresql://wabridge@db/wabridge"\n', encoding="utf-8")
+    cfg = load(path, environ={})
+    assert cfg.controller.control_plane == "postgres"
+    assert cfg.storage.backend == "sqlite"  # the accounts' stores may stay files
+
+
 def test_the_default_file() -> None:
     assert Path("/etc/wabridge/wabridge.toml") == config.DEFAULT_PATH
 
@@ -341,9 +355,10 @@ def test_the_reference_table_starts_with_its_header() -> None:
     assert lines[:3] == [
         "| key | default | allowed | meaning |",
         "|---|---|---|---|",
-        "| `controller.control_plane` | `'auto'` | auto, firestore, local | Where accounts "
-        "are requested and reported. `auto` picks Firestore when Firebase credentials or an "
-        "emulator are configured, else the local SQLite store. |",
+        "| `controller.control_plane` | `'auto'` | auto, firestore, local, postgres | Where "
+        "accounts are requested and reported. `auto` picks Firestore when Firebase credentials "
+        "or an emulator are configured, else the local SQLite store; `postgres` keeps them in "
+        "`storage.postgres_url`'s database (a fleet without Firebase). |",
     ]
 
 
@@ -355,8 +370,9 @@ def test_the_example_file_layout() -> None:
         "",
         "[controller]",
         "# Where accounts are requested and reported. `auto` picks Firestore when "
-        "Firebase credentials or an emulator are configured, else the local SQLite store.",
-        "# allowed: auto, firestore, local",
+        "Firebase credentials or an emulator are configured, else the local SQLite store; "
+        "`postgres` keeps them in `storage.postgres_url`'s database (a fleet without Firebase).",
+        "# allowed: auto, firestore, local, postgres",
         '#control_plane = "auto"',
     ]
     # each section ends with a blank line before the next one

@@ -1,8 +1,10 @@
-"""One contract for every ControlPlane: Firestore (on the emulator) and the local SQLite store.
+"""One contract for every ControlPlane: Firestore (on the emulator), the local SQLite store and
+PostgreSQL (the session's private cluster).
 
-Each contract test runs once per backend (ids ``firestore`` and ``local``) in a fresh
-namespace: a new Firestore project per test, a new database file per test. Tests that need the
-emulator skip with the reason when it cannot run here (``-ra`` prints it). Backend-specific
+Each contract test runs once per backend (ids ``firestore``, ``local`` and ``postgres``) in a
+fresh namespace: a new Firestore project, a new database file, a new PostgreSQL schema per
+test. Tests that need the emulator or the PostgreSQL binaries skip with the reason when they
+cannot run here (``-ra`` prints it). Backend-specific
 tests (listener recovery, outages, schema versions, configuration errors) follow the contract.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -20,12 +23,18 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import firestore_emulator as emulator_helper  # tests/ is on sys.path (no __init__.py)
+import postgres_cluster
+import psycopg
+import psycopg.sql
 import pytest
 import pytest_asyncio
+from postgres_cluster import Cluster
 
 from controller import firestore as firestore_plane
+from controller import pgplane
 from controller.firestore import FirestorePlane, map_error
 from controller.local import SCHEMA_VERSION, LocalPlane
+from controller.pgplane import PostgresPlane
 from controller.plane import (
     AccountDoc,
     Change,
@@ -86,7 +95,7 @@ class Store:
 
 
 @pytest_asyncio.fixture(
-    params=[pytest.param("firestore", marks=pytest.mark.firestore), "local"],
+    params=[pytest.param("firestore", marks=pytest.mark.firestore), "local", "postgres"],
 )
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "firestore":
@@ -94,6 +103,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         address: str = request.getfixturevalue("firestore_emulator")
         config = emulator_config(address)
         result = Store("firestore", lambda: FirestorePlane(config, deadline=10.0))
+    elif request.param == "postgres":
+        # the session's shared cluster (tests/conftest.py); skips with the reason
+        cluster: Cluster = request.getfixturevalue("postgres")
+        schema = f"plane_{uuid.uuid4().hex[:12]}"
+        result = Store("postgres", lambda: PostgresPlane(cluster.conninfo(), schema=schema))
     else:
         db = tmp_path / "control" / "control.db"
         result = Store("local", lambda: LocalPlane(db))
@@ -229,7 +243,8 @@ async def test_rewatch_delivers_everything_again_and_keeps_watching(store: Store
 
 
 PLANES = [pytest.param("controller.local", "LocalPlane"),
-          pytest.param("controller.firestore", "FirestorePlane")]
+          pytest.param("controller.firestore", "FirestorePlane"),
+          pytest.param("controller.pgplane", "PostgresPlane")]
 
 
 @pytest.mark.parametrize(("module", "name"), PLANES)
@@ -925,5 +940,324 @@ async def test_local_migration_keys_records_by_user(tmp_path: Path) -> None:
         assert [s["text"] for s in await plane.summaries("alice_", "c")] == ["t"]
         await plane.add_message("alice", event("_in:X", ts=6.0, text="attacker's"))
         assert await plane.messages("alice_") == [old]
+    finally:
+        await plane.close()
+
+
+# -- PostgreSQL specifics -------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_schema(postgres: Cluster) -> Callable[..., PostgresPlane]:
+    """Planes on one fresh schema of the session's cluster (closed by the test)."""
+    schema = f"plane_{uuid.uuid4().hex[:12]}"
+
+    def make(**kwargs: object) -> PostgresPlane:
+        return PostgresPlane(postgres.conninfo(), schema=schema, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+def _superuser(cluster: Cluster) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(cluster.conninfo(), autocommit=True)
+
+
+async def _kill_listener(cluster: Cluster, plane: PostgresPlane) -> None:
+    """What a server restart or a network cut does to the feed's connection."""
+    def kill() -> int:
+        with _superuser(cluster) as conn:
+            return len(conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s", (f"wabridge feed {plane.schema}",)).fetchall())
+
+    assert await asyncio.to_thread(kill) == 1
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not {what} within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_postgres_a_notify_missed_while_the_listener_was_down_is_caught_by_resync(
+        postgres: Cluster, pg_schema: Callable[..., PostgresPlane],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTIFY is not durable: a request written while the feed's connection is lost is never
+    heard. ``feed_alive`` says so at once (the controller's watchdog sees it), the request is
+    among ``pending_requests`` (the controller's resync), and ``rewatch`` delivers it."""
+    monkeypatch.setattr(pgplane, "BACKOFF_MIN", 60.0)  # the feed stays down on its own
+    plane, writer = pg_schema(), pg_schema()
+    try:
+        seen = Collector()
+        await plane.watch(seen)
+        await writer.request("alice", DocStatus.CREATE_REQUESTED)
+        await seen.until(doc_of("alice"))
+        assert plane.feed_alive()
+        await _kill_listener(postgres, plane)
+        await _until(lambda: not plane.feed_alive(), 5.0, "reported lost")
+        mark = len(seen.all)
+        await writer.request("bob", DocStatus.CREATE_REQUESTED)
+        await asyncio.sleep(1.0)
+        assert not any(doc_of("bob")(c) for c in seen.all[mark:]), "heard while down?"
+        assert "bob" in {d.user_id for d in await plane.pending_requests()}
+        await plane.rewatch()
+        assert plane.feed_alive()
+        await seen.saw(doc_of("bob", DocStatus.CREATE_REQUESTED), mark)
+        await writer.request("carol", DocStatus.CREATE_REQUESTED)  # and it listens again
+        await seen.saw(doc_of("carol"), mark)
+    finally:
+        await plane.close()
+        await writer.close()
+
+
+async def test_postgres_feed_reopens_itself_and_reads_what_it_missed(
+        postgres: Cluster, pg_schema: Callable[..., PostgresPlane]) -> None:
+    plane, writer = pg_schema(), pg_schema()
+    try:
+        await writer.request("alice", DocStatus.CREATE_REQUESTED)
+        seen = Collector()
+        await plane.watch(seen)
+        await seen.until(doc_of("alice"))
+        await _kill_listener(postgres, plane)
+        await _until(lambda: not plane.feed_alive(), 5.0, "reported lost")
+        mark = len(seen.all)
+        await writer.delete("alice")
+        await writer.request("bob", DocStatus.CREATE_REQUESTED)
+        # re-opened after ~0.5 s: the deletion it did not hear arrives as Removed
+        await seen.saw(removed("alice"), mark, 10.0)
+        await seen.saw(doc_of("bob"), mark, 10.0)
+        assert plane.feed_alive()
+        await writer.request("carol", DocStatus.CREATE_REQUESTED)
+        await seen.saw(doc_of("carol"), mark)
+    finally:
+        await plane.close()
+        await writer.close()
+
+
+async def test_postgres_a_burst_of_100_requests_is_all_delivered(
+        postgres: Cluster, pg_schema: Callable[..., PostgresPlane]) -> None:
+    """100 requests, each its own transaction, from another client's connection (and one
+    written by hand in SQL, as an operator might: the trigger notifies whoever writes)."""
+    plane = pg_schema()
+    try:
+        seen = Collector()
+        await plane.watch(seen)
+        users = [f"u{i:03}" for i in range(100)]
+
+        def burst() -> None:
+            with _superuser(postgres) as conn:
+                conn.execute(psycopg.sql.SQL("SET search_path TO {}").format(
+                    psycopg.sql.Identifier(plane.schema)))
+                for user in users:
+                    conn.execute("INSERT INTO accounts (user_id, fields) VALUES (%s, %s)",
+                                 (user, json.dumps({"status": "create_requested"})))
+
+        await asyncio.to_thread(burst)
+        await _until(lambda: {c.user_id for c in seen.all if doc_of(c.user_id,
+                     DocStatus.CREATE_REQUESTED)(c)} >= set(users), 10.0, "all delivered")
+        # the status column is derived from what the client wrote
+        assert {d.user_id for d in await plane.pending_requests()} == set(users)
+        # and through the plane, 100 writes in flight at once
+        writer = pg_schema()
+        try:
+            mark = len(seen.all)
+            await asyncio.gather(*(writer.request(u, DocStatus.DESTROY_REQUESTED)
+                                   for u in users))
+            await _until(lambda: {c.user_id for c in seen.all[mark:] if doc_of(
+                c.user_id, DocStatus.DESTROY_REQUESTED)(c)} == set(users), 10.0, "all delivered")
+        finally:
+            await writer.close()
+    finally:
+        await plane.close()
+
+
+async def test_postgres_concurrent_merges_lose_nothing(
+        postgres: Cluster, pg_schema: Callable[..., PostgresPlane]) -> None:
+    """A merge that waits for another host's merge of the same document reads what that one
+    wrote (the row is held from the read to the write), and merges from two planes at once
+    (the first write creating the document) keep every field."""
+    first, second = pg_schema(), pg_schema()
+    try:
+        await asyncio.gather(
+            *(first.update("alice", {"settings": {f"a{i}": i}}) for i in range(20)),
+            *(second.update("alice", {"settings": {f"b{i}": i}}) for i in range(20)))
+        doc = await first.get("alice")
+        assert doc is not None
+        assert doc.settings == {**{f"a{i}": i for i in range(20)},
+                                **{f"b{i}": i for i in range(20)}}
+        assert isinstance(doc.data["updatedAt"], float)  # the database's clock
+
+        with _superuser(postgres) as other:  # another host, in the middle of its merge
+            other.execute(psycopg.sql.SQL("SET search_path TO {}").format(
+                psycopg.sql.Identifier(first.schema)))
+            other.execute("BEGIN")
+            other.execute("UPDATE accounts SET fields = %s WHERE user_id = 'alice'",
+                          (json.dumps({"settings": {"other": 1}}),))
+            waiting = asyncio.create_task(first.update("alice", {"settings": {"mine": 2}}))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            other.execute("COMMIT")
+            await waiting
+        doc = await second.get("alice")
+        assert doc is not None and doc.settings == {"other": 1, "mine": 2}
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_postgres_refuses_a_newer_schema(
+        postgres: Cluster, pg_schema: Callable[..., PostgresPlane]) -> None:
+    plane = pg_schema()
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    await plane.close()
+    with _superuser(postgres) as conn:
+        conn.execute(psycopg.sql.SQL("UPDATE {}.schema_version SET version = %s").format(
+            psycopg.sql.Identifier(plane.schema)), (pgplane.SCHEMA_VERSION + 1,))
+    again = pg_schema()
+    try:
+        with pytest.raises(SchemaTooNew) as info:
+            await again.get("alice")
+        assert info.value.exit_code == ExitCode.SCHEMA_TOO_NEW
+        assert f"schema version {pgplane.SCHEMA_VERSION + 1}" in info.value.message
+        assert plane.schema in info.value.message
+    finally:
+        await again.close()
+    with _superuser(postgres) as conn:  # refused, not modified
+        version = conn.execute(psycopg.sql.SQL("SELECT version FROM {}.schema_version").format(
+            psycopg.sql.Identifier(plane.schema))).fetchone()
+        assert version == (pgplane.SCHEMA_VERSION + 1,)
+
+
+async def test_postgres_refused_login_is_denied_and_no_server_is_unavailable(
+        postgres: Cluster) -> None:
+    with _superuser(postgres) as conn:
+        conn.execute("CREATE ROLE plane_ctl LOGIN PASSWORD 'right'")
+    wrong = PostgresPlane(postgres.url("plane_ctl"), password="wrong", deadline=1.0)
+    try:
+        with pytest.raises(PlaneDenied) as denied:
+            await wrong.list_accounts()
+        assert "password" in str(denied.value) and "wrong" not in str(denied.value)
+    finally:
+        await wrong.close()
+    down = PostgresPlane(f"postgresql://ctl@127.0.0.1:{emulator_helper.free_port()}/x",
+                         deadline=1.0)  # constructing connects to nothing
+    try:
+        started = time.monotonic()
+        with pytest.raises(PlaneUnavailable):
+            await down.update("alice", {"status": "x"})
+        assert time.monotonic() - started < 10.0
+    finally:
+        await down.close()
+
+
+async def test_postgres_plane_is_chosen_and_checked_with_the_controllers_credential(
+        postgres: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``control_plane = "postgres"``: the controller logs in as its role with the
+    ``postgres-password`` credential (as for storage), and ``wabridgectl doctor`` reports the
+    plane's schema, then its version and documents once the controller made it."""
+    from controller import doctor, planes  # noqa: PLC0415
+    from wabridge import config  # noqa: PLC0415
+
+    database = f"plane_{uuid.uuid4().hex[:8]}"
+    with _superuser(postgres) as conn:
+        conn.execute("DROP ROLE IF EXISTS plane_owner")
+        conn.execute("CREATE ROLE plane_owner LOGIN PASSWORD 'owner-secret'")
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {} OWNER plane_owner").format(
+            psycopg.sql.Identifier(database)))
+    (tmp_path / "postgres-password").write_text("owner-secret\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = config.with_overrides(
+        config.with_overrides(config.Config(), "controller", control_plane="postgres"),
+        "storage", postgres_url=postgres.url("plane_owner", database))
+    assert planes.plane_kind(cfg) == "postgres"
+    check = await asyncio.to_thread(doctor.check_plane, cfg, None)
+    assert check.status == "fail" and "does not exist" in check.message, check
+    plane = planes.choose_plane(cfg)
+    try:
+        assert plane.name == "postgres"
+        await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    finally:
+        await plane.close()
+    check = await asyncio.to_thread(doctor.check_plane, cfg, "postgres")
+    assert check.status == "ok", check
+    assert check.message == (f"PostgreSQL plane postgresql plane_owner@127.0.0.1:"
+                             f"{postgres.port}/{database} schema wabridge_plane version "
+                             f"{pgplane.SCHEMA_VERSION}, 1 accounts")
+    (tmp_path / "postgres-password").write_text("wrong\n", encoding="utf-8")
+    check = await asyncio.to_thread(doctor.check_plane, cfg, "postgres")
+    assert check.status == "fail" and "password" in check.message and "wrong" not in (
+        check.message)
+
+
+def _pg_ctl(cluster: Cluster, *args: str) -> None:
+    """``pg_ctl`` on a private cluster (tests/postgres_cluster.py's layout), as its owner."""
+    owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*owner, str(postgres_cluster.bin_dir() / "pg_ctl"),
+                    "-D", str(cluster.socket_dir / "data"), *args],
+                   check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.slow  # a private cluster, stopped for a few seconds
+async def test_postgres_plane_rides_out_a_server_restart() -> None:
+    """While the server is down a call fails with PlaneUnavailable after its deadline and the
+    feed says it is not alive; once it is back both connections re-open by themselves and
+    the feed delivers again."""
+    reason = postgres_cluster.available()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    with postgres_cluster.running() as private:
+        plane = PostgresPlane(private.conninfo(), schema="p", deadline=2.0)
+        writer = PostgresPlane(private.conninfo(), schema="p", deadline=30.0)
+        claimer = PostgresPlane(private.conninfo(), schema="p", deadline=30.0)
+        try:
+            seen = Collector()
+            await plane.watch(seen)
+            await writer.request("alice", DocStatus.CREATE_REQUESTED)
+            await seen.until(doc_of("alice"))
+            assert await claimer.get("alice") is not None  # its connection, idle from here
+            await asyncio.to_thread(_pg_ctl, private, "-m", "fast", "-w", "stop")
+            await _until(lambda: not plane.feed_alive(), 15.0, "reported lost")
+            started = time.monotonic()
+            with pytest.raises(PlaneUnavailable):
+                await plane.get("alice")
+            assert time.monotonic() - started < 10.0
+            options = (f"-k {private.socket_dir} -p {private.port} -c listen_addresses="
+                       f"{postgres_cluster.HOST} -c fsync=off")
+            await asyncio.to_thread(_pg_ctl, private, "-o", options, "-l",
+                                    str(private.socket_dir / "log"), "-w", "start")
+            mark = len(seen.all)
+            await writer.request("bob", DocStatus.CREATE_REQUESTED)
+            await seen.saw(doc_of("bob"), mark, 15.0)
+            assert plane.feed_alive()
+            got = await plane.get("bob")
+            assert got is not None and got.status == DocStatus.CREATE_REQUESTED
+            # a claim is never sent twice, but one that cannot have been sent is retried
+            assert await claimer.claim("bob", frozenset({DocStatus.CREATE_REQUESTED}),
+                                       DocStatus.STARTING, "host-a")
+        finally:
+            await plane.close()
+            await writer.close()
+            await claimer.close()
+
+
+async def test_postgres_plane_is_out_of_the_accounts_roles_reach(
+        postgres: Cluster, pg_schema: Callable[..., PostgresPlane]) -> None:
+    """A worker's own role (controller/pg_roles.py) can neither read nor write the plane."""
+    from controller import pg_roles  # noqa: PLC0415
+    from wabridge.postgres import account_role  # noqa: PLC0415
+
+    plane = pg_schema()
+    await plane.request("alice", DocStatus.CREATE_REQUESTED)
+    user = f"reader-{uuid.uuid4().hex[:6]}"
+    with _superuser(postgres) as admin:
+        password = pg_roles.provision(admin, user)
+    try:
+        with psycopg.connect(postgres.url(account_role(user)),
+                             password=password, autocommit=True) as worker:
+            table = psycopg.sql.Identifier(plane.schema, "accounts")
+            for statement in ("SELECT fields FROM {}", "UPDATE {} SET fields = '{{}}'"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    worker.execute(psycopg.sql.SQL(statement).format(table))
     finally:
         await plane.close()

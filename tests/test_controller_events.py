@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from fakes.units import ScriptedSystemd
 from controller.local import LocalPlane
 from controller.main import Controller
 from controller.plane import AccountDoc
+from controller.slots import default_budget, fleet_memory
 from controller.unit_manager import UnitState
 from wabridge import config, protocol
 from wabridge.status import DocStatus, WorkerState
@@ -145,3 +147,23 @@ async def test_worker_reports_are_written_even_when_the_cached_document_lags(
         await controller.on_frame("alice", protocol.State(seq=seq, state=st, detail=st.value))
         assert (await doc_of(plane)).status is DocStatus(st.value)
     assert (await doc_of(plane)).status is DocStatus.CONNECTED
+
+
+async def test_the_derived_claude_budget_pays_for_the_workers_running_now(
+        world: tuple[Controller, LocalPlane, ScriptedSystemd]) -> None:
+    controller, _, _ = world
+    ledger = controller.server.slots
+    assert ledger is not None and controller.cfg.claude.host_max_processes == 0
+    memory = fleet_memory()
+    assert ledger.budget == default_budget(memory, 0)
+    for user, active in (("u1", "active"), ("u2", "activating"), ("u3", "deactivating"),
+                         ("u4", "failed"), ("u5", "inactive")):
+        controller.user(user).unit = replace(state(active, "x"), user_id=user,
+                                             unit=f"wabridge-worker@{user}.service")
+    assert controller.running_workers() == (3, 0)  # starting and stopping ones hold memory
+    assert ledger.budget == default_budget(memory, 3) < default_budget(memory, 0)
+    # an account on the api engine also holds the SDK
+    controller.user("u1").doc = AccountDoc("u1", None, None, settings={"engine": "api"})
+    controller.user("u4").doc = AccountDoc("u4", None, None, settings={"engine": "api"})
+    assert controller.running_workers() == (3, 1)  # u4's unit failed: it holds nothing
+    assert ledger.budget == default_budget(memory, 3, 1)

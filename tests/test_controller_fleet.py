@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 from fakes.units import ScriptedSystemd
+from harness.net import free_port
 from postgres_cluster import Cluster
 
 from controller import ctl, pg_roles
@@ -215,8 +216,35 @@ async def until(cond: Callable[[], Any], timeout: float, what: str) -> None:
 
 
 @pytest.fixture
-async def fleet(postgres: Cluster, tmp_path: Path,
-                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Fleet]:
+async def notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """``NOTIFY_SOCKET`` for the controllers: READY=1 etc. are read and dropped (a full
+    queue would block the sender's event loop)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sock.fileno(), sock.recv, 4096)
+    yield
+    loop.remove_reader(sock.fileno())
+    sock.close()
+
+
+def host_config(name: str, tmp_path: Path, url: str) -> config.Config:
+    return config.load(None, {
+        "WABRIDGE__CONTROLLER__SOCKET": str(tmp_path / f"{name}-w.sock"),
+        "WABRIDGE__CONTROLLER__ADMIN_SOCKET": str(tmp_path / f"{name}-a.sock"),
+        "WABRIDGE__CONTROLLER__HOST_ID": name,
+        "WABRIDGE__CONTROLLER__RESYNC_INTERVAL": "1",
+        "WABRIDGE__CONTROLLER__METRICS_LISTEN": "",
+        "WABRIDGE__STORAGE__BACKEND": "postgresql",
+        "WABRIDGE__STORAGE__POSTGRES_URL": url,
+        **{f"WABRIDGE__FLEET__{k}": v for k, v in FLEET.items()}})
+
+
+@pytest.fixture
+async def fleet(postgres: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                notify: None) -> AsyncIterator[Fleet]:
     dbname = f"fleet_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(postgres.conninfo(), autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {dbname}")
@@ -224,23 +252,10 @@ async def fleet(postgres: Cluster, tmp_path: Path,
     world = World(postgres.conninfo(dbname))
     # the accounts' password files go to the test's directory, not /run
     monkeypatch.setattr(pg_roles.prepare, "__defaults__", (tmp_path / "pg-passwords",))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # READY=1 etc., read and
-    notify.bind(str(tmp_path / "notify"))                       # dropped (a full queue would
-    notify.setblocking(False)                                   # block the sender's loop)
-    asyncio.get_running_loop().add_reader(notify.fileno(), notify.recv, 4096)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     plane_file = tmp_path / "plane.sqlite"
 
     def make(name: str) -> Host:
-        env = {"WABRIDGE__CONTROLLER__SOCKET": str(tmp_path / f"{name}-w.sock"),
-               "WABRIDGE__CONTROLLER__ADMIN_SOCKET": str(tmp_path / f"{name}-a.sock"),
-               "WABRIDGE__CONTROLLER__HOST_ID": name,
-               "WABRIDGE__CONTROLLER__RESYNC_INTERVAL": "1",
-               "WABRIDGE__CONTROLLER__METRICS_LISTEN": "",
-               "WABRIDGE__STORAGE__BACKEND": "postgresql",
-               "WABRIDGE__STORAGE__POSTGRES_URL": url,
-               **{f"WABRIDGE__FLEET__{k}": v for k, v in FLEET.items()}}
-        cfg = config.load(None, env)
+        cfg = host_config(name, tmp_path, url)
         units = HostUnits(world, name)
         controller = Controller(cfg, LocalPlane(plane_file), units)
         return Host(name, controller, units, cfg.controller.admin_socket)
@@ -255,8 +270,6 @@ async def fleet(postgres: Cluster, tmp_path: Path,
         host.units.conn.close()
         host.controller.notifier.socket.close()
     await result.plane.close()
-    asyncio.get_running_loop().remove_reader(notify.fileno())
-    notify.close()
     assert world.overlaps == []
 
 
@@ -347,3 +360,60 @@ async def test_drain_moves_one_at_a_time_and_undrain_pulls_nothing_back(
     await fleet.create("u4")  # a new account goes to the emptier host
     await until(lambda: fleet.world.where("u4") == {"host-a"}, 10, "u4 on host-a")
     assert all(fleet.world.where(u) == {"host-b"} for u in ("u1", "u2", "u3"))
+
+
+async def test_restart_takes_a_new_epoch_and_unlink_stops_where_it_runs(fleet: Fleet) -> None:
+    """A restart stops the worker, then takes the lease again (a new epoch) and starts it on
+    the same host; an unlink is stopped by the host that runs it, and only then does the
+    document say ``stopped``."""
+    await fleet.up("host-a")
+    await fleet.up("host-b")
+    await fleet.create("u1", "u2")
+    await until(lambda: fleet.world.where("u1") and fleet.world.where("u2"), 15, "running")
+    (host,) = fleet.world.where("u1")
+    units = fleet.hosts[host].units
+    epoch = units.epochs["u1"]
+    await fleet.plane.request("u1", DocStatus.RESTART_REQUESTED)
+    await until(lambda: units.epochs.get("u1", epoch) > epoch, 10, "restarted")
+    assert fleet.world.where("u1") == {host}
+    stops, starts = fleet.world.times(host, "stop", "u1"), fleet.world.times(host, "start", "u1")
+    assert len(stops) == 1 and len(starts) == 2 and starts[0] < stops[0] < starts[1]
+    doc = await fleet.plane.get("u1")
+    assert doc is not None and doc.status is DocStatus.STARTING and doc.host == host
+
+    (host2,) = fleet.world.where("u2")
+    seen: list[tuple[DocStatus | None, set[str]]] = []
+    other = next(h for h in fleet.hosts.values() if h.name != host2)
+    other.controller.watchers.watch("u2", lambda d: seen.append(
+        (d.status if d else None, set(fleet.world.where("u2")))))
+    await fleet.plane.request("u2", DocStatus.DESTROY_REQUESTED)
+    await until(lambda: not fleet.world.where("u2"), 10, "u2 stopped")
+    await until(lambda: seen and seen[-1][0] is DocStatus.STOPPED, 10, "u2 says stopped")
+    assert all(not running for status, running in seen if status is DocStatus.STOPPED)
+    assert fleet.world.times(host2, "stop", "u2")
+
+
+async def test_a_controller_without_its_database_runs_starts_nothing_and_says_why(
+        tmp_path: Path, notify: None) -> None:
+    """PostgreSQL unreachable at start-up: the controller runs (its watchdog fed), starts no
+    worker (no lease can be taken), and ``hosts`` names the database."""
+    cfg = host_config("host-a", tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    units = ScriptedSystemd()
+    plane = LocalPlane(tmp_path / "plane.sqlite")
+    controller = Controller(cfg, plane, units)
+    task = asyncio.create_task(controller.run())
+    try:
+        await until(lambda: controller.loaded and "fleet" in {
+            t.get_name() for t in controller.supervised}, 10, "running")
+        await plane.request("u1", DocStatus.CREATE_REQUESTED)
+        await asyncio.sleep(1.5)  # several ticks and a resync
+        assert "start" not in units.calls
+        assert controller.health_problem() is None
+        client = ctl.AdminClient(cfg.controller.admin_socket, timeout=10)
+        with pytest.raises(ctl.CtlError, match=r"127\.0\.0\.1") as err:
+            await asyncio.to_thread(client.call, "hosts")
+        assert err.value.code == "fleet_unavailable"
+    finally:
+        controller.stop.set()
+        assert await asyncio.wait_for(task, 10) == 0
+        controller.notifier.socket.close()

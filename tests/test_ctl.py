@@ -531,7 +531,7 @@ def test_doctor_invalid_config(
     assert checks["config"]["status"] == "fail"
     assert checks["config"]["message"] == (
         f"{host['config']}: config key 'controller.control_plane': 'nope' is not one of "
-        "auto, firestore, local (allowed: auto, firestore, local)")
+        "auto, firestore, local, postgres (allowed: auto, firestore, local, postgres)")
     assert "python3 -m wabridge.config" in checks["config"]["fix"]
 
 
@@ -659,3 +659,83 @@ def test_read_env_file(tmp_path: Path) -> None:
     path = tmp_path / "env"
     path.write_text('# c\n; c\nexport A=1\nB="two words"\nC=\'3\'\nbroken\n\nD = 4\n')
     assert host_checks.read_env_file(path) == {"A": "1", "B": "two words", "C": "3", "D": "4"}
+
+
+# --- fleet: hosts, drain, undrain, move ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["hosts"], ["drain", "host-b"], ["undrain", "host-b"],
+                                  ["move", "alice", "host-b"]])
+def test_fleet_commands_say_fleet_mode_is_off(served: ThreadedAdmin, argv: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, *sock(served), *argv)
+    assert code == ctl.FAILED
+    assert "fleet mode is off" in err and out == ""
+    code, out, _ = run(capsys, *sock(served), "--json", *argv)
+    assert code == ctl.FAILED
+    assert json.loads(out)["error"]["code"] == "fleet_off"
+
+
+FLEET_HOSTS = [
+    {"host": "host-a", "alive": True, "draining": False, "accounts": 2, "max_workers": 40,
+     "memory_mb": 2048, "heartbeat_age": 1.25, "started_at": None},
+    {"host": "host-b", "alive": False, "draining": True, "accounts": 0, "max_workers": 40,
+     "memory_mb": 2048, "heartbeat_age": 75.0, "started_at": None},
+]
+
+
+def test_hosts_table(served: ThreadedAdmin, facade: FakeFacade,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    facade.fleet_hosts = [dict(r) for r in FLEET_HOSTS]
+    code, out, _ = run(capsys, *sock(served), "hosts")
+    assert code == ctl.OK
+    lines = out.splitlines()
+    assert lines[0].split() == ["HOST", "ALIVE", "DRAINING", "ACCOUNTS", "MAX", "MEMORY",
+                                "HEARTBEAT"]
+    assert lines[1].split() == ["host-a", "yes", "no", "2", "40", "2.0G", "1.2s", "ago"]
+    assert lines[2].split() == ["host-b", "NO", "yes", "0", "40", "2.0G", "75.0s", "ago"]
+    code, out, _ = run(capsys, *sock(served), "hosts", "--json")
+    assert json.loads(out) == {"hosts": FLEET_HOSTS}
+
+
+def test_drain_undrain_and_move(served: ThreadedAdmin, facade: FakeFacade,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    facade.fleet_hosts = [dict(r) for r in FLEET_HOSTS]
+    code, out, _ = run(capsys, *sock(served), "drain", "host-a")
+    assert code == ctl.OK and "draining host-a" in out
+    assert facade.fleet_hosts[0]["draining"] is True
+    code, out, _ = run(capsys, *sock(served), "undrain", "host-a")
+    assert code == ctl.OK and "none are pulled back" in out
+    assert facade.fleet_hosts[0]["draining"] is False
+    code, out, _ = run(capsys, *sock(served), "move", "alice", "host-a")
+    assert code == ctl.OK and "moving alice to host-a" in out
+    assert facade.pins == {"alice": "host-a"}
+
+
+@pytest.mark.parametrize(("argv", "code", "word"), [
+    (["drain", "host-z"], ctl.FAILED, "unknown_host"),
+    (["move", "alice", "host-z"], ctl.FAILED, "unknown_host"),
+    (["move", "nobody", "host-a"], ctl.FAILED, "unknown_user"),
+    (["move", "bad user", "host-a"], ctl.USAGE, "bad_user_id"),
+])
+def test_fleet_commands_name_what_is_wrong(served: ThreadedAdmin, facade: FakeFacade,
+                                           argv: list[str], code: int, word: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    facade.fleet_hosts = [dict(r) for r in FLEET_HOSTS]
+    got, out, _ = run(capsys, *sock(served), "--json", *argv)
+    assert got == code
+    assert json.loads(out)["error"]["code"] == word
+    assert facade.pins == {}
+
+
+def test_status_shows_the_host_in_a_fleet(served: ThreadedAdmin, facade: FakeFacade,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    facade.change("alice", {"host": "host-a"})
+    code, out, _ = run(capsys, *sock(served), "status")
+    assert code == ctl.OK and "HOST" not in out  # one host (as without a fleet): no column
+    facade.change("bob", {"host": "host-b"})
+    code, out, _ = run(capsys, *sock(served), "status")
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["USER", "STATUS", "HOST"]
+    assert lines[1].split()[:3] == ["alice", "connected", "host-a"]
+    assert lines[2].split()[:3] == ["bob", "crashed", "host-b"]

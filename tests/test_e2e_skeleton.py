@@ -1,8 +1,11 @@
-"""The walking skeleton, end to end through a real systemd.
+"""The walking skeleton, end to end through a real systemd, on two control planes: Firestore
+(the emulator) and PostgreSQL (the session's cluster, which the controller inside the
+namespace reaches on 127.0.0.1 with its ``postgres-password`` credential).
 
-A Firestore document becomes a worker unit; the sim phone scans its QR; a contact's message is
+A document becomes a worker unit; the sim phone scans its QR; a contact's message is
 answered by the real Claude Code CLI through the fake Anthropic API, quoting the original.
-One fleet serves the whole module; the tests run in order, each building on the last.
+One fleet per plane serves the whole module; the tests run in order, each building on the
+last.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from collections.abc import Iterator
 import pytest
 from fleet import Fleet, wait_until
 from harness.systemd_ns import available
+from plane_pg import PlaneFleet, postgres_plane
 
 pytestmark = [
     pytest.mark.systemd,
-    pytest.mark.firestore,
     pytest.mark.claude,
     pytest.mark.skipif(available() is not None, reason=f"no systemd harness: {available()}"),
 ]
@@ -25,9 +28,15 @@ ALICE_PHONE = "5511999990001"
 CONTACT = "5511988887777"
 
 
-@pytest.fixture(scope="module")
-def fleet(firestore_emulator: str) -> Iterator[Fleet]:
-    with Fleet(plane="firestore", emulator_host=firestore_emulator) as f:
+@pytest.fixture(scope="module",
+                params=[pytest.param("firestore", marks=pytest.mark.firestore), "postgres"])
+def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    if request.param == "firestore":
+        emulator: str = request.getfixturevalue("firestore_emulator")
+        with Fleet(plane="firestore", emulator_host=emulator) as f:
+            yield f
+        return
+    with postgres_plane(request.getfixturevalue("postgres")) as plane, PlaneFleet(plane) as f:
         yield f
 
 
@@ -90,7 +99,7 @@ def test_controller_down_worker_keeps_answering(fleet: Fleet) -> None:
             "while the controller is away" in str(m.get("text")) for m in fleet.messages("alice")
         ),
         30,
-        "the queued report to reach Firestore after the controller came back",
+        "the queued report to reach the plane after the controller came back",
     )
 
 

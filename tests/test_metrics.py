@@ -11,6 +11,7 @@ import pytest
 from agent.main import test_fault as fault_of
 from controller.metrics import (
     FleetSnapshot,
+    HostsFigures,
     WorkerFigures,
     escape_label,
     render,
@@ -279,3 +280,20 @@ def test_usage_of_the_day_is_exported_per_user() -> None:
     assert got['wabridge_usage_today_tokens{user="dana",kind="cache_creation"}'] == "7"
     assert got['wabridge_usage_today_tokens{user="dana",kind="cache_read"}'] == "9"
     assert got['wabridge_usage_today_transcription_seconds{user="dana"}'] == "12.5"
+
+
+def test_render_hosts_of_a_fleet() -> None:
+    """fleet.enabled: accounts held per host (a live host holding none shows 0), the live
+    hosts, and this host's lease counters; without a fleet, none of these series."""
+    hosts = HostsFigures(me="host-a", held={"host-a": 3, "host-c": 1},
+                         alive=("host-a", "host-b"), acquired=5, lost=1)
+    got = samples(render(FleetSnapshot(plane="local", hosts=hosts)))
+    assert {k: v for k, v in got.items() if "host" in k} == {
+        'wabridge_host_accounts{host="host-a"}': "3",
+        'wabridge_host_accounts{host="host-b"}': "0",
+        'wabridge_host_accounts{host="host-c"}': "1",
+        "wabridge_hosts_alive": "2",
+        'wabridge_lease_acquisitions_total{host="host-a"}': "5",
+        'wabridge_lease_losses_total{host="host-a"}': "1",
+    }
+    assert "host" not in render(FleetSnapshot(plane="local")).replace("wabridge_controller", "")

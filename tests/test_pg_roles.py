@@ -4,20 +4,23 @@ cluster with password logins over TCP."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import postgres_cluster
 import psycopg
 import pytest
 from postgres_cluster import Cluster
 
-from agent.store import PostgresTarget, Store
+from agent.store import MIGRATIONS, PostgresTarget, Store
 from agent.whatsapp.events import IncomingMessage
 from controller import doctor, pg_roles
 from controller.systemd import worker_dropin
-from wabridge import config, fleet_db
+from wabridge import config, database, fleet_db
 from wabridge.config import with_overrides
 from wabridge.postgres import account_role
 
@@ -191,3 +194,78 @@ def test_doctor_names_an_unreachable_database() -> None:
                          postgres_url="postgresql://ctl@127.0.0.1:1/wabridge")
     check = doctor.check_database(cfg)
     assert check.status == "fail" and "ctl@127.0.0.1:1/wabridge" in check.message
+
+
+def test_the_controller_knows_the_store_schema_version() -> None:
+    """``wabridgectl doctor`` compares account schemas with this (the controller cannot
+    import the worker's code): it must follow every new migration step."""
+    assert len(MIGRATIONS) == database.STORE_SCHEMA_VERSION
+
+
+def test_doctor_names_grants_memberships_and_newer_schemas(
+        postgres: Cluster, admin: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """Each way an account's isolation can be undone by hand is named, as is a schema that
+    a newer wabridge migrated (its worker refuses to start here)."""
+    roles = {}
+    for user in ("gina", "hank"):
+        pw = pg_roles.provision(admin, user)
+        roles[user] = account_role(user)
+        Store(PostgresTarget(postgres.url(roles[user]), roles[user], pw)).close()
+    gina, hank = roles["gina"], roles["hank"]
+    check = doctor.check_database(_pg_cfg(postgres))
+    assert check.status == "ok", check
+    assert f"(this wabridge: {database.STORE_SCHEMA_VERSION}" in check.message
+
+    undo = [  # (S608: the identifiers are our own role names)
+        (f"GRANT USAGE ON SCHEMA {hank} TO {gina}", f"REVOKE USAGE ON SCHEMA {hank} FROM {gina}",
+         f"schema {hank} grants USAGE to {gina}"),
+        (f"GRANT SELECT ON {hank}.inbox TO PUBLIC",
+         f"REVOKE SELECT ON {hank}.inbox FROM PUBLIC",  # noqa: S608
+         f"table {hank}.inbox grants SELECT to PUBLIC"),
+        (f"GRANT {hank} TO {gina}", f"REVOKE {hank} FROM {gina}",
+         f"account role {gina} is a member of {hank}"),
+        (f"UPDATE {hank}.schema_version SET version = 99",  # noqa: S608
+         f"UPDATE {hank}.schema_version SET version = {len(MIGRATIONS)}",  # noqa: S608
+         f"schema {hank} is at store version 99, newer than this wabridge's {len(MIGRATIONS)}"),
+    ]
+    for do, revert, named in undo:
+        admin.execute(do)
+        try:
+            check = doctor.check_database(_pg_cfg(postgres))
+        finally:
+            admin.execute(revert)
+        assert check.status == "fail", (do, check)
+        assert named in check.message, (do, check.message)
+    assert doctor.check_database(_pg_cfg(postgres)).status == "ok"
+
+
+def test_one_pg_dump_as_the_controller_holds_every_account(
+        postgres: Cluster, tmp_path: Path) -> None:
+    """README "PostgreSQL", backups: ``pg_dump`` as the controller's role (a member of every
+    account role) reads every account's schema, and ``pg_restore`` as that role brings them
+    back (here into a second database of the same server, where the roles exist)."""
+    role, password, database = postgres.controller_role()
+    with psycopg.connect(postgres.url(role, database), password=password,
+                         autocommit=True) as admin:
+        passwords = {u: pg_roles.provision(admin, u) for u in ("ivy", "jack")}
+    for user, pw in passwords.items():
+        store = Store(PostgresTarget(postgres.url(account_role(user), database),
+                                     account_role(user), pw))
+        store.add_inbound(_msg(f"{user}'s message"))
+        store.close()
+    env = {**os.environ, "PGPASSWORD": password}
+    tool = postgres_cluster.bin_dir()
+    where = ["-h", "127.0.0.1", "-p", str(postgres.port), "-U", role]
+    dump = tmp_path / "wabridge.dump"
+    subprocess.run([str(tool / "pg_dump"), *where, "-Fc", "-f", str(dump), database],
+                   env=env, check=True, capture_output=True, timeout=60)
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as su:  # as README: once
+        su.execute(f"CREATE DATABASE {database}_restored OWNER {role}")
+    subprocess.run([str(tool / "pg_restore"), *where, "-d", f"{database}_restored", str(dump)],
+                   env=env, check=True, capture_output=True, timeout=60)
+    for user, pw in passwords.items():
+        store = Store(PostgresTarget(postgres.url(account_role(user), f"{database}_restored"),
+                                     account_role(user), pw))
+        assert [p.message.text for p in store.pending_inbound("c@s.whatsapp.net")] == [
+            f"{user}'s message"]
+        store.close()

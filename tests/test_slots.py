@@ -24,6 +24,9 @@ from agent.pool import ClaudePool
 from agent.store import Store
 from controller.server import WorkerServer
 from controller.slots import (
+    PER_CHAT_BYTES,
+    PER_WORKER_BYTES,
+    RESERVE_SHARE,
     Decision,
     Held,
     SlotLedger,
@@ -31,6 +34,7 @@ from controller.slots import (
     decide,
     default_budget,
     fleet_memory,
+    on_api_engine,
 )
 from wabridge import protocol
 
@@ -79,13 +83,73 @@ def test_decide(budget: int, holders: list[Held], wanted: list[Wanted],
     assert decide(budget, holders, wanted) == expected
 
 
-@pytest.mark.parametrize(("memory", "budget"), [
-    (24 * 1024 * MB * 0.9, 100),  # a 24 GB host, slice at 90 %
-    (512 * MB, 2),
-    (100 * MB, 1),  # never 0: every chat could only apologise
+GB24 = 24 * 1024 * MB * 0.9  # a 24 GB host's fleet slice (MemoryMax=90%)
+
+
+@pytest.mark.parametrize(("memory", "workers", "api_workers", "budget"), [
+    (GB24, 0, 0, 170),  # an empty host: 85 % of 21.6 GB at 110 MB per CLI
+    (GB24, 100, 0, 125),
+    (GB24, 300, 0, 34),  # 300 accounts take 15 GB of it
+    (GB24, 300, 100, 7),  # 100 of them on the api engine: the SDK in each
+    (GB24, 300, 120, 1),
+    (GB24, 300, 300, 0),
+    (GB24, 376, 0, 0),  # the workers alone fill the slice: no CLI is promised
+    (GB24, 1000, 0, 0),
+    (512 * MB, 0, 0, 3),
+    (512 * MB, 8, 0, 0),
 ])
-def test_default_budget(memory: float, budget: int) -> None:
-    assert default_budget(int(memory)) == budget
+def test_default_budget_pays_for_the_running_workers_first(
+        memory: float, workers: int, api_workers: int, budget: int) -> None:
+    assert default_budget(int(memory), workers, api_workers) == budget
+
+
+@pytest.mark.parametrize(("settings", "host", "on_api"), [
+    ({}, "cli", False),
+    ({}, "api", True),
+    ({"engine": "api"}, "cli", True),
+    ({"engine": "cli"}, "api", False),
+    ({"engine": "api", "tools": "wabridge"}, "api", False),  # tools run on the CLI only
+    ({"tools": "none"}, "api", True),
+    ({"engine": "gpt"}, "cli", False),  # refused by the worker: it keeps the host's
+    ({"engine": None}, "api", True),
+])
+def test_a_worker_is_on_the_api_engine_by_its_settings_else_the_hosts(
+        settings: dict[str, Any], host: str, on_api: bool) -> None:
+    assert on_api_engine(settings, host) is on_api
+
+
+@pytest.mark.parametrize("workers", [0, 1, 50, 150, 300, 350, 400])
+def test_the_default_budget_and_the_workers_fit_in_the_slice(workers: int) -> None:
+    # what the budget promises, at the measured costs, is never more than the slice holds
+    # (less its reserve), however many accounts run
+    budget, room = default_budget(int(GB24), workers), GB24 * (1 - RESERVE_SHARE)
+    used = budget * PER_CHAT_BYTES + workers * PER_WORKER_BYTES
+    if budget:
+        assert used <= room < used + PER_CHAT_BYTES  # as many as fit, no more
+    else:
+        assert used + PER_CHAT_BYTES > room  # not even one fits
+
+
+def test_the_derived_budget_follows_the_running_workers(tmp_path: Path) -> None:
+    # as accounts start, their share comes out of Claude's: slots granted under the old
+    # budget are reclaimed (idle ones) at the next decision, no new one is granted
+    running = [0]
+    ledger = SlotLedger(lambda: default_budget(int(GB24), running[0]))
+    assert ledger.budget == 170
+    for chat in range(3):
+        ledger.report("a", str(chat), "idle")
+    running[0] = 370  # 2 CLIs fit beside them
+    assert ledger.budget == 2
+    assert ledger.report("b", "1", "want") == Decision(reclaim=(("a", "0"), ("a", "1")))
+    running[0] = 376
+    assert ledger.report("a", "2", "busy") == Decision()  # a busy one is never reclaimed
+    assert ledger.report("a", "0", "gone") == Decision()
+    assert ledger.report("a", "1", "gone") == Decision()  # over budget: b still waits
+    assert ledger.report("a", "2", "idle") == Decision(reclaim=(("a", "2"),))
+
+
+def test_a_configured_budget_ignores_the_workers() -> None:
+    assert SlotLedger.for_host(7, lambda: (10_000, 0)).budget == 7
 
 
 def test_fleet_memory_reads_the_slice_else_the_host(tmp_path: Path) -> None:

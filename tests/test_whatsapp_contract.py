@@ -463,24 +463,44 @@ async def test_sim_messages_queued_offline_arrive_on_connect(
 @sim_only
 async def test_sim_unacked_message_is_redelivered(sim: Any, sim_backends: Backends) -> None:
     """A sink that fails means no ack: the sim re-delivers on the next connect."""
+    wa_id = await _to_a_failing_sink(sim, sim_backends, "persist me")
+    _third, events = sim_backends.start()
+    await events.wait(IncomingMessage, 5, lambda m: m.wa_id == wa_id)
+
+
+async def _to_a_failing_sink(sim: Any, sim_backends: Backends, text: str) -> str:
+    """A contact writes ``text`` while the account is offline; a backend whose sink raises
+    for it receives it and stops. Returns the message's id."""
     first, _ = await sim_backends.linked()
     await first.stop(timeout=3.0)
-    wa_id = await sim.contact_sends(CONTACT, "persist me")
-
+    wa_id = await sim.contact_sends(CONTACT, text)
     failing = Events()
 
     def broken_sink(event: Event) -> None:
         failing.sink(event)
         if isinstance(event, IncomingMessage):
-            raise RuntimeError("disk full")
+            raise RuntimeError("store down")
 
     backend = sim.make_backend(sim_backends.ctx)
     backend.start(broken_sink)
     sim_backends.started.append(backend)
     await failing.wait(IncomingMessage, 5, lambda m: m.wa_id == wa_id)
     await backend.stop(timeout=3.0)
+    return str(wa_id)
+
+
+@sim_only
+async def test_sim_acks_on_receipt_with_the_test_hook(
+        sim: Any, sim_backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``WABRIDGE_TEST_SIM_ACK=receipt`` (tests/test_e2e_postgres.py): neonize's order, the
+    ack before the sink, so a sink that fails has the only copy (nothing is re-delivered)."""
+    monkeypatch.setenv("WABRIDGE_TEST_HOOKS", "1")
+    monkeypatch.setenv("WABRIDGE_TEST_SIM_ACK", "receipt")
+    wa_id = await _to_a_failing_sink(sim, sim_backends, "acked at once")
     _third, events = sim_backends.start()
-    await events.wait(IncomingMessage, 5, lambda m: m.wa_id == wa_id)
+    await events.wait(Connected, 5)
+    await asyncio.sleep(1.0)
+    assert not [m for m in events.of(IncomingMessage) if m.wa_id == wa_id]
 
 
 @sim_only

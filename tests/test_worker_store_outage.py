@@ -9,14 +9,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from postgres_cluster import Cluster
 
 from agent import main
 from agent.main import Worker
-from agent.store import Store
+from agent.placement import open_store
+from agent.store import PostgresTarget, Store
 from agent.whatsapp import events as ev
+from controller import pg_roles
 from wabridge import config
 from wabridge.config import with_overrides
+from wabridge.postgres import account_role
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +120,105 @@ async def test_a_healthy_store_passes_messages_straight_through(tmp_path: Path) 
     assert worker.events.get_nowait().wa_id == "3A3"  # type: ignore[attr-defined]
     assert worker.inbound_hold.held == []
     _close(worker, store)
+
+
+async def test_a_message_arriving_while_older_ones_are_held_waits_behind_them(
+        tmp_path: Path) -> None:
+    """The store answers again before the hold's retry: a new message must not be committed
+    ahead of the older, held ones of its chat (turns follow the inbox's order)."""
+    worker, store = await _worker(tmp_path)
+    store.down = True
+    _sink_from_another_thread(worker, _msg(1))
+    store.down = False
+    _sink_from_another_thread(worker, _msg(2))
+    assert [m.wa_id for m in worker.inbound_hold.held] == ["3A1", "3A2"]
+    assert store.pending_chats() == []
+    worker.inbound_hold.next_try = 0.0
+    worker.retry_held_inbound()
+    assert [p.wa_id for p in store.pending_inbound("4915@s.whatsapp.net")] == ["3A1", "3A2"]
+    _close(worker, store)
+
+
+async def test_a_task_that_meets_a_store_outage_starts_again_and_the_worker_runs_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    worker, store = await _worker(tmp_path)
+    monkeypatch.setattr(store, "is_outage", lambda exc: isinstance(exc, ConnectionError))
+    runs: list[float] = []
+
+    async def pump() -> None:
+        runs.append(asyncio.get_running_loop().time())
+        if len(runs) == 1:
+            raise ConnectionError("server closed the connection unexpectedly")
+        await worker.stop.wait()
+
+    worker.task_factories = {"pump": pump}
+    first = asyncio.create_task(pump(), name="pump")
+    first.add_done_callback(worker._task_done)
+    worker.tasks.append(first)
+    for _ in range(60):
+        if len(runs) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(runs) == 2, "the task was not started again"
+    assert runs[1] - runs[0] >= 0.9  # after the backoff (1 s), not in a tight loop
+    assert not worker.stop.is_set() and worker.exit_code == main.ExitCode.OK
+    again = worker.tasks[0]
+    assert again is not first and not again.done()
+    worker.stop.set()
+    await again
+    _close(worker, store)
+
+
+async def test_any_other_task_failure_still_stops_the_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    worker, store = await _worker(tmp_path)
+    monkeypatch.setattr(store, "is_outage", lambda exc: isinstance(exc, ConnectionError))
+
+    async def pump() -> None:
+        raise RuntimeError("a bug")
+
+    worker.task_factories = {"pump": pump}
+    task = asyncio.create_task(pump(), name="pump")
+    task.add_done_callback(worker._task_done)
+    worker.tasks.append(task)
+    await asyncio.wait_for(worker.stop.wait(), 2)
+    assert worker.exit_code == main.ExitCode.FAILURE
+    _close(worker, store)
+
+
+def test_a_worker_started_while_postgres_is_down_waits_for_it(
+        postgres: Cluster, tmp_path: Path) -> None:
+    """systemd restarted the worker while the server is down: it waits (the unit
+    "activating", its start timeout extended, saying why) instead of exiting into the unit's
+    start limit; the store opens once the server is back."""
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as admin:
+        password = pg_roles.provision(admin, "waiter")
+    role = account_role("waiter")
+    target = PostgresTarget(postgres.url(role), role, password)
+    told: list[str] = []
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            postgres.start()
+
+    postgres.stop()
+    try:
+        store = open_store(target, told.append, sleep)
+    finally:
+        if len(waits) < 3:
+            postgres.start()
+    assert waits == [1.0, 2.0, 4.0]  # backoff
+    assert store.pending_chats() == []
+    store.close()
+    assert any(t.startswith("STATUS=waiting for the database (postgresql wa_waiter_")
+               and "Connection refused" in t for t in told), told
+    assert "EXTEND_TIMEOUT_USEC=31000000" in told
+    assert password not in " ".join(told)
+
+
+def test_a_store_that_cannot_open_for_another_reason_fails_at_once(tmp_path: Path) -> None:
+    (tmp_path / "agent.db").mkdir()  # not a database file
+    with pytest.raises(Exception, match=r"unable to open|not a database|directory"):
+        open_store(tmp_path / "agent.db", lambda _t: None, lambda _s: pytest.fail("waited"))

@@ -95,9 +95,10 @@ class ControllerConfig:
     control_plane: str = _opt(
         "auto",
         "Where accounts are requested and reported. `auto` picks Firestore when Firebase "
-        "credentials or an emulator are configured, else the local SQLite store.",
-        allowed="auto, firestore, local",
-        check=_one_of("auto", "firestore", "local"),
+        "credentials or an emulator are configured, else the local SQLite store; `postgres` "
+        "keeps them in `storage.postgres_url`'s database (a fleet without Firebase).",
+        allowed="auto, firestore, local, postgres",
+        check=_one_of("auto", "firestore", "local", "postgres"),
     )
     socket: str = _opt(
         "/run/wabridge/controller.sock",
@@ -273,9 +274,15 @@ class ClaudeConfig:
         0,
         "Live Claude CLI processes on the whole host, handed out by the controller to chats "
         "(the account holding the fewest first); when all are taken, the least recently used "
-        "idle process on the host is closed for a waiting chat. 0: half the fleet slice's "
-        "memory divided by ~110 MB per process (about 100 on a 24 GB host). While the "
-        "controller is unreachable each worker keeps to `max_processes` alone.",
+        "idle process on the host is closed for a waiting chat. 0: derived, and kept current "
+        "as accounts start and stop: 85 % of the fleet slice's memory, less ~50 MB per "
+        "running worker (~80 MB on the `api` engine: its SDK), divided by ~110 MB per "
+        "process (the costs `make bench` measures; the 15 % is for the controller and CLIs "
+        "that grow in long conversations). A 24 GB "
+        "host: 170 with no account running, 125 beside 100 accounts, 34 beside 300, none "
+        "from 376. Workers are counted rather than the slice's used memory, which includes "
+        "page cache and the very CLIs being budgeted. While the controller is unreachable "
+        "each worker keeps to `max_processes` alone.",
         check=_between(0, 100_000),
     )
     slot_wait: float = _opt(
@@ -665,6 +672,9 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     if claude.engine == "api" and api_model(claude) not in parse_prices(claude.api_prices):
         raise ConfigError("claude.api_prices", f"has no price for the model {api_model(claude)!r}"
                           " the api engine uses", allowed="model=input/output, comma separated")
+    if cfg.controller.control_plane == "postgres" and not cfg.storage.postgres_url:
+        raise ConfigError("storage.postgres_url", "is empty but controller.control_plane is "
+                          "postgres", allowed="postgresql:// URL without a password")
     if cfg.storage.backend == "postgresql" and not cfg.storage.postgres_url:
         raise ConfigError("storage.postgres_url", "is empty but storage.backend is postgresql",
                           allowed="postgresql:// URL without a password")

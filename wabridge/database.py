@@ -30,6 +30,11 @@ from wabridge.errors import SchemaTooNew
 
 Migration = Callable[[sqlite3.Connection], None]
 
+#: The schema version of the worker's store this release writes (``len(agent.store.
+#: MIGRATIONS)``; ``tests/test_pg_roles.py`` keeps them equal): the controller's side cannot
+#: import the worker's code, and ``wabridgectl doctor`` compares each account's schema with it.
+STORE_SCHEMA_VERSION = 7
+
 
 class Db(Protocol):
     """What :func:`migrate` needs of a connection: SQLite's, or

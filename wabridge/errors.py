@@ -16,6 +16,9 @@
     │                                                   schema is not made yet (controller's job)
     ├── StoreUnavailable          controller.pg_roles   store_unavailable: the account's role
     │                                                   could not be prepared (start refused)
+    ├── FleetUnavailable          controller.fleet      fleet_unavailable: the fleet's tables
+    │                                                   cannot be reached (nothing is started;
+    │                                                   running workers keep their leases)
     ├── ForeignRecordError        wabridge.errors       not_your_record: a write that would
     │                                                   replace another user's record (refused)
     ├── TranscriptionError        wabridge.errors       not_transcribed: a voice note the

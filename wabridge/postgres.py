@@ -19,7 +19,9 @@ needs no declared type, as in SQLite.
 - Migrations are :func:`wabridge.database.migrate`'s, run with :func:`immediate`.
 
 Errors: :class:`SchemaMissing` when the schema is absent; psycopg's own ``OperationalError``
-otherwise (the server is down or refused us): the worker exits and systemd restarts it.
+otherwise (the server is down or refused us: :func:`is_outage`): the worker keeps what it
+has and retries with backoff (``agent.main``, store outages), the controller retries
+preparing the account (``controller.pg_roles.retry_delay``).
 """
 
 from __future__ import annotations
@@ -162,6 +164,12 @@ def connect(conninfo: str, schema: str, *, password: str | None = None) -> Conne
         conn.close()
         raise SchemaMissing(f"schema {schema!r} does not exist")
     return Connection(conn, schema)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """``exc`` says the server cannot be reached or dropped us (down, restarting, our backend
+    ended, a refused login): a call to retry later on a new connection, not a bug."""
+    return isinstance(exc, psycopg.OperationalError)
 
 
 @contextmanager

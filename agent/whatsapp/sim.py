@@ -18,7 +18,10 @@ exits and systemd starts a fresh one. After a terminal outcome (``LoggedOut``,
 
 Messages: the sink is called first (it persists the message), then the message is acked to the
 sim. Unacked messages are re-delivered by the sim on the next connect, so the agent must
-deduplicate (it does, by chat, sender and id).
+deduplicate (it does, by chat, sender and id). Test hook: with ``WABRIDGE_TEST_HOOKS=1`` and
+``WABRIDGE_TEST_SIM_ACK=receipt`` the message is acked *before* the sink sees it, as neonize
+does (whatsmeow acks on receipt): then the worker's own hold (``agent.inbound_hold``) is the
+only copy of a message its store refused, as in production.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ SEND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 MAX_FRAME = 16 * 1024 * 1024
 HOST_ID_ENV = "WABRIDGE_HOST_ID"  # set by a fleet's controller in the unit's drop-in
+
+
+def ack_on_receipt(environ: dict[str, str] | None = None) -> bool:
+    """The test hook of the module docstring (neonize's ack order)."""
+    env = os.environ if environ is None else environ
+    return env.get("WABRIDGE_TEST_HOOKS") == "1" and env.get("WABRIDGE_TEST_SIM_ACK") == "receipt"
 
 
 class _Terminal(Exception):
@@ -188,6 +197,7 @@ class SimBackend(WhatsAppBackend):
         self._pending: dict[int, asyncio.Future[str]] = {}
         self._pair_phone: str | None = None
         self._pair_sent = False  # on the current connection
+        self._ack_first = ack_on_receipt()
 
     # ------------------------------------------------------------------ interface
 
@@ -372,14 +382,17 @@ class SimBackend(WhatsAppBackend):
         kind = frame.get("type")
         if kind == "message":
             message = self._to_message(frame)
+            if self._ack_first:  # neonize's order: from here on the worker holds the only copy
+                await ws.send_json({"type": "ack", "id": frame.get("id")})
             if message is not None:
                 try:
                     self._deliver(message)
                 except Exception:
-                    # Not acked: the sim re-delivers it on the next connect.
+                    # Not acked (unless on receipt): the sim re-delivers it on the next connect.
                     log.exception("whatsapp.sink_failed", wa_id=message.wa_id)
                     return
-            await ws.send_json({"type": "ack", "id": frame.get("id")})
+            if not self._ack_first:
+                await ws.send_json({"type": "ack", "id": frame.get("id")})
         elif kind == "qr":
             self._emit(QrCode(str(frame.get("code", ""))))
             if self._pair_phone is not None and not self._pair_sent:
