@@ -184,6 +184,13 @@ def test_a_host_frozen_longer_than_a_lease_stops_its_workers_without_sending(
     _exactly_once_everywhere(fleet, chats)
     after = running(fleet)
     assert all(after[u] != victim.host_id for u in frozen), after
+    # the thawed host's view of its stopped units changes nothing: each account stays
+    # connected where it runs now (make chaos-fleet found documents left "stopped" here)
+    time.sleep(5)
+    assert running(fleet) == after
+    for user in frozen:
+        doc = fleet.doc(user)
+        assert (doc.get("status"), doc.get("host")) == ("connected", after[user]), (user, doc)
     # the sim dropped the frozen sockets (no pong) before another host connected
     for user in frozen:
         intervals = fleet.sim.connections(ACCOUNTS[user])["devices"][0]["intervals"]
