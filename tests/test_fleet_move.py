@@ -91,7 +91,8 @@ def test_move_reconnects_without_a_qr_and_resumes_the_transcript(fleet: Fleet) -
     # systemd's SIGTERM reaches the CLI too (exit 143 during start-up; KillMode=
     # control-group). Answered exactly once all the same; reported as a bug.
     chats.assert_exactly_once(apologies=True)
-    assert len(chats.sent[(OTHER, ALICE)]) >= 3  # some were sent while it moved
+    # the first of them went out 0.3 s after the move began, the last after it ended
+    assert len(chats.sent[(OTHER, ALICE)]) >= 2
 
     # no QR: the same device (its token in alice's schema) reconnected from the other host
     record = fleet.sim.connections(ALICE)
