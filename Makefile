@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv lint test test-fast bench chaos mutate deb run lock clean
+.PHONY: venv lint test test-fast bench chaos chaos-fleet mutate deb run lock clean
 
 $(VENV)/.stamp: requirements.lock requirements-dev.lock
 	# Debian's python3, in a world-readable place: DynamicUser workers must read the venv.
@@ -34,6 +34,11 @@ bench: venv
 
 chaos: venv
 	$(PY) -m bench.chaos
+
+# Host kills and freezes under load across a fleet of namespaces on one PostgreSQL
+# (bench/chaos_fleet.py); JSON in bench/results/chaos-fleet-*.json
+chaos-fleet: venv
+	$(PY) -m bench.chaos_fleet
 
 # Mutation testing of the pure decision modules against their fast tests (6 min on 2 cores);
 # MODULES="agent/budget.py ..." for some of them. Report: bench/results/mutate-*.md and .json

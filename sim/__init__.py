@@ -6,7 +6,8 @@ WebSocket + test/phone API), :mod:`sim.main` the ``wabridge-sim`` entry point.
 
 Device WebSocket protocol (``GET /ws/device``, JSON text frames), device -> sim:
 
-- ``{"type":"hello","token":<str|null>}`` first; then
+- ``{"type":"hello","token":<str|null>,"client":<str>?}`` first (``client``: a label the
+  sim keeps with the connection's interval, e.g. the host a fleet worker runs on); then
 - ``{"type":"ack","id":...}`` for each delivered ``message`` (unacked ones are re-delivered on
   the next connect: at-least-once, like WhatsApp's offline queue);
 - ``{"type":"send","req":n,"to":<jid>,"text":...,"quote_id":...}`` -> ``sent``/``send_error``;

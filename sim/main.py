@@ -1,4 +1,5 @@
-"""``wabridge-sim [--listen HOST:PORT] [--state FILE] [--qr-rotate S] [--qr-max N]``.
+"""``wabridge-sim [--listen HOST:PORT] [--state FILE] [--qr-rotate S] [--qr-max N]
+[--heartbeat S]``.
 
 Defaults come from the ``[sim]`` section of the wabridge configuration. Runs until SIGTERM or
 SIGINT; tells systemd ``READY=1`` once listening when ``$NOTIFY_SOCKET`` is set.
@@ -13,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sim.server import SimServer
+from sim.server import HEARTBEAT, SimServer
 from wabridge import config as wconfig
 from wabridge import logs
 from wabridge.errors import ConfigError, ExitCode
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None, cfg: wconfig.Config) -> argparse.Namespac
                         help=f"seconds between QR rotations (default {cfg.sim.qr_rotate})")
     parser.add_argument("--qr-max", type=_count, default=6,
                         help="QR codes shown before qr_expired (default 6)")
+    parser.add_argument("--heartbeat", type=_positive, default=HEARTBEAT,
+                        help="seconds between pings on a device connection; one whose pong "
+                             f"is half that late is dropped (default {HEARTBEAT:g})")
     return parser.parse_args(argv)
 
 
@@ -63,7 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
     host, port = args.listen
     server = SimServer(
         host=host, port=port, qr_rotate=args.qr_rotate, qr_max=args.qr_max,
-        state_file=args.state,
+        state_file=args.state, heartbeat=args.heartbeat,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

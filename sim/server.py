@@ -17,6 +17,9 @@ HTTP API (JSON in and out; errors are ``{"error": code, "message": ..., "field":
                                             "group"?, ...}``: no ``to``/``group`` is the self
                                             chat -> ``{"id"}``; devices get it as ``from_me``
 ``GET  /api/accounts/{phone}/self-chat``    the account's own chat (phone and device lines)
+``GET  /api/devices/{phone}/connections``   every interval each device of the account was
+                                            connected, and its double connections
+``GET  /api/connections``                   the same for every account, with totals
 ``POST /api/accounts/{phone}/{outcome}``    logout, replace, ban ``{"expires_in"}``,
                                             outdated, disconnect; ``unban`` lifts a ban
 ==========================================  ==============================================
@@ -26,6 +29,9 @@ contacts who write to the linked accounts, and the owner's phone of each account
 
 The device WebSocket is ``GET /ws/device`` (protocol in :mod:`sim`). Each connection has one
 writer task fed by a queue, so frames leave in exactly the order the world produced them.
+The server pings every connection each ``heartbeat`` seconds and drops one whose pong does not
+come within half that, as WhatsApp drops a dead client: a frozen host's socket ends instead of
+looking connected forever (the interval ends ``ping_timeout``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ log = logs.get("wabridge.sim")
 MAX_BODY = 24 * 1024 * 1024  # a 16 MB file (tools.file_max_bytes) in base64 plus the rest
 SAVE_EVERY = 1.0  # seconds between state-file writes while things change
 
+HEARTBEAT = 30.0  # seconds between pings on a device connection (aiohttp's heartbeat)
 QR_PNG_SIZE = 384
 MAX_QR_CODE = 512  # characters of a code /api/qr.png renders
 
@@ -77,8 +84,12 @@ class SimServer:
         qr_max: int = 6,
         state_file: Path | None = None,
         tick: float | None = None,
+        heartbeat: float = HEARTBEAT,
     ) -> None:
+        if heartbeat <= 0:
+            raise ValueError("heartbeat must be positive")
         self.world = world or World(qr_rotate=qr_rotate, qr_max=qr_max)
+        self.heartbeat = heartbeat
         self.host = host
         self.port = port
         self.state_file = state_file
@@ -228,6 +239,8 @@ class SimServer:
         app.router.add_post("/api/accounts/{phone}/messages", self._owner_message)
         app.router.add_get("/api/accounts/{phone}/self-chat", self._self_chat)
         app.router.add_post("/api/accounts/{phone}/{outcome}", self._outcome)
+        app.router.add_get("/api/devices/{phone}/connections", self._connections)
+        app.router.add_get("/api/connections", self._all_connections)
         return app
 
     async def _index(self, _request: web.Request) -> web.Response:
@@ -291,6 +304,12 @@ class SimServer:
     async def _account(self, request: web.Request) -> web.Response:
         return web.json_response(self.world.account_state(request.match_info["phone"]))
 
+    async def _connections(self, request: web.Request) -> web.Response:
+        return web.json_response(self.world.connections(request.match_info["phone"]))
+
+    async def _all_connections(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.world.all_connections())
+
     async def _outcome(self, request: web.Request) -> web.Response:
         phone, outcome = request.match_info["phone"], request.match_info["outcome"]
         check_phone(phone)
@@ -305,7 +324,7 @@ class SimServer:
     # ------------------------------------------------------------------ device socket
 
     async def _ws_device(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_BODY)
+        ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=MAX_BODY)
         await ws.prepare(request)
         conn_id = self.world.open_conn()
         transport = request.transport
@@ -331,7 +350,11 @@ class SimServer:
                 else:
                     break
         finally:
-            self.world.close_conn(conn_id)
+            # aiohttp ends a connection whose pong is late with a TimeoutError
+            timed_out = isinstance(ws.exception(), TimeoutError)
+            self.world.close_conn(conn_id, "ping_timeout" if timed_out else "closed")
+            if timed_out:
+                log.info("sim.ping_timeout", conn=conn_id)
             link.queue.put_nowait(None)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(writer, 1.0)

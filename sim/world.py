@@ -15,6 +15,12 @@ Every method that changes the world returns the :data:`Action` list the server m
 out, in order: frames to send on connections and connections to close. Bad input raises
 :class:`WorldError` with an HTTP status, a stable ``code`` and the offending ``field``.
 ``tick()`` advances time-driven things (QR rotation); the clock is injectable.
+
+The world also keeps, per linked device, every interval during which it had a connection
+(:class:`Interval`: which connection, the client label its ``hello`` gave, when it began and
+ended and why), and counts **double connections**: a device saying ``hello`` while another
+of its connections is still open (the old one gets ``stream_replaced``, as WhatsApp does).
+A fleet must never cause one; tests read the record at ``GET /api/devices/{phone}/connections``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import random
 import re
 import time
@@ -41,6 +48,8 @@ KEEP_INBOX = 1_000  # per contact or group
 KEEP_READ_IDS = 1_000
 KEEP_PENDING = 1_000  # per device; the oldest unacked messages are dropped beyond
 KEEP_DEAD_CODES = 1_000
+KEEP_INTERVALS = 1_000  # per device; the oldest closed intervals are dropped beyond
+MAX_CLIENT_LABEL = 128
 PAIRING_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTVWXYZ"
 MEDIA_KINDS = frozenset(
     {"audio", "voice", "video", "document", "sticker", "location", "contact", "poll"}
@@ -158,6 +167,27 @@ class Pending:
     delivered: bool = False  # sent on the device's current connection
 
 
+#: Why a device's connection ended: the socket closed (either side), the server dropped it
+#: after unanswered pings, or the world ended it (the frame it sent first, or ``disconnect``).
+EndReason = Literal["closed", "ping_timeout", "stream_replaced", "logged_out",
+                    "temporary_ban", "client_outdated", "disconnect"]
+
+
+@dataclass
+class Interval:
+    """One stretch of time during which a device had a connection."""
+
+    conn: int
+    client: str  # the label the device's hello gave (a fleet sends its host id)
+    start: float
+    end: float | None = None  # None: still connected
+    ended_by: EndReason | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"conn": self.conn, "client": self.client, "start": self.start,
+                "end": self.end, "ended_by": self.ended_by}
+
+
 @dataclass
 class Device:
     id: str
@@ -166,6 +196,10 @@ class Device:
     linked_at: float
     conn: int | None = None
     pending: list[Pending] = field(default_factory=list)
+    intervals: list[Interval] = field(default_factory=list)
+    #: hellos while another connection of this device was open (each answered by
+    #: stream_replaced on the older one): what a fleet must never cause
+    double_connections: int = 0
 
 
 @dataclass
@@ -209,6 +243,7 @@ class Conn:
     qr_issued: int = 0
     qr_expires_at: float = 0.0
     pairing: tuple[str, str] | None = None  # (phone, normalized code)
+    client: str = ""  # the hello's optional "client" label
 
 
 class World:
@@ -277,13 +312,13 @@ class World:
             raise KeyError(f"unknown connection {conn_id}")
         return conn
 
-    def _drop(self, conn: Conn, abrupt: bool = False) -> list[Action]:
+    def _drop(self, conn: Conn, why: EndReason, abrupt: bool = False) -> list[Action]:
         """Unbind a connection now and tell the server to close it."""
-        self._unbind(conn)
+        self._unbind(conn, why)
         conn.state = "closed"
         return [Close(conn.id, abrupt)]
 
-    def _unbind(self, conn: Conn) -> None:
+    def _unbind(self, conn: Conn, why: EndReason) -> None:
         if conn.qr_code is not None:
             self._bury_code(conn.qr_code, "expired")
             conn.qr_code = None
@@ -295,6 +330,10 @@ class World:
             device.conn = None
             for item in device.pending:
                 item.delivered = False
+            current = device.intervals[-1] if device.intervals else None
+            if current is not None and current.conn == conn.id and current.end is None:
+                current.end = self.now()
+                current.ended_by = why
         conn.device = None
 
     # ------------------------------------------------------------------ connections
@@ -305,11 +344,12 @@ class World:
         self.conns[conn.id] = conn
         return conn.id
 
-    def close_conn(self, conn_id: int) -> None:
-        """The socket ended (either side); idempotent."""
+    def close_conn(self, conn_id: int, why: EndReason = "closed") -> None:
+        """The socket ended (either side, or the server gave up on its pings: ``why``);
+        idempotent."""
         conn = self.conns.pop(conn_id, None)
         if conn is not None:
-            self._unbind(conn)
+            self._unbind(conn, why)
             conn.state = "closed"
 
     def device_frame(self, conn_id: int, frame: Any) -> list[Action]:
@@ -344,10 +384,15 @@ class World:
         token = frame.get("token")
         if token is not None and (not isinstance(token, str) or len(token) > 256):
             return [self._error(conn, "hello: token must be a string or null")]
+        client = frame.get("client", "")
+        if not isinstance(client, str) or len(client) > MAX_CLIENT_LABEL:
+            return [self._error(conn, f"hello: client must be a string of at most "
+                                      f"{MAX_CLIENT_LABEL} characters")]
+        conn.client = client
         if token is not None and token in self.revoked:
             return [
                 Send(conn.id, {"type": "logged_out", "reason": "this device was removed"}),
-                *self._drop(conn),
+                *self._drop(conn, "logged_out"),
             ]
         device = self.tokens.get(token) if token is not None else None
         if device is None:
@@ -355,12 +400,13 @@ class World:
             return self._issue_qr(conn)
         account = self.accounts[device.phone]
         if account.banned_until is not None and account.banned_until > self.now():
-            return [Send(conn.id, self._ban_frame(account)), *self._drop(conn)]
+            return [Send(conn.id, self._ban_frame(account)), *self._drop(conn, "temporary_ban")]
         actions: list[Action] = []
         if device.conn is not None and device.conn in self.conns:
+            device.double_connections += 1
             old = self.conns[device.conn]
             actions.append(Send(old.id, {"type": "stream_replaced"}))
-            actions.extend(self._drop(old))
+            actions.extend(self._drop(old, "stream_replaced"))
         actions.extend(self._bind(conn, device))
         return actions
 
@@ -369,6 +415,9 @@ class World:
         conn.state = "connected"
         conn.device = device
         device.conn = conn.id
+        device.intervals.append(Interval(conn.id, conn.client, self.now()))
+        if len(device.intervals) > KEEP_INTERVALS:
+            del device.intervals[0]
         actions: list[Action] = [Send(conn.id, self._connected_frame(account))]
         for item in device.pending:
             item.delivered = True
@@ -409,7 +458,7 @@ class World:
                 continue
             if conn.qr_issued >= self.qr_max:
                 actions.append(Send(conn.id, {"type": "qr_expired"}))
-                actions.extend(self._drop(conn))
+                actions.extend(self._drop(conn, "closed"))
             else:
                 actions.extend(self._issue_qr(conn))
         return actions
@@ -483,6 +532,7 @@ class World:
             "quoted_id": quote_id,
             "ts": self.now(),
             "by": "device",
+            "via": conn.client,  # which client sent it (a fleet: the host)
             **extra,
         }
         for contact in recipients:
@@ -854,6 +904,34 @@ class World:
             "banned_until": account.banned_until,
         }
 
+    def connections(self, phone: str) -> dict[str, Any]:
+        """Every interval during which each of the account's devices had a connection, and
+        the double connections: a device's hello while another of its connections was open
+        (``double_connections``), and intervals of two different devices of the account that
+        overlap (``overlapping_devices``: one account linked and connected twice)."""
+        account = self._account(phone)
+        devices = list(account.devices.values())
+        return {
+            "phone": account.phone,
+            "double_connections": sum(d.double_connections for d in devices),
+            "overlapping_devices": _overlaps(devices),
+            "devices": [
+                {"id": d.id, "connected": d.conn is not None,
+                 "double_connections": d.double_connections,
+                 "intervals": [i.to_json() for i in d.intervals]}
+                for d in devices
+            ],
+        }
+
+    def all_connections(self) -> dict[str, Any]:
+        """:meth:`connections` of every account, and the totals a chaos run reports."""
+        accounts = [self.connections(p) for p in sorted(self.accounts)]
+        return {
+            "double_connections": sum(a["double_connections"] for a in accounts),
+            "overlapping_devices": sum(a["overlapping_devices"] for a in accounts),
+            "accounts": accounts,
+        }
+
     def list_accounts(self) -> list[dict[str, Any]]:
         return [self.account_state(p) for p in sorted(self.accounts)]
 
@@ -870,7 +948,7 @@ class World:
                 raise WorldError(409, "not_linked", f"account {phone} has no linked device")
             for conn in live:
                 actions.append(Send(conn.id, {"type": "logged_out", "reason": "logged out"}))
-                actions.extend(self._drop(conn))
+                actions.extend(self._drop(conn, "logged_out"))
             for device in account.devices.values():
                 self.tokens.pop(device.token, None)
                 self.revoked[device.token] = None
@@ -888,16 +966,21 @@ class World:
             self.version += 1
             for conn in live:
                 actions.append(Send(conn.id, self._ban_frame(account)))
-                actions.extend(self._drop(conn))
+                actions.extend(self._drop(conn, "temporary_ban"))
             return actions
         if not live:
             raise WorldError(409, "not_connected", f"account {phone} has no connected device")
+        why: EndReason = "disconnect"
+        if kind == "replace":
+            why = "stream_replaced"
+        elif kind == "outdated":
+            why = "client_outdated"
         for conn in live:
             if kind == "replace":
                 actions.append(Send(conn.id, {"type": "stream_replaced"}))
             elif kind == "outdated":
                 actions.append(Send(conn.id, {"type": "client_outdated"}))
-            actions.extend(self._drop(conn, abrupt=kind == "disconnect"))
+            actions.extend(self._drop(conn, why, abrupt=kind == "disconnect"))
         return actions
 
     def unban(self, phone: str) -> None:
@@ -983,6 +1066,21 @@ class World:
             raise ValueError(f"malformed state: {exc!r}") from None
         self.accounts, self.tokens, self.contacts = accounts, tokens, contacts
         self.groups, self.messages, self.revoked = groups, messages, revoked
+
+
+def _overlaps(devices: list[Device]) -> int:
+    """Pairs of intervals of *different* devices that overlap in time (an open interval has
+    no end yet); a device's own intervals never overlap (its hello ends the last)."""
+    spans = sorted((i.start, i.end if i.end is not None else math.inf, d.id)
+                   for d in devices for i in d.intervals)
+    count = 0
+    for index, (_start, end, device) in enumerate(spans):
+        for other_start, _other_end, other in spans[index + 1:]:
+            if other_start >= end:
+                break
+            if other != device:
+                count += 1
+    return count
 
 
 def _send_extra(frame: Mapping[str, Any]) -> tuple[dict[str, Any], str]:

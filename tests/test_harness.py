@@ -231,6 +231,80 @@ def test_stop_leaves_nothing_behind_and_restarts():
             _ = n.root  # not running any more
 
 
+def _ns_pids(name: str) -> list[int]:
+    return _leftovers(name)[1]
+
+
+@pytest.mark.systemd
+def test_freeze_stops_every_process_until_thaw():
+    ticker = ("[Service]\nExecStart=/bin/sh -c 'i=0; while :; do i=$((i+1)); "
+              "echo $i > /run/tick; sleep 0.02; done'\n")
+    with SystemdNamespace(files={"/etc/systemd/system/ticker.service": ticker},
+                          enable=["ticker.service"]) as n:
+        tick = n.root / "run/tick"
+
+        def count() -> int:
+            text = tick.read_text().strip() if tick.exists() else ""
+            return int(text) if text else 0
+
+        n.wait_for(lambda: count() > 3, 10, "the ticker to tick")
+        assert not n.frozen
+        n.freeze()
+        assert n.frozen
+        frozen_at = count()
+        time.sleep(0.5)
+        assert count() == frozen_at, "a process ran while the namespace was frozen"
+        # every process of the namespace (PID 1 included) sits in the freezer
+        for pid in _ns_pids(n.name):
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+            assert state in ("D", "S", "T"), (pid, state)
+        n.thaw()
+        assert not n.frozen
+        n.wait_for(lambda: count() > frozen_at + 3, 10, "the ticker to tick again")
+        assert n.systemctl("is-system-running").stdout.strip() == "running"
+
+
+@pytest.mark.systemd
+def test_a_frozen_namespace_still_stops_cleanly():
+    n = SystemdNamespace()
+    n.start()
+    name = n.name
+    n.freeze()
+    n.stop(timeout=5)
+    dirs, procs = _leftovers(name)
+    assert dirs == [] and procs == [], (dirs, procs)
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("frozen_first", [False, True])
+def test_crash_kills_every_process_at_once_without_a_clean_stop(tmp_path, frozen_first):
+    stopped = tmp_path / "stopped"
+    unit = ("[Service]\nExecStart=/bin/sleep infinity\n"
+            "ExecStop=/bin/sh -c 'echo clean > /mnt/out/stopped'\n")
+    n = SystemdNamespace(binds=[Bind(tmp_path, "/mnt/out", readonly=False)],
+                         files={"/etc/systemd/system/graceful.service": unit},
+                         enable=["graceful.service"])
+    n.start()
+    try:
+        name, pid1 = n.name, n.pid
+        assert n.unit_property("graceful.service", "ActiveState") == "active"
+        pids = _ns_pids(name)
+        assert pid1 in pids and len(pids) > 3
+        if frozen_first:
+            n.freeze()
+        n.crash()
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists(), f"{pid} survived the crash"
+        assert _leftovers(name) == ([], [])
+        assert not stopped.exists(), "a unit was stopped cleanly: that was no crash"
+        assert n.pid == 0
+        n.start()  # the host boots again, afresh
+        assert n.unit_property("graceful.service", "ActiveState") == "active"
+    finally:
+        n.stop()
+    assert stopped.read_text() == "clean\n"  # the control: a real stop does run ExecStop
+
+
 @pytest.mark.systemd
 def test_failed_boot_cleans_up():
     # /proc is a real procfs inside, so installing a file there fails the setup
@@ -338,3 +412,40 @@ def test_simulated_pure_v2_boot(monkeypatch):
         cg = n.run(["cat", f"/proc/{main}/cgroup"]).stdout
         assert "0::/system.slice/system-x.slice/x@v2.service" in cg
     assert _leftovers(n.name) == ([], [])
+
+
+@pytest.mark.systemd
+@pytest.mark.firestore
+def test_a_fleet_of_hosts_shares_postgres_and_each_crashes_or_freezes_alone(
+        firestore_emulator, postgres):
+    from fleet import Fleet  # noqa: PLC0415 - needs the emulator and the cluster
+
+    with Fleet(plane="firestore", emulator_host=firestore_emulator, postgres=postgres,
+               hosts=2) as fleet:
+        a, b = fleet.hosts
+        assert (a.host_id, b.host_id) == ("host-a", "host-b")
+        assert fleet.ns is a.ns  # the single-host API is the first host's
+
+        def doctor(host):
+            proc = host.ctl("doctor")
+            return {line.split("]", 1)[1].split()[0]: line
+                    for line in proc.stdout.splitlines() if line.startswith("[")}
+
+        for host in (a, b):  # each its own controller and admin socket, one database
+            lines = doctor(host)
+            assert f"controller on {host.host_id}" in lines["admin_socket"], lines
+            assert lines["database"].startswith("[ ok ]") and fleet.pg is not None
+            assert fleet.pg.name in lines["database"]
+        a_pid1 = a.ns.pid
+        b.crash()
+        assert not b.up and fleet.placement() == {"host-a": [], "host-b": []}
+        assert a.ns.pid == a_pid1 and a.prop("wabridge-controller.service",
+                                             "ActiveState") == "active"
+        a.freeze()
+        try:
+            assert a.ns.frozen and "--- host-a: frozen" in fleet.journals()
+            b.boot()  # the crashed host boots again while the other is paused
+            assert "controller on host-b" in doctor(b)["admin_socket"]
+        finally:
+            a.thaw()
+        assert "controller on host-a" in doctor(a)["admin_socket"]

@@ -285,6 +285,7 @@ def test_send_lands_in_the_contact_inbox(world: World, clock: Clock) -> None:
             "quoted_id": msg_id,
             "ts": clock.now,
             "by": "device",
+            "via": "",  # the client label of the sending connection (none given here)
         }
     ]
     assert world.contact_inbox("5511999990099") == []
@@ -640,3 +641,143 @@ def test_load_state_rejects_garbage(world: World) -> None:
         world.load_state({"version": 1, "accounts": [{"phone": "1"}]})
     with pytest.raises(ValueError, match="version"):
         world.load_state({"version": 99})
+
+
+# --------------------------------------------------------------------------- connection record
+
+
+def hello_as(world: World, token: str, client: str) -> tuple[int, list[Action]]:
+    conn = world.open_conn()
+    return conn, world.device_frame(conn, {"type": "hello", "token": token, "client": client})
+
+
+def intervals(world: World, phone: str = ACCOUNT) -> list[dict[str, Any]]:
+    (device,) = world.connections(phone)["devices"]
+    return list(device["intervals"])
+
+
+def test_each_connection_of_a_device_is_an_interval_with_its_client_and_end(
+        world: World, clock: Clock) -> None:
+    conn, token = link(world)  # linked by QR: no client label
+    clock.now += 5
+    world.close_conn(conn)
+    clock.now += 3
+    conn2, _ = hello_as(world, token, "host-b")
+    clock.now += 2
+    assert intervals(world) == [
+        {"conn": conn, "client": "", "start": 1_000_000.0, "end": 1_000_005.0,
+         "ended_by": "closed"},
+        {"conn": conn2, "client": "host-b", "start": 1_000_008.0, "end": None,
+         "ended_by": None},
+    ]
+    record = world.connections(ACCOUNT)
+    assert record["double_connections"] == 0 and record["overlapping_devices"] == 0
+    assert record["devices"][0]["connected"] is True
+
+
+def test_a_hello_while_the_device_is_connected_counts_a_double_connection(
+        world: World, clock: Clock) -> None:
+    conn, token = link(world)
+    clock.now += 1
+    conn2, actions = hello_as(world, token, "host-b")
+    assert types(actions, conn) == ["stream_replaced"]  # as before: the old one is replaced
+    record = world.connections(ACCOUNT)
+    assert record["double_connections"] == 1
+    assert record["devices"][0]["double_connections"] == 1
+    first, second = intervals(world)
+    assert (first["conn"], first["end"], first["ended_by"]) == (conn, 1_000_001.0,
+                                                                "stream_replaced")
+    assert (second["conn"], second["end"]) == (conn2, None)
+    assert world.all_connections()["double_connections"] == 1
+
+
+def test_a_reconnect_after_the_old_socket_closed_is_no_double_connection(world: World) -> None:
+    conn, token = link(world)
+    world.close_conn(conn, "ping_timeout")  # the server gave up on a frozen client
+    hello_as(world, token, "host-b")
+    assert world.connections(ACCOUNT)["double_connections"] == 0
+    assert intervals(world)[0]["ended_by"] == "ping_timeout"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "ended_by"),
+    [("replace", "stream_replaced"), ("outdated", "client_outdated"),
+     ("disconnect", "disconnect"), ("logout", "logged_out"), ("ban", "temporary_ban")],
+)
+def test_an_interval_ended_by_the_network_says_how(world: World, outcome: str,
+                                                   ended_by: str) -> None:
+    link(world)
+    devices_before = world.connections(ACCOUNT)["devices"]
+    world.outcome(ACCOUNT, outcome, {})
+    if outcome == "logout":  # the device is gone with its record
+        assert devices_before[0]["intervals"][0]["end"] is None
+        assert world.connections(ACCOUNT)["devices"] == []
+        return
+    assert intervals(world)[0]["ended_by"] == ended_by
+    assert world.connections(ACCOUNT)["double_connections"] == 0
+
+
+def test_a_qr_connection_that_never_links_leaves_no_interval(world: World) -> None:
+    conn, _ = hello(world)
+    world.close_conn(conn)
+    assert world.all_connections() == {"double_connections": 0, "overlapping_devices": 0,
+                                       "accounts": []}
+
+
+@pytest.mark.parametrize(
+    ("spans", "overlaps"),
+    [
+        ([], 0),
+        ([("a", 0, 5), ("b", 5, 9)], 0),  # back to back
+        ([("a", 0, 5), ("b", 4, 9)], 1),
+        ([("a", 0, None), ("b", 4, 9)], 1),  # a still connected
+        ([("a", 0, 5), ("a", 5, 8), ("b", 1, 2), ("b", 6, 7)], 2),
+        ([("a", 0, 10), ("b", 1, 2), ("b", 3, 4), ("c", 5, 6)], 3),
+    ],
+)
+def test_overlapping_devices_counts_pairs_of_different_devices(
+        world: World, clock: Clock, spans: list[tuple[str, float, float | None]],
+        overlaps: int) -> None:
+    from sim.world import Account, Device, Interval  # noqa: PLC0415
+
+    account = Account(ACCOUNT, "A", 0.0)
+    for name in sorted({s[0] for s in spans}):
+        device = Device(name, f"t-{name}", ACCOUNT, 0.0)
+        device.intervals = [Interval(i, "", start, end) for i, (dev, start, end)
+                            in enumerate(spans) if dev == name]
+        account.devices[name] = device
+    world.accounts[ACCOUNT] = account
+    clock.now = 100.0
+    assert world.connections(ACCOUNT)["overlapping_devices"] == overlaps
+
+
+def test_two_devices_of_one_account_connected_at_once_overlap(world: World,
+                                                             clock: Clock) -> None:
+    link(world)
+    clock.now += 1
+    link(world)  # a second QR link while the first device is still connected
+    assert world.connections(ACCOUNT)["overlapping_devices"] == 1
+    assert world.connections(ACCOUNT)["double_connections"] == 0
+
+
+def test_what_a_device_sends_names_the_client_that_sent_it(world: World) -> None:
+    _conn, token = link(world)
+    post(world)
+    conn, _ = hello_as(world, token, "host-b")
+    world.device_frame(conn, {"type": "send", "req": 1, "to": f"{CONTACT}@s.whatsapp.net",
+                              "text": "from b"})
+    assert [m["via"] for m in world.contact_inbox(CONTACT)] == ["host-b"]
+
+
+def test_a_bad_client_label_is_refused(world: World) -> None:
+    _conn, token = link(world)
+    conn = world.open_conn()
+    actions = world.device_frame(conn, {"type": "hello", "token": token, "client": 7})
+    assert types(actions) == ["error"] and "client" in frames(actions)[0]["error"]
+    assert world.connections(ACCOUNT)["double_connections"] == 0
+
+
+def test_connections_of_an_unknown_account_is_404(world: World) -> None:
+    with pytest.raises(WorldError) as err:
+        world.connections(ACCOUNT)
+    assert err.value.status == 404

@@ -2,8 +2,11 @@
 
 It speaks the sim's device WebSocket (``GET /ws/device``, JSON frames) and translates frames
 into :mod:`agent.whatsapp.events`. The device token the sim hands out on ``paired`` is kept in
-``<state_dir>/sim-device.json`` (mode 0600, written atomically), so a restarted worker
-reconnects without a new QR; ``logged_out`` deletes it.
+``<state_dir>/sim-device.json`` (mode 0600, written atomically), or, with ``storage.backend =
+postgresql``, in the table ``sim_device`` of the account's own schema (beside whatsmeow's
+tables for neonize), so a restarted worker, or one started on another host, reconnects
+without a new QR; ``logged_out`` deletes it. A token that cannot be read (the database is
+down) is retried like an unreachable sim: never a QR for an account that is linked.
 
 **Reconnects differ from neonize.** :mod:`agent.whatsapp.base` says a backend never reconnects
 in the same process, because neonize leaks when it does. Nothing leaks here, so when the socket
@@ -35,7 +38,13 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.whatsapp.base import BackendContext, SendError, Sink, WhatsAppBackend
+from agent.whatsapp.base import (
+    BackendContext,
+    PostgresSessionStore,
+    SendError,
+    Sink,
+    WhatsAppBackend,
+)
 from agent.whatsapp.events import (
     Audio,
     ClientOutdated,
@@ -64,6 +73,7 @@ BACKOFF_MAX = 10.0
 SEND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 MAX_FRAME = 16 * 1024 * 1024
+HOST_ID_ENV = "WABRIDGE_HOST_ID"  # set by a fleet's controller in the unit's drop-in
 
 
 def ack_on_receipt(environ: dict[str, str] | None = None) -> bool:
@@ -74,6 +84,85 @@ def ack_on_receipt(environ: dict[str, str] | None = None) -> bool:
 
 class _Terminal(Exception):
     """The sim ended this session for good (logged out, replaced, banned...)."""
+
+
+class _TokenUnavailable(Exception):
+    """Where the device token lives cannot be read now (retried; never taken as "no token",
+    which would show a QR for a linked account)."""
+
+
+class _FileDevice:
+    """The device record in ``<state_dir>/sim-device.json`` (one host's SQLite layout)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> str | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("whatsapp.sim_token_unreadable", path=str(self.path), error=str(exc))
+            return None
+        token = data.get("token") if isinstance(data, dict) else None
+        return token if isinstance(token, str) else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f".{TOKEN_FILE}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(record, out)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(self.path)
+        except OSError as exc:
+            # The link works for this process; the next start will need a new QR.
+            log.error("whatsapp.sim_token_write_failed", path=str(self.path), error=str(exc))
+
+    def delete(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class _PostgresDevice:
+    """The device record in the account's own schema (``storage.backend = postgresql``): the
+    role's default ``search_path`` (``"$user"``) is that schema, which only it can read."""
+
+    def __init__(self, store: PostgresSessionStore) -> None:
+        self.store = store
+
+    def _run(self, query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        """One statement after making the table; the first row, if the statement has rows."""
+        import psycopg  # noqa: PLC0415 - only on this backend
+
+        try:
+            with psycopg.connect(self.store.url, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS sim_device "
+                             "(id int PRIMARY KEY CHECK (id = 1), record jsonb NOT NULL)")
+                cursor = conn.execute(query, params)
+                return cursor.fetchone() if cursor.description is not None else None
+        except psycopg.Error as exc:
+            raise _TokenUnavailable(f"{self.store}: {self.store.redact(str(exc).strip())}"
+                                    ) from None
+
+    def read(self) -> str | None:
+        row = self._run("SELECT record->>'token' FROM sim_device WHERE id = 1")
+        return str(row[0]) if row and row[0] else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self._run("INSERT INTO sim_device (id, record) VALUES (1, %s) ON CONFLICT (id) "
+                      "DO UPDATE SET record = EXCLUDED.record", (json.dumps(record),))
+        except _TokenUnavailable as exc:
+            log.error("whatsapp.sim_token_write_failed", error=str(exc))
+
+    def delete(self) -> None:
+        try:
+            self._run("DELETE FROM sim_device")
+        except _TokenUnavailable as exc:
+            log.error("whatsapp.sim_token_delete_failed", error=str(exc))
 
 
 class SimBackend(WhatsAppBackend):
@@ -91,7 +180,11 @@ class SimBackend(WhatsAppBackend):
     ) -> None:
         self._ctx = ctx
         self._url = base_url.rstrip("/") + "/ws/device"
-        self._token_path: Path = ctx.state_dir / TOKEN_FILE
+        self._device: _FileDevice | _PostgresDevice = (
+            _PostgresDevice(ctx.session_store) if ctx.session_store is not None
+            else _FileDevice(ctx.state_dir / TOKEN_FILE))
+        # the sim keeps this label with each connection's interval: in a fleet, the host
+        self._client = os.environ.get(HOST_ID_ENV, "")
         self._send_timeout = send_timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
@@ -210,23 +303,31 @@ class SimBackend(WhatsAppBackend):
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 while not self._stopping:
                     try:
+                        token = await asyncio.to_thread(self._device.read)
                         ws = await session.ws_connect(
                             self._url, heartbeat=15.0, max_msg_size=MAX_FRAME,
                             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
                         )
-                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    except (aiohttp.ClientError, OSError, TimeoutError,
+                            _TokenUnavailable) as exc:
                         if not outage_reported:
                             why = str(exc) or type(exc).__name__
-                            self._emit(Disconnected(f"sim unreachable: {why}"))
+                            where = ("device token unreadable" if isinstance(
+                                exc, _TokenUnavailable) else "sim unreachable")
+                            self._emit(Disconnected(f"{where}: {why}"))
                             outage_reported = True
                         log.debug("whatsapp.sim_connect_failed", error=str(exc), retry_in=delay)
                         await asyncio.sleep(self._jitter(delay))
                         delay = min(delay * 2, self._backoff_max)
                         continue
                     try:
-                        reason, healthy = await self._session(ws)
+                        reason, healthy = await self._session(ws, token)
                     except _Terminal:
                         return
+                    except (aiohttp.ClientError, ConnectionError) as exc:
+                        # e.g. a pong or an ack written as the sim closes the socket (it
+                        # dropped us after a late pong): a lost connection like any other
+                        reason, healthy = f"connection lost: {exc or type(exc).__name__}", True
                     finally:
                         self._ws = None
                         self._connected = False
@@ -248,14 +349,16 @@ class SimBackend(WhatsAppBackend):
             log.exception("whatsapp.sim_backend_crashed")
             self._emit(Disconnected("sim backend failed unexpectedly (see log)"))
 
-    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[str, bool]:
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse,
+                       token: str | None) -> tuple[str, bool]:
         """Run one connection; returns (why it ended, whether the sim answered the hello)."""
         import aiohttp  # noqa: PLC0415 - loaded by _run (off the start-up path)
 
         self._ws = ws
         self._pair_sent = False
         healthy = False
-        await ws.send_json({"type": "hello", "token": self._read_token()})
+        await ws.send_json({"type": "hello", "token": token,
+                            "client": self._client})
         async for msg in ws:
             if msg.type is aiohttp.WSMsgType.TEXT:
                 try:
@@ -298,7 +401,9 @@ class SimBackend(WhatsAppBackend):
         elif kind == "pairing_code":
             self._emit(PairingCode(str(frame.get("code", ""))))
         elif kind == "paired":
-            self._write_token(frame)
+            record = {k: frame.get(k) for k in ("token", "jid", "phone", "push_name",
+                                                "device_id")}
+            await asyncio.to_thread(self._device.write, record)
         elif kind == "connected":
             self._connected = True
             self._emit(
@@ -311,7 +416,7 @@ class SimBackend(WhatsAppBackend):
         elif kind in ("sent", "send_error"):
             self._resolve(frame)
         elif kind == "logged_out":
-            self._delete_token()
+            await asyncio.to_thread(self._device.delete)
             self._finish(LoggedOut(str(frame.get("reason") or "")))
         elif kind == "stream_replaced":
             self._finish(StreamReplaced())
@@ -423,36 +528,6 @@ class SimBackend(WhatsAppBackend):
 
     def _jitter(self, delay: float) -> float:
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - not security relevant
-
-    def _read_token(self) -> str | None:
-        try:
-            data = json.loads(self._token_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.warning("whatsapp.sim_token_unreadable", path=str(self._token_path), error=str(exc))
-            return None
-        token = data.get("token") if isinstance(data, dict) else None
-        return token if isinstance(token, str) else None
-
-    def _write_token(self, frame: dict[str, Any]) -> None:
-        record = {k: frame.get(k) for k in ("token", "jid", "phone", "push_name", "device_id")}
-        tmp = self._token_path.with_name(f".{TOKEN_FILE}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(record, out)
-                out.flush()
-                os.fsync(out.fileno())
-            tmp.replace(self._token_path)
-        except OSError as exc:
-            # The link works for this process; the next start will need a new QR.
-            log.error("whatsapp.sim_token_write_failed", path=str(self._token_path),
-                      error=str(exc))
-
-    def _delete_token(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._token_path.unlink()
 
 
 def _audio(frame: dict[str, Any]) -> Audio | None:

@@ -97,7 +97,13 @@ How it works, and why each step is needed
    ``journalctl``). Files are written through ``/proc/<pid1>/root``
    (``write_file``).
 
-7. **Stop.** We send ``SIGRTMIN+4`` to PID 1 (systemd's "exit.target") and
+7. **Crash and freeze** (fleet tests). ``crash()`` SIGKILLs PID 1, as a host that loses
+   power: the kernel kills every process of the PID namespace at once, no unit stops
+   cleanly, and their sockets close. ``freeze()``/``thaw()`` stop and resume every process
+   of the namespace with the cgroup freezer (v1 ``freezer.state``, or v2 ``cgroup.freeze``),
+   as a paused VM: sockets stay open, nothing answers, clocks go on.
+
+8. **Stop.** We send ``SIGRTMIN+4`` to PID 1 (systemd's "exit.target") and
    wait, with a time limit, for the launcher to exit. When PID 1 of a PID
    namespace dies, the kernel kills everything else in that namespace. If
    that does not happen in time we use SIGKILL. Then we SIGKILL any process
@@ -801,8 +807,76 @@ class SystemdNamespace:
         return "".join(out)
 
     # -------------------------------------------------------------- cleanup
+    # ------------------------------------------------------- crash and freeze
+    def crash(self, timeout: float = 10.0) -> None:
+        """SIGKILL PID 1 (the host crashes): everything in the namespace dies at once.
+        Returns once the launcher has exited and the cgroups are gone; ``start()`` boots it
+        afresh (a rebooted host: nothing of the old /run, /var or /tmp survives)."""
+        self._require_running()
+        self._thaw_if_frozen()  # a frozen task does not die until thawed
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self._cleanup(timeout=timeout, graceful=False)
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        """Freeze every process of the namespace (a paused VM); returns once all are."""
+        self._require_running()
+        path, on, _off = self._freezer()
+        path.write_text(on)
+        self._wait_freezer(path, frozen=True, deadline=time.monotonic() + timeout)
+
+    def thaw(self, timeout: float = 10.0) -> None:
+        """Resume a frozen namespace; returns once every process runs again."""
+        self._require_running()
+        path, _on, off = self._freezer()
+        path.write_text(off)
+        self._wait_freezer(path, frozen=False, deadline=time.monotonic() + timeout)
+
+    @property
+    def frozen(self) -> bool:
+        if not self.pid or not self._cgdirs:
+            return False
+        path, _on, _off = self._freezer()
+        return self._freezer_state(path) != "THAWED"
+
+    def _freezer(self) -> tuple[Path, str, str]:
+        """The file that freezes the namespace's cgroup, and what to write to freeze and
+        thaw: the v1 freezer hierarchy when there is one, else cgroup v2's own freezer."""
+        for h, d in zip(self._hier, self._cgdirs, strict=False):  # a prefix while booting
+            if h.version == 1 and "freezer" in h.mount_opts.split(","):
+                return d / "freezer.state", "FROZEN", "THAWED"
+        for h, d in zip(self._hier, self._cgdirs, strict=False):  # a prefix while booting
+            if h.version == 2 and (d / "cgroup.freeze").exists():
+                return d / "cgroup.freeze", "1", "0"
+        raise RuntimeError("no cgroup freezer here (neither v1 freezer nor cgroup.freeze)")
+
+    @staticmethod
+    def _freezer_state(path: Path) -> str:
+        """THAWED, FREEZING or FROZEN (v2's cgroup.events mapped onto v1's words)."""
+        if path.name == "freezer.state":
+            return path.read_text().strip()
+        events = dict(line.split() for line in (path.parent / "cgroup.events").read_text()
+                      .splitlines() if line)
+        if events.get("frozen") == "1":
+            return "FROZEN"
+        return "FREEZING" if path.read_text().strip() == "1" else "THAWED"
+
+    def _wait_freezer(self, path: Path, *, frozen: bool, deadline: float) -> None:
+        want = "FROZEN" if frozen else "THAWED"
+        while (state := self._freezer_state(path)) != want:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cgroup freezer still {state} (wanted {want})")
+            time.sleep(0.01)
+
+    def _thaw_if_frozen(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            path, _on, off = self._freezer()
+            if self._freezer_state(path) != "THAWED":
+                path.write_text(off)
+
     def _cleanup(self, timeout: float, graceful: bool = True) -> None:
         deadline = time.monotonic() + max(timeout, 0.5)
+        self._thaw_if_frozen()  # frozen tasks neither stop nor die
         proc, self._proc = self._proc, None
         pid, self.pid = self.pid, 0
         try:
