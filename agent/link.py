@@ -69,6 +69,11 @@ class ControllerLink:
         self._wake = asyncio.Event()
         self.connected = False
         self.last_error = ""
+        # fleet mode: whether this process still owns the account (``LeaseKeeper.holds``).
+        # The queue is the account's own, in its schema: a latest-wins report queued after
+        # the lease was lost would be delivered by the next owner's link, to its controller,
+        # as the account's state ("stopping" on a running account).
+        self.owns_account: Callable[[], bool] = lambda: True
 
     def forget_stale(self) -> int:
         """Drop queued latest-wins reports of a previous process: they describe a past state
@@ -81,7 +86,14 @@ class ControllerLink:
         return len(stale)
 
     def report(self, build: Callable[[int], protocol.Frame]) -> None:
-        """Queue a sequenced frame durably and wake the sender. Safe from the loop thread."""
+        """Queue a sequenced frame durably and wake the sender. Safe from the loop thread.
+        Once the account is another host's (fleet), only facts (messages, usage) are queued:
+        a latest-wins report then describes a process that no longer speaks for it."""
+        if not self.owns_account():
+            kind = json.loads(protocol.encode(build(0))).get("type")
+            if kind in LATEST_WINS:
+                log.info("link.report_dropped", type=kind, reason="lease_lost")
+                return
         self._store.queue_frame(lambda seq: protocol.encode(build(seq)))
         self._wake.set()
 

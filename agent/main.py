@@ -239,6 +239,7 @@ class Worker:
         lease_check = lease.check if lease is not None else (lambda: None)
         if lease is not None:
             lease.on_lost = self.lease_lost
+            self.link.owns_account = lease.holds
             store.on_lease_lost = lambda exc: lease.lose(str(exc))
             self.tools.lease_check = lease_check
         self.pool = ClaudePool(cfg.claude.max_processes, cfg.claude.idle_timeout,

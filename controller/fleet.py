@@ -239,7 +239,7 @@ class Fleet:
         """Before a start here: the account's lease for this host, if the plan gives it this
         host and no other host holds it. Returns the epoch, or None: do not start."""
         if self.owner(user_id, docs) != self.host_id:
-            log.info("fleet.not_here", user_id=user_id)
+            log.debug("fleet.not_here", user_id=user_id)  # every tick, every account elsewhere
             return None
         lease = await self.db.run(fleet_db.acquire, user_id, role, self.host_id,
                                   self.cfg.grace_seconds, self.cfg.lease_seconds)

@@ -202,6 +202,12 @@ def test_a_worker_whose_epoch_another_host_took_sends_nothing_and_exits_17(
     held = _lease(admin, account.user)
     assert (held.host_id, held.released) == ("host-b", False)  # not released by the loser
     assert '"lease.lost"' in worker.tail()
+    # its queue of reports to the controller is the account's (its schema): the next owner's
+    # link delivers what is left there, so a "stopping" queued by the loser would reach the
+    # next owner's controller as the state of an account that runs
+    frames = admin.execute(f"SELECT frame FROM {account_role(account.user)}.link_outbox"  # noqa: S608
+                           ).fetchall()
+    assert not [f for (f,) in frames if '"stopping"' in f], frames
 
 
 @pytest.mark.timeout(120)
