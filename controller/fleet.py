@@ -257,6 +257,24 @@ class Fleet:
                 await self.db.run(fleet_db.unpin, user_id)
         return lease.epoch
 
+    async def taken_elsewhere(self, user_id: str) -> bool:
+        """Whether another host holds the account's lease now (read afresh: the snapshot may
+        predate a freeze of this host). Then a unit of it that ended here says nothing about
+        the document: it describes the account's new host. Unreadable: also True (nothing is
+        written for it; the next reconcile or resync makes the document true)."""
+        try:
+            lease = await self.db.run(fleet_db.lease, user_id)
+        except FleetUnavailable as exc:
+            log.warning("fleet.read_failed", user_id=user_id, error=str(exc))
+            return True
+        if lease is not None and lease.host_id != self.host_id:
+            if user_id not in self.away:
+                self.counters.lost += 1
+                log.warning("fleet.lease_lost", user_id=user_id, holder=lease.host_id)
+            self.away.add(user_id)
+            return True
+        return False
+
     def lost(self, state: UnitState) -> bool:
         """Whether the unit's worker exited because its lease was gone (it is not restarted;
         the account runs elsewhere): its state says nothing about the document."""

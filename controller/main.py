@@ -231,9 +231,22 @@ class Controller:
             # Documents are not read yet: a unit without a known document is not an orphan
             # until they are. The start-up reconcile sees this state.
             return
-        self.spawn(self.execute(state.user_id, self.plan_unit))
+        if (self.fleet is not None and state.active_state in ("inactive", "failed")
+                and state.user_id not in self.fleet.away):
+            self.spawn(self.unit_ended_in_fleet(self.fleet, state.user_id))
+        else:
+            self.spawn(self.execute(state.user_id, self.plan_unit))
         key = (state.main_pid, state.active_state, state.n_restarts)
         self.spawn(self.write_process(state, force=user.process_key != key))
+
+    async def unit_ended_in_fleet(self, fleet: fl.Fleet, user_id: str) -> None:
+        """A worker of this host ended: its account may be another host's by now (this host
+        was frozen or cut off; its worker saw the lease gone and exited 17, or was stopped
+        before it could say so). Only while no other host holds the lease does the end say
+        anything about the document (stopped, crashed, an outcome)."""
+        if await fleet.taken_elsewhere(user_id):
+            return
+        await self.execute(user_id, self.plan_unit)
 
     async def execute(self, user_id: str, plan: Callable[[str], list[rc.Action]]) -> None:
         """Run the actions ``plan(user_id)`` decides, one user at a time. The plan is made

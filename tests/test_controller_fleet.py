@@ -417,3 +417,28 @@ async def test_a_controller_without_its_database_runs_starts_nothing_and_says_wh
         controller.stop.set()
         assert await asyncio.wait_for(task, 10) == 0
         controller.notifier.socket.close()
+
+
+async def test_a_worker_ending_after_another_host_took_its_lease_leaves_the_document_alone(
+        fleet: Fleet) -> None:
+    """A thawed host (or one cut off): its worker's lease was taken by another host while
+    it was frozen, and the unit ends here without saying "lease lost" (stopped before it
+    could report, or its exit status unread). The end is no news about the account: the
+    document must not say ``stopped`` — the new host's controller would stop the account
+    there too, and it would run nowhere (chaos-fleet found exactly this)."""
+    a = await fleet.up("host-a")
+    await fleet.up("host-b")
+    await fleet.create("u1", "u2")
+    await until(lambda: fleet.world.where("u1") and fleet.world.where("u2"), 15, "running")
+    user = next(u for u in ("u1", "u2") if fleet.world.where(u) == {"host-a"})
+    a.units._leave(user)  # frozen: its worker renews no more
+    await a.units.db(lambda c, u: c.execute(
+        "UPDATE wabridge_fleet.leases SET host_id = 'host-b', epoch = epoch + 1 "
+        "WHERE user_id = %s", (u,)), user)  # meanwhile host-b took the account over
+    a.units.deliver(state(user, "inactive", "dead", 0))  # thawed: the unit ends, status 0
+    await until(lambda: fleet.world.where(user) == {"host-b"}, 10, "the account on host-b")
+    await asyncio.sleep(2 * float(FLEET["TICK_SECONDS"]) + 1.0)
+    assert fleet.world.where(user) == {"host-b"}
+    doc = await fleet.plane.get(user)
+    assert doc is not None and doc.status is not DocStatus.STOPPED, doc
+    assert doc.host == "host-b"
