@@ -268,22 +268,23 @@ class Fleet:
             log.warning("fleet.read_failed", user_id=user_id, error=str(exc))
             return True
         if lease is not None and lease.host_id != self.host_id:
-            if user_id not in self.away:
-                self.counters.lost += 1
-                log.warning("fleet.lease_lost", user_id=user_id, holder=lease.host_id)
-            self.away.add(user_id)
+            self._gone_away(user_id, holder=lease.host_id)
             return True
         return False
+
+    def _gone_away(self, user_id: str, **why: Any) -> None:
+        """The account's lease is another host's now: counted and logged once."""
+        if user_id not in self.away:
+            self.counters.lost += 1
+            log.warning("fleet.lease_lost", user_id=user_id, **why)
+        self.away.add(user_id)
 
     def lost(self, state: UnitState) -> bool:
         """Whether the unit's worker exited because its lease was gone (it is not restarted;
         the account runs elsewhere): its state says nothing about the document."""
         if (state.active_state in ("inactive", "failed") and state.exec_main_code == 1
                 and state.exec_main_status == ExitCode.LEASE_LOST):
-            if state.user_id not in self.away:
-                self.counters.lost += 1
-                log.warning("fleet.lease_lost", user_id=state.user_id)
-            self.away.add(state.user_id)
+            self._gone_away(state.user_id)
             return True
         return state.user_id in self.away
 

@@ -140,6 +140,10 @@ def grant_account(conn: Conn, role: str) -> None:
 
 
 # --- leases ----------------------------------------------------------------------------------
+#: The columns :func:`_lease` reads, in its order (expiry as seconds from now, database time).
+_LEASE_COLUMNS = "user_id, host_id, epoch, EXTRACT(EPOCH FROM expires_at - now())::float8, released"
+
+
 def _lease(row: Any) -> Lease:
     """A row of (user_id, host_id, epoch, seconds to expiry by database time, released)."""
     return Lease(str(row[0]), str(row[1]), int(row[2]), float(row[3]), bool(row[4]))
@@ -164,18 +168,16 @@ def acquire(conn: Conn, user_id: str, role: str, host_id: str, grace_seconds: fl
                 got = raw.execute(
                     "INSERT INTO wabridge_fleet.leases (user_id, role, host_id, epoch, expires_at) "
                     "VALUES (%s, %s, %s, 1, now() + make_interval(secs => %s)) "
-                    "ON CONFLICT (user_id) DO NOTHING RETURNING user_id, host_id, epoch, "
-                    "EXTRACT(EPOCH FROM expires_at - now())::float8, released",
+                    "ON CONFLICT (user_id) DO NOTHING RETURNING " + _LEASE_COLUMNS,
                     (user_id, role, host_id, lease_seconds)).fetchone()
                 return _lease(got) if got is not None else None  # None: another won the race
             holder, released, expired = row
             if not (released or expired or holder == host_id):
                 return None
             got = raw.execute(
-                "UPDATE wabridge_fleet.leases SET epoch = epoch + 1, host_id = %s, role = %s, "
+                "UPDATE wabridge_fleet.leases SET epoch = epoch + 1, host_id = %s, role = %s, "  # noqa: S608 (a constant)
                 "expires_at = now() + make_interval(secs => %s), released = false "
-                "WHERE user_id = %s RETURNING user_id, host_id, epoch, "
-                "EXTRACT(EPOCH FROM expires_at - now())::float8, released",
+                "WHERE user_id = %s RETURNING " + _LEASE_COLUMNS,
                 (host_id, role, lease_seconds, user_id)).fetchone()
             return _lease(got)
     except psycopg.errors.LockNotAvailable:
@@ -225,18 +227,15 @@ def fence(conn: Conn, user_id: str, host_id: str, epoch: int) -> None:
 
 def lease(conn: Conn, user_id: str) -> Lease | None:
     """One account's lease (a worker reads its own; the controller any)."""
-    row = _raw(conn).execute("SELECT user_id, host_id, epoch, EXTRACT(EPOCH FROM expires_at - "
-                             "now())::float8, released FROM wabridge_fleet.leases "
-                             "WHERE user_id = %s",
-                             (user_id,)).fetchone()
+    row = _raw(conn).execute(f"SELECT {_LEASE_COLUMNS} FROM wabridge_fleet.leases "  # noqa: S608 (a constant)
+                             "WHERE user_id = %s", (user_id,)).fetchone()
     return _lease(row) if row is not None else None
 
 
 def leases(conn: Conn) -> list[Lease]:
     """Every lease, by user id (the controller's view)."""
     return [_lease(r) for r in _raw(conn).execute(
-        "SELECT user_id, host_id, epoch, EXTRACT(EPOCH FROM expires_at - now())::float8, "
-        "released FROM wabridge_fleet.leases ORDER BY user_id")]
+        f"SELECT {_LEASE_COLUMNS} FROM wabridge_fleet.leases ORDER BY user_id")]  # noqa: S608 (a constant)
 
 
 # --- hosts -----------------------------------------------------------------------------------
