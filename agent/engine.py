@@ -143,6 +143,10 @@ def turn_content(batch: list[PendingInbound]) -> str | list[dict[str, Any]]:
     return [*images, {"type": "text", "text": joined or "(image)"}]
 
 
+class TurnAbandoned(Exception):  # control flow inside the engine, never raised out of it
+    """A turn given up because the worker is stopping; its messages stay pending."""
+
+
 class Engine:
     def __init__(
         self,
@@ -350,6 +354,8 @@ class Engine:
                     failures, outage = 0, 0.0
                 except LeaseLost:
                     return  # fleet: another host answers these now; the worker is stopping
+                except TurnAbandoned:
+                    return  # the worker is stopping: pending, answered after the restart
                 except Exception as exc:
                     if self._store.is_outage(exc):
                         # PostgreSQL down or restarting: no new turn until it answers; the
@@ -515,6 +521,14 @@ class Engine:
                                    shaping.split(text, self._conv.reply_limit), item.message)
         log.info("command.done", command=command.name, known=command.known)
         self._outbox_wake.set()
+
+    def _abandon_if_stopping(self, exc: ClaudeError) -> None:
+        """A Claude failure while the worker stops (its process ended by the stop, or no
+        process to be had) is not the contact's problem: the turn is abandoned, its messages
+        stay pending and the next start answers them, instead of an apology now."""
+        if not self.accepting:
+            log.info("claude.turn_abandoned", code=exc.code, reason="stopping")
+            raise TurnAbandoned(str(exc))
 
     def _apology(self) -> str:
         return self._persona.apology or self._conv.apology
@@ -719,6 +733,7 @@ class Engine:
             try:
                 session = await claude.acquire(chat_id, self._profile(chat_id))
             except ClaudeError as exc:
+                self._abandon_if_stopping(exc)
                 log.error("claude.unavailable", code=exc.code, error=str(exc))
                 return self._apology(), None
             first = content
@@ -734,6 +749,7 @@ class Engine:
                 result = await session.turn(first)
             except ClaudeError as exc:
                 await claude.discard(chat_id)
+                self._abandon_if_stopping(exc)
                 if exc.code == "process_exited" and attempt == 1:
                     log.warning("claude.turn_failed", code=exc.code, error=str(exc),
                                 attempt=attempt, retry=True)

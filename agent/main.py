@@ -12,7 +12,8 @@ Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.
    supervisor (watchdog, status line, timers) as supervised tasks; ``READY=1`` once they run;
 3. SIGTERM -> ``STOPPING=1`` -> stop taking messages -> let turns in flight finish -> flush the
    outbox and reports -> close Claude processes -> stop WhatsApp -> exit, all within the unit's
-   ``TimeoutStopSec`` (5 s); systemd's SIGKILL with ``KillMode=control-group`` covers the rest.
+   ``TimeoutStopSec`` (5 s). ``KillMode=mixed``: the SIGTERM reaches the worker alone, so
+   Claude processes are not killed under a turn in flight; systemd's SIGKILL covers the rest.
    A turn that cannot finish in time is cancelled: its messages stay pending in the store and
    are answered after the restart, so a stop never loses nor doubles a reply.
 
@@ -663,7 +664,7 @@ class Worker:
         try:
             await asyncio.wait_for(self.engine.close_conversations(),
                                    max(0.2, deadline - 1.0 - time.monotonic()))
-        except TimeoutError:  # systemd's SIGKILL (KillMode=control-group) finishes them
+        except TimeoutError:  # systemd's SIGKILL (KillMode=mixed: the rest) finishes them
             log.warning("worker.claude_close_timed_out")
         await self.tools.close()
         if self.state not in (WorkerState.LOGGED_OUT, WorkerState.BANNED, WorkerState.REPLACED,

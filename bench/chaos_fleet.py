@@ -104,6 +104,7 @@ class ChaosFleet:
         self.events: list[dict[str, Any]] = []
         self.failover: list[float] = []
         self.stuck: list[str] = []
+        self.stuck_state: list[dict[str, Any]] = []  # what was seen of each, while stuck
         self.sent_after_thaw: list[dict[str, Any]] = []
         self.not_running: list[dict[str, Any]] = []
 
@@ -144,6 +145,8 @@ class ChaosFleet:
                 times[user] = reconnected_after(self.fleet.sim, self.accounts[user], at,
                                                 victim.host_id)
             time.sleep(0.2)
+        for user in [u for u, v in times.items() if v is None]:
+            self.stuck_state.append(self.why_stuck(user, victim, at))
         if kind == "kill":
             victim.boot()
         else:
@@ -160,6 +163,36 @@ class ChaosFleet:
                                            for u, v in times.items()}})
         print(f"{kind} {victim.host_id}: {len(affected)} accounts, failover "
               f"{[None if v is None else round(v, 1) for v in times.values()]}", flush=True)
+
+    def why_stuck(self, user: str, victim: Host, at: float) -> dict[str, Any]:
+        """An account not running elsewhere ``STUCK_AFTER`` seconds after a fault, as the
+        fleet saw it then: its document, lease, the hosts' rows, locks on its lease row, the
+        sim's record of its connections and what the live hosts' journals say of it."""
+        doc = self.fleet.doc(user)
+        state: dict[str, Any] = {
+            "user": user, "victim": victim.host_id, "fault_at": at,
+            "doc": {k: str(doc.get(k)) for k in ("status", "host", "statusDetail", "error")},
+            "connections": self.fleet.sim.connections(self.accounts[user]),
+        }
+        pg = self.fleet.pg
+        if pg is None:
+            return state
+        with pg.connect() as conn:
+            state["lease"] = [str(r) for r in conn.execute(
+                "SELECT host_id, epoch, expires_at - now(), released "
+                "FROM wabridge_fleet.leases WHERE user_id = %s", (user,))]
+            state["hosts"] = [str(r) for r in conn.execute(
+                "SELECT host_id, draining, now() - heartbeat_at FROM wabridge_fleet.hosts")]
+            state["locks"] = [str(r) for r in conn.execute(
+                "SELECT a.usename, a.state, a.wait_event, left(a.query, 80), "
+                "now() - a.xact_start, l.mode, l.granted FROM pg_locks l "
+                "JOIN pg_stat_activity a USING (pid) "
+                "WHERE l.relation = 'wabridge_fleet.leases'::regclass")]
+        for host in self.fleet.hosts:
+            if host.up and not host.ns.frozen:
+                lines = host.journal(None, "--since", f"@{int(at) - 2}").splitlines()
+                state[f"journal {host.host_id}"] = [ln for ln in lines if user in ln][-40:]
+        return state
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -230,6 +263,7 @@ class ChaosFleet:
             "details": {"lost": verdict["lost"], "duplicated": verdict["duplicated"],
                         "out_of_order": verdict["out_of_order"],
                         "wrong_text": verdict["wrong_text"], "stuck": self.stuck,
+                        "stuck_state": self.stuck_state,
                         "wrong_status": wrong_status, "new_qr": new_qr,
                         "not_running": self.not_running,
                         "sent_after_thaw": self.sent_after_thaw},

@@ -178,12 +178,18 @@ class Fleet:
     cfg: config.FleetConfig
     host_id: str
     db: FleetDb
+    #: the heartbeat's own connection: a host's liveness never waits behind its placement's
+    #: calls (an acquisition may wait seconds for a row lock; meanwhile the others would see
+    #: no heartbeat and place accounts elsewhere)
+    beat_db: FleetDb
     max_workers: int = 0
     memory_mb: int = 0
     snapshot: Snapshot | None = None
     away: set[str] = field(default_factory=set)
     moving: tuple[str, float] | None = None  # the account being moved off this host, since
     starting: set[str] = field(default_factory=set)  # starts the loop has asked for
+    #: leases this host took that the snapshot may not show yet: user -> monotonic time
+    fresh: dict[str, float] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     beat_at: float = 0.0  # monotonic time of the last heartbeat written
     migrated: bool = False  # the schema is this code's (``open``)
@@ -196,6 +202,10 @@ class Fleet:
         hosts = [assignment.Host(h.host_id, alive(h, self.cfg.host_dead_seconds), h.draining,
                                  h.max_workers) for h in snap.hosts]
         holders = {u: lease.host_id for u, lease in snap.leases.items()}
+        # this host's own starts under way count as its own: a snapshot read before their
+        # leases were taken would otherwise show this host emptier than it is, and a burst
+        # would give it more than its share while the others' plans give them theirs
+        holders.update(dict.fromkeys(self.starting | self.fresh.keys(), self.host_id))
         return assignment.assign(accounts, hosts, holders, snap.pins)
 
     def owner(self, user_id: str, docs: Mapping[str, AccountDoc]) -> str | None:
@@ -227,11 +237,14 @@ class Fleet:
         return True
 
     async def beat(self) -> None:
-        await self.db.run(fleet_db.heartbeat, self.host_id, self.max_workers, self.memory_mb)
+        await self.beat_db.run(fleet_db.heartbeat, self.host_id, self.max_workers,
+                               self.memory_mb)
         self.beat_at = time.monotonic()
 
     async def refresh(self) -> Snapshot:
+        began = time.monotonic()
         self.snapshot = await self.db.run(read_snapshot)
+        self.fresh = {u: at for u, at in self.fresh.items() if at >= began}
         return self.snapshot
 
     async def take(self, user_id: str, role: str, docs: Mapping[str, AccountDoc]
@@ -248,6 +261,7 @@ class Fleet:
             log.info("fleet.lease_held_elsewhere", user_id=user_id)
             return None
         self.counters.acquired += 1
+        self.fresh[user_id] = time.monotonic()
         self.away.discard(user_id)
         log.info("fleet.lease_acquired", user_id=user_id, epoch=lease.epoch)
         if self.snapshot is not None and self.snapshot.pins.get(user_id) == self.host_id:
@@ -348,6 +362,11 @@ class Fleet:
                 runner.stop_here(user)
                 return
 
+    def close(self) -> None:
+        """Blocking (waits for calls under way): run it off the event loop."""
+        self.db.close()
+        self.beat_db.close()
+
     def move_timeout(self) -> float:
         return self.cfg.lease_seconds + self.cfg.grace_seconds + MOVE_GRACE
 
@@ -398,5 +417,5 @@ def wanting(docs: Mapping[str, AccountDoc]) -> set[str]:
 
 def open_fleet(cfg: config.Config, host_id: str,
                connect: Callable[[], psycopg.Connection[tuple[Any, ...]]]) -> Fleet:
-    return Fleet(cfg.fleet, host_id,
-                 FleetDb(connect, postgres.describe(cfg.storage.postgres_url)))
+    where = postgres.describe(cfg.storage.postgres_url)
+    return Fleet(cfg.fleet, host_id, FleetDb(connect, where), FleetDb(connect, where))

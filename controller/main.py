@@ -775,7 +775,7 @@ class Controller:
         await asyncio.gather(*self.supervised, *self.tasks, return_exceptions=True)
         await self.plane.close()
         if self.fleet is not None:
-            await asyncio.to_thread(self.fleet.db.close)
+            await asyncio.to_thread(self.fleet.close)
         await self.systemd.close()
         log.info("controller.stopped", exit_code=int(self.exit_code))
         return int(self.exit_code)

@@ -746,11 +746,15 @@ async def test_turn_timeout_kills_and_apologises(make_rig: MakeRig,
     assert "hello" in texts(api.message_requests()[-1])  # the session was resumed
 
 
+def slow_when_asked(delay: float) -> Callable[[dict[str, Any]], Reply]:
+    """The fake API's answer: after ``delay`` seconds to a message saying SLOW, else at once."""
+    return lambda body: (Reply(text=f"slow: {last_user_text(body)}", delay=delay)
+                         if "SLOW" in last_user_text(body) else default_responder(body))
+
+
 async def test_claude_exit_mid_turn_is_retried_once(make_rig: MakeRig,
                                                     api: FakeAnthropicAPI) -> None:
-    api.responder = lambda body: (Reply(text=f"slow: {last_user_text(body)}", delay=1.0)
-                                  if "SLOW" in last_user_text(body)
-                                  else default_responder(body))
+    api.responder = slow_when_asked(1.0)
     rig = await make_rig()
     chat = jid(ALICE)
     rig.incoming("the code word is PELICAN")
@@ -776,6 +780,29 @@ async def test_claude_exit_mid_turn_is_retried_once(make_rig: MakeRig,
     sent = await rig.wait_sent(3, chat)
     assert sent[2] == "SORRY-APOLOGY"
     assert sum(1 for r in api.message_requests() if "SLOW third" in texts(r)) >= 2
+
+
+async def test_a_claude_process_ended_while_stopping_leaves_the_turn_pending(
+        make_rig: MakeRig, api: FakeAnthropicAPI) -> None:
+    """The stop ends the worker's Claude process under a turn in flight (as systemd's SIGKILL
+    at TimeoutStopSec does): no apology goes out; the message stays pending and is answered
+    by the next start."""
+    api.responder = slow_when_asked(2.0)
+    rig = await make_rig()
+    chat = jid(ALICE)
+    rig.incoming("hello")
+    await rig.wait_sent(1, chat)
+    rig.incoming("SLOW question")
+    await until(lambda: any("SLOW" in last_user_text(r.json) for r in api.message_requests()),
+                10, "the slow request")
+    rig.engine.accepting = False  # the stop has begun (``drain``'s first step)
+    pid = rig.pool.pid(chat)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: not rig.engine.turns_in_flight, 10, "the turn to end")
+    await asyncio.sleep(0.3)
+    assert rig.wa.to(chat) == ["echo: hello"]  # no apology
+    assert [p.message.text for p in rig.store.pending_inbound(chat, 10)] == ["SLOW question"]
 
 
 # --- budgets and rate limits ---------------------------------------------------------------

@@ -87,10 +87,9 @@ def test_move_reconnects_without_a_qr_and_resumes_the_transcript(fleet: Fleet) -
         chats.stop_sending()
     chats.wait_answered(120, fleet.journals)
     time.sleep(2)  # a duplicate, if any, would arrive now
-    # A new chat whose Claude process is starting when the stop comes gets the apology:
-    # systemd's SIGTERM reaches the CLI too (exit 143 during start-up; KillMode=
-    # control-group). Answered exactly once all the same; reported as a bug.
-    chats.assert_exactly_once(apologies=True)
+    # No apology either: the stop's SIGTERM reaches the worker alone (KillMode=mixed), and a
+    # turn that cannot finish in time stays pending and is answered on the other host.
+    chats.assert_exactly_once()
     # the first of them went out 0.3 s after the move began, the last after it ended
     assert len(chats.sent[(OTHER, ALICE)]) >= 2
 
@@ -225,7 +224,7 @@ def test_drain_empties_a_host_one_account_at_a_time_and_undrain_pulls_nothing_ba
         chats.stop_sending()
     chats.wait_answered(120, lambda: _state(fleet, users))
     time.sleep(2)
-    chats.assert_exactly_once(apologies=True)
+    chats.assert_exactly_once()  # no apology: see the move above
     # one at a time: the next account is sent away only once the previous one holds its
     # lease on the other host (journal times: allow for the logging's own delay)
     transits = _transits(fleet, list(leaving), drained, other)
