@@ -90,7 +90,7 @@ class ControllerLink:
         Once the account is another host's (fleet), only facts (messages, usage) are queued:
         a latest-wins report then describes a process that no longer speaks for it."""
         if not self.owns_account():
-            kind = json.loads(protocol.encode(build(0))).get("type")
+            kind = build(0).TYPE
             if kind in LATEST_WINS:
                 log.info("link.report_dropped", type=kind, reason="lease_lost")
                 return

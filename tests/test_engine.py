@@ -697,17 +697,18 @@ async def test_closing_an_evicted_process_holds_up_no_other_chat(
 
 
 async def test_idle_timeout_and_close_all(make_rig: MakeRig, tmp_path: Path) -> None:
-    rig = await make_rig(idle_timeout=1.0)
+    # seconds with room for a loaded machine: the two first turns may end a second apart
+    rig = await make_rig(idle_timeout=3.0)
     rig.incoming("hello", sender=ALICE)
     rig.incoming("hello", sender=BOB)
     await rig.wait_sent(2)
     assert len(_cli_processes(tmp_path)) == 2
     await rig.pool.reap_idle()
     assert rig.pool.live == 2  # not idle long enough yet
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(2.0)
     rig.incoming("again", sender=BOB)
     await rig.wait_sent(3)
-    await asyncio.sleep(0.4)  # alice idle > 1 s, bob < 1 s
+    await asyncio.sleep(1.2)  # alice idle > 3 s, bob ~1.2 s
     await rig.pool.reap_idle()
     assert rig.pool.pid(jid(ALICE)) is None and rig.pool.pid(jid(BOB)) is not None
     assert len(_cli_processes(tmp_path)) == 1

@@ -4,10 +4,8 @@ thawed. Counted at the simulator: every message answered exactly once in per-cha
 QR, never two connections of one device; the accounts run elsewhere within lease + grace
 (+ the start).
 
-Nine accounts, not the issue's twelve: three hosts, nine workers, the controllers, the
-sim, PostgreSQL and the emulator share two cores here; nine still gives three per host.
-Accounts use the ``api`` engine (no Claude Code process per chat): what is under test is
-where they run, not the CLI."""
+Twelve accounts, four per host, as the issue asks. Accounts use the ``api`` engine (no
+Claude Code process per chat): what is under test is where they run, not the CLI."""
 
 from __future__ import annotations
 
@@ -39,7 +37,7 @@ pytestmark = [
     pytest.mark.skipif(available() is not None, reason=f"no systemd harness: {available()}"),
 ]
 
-ACCOUNTS = {f"acct{n}": f"55119666600{n:02d}" for n in range(9)}
+ACCOUNTS = {f"acct{n}": f"55119666600{n:02d}" for n in range(12)}
 CONTACTS = {user: f"55119777700{n:02d}" for n, user in enumerate(ACCOUNTS)}
 #: lease + grace, and what a start may add on a loaded machine (the issue's "+ start")
 TAKEOVER = FAST_FLEET["lease_seconds"] + FAST_FLEET["grace_seconds"]
