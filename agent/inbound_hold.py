@@ -6,8 +6,9 @@ neonize acks a message before Python sees it: the sink's commit is the only copy
 (on neonize's thread) hands a refused message here, and so is every later one while any is
 held (:meth:`InboundHold.holding`): a message never overtakes an older one of its chat; the
 worker's once-a-second supervision calls :meth:`InboundHold.retry` on the event loop; at
-shutdown a last retry, then whatever is left is named in the log (``store.inbound_lost``):
-giving up loudly.
+shutdown a last retry, then whatever is left is written to the state directory
+(``agent.inbound_spill``, ``store.inbound_spilled``) and committed at the next start; only a
+spill that fails too (a full disk) gives up, loudly (``store.inbound_lost``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class InboundHold:
         """Something is held: a new message must queue behind it, not be committed first."""
         with self.lock:
             return bool(self.held)
+
+    def snapshot(self) -> list[IncomingMessage]:
+        with self.lock:
+            return list(self.held)
 
     def hold(self, message: IncomingMessage, now: float) -> None:
         with self.lock:

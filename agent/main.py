@@ -4,16 +4,21 @@ Over 600 lines because it is the one place the worker's parts meet (controller l
 backend, both Claude engines, tools, transcription, usage reporting): its start-up phases, its
 supervision and its shutdown order must be read together; what has a life of its own lives in
 its module (where the state is: ``agent.placement``; messages the store refused:
-``agent.inbound_hold``; decisions: ``agent.outcomes``).
+``agent.inbound_hold``, and across a stop ``agent.inbound_spill``; decisions:
+``agent.outcomes``).
 
 Start-up phases (a failure in each has its own exit code, see ``wabridge.errors.ExitCode``):
 1. synchronous: arguments, configuration, logging, state directory, store (no asyncio yet);
 2. ``Worker.run``: the controller link, the WhatsApp event pump, the outbox sender and the
-   supervisor (watchdog, status line, timers) as supervised tasks; ``READY=1`` once they run;
+   supervisor (watchdog, status line, timers) as supervised tasks; the messages an earlier
+   stop spilled are committed (or held) before WhatsApp is started, so they stay ahead of
+   new ones; ``READY=1`` once they run;
 3. SIGTERM -> ``STOPPING=1`` -> stop taking messages -> let turns in flight finish -> flush the
-   outbox and reports -> close Claude processes -> stop WhatsApp -> exit, all within the unit's
-   ``TimeoutStopSec`` (5 s). ``KillMode=mixed``: the SIGTERM reaches the worker alone, so
-   Claude processes are not killed under a turn in flight; systemd's SIGKILL covers the rest.
+   outbox and reports -> close Claude processes -> stop WhatsApp -> commit or spill held
+   messages -> exit, all within the unit's ``TimeoutStopSec`` (5 s); a step that needs a
+   store that is down (PostgreSQL) is skipped, not the rest. ``KillMode=mixed``: the SIGTERM
+   reaches the worker alone, so Claude processes are not killed under a turn in flight;
+   systemd's SIGKILL covers the rest.
    A turn that cannot finish in time is cancelled: its messages stay pending in the store and
    are answered after the restart, so a stop never loses nor doubles a reply.
 
@@ -73,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 
 import sdnotify
 
-from agent import outcomes, transcription
+from agent import inbound_spill, outcomes, transcription
 from agent.budget import utc_day
 from agent.claude import ClaudeSettings
 from agent.claude_api import ApiConversations, ApiSettings
@@ -231,6 +236,8 @@ class Worker:
         self.bad_setting = False  # the last settings map had a bad value
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.inbound_hold = InboundHold()  # acked by WhatsApp, refused by the store
+        # what the hold still has at a stop, for the next start
+        self.spill = inbound_spill.SpillFile(state_dir / inbound_spill.SPILL_FILE)
         self.loop = asyncio.get_running_loop()
         ctx = BackendContext(user_id=user_id, state_dir=state_dir,
                              session_store=session_store(store.path))
@@ -359,21 +366,30 @@ class Worker:
             raise ConnectionError("older messages are waiting for the store")
         return self.engine.persist(message)
 
-    def retry_held_inbound(self, *, final: bool = False) -> None:
-        """Commit the messages the store refused (on the loop, in order); at shutdown
-        (``final``) one last try, then name what is lost."""
+    def retry_held_inbound(self, *, final: bool = False, force: bool = False) -> None:
+        """Commit the messages the store refused (on the loop, in order; ``force``: now,
+        whatever the backoff); at shutdown (``final``) one last try, then spill the rest."""
         committed, error = self.inbound_hold.retry(self.engine.persist, time.monotonic(),
-                                                   force=final)
+                                                   force=final or force)
         for message in committed:
             log.info("store.inbound_committed", chat_id=message.chat_id, wa_id=message.wa_id)
             self.events.put_nowait(message)
+        self.spill.settle(self.inbound_hold.snapshot())
         if error is not None and not final:
             log.warning("store.inbound_retry_failed", held=len(self.inbound_hold.held),
                         error=str(error))
-        if final and self.inbound_hold.held:
-            log.error("store.inbound_lost", count=len(self.inbound_hold.held),
-                      wa_ids=[m.wa_id for m in self.inbound_hold.held],
-                      error=str(error) if error else "")
+        if final and self.inbound_hold.holding():
+            self.spill.keep(self.inbound_hold.snapshot(), error)
+
+    def replay_spilled_inbound(self) -> None:
+        """At start, before WhatsApp is started: commit what an earlier stop spilled, in
+        order, as the hold's retry commits (woken like fresh arrivals). Whatever the store
+        still refuses stays held, ahead of every new message, and the file stays until all
+        of it is committed (a crash meanwhile loses nothing)."""
+        now = time.monotonic()
+        for message in self.spill.replay():
+            self.inbound_hold.hold(message, now)
+        self.retry_held_inbound(force=True)
 
     async def pump(self) -> None:
         while not self.stop.is_set():
@@ -631,6 +647,7 @@ class Worker:
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._task_done)
             self.tasks.append(task)
+        self.replay_spilled_inbound()  # before WhatsApp: spilled messages go first
         if self.lease is None or self.lease.holds():  # (a slow start may have outlived it)
             self.backend.start(self.sink)
         self.engine.resume_pending()
@@ -639,6 +656,17 @@ class Worker:
         await self.stop.wait()
         await self.shutdown(self.tasks)
         return self.exit_code
+
+    def _unless_outage(self, step: str, call: Callable[[], Any]) -> Any:
+        """A shutdown step that needs the store, which is down (PostgreSQL): skipped and
+        named, so the rest of the shutdown (the held messages' spill) still runs."""
+        try:
+            return call()
+        except Exception as exc:
+            if not self.store.is_outage(exc):
+                raise
+            log.warning("store.unavailable", task=f"shutdown:{step}", error=str(exc))
+            return None
 
     async def shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         self.notifier.notify("STOPPING=1")
@@ -670,18 +698,19 @@ class Worker:
         if self.state not in (WorkerState.LOGGED_OUT, WorkerState.BANNED, WorkerState.REPLACED,
                               WorkerState.OUTDATED, WorkerState.QR_EXPIRED):
             self.state, self.detail = WorkerState.STOPPING, "stopping"
-        self._report_state()
+        self._unless_outage("report_state", self._report_state)
         if not lost:
             await self.backend.stop(timeout=max(0.3, deadline - 0.5 - time.monotonic()))
             if self.lease is not None:
                 self.lease.disconnected.set()
-        self.retry_held_inbound(final=True)  # no more arrive: commit them or say so
+        self.retry_held_inbound(final=True)  # no more arrive: commit or spill them
         if self.lease is not None and self.exit_code not in KEEPS_LEASE:
             # disconnected and committed: the next owner need not wait for expiry + grace
             await self.lease.release()
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
         until = min(time.monotonic() + 2.0, deadline + 0.3)
-        while self.store.unacked_frames() and self.link.connected and time.monotonic() < until:  # noqa: ASYNC110 - acks land in SQLite
+        while (self.link.connected and time.monotonic() < until  # noqa: ASYNC110 - acks land in the store
+               and self._unless_outage("flush_reports", self.store.unacked_frames)):
             await asyncio.sleep(0.02)
         self.link_stop.set()
         for task in tasks:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +49,7 @@ from aiohttp import WSMsgType, web
 from sim.page import INDEX_HTML
 from sim.world import Action, Close, Send, World, WorldError, bad, check_phone
 from wabridge import logs, qr
+from wabridge.atomic_write import write_atomically
 
 log = logs.get("wabridge.sim")
 
@@ -165,14 +165,8 @@ class SimServer:
         if self.state_file is None or self.world.version == self._saved_version:
             return
         version = self.world.version
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(self.world.to_state(), out)
-                out.flush()
-                os.fsync(out.fileno())
-            tmp.replace(self.state_file)
+            write_atomically(self.state_file, json.dumps(self.world.to_state()).encode())
         except OSError as exc:
             log.warning("sim.state_save_failed", path=str(self.state_file), error=str(exc))
             return

@@ -6,7 +6,8 @@ the test: it takes the lease, bumps the epoch as another host would, reads what 
 What a user relies on: a worker whose account another host took over, or that was frozen
 longer than its lease, sends nothing more and exits "lease lost" (17, not restarted); a
 clean stop hands the account over at once (released); a worker whose lease is not its own
-never connects WhatsApp.
+never connects WhatsApp; a message WhatsApp acknowledged while PostgreSQL was down, still held
+when the worker stopped (SIGTERM, or exit 17), is answered once after the restart.
 
 Leases here are short (6 s, renewed every 0.5 s, 1.5 s margin) so the tests take seconds.
 """
@@ -86,7 +87,8 @@ def account(admin: Admin) -> Account:
 
 class WorkerProcess:
     def __init__(self, tmp_path: Path, cluster: Cluster, sim: Sim, api: FakeAnthropicAPI,
-                 account: Account, *, epoch: int | None = None) -> None:
+                 account: Account, *, epoch: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         creds = tmp_path / "creds"
         creds.mkdir(exist_ok=True)
         (creds / "postgres-password").write_text(account.password)
@@ -113,9 +115,10 @@ class WorkerProcess:
             "WABRIDGE__FLEET__MARGIN_SECONDS": str(MARGIN),
             "WABRIDGE__FLEET__GRACE_SECONDS": str(GRACE),
             **units.lease_environment("host-a", account.epoch if epoch is None else epoch),
+            **(env or {}),
         })
         self.log = tmp_path / "worker.log"
-        self._out = self.log.open("wb")
+        self._out = self.log.open("ab")  # (a second start on the same state goes on here)
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.main", account.user],
                                      env=env, stdout=self._out, stderr=subprocess.STDOUT)
 
@@ -304,3 +307,55 @@ def test_a_worker_cut_off_from_its_lease_is_off_whatsapp_before_the_lease_expire
     # could store it) never acknowledged, so WhatsApp delivers it to the next connection
     unacked = sum(d["pending"] for d in sim.account(account.phone)["devices"])
     assert _pending_inbound(admin, account.user) + unacked >= 1, worker.tail()
+
+
+#: The simulator acks a message before the worker sees it, as WhatsApp does through neonize
+#: (``agent.whatsapp.sim``): a message the store refuses exists only in the worker.
+ACK_ON_RECEIPT = {"WABRIDGE_TEST_HOOKS": "1", "WABRIDGE_TEST_SIM_ACK": "receipt"}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stopped_by", ["sigterm", "lease_lost"])
+def test_a_message_held_when_the_worker_stops_in_an_outage_is_answered_after_the_restart(
+        sim: Sim, postgres: Cluster, account: Account, start: Any, tmp_path: Path,
+        stopped_by: str) -> None:
+    """PostgreSQL goes down; a message arrives and is acknowledged, the store refuses it,
+    the worker holds it; the worker stops while the database is still down (a SIGTERM, or
+    exit 17 once it could not renew its lease for lease - margin). The message survives in
+    the state directory and is answered exactly once by the next start on this host."""
+    worker = start(account, env=ACK_ON_RECEIPT)
+    _link(sim, worker, account.phone)
+    assert sim.ask(account.contact, account.phone, "before", timeout=30,
+                   diagnostics=worker.tail)["text"] == "the answer"
+    spill = tmp_path / "state" / "inbound-spill.jsonl"
+    postgres.stop("fast")
+    try:
+        wa_id = sim.send(account.contact, account.phone, "during the outage")
+        wait_until(lambda: '"store.inbound_held"' in worker.tail(), 15,
+                   "the worker to hold the message", worker.tail)
+        assert sum(d["pending"] for d in sim.account(account.phone)["devices"]) == 0  # acked
+        if stopped_by == "sigterm":
+            worker.proc.send_signal(signal.SIGTERM)
+        assert worker.wait(20) in (ExitCode.OK, ExitCode.LEASE_LOST), worker.tail()
+        if stopped_by == "lease_lost":
+            assert worker.proc.returncode == ExitCode.LEASE_LOST
+        assert '"store.inbound_spilled"' in worker.log.read_text()
+        assert wa_id in spill.read_text()
+    finally:
+        postgres.start()
+    # the controller's part: this host takes the account's lease again and starts it
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as controller:  # (a new one)
+        again = fleet_db.acquire(controller, account.user, account_role(account.user),
+                                 "host-a", GRACE, LEASE)
+    assert again is not None
+    worker = start(account, epoch=again.epoch, env=ACK_ON_RECEIPT)
+
+    def answers() -> list[dict[str, Any]]:
+        return [m for m in sim.inbox(account.contact) if m.get("quoted_id") == wa_id]
+
+    wait_until(answers, 30, "the held message to be answered", worker.tail)
+    time.sleep(2)  # a second answer, if any, would come now
+    assert len(answers()) == 1, sim.inbox(account.contact)
+    assert len(sim.inbox(account.contact)) == 2  # "before" and the held one, nothing else
+    assert not spill.exists()
+    assert '"store.inbound_lost"' not in worker.log.read_text()  # (both starts)

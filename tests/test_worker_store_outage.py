@@ -1,6 +1,7 @@
 """The worker's sink when the store refuses a message WhatsApp already acknowledged
 (PostgreSQL down): the message is held, committed by the supervision's retry once the store
-is back and then handled like any other; at shutdown what is still held is named."""
+is back and then handled like any other; at shutdown what is still held is spilled to the
+state directory and committed at the next start (``agent.inbound_spill``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 from postgres_cluster import Cluster
 
-from agent import main
+from agent import inbound_spill, main
 from agent.main import Worker
 from agent.placement import open_store
 from agent.store import PostgresTarget, Store
@@ -97,19 +98,115 @@ async def test_a_refused_message_is_held_then_committed_in_order(tmp_path: Path)
     _close(worker, store)
 
 
-async def test_at_shutdown_what_is_still_held_is_named(
+async def _held(worker: Worker, store: OutageStore, *ns: int) -> None:
+    store.down = True
+    for n in ns:
+        _sink_from_another_thread(worker, _msg(n))
+    await asyncio.sleep(0.05)  # the hand-over to the loop
+
+
+def _spilled(state_dir: Path) -> list[str]:
+    return [m.wa_id for m in inbound_spill.read(state_dir / inbound_spill.SPILL_FILE)]
+
+
+async def test_at_shutdown_what_is_still_held_is_spilled_to_the_state_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     worker, store = await _worker(tmp_path)
-    store.down = True
-    _sink_from_another_thread(worker, _msg(7))
-    await asyncio.sleep(0.05)
+    await _held(worker, store, 7, 8)
     said = Said()
-    monkeypatch.setattr(main, "log", said)  # (the module's logger may be bound already)
+    monkeypatch.setattr(inbound_spill, "log", said)  # (its logger may be bound already)
     worker.retry_held_inbound(final=True)
-    assert ("error", "store.inbound_lost", {"count": 1, "wa_ids": ["3A7"],
-                                            "error": "server closed the connection "
-                                                     "unexpectedly"}) in said.lines
-    assert [m.wa_id for m in worker.inbound_hold.held] == ["3A7"]
+    assert ("warning", "store.inbound_spilled", {
+        "count": 2, "wa_ids": ["3A7", "3A8"], "path": str(tmp_path / "inbound-spill.jsonl"),
+        "error": "server closed the connection unexpectedly"}) in said.lines
+    assert not [line for line in said.lines if line[1] == "store.inbound_lost"]
+    assert _spilled(tmp_path) == ["3A7", "3A8"]
+    _close(worker, store)
+
+
+async def test_a_spill_that_fails_too_is_named_as_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    worker, store = await _worker(tmp_path)
+    await _held(worker, store, 7)
+
+    def full(_path: Path, _data: bytes, _mode: int = 0) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inbound_spill, "write_atomically", full)
+    said = Said()
+    monkeypatch.setattr(inbound_spill, "log", said)
+    worker.retry_held_inbound(final=True)
+    assert ("critical", "store.inbound_lost", {
+        "count": 1, "wa_ids": ["3A7"], "error": "server closed the connection unexpectedly",
+        "spill_error": "[Errno 28] No space left on device",
+        "path": str(tmp_path / "inbound-spill.jsonl")}) in said.lines
+    _close(worker, store)
+
+
+async def test_at_start_spilled_messages_are_committed_in_order_and_woken(
+        tmp_path: Path) -> None:
+    worker, store = await _worker(tmp_path)
+    await _held(worker, store, 1, 2)
+    worker.retry_held_inbound(final=True)  # stopped during the outage
+    _close(worker, store)
+
+    worker, store = await _worker(tmp_path)  # the next start: the database answers
+    store.add_inbound(_msg(1))  # (one was committed after all: a duplicate, no second turn)
+    worker.replay_spilled_inbound()
+    assert [p.wa_id for p in store.pending_inbound("4915@s.whatsapp.net")] == ["3A1", "3A2"]
+    assert worker.events.get_nowait().wa_id == "3A2"  # type: ignore[attr-defined]
+    assert worker.events.empty() and worker.inbound_hold.held == []
+    assert not (tmp_path / "inbound-spill.jsonl").exists()
+    _close(worker, store)
+
+
+async def test_spilled_messages_the_store_still_refuses_are_held_ahead_of_new_ones(
+        tmp_path: Path) -> None:
+    """The file stays until every spilled message is committed (a crash meanwhile loses
+    nothing); a second stop adds only what came after, behind them."""
+    worker, store = await _worker(tmp_path)
+    await _held(worker, store, 1, 2)
+    worker.retry_held_inbound(final=True)
+    _close(worker, store)
+
+    worker, store = await _worker(tmp_path)
+    store.down = True  # refused again at the next start
+    worker.replay_spilled_inbound()
+    _sink_from_another_thread(worker, _msg(3))  # WhatsApp started after the replay
+    assert [m.wa_id for m in worker.inbound_hold.held] == ["3A1", "3A2", "3A3"]
+    assert _spilled(tmp_path) == ["3A1", "3A2"]
+    worker.retry_held_inbound(final=True)  # stopped again, the store still down
+    assert _spilled(tmp_path) == ["3A1", "3A2", "3A3"]  # no copy of the first two
+    _close(worker, store)
+
+    worker, store = await _worker(tmp_path)
+    store.down = True
+    worker.replay_spilled_inbound()
+    store.down = False
+    worker.retry_held_inbound(force=True)  # the supervision's retry, the store back
+    assert [p.wa_id for p in store.pending_inbound("4915@s.whatsapp.net")] == [
+        "3A1", "3A2", "3A3"]
+    assert not (tmp_path / "inbound-spill.jsonl").exists()
+    _close(worker, store)
+
+
+async def test_an_unreadable_spill_is_set_aside_and_named_and_the_worker_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "inbound-spill.jsonl").write_text('{"wa_id": "3A1", "chat_id": \n')
+    worker, store = await _worker(tmp_path)
+    said = Said()
+    monkeypatch.setattr(inbound_spill, "log", said)
+    worker.replay_spilled_inbound()
+    (level, event, fields), = [line for line in said.lines if line[1].startswith("store.")]
+    assert (level, event) == ("error", "store.spill_unreadable")
+    assert fields["path"] == str(tmp_path / "inbound-spill.jsonl")
+    assert fields["moved_to"] == str(tmp_path / "inbound-spill.jsonl.bad")
+    assert "line 1: not JSON" in fields["error"]
+    assert (tmp_path / "inbound-spill.jsonl.bad").exists()
+    assert not (tmp_path / "inbound-spill.jsonl").exists()
+    assert worker.inbound_hold.held == []
+    _sink_from_another_thread(worker, _msg(3))  # and it takes messages as usual
+    assert [p.wa_id for p in store.pending_inbound("4915@s.whatsapp.net")] == ["3A3"]
     _close(worker, store)
 
 

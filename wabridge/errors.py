@@ -34,6 +34,9 @@
     ├── NeonizeStoreError         agent.whatsapp.neonize_import
     │                                                   whatsapp_store: the session store cannot
     │                                                   be opened or created
+    ├── SpillUnreadable           agent.inbound_spill   spill_unreadable: the file of messages a
+    │                                                   stop could not commit does not parse
+    │                                                   (moved aside as *.bad, the worker goes on)
     ├── SystemdError              controller.unit_manager
     │                                                   code per instance: no_such_unit,
     │                                                   unavailable, failed

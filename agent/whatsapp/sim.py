@@ -61,6 +61,7 @@ from agent.whatsapp.events import (
     TemporaryBan,
 )
 from wabridge import logs
+from wabridge.atomic_write import write_atomically
 
 if TYPE_CHECKING:
     import aiohttp
@@ -109,14 +110,8 @@ class _FileDevice:
         return token if isinstance(token, str) else None
 
     def write(self, record: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{TOKEN_FILE}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(record, out)
-                out.flush()
-                os.fsync(out.fileno())
-            tmp.replace(self.path)
+            write_atomically(self.path, json.dumps(record).encode())
         except OSError as exc:
             # The link works for this process; the next start will need a new QR.
             log.error("whatsapp.sim_token_write_failed", path=str(self.path), error=str(exc))
