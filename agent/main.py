@@ -114,6 +114,16 @@ LEASE_TASK = "lease"
 KEEPS_LEASE = frozenset({ExitCode.FAILURE, ExitCode.RECONNECT, ExitCode.LEASE_LOST})
 
 
+def releases_lease(exit_code: ExitCode, *, spilled: bool) -> bool:
+    """Whether a fleet worker's clean end gives its lease back: disconnected and committed,
+    the next owner need not wait for expiry + grace. Not when systemd starts it again under
+    the same epoch (``KEEPS_LEASE``), nor when messages were spilled here: they are not
+    committed, so the lease is left to expire and this host (the account's last holder,
+    which the placement prefers) runs it next and commits them, rather than another host
+    taking it at once."""
+    return exit_code not in KEEPS_LEASE and not spilled
+
+
 def test_fault(environ: dict[str, str] | None = None) -> str:
     """The fault a test asked for (``WABRIDGE_TEST_FAULT``), only with ``WABRIDGE_TEST_HOOKS=1``."""
     env = os.environ if environ is None else environ
@@ -704,8 +714,8 @@ class Worker:
             if self.lease is not None:
                 self.lease.disconnected.set()
         self.retry_held_inbound(final=True)  # no more arrive: commit or spill them
-        if self.lease is not None and self.exit_code not in KEEPS_LEASE:
-            # disconnected and committed: the next owner need not wait for expiry + grace
+        if self.lease is not None and releases_lease(self.exit_code,
+                                                     spilled=self.inbound_hold.holding()):
             await self.lease.release()
         # Give the link a moment to deliver the last reports; they stay queued otherwise.
         until = min(time.monotonic() + 2.0, deadline + 0.3)

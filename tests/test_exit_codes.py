@@ -105,3 +105,18 @@ def test_the_document_says_what_to_do() -> None:
     message = errors[0].message  # type: ignore[union-attr]
     assert "exited with code 16" in message and "not restarted: schema_too_new" in message
     assert "written by a newer wabridge" in message
+
+
+@pytest.mark.parametrize(("code", "spilled", "releases"), [
+    (ExitCode.OK, False, True),  # a stop: the next owner need not wait for expiry + grace
+    (ExitCode.LOGGED_OUT, False, True),  # an outcome: nobody runs it until asked again
+    (ExitCode.QR_EXPIRED, False, True),
+    (ExitCode.FAILURE, False, False),  # systemd starts it again under the same epoch
+    (ExitCode.RECONNECT, False, False),
+    (ExitCode.LEASE_LOST, False, False),  # not ours to give back
+    (ExitCode.OK, True, False),  # messages spilled here: this host must run it next
+    (ExitCode.LOGGED_OUT, True, False),
+])
+def test_which_ends_of_a_fleet_worker_give_its_lease_back(
+        code: ExitCode, spilled: bool, releases: bool) -> None:
+    assert worker_main.releases_lease(code, spilled=spilled) is releases
