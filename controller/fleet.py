@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -66,8 +68,11 @@ class FleetUnavailable(WabridgeError):
 
 
 class FleetDb:
-    """The controller's connection for the fleet tables: calls run off the event loop, one at
-    a time (a psycopg connection is not for concurrent use); a broken one is reopened."""
+    """A controller's connection for the fleet tables, with its own thread: calls run off the
+    event loop, one at a time (a psycopg connection is not for concurrent use), and never
+    wait for a thread of the loop's shared pool (busy with the control plane, systemd and
+    provisioning during a burst: a heartbeat waiting there made a live host look dead). A
+    broken connection is reopened."""
 
     def __init__(self, connect: Callable[[], psycopg.Connection[tuple[Any, ...]]],
                  where: str = "") -> None:
@@ -78,9 +83,15 @@ class FleetDb:
         # before ``close`` closes the connection under it
         self._lock = threading.Lock()
         self._closed = False
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-db")
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(self._call, call, *args)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(
+                self._thread, functools.partial(self._call, call, *args))
+        except RuntimeError:  # its thread is shut down: closed
+            raise FleetUnavailable(f"{self._where}: the controller is stopping") from None
+        return await done
 
     def _call(self, call: Callable[..., T], *args: Any) -> T:
         with self._lock:
@@ -104,6 +115,7 @@ class FleetDb:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        self._thread.shutdown(wait=False)  # (calls queued after this fail: closed)
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class Fleet:
     starting: set[str] = field(default_factory=set)  # starts the loop has asked for
     #: leases this host took that the snapshot may not show yet: user -> monotonic time
     fresh: dict[str, float] = field(default_factory=dict)
+    seen_alive: tuple[str, ...] = ()  # the hosts the last snapshot showed alive (logged)
     counters: Counters = field(default_factory=Counters)
     beat_at: float = 0.0  # monotonic time of the last heartbeat written
     migrated: bool = False  # the schema is this code's (``open``)
@@ -243,9 +256,23 @@ class Fleet:
 
     async def refresh(self) -> Snapshot:
         began = time.monotonic()
-        self.snapshot = await self.db.run(read_snapshot)
+        self.snapshot = snap = await self.db.run(read_snapshot)
         self.fresh = {u: at for u, at in self.fresh.items() if at >= began}
-        return self.snapshot
+        self._tell_hosts(snap)
+        return snap
+
+    def _tell_hosts(self, snap: Snapshot) -> None:
+        """Log each change of which hosts this controller sees alive (what its plan places
+        on): a host gone silent, or back."""
+        now_alive = tuple(h.host_id for h in snap.hosts if alive(h, self.cfg.host_dead_seconds))
+        if now_alive == self.seen_alive:
+            return
+        gone = sorted(set(self.seen_alive) - set(now_alive))
+        ages = {h.host_id: None if h.heartbeat_age is None else round(h.heartbeat_age, 1)
+                for h in snap.hosts if h.host_id in gone}
+        (log.warning if gone else log.info)(
+            "fleet.hosts_alive", alive=list(now_alive), dead=gone, heartbeat_age=ages)
+        self.seen_alive = now_alive
 
     async def take(self, user_id: str, role: str, docs: Mapping[str, AccountDoc]
                    ) -> int | None:

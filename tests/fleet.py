@@ -626,10 +626,12 @@ class Fleet(HostOps):
 
 
 #: Short fleet timings for tests (the defaults are 30/10/10/5 s): a lease of 6 s renewed every
-#: 1.5 s, taken over 2 s after it expired; a host 4 s without heartbeat is dead.
+#: 1.5 s, taken over 2 s after it expired; a host 6 s without heartbeat is dead (no later than
+#: its leases can be taken, so failovers wait for nothing more; six missed beats, so a
+#: controller slowed by a burst of starts on two busy cores is not taken for dead).
 FAST_FLEET: dict[str, Any] = {
     "enabled": True, "lease_seconds": 6.0, "renew_seconds": 1.5, "grace_seconds": 2.0,
-    "margin_seconds": 2.0, "heartbeat_seconds": 1.0, "host_dead_seconds": 4.0,
+    "margin_seconds": 2.0, "heartbeat_seconds": 1.0, "host_dead_seconds": 6.0,
     "tick_seconds": 0.5,
 }
 #: The sim drops a silent device after about 1.5 x this (4.5 s): a frozen host's sockets end

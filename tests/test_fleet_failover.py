@@ -94,10 +94,19 @@ def _exactly_once_everywhere(fleet: Fleet, chats: Chats) -> None:
         assert len(fleet.sim.connections(phone)["devices"]) == 1, user
 
 
+def _placing(fleet: Fleet) -> str:
+    """Diagnostics: what each controller saw alive and which leases it took, in order."""
+    return "\n".join(
+        f"{host.host_id}: {line}" for host in fleet.hosts if host.up
+        for line in host.journal("wabridge-controller.service").splitlines()
+        if "fleet.hosts_alive" in line or "fleet.lease_acquired" in line)
+
+
 def test_accounts_spread_over_the_hosts_within_one(fleet: Fleet) -> None:
     _settle(fleet)
     counts = [len(users) for users in fleet.placement().values()]
-    assert sum(counts) == len(ACCOUNTS) and max(counts) - min(counts) <= 1, fleet.placement()
+    assert sum(counts) == len(ACCOUNTS) and max(counts) - min(counts) <= 1, (
+        f"{fleet.placement()}\n{_placing(fleet)}")
     for user in ACCOUNTS:
         doc = fleet.doc(user)
         assert doc.get("status") == "connected" and doc.get("host") == running(fleet)[user]

@@ -1,15 +1,19 @@
-"""``controller.fleet.Fleet.plan``: the pure placement (``controller.assignment``) fed with what
-this host knows beyond its last snapshot. Each controller places a burst from its own view
-(its documents, its snapshot of the leases); its own starts under way must count as its own,
-or a host whose snapshot predates its acquisitions plans more than its share."""
+"""``controller.fleet``: ``Fleet.plan`` (the pure placement, ``controller.assignment``, fed
+with what this host knows beyond its last snapshot) and ``FleetDb``'s own thread. Each
+controller places a burst from its own view (its documents, its snapshot of the leases); its
+own starts under way must count as its own, or a host whose snapshot predates its
+acquisitions plans more than its share; and its heartbeat must not wait behind other work,
+or a live host looks dead to the others."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import pytest
 
-from controller.fleet import Fleet, FleetDb, Snapshot
+from controller.fleet import Fleet, FleetDb, FleetUnavailable, Snapshot
 from wabridge import config, fleet_db
 
 HOSTS = ("host-a", "host-b")
@@ -72,3 +76,30 @@ async def test_a_refresh_forgets_only_the_leases_it_can_show() -> None:
     f.db.run = snapshot_after  # type: ignore[method-assign]
     await f.refresh()
     assert set(f.fresh) == {"acct1"}
+
+
+class Connection:
+    """What FleetDb asks of a connection, when the call given to it reads none."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_fleet_calls_do_not_wait_for_the_loops_shared_threads() -> None:
+    """Every thread of the loop's shared pool is blocked (a burst's control-plane, systemd
+    and provisioning calls); a fleet call, the heartbeat, still runs: it has its own thread.
+    Were it queued behind them it would wait for the pool, which waits for it here."""
+    release = threading.Event()
+    blocked = [asyncio.create_task(asyncio.to_thread(release.wait, 30)) for _ in range(40)]
+    await asyncio.sleep(0.2)  # every pool thread is taken now, the rest queued
+    db = FleetDb(Connection)  # type: ignore[arg-type]
+    try:
+        assert await asyncio.wait_for(db.run(lambda _conn: "beat"), 10) == "beat"
+    finally:
+        release.set()
+        await asyncio.gather(*blocked)
+        db.close()
+    with pytest.raises(FleetUnavailable):  # closed: a named error, not the pool's
+        await db.run(lambda _conn: "late")
