@@ -202,15 +202,14 @@ async def acted_on(written: dict[str, float], acted: dict[str, float],
                       f"(e.g. {late[:3]}){feed}")
 
 
-async def feed_caught_up(burst: Burst, timeout: float = 60) -> float:
+async def feed_caught_up(burst: Burst, timeout: float = 60) -> None:
     """Until the change feed has delivered everything written so far (a marker written now
-    reaches the controller's view: the feed is ordered); returns how long that took.
+    reaches the controller's view: the feed is ordered).
 
     The emulator answers every commit with every document of the query again, so the
     controller's own writes of the first burst (claims, ``stopped``, unit facts: ~300
     commits x 100 documents) leave the feed a backlog whose length depends on the machine;
     the second burst is measured from a feed that has caught up, as the first one is."""
-    started = time.monotonic()
     mark = uuid.uuid4().hex
     await burst.client.update(USERS[0], {"feedMark": mark})
 
@@ -219,8 +218,6 @@ async def feed_caught_up(burst: Burst, timeout: float = 60) -> float:
         return doc is not None and doc.data.get("feedMark") == mark
 
     await until(arrived, timeout, "the change feed to catch up")
-    print(f"feed caught up in {time.monotonic() - started:.2f} s")
-    return time.monotonic() - started
 
 
 async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
