@@ -277,7 +277,12 @@ class Fleet:
     async def take(self, user_id: str, role: str, docs: Mapping[str, AccountDoc]
                    ) -> int | None:
         """Before a start here: the account's lease for this host, if the plan gives it this
-        host and no other host holds it. Returns the epoch, or None: do not start."""
+        host and no other host holds it. Returns the epoch, or None: do not start.
+
+        The plan is made on a snapshot read now, not the placement loop's last one: a burst
+        acted on from the change feed within a tick of a host joining (or of another host's
+        takes) would otherwise be placed as if that host were not there."""
+        await self.refresh()
         if self.owner(user_id, docs) != self.host_id:
             log.debug("fleet.not_here", user_id=user_id)  # every tick, every account elsewhere
             return None

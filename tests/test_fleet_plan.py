@@ -103,3 +103,29 @@ async def test_fleet_calls_do_not_wait_for_the_loops_shared_threads() -> None:
         db.close()
     with pytest.raises(FleetUnavailable):  # closed: a named error, not the pool's
         await db.run(lambda _conn: "late")
+
+
+async def test_a_take_plans_on_the_hosts_as_they_are_now() -> None:
+    """host-a's last snapshot predates host-b joining; a request the feed brings now is
+    placed on a fresh read, which shows host-b, so host-a does not take host-b's share."""
+    from controller.fleet import read_snapshot  # noqa: PLC0415
+    from controller.plane import parse_account  # noqa: PLC0415
+
+    a = fleet_at("host-a", {})
+    a.snapshot = Snapshot(hosts=(fleet_db.HostRow("host-a", 0, 0, False, 0.5, None),),
+                          leases={}, pins={})
+    now = fleet_at("host-a", {}).snapshot
+    called: list[str] = []
+
+    async def db(call: Any, *_args: Any) -> Any:
+        called.append(call.__name__)
+        if call is read_snapshot:
+            return now
+        return fleet_db.Lease("acct1", "host-a", 1, 20.0, False)  # acquire
+
+    a.db.run = db  # type: ignore[method-assign]
+    docs = {u: parse_account(u, {"status": "create_requested"}) for u in ("acct0", "acct1")}
+    assert await a.take("acct1", "role", docs) is None  # host-b's, now that it is seen
+    assert called == ["read_snapshot"]
+    assert await a.take("acct0", "role", docs) == 1
+    assert called[-1] == "acquire"
